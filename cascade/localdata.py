@@ -1,0 +1,201 @@
+"""Hashing data files: build a ``.cascade`` and check which blocks are present.
+
+This is the one place in ``cascade/`` that reads data files. It reads with
+``os.pread`` in chunks of whole blocks, so memory stays bounded by the chunks in
+flight, and hashes the chunks on a small thread pool: ``hashlib`` releases the
+GIL, so block hashing runs on every core. The whole-file SHA-256 is inherently
+sequential; it is fed in order from the same chunks while the pool hashes
+blocks, so the file is read once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from cascade.errors import DataError
+from cascade.metafile import HASH_SIZE, CascadeFile, block_count_for, encode_cascade
+
+# About 4 MiB per read: large enough that syscall and pool overhead vanish,
+# small enough that memory stays bounded (chunks in flight = 2 x workers).
+CHUNK_TARGET = 4 << 20
+
+Progress = Callable[[int], None]
+
+
+def default_workers() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def _chunk_size(block_size: int) -> int:
+    return max(1, CHUNK_TARGET // block_size) * block_size
+
+
+def _hash_chunk(fd: int, offset: int, size: int, block_size: int) -> tuple[bytes, bytes]:
+    """Read ``size`` bytes at ``offset``; return (the bytes, the concatenated block digests).
+
+    A short read (file shorter than expected) returns fewer bytes; the caller
+    decides what a missing tail means.
+    """
+    data = os.pread(fd, size, offset)
+    mv = memoryview(data)
+    sha = hashlib.sha256
+    digests = b"".join(sha(mv[i : i + block_size]).digest() for i in range(0, len(data), block_size))
+    return data, digests
+
+
+def _chunks(fd: int, length: int, block_size: int, workers: int) -> Iterator[tuple[int, bytes, bytes]]:
+    """Yield (offset, bytes, digests) for each chunk in file order, hashing ahead on a pool."""
+    chunk = _chunk_size(block_size)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hash") as pool:
+        pending: deque[tuple[int, Future[tuple[bytes, bytes]]]] = deque()
+        offsets = iter(range(0, length, chunk))
+        limit = 2 * workers
+        try:
+            for off in offsets:
+                pending.append((off, pool.submit(_hash_chunk, fd, off, min(chunk, length - off), block_size)))
+                if len(pending) >= limit:
+                    o, fut = pending.popleft()
+                    yield (o, *fut.result())
+            while pending:
+                o, fut = pending.popleft()
+                yield (o, *fut.result())
+        finally:
+            for _, fut in pending:
+                fut.cancel()
+
+
+def file_sha256(fd: int, length: int) -> bytes:
+    """SHA-256 of the first ``length`` bytes of an open file; raises ``OSError``."""
+    whole = hashlib.sha256()
+    for off in range(0, length, CHUNK_TARGET):
+        data = os.pread(fd, min(CHUNK_TARGET, length - off), off)
+        if not data:
+            break
+        whole.update(data)
+    return whole.digest()
+
+
+def _open(path: Path) -> int:
+    try:
+        return os.open(path, os.O_RDONLY)
+    except FileNotFoundError as exc:
+        raise DataError(f"{path}: no such data file") from exc
+    except IsADirectoryError as exc:
+        raise DataError(f"{path}: is a directory, not a data file") from exc
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+
+
+def create_metafile(
+    path: str | os.PathLike[str],
+    block_size: int,
+    *,
+    workers: int | None = None,
+    progress: Progress | None = None,
+) -> bytes:
+    """Hash a data file and return the bytes of its ``.cascade`` file.
+
+    Raises :class:`DataError` when the file cannot be read or changes size.
+    """
+    p = Path(path)
+    fd = _open(p)
+    try:
+        try:
+            length = os.fstat(fd).st_size
+            if not os.path.isfile(p):
+                raise DataError(f"{p}: not a regular file")
+            whole = hashlib.sha256()
+            hashes = bytearray()
+            for _off, data, digests in _chunks(fd, length, block_size, workers or default_workers()):
+                whole.update(data)
+                hashes += digests
+                if progress:
+                    progress(len(data))
+            if len(hashes) != block_count_for(length, block_size) * HASH_SIZE:
+                raise DataError(f"{p}: the file changed size while it was being read")
+        except OSError as exc:
+            raise DataError(f"{p}: cannot read: {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
+    return encode_cascade(length, block_size, whole.digest(), bytes(hashes))
+
+
+@dataclass(frozen=True, slots=True)
+class DataCheck:
+    """What a data file holds of a ``.cascade``.
+
+    ``valid`` has one byte per block, 1 where the block is present and valid.
+    ``file_hash_ok`` is ``None`` when the whole-file hash was not computed.
+    """
+
+    valid: bytearray
+    valid_count: int
+    size: int
+    file_hash_ok: bool | None
+
+    @property
+    def complete(self) -> bool:
+        return self.valid_count == len(self.valid) and self.file_hash_ok is not False
+
+    def missing(self) -> list[int]:
+        return [i for i, v in enumerate(self.valid) if not v]
+
+
+def check_data(
+    path: str | os.PathLike[str],
+    cf: CascadeFile,
+    *,
+    whole_file: bool = True,
+    workers: int | None = None,
+    progress: Progress | None = None,
+) -> DataCheck:
+    """Check which blocks of ``cf`` the data file at ``path`` holds.
+
+    A missing file holds no blocks. With ``whole_file`` the whole-file SHA-256
+    is checked too (only when every block is valid and the size is exact).
+    Raises :class:`DataError` when the file exists but cannot be read.
+    """
+    p = Path(path)
+    count = cf.block_count
+    valid = bytearray(count)
+    if not p.exists():
+        return DataCheck(valid, 0, 0, False if whole_file else None)
+    fd = _open(p)
+    try:
+        try:
+            size = os.fstat(fd).st_size
+            readable = min(size, cf.data_length)
+            whole = hashlib.sha256() if whole_file and size == cf.data_length else None
+            expected = cf.block_hashes
+            bs = cf.block_size
+            for off, data, digests in _chunks(fd, readable, bs, workers or default_workers()):
+                if whole is not None:
+                    whole.update(data)
+                first = off // bs
+                for j in range(len(digests) // HASH_SIZE):
+                    i = first + j
+                    # A block cut short by the end of the file is not present.
+                    if (
+                        i < count
+                        and digests[j * HASH_SIZE : (j + 1) * HASH_SIZE]
+                        == expected[i * HASH_SIZE : (i + 1) * HASH_SIZE]
+                        and min(len(data) - j * bs, bs) == cf.block_length(i)
+                    ):
+                        valid[i] = 1
+                if progress:
+                    progress(len(data))
+        except OSError as exc:
+            raise DataError(f"{p}: cannot read: {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
+    n = valid.count(1)
+    file_ok: bool | None = None
+    if whole_file:
+        file_ok = whole is not None and n == count and whole.digest() == cf.file_hash
+    return DataCheck(valid, n, size, file_ok)

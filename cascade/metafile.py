@@ -1,0 +1,158 @@
+"""The ``.cascade`` metadata format (PROTOCOL.md section 1), as values.
+
+Pure code: bytes in, a :class:`CascadeFile` out, and back. The only file I/O
+is :func:`read_cascade`, which reads a ``.cascade`` into bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from cascade.errors import MetafileError
+
+MAGIC = b"CASCADE1"
+HEADER_SIZE = 64
+HASH_SIZE = 32
+SUFFIX = ".cascade"
+_HEADER = struct.Struct(">8s8sQQ32s")
+
+# Limits that reject absurd files before we allocate for them. They are far
+# above any real use: a 1 GiB block must be held in memory to be verified, and
+# 2**24 blocks make a 512 MiB .cascade file.
+MAX_BLOCK_SIZE = 1 << 30
+MAX_BLOCK_COUNT = 1 << 24
+MAX_DATA_LENGTH = 1 << 50
+MAX_METAFILE_SIZE = HEADER_SIZE + HASH_SIZE * MAX_BLOCK_COUNT
+
+
+def block_count_for(data_length: int, block_size: int) -> int:
+    """Number of blocks ``ceil(data_length / block_size)``; 0 for an empty file."""
+    return -(-data_length // block_size)
+
+
+@dataclass(frozen=True, slots=True)
+class CascadeFile:
+    """A parsed ``.cascade`` file.
+
+    ``block_hashes`` is the raw concatenation of the 32-byte block hashes, kept
+    as one ``bytes`` so a million-block file costs one object, not a million.
+    ``raw`` is the file's exact bytes; the cascade hash is their SHA-256.
+    """
+
+    data_length: int
+    block_size: int
+    file_hash: bytes
+    block_hashes: bytes
+    raw: bytes
+
+    @property
+    def block_count(self) -> int:
+        return len(self.block_hashes) // HASH_SIZE
+
+    @property
+    def cascade_hash(self) -> bytes:
+        return hashlib.sha256(self.raw).digest()
+
+    @property
+    def last_block_length(self) -> int:
+        if self.block_count == 0:
+            return 0
+        return self.data_length - (self.block_count - 1) * self.block_size
+
+    def block_hash(self, index: int) -> bytes:
+        """The expected SHA-256 of block ``index``; raises ``IndexError`` past the end."""
+        if not 0 <= index < self.block_count:
+            raise IndexError(f"block {index} out of range 0..{self.block_count - 1}")
+        start = index * HASH_SIZE
+        return self.block_hashes[start : start + HASH_SIZE]
+
+    def block_offset(self, index: int) -> int:
+        return index * self.block_size
+
+    def block_length(self, index: int) -> int:
+        """Length in bytes of block ``index``; raises ``IndexError`` past the end."""
+        if not 0 <= index < self.block_count:
+            raise IndexError(f"block {index} out of range 0..{self.block_count - 1}")
+        return min(self.block_size, self.data_length - index * self.block_size)
+
+
+def parse_cascade(data: bytes, source: str = "<bytes>") -> CascadeFile:
+    """Parse and validate the bytes of a ``.cascade`` file.
+
+    Raises :class:`MetafileError` naming ``source`` and what is wrong.
+    """
+    if len(data) < HEADER_SIZE:
+        raise MetafileError(
+            f"{source}: too short to be a .cascade file ({len(data)} bytes, the header alone is {HEADER_SIZE})"
+        )
+    magic, _reserved, length, block_size, file_hash = _HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise MetafileError(f"{source}: not a .cascade file (magic is {magic!r}, expected {MAGIC!r})")
+    if block_size == 0:
+        raise MetafileError(f"{source}: block size is 0")
+    if block_size > MAX_BLOCK_SIZE:
+        raise MetafileError(f"{source}: block size {block_size} exceeds the limit of {MAX_BLOCK_SIZE} bytes")
+    if length > MAX_DATA_LENGTH:
+        raise MetafileError(f"{source}: data length {length} exceeds the limit of {MAX_DATA_LENGTH} bytes")
+    count = block_count_for(length, block_size)
+    if count > MAX_BLOCK_COUNT:
+        raise MetafileError(f"{source}: {count} blocks exceed the limit of {MAX_BLOCK_COUNT}")
+    hash_bytes = len(data) - HEADER_SIZE
+    if hash_bytes != count * HASH_SIZE:
+        have = f"{hash_bytes // HASH_SIZE} hashes" if hash_bytes % HASH_SIZE == 0 else f"{hash_bytes} bytes of hashes"
+        raise MetafileError(
+            f"{source}: expected {count} block hashes for {length} bytes in blocks of {block_size}, found {have}"
+        )
+    return CascadeFile(
+        data_length=length,
+        block_size=block_size,
+        file_hash=file_hash,
+        block_hashes=bytes(data[HEADER_SIZE:]),
+        raw=bytes(data),
+    )
+
+
+def encode_cascade(data_length: int, block_size: int, file_hash: bytes, block_hashes: bytes) -> bytes:
+    """The bytes of a ``.cascade`` file; raises :class:`MetafileError` on inconsistent values."""
+    if block_size <= 0 or block_size > MAX_BLOCK_SIZE:
+        raise MetafileError(f"block size must be between 1 and {MAX_BLOCK_SIZE}, not {block_size}")
+    if len(file_hash) != HASH_SIZE:
+        raise MetafileError(f"whole-file hash must be {HASH_SIZE} bytes, not {len(file_hash)}")
+    count = block_count_for(data_length, block_size)
+    if len(block_hashes) != count * HASH_SIZE:
+        raise MetafileError(f"expected {count} block hashes, got {len(block_hashes) / HASH_SIZE:g}")
+    return _HEADER.pack(MAGIC, bytes(8), data_length, block_size, file_hash) + block_hashes
+
+
+def read_cascade(path: str | os.PathLike[str]) -> CascadeFile:
+    """Read and parse a ``.cascade`` file; every failure is a :class:`MetafileError`."""
+    p = Path(path)
+    try:
+        with p.open("rb") as f:
+            data = f.read(MAX_METAFILE_SIZE + 1)
+    except FileNotFoundError as exc:
+        raise MetafileError(f"{p}: no such file") from exc
+    except IsADirectoryError as exc:
+        raise MetafileError(f"{p}: is a directory, not a .cascade file") from exc
+    except OSError as exc:
+        raise MetafileError(f"{p}: cannot read: {exc.strerror or exc}") from exc
+    if len(data) > MAX_METAFILE_SIZE:
+        raise MetafileError(f"{p}: larger than any valid .cascade file ({MAX_METAFILE_SIZE} bytes)")
+    return parse_cascade(data, str(p))
+
+
+def default_data_path(cascade_path: str | os.PathLike[str]) -> Path:
+    """The conventional data path: ``NAME`` beside ``NAME.cascade``."""
+    p = Path(cascade_path)
+    name = p.name[: -len(SUFFIX)] if p.name.endswith(SUFFIX) and len(p.name) > len(SUFFIX) else p.name + ".data"
+    return p.with_name(name)
+
+
+def default_cascade_path(data_path: str | os.PathLike[str]) -> Path:
+    """The conventional ``.cascade`` path for a data file: ``NAME.cascade``."""
+    p = Path(data_path)
+    return p.with_name(p.name + SUFFIX)

@@ -1,0 +1,319 @@
+"""Every message of PROTOCOL.md sections 2, 3 and 5, as frozen dataclasses.
+
+Sans-IO: ``encode()`` gives bytes, ``decode()`` takes bytes and raises
+:class:`ProtocolError` saying which field is wrong. :class:`FrameReader` turns
+a stream of arbitrary chunks into whole messages, so callers never trust one
+``recv`` to return one message.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Generic, TypeVar
+
+from cascade.errors import ProtocolError
+
+HASH_SIZE = 32
+
+# --- section 2: tracker ---------------------------------------------------
+
+TRACKER_MAGIC = b"CASC"
+TRACKER_VERSION = 1
+TRACKER_BODY_LENGTH = 38
+TRACKER_HEADER_SIZE = 16
+TRACKER_REQUEST_SIZE = TRACKER_HEADER_SIZE + TRACKER_BODY_LENGTH  # 54
+TRACKER_REPLY_HEADER_SIZE = 5
+PEER_RECORD_SIZE = 12
+
+_TRACKER_HEADER = struct.Struct(">4sIII")
+_TRACKER_BODY = struct.Struct(">32s4sH")
+_TRACKER_REPLY_HEADER = struct.Struct(">BI")
+_PEER_RECORD = struct.Struct(">4sHIBB")
+
+
+class TrackerCommand(IntEnum):
+    LIST = 1
+    SUBSCRIBE = 2
+
+
+def _ipv4_bytes(ip: str) -> bytes:
+    try:
+        return ipaddress.IPv4Address(ip).packed
+    except ValueError as exc:
+        raise ProtocolError(f"not an IPv4 address: {ip!r}") from exc
+
+
+def _ipv4_str(raw: bytes) -> str:
+    return str(ipaddress.IPv4Address(raw))
+
+
+def _check_hash(value: bytes, what: str) -> None:
+    if len(value) != HASH_SIZE:
+        raise ProtocolError(f"{what} must be {HASH_SIZE} bytes, not {len(value)}")
+
+
+def _check_port(port: int) -> None:
+    if not 0 <= port <= 0xFFFF:
+        raise ProtocolError(f"port {port} is outside 0..65535")
+
+
+@dataclass(frozen=True, slots=True)
+class TrackerRequest:
+    """A 54-byte tracker request: list peers (1) or subscribe (2)."""
+
+    command: TrackerCommand
+    cascade_hash: bytes
+    ip: str
+    port: int
+
+    def __post_init__(self) -> None:
+        _check_hash(self.cascade_hash, "cascade hash")
+        _check_port(self.port)
+        _ipv4_bytes(self.ip)
+
+    def encode(self) -> bytes:
+        header = _TRACKER_HEADER.pack(TRACKER_MAGIC, TRACKER_VERSION, int(self.command), TRACKER_BODY_LENGTH)
+        return header + _TRACKER_BODY.pack(self.cascade_hash, _ipv4_bytes(self.ip), self.port)
+
+    @staticmethod
+    def check_header(header: bytes) -> TrackerCommand:
+        """Validate the 16-byte header; return the command or raise :class:`ProtocolError`."""
+        if len(header) != TRACKER_HEADER_SIZE:
+            raise ProtocolError(f"tracker request header is {len(header)} bytes, expected {TRACKER_HEADER_SIZE}")
+        magic, version, command, length = _TRACKER_HEADER.unpack(header)
+        if magic != TRACKER_MAGIC:
+            raise ProtocolError(f"bad magic {magic!r}, expected {TRACKER_MAGIC!r}")
+        if version != TRACKER_VERSION:
+            raise ProtocolError(f"unsupported protocol version {version}, expected {TRACKER_VERSION}")
+        if command not in (TrackerCommand.LIST, TrackerCommand.SUBSCRIBE):
+            raise ProtocolError(f"unknown command {command}, expected 1 (list) or 2 (subscribe)")
+        if length != TRACKER_BODY_LENGTH:
+            raise ProtocolError(f"body length {length}, expected {TRACKER_BODY_LENGTH}")
+        return TrackerCommand(command)
+
+    @classmethod
+    def decode(cls, data: bytes) -> TrackerRequest:
+        """Decode exactly 54 bytes; raises :class:`ProtocolError` naming the bad field."""
+        if len(data) < TRACKER_HEADER_SIZE:
+            raise ProtocolError(f"tracker request is {len(data)} bytes, expected {TRACKER_REQUEST_SIZE}")
+        command = cls.check_header(bytes(data[:TRACKER_HEADER_SIZE]))
+        if len(data) != TRACKER_REQUEST_SIZE:
+            raise ProtocolError(f"tracker request is {len(data)} bytes, expected {TRACKER_REQUEST_SIZE}")
+        cascade_hash, ip, port = _TRACKER_BODY.unpack_from(data, TRACKER_HEADER_SIZE)
+        return cls(command, cascade_hash, _ipv4_str(ip), port)
+
+
+@dataclass(frozen=True, slots=True)
+class PeerRecord:
+    """One 12-byte peer record of a tracker reply."""
+
+    ip: str
+    port: int
+    last_seen: int
+    good: bool
+
+    def encode(self) -> bytes:
+        return _PEER_RECORD.pack(_ipv4_bytes(self.ip), self.port, self.last_seen & 0xFFFFFFFF, int(self.good), 0)
+
+    @classmethod
+    def decode(cls, data: bytes) -> PeerRecord:
+        if len(data) != PEER_RECORD_SIZE:
+            raise ProtocolError(f"peer record is {len(data)} bytes, expected {PEER_RECORD_SIZE}")
+        ip, port, last_seen, good, _reserved = _PEER_RECORD.unpack(data)
+        if good > 1:
+            raise ProtocolError(f"good-peer flag is {good}, expected 0 or 1")
+        return cls(_ipv4_str(ip), port, last_seen, bool(good))
+
+
+@dataclass(frozen=True, slots=True)
+class PeerList:
+    """A successful tracker reply (status 0): a list of peer records."""
+
+    peers: tuple[PeerRecord, ...]
+
+    def encode(self) -> bytes:
+        body = b"".join(p.encode() for p in self.peers)
+        return _TRACKER_REPLY_HEADER.pack(0, len(body)) + body
+
+
+@dataclass(frozen=True, slots=True)
+class TrackerError:
+    """A failed tracker reply: a non-zero status and a readable message."""
+
+    status: int
+    message: str
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.status <= 255:
+            raise ProtocolError(f"error status must be 1..255, not {self.status}")
+
+    def encode(self) -> bytes:
+        body = self.message.encode("utf-8")
+        return _TRACKER_REPLY_HEADER.pack(self.status, len(body)) + body
+
+
+TrackerReply = PeerList | TrackerError
+
+# The largest reply body we accept: far more peers than any tracker sends.
+MAX_TRACKER_REPLY_BODY = PEER_RECORD_SIZE * 65536
+
+
+def decode_tracker_reply_header(header: bytes) -> tuple[int, int]:
+    """Decode the 5-byte reply header into (status, body length)."""
+    if len(header) != TRACKER_REPLY_HEADER_SIZE:
+        raise ProtocolError(f"tracker reply header is {len(header)} bytes, expected {TRACKER_REPLY_HEADER_SIZE}")
+    status, length = _TRACKER_REPLY_HEADER.unpack(header)
+    if length > MAX_TRACKER_REPLY_BODY:
+        raise ProtocolError(f"tracker reply body length {length} exceeds the limit of {MAX_TRACKER_REPLY_BODY}")
+    if status == 0 and length % PEER_RECORD_SIZE:
+        raise ProtocolError(f"peer list body length {length} is not a multiple of {PEER_RECORD_SIZE}")
+    return status, length
+
+
+def decode_tracker_reply(data: bytes) -> TrackerReply:
+    """Decode a whole tracker reply (header and body, nothing more)."""
+    status, length = decode_tracker_reply_header(bytes(data[:TRACKER_REPLY_HEADER_SIZE]))
+    body = data[TRACKER_REPLY_HEADER_SIZE:]
+    if len(body) != length:
+        raise ProtocolError(f"tracker reply body is {len(body)} bytes, header says {length}")
+    if status != 0:
+        return TrackerError(status, bytes(body).decode("utf-8", errors="replace"))
+    return PeerList(
+        tuple(PeerRecord.decode(bytes(body[i : i + PEER_RECORD_SIZE])) for i in range(0, length, PEER_RECORD_SIZE))
+    )
+
+
+# --- section 3 and 5: peer ------------------------------------------------
+
+BLOCK_MAGIC = b"CASCADE1"
+KEEPOPEN = b"KEEPOPEN"
+BLOCK_REQUEST_SIZE = 64
+BLOCK_RESPONSE_HEADER_SIZE = 9
+_BLOCK_REQUEST = struct.Struct(">8s8s8sQ32s")
+_BLOCK_RESPONSE_HEADER = struct.Struct(">BQ")
+
+
+class BlockStatus(IntEnum):
+    OK = 0
+    INVALID_HASH = 1
+    NOT_PRESENT = 2
+    OUT_OF_RANGE = 3
+    BAD_REQUEST = 4
+
+
+@dataclass(frozen=True, slots=True)
+class BlockRequest:
+    """A 64-byte block request; ``keep_open`` is our section 5 extension."""
+
+    index: int
+    cascade_hash: bytes
+    keep_open: bool = False
+
+    def __post_init__(self) -> None:
+        _check_hash(self.cascade_hash, "cascade hash")
+        if not 0 <= self.index < 1 << 64:
+            raise ProtocolError(f"block number {self.index} does not fit in 64 bits")
+
+    def encode(self) -> bytes:
+        marker = KEEPOPEN if self.keep_open else bytes(8)
+        return _BLOCK_REQUEST.pack(BLOCK_MAGIC, marker, bytes(8), self.index, self.cascade_hash)
+
+    @classmethod
+    def decode(cls, data: bytes) -> BlockRequest:
+        """Decode exactly 64 bytes. Reserved bytes are ignored, except the KEEPOPEN marker."""
+        if len(data) != BLOCK_REQUEST_SIZE:
+            raise ProtocolError(f"block request is {len(data)} bytes, expected {BLOCK_REQUEST_SIZE}")
+        magic, marker, _reserved, index, cascade_hash = _BLOCK_REQUEST.unpack(data)
+        if magic != BLOCK_MAGIC:
+            raise ProtocolError(f"bad magic {magic!r}, expected {BLOCK_MAGIC!r}")
+        return cls(index, cascade_hash, marker == KEEPOPEN)
+
+
+@dataclass(frozen=True, slots=True)
+class BlockResponseHeader:
+    """The 9-byte header of a block response: status and body length."""
+
+    status: int
+    length: int
+
+    def encode(self) -> bytes:
+        return _BLOCK_RESPONSE_HEADER.pack(self.status, self.length)
+
+    @classmethod
+    def decode(cls, data: bytes) -> BlockResponseHeader:
+        if len(data) != BLOCK_RESPONSE_HEADER_SIZE:
+            raise ProtocolError(f"block response header is {len(data)} bytes, expected {BLOCK_RESPONSE_HEADER_SIZE}")
+        status, length = _BLOCK_RESPONSE_HEADER.unpack(data)
+        return cls(status, length)
+
+
+@dataclass(frozen=True, slots=True)
+class BlockResponse:
+    """A whole block response; for data replies servers send the header and ``sendfile`` the body."""
+
+    status: int
+    body: bytes
+
+    def encode(self) -> bytes:
+        return BlockResponseHeader(self.status, len(self.body)).encode() + self.body
+
+    @classmethod
+    def error(cls, status: BlockStatus, message: str) -> BlockResponse:
+        return cls(int(status), message.encode("utf-8"))
+
+    @classmethod
+    def decode(cls, data: bytes) -> BlockResponse:
+        header = BlockResponseHeader.decode(bytes(data[:BLOCK_RESPONSE_HEADER_SIZE]))
+        body = bytes(data[BLOCK_RESPONSE_HEADER_SIZE:])
+        if len(body) != header.length:
+            raise ProtocolError(f"block response body is {len(body)} bytes, header says {header.length}")
+        return cls(header.status, body)
+
+    @property
+    def message(self) -> str:
+        return self.body.decode("utf-8", errors="replace")
+
+
+# --- incremental framing --------------------------------------------------
+
+M = TypeVar("M")
+
+
+class FrameReader(Generic[M]):
+    """Collects chunks until a fixed-size frame is whole, then decodes it.
+
+    ``feed`` any number of bytes; ``next`` returns a message once enough bytes
+    have arrived, else ``None``. Bytes past a frame stay for the next one.
+    """
+
+    def __init__(self, size: int, decode: Callable[[bytes], M]) -> None:
+        self._size = size
+        self._decode = decode
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    def next(self) -> M | None:
+        if len(self._buf) < self._size:
+            return None
+        frame = bytes(self._buf[: self._size])
+        del self._buf[: self._size]
+        return self._decode(frame)
+
+    @property
+    def pending(self) -> bytes:
+        """Bytes received but not yet part of a decoded frame."""
+        return bytes(self._buf)
+
+
+def tracker_request_reader() -> FrameReader[TrackerRequest]:
+    return FrameReader(TRACKER_REQUEST_SIZE, TrackerRequest.decode)
+
+
+def block_request_reader() -> FrameReader[BlockRequest]:
+    return FrameReader(BLOCK_REQUEST_SIZE, BlockRequest.decode)

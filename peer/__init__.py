@@ -1,0 +1,1 @@
+"""The Cascade peer: serves blocks it holds and fetches blocks it lacks."""

@@ -1,0 +1,160 @@
+"""Local storage of one data file: which blocks are verified, and verified writes.
+
+A :class:`BlockStore` is shared by the block server (which reads verified
+blocks with ``sendfile``) and the downloader (which writes blocks only after
+their SHA-256 matched). Unverified bytes never reach the data file, so after a
+crash a rescan with :func:`cascade.localdata.check_data` finds every block that
+was ever written intact.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import os
+import threading
+from pathlib import Path
+
+from cascade.errors import BlockHashMismatch, DataError, DiskFullError
+from cascade.localdata import DataCheck, check_data, file_sha256
+from cascade.metafile import CascadeFile
+
+
+def _data_error(path: Path, exc: OSError, doing: str) -> DataError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFullError(f"{path}: disk full while {doing}")
+    return DataError(f"{path}: cannot {doing}: {exc.strerror or exc}")
+
+
+class BlockStore:
+    """One ``.cascade``'s data file on disk, with a map of its verified blocks.
+
+    ``valid`` holds one byte per block. Reads of single bytes are safe without
+    the lock (the GIL makes them atomic); changes happen under ``_lock``.
+    """
+
+    def __init__(self, cf: CascadeFile, path: Path, fileobj: io.FileIO, valid: bytearray, writable: bool) -> None:
+        self.cf = cf
+        self.cascade_hash = cf.cascade_hash
+        self.path = path
+        self.file = fileobj
+        self.fd = fileobj.fileno()
+        self.valid = valid
+        self.writable = writable
+        self._count = valid.count(1)
+        self._lock = threading.Lock()
+
+    # --- opening -----------------------------------------------------------
+
+    @classmethod
+    def open_for_seeding(
+        cls, cf: CascadeFile, path: str | os.PathLike[str], check: DataCheck | None = None
+    ) -> BlockStore:
+        """Open an existing data file read-only, serving only blocks that verify.
+
+        Raises :class:`DataError` when the file is missing or unreadable.
+        """
+        p = Path(path)
+        if check is None:
+            if not p.is_file():
+                raise DataError(f"{p}: no such data file")
+            check = check_data(p, cf, whole_file=False)
+        try:
+            f = open(p, "rb", buffering=0)  # noqa: SIM115 - owned by the store, closed in close()
+        except OSError as exc:
+            raise _data_error(p, exc, "open the data file") from exc
+        return cls(cf, p, f, check.valid, writable=False)
+
+    @classmethod
+    def open_for_fetching(cls, cf: CascadeFile, path: str | os.PathLike[str], check: DataCheck) -> BlockStore:
+        """Open (or create) the data file for writing verified blocks.
+
+        ``check`` is what the file already holds (see :func:`check_data`). The
+        file is extended to its full length up front, so a full disk is found
+        before the download starts, not in the middle of it.
+        """
+        p = Path(path)
+        try:
+            fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise _data_error(p, exc, "open the output file") from exc
+        f = os.fdopen(fd, "r+b", buffering=0)
+        try:
+            size = os.fstat(fd).st_size
+            if size < cf.data_length:
+                try:
+                    os.posix_fallocate(fd, 0, cf.data_length)
+                except OSError as exc:
+                    if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                        raise
+                    os.ftruncate(fd, cf.data_length)
+        except OSError as exc:
+            f.close()
+            raise _data_error(p, exc, "reserve space for the output file") from exc
+        assert isinstance(f, io.FileIO)
+        return cls(cf, p, f, bytearray(check.valid), writable=True)
+
+    # --- state -------------------------------------------------------------
+
+    def has(self, index: int) -> bool:
+        return 0 <= index < len(self.valid) and self.valid[index] == 1
+
+    @property
+    def verified_count(self) -> int:
+        return self._count
+
+    @property
+    def complete(self) -> bool:
+        return self._count == self.cf.block_count
+
+    def missing(self) -> list[int]:
+        return [i for i, v in enumerate(self.valid) if not v]
+
+    # --- writing -----------------------------------------------------------
+
+    def write_block(self, index: int, data: bytes | bytearray | memoryview) -> bool:
+        """Verify ``data`` as block ``index`` and write it at its offset.
+
+        Returns False when the block was already present (nothing written).
+        Raises :class:`BlockHashMismatch` (nothing written) or :class:`DataError`.
+        """
+        cf = self.cf
+        if len(data) != cf.block_length(index):
+            raise BlockHashMismatch(f"block {index} is {len(data)} bytes, expected {cf.block_length(index)}")
+        if hashlib.sha256(data).digest() != cf.block_hash(index):
+            raise BlockHashMismatch(f"block {index} does not match its SHA-256")
+        if self.valid[index]:
+            return False
+        offset = cf.block_offset(index)
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.pwrite(self.fd, view, offset)
+                view = view[n:]
+                offset += n
+        except OSError as exc:
+            raise _data_error(self.path, exc, f"write block {index}") from exc
+        with self._lock:
+            if not self.valid[index]:
+                self.valid[index] = 1
+                self._count += 1
+        return True
+
+    def finish(self) -> bool:
+        """Trim the file to its exact length and check the whole-file hash.
+
+        Call once every block is verified. Returns True when the hash matches.
+        """
+        try:
+            if os.fstat(self.fd).st_size != self.cf.data_length:
+                os.ftruncate(self.fd, self.cf.data_length)
+        except OSError as exc:
+            raise _data_error(self.path, exc, "finish the output file") from exc
+        try:
+            return file_sha256(self.fd, self.cf.data_length) == self.cf.file_hash
+        except OSError as exc:
+            raise _data_error(self.path, exc, "read back the output file") from exc
+
+    def close(self) -> None:
+        self.file.close()

@@ -1,0 +1,1 @@
+"""The Cascade tracker: registers peers and lists them per file."""
