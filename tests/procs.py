@@ -1,0 +1,95 @@
+"""Start real Cascade processes for tests and stop them by PID.
+
+Processes are started as ``python -m tracker|peer|cascade ...`` so tests do not
+depend on PATH. Their stderr goes to a log file; :meth:`Proc.wait_for_line`
+polls that file with a deadline instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+LISTENING = re.compile(r"listening on (\S+):(\d+)")
+
+
+class Proc:
+    """A child process with its stderr captured in a file."""
+
+    def __init__(self, args: Sequence[str], cwd: str | os.PathLike[str] | None = None, stdout_to_file: bool = True):
+        self.args = list(args)
+        self._dir = tempfile.mkdtemp(prefix="cascade-proc-")
+        self.err_path = Path(self._dir) / "stderr"
+        self.out_path = Path(self._dir) / "stdout"
+        self._err = open(self.err_path, "wb")  # noqa: SIM115 - closed in stop()
+        self._out = open(self.out_path, "wb")  # noqa: SIM115
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", *self.args],
+            stdout=self._out if stdout_to_file else subprocess.DEVNULL,
+            stderr=self._err,
+            stdin=subprocess.DEVNULL,
+            cwd=cwd,
+            env=env,
+        )
+        self.pid = self.popen.pid
+
+    @property
+    def stderr(self) -> str:
+        return self.err_path.read_text(errors="replace")
+
+    @property
+    def stdout(self) -> str:
+        return self.out_path.read_text(errors="replace")
+
+    def wait_for_line(self, pattern: str | re.Pattern[str], timeout: float = 15.0) -> re.Match[str]:
+        """Poll stderr until a line matches ``pattern``; fail if the process dies or time runs out."""
+        rx = re.compile(pattern) if isinstance(pattern, str) else pattern
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.stderr.splitlines():
+                m = rx.search(line)
+                if m:
+                    return m
+            if self.popen.poll() is not None:
+                raise RuntimeError(f"{self.args} exited with {self.popen.returncode}:\n{self.stderr}")
+            time.sleep(0.02)
+        raise TimeoutError(f"{self.args}: no line matching {rx.pattern!r} in {timeout}s:\n{self.stderr}")
+
+    def wait_listening(self, timeout: float = 15.0) -> int:
+        """Wait for ``... listening on HOST:PORT`` and return the port."""
+        return int(self.wait_for_line(LISTENING, timeout).group(2))
+
+    def wait(self, timeout: float = 60.0) -> int:
+        return self.popen.wait(timeout)
+
+    def signal(self, sig: int) -> None:
+        if self.popen.poll() is None:
+            os.kill(self.pid, sig)
+
+    def stop(self, timeout: float = 5.0) -> int | None:
+        """SIGTERM, then SIGKILL after ``timeout``; always closes the log files."""
+        try:
+            if self.popen.poll() is None:
+                os.kill(self.pid, signal.SIGTERM)
+                try:
+                    self.popen.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    os.kill(self.pid, signal.SIGKILL)
+                    self.popen.wait(timeout)
+            return self.popen.returncode
+        finally:
+            self._err.close()
+            self._out.close()
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            os.kill(self.pid, signal.SIGKILL)
+            self.popen.wait(10)
