@@ -12,18 +12,30 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from cascade.errors import DataError
-from cascade.metafile import HASH_SIZE, CascadeFile, block_count_for, encode_cascade
+from cascade.errors import DataError, UsageError
+from cascade.metafile import (
+    HASH_SIZE,
+    MAX_BLOCK_COUNT,
+    MAX_BLOCK_SIZE,
+    MAX_DATA_LENGTH,
+    CascadeFile,
+    block_count_for,
+    encode_cascade,
+)
 
 # About 4 MiB per read: large enough that syscall and pool overhead vanish,
 # small enough that memory stays bounded (chunks in flight = 2 x workers).
 CHUNK_TARGET = 4 << 20
+# A cap on the bytes read but not yet consumed, so blocks far larger than
+# CHUNK_TARGET (a chunk is at least one block) do not multiply memory use.
+MAX_IN_FLIGHT = 64 << 20
 
 Progress = Callable[[int], None]
 
@@ -55,7 +67,7 @@ def _chunks(fd: int, length: int, block_size: int, workers: int) -> Iterator[tup
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hash") as pool:
         pending: deque[tuple[int, Future[tuple[bytes, bytes]]]] = deque()
         offsets = iter(range(0, length, chunk))
-        limit = 2 * workers
+        limit = max(1, min(2 * workers, MAX_IN_FLIGHT // chunk))
         try:
             for off in offsets:
                 pending.append((off, pool.submit(_hash_chunk, fd, off, min(chunk, length - off), block_size)))
@@ -82,12 +94,20 @@ def file_sha256(fd: int, length: int) -> bytes:
 
 
 def _open(path: Path) -> int:
+    """Open a regular file for reading; anything else is a :class:`DataError`.
+
+    The type is checked before opening: on Linux ``open`` succeeds on a
+    directory, and on a FIFO it would block until a writer appears.
+    """
     try:
+        st = os.stat(path)
+        if stat.S_ISDIR(st.st_mode):
+            raise DataError(f"{path}: is a directory, not a data file")
+        if not stat.S_ISREG(st.st_mode):
+            raise DataError(f"{path}: not a regular file")
         return os.open(path, os.O_RDONLY)
     except FileNotFoundError as exc:
         raise DataError(f"{path}: no such data file") from exc
-    except IsADirectoryError as exc:
-        raise DataError(f"{path}: is a directory, not a data file") from exc
     except OSError as exc:
         raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from exc
 
@@ -101,15 +121,23 @@ def create_metafile(
 ) -> bytes:
     """Hash a data file and return the bytes of its ``.cascade`` file.
 
-    Raises :class:`DataError` when the file cannot be read or changes size.
+    Raises :class:`UsageError` for a block size outside 1..MAX_BLOCK_SIZE and
+    :class:`DataError` when the file cannot be read or changes size.
     """
+    if not 1 <= block_size <= MAX_BLOCK_SIZE:
+        raise UsageError(f"block size must be between 1 byte and {MAX_BLOCK_SIZE // (1 << 20)} MiB, not {block_size}")
     p = Path(path)
     fd = _open(p)
     try:
         try:
             length = os.fstat(fd).st_size
-            if not os.path.isfile(p):
-                raise DataError(f"{p}: not a regular file")
+            if length > MAX_DATA_LENGTH:
+                raise DataError(f"{p}: {length} bytes exceed the limit of {MAX_DATA_LENGTH}")
+            if block_count_for(length, block_size) > MAX_BLOCK_COUNT:
+                raise DataError(
+                    f"{p}: {length} bytes in blocks of {block_size} would need more than {MAX_BLOCK_COUNT} blocks;"
+                    " use a larger block size"
+                )
             whole = hashlib.sha256()
             hashes = bytearray()
             for _off, data, digests in _chunks(fd, length, block_size, workers or default_workers()):

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cascade.errors import MetafileError
@@ -40,7 +41,8 @@ class CascadeFile:
 
     ``block_hashes`` is the raw concatenation of the 32-byte block hashes, kept
     as one ``bytes`` so a million-block file costs one object, not a million.
-    ``raw`` is the file's exact bytes; the cascade hash is their SHA-256.
+    ``raw`` is the file's exact bytes; the cascade hash is their SHA-256,
+    computed once here because servers look it up on every request.
     """
 
     data_length: int
@@ -48,6 +50,10 @@ class CascadeFile:
     file_hash: bytes
     block_hashes: bytes
     raw: bytes
+    _cascade_hash: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_cascade_hash", hashlib.sha256(self.raw).digest())
 
     @property
     def block_count(self) -> int:
@@ -55,7 +61,8 @@ class CascadeFile:
 
     @property
     def cascade_hash(self) -> bytes:
-        return hashlib.sha256(self.raw).digest()
+        """SHA-256 of the ``.cascade`` file's bytes: the name of the file on the wire."""
+        return self._cascade_hash
 
     @property
     def last_block_length(self) -> int:
@@ -120,6 +127,8 @@ def encode_cascade(data_length: int, block_size: int, file_hash: bytes, block_ha
     """The bytes of a ``.cascade`` file; raises :class:`MetafileError` on inconsistent values."""
     if block_size <= 0 or block_size > MAX_BLOCK_SIZE:
         raise MetafileError(f"block size must be between 1 and {MAX_BLOCK_SIZE}, not {block_size}")
+    if not 0 <= data_length <= MAX_DATA_LENGTH:
+        raise MetafileError(f"data length must be between 0 and {MAX_DATA_LENGTH}, not {data_length}")
     if len(file_hash) != HASH_SIZE:
         raise MetafileError(f"whole-file hash must be {HASH_SIZE} bytes, not {len(file_hash)}")
     count = block_count_for(data_length, block_size)
@@ -133,6 +142,12 @@ def read_cascade(path: str | os.PathLike[str]) -> CascadeFile:
     p = Path(path)
     try:
         with p.open("rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise MetafileError(f"{p}: not a regular file")
+            # Checked before reading so a huge file is refused without allocating for it.
+            if st.st_size > MAX_METAFILE_SIZE:
+                raise MetafileError(f"{p}: larger than any valid .cascade file ({MAX_METAFILE_SIZE} bytes)")
             data = f.read(MAX_METAFILE_SIZE + 1)
     except FileNotFoundError as exc:
         raise MetafileError(f"{p}: no such file") from exc

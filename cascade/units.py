@@ -6,21 +6,20 @@ import re
 
 from cascade.errors import UsageError
 
-# Every suffix is a power of 1024, as in the `cascade create` contract.
+# Every suffix is a power of 1024, as in the `cascade create` contract. "KB",
+# "MB" and "GB" are refused on purpose: tools disagree on whether they mean
+# 1000 or 1024 (dd says 1000), so we make the user pick an unambiguous form.
 _SUFFIXES = {
     "": 1,
     "b": 1,
     "k": 1 << 10,
-    "kb": 1 << 10,
     "kib": 1 << 10,
     "m": 1 << 20,
-    "mb": 1 << 20,
     "mib": 1 << 20,
     "g": 1 << 30,
-    "gb": 1 << 30,
     "gib": 1 << 30,
 }
-_SIZE = re.compile(r"\s*(\d+)\s*([A-Za-z]*)\s*")
+_SIZE = re.compile(r"\s*([0-9]+)\s*([A-Za-z]*)\s*")
 
 
 def parse_size(text: str, what: str = "size") -> int:

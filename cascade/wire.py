@@ -116,6 +116,10 @@ class PeerRecord:
     last_seen: int
     good: bool
 
+    def __post_init__(self) -> None:
+        _check_port(self.port)
+        _ipv4_bytes(self.ip)
+
     def encode(self) -> bytes:
         return _PEER_RECORD.pack(_ipv4_bytes(self.ip), self.port, self.last_seen & 0xFFFFFFFF, int(self.good), 0)
 
@@ -124,9 +128,9 @@ class PeerRecord:
         if len(data) != PEER_RECORD_SIZE:
             raise ProtocolError(f"peer record is {len(data)} bytes, expected {PEER_RECORD_SIZE}")
         ip, port, last_seen, good, _reserved = _PEER_RECORD.unpack(data)
-        if good > 1:
-            raise ProtocolError(f"good-peer flag is {good}, expected 0 or 1")
-        return cls(_ipv4_str(ip), port, last_seen, bool(good))
+        # The flag should be 0 or 1; any other value is read as "good" rather than
+        # throwing away the whole peer list: the hashes protect us, not the flag.
+        return cls(_ipv4_str(ip), port, last_seen, good != 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,6 +244,12 @@ class BlockResponseHeader:
     status: int
     length: int
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.status <= 0xFF:
+            raise ProtocolError(f"block response status {self.status} does not fit in one byte")
+        if not 0 <= self.length < 1 << 64:
+            raise ProtocolError(f"block response length {self.length} does not fit in 64 bits")
+
     def encode(self) -> bytes:
         return _BLOCK_RESPONSE_HEADER.pack(self.status, self.length)
 
@@ -317,3 +327,66 @@ def tracker_request_reader() -> FrameReader[TrackerRequest]:
 
 def block_request_reader() -> FrameReader[BlockRequest]:
     return FrameReader(BLOCK_REQUEST_SIZE, BlockRequest.decode)
+
+
+class TrackerReplyReader:
+    """Collects chunks of one tracker reply (5-byte header, then the body it announces).
+
+    ``next`` returns the decoded reply once it is whole, else ``None``; a bad
+    header raises :class:`ProtocolError` as soon as its 5 bytes are in, before
+    the body is awaited.
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    def next(self) -> TrackerReply | None:
+        if len(self._buf) < TRACKER_REPLY_HEADER_SIZE:
+            return None
+        _status, length = decode_tracker_reply_header(bytes(self._buf[:TRACKER_REPLY_HEADER_SIZE]))
+        end = TRACKER_REPLY_HEADER_SIZE + length
+        if len(self._buf) < end:
+            return None
+        frame = bytes(self._buf[:end])
+        del self._buf[:end]
+        return decode_tracker_reply(frame)
+
+    @property
+    def pending(self) -> bytes:
+        return bytes(self._buf)
+
+
+class BlockResponseReader:
+    """Collects chunks of block responses (9-byte header, then the body it announces).
+
+    ``max_body`` is the most the caller will accept (the block's expected
+    length, or a small limit for error messages); a header announcing more
+    raises :class:`ProtocolError` before any body is buffered.
+    """
+
+    def __init__(self, max_body: int) -> None:
+        self._max_body = max_body
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    def next(self) -> BlockResponse | None:
+        if len(self._buf) < BLOCK_RESPONSE_HEADER_SIZE:
+            return None
+        header = BlockResponseHeader.decode(bytes(self._buf[:BLOCK_RESPONSE_HEADER_SIZE]))
+        if header.length > self._max_body:
+            raise ProtocolError(f"block response body length {header.length} exceeds the expected {self._max_body}")
+        end = BLOCK_RESPONSE_HEADER_SIZE + header.length
+        if len(self._buf) < end:
+            return None
+        body = bytes(self._buf[BLOCK_RESPONSE_HEADER_SIZE:end])
+        del self._buf[:end]
+        return BlockResponse(header.status, body)
+
+    @property
+    def pending(self) -> bytes:
+        return bytes(self._buf)
