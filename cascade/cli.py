@@ -1,0 +1,302 @@
+"""The ``cascade`` command: create, inspect and verify ``.cascade`` files.
+
+Each subcommand is one ``cmd_*`` function taking the parsed arguments and
+returning an exit code, plus one ``register_*`` function adding its parser;
+:data:`SUBCOMMANDS` lists the registrations. :func:`main` is the single
+boundary where errors become one line on stderr: no user ever sees a traceback.
+
+Exit codes: 0 success, 1 ``verify`` found the data incomplete, 2 an error
+(bad arguments, unreadable or malformed files), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from cascade import __version__
+from cascade.errors import CascadeError, DataError, UsageError
+from cascade.localdata import Progress, check_data, create_metafile
+from cascade.metafile import (
+    MAX_BLOCK_SIZE,
+    CascadeFile,
+    default_cascade_path,
+    default_data_path,
+    parse_cascade,
+    read_cascade,
+)
+from cascade.units import format_size, parse_size
+
+# 1 MiB: big enough that per-block Python work (a request, a hash, a write,
+# a bookkeeping update) is amortised over a lot of bytes, small enough that a
+# 100 MiB file still has ~100 blocks to spread over many peers and that the
+# endgame (the last few blocks) is short. The README gives the full reasoning.
+DEFAULT_BLOCK_SIZE = 1 << 20
+
+# Below this size hashing takes well under a second, so a progress bar would only flicker.
+PROGRESS_THRESHOLD = 64 << 20
+
+EXIT_OK = 0
+EXIT_INCOMPLETE = 1
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+Command = Callable[[argparse.Namespace], int]
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line on stderr (the usage stays in ``--help``)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# --- progress ---------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, desc: str) -> Iterator[Progress | None]:
+    """A tqdm bar on stderr for large work when stderr is a terminal; otherwise nothing."""
+    if total < PROGRESS_THRESHOLD or not sys.stderr.isatty():
+        yield None
+        return
+    from tqdm import tqdm  # imported here: most runs never draw a bar
+
+    with tqdm(
+        total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, leave=False
+    ) as bar:
+        yield bar.update
+
+
+def _size_of(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0  # the real error surfaces when the file is opened
+
+
+# --- create -----------------------------------------------------------------
+
+
+def parse_block_size(text: str) -> int:
+    """A ``--block-size`` value: 1 byte to ``MAX_BLOCK_SIZE``; raises :class:`UsageError`."""
+    size = parse_size(text, "block size")
+    if size == 0:
+        raise UsageError(f"invalid block size {text!r}: it must be at least 1 byte")
+    if size > MAX_BLOCK_SIZE:
+        raise UsageError(f"invalid block size {text!r}: the largest allowed is {format_size(MAX_BLOCK_SIZE)}")
+    return size
+
+
+def _write_new(path: Path, data: bytes, force: bool) -> None:
+    """Write ``data`` to ``path``: exclusively without ``force``, else atomically replacing it."""
+    if not force:
+        try:
+            with path.open("xb") as f:
+                f.write(data)
+        except FileExistsError as exc:
+            raise UsageError(f"{path} already exists; use --force to overwrite it") from exc
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    block_size = parse_block_size(args.block_size)
+    data_path = Path(args.file)
+    out = Path(args.output) if args.output else default_cascade_path(data_path)
+    if out.exists() and not args.force:
+        raise UsageError(f"{out} already exists; use --force to overwrite it")
+    if out.exists() and data_path.exists() and out.samefile(data_path):
+        raise UsageError(f"{out} is the data file itself; choose another output path")
+    if out.is_dir():
+        raise UsageError(f"{out} is a directory; give a file name with -o")
+    with progress_bar(_size_of(data_path), f"hashing {data_path.name}") as progress:
+        raw = create_metafile(data_path, block_size, progress=progress)
+    _write_new(out, raw, args.force)
+    cf = parse_cascade(raw, str(out))
+    blocks = f"{cf.block_count} block{'s' if cf.block_count != 1 else ''}"
+    print(f"wrote {out}: {cf.data_length} bytes in {blocks} of {format_size(block_size)}")
+    print(f"cascade hash {cf.cascade_hash.hex()}")
+    return EXIT_OK
+
+
+def register_create(sub: Any) -> None:
+    p = sub.add_parser("create", help="write FILE.cascade describing FILE", description="Hash FILE into a .cascade.")
+    p.add_argument("file", metavar="FILE", help="the data file to describe")
+    p.add_argument(
+        "--block-size",
+        metavar="SIZE",
+        default=str(DEFAULT_BLOCK_SIZE),
+        help="bytes per block, with an optional K, M, G, KiB, MiB or GiB suffix (default: 1MiB)",
+    )
+    p.add_argument("-o", "--output", metavar="OUT", help="where to write the .cascade (default: FILE.cascade)")
+    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    p.set_defaults(run=cmd_create)
+
+
+# --- info -------------------------------------------------------------------
+
+
+def describe(cf: CascadeFile, cascade_path: Path) -> dict[str, Any]:
+    """The fields of ``cascade info --json`` (hashes in lowercase hex)."""
+    return {
+        "cascade_file": str(cascade_path),
+        "data_file": default_data_path(cascade_path).name,
+        "data_length": cf.data_length,
+        "block_size": cf.block_size,
+        "block_count": cf.block_count,
+        "last_block_length": cf.last_block_length,
+        "file_hash": cf.file_hash.hex(),
+        "cascade_hash": cf.cascade_hash.hex(),
+        "first_block_hash": cf.block_hash(0).hex() if cf.block_count else None,
+        "last_block_hash": cf.block_hash(cf.block_count - 1).hex() if cf.block_count else None,
+    }
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    path = Path(args.cascade)
+    cf = read_cascade(path)
+    info = describe(cf, path)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return EXIT_OK
+    rows = [
+        ("data file", info["data_file"]),
+        ("data length", f"{cf.data_length} bytes ({format_size(cf.data_length)})"),
+        ("block size", f"{cf.block_size} bytes ({format_size(cf.block_size)})"),
+        ("block count", str(cf.block_count)),
+        ("last block", f"{cf.last_block_length} bytes"),
+        ("file hash", info["file_hash"]),
+        ("cascade hash", info["cascade_hash"]),
+    ]
+    for name, value in rows:
+        print(f"{name + ':':<14}{value}")
+    return EXIT_OK
+
+
+def register_info(sub: Any) -> None:
+    p = sub.add_parser("info", help="show what a .cascade file describes", description="Show a .cascade file.")
+    p.add_argument("cascade", metavar="FILE.cascade")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=cmd_info)
+
+
+# --- verify -----------------------------------------------------------------
+
+
+def format_ranges(indices: Sequence[int], limit: int = 20) -> str:
+    """``[1, 2, 3, 7]`` -> ``"1-3, 7"``, cut after ``limit`` ranges."""
+    ranges: list[str] = []
+    i = 0
+    while i < len(indices):
+        j = i
+        while j + 1 < len(indices) and indices[j + 1] == indices[j] + 1:
+            j += 1
+        ranges.append(str(indices[i]) if i == j else f"{indices[i]}-{indices[j]}")
+        i = j + 1
+    shown = ", ".join(ranges[:limit])
+    return shown + (f", ... ({len(ranges) - limit} more ranges)" if len(ranges) > limit else "")
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    cascade_path = Path(args.cascade)
+    cf = read_cascade(cascade_path)
+    data_path = Path(args.data) if args.data else default_data_path(cascade_path)
+    if not data_path.exists():
+        raise DataError(f"{data_path}: no such data file (give its path with --data)")
+    with progress_bar(min(_size_of(data_path), cf.data_length), f"verifying {data_path.name}") as progress:
+        check = check_data(data_path, cf, whole_file=True, progress=progress)
+    missing = check.missing()
+    if args.json:
+        result = {
+            "data_file": str(data_path),
+            "complete": check.complete,
+            "valid_blocks": check.valid_count,
+            "block_count": cf.block_count,
+            "missing": missing,
+            "data_length": check.size,
+            "expected_length": cf.data_length,
+            "file_hash_ok": bool(check.file_hash_ok),
+        }
+        print(json.dumps(result, indent=2))
+    else:
+        print(_verdict(data_path, cf, check.valid_count, check.size, bool(check.file_hash_ok), missing))
+    return EXIT_OK if check.complete else EXIT_INCOMPLETE
+
+
+def _verdict(data_path: Path, cf: CascadeFile, valid: int, size: int, file_ok: bool, missing: list[int]) -> str:
+    counts = f"{valid} of {cf.block_count} blocks valid"
+    if file_ok and valid == cf.block_count:
+        return f"{data_path}: complete, {counts}, whole-file hash matches"
+    if missing:
+        return f"{data_path}: incomplete, {counts}; missing or corrupt: {format_ranges(missing)}"
+    if size != cf.data_length:
+        return f"{data_path}: incomplete, {counts}, but the file is {size} bytes, expected {cf.data_length}"
+    return f"{data_path}: incomplete, {counts}, but the whole-file hash does not match the .cascade"
+
+
+def register_verify(sub: Any) -> None:
+    p = sub.add_parser(
+        "verify",
+        help="check a data file block by block",
+        description="Check a data file against its .cascade. Exit 0 if complete, 1 if not, 2 on error.",
+    )
+    p.add_argument("cascade", metavar="FILE.cascade")
+    p.add_argument("--data", metavar="PATH", help="the data file (default: FILE beside FILE.cascade)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=cmd_verify)
+
+
+# --- the command ------------------------------------------------------------
+
+# To add a subcommand: write cmd_X(args) -> int and register_X(sub), and list register_X here.
+SUBCOMMANDS: list[Callable[[Any], None]] = [register_create, register_info, register_verify]
+
+
+def build_parser() -> OneLineErrorParser:
+    parser = OneLineErrorParser(prog="cascade", description="Create, inspect and verify .cascade files.")
+    parser.add_argument("--version", action="version", version=f"cascade {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for register in SUBCOMMANDS:
+        register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``cascade`` command; returns the exit code."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version or a usage error, already printed
+        return exc.code if isinstance(exc.code, int) else EXIT_ERROR
+    run: Command = args.run
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print("cascade: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader of our stdout went away (e.g. `| head`); nothing left to say.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_ERROR
+    except CascadeError as exc:
+        print(f"cascade {args.command}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"cascade {args.command}: {where}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_ERROR
