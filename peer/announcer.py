@@ -1,0 +1,154 @@
+"""Keeping this peer's subscriptions alive at the tracker.
+
+A background thread subscribes (command 2) each added cascade hash at once,
+then again every ``interval`` seconds, well within the tracker's TTL. When the
+tracker is unreachable the peer keeps serving: the thread retries with
+exponential backoff, logging one line when the tracker goes away and one when
+it is back.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cascade.errors import CascadeError, ProtocolError, TrackerUnreachable
+from cascade.wire import TrackerCommand
+from peer.tracker_client import TrackerAddress, TrackerRefused, announce
+
+log = logging.getLogger("peer.announcer")
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Retry delays: ``initial`` seconds, times ``factor`` after each failure, at most ``cap``."""
+
+    initial: float = 1.0
+    factor: float = 2.0
+    cap: float = 30.0
+
+    def delay(self, failures: int) -> float:
+        """The wait after ``failures`` consecutive failures (``failures >= 1``)."""
+        return min(self.cap, self.initial * self.factor ** max(0, failures - 1))
+
+
+# The tracker forgets a peer after 1800 s by default; 300 s leaves room for
+# several missed announces before a seeder drops out of the swarm.
+DEFAULT_INTERVAL = 300.0
+# A tracker that does not answer a subscribe within this time counts as down.
+ANNOUNCE_TIMEOUT = 5.0
+
+AnnounceFn = Callable[[TrackerAddress, TrackerCommand, bytes, str, int, float], object]
+
+
+class Announcer:
+    """Subscribes cascade hashes at a tracker from a background thread."""
+
+    def __init__(
+        self,
+        tracker: TrackerAddress,
+        announce_ip: str,
+        port: int,
+        *,
+        interval: float = DEFAULT_INTERVAL,
+        backoff: Backoff = Backoff(),
+        timeout: float = ANNOUNCE_TIMEOUT,
+        announce_fn: AnnounceFn = announce,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.tracker = tracker
+        self.announce_ip = announce_ip
+        self.port = port
+        self.interval = interval
+        self.backoff = backoff
+        self.timeout = timeout
+        self._announce = announce_fn
+        self._clock = clock
+        self._due: dict[bytes, float] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="peer-announcer", daemon=True)
+        self._failures = 0
+        self._refused: set[bytes] = set()
+        # Announces that reached the tracker; tests and logs read it.
+        self.successes = 0
+
+    def add(self, cascade_hash: bytes) -> None:
+        """Start subscribing ``cascade_hash``; the first subscribe goes out at once."""
+        with self._lock:
+            self._due[cascade_hash] = float("-inf")
+        self._wake.set()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 1.0) -> None:
+        """Stop the thread; an announce in progress is abandoned after ``timeout`` seconds."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def tracker_down(self) -> bool:
+        return self._failures > 0
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._announce_due()
+                with self._lock:
+                    next_due = min(self._due.values(), default=None)
+                wait = None if next_due is None else max(0.0, next_due - self._clock())
+                if wait is None or wait > 0:
+                    self._wake.wait(wait)
+                self._wake.clear()
+        except Exception:
+            log.exception("announcer failed; the tracker will no longer be told about this peer")
+
+    def _announce_due(self) -> None:
+        now = self._clock()
+        with self._lock:
+            due = [h for h, t in self._due.items() if t <= now]
+        for cascade_hash in due:
+            if self._stop.is_set():
+                return
+            try:
+                self._announce(
+                    self.tracker, TrackerCommand.SUBSCRIBE, cascade_hash, self.announce_ip, self.port, self.timeout
+                )
+            except (TrackerUnreachable, ProtocolError) as exc:
+                self._failures += 1
+                delay = self.backoff.delay(self._failures)
+                if self._failures == 1:
+                    log.warning("%s; still serving, retrying with backoff", exc)
+                # Every hash waits: one unreachable tracker is not worth a timeout per file.
+                retry_at = self._clock() + delay
+                with self._lock:
+                    for h in due:
+                        self._due[h] = retry_at
+                return
+            except TrackerRefused as exc:
+                self._tracker_answered()
+                if cascade_hash not in self._refused:
+                    self._refused.add(cascade_hash)
+                    log.warning("%s", exc)
+            except CascadeError as exc:  # pragma: no cover - announce raises only the above
+                log.warning("announce failed: %s", exc)
+            else:
+                self._tracker_answered()
+                self._refused.discard(cascade_hash)
+                self.successes += 1
+                log.debug("subscribed %s at tracker %s", cascade_hash.hex()[:16], self.tracker)
+            with self._lock:
+                if cascade_hash in self._due:
+                    self._due[cascade_hash] = self._clock() + self.interval
+
+    def _tracker_answered(self) -> None:
+        if self._failures:
+            log.info("tracker %s is back", self.tracker)
+        self._failures = 0

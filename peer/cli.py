@@ -1,0 +1,202 @@
+"""The ``peer`` command: ``peer seed`` serves files, ``peer fetch`` downloads them.
+
+``peer fetch`` lives in :mod:`peer.fetch_command`, which registers itself here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cascade.addresses import parse_hostport
+from cascade.errors import CascadeError, DataError, UsageError
+from cascade.localdata import check_data
+from cascade.metafile import CascadeFile, default_data_path, read_cascade
+from cascade.units import format_size, parse_size
+from peer.announcer import DEFAULT_INTERVAL, Announcer
+from peer.common import Interrupted, StopSignal, announce_ip, setup_logging
+from peer.server import BlockServer
+from peer.storage import BlockStore
+from peer.tracker_client import TrackerAddress
+
+log = logging.getLogger("peer")
+
+DEFAULT_LISTEN = "0.0.0.0:6666"
+
+
+@dataclass(frozen=True, slots=True)
+class _SeedFile:
+    cascade_path: Path
+    data_path: Path
+    cf: CascadeFile
+
+
+def parse_tracker(text: str) -> TrackerAddress:
+    """``HOST:PORT`` of a tracker; raises :class:`UsageError`."""
+    host, port = parse_hostport(text, "tracker address")
+    return TrackerAddress(host, port)
+
+
+def parse_rate(text: str | None) -> int | None:
+    """``--max-upload-rate`` as bytes per second; ``None`` or 0 means no limit."""
+    if text is None:
+        return None
+    rate = parse_size(text.removesuffix("/s"), "upload rate")
+    return rate or None
+
+
+def start_server(listen: str, upload_rate: int | None = None, idle_timeout: float = 30.0) -> BlockServer:
+    """Bind a :class:`BlockServer` on ``--listen``, start it and log the first line.
+
+    Raises :class:`UsageError` for a bad address and :class:`CascadeError` when binding fails.
+    """
+    host, port = parse_hostport(listen, "listen address", default_host="0.0.0.0")
+    server = BlockServer(host, port, upload_rate=upload_rate, idle_timeout=idle_timeout)
+    try:
+        server.start()
+    except OSError as exc:
+        raise CascadeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    bound_host, bound_port = server.address
+    log.info("peer listening on %s:%d", bound_host, bound_port)
+    return server
+
+
+def _seed_files(paths: Sequence[str], data: str | None) -> list[_SeedFile]:
+    if data is not None and len(paths) != 1:
+        raise UsageError("--data works only with a single .cascade file")
+    files: list[_SeedFile] = []
+    seen: set[bytes] = set()
+    for raw in paths:
+        path = Path(raw)
+        cf = read_cascade(path)
+        data_path = Path(data) if data is not None else default_data_path(path)
+        if not data_path.is_file():
+            what = "no such data file" if not data_path.exists() else "not a regular file"
+            raise DataError(f"{data_path}: {what} (the data for {path}; use --data to point elsewhere)")
+        if cf.cascade_hash in seen:
+            log.warning("%s: same file as an earlier argument, served once", path)
+            continue
+        seen.add(cf.cascade_hash)
+        files.append(_SeedFile(path, data_path, cf))
+    return files
+
+
+def seed_command(args: argparse.Namespace) -> int:
+    """``peer seed``: verify each data file, serve its verified blocks, subscribe it at the tracker."""
+    stop = StopSignal().install()
+    tracker = parse_tracker(args.tracker)
+    rate = parse_rate(args.max_upload_rate)
+    host, _ = parse_hostport(args.listen, "listen address", default_host="0.0.0.0")
+    ip = announce_ip(host, args.announce_ip)
+    files = _seed_files(args.files, args.data)
+
+    server = start_server(args.listen, rate, args.idle_timeout)
+    announcer = Announcer(tracker, ip, server.address[1], interval=args.announce_interval)
+    stores: list[BlockStore] = []
+    try:
+        announcer.start()
+        for f in files:
+            check = check_data(f.data_path, f.cf, whole_file=False, progress=lambda _n: stop.check())
+            store = BlockStore.open_for_seeding(f.cf, f.data_path, check)
+            stores.append(store)
+            server.add_store(store)
+            count = f.cf.block_count
+            name = f.cascade_path.name
+            if check.valid_count == 0 and count:
+                log.warning("%s: none of its %d blocks are in %s; not announced", name, count, f.data_path)
+                continue
+            partial = "" if check.valid_count == count else ", partial"
+            log.info(
+                "%s: %d/%d blocks verified (%s%s)",
+                name,
+                check.valid_count,
+                count,
+                format_size(f.cf.data_length),
+                partial,
+            )
+            announcer.add(f.cf.cascade_hash)
+        stop.wait()
+    except Interrupted:
+        pass
+    finally:
+        announcer.stop(0.5)
+        server.stop(1.0)
+        for store in stores:
+            store.close()
+    log.info("peer stopped")
+    return 0
+
+
+def _add_seed_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "seed",
+        help="serve the verified blocks of one or more files",
+        description="Verify each FILE.cascade's data, serve its verified blocks and subscribe it at the tracker.",
+    )
+    p.add_argument("files", nargs="+", metavar="FILE.cascade", help="the .cascade files to seed")
+    p.add_argument("--tracker", required=True, metavar="HOST:PORT", help="the tracker to subscribe at")
+    p.add_argument(
+        "--listen",
+        default=DEFAULT_LISTEN,
+        metavar="HOST:PORT",
+        help=f"address for the block server (default {DEFAULT_LISTEN}; port 0 picks a free port)",
+    )
+    p.add_argument(
+        "--data", metavar="PATH", help="the data file (only with a single .cascade; default: NAME beside NAME.cascade)"
+    )
+    p.add_argument(
+        "--announce-ip",
+        metavar="IP",
+        help="IPv4 address to announce (default: the listen host if specific, else 0.0.0.0 = as the tracker sees us)",
+    )
+    p.add_argument(
+        "--max-upload-rate", metavar="RATE", help="whole-process upload limit in bytes/s, like 5M (default: none)"
+    )
+    p.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="close connections idle this long (default 30)",
+    )
+    p.add_argument(
+        "--announce-interval",
+        type=float,
+        default=DEFAULT_INTERVAL,
+        metavar="SECONDS",
+        help=f"re-subscribe at the tracker this often (default {DEFAULT_INTERVAL:.0f})",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="log every request")
+    p.set_defaults(func=seed_command)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="peer", description="A Cascade peer: seed files and fetch them.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_seed_parser(subparsers)
+    try:  # temporary until peer.fetch_command lands
+        fetch_command = importlib.import_module("peer.fetch_command")
+    except ImportError:
+        pass
+    else:
+        fetch_command.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(getattr(args, "verbose", False))
+    try:
+        code: int = args.func(args)
+    except CascadeError as exc:
+        print(f"peer {args.command}: error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    except (KeyboardInterrupt, Interrupted):
+        return 0
+    return code

@@ -1,0 +1,93 @@
+"""Pieces shared by the ``peer seed`` and ``peer fetch`` commands.
+
+Logging setup, the announce-address rule, and signal handling that turns
+SIGINT/SIGTERM into a clean stop.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import signal
+import sys
+import threading
+import time
+from types import FrameType
+
+from cascade.addresses import is_specific_ipv4
+from cascade.errors import UsageError
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Plain one-line messages on stderr; ``verbose`` adds per-request debug lines."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def announce_ip(listen_host: str, explicit: str | None = None) -> str:
+    """The IPv4 address to announce to the tracker.
+
+    ``--announce-ip`` if given, else the listen host when it is a specific
+    IPv4 address, else ``0.0.0.0`` (the tracker then uses the connection's
+    source address). Raises :class:`UsageError` for a malformed ``explicit``.
+    """
+    if explicit is not None:
+        try:
+            return str(ipaddress.IPv4Address(explicit.strip()))
+        except ValueError as exc:
+            raise UsageError(f"invalid --announce-ip {explicit!r}: expected an IPv4 address") from exc
+    return listen_host if is_specific_ipv4(listen_host) else "0.0.0.0"
+
+
+class Interrupted(Exception):
+    """Raised by :meth:`StopSignal.check` once SIGINT or SIGTERM arrived."""
+
+
+class StopSignal:
+    """SIGINT and SIGTERM set :attr:`event` instead of killing the process.
+
+    Long loops call :meth:`check` (raises :class:`Interrupted`) or wait on
+    :attr:`event`; the command then stops its threads and exits 0. A second
+    signal while stopping raises :class:`KeyboardInterrupt` in the main thread,
+    for a user who really wants out.
+    """
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def install(self) -> StopSignal:
+        """Install the handlers (main thread only) and return self."""
+        signal.signal(signal.SIGINT, self._handle)
+        signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.event.is_set():
+            raise KeyboardInterrupt
+        self.event.set()
+
+    @property
+    def stopped(self) -> bool:
+        return self.event.is_set()
+
+    def check(self) -> None:
+        if self.event.is_set():
+            raise Interrupted
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Sleep until a signal (True) or ``timeout`` (False).
+
+        Waits in short slices, so the main thread runs signal handlers promptly.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = 0.2 if deadline is None else min(0.2, deadline - time.monotonic())
+            if left <= 0:
+                return self.event.is_set()
+            if self.event.wait(left):
+                return True

@@ -1,0 +1,502 @@
+"""The block server: one port serves every file this peer holds (PROTOCOL.md sections 3-5).
+
+Shape: one selector thread and a bounded pool of worker threads.
+
+- The selector thread owns the listening socket and every *idle* connection.
+  It waits on epoll, accepts new connections, and hands a connection that has
+  bytes to read to the pool. Holding hundreds of idle kept-open connections
+  costs a file descriptor each, not a thread. It also closes connections that
+  stay idle or half-sent for longer than ``idle_timeout``.
+- A worker reads whatever the connection has, answers every whole 64-byte
+  request in order, and keeps going while more requests are already waiting.
+  When the connection goes quiet it re-arms it on epoll (one-shot, so exactly
+  one thread owns a connection at any time) and takes the next job. A client
+  that sends half a request and stalls therefore never pins a worker: its
+  bytes wait in the connection's buffer until the rest arrives or it times out.
+- Block data goes out with sendfile(2), zero-copy from the data file. We call
+  :func:`os.sendfile` (the system call behind ``socket.sendfile``) on the
+  non-blocking socket ourselves, so one stall timeout covers each response
+  and the rate limiter can meter it in slices.
+
+Keep-open (section 5): a request with ``KEEPOPEN`` in bytes 8-15 keeps the
+connection after a status 0 or 2 reply; anything else is answered and closed,
+which is what old clients that read until EOF need. The other reserved bytes
+are never looked at.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import queue
+import select
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass
+
+from cascade.wire import BLOCK_MAGIC, BLOCK_REQUEST_SIZE, KEEPOPEN, BlockStatus
+from peer.ratelimit import TokenBucket
+from peer.storage import BlockStore
+
+log = logging.getLogger("peer.server")
+
+# magic, KEEPOPEN marker, 8 ignored reserved bytes, block number, cascade hash
+_REQUEST = struct.Struct(">8s8s8xQ32s")
+_HEADER = struct.Struct(">BQ")
+assert _REQUEST.size == BLOCK_REQUEST_SIZE
+
+# One recv takes up to this much: many pipelined requests at once, and a
+# bound on what one connection can make us buffer.
+RECV_SIZE = 64 << 10
+# With a rate limit, data goes out in sendfile slices of this size so that the
+# shared bucket interleaves connections fairly.
+LIMITED_SLICE = 64 << 10
+# A closed-after-reply connection whose client still has bytes in flight is
+# drained for at most this long, so the reply is not lost to a TCP reset.
+LINGER_SECONDS = 2.0
+# The selector wakes at least this often to close idle connections.
+SWEEP_INTERVAL = 0.25
+
+_ONESHOT_IN = select.EPOLLIN | select.EPOLLONESHOT
+_LISTEN_KEY = -1
+_WAKE_KEY = -2
+
+
+class _Close(Exception):
+    """The connection is finished (closed by the client, broken, or stalled)."""
+
+
+@dataclass(slots=True)
+class _Served:
+    """What a request needs to know about one served file, computed once."""
+
+    store: BlockStore
+    fd: int
+    count: int
+    block_size: int
+    full_header: bytes
+    last_length: int
+    last_header: bytes
+
+
+class _Conn:
+    __slots__ = ("buf", "deadline", "draining", "fd", "idle", "name", "sock")
+
+    def __init__(self, sock: socket.socket, name: str, deadline: float) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.name = name
+        self.buf = b""
+        self.deadline = deadline
+        self.idle = True  # True while the selector thread owns it
+        self.draining = False
+
+
+def _error_reply(status: BlockStatus, message: str) -> bytes:
+    body = message.encode("utf-8")
+    return _HEADER.pack(int(status), len(body)) + body
+
+
+_UNKNOWN_HASH = _error_reply(BlockStatus.INVALID_HASH, "invalid hash: this peer does not serve that file")
+_BAD_REQUEST = _error_reply(BlockStatus.BAD_REQUEST, "the request could not be parsed: expected magic CASCADE1")
+
+
+class BlockServer:
+    """Serves the verified blocks of every added :class:`BlockStore` on one TCP port.
+
+    ``start`` binds and returns at once; ``address`` is the real bound
+    address; ``stop`` closes everything within ``timeout`` seconds. Stores may
+    gain blocks while they are served: every request checks ``store.has``.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        max_workers: int = 32,
+        max_connections: int = 512,
+        upload_rate: int | None = None,
+        idle_timeout: float = 30.0,
+    ) -> None:
+        if max_workers < 1 or max_connections < 1:
+            raise ValueError("max_workers and max_connections must be positive")
+        self._host = host
+        self._port = port
+        self.max_workers = max_workers
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
+        self._limiter = TokenBucket(upload_rate) if upload_rate else None
+        self._served: dict[bytes, _Served] = {}
+        self._conns: dict[int, _Conn] = {}
+        self._jobs: queue.SimpleQueue[_Conn | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._stopping = threading.Event()
+        self._listener: socket.socket | None = None
+        self._epoll: select.epoll | None = None
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._address: tuple[str, int] | None = None
+        self._debug = False
+        # Counters for logs and tests; updated without a lock, so approximate.
+        self.blocks_sent = 0
+        self.bytes_sent = 0
+
+    # --- files ---------------------------------------------------------------
+
+    def add_store(self, store: BlockStore) -> None:
+        """Serve ``store`` under its cascade hash (replacing an earlier store for the same hash)."""
+        cf = store.cf
+        last = cf.last_block_length
+        self._served[store.cascade_hash] = _Served(
+            store=store,
+            fd=store.fd,
+            count=cf.block_count,
+            block_size=cf.block_size,
+            full_header=_HEADER.pack(0, cf.block_size),
+            last_length=last,
+            last_header=_HEADER.pack(0, last),
+        )
+
+    # --- lifecycle -----------------------------------------------------------
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound (host, port); only valid after :meth:`start`."""
+        if self._address is None:
+            raise RuntimeError("BlockServer.address is known only after start()")
+        return self._address
+
+    def start(self) -> None:
+        """Bind, listen and start the selector and worker threads; raises ``OSError`` if binding fails."""
+        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((self._host, self._port))
+            listener.listen(min(self.max_connections, socket.SOMAXCONN))
+            listener.setblocking(False)
+        except OSError:
+            listener.close()
+            raise
+        self._listener = listener
+        bound = listener.getsockname()
+        self._address = (str(bound[0]), int(bound[1]))
+        self._debug = log.isEnabledFor(logging.DEBUG)
+        self._wake_r.setblocking(False)
+        ep = select.epoll()
+        ep.register(listener.fileno(), select.EPOLLIN)
+        ep.register(self._wake_r.fileno(), select.EPOLLIN)
+        self._epoll = ep
+        threads = [threading.Thread(target=self._selector_loop, name="peer-selector", daemon=True)]
+        threads += [
+            threading.Thread(target=self._worker_loop, name=f"peer-worker-{i}", daemon=True)
+            for i in range(self.max_workers)
+        ]
+        self._threads = threads
+        for t in threads:
+            t.start()
+
+    def stop(self, timeout: float = 1.5) -> None:
+        """Stop accepting, drop every connection and join the threads (at most ``timeout`` s)."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        if self._limiter:
+            self._limiter.close()
+        # Shutting a socket down (never closing one another thread owns) wakes
+        # a worker blocked in poll or sendfile on it.
+        for conn in list(self._conns.values()):
+            with contextlib.suppress(OSError):
+                conn.sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+        for _ in range(self.max_workers):
+            self._jobs.put(None)
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        if self._listener is not None:
+            self._listener.close()
+        if self._epoll is not None and not any(t.is_alive() for t in self._threads):
+            self._epoll.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    # --- selector thread -----------------------------------------------------
+
+    def _selector_loop(self) -> None:
+        ep = self._epoll
+        assert ep is not None
+        listen_fd = self._listener.fileno() if self._listener else -1
+        wake_fd = self._wake_r.fileno()
+        next_sweep = time.monotonic() + SWEEP_INTERVAL
+        try:
+            while not self._stopping.is_set():
+                try:
+                    events = ep.poll(SWEEP_INTERVAL)
+                except InterruptedError:
+                    continue
+                for fd, _mask in events:
+                    if fd == listen_fd:
+                        self._accept()
+                    elif fd == wake_fd:
+                        with contextlib.suppress(OSError):
+                            self._wake_r.recv(64)
+                    else:
+                        conn = self._conns.get(fd)
+                        if conn is None:
+                            continue
+                        if conn.draining:
+                            self._drain(conn)
+                        else:
+                            conn.idle = False
+                            self._jobs.put(conn)
+                now = time.monotonic()
+                if now >= next_sweep:
+                    next_sweep = now + SWEEP_INTERVAL
+                    self._sweep(now)
+        except Exception:
+            log.exception("block server selector failed")
+        finally:
+            for conn in list(self._conns.values()):
+                if conn.idle:
+                    self._close(conn)
+
+    def _accept(self) -> None:
+        assert self._listener is not None and self._epoll is not None
+        for _ in range(64):  # bounded; the listener stays readable if more are waiting
+            try:
+                sock, addr = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                # Out of descriptors or similar: say so, and let the backlog wait a moment.
+                log.warning("accept failed: %s", exc.strerror or exc)
+                self._stopping.wait(0.05)
+                return
+            name = f"{addr[0]}:{addr[1]}"
+            if len(self._conns) >= self.max_connections:
+                if self._debug:
+                    log.debug("%s: refused, %d connections open", name, len(self._conns))
+                sock.close()
+                continue
+            sock.setblocking(False)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = _Conn(sock, name, time.monotonic() + self.idle_timeout)
+            self._conns[conn.fd] = conn
+            try:
+                self._epoll.register(conn.fd, _ONESHOT_IN)
+            except OSError:
+                self._close(conn)
+                continue
+            if self._debug:
+                log.debug("%s: connected", name)
+
+    def _drain(self, conn: _Conn) -> None:
+        """Read and discard what a closing client still sends, until it closes too."""
+        try:
+            while conn.sock.recv(RECV_SIZE):
+                pass
+        except (BlockingIOError, InterruptedError):
+            self._rearm(conn)
+            return
+        except OSError:
+            pass
+        self._close(conn)
+
+    def _sweep(self, now: float) -> None:
+        for conn in list(self._conns.values()):
+            if conn.idle and conn.deadline < now:
+                if self._debug and not conn.draining:
+                    log.debug("%s: idle for %.0f s, closed", conn.name, self.idle_timeout)
+                self._close(conn)
+
+    # --- connection ownership --------------------------------------------------
+
+    def _close(self, conn: _Conn) -> None:
+        # Forget the descriptor before closing it, so a reused number is never confused.
+        if self._conns.get(conn.fd) is conn:
+            del self._conns[conn.fd]
+        conn.sock.close()
+
+    def _rearm(self, conn: _Conn) -> None:
+        """Give the connection back to the selector thread (the caller must not touch it after)."""
+        conn.idle = True
+        try:
+            assert self._epoll is not None
+            self._epoll.modify(conn.fd, _ONESHOT_IN)
+        except (OSError, ValueError):
+            # Closed meanwhile by a sweep or by stop().
+            conn.idle = False
+            self._close(conn)
+
+    def _close_after_reply(self, conn: _Conn) -> None:
+        """Close without losing the reply: with unread client bytes, close would send a reset."""
+        sock = conn.sock
+        try:
+            pending = sock.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            pending = b""
+        except OSError:
+            self._close(conn)
+            return
+        if not pending or self._stopping.is_set():
+            self._close(conn)
+            return
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
+        conn.draining = True
+        conn.buf = b""
+        conn.deadline = time.monotonic() + LINGER_SECONDS
+        self._rearm(conn)
+
+    # --- workers ---------------------------------------------------------------
+
+    def _worker_loop(self) -> None:
+        while True:
+            conn = self._jobs.get()
+            if conn is None or self._stopping.is_set():
+                if conn is not None:
+                    self._close(conn)
+                return
+            try:
+                self._serve(conn)
+            except _Close:
+                self._close(conn)
+            except OSError as exc:
+                if self._debug:
+                    log.debug("%s: %s", conn.name, exc.strerror or exc)
+                self._close(conn)
+            except Exception:
+                log.exception("%s: unexpected error, connection dropped", conn.name)
+                self._close(conn)
+
+    def _serve(self, conn: _Conn) -> None:
+        """Answer every whole request the connection has; re-arm or close it when done."""
+        sock = conn.sock
+        buf = conn.buf
+        while True:
+            try:
+                data = sock.recv(RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                break
+            if not data:
+                raise _Close
+            buf = buf + data if buf else data
+            pos = 0
+            end = len(buf) - BLOCK_REQUEST_SIZE
+            while pos <= end:
+                keep = self._answer(conn, buf, pos)
+                pos += BLOCK_REQUEST_SIZE
+                if not keep:
+                    self._close_after_reply(conn)
+                    return
+                conn.deadline = time.monotonic() + self.idle_timeout
+            buf = buf[pos:] if pos else buf
+            if self._stopping.is_set():
+                raise _Close
+        conn.buf = buf
+        if conn.deadline < time.monotonic():
+            raise _Close
+        self._rearm(conn)
+
+    def _answer(self, conn: _Conn, buf: bytes, pos: int) -> bool:
+        """Answer the request at ``buf[pos:pos+64]``; return True to keep the connection."""
+        magic, marker, index, cascade_hash = _REQUEST.unpack_from(buf, pos)
+        if magic != BLOCK_MAGIC:
+            if self._debug:
+                log.debug("%s: unparseable request (magic %r), closing", conn.name, magic)
+            self._send_all(conn, _BAD_REQUEST)
+            return False
+        keep: bool = marker == KEEPOPEN
+        served = self._served.get(cascade_hash)
+        if served is None:
+            if self._debug:
+                log.debug("%s: unknown hash %s", conn.name, cascade_hash.hex()[:16])
+            self._send_all(conn, _UNKNOWN_HASH)
+            return False
+        count = served.count
+        if index >= count:
+            self._send_all(
+                conn,
+                _error_reply(
+                    BlockStatus.OUT_OF_RANGE,
+                    f"block number too large: block {index} requested, the file has {count} blocks",
+                ),
+            )
+            return False
+        if not served.store.has(index):
+            if self._debug:
+                log.debug("%s: block %d not present", conn.name, index)
+            self._send_all(conn, _error_reply(BlockStatus.NOT_PRESENT, f"block not present: block {index}"))
+            return keep
+        if index == count - 1:
+            header, length = served.last_header, served.last_length
+        else:
+            header, length = served.full_header, served.block_size
+        # MSG_MORE holds the header back so it leaves in one segment with the data.
+        self._send_all(conn, header, socket.MSG_MORE)
+        self._sendfile(conn, served.fd, index * served.block_size, length)
+        self.blocks_sent += 1
+        self.bytes_sent += length
+        if self._debug:
+            log.debug("%s: sent block %d (%d bytes)", conn.name, index, length)
+        return keep
+
+    # --- writing with a stall timeout ----------------------------------------
+
+    def _wait_writable(self, conn: _Conn) -> None:
+        poller = select.poll()
+        poller.register(conn.fd, select.POLLOUT)
+        if not poller.poll(self.idle_timeout * 1000):
+            if self._debug:
+                log.debug("%s: not reading for %.0f s, closed", conn.name, self.idle_timeout)
+            raise _Close
+        if self._stopping.is_set():
+            raise _Close
+
+    def _send_all(self, conn: _Conn, data: bytes, flags: int = 0) -> None:
+        sock = conn.sock
+        view = memoryview(data)
+        while view:
+            try:
+                n = sock.send(view, flags)
+            except (BlockingIOError, InterruptedError):
+                self._wait_writable(conn)
+                continue
+            view = view[n:]
+
+    def _sendfile(self, conn: _Conn, file_fd: int, offset: int, length: int) -> None:
+        limiter = self._limiter
+        out = conn.fd
+        remaining = length
+        while remaining:
+            chunk = remaining
+            if limiter is not None:
+                chunk = min(remaining, LIMITED_SLICE)
+                if not limiter.acquire(chunk):
+                    raise _Close
+            sent_chunk = 0
+            while sent_chunk < chunk:
+                try:
+                    sent = os.sendfile(out, file_fd, offset, chunk - sent_chunk)
+                except (BlockingIOError, InterruptedError):
+                    self._wait_writable(conn)
+                    continue
+                except OSError as exc:
+                    if exc.errno == errno.EAGAIN:
+                        self._wait_writable(conn)
+                        continue
+                    raise
+                if sent == 0:
+                    # The data file is shorter than its .cascade says: nothing sane to send.
+                    log.warning("%s: data file ended early at offset %d", conn.name, offset)
+                    raise _Close
+                offset += sent
+                sent_chunk += sent
+            remaining -= chunk
