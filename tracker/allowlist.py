@@ -1,0 +1,52 @@
+"""The ``--allow`` file: which cascade hashes this tracker serves.
+
+One entry per line: a cascade hash in hex (64 digits), or the path of a
+``.cascade`` file (relative paths are tried from the current directory, then
+from the allow file's folder). Blank lines and lines starting with ``#`` are
+skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import string
+from pathlib import Path
+
+from cascade.errors import CascadeError, UsageError
+from cascade.metafile import read_cascade
+
+_HEX = frozenset(string.hexdigits)
+
+
+def _is_hex_hash(text: str) -> bool:
+    return len(text) == 64 and all(c in _HEX for c in text)
+
+
+def load_allow_file(path: str | os.PathLike[str]) -> frozenset[bytes]:
+    """Read an allow file; raises :class:`UsageError` naming the file and line."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise UsageError(f"cannot read allow file {p}: {reason}") from exc
+    hashes: set[bytes] = set()
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if _is_hex_hash(line):
+            hashes.add(bytes.fromhex(line))
+            continue
+        candidate = Path(line)
+        if not candidate.is_absolute() and not candidate.exists():
+            candidate = p.parent / candidate
+        if not candidate.exists():
+            raise UsageError(
+                f"{p}:{number}: {line!r} is neither a 64-digit hex cascade hash nor an existing .cascade file"
+            )
+        try:
+            hashes.add(read_cascade(candidate).cascade_hash)
+        except CascadeError as exc:
+            raise UsageError(f"{p}:{number}: {exc}") from exc
+    return frozenset(hashes)

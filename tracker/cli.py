@@ -1,0 +1,184 @@
+"""``tracker run``: the command line of the tracker process.
+
+Start-up order: read the allow list, load ``--state``, bind, log
+``tracker listening on HOST:PORT``, serve until SIGINT/SIGTERM, then stop
+accepting, let parked connections finish, write the state and exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import resource
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from types import FrameType
+
+from cascade.errors import CascadeError, UsageError
+from tracker.allowlist import load_allow_file
+from tracker.server import ServerConfig, TrackerServer
+from tracker.state import StateStore, load_state
+from tracker.swarms import SwarmLimits, SwarmRegistry
+
+log = logging.getLogger("tracker")
+
+_DEFAULT_LIMITS = SwarmLimits()
+_DEFAULT_SERVER = ServerConfig()
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text!r}")
+    return value
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {value}")
+        return value
+
+    return parse
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 0..65535, not {value}")
+    return value
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``tracker run`` (separate so other front ends can add theirs)."""
+    p.add_argument("--host", default=_DEFAULT_SERVER.host, help="address to listen on (default %(default)s)")
+    p.add_argument(
+        "--port", type=_port, default=_DEFAULT_SERVER.port, help="TCP port; 0 picks a free one (default %(default)s)"
+    )
+    p.add_argument(
+        "--peer-ttl",
+        type=_positive_float,
+        default=_DEFAULT_LIMITS.peer_ttl,
+        metavar="SECONDS",
+        help="forget a peer not seen for this long (default %(default)g)",
+    )
+    p.add_argument(
+        "--max-peers",
+        type=_int_at_least(0),
+        default=_DEFAULT_LIMITS.max_peers,
+        metavar="N",
+        help="peer records per reply (default %(default)s)",
+    )
+    p.add_argument(
+        "--allow", metavar="FILE", help="serve only these cascade hashes (hex, or .cascade paths, one per line)"
+    )
+    p.add_argument("--state", metavar="PATH", help="SQLite file that keeps the swarms across restarts")
+    p.add_argument(
+        "--max-connections",
+        type=_int_at_least(1),
+        default=_DEFAULT_SERVER.max_connections,
+        metavar="N",
+        help="connections waiting for their request at once; more are closed (default %(default)s)",
+    )
+    p.add_argument(
+        "--workers",
+        type=_int_at_least(1),
+        default=_DEFAULT_SERVER.workers,
+        metavar="N",
+        help="event-loop threads (default %(default)s)",
+    )
+    p.add_argument(
+        "--read-timeout",
+        type=_positive_float,
+        default=_DEFAULT_SERVER.read_timeout,
+        metavar="SECONDS",
+        help="drop a client that has not sent its whole request by then (default %(default)g)",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="log every request")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tracker", description="The Cascade tracker.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser("run", help="run the tracker", description="Run the tracker until SIGINT or SIGTERM.")
+    add_run_arguments(run)
+    return parser
+
+
+def _raise_fd_limit() -> None:
+    """Let the tracker hold as many sockets as the hard limit allows."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        pass
+
+
+def run(args: argparse.Namespace) -> int:
+    allowed = load_allow_file(args.allow) if args.allow else None
+    limits = SwarmLimits(peer_ttl=args.peer_ttl, max_peers=args.max_peers)
+    registry = SwarmRegistry(limits, allowed=allowed, track_changes=args.state is not None)
+    store: StateStore | None = None
+    if args.state:
+        loaded = load_state(args.state, registry)
+        store = StateStore(args.state, registry)
+    config = ServerConfig(
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        max_connections=args.max_connections,
+        read_timeout=args.read_timeout,
+        verbose=args.verbose,
+    )
+    _raise_fd_limit()
+    server = TrackerServer(registry, config)
+    try:
+        host, port = server.bind()
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from exc
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    if store is not None:
+        store.start()
+    log.info("tracker listening on %s:%d", host, port)
+    if store is not None and args.verbose:
+        log.info("loaded %d peers from %s", loaded, args.state)
+    server.start()
+    while not stop.wait(1.0):
+        pass
+    server.shutdown()
+    ok = True
+    if store is not None:
+        ok = store.close()
+    log.info("tracker stopped")
+    return 0 if ok else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        return run(args)
+    except CascadeError as exc:
+        print(f"tracker: error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        return 130
