@@ -1,0 +1,707 @@
+"""The downloader: fetch the missing blocks of one ``.cascade`` from many peers at once.
+
+Shape:
+
+- One thread per peer connection (up to ``max_peers``). It does blocking
+  ``recv_into`` with the GIL released, so connections overlap on every core.
+  A connection keeps several requests in flight (PROTOCOL.md section 5,
+  ``KEEPOPEN``); the depth follows the peer's measured throughput. A server
+  that closes after each response is detected on the first connection and is
+  then asked one block per connection.
+- A shared :class:`_Scheduler` hands out blocks: a pool of blocks that are
+  neither verified nor requested, picked at random (so peers downloading the
+  same file hold different blocks and can trade them), in O(1) per block
+  however large the file. When the pool is empty the endgame begins: a peer
+  may ask for blocks other peers are still sending, and the first verified
+  copy wins. No peer holds a block hostage.
+- Responses are read through a small buffer, so many small blocks come in
+  with one ``recv``; a large body is read straight into a per-connection
+  block buffer. Either way the bytes are hashed and written from a
+  ``memoryview``: :meth:`BlockStore.write_block` verifies the SHA-256 before
+  ``os.pwrite``, so unverified bytes never touch the data file.
+- A peer that sends a wrong length, a corrupt block or garbage is dropped;
+  after ``ban_after`` offences it is banned for the rest of the run.
+
+Memory is bounded by connections, not by the file: one read buffer and one
+block buffer per connection, plus 4 bytes per missing block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import socket
+import struct
+import threading
+import time
+from array import array
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from cascade.errors import BlockHashMismatch, CascadeError, CascadeTimeout, DataError
+from cascade.wire import BLOCK_MAGIC, BLOCK_RESPONSE_HEADER_SIZE, KEEPOPEN, BlockStatus
+from peer.storage import BlockStore
+
+log = logging.getLogger("peer.fetch")
+
+PeerAddr = tuple[str, int]
+
+_HEADER = struct.Struct(">BQ")
+_REQUEST_PREFIX = BLOCK_MAGIC + KEEPOPEN + bytes(8)
+# An error message longer than this is not a message: the peer is sending garbage.
+MAX_MESSAGE = 64 << 10
+# Responses are read through a buffer of this size: a recv brings in many
+# small blocks at once, while a large body goes straight to the block buffer.
+READ_BUFFER = 128 << 10
+
+
+@dataclass(frozen=True, slots=True)
+class FetchPolicy:
+    """Limits and timeouts of one download; the defaults live here and nowhere else."""
+
+    max_peers: int = 8
+    # Give up when no block was verified for this long.
+    stall_timeout: float = 60.0
+    connect_timeout: float = 3.0
+    # Before a peer's throughput is known, its first response may take this long.
+    first_response_timeout: float = 4.0
+    # Once it is known, a response may take timeout_factor x its expected time, at least this.
+    min_response_timeout: float = 2.0
+    timeout_factor: float = 6.0
+    ban_after: int = 2
+    backoff_min: float = 0.2
+    backoff_max: float = 10.0
+    # Ask the tracker again after relist_min, doubling up to relist_max.
+    relist_min: float = 1.0
+    relist_max: float = 15.0
+    # A peer that answered "not present" is not asked for that block again for this long.
+    lack_ttl: float = 1.0
+    # Requests in flight per connection: enough for target_latency of data at the
+    # measured rate, within [2, max_depth] and at most inflight_bytes.
+    target_latency: float = 0.2
+    inflight_bytes: int = 8 << 20
+    max_depth: int = 128
+
+
+@dataclass(slots=True)
+class FetchResult:
+    """What a download did; ``complete`` is True only when the whole-file hash matched."""
+
+    complete: bool
+    bytes_downloaded: int
+    blocks_downloaded: int
+    blocks_total: int
+    blocks_resumed: int
+    seconds: float
+    sources: dict[str, int]
+    banned: list[str]
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "complete": self.complete,
+            "bytes_downloaded": self.bytes_downloaded,
+            "seconds": round(self.seconds, 4),
+            "blocks_downloaded": self.blocks_downloaded,
+            "blocks_total": self.blocks_total,
+            "blocks_resumed": self.blocks_resumed,
+            "sources": self.sources,
+            "banned": self.banned,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """A snapshot for progress bars, taken a few times per second."""
+
+    verified_bytes: int
+    total_bytes: int
+    peers: int
+
+
+# --- per-peer state -----------------------------------------------------------
+
+
+@dataclass(eq=False, slots=True)
+class _Peer:
+    addr: PeerAddr
+    good: bool = False
+    order: float = field(default_factory=random.random)
+    active: bool = False
+    banned: bool = False
+    is_self: bool = False
+    offences: int = 0
+    failures: int = 0
+    next_try: float = 0.0
+    # None until known: True once a connection answered twice, False for close-after-response servers.
+    keepopen: bool | None = None
+    connected_once: bool = False
+    sock: socket.socket | None = None
+    # Throughput in bytes/s, 0 until measured.
+    rate: float = 0.0
+    win_start: float = 0.0
+    win_bytes: int = 0
+    blocks: int = 0
+    bytes: int = 0
+    outstanding: deque[int] = field(default_factory=deque)
+    own: set[int] = field(default_factory=set)
+    lacks: set[int] = field(default_factory=set)
+    lacks_since: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return f"{self.addr[0]}:{self.addr[1]}"
+
+
+class _Offence(Exception):
+    """The peer broke the protocol or sent bad data: drop it and count an offence."""
+
+
+class _Drop(Exception):
+    """The peer cannot help right now (refused, timed out, closed): drop it with backoff."""
+
+
+class _Closed(Exception):
+    """The peer closed the connection; ``partial`` bytes of a frame had arrived."""
+
+    def __init__(self, partial: int) -> None:
+        super().__init__("closed the connection")
+        self.partial = partial
+
+
+# --- block scheduling ---------------------------------------------------------
+
+
+class _Scheduler:
+    """Which block to ask whom for. Every method is O(1) per block, except the endgame scan.
+
+    ``pool`` holds the blocks that are neither verified nor in flight;
+    ``inflight`` counts the outstanding requests per block.
+    """
+
+    def __init__(self, store: BlockStore, lack_ttl: float) -> None:
+        self.store = store
+        self.valid = store.valid
+        self.pool = array("I" if store.cf.block_count < 1 << 32 else "Q", store.missing())
+        self.inflight: dict[int, int] = {}
+        self.lock = threading.Lock()
+        self.lack_ttl = lack_ttl
+        self.complete = threading.Event()
+        if store.complete:
+            self.complete.set()
+
+    def pick(self, peer: _Peer, want: int, now: float) -> list[int]:
+        """Up to ``want`` blocks to request from ``peer`` (recorded as in flight)."""
+        got: list[int] = []
+        with self.lock:
+            pool, inflight, lacks, valid = self.pool, self.inflight, peer.lacks, self.valid
+            if lacks and now - peer.lacks_since > self.lack_ttl:
+                lacks.clear()
+            misses = 0
+            while len(got) < want and pool and misses < 16:
+                j = random.randrange(len(pool))
+                i = pool[j]
+                if i in lacks:
+                    misses += 1
+                    continue
+                last = pool.pop()
+                if j < len(pool):
+                    pool[j] = last
+                if valid[i]:
+                    continue
+                inflight[i] = inflight.get(i, 0) + 1
+                got.append(i)
+            if not pool and len(got) < want and inflight:
+                # Endgame: duplicate requests other peers have in flight, least-asked first.
+                own = peer.own
+                candidates = [(c, random.random(), i) for i, c in inflight.items() if i not in own and i not in lacks]
+                candidates.sort()
+                for _c, _r, i in candidates[: want - len(got)]:
+                    inflight[i] += 1
+                    got.append(i)
+        peer.own.update(got)
+        return got
+
+    def release(self, i: int) -> None:
+        """A request for block ``i`` ended without this peer delivering it."""
+        with self.lock:
+            c = self.inflight.get(i)
+            if c is None:
+                return
+            if c > 1:
+                self.inflight[i] = c - 1
+                return
+            del self.inflight[i]
+            if not self.valid[i]:
+                self.pool.append(i)
+
+    def done(self, i: int) -> None:
+        """Block ``i`` is verified and written."""
+        with self.lock:
+            self.inflight.pop(i, None)
+        if self.store.complete:
+            self.complete.set()
+
+
+# --- reading responses ------------------------------------------------------
+
+
+class _Reader:
+    """Buffered reads of block responses from one socket, without trusting one ``recv``."""
+
+    __slots__ = ("buf", "hi", "lo", "mv", "scratch", "sock")
+
+    def __init__(self, sock: socket.socket, block_size: int) -> None:
+        self.sock = sock
+        self.buf = bytearray(READ_BUFFER)
+        self.mv = memoryview(self.buf)
+        self.lo = 0
+        self.hi = 0
+        # Bodies larger than half the read buffer are read straight into this.
+        self.scratch = memoryview(bytearray(block_size)) if block_size > READ_BUFFER // 2 else None
+
+    def _fill(self, n: int) -> None:
+        """Make at least ``n`` (<= READ_BUFFER) bytes available from ``lo``."""
+        if self.hi - self.lo >= n:
+            return
+        if len(self.buf) - self.lo < n:
+            size = self.hi - self.lo
+            self.mv[:size] = self.mv[self.lo : self.hi]
+            self.lo, self.hi = 0, size
+        recv_into, mv = self.sock.recv_into, self.mv
+        while self.hi - self.lo < n:
+            got = recv_into(mv[self.hi :])
+            if not got:
+                raise _Closed(self.hi - self.lo)
+            self.hi += got
+
+    def header(self) -> tuple[int, int]:
+        self._fill(BLOCK_RESPONSE_HEADER_SIZE)
+        status, length = _HEADER.unpack_from(self.buf, self.lo)
+        self.lo += BLOCK_RESPONSE_HEADER_SIZE
+        return status, length
+
+    def body(self, n: int) -> memoryview:
+        """The next ``n`` bytes; the view is valid until the next read."""
+        if n <= len(self.buf) // 2 or self.scratch is None:
+            if n > len(self.buf):
+                raise _Offence(f"sent a {n}-byte message")
+            self._fill(n)
+            view = self.mv[self.lo : self.lo + n]
+            self.lo += n
+            return view
+        scratch = self.scratch
+        have = min(self.hi - self.lo, n)
+        scratch[:have] = self.mv[self.lo : self.lo + have]
+        self.lo += have
+        if self.lo == self.hi:
+            self.lo = self.hi = 0
+        recv_into = self.sock.recv_into
+        while have < n:
+            got = recv_into(scratch[have:n])
+            if not got:
+                raise _Closed(have + 1)
+            have += got
+        return scratch[:n]
+
+
+# --- the fetcher ------------------------------------------------------------
+
+
+class Fetcher:
+    """Download every missing block of ``store`` from the peers ``list_peers`` returns.
+
+    ``list_peers`` is called from the fetcher's own thread, now and then; it
+    returns ``(ip, port, good)`` tuples and may raise :class:`CascadeError`
+    (logged, the download goes on with the peers already known).
+    ``self_addrs`` are addresses that are this process (never connected to).
+    """
+
+    def __init__(
+        self,
+        store: BlockStore,
+        list_peers: Callable[[], Iterable[tuple[str, int, bool]]],
+        *,
+        policy: FetchPolicy | None = None,
+        my_port: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.cf = store.cf
+        self.policy = policy or FetchPolicy()
+        self._list_peers = list_peers
+        self._my_port = my_port
+        self._clock = clock
+        self._sched = _Scheduler(store, self.policy.lack_ttl)
+        self._peers: dict[PeerAddr, _Peer] = {}
+        self._stop = threading.Event()
+        self._fatal: CascadeError | None = None
+        self._threads: list[threading.Thread] = []
+        self._request_tail = self.cf.cascade_hash
+        bs = self.cf.block_size
+        self._max_depth = max(2, min(self.policy.max_depth, self.policy.inflight_bytes // max(bs, 1)))
+        self._ever_connected = False
+        self._list_error: str | None = None
+
+    # --- public -------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask a running :meth:`run` to return soon (thread-safe)."""
+        self._stop.set()
+        self._sched.complete.set()
+
+    def add_peers(self, peers: Iterable[tuple[str, int, bool]]) -> None:
+        for ip, port, good in peers:
+            addr = (ip, port)
+            if port == 0:
+                continue
+            p = self._peers.get(addr)
+            if p is None:
+                p = self._peers[addr] = _Peer(addr, good)
+                if self._my_port is not None and port == self._my_port and _is_local(ip):
+                    p.is_self = True
+            else:
+                p.good = p.good or good
+
+    def run(self, on_tick: Callable[[Progress], None] | None = None, tick: float = 0.1) -> FetchResult:
+        """Fetch until the file is complete and verified, or fail.
+
+        Raises :class:`CascadeTimeout` when no block arrives within ``stall_timeout``,
+        :class:`DataError` (e.g. disk full) and :class:`CascadeError` for a
+        whole-file hash mismatch.
+        """
+        store, policy, clock = self.store, self.policy, self._clock
+        start = clock()
+        resumed = store.verified_count
+        last_count, last_progress = resumed, start
+        relist_every = policy.relist_min
+        next_list = start + relist_every if self._peers else start
+        last_list = start if self._peers else start - policy.relist_min
+        try:
+            while not self._sched.complete.is_set() and self._fatal is None:
+                now = clock()
+                starving = not any(p.active for p in self._peers.values()) and not self._eligible(now)
+                if now >= next_list or (starving and now - last_list >= policy.relist_min / 2):
+                    self._relist()
+                    last_list = now
+                    next_list = now + relist_every
+                    relist_every = min(policy.relist_max, relist_every * 2)
+                self._launch(now)
+                count = store.verified_count
+                if count != last_count:
+                    last_count, last_progress = count, now
+                elif now - last_progress > policy.stall_timeout:
+                    raise CascadeTimeout(self._stall_message())
+                if on_tick is not None:
+                    on_tick(self._progress())
+                self._sched.complete.wait(tick)
+        finally:
+            self._stop.set()
+            self._sched.complete.set()
+            self._shutdown()
+        if self._fatal is not None:
+            raise self._fatal
+        if not store.complete:
+            raise CascadeError("interrupted before the download completed")
+        if on_tick is not None:
+            on_tick(self._progress())
+        if not store.finish():
+            raise DataError(
+                f"{store.path}: every block verified but the whole-file SHA-256 does not match the .cascade file"
+            )
+        peers = self._peers.values()
+        return FetchResult(
+            complete=True,
+            bytes_downloaded=sum(p.bytes for p in peers),
+            blocks_downloaded=sum(p.blocks for p in peers),
+            blocks_total=self.cf.block_count,
+            blocks_resumed=resumed,
+            seconds=clock() - start,
+            sources={p.name: p.blocks for p in peers if p.blocks},
+            banned=sorted(p.name for p in peers if p.banned),
+        )
+
+    def partial_result(self, seconds: float) -> FetchResult:
+        """The figures so far, for a download that failed."""
+        peers = self._peers.values()
+        blocks = sum(p.blocks for p in peers)
+        return FetchResult(
+            complete=False,
+            bytes_downloaded=sum(p.bytes for p in peers),
+            blocks_downloaded=blocks,
+            blocks_total=self.cf.block_count,
+            blocks_resumed=self.store.verified_count - blocks,
+            seconds=seconds,
+            sources={p.name: p.blocks for p in peers if p.blocks},
+            banned=sorted(p.name for p in peers if p.banned),
+        )
+
+    # --- coordination ---------------------------------------------------------
+
+    def _progress(self) -> Progress:
+        cf = self.cf
+        n = self.store.verified_count
+        verified = min(cf.data_length, n * cf.block_size)
+        if n and self.store.has(cf.block_count - 1):
+            verified = min(cf.data_length, verified - cf.block_size + cf.last_block_length)
+        return Progress(verified, cf.data_length, sum(1 for p in self._peers.values() if p.active and p.blocks))
+
+    def _stall_message(self) -> str:
+        t = f"{self.policy.stall_timeout:g} s"
+        if self._list_error and not self._peers:
+            return f"{self._list_error} (for {t})"
+        usable = [p for p in self._peers.values() if not p.is_self]
+        if not usable:
+            return f"no peers for this file within {t}"
+        if not self._ever_connected:
+            return f"none of {len(usable)} peers could be reached within {t}"
+        return f"no block arrived for {t} from {len(usable)} known peers"
+
+    def _relist(self) -> None:
+        try:
+            peers = list(self._list_peers())
+        except CascadeError as exc:
+            if self._list_error is None:
+                log.warning("%s", exc)
+            self._list_error = str(exc)
+            return
+        if self._list_error is not None:
+            log.info("tracker answered again")
+            self._list_error = None
+        self.add_peers(peers)
+
+    def _eligible(self, now: float) -> list[_Peer]:
+        return [
+            p for p in self._peers.values() if not p.active and not p.banned and not p.is_self and p.next_try <= now
+        ]
+
+    def _launch(self, now: float) -> None:
+        free = self.policy.max_peers - sum(1 for p in self._peers.values() if p.active)
+        if free <= 0:
+            return
+        candidates = self._eligible(now)
+        candidates.sort(key=lambda p: (p.failures + p.offences, not p.good, p.order))
+        for p in candidates[:free]:
+            p.active = True
+            t = threading.Thread(target=self._worker, args=(p,), name=f"fetch {p.name}", daemon=True)
+            self._threads = [x for x in self._threads if x.is_alive()]
+            self._threads.append(t)
+            t.start()
+
+    def _shutdown(self) -> None:
+        for p in list(self._peers.values()):
+            sock = p.sock
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+        deadline = time.monotonic() + 2.0
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+
+    # --- one peer ---------------------------------------------------------------
+
+    def _worker(self, peer: _Peer) -> None:
+        try:
+            if peer.keepopen is False:
+                self._session_single(peer)
+            else:
+                self._session_pipelined(peer)
+        except _Offence as exc:
+            peer.offences += 1
+            if peer.offences >= self.policy.ban_after:
+                peer.banned = True
+                log.warning("banned peer %s: %s", peer.name, exc)
+            else:
+                log.info("dropped peer %s: %s", peer.name, exc)
+                self._backoff(peer)
+        except (_Drop, _Closed, OSError) as exc:
+            if not self._stop.is_set():
+                log.debug("peer %s: %s", peer.name, _describe(exc))
+                self._backoff(peer)
+        except DataError as exc:
+            self._fatal = exc
+            self._sched.complete.set()
+        except BaseException as exc:  # a bug must not hang the download: report it as fatal
+            self._fatal = CascadeError(f"internal error while fetching from {peer.name}: {exc!r}")
+            self._sched.complete.set()
+            raise
+        finally:
+            sched = self._sched
+            while peer.outstanding:
+                sched.release(peer.outstanding.popleft())
+            peer.own.clear()
+            sock, peer.sock = peer.sock, None
+            if sock is not None:
+                sock.close()
+            peer.active = False
+
+    def _backoff(self, peer: _Peer) -> None:
+        peer.failures += 1
+        pol = self.policy
+        delay = min(pol.backoff_max, pol.backoff_min * 2 ** min(peer.failures - 1, 10))
+        peer.next_try = self._clock() + delay * random.uniform(0.8, 1.2)
+
+    def _connect(self, peer: _Peer) -> socket.socket:
+        try:
+            sock = socket.create_connection(peer.addr, timeout=self.policy.connect_timeout)
+        except OSError as exc:
+            raise _Drop(f"cannot connect: {_describe(exc)}") from exc
+        peer.sock = sock
+        if self._stop.is_set():
+            raise _Drop("stopping")
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._my_port is not None and peer.addr[1] == self._my_port:
+            local_ip = sock.getsockname()[0]
+            if local_ip == peer.addr[0]:
+                peer.is_self = True
+                raise _Drop("this is our own address")
+        if not peer.connected_once:
+            peer.connected_once = True
+            self._ever_connected = True
+        return sock
+
+    def _request(self, i: int) -> bytes:
+        return _REQUEST_PREFIX + i.to_bytes(8, "big") + self._request_tail
+
+    def _depth(self, peer: _Peer) -> int:
+        if peer.rate <= 0:
+            return min(4, self._max_depth)
+        d = int(peer.rate * self.policy.target_latency / self.cf.block_size) + 1
+        return max(2, min(self._max_depth, d))
+
+    def _timeout(self, peer: _Peer) -> float:
+        pol = self.policy
+        if peer.rate <= 0:
+            return pol.first_response_timeout
+        expected = len(peer.outstanding) * self.cf.block_size / peer.rate
+        return max(pol.min_response_timeout, pol.timeout_factor * expected)
+
+    def _session_pipelined(self, peer: _Peer) -> None:
+        """Kept-open connection with requests in flight; switches peer to single mode if it closes."""
+        sock = self._connect(peer)
+        reader = _Reader(sock, self.cf.block_size)
+        sched, out, stop = self._sched, peer.outstanding, self._stop
+        responses = 0
+        while not stop.is_set():
+            # The first request goes alone: a server that closes after each
+            # response then never has unread requests (which would make it reset).
+            depth = self._depth(peer) if responses else 1
+            if len(out) <= depth // 2:
+                batch = sched.pick(peer, depth - len(out), self._clock())
+                if batch:
+                    out.extend(batch)
+                    try:
+                        sock.sendall(b"".join([self._request(i) for i in batch]))
+                    except OSError as exc:
+                        if responses == 1 and peer.keepopen is None:
+                            peer.keepopen = False
+                            return
+                        raise _Drop(f"send failed: {_describe(exc)}") from exc
+            if not out:
+                if sched.complete.is_set():
+                    return
+                # Nothing this peer can give us right now.
+                stop.wait(0.05)
+                peer.win_start = self._clock()
+                peer.win_bytes = 0
+                continue
+            sock.settimeout(self._timeout(peer))
+            try:
+                self._read_response(peer, reader)
+            except _Closed as exc:
+                if responses == 1 and exc.partial == 0 and peer.keepopen is None:
+                    peer.keepopen = False
+                    return
+                raise
+            except ConnectionResetError:
+                if responses == 1 and peer.keepopen is None:
+                    peer.keepopen = False
+                    return
+                raise
+            except TimeoutError as exc:
+                raise _Drop(f"no response within {sock.gettimeout():.1f} s") from exc
+            responses += 1
+            if responses == 2:
+                peer.keepopen = True
+
+    def _session_single(self, peer: _Peer) -> None:
+        """One connection per request, for servers that close after each response."""
+        sched, out, stop = self._sched, peer.outstanding, self._stop
+        while not stop.is_set():
+            batch = sched.pick(peer, 1, self._clock())
+            if not batch:
+                if sched.complete.is_set():
+                    return
+                stop.wait(0.05)
+                continue
+            out.extend(batch)
+            sock = self._connect(peer)
+            try:
+                sock.sendall(self._request(batch[0]))
+                sock.settimeout(self._timeout(peer))
+                self._read_response(peer, _Reader(sock, self.cf.block_size))
+            except TimeoutError as exc:
+                raise _Drop(f"no response within {sock.gettimeout():.1f} s") from exc
+            finally:
+                peer.sock = None
+                sock.close()
+
+    def _read_response(self, peer: _Peer, reader: _Reader) -> None:
+        """Read the response to ``peer.outstanding[0]`` and act on it."""
+        out, sched, store = peer.outstanding, self._sched, self.store
+        i = out[0]
+        status, length = reader.header()
+        if status == BlockStatus.OK:
+            expected = self.cf.block_length(i)
+            if length != expected:
+                raise _Offence(f"announced {length} bytes for block {i}, which has {expected}")
+            body = reader.body(length)
+            if store.valid[i]:
+                wrote = False  # another peer's copy won the endgame
+            else:
+                try:
+                    wrote = store.write_block(i, body)
+                except BlockHashMismatch as exc:
+                    raise _Offence(f"sent a corrupt block {i}") from exc
+            out.popleft()
+            peer.own.discard(i)
+            if wrote:
+                sched.done(i)
+                peer.blocks += 1
+                peer.bytes += length
+                peer.failures = 0
+            else:
+                sched.release(i)
+            now = self._clock()
+            peer.win_bytes += length
+            elapsed = now - peer.win_start
+            if elapsed >= 0.1:
+                measured = peer.win_bytes / elapsed
+                peer.rate = measured if peer.rate <= 0 else 0.5 * peer.rate + 0.5 * measured
+                peer.win_start, peer.win_bytes = now, 0
+        elif status == BlockStatus.NOT_PRESENT:
+            if length > MAX_MESSAGE:
+                raise _Offence(f"sent a {length}-byte message")
+            reader.body(length)
+            out.popleft()
+            peer.own.discard(i)
+            sched.release(i)
+            if not peer.lacks:
+                peer.lacks_since = self._clock()
+            peer.lacks.add(i)
+        elif status in (BlockStatus.INVALID_HASH, BlockStatus.OUT_OF_RANGE, BlockStatus.BAD_REQUEST):
+            message = bytes(reader.body(length)).decode("utf-8", "replace") if length <= MAX_MESSAGE else ""
+            raise _Drop(f"answered status {status}: {message[:200]}")
+        else:
+            raise _Offence(f"sent an unknown status {status}")
+
+
+def _is_local(ip: str) -> bool:
+    return ip.startswith("127.") or ip == "0.0.0.0"
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
