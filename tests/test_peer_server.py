@@ -1,0 +1,458 @@
+"""The block server against real ``python -m peer seed`` processes (PROTOCOL.md sections 3-5).
+
+The client side here is written from the spec with raw sockets, so these tests
+check bytes on the wire, not our own client code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import selectors
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from cascade.localdata import check_data, create_metafile
+from cascade.metafile import CascadeFile, parse_cascade
+from cascade.wire import BlockRequest
+from peer.server import BlockServer
+from peer.storage import BlockStore
+from tests.procs import Proc
+
+TIMEOUT = 10.0
+HEADER = struct.Struct(">BQ")
+
+
+# --- a raw client written from the spec -----------------------------------------
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise EOFError(f"connection closed after {len(buf)} of {n} bytes")
+        buf += chunk
+    return bytes(buf)
+
+
+def read_response(sock: socket.socket) -> tuple[int, bytes]:
+    status, length = HEADER.unpack(recv_exact(sock, HEADER.size))
+    assert length <= 1 << 24, f"absurd body length {length}"
+    return status, recv_exact(sock, length)
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    """True when the server closed the connection (EOF) within TIMEOUT."""
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def connect(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+
+
+def request(port: int, raw: bytes) -> tuple[int, bytes, bool]:
+    """One request on a fresh connection: (status, body, server closed afterwards)."""
+    with connect(port) as sock:
+        sock.sendall(raw)
+        status, body = read_response(sock)
+        return status, body, closed_by_server(sock)
+
+
+def req(index: int, cascade_hash: bytes, keep: bool = False) -> bytes:
+    return BlockRequest(index, cascade_hash, keep).encode()
+
+
+def block(data: bytes, cf: CascadeFile, index: int) -> bytes:
+    start = cf.block_offset(index)
+    return data[start : start + cf.block_length(index)]
+
+
+# --- sample files and seeders ----------------------------------------------------
+
+
+@dataclass
+class Sample:
+    cascade_path: Path
+    data_path: Path
+    cf: CascadeFile
+    data: bytes
+
+
+def make_sample(folder: Path, name: str, size: int, block_size: int, seed: int = 1) -> Sample:
+    rng = random.Random(seed)
+    data = bytearray(rng.randbytes(size))
+    data[: min(size, 4096)] = bytes(min(size, 4096))  # NUL bytes on the wire too
+    data_path = folder / name
+    data_path.write_bytes(data)
+    raw = create_metafile(data_path, block_size)
+    cascade_path = folder / f"{name}.cascade"
+    cascade_path.write_bytes(raw)
+    return Sample(cascade_path, data_path, parse_cascade(raw), bytes(data))
+
+
+def start_seeder(*args: str) -> tuple[Proc, int]:
+    proc = Proc(["peer", "seed", *args, "--tracker", "127.0.0.1:9", "--listen", "127.0.0.1:0"])
+    try:
+        port = proc.wait_listening()
+        # Serving starts after verification: wait for the per-file lines.
+        files = sum(1 for a in args if a.endswith(".cascade"))
+        deadline = time.monotonic() + TIMEOUT
+        while proc.stderr.count("blocks verified") < files:
+            assert time.monotonic() < deadline, proc.stderr
+            assert proc.popen.poll() is None, proc.stderr
+            time.sleep(0.02)
+    except BaseException:
+        proc.stop()
+        raise
+    return proc, port
+
+
+def thread_count(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    raise AssertionError("no Threads line")
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS line")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("peer-server")
+
+
+@pytest.fixture(scope="module")
+def sample(folder: Path) -> Sample:
+    # 65 blocks of 16 KiB, the last one 123 bytes.
+    return make_sample(folder, "sample.bin", 64 * 16384 + 123, 16384)
+
+
+@pytest.fixture(scope="module")
+def partial(folder: Path) -> Sample:
+    """A file whose blocks 3 and 5 are corrupt and whose last block is cut short."""
+    s = make_sample(folder, "partial.bin", 10 * 4096 + 100, 4096, seed=2)
+    data = bytearray(s.data)
+    data[3 * 4096 + 7] ^= 0xFF
+    data[5 * 4096] ^= 0x01
+    s.data_path.write_bytes(data[: 10 * 4096 + 50])
+    return s
+
+
+@pytest.fixture(scope="module")
+def seeder(sample: Sample, partial: Sample) -> Iterator[tuple[Proc, int]]:
+    proc, port = start_seeder(str(sample.cascade_path), str(partial.cascade_path))
+    try:
+        yield proc, port
+    finally:
+        proc.stop()
+
+
+# --- status codes -----------------------------------------------------------------
+
+
+def test_first_and_last_block_are_served_exactly(seeder: tuple[Proc, int], sample: Sample) -> None:
+    _, port = seeder
+    cf = sample.cf
+    for index in (0, cf.block_count - 1):
+        status, body, closed = request(port, req(index, cf.cascade_hash))
+        assert status == 0
+        assert body == block(sample.data, cf, index)
+        assert closed, "a request without KEEPOPEN must be answered and closed"
+    assert len(block(sample.data, cf, cf.block_count - 1)) == 123
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_block_past_the_end_is_status_3_and_closed(seeder: tuple[Proc, int], sample: Sample, keep: bool) -> None:
+    _, port = seeder
+    for index in (sample.cf.block_count, 2**64 - 1):
+        status, body, closed = request(port, req(index, sample.cf.cascade_hash, keep))
+        assert status == 3
+        assert b"too large" in body
+        assert closed
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_unknown_hash_is_status_1_and_closed(seeder: tuple[Proc, int], keep: bool) -> None:
+    _, port = seeder
+    status, body, closed = request(port, req(0, hashlib.sha256(b"nobody serves this").digest(), keep))
+    assert status == 1
+    assert body.decode("utf-8")
+    assert closed
+
+
+def test_garbage_request_is_status_4_and_closed(seeder: tuple[Proc, int]) -> None:
+    _, port = seeder
+    status, body, closed = request(port, random.Random(3).randbytes(64))
+    assert status == 4
+    assert b"parse" in body
+    assert closed
+
+
+def test_garbage_longer_than_a_request_still_gets_its_status(seeder: tuple[Proc, int]) -> None:
+    """Unread bytes at close would reset the connection and lose the reply; the server drains them."""
+    _, port = seeder
+    status, _, closed = request(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 10)
+    assert status == 4
+    assert closed
+
+
+def test_request_in_7_byte_pieces(seeder: tuple[Proc, int], sample: Sample) -> None:
+    _, port = seeder
+    raw = req(7, sample.cf.cascade_hash)
+    with connect(port) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for i in range(0, len(raw), 7):
+            sock.sendall(raw[i : i + 7])
+            time.sleep(0.01)
+        status, body = read_response(sock)
+        assert (status, body) == (0, block(sample.data, sample.cf, 7))
+        assert closed_by_server(sock)
+
+
+def test_garbage_in_reserved_bytes_is_ignored(seeder: tuple[Proc, int], sample: Sample) -> None:
+    _, port = seeder
+    rng = random.Random(4)
+    for _ in range(3):
+        raw = bytearray(req(2, sample.cf.cascade_hash))
+        raw[8:24] = rng.randbytes(16)
+        status, body, closed = request(port, bytes(raw))
+        assert (status, body) == (0, block(sample.data, sample.cf, 2))
+        assert closed, "only KEEPOPEN keeps a connection open"
+
+
+def test_keepopen_marker_with_garbage_in_the_other_reserved_bytes(seeder: tuple[Proc, int], sample: Sample) -> None:
+    _, port = seeder
+    raw = bytearray(req(1, sample.cf.cascade_hash, keep=True))
+    raw[16:24] = b"\xff" * 8
+    with connect(port) as sock:
+        sock.sendall(bytes(raw) * 2)
+        for _ in range(2):
+            assert read_response(sock) == (0, block(sample.data, sample.cf, 1))
+
+
+# --- kept-open connections ------------------------------------------------------------
+
+
+def test_keepopen_pipelined_requests_are_answered_in_order(seeder: tuple[Proc, int], sample: Sample) -> None:
+    _, port = seeder
+    cf = sample.cf
+    order = [5, 0, 64, 3, 3, 17, 42, 1, 63, 9]
+    with connect(port) as sock:
+        sock.sendall(b"".join(req(i, cf.cascade_hash, keep=True) for i in order))
+        for index in order:
+            assert read_response(sock) == (0, block(sample.data, cf, index))
+        # Still open: one more request on the same connection.
+        sock.sendall(req(11, cf.cascade_hash, keep=True))
+        assert read_response(sock) == (0, block(sample.data, cf, 11))
+
+
+def test_keepopen_closes_after_an_error_status(seeder: tuple[Proc, int], sample: Sample) -> None:
+    _, port = seeder
+    h = sample.cf.cascade_hash
+    with connect(port) as sock:
+        sock.sendall(req(0, h, keep=True) + req(999, h, keep=True) + req(1, h, keep=True))
+        assert read_response(sock)[0] == 0
+        assert read_response(sock)[0] == 3
+        assert closed_by_server(sock), "requests after a status 3 must not be answered"
+
+
+def test_without_keepopen_only_the_first_pipelined_request_is_answered(
+    seeder: tuple[Proc, int], sample: Sample
+) -> None:
+    _, port = seeder
+    h = sample.cf.cascade_hash
+    with connect(port) as sock:
+        sock.sendall(req(4, h) + req(5, h))
+        assert read_response(sock) == (0, block(sample.data, sample.cf, 4))
+        assert closed_by_server(sock)
+
+
+def test_partial_file_gives_status_2_and_keeps_the_connection(seeder: tuple[Proc, int], partial: Sample) -> None:
+    _, port = seeder
+    cf = partial.cf
+    expected = {i: 0 for i in range(cf.block_count)}
+    expected.update({3: 2, 5: 2, cf.block_count - 1: 2})
+    with connect(port) as sock:
+        sock.sendall(b"".join(req(i, cf.cascade_hash, keep=True) for i in range(cf.block_count)))
+        for i in range(cf.block_count):
+            status, body = read_response(sock)
+            assert status == expected[i], i
+            if status == 0:
+                assert body == block(partial.data, cf, i)
+            else:
+                assert b"not present" in body
+    status, _, closed = request(port, req(3, cf.cascade_hash))
+    assert status == 2 and closed
+
+
+def test_two_hundred_concurrent_downloads_with_bounded_threads(seeder: tuple[Proc, int], sample: Sample) -> None:
+    proc, port = seeder
+    cf = sample.cf
+    n_conns, per_conn = 200, 32
+    threads_before = thread_count(proc.pid)
+    sel = selectors.DefaultSelector()
+    socks: list[socket.socket] = []
+    wants: dict[socket.socket, list[int]] = {}
+    got: dict[socket.socket, bytearray] = {}
+    rng = random.Random(5)
+    try:
+        for _ in range(n_conns):
+            sock = connect(port)
+            # A small receive window keeps the server blocked on us, so the transfers overlap.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+            socks.append(sock)
+        for sock in socks:
+            wants[sock] = [rng.randrange(cf.block_count) for _ in range(per_conn)]
+            sock.sendall(b"".join(req(i, cf.cascade_hash, keep=True) for i in wants[sock]))
+            got[sock] = bytearray()
+            sock.setblocking(False)
+            sel.register(sock, selectors.EVENT_READ)
+        by_fd = {s.fileno(): s for s in socks}
+        expected = {s: sum(9 + cf.block_length(i) for i in wants[s]) for s in socks}
+        peak_threads = 0
+        deadline = time.monotonic() + 30
+        remaining = set(socks)
+        reads = 0
+        while remaining:
+            assert time.monotonic() < deadline, f"{len(remaining)} downloads unfinished"
+            for key, _ in sel.select(0.5):
+                sock = by_fd[key.fd]
+                chunk = sock.recv(65536)
+                assert chunk, "server closed a kept-open connection"
+                got[sock] += chunk
+                if len(got[sock]) >= expected[sock]:
+                    sel.unregister(sock)
+                    remaining.discard(sock)
+            reads += 1
+            if reads % 50 == 0:
+                peak_threads = max(peak_threads, thread_count(proc.pid))
+        for sock in socks:
+            buf = memoryview(got[sock])
+            assert len(buf) == expected[sock]
+            pos = 0
+            for i in wants[sock]:
+                status, length = HEADER.unpack_from(buf, pos)
+                assert (status, length) == (0, cf.block_length(i))
+                assert buf[pos + 9 : pos + 9 + length] == block(sample.data, cf, i)
+                pos += 9 + length
+        # The pool is fixed: 200 connections add no threads.
+        assert peak_threads <= threads_before + 2, (threads_before, peak_threads)
+        assert peak_threads <= 40
+        assert rss_kib(proc.pid) < 200_000
+    finally:
+        sel.close()
+        for sock in socks:
+            sock.close()
+
+
+# --- the server object in-process: a store that gains blocks while it is served ------
+
+
+def test_blocks_written_while_serving_become_available(tmp_path: Path) -> None:
+    s = make_sample(tmp_path, "growing.bin", 8 * 1024, 1024, seed=6)
+    out = tmp_path / "out.bin"
+    store = BlockStore.open_for_fetching(s.cf, out, check_data(out, s.cf, whole_file=False))
+    server = BlockServer("127.0.0.1", 0, max_workers=2)
+    server.add_store(store)
+    server.start()
+    try:
+        port = server.address[1]
+        with connect(port) as sock:
+            sock.sendall(req(2, s.cf.cascade_hash, keep=True))
+            assert read_response(sock)[0] == 2
+            assert store.write_block(2, block(s.data, s.cf, 2))
+            sock.sendall(req(2, s.cf.cascade_hash, keep=True))
+            assert read_response(sock) == (0, block(s.data, s.cf, 2))
+    finally:
+        server.stop()
+        store.close()
+
+
+def test_stop_is_quick_with_a_client_that_does_not_read(tmp_path: Path) -> None:
+    s = make_sample(tmp_path, "stall.bin", 4 << 20, 1 << 20, seed=7)
+    store = BlockStore.open_for_seeding(s.cf, s.data_path)
+    server = BlockServer("127.0.0.1", 0, max_workers=2)
+    server.add_store(store)
+    server.start()
+    try:
+        with connect(server.address[1]) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.sendall(b"".join(req(i, s.cf.cascade_hash, keep=True) for i in range(4)))
+            recv_exact(sock, 100)
+            idle = [connect(server.address[1]) for _ in range(5)]
+            t = time.monotonic()
+            server.stop(timeout=1.5)
+            assert time.monotonic() - t < 1.8
+            for c in idle:
+                c.close()
+    finally:
+        store.close()
+    assert not any(th.is_alive() for th in threading.enumerate() if th.name.startswith("peer-worker"))
+
+
+def test_connections_beyond_the_limit_are_refused_not_queued(tmp_path: Path) -> None:
+    s = make_sample(tmp_path, "few.bin", 1024, 1024, seed=8)
+    store = BlockStore.open_for_seeding(s.cf, s.data_path)
+    server = BlockServer("127.0.0.1", 0, max_workers=2, max_connections=3)
+    server.add_store(store)
+    server.start()
+    try:
+        port = server.address[1]
+        held = [connect(port) for _ in range(3)]
+        for c in held:  # all three are served
+            c.sendall(req(0, s.cf.cascade_hash, keep=True))
+            assert read_response(c)[0] == 0
+        with connect(port) as extra:
+            assert closed_by_server(extra)
+        held.pop().close()
+        deadline = time.monotonic() + TIMEOUT
+        while True:  # the freed slot is reused once the server has seen the close
+            assert time.monotonic() < deadline
+            with connect(port) as again:
+                again.sendall(req(0, s.cf.cascade_hash))
+                try:
+                    if read_response(again)[0] == 0:
+                        break
+                except (EOFError, ConnectionResetError):
+                    time.sleep(0.02)
+        for c in held:
+            c.close()
+    finally:
+        server.stop()
+        store.close()
+
+
+def test_no_data_file_is_read_whole(tmp_path: Path) -> None:
+    """A 64 MiB file served over one connection leaves the seeder's memory flat."""
+    s = make_sample(tmp_path, "large.bin", 64 << 20, 1 << 20, seed=9)
+    proc, port = start_seeder(str(s.cascade_path))
+    try:
+        with connect(port) as sock:
+            sock.sendall(b"".join(req(i, s.cf.cascade_hash, keep=True) for i in range(s.cf.block_count)))
+            digest = hashlib.sha256()
+            for _ in range(s.cf.block_count):
+                status, body = read_response(sock)
+                assert status == 0
+                digest.update(body)
+            assert digest.digest() == s.cf.file_hash
+        assert rss_kib(proc.pid) < 64 << 10
+    finally:
+        proc.stop()
+        os.unlink(s.data_path)
