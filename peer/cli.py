@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -18,6 +17,7 @@ from cascade.errors import CascadeError, DataError, UsageError
 from cascade.localdata import check_data
 from cascade.metafile import CascadeFile, default_data_path, read_cascade
 from cascade.units import format_size, parse_size
+from peer import fetch_command
 from peer.announcer import DEFAULT_INTERVAL, Announcer
 from peer.common import Interrupted, StopSignal, announce_ip, setup_logging
 from peer.server import BlockServer
@@ -179,12 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peer", description="A Cascade peer: seed files and fetch them.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_seed_parser(subparsers)
-    try:  # temporary until peer.fetch_command lands
-        fetch_command = importlib.import_module("peer.fetch_command")
-    except ImportError:
-        pass
-    else:
-        fetch_command.register(subparsers)
+    fetch_command.register(subparsers)
     return parser
 
 
