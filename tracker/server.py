@@ -15,7 +15,9 @@ well below 10,000 requests/s in CPython on two cores, and an idle client
 would hold a thread for the whole read timeout.
 
 The server never reads more than the 54 bytes of one request. A malformed
-header gets an error reply naming the field as soon as its 16 bytes are in.
+header gets an error reply naming the field as soon as its 16 bytes are in;
+then a lingering close drops (never parses) what else the client sent, so
+the kernel does not reset the connection before the client reads the message.
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ _EPOLLEXCLUSIVE = getattr(select, "EPOLLEXCLUSIVE", 0)
 _DONTWAIT = socket.MSG_DONTWAIT
 _ACCEPT_BATCH = 64  # connections taken per wake-up; arbitrary, keeps other events flowing
 _POLL_CAP = 0.2  # seconds; how often an idle worker looks at the stop flag
+# After an error reply, bytes read and dropped while waiting for the client to
+# close; arbitrary, just enough for a client that sent a somewhat longer body.
+_DRAIN_LIMIT = 4096
 _OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
@@ -79,7 +84,7 @@ def error_reply(status: int, message: str) -> bytes:
 class _Conn:
     """A connection parked in a worker's epoll set."""
 
-    __slots__ = ("buf", "deadline", "ip", "out", "sock", "state")
+    __slots__ = ("buf", "deadline", "drained", "ip", "out", "sock", "state")
 
     READING = 0
     WRITING = 1
@@ -91,6 +96,7 @@ class _Conn:
         self.buf = buf
         self.deadline = deadline
         self.out = b""
+        self.drained = 0
         self.state = _Conn.READING
 
 
@@ -303,6 +309,11 @@ class TrackerServer:
         timeouts: deque[tuple[float, _Conn]],
         ip: str,
     ) -> None:
+        if reply[0] != 0:
+            conn = self._park(sock, ip, b"", ep, conns, timeouts)
+            if conn is not None:
+                self._fail(conn, reply, ep, conns)
+            return
         try:
             sent = sock.send(reply, _DONTWAIT)
         except BlockingIOError:
@@ -328,17 +339,22 @@ class TrackerServer:
         conn.sock.close()  # closing also removes it from the epoll set
 
     def _fail(self, conn: _Conn, reply: bytes, ep: select.epoll, conns: dict[int, _Conn]) -> None:
-        """Send an error reply, half-close, then read (and drop) the rest of the 54 bytes."""
+        """Send an error reply and half-close, then wait for the client to close (a lingering close).
+
+        Closing at once with unread bytes in the receive buffer (a client that
+        sent a longer body than 38 bytes) makes the kernel reset the
+        connection, and the client would lose the message. So the rest is
+        read and dropped, at most ``_DRAIN_LIMIT`` bytes, until the client
+        closes or the read deadline passes.
+        """
         try:
             conn.sock.send(reply, _DONTWAIT)  # an error reply is small: it fits the empty send buffer
             conn.sock.shutdown(socket.SHUT_WR)
         except OSError:
             self._close(conn, ep, conns)
             return
-        if len(conn.buf) >= TRACKER_REQUEST_SIZE:
-            self._close(conn, ep, conns)
-        else:
-            conn.state = _Conn.DRAINING
+        conn.state = _Conn.DRAINING
+        conn.out = b""
 
     def _on_event(self, conn: _Conn, events: int, ep: select.epoll, conns: dict[int, _Conn]) -> None:
         sock = conn.sock
@@ -354,17 +370,23 @@ class TrackerServer:
             if not conn.out:
                 self._close(conn, ep, conns)
             return
+        if conn.state == _Conn.DRAINING:
+            try:
+                dropped = len(sock.recv(_DRAIN_LIMIT, _DONTWAIT))
+            except BlockingIOError:
+                return
+            except OSError:
+                dropped = 0
+            conn.drained += dropped
+            if not dropped or conn.drained >= _DRAIN_LIMIT:
+                self._close(conn, ep, conns)
+            return
         try:
             data = sock.recv(TRACKER_REQUEST_SIZE - len(conn.buf), _DONTWAIT)
         except BlockingIOError:
             return
         except OSError:
             self._close(conn, ep, conns)
-            return
-        if conn.state == _Conn.DRAINING:
-            conn.buf += data
-            if not data or len(conn.buf) >= TRACKER_REQUEST_SIZE:
-                self._close(conn, ep, conns)
             return
         if not data:
             self.registry.count_error("short_request")
@@ -374,6 +396,9 @@ class TrackerServer:
         buf = conn.buf = conn.buf + data
         if len(buf) == TRACKER_REQUEST_SIZE:
             reply = self._reply(buf, conn.ip)
+            if reply[0] != 0:
+                self._fail(conn, reply, ep, conns)
+                return
             try:
                 sent = sock.send(reply, _DONTWAIT)
             except BlockingIOError:

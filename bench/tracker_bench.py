@@ -1,0 +1,184 @@
+"""Tracker throughput: list requests per second, one connection per request.
+
+    python -m bench.tracker_bench                      # starts its own tracker
+    python -m bench.tracker_bench --port 8888          # an already running tracker
+    python -m bench.tracker_bench --threads 4 --seconds 3 --peers 200
+
+Client threads run in this process and the tracker in its own, as the issue
+asks ("4 client threads that open one connection per request"). Each request
+is connect, send 54 bytes, read the reply to EOF, close with SO_LINGER 0 (so
+neither side piles up TIME_WAIT sockets: at 10,000 connections/s the
+ephemeral ports would run out after a few seconds). Keep runs short.
+Prints one JSON object: req_per_s, p50_ms, p99_ms, errors, ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from cascade.wire import TrackerCommand, TrackerRequest
+
+_LINGER_0 = struct.pack("ii", 1, 0)
+
+
+def start_tracker(extra: list[str]) -> tuple[subprocess.Popen[bytes], int, Path]:
+    log = Path(tempfile.mkdtemp(prefix="tracker-bench-")) / "stderr"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tracker", "run", "--host", "127.0.0.1", "--port", "0", *extra],
+            stderr=err,
+            stdout=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+        )
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        m = re.search(r"listening on \S+:(\d+)", log.read_text(errors="replace"))
+        if m:
+            return proc, int(m.group(1)), log
+        if proc.poll() is not None:
+            break
+        time.sleep(0.02)
+    proc.kill()
+    raise SystemExit(f"tracker did not start: {log.read_text(errors='replace')}")
+
+
+def one_request(addr: tuple[str, int], request: bytes, timeout: float) -> bool:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.settimeout(timeout)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_0)
+        s.connect(addr)
+        s.sendall(request)
+        data = s.recv(65536)
+        got = data
+        while data:
+            data = s.recv(65536)
+            got += data
+        return len(got) >= 5 and got[0] == 0
+    finally:
+        s.close()
+
+
+def client(
+    addr: tuple[str, int],
+    requests: list[bytes],
+    stop_at: float,
+    budget: list[int],
+    lock: threading.Lock,
+    latencies: list[float],
+    errors: list[int],
+    timeout: float,
+) -> None:
+    clock = time.perf_counter
+    n = len(requests)
+    i = 0
+    while True:
+        if stop_at and time.monotonic() >= stop_at:
+            return
+        if budget[0] >= 0:
+            with lock:
+                if budget[0] == 0:
+                    return
+                budget[0] -= 1
+        t0 = clock()
+        try:
+            ok = one_request(addr, requests[i % n], timeout)
+        except OSError:
+            ok = False
+        latencies.append(clock() - t0)
+        if not ok:
+            errors[0] += 1
+        i += 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, help="bench a running tracker; without it one is started")
+    p.add_argument("--threads", type=int, default=4)
+    p.add_argument("--seconds", type=float, default=3.0)
+    p.add_argument("--requests", type=int, help="stop after this many requests instead of --seconds")
+    p.add_argument("--peers", type=int, default=100, help="distinct announcing ports, i.e. the swarm size")
+    p.add_argument("--subscribe", action="store_true", help="send subscribe instead of list requests")
+    p.add_argument("--timeout", type=float, default=5.0)
+    p.add_argument("--tracker-args", default="", help="extra arguments for the tracker this bench starts")
+    args = p.parse_args(argv)
+
+    proc = None
+    log = None
+    if args.port is None:
+        proc, port, log = start_tracker(args.tracker_args.split())
+    else:
+        port = args.port
+    addr = (args.host, port)
+    command = TrackerCommand.SUBSCRIBE if args.subscribe else TrackerCommand.LIST
+    cascade_hash = bytes(range(32))
+    requests = [TrackerRequest(command, cascade_hash, "127.0.0.1", 10000 + i).encode() for i in range(args.peers)]
+    try:
+        for r in requests:  # warm-up: fill the swarm
+            one_request(addr, r, args.timeout)
+        lock = threading.Lock()
+        budget = [args.requests if args.requests else -1]
+        per_thread: list[list[float]] = [[] for _ in range(args.threads)]
+        errors = [[0] for _ in range(args.threads)]
+        stop_at = 0.0 if args.requests else time.monotonic() + args.seconds
+        threads = [
+            threading.Thread(
+                target=client,
+                args=(addr, requests[i::1] if i == 0 else requests[i:] + requests[:i], stop_at, budget, lock, per_thread[i], errors[i], args.timeout),
+            )
+            for i in range(args.threads)
+        ]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - t0
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    lat = sorted(x for lst in per_thread for x in lst)
+    total = len(lat)
+
+    def pct(q: float) -> float:
+        return round(lat[min(total - 1, int(q * total))] * 1000, 3) if total else 0.0
+
+    result = {
+        "requests": total,
+        "errors": sum(e[0] for e in errors),
+        "seconds": round(elapsed, 3),
+        "req_per_s": round(total / elapsed, 1) if elapsed else 0.0,
+        "p50_ms": pct(0.50),
+        "p99_ms": pct(0.99),
+        "threads": args.threads,
+        "peers": args.peers,
+        "command": command.name.lower(),
+        "cpus": os.cpu_count(),
+    }
+    if proc is not None:
+        result["tracker_exit"] = proc.returncode
+        if proc.returncode != 0 and log is not None:
+            print(log.read_text(errors="replace"), file=sys.stderr)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
