@@ -199,6 +199,7 @@ def _download(
             raise _Failed(f"tracker {tracker}: {exc}", fetcher) from exc
     stop_watch = _StopWatch(stop, fetcher)
     bar = _ProgressBar(cf, store, args.progress_lines)
+
     def on_tick(progress: Progress) -> None:
         stop_watch.check()
         bar.update(progress)

@@ -185,6 +185,8 @@ class _Scheduler:
         self.valid = store.valid
         self.pool = array("I" if store.cf.block_count < 1 << 32 else "Q", store.missing())
         self.inflight: dict[int, int] = {}
+        # Blocks this run delivered; two endgame copies may both be written, only one counts.
+        self.delivered = bytearray(store.cf.block_count)
         self.lock = threading.Lock()
         self.lack_ttl = lack_ttl
         self.complete = threading.Event()
@@ -236,12 +238,15 @@ class _Scheduler:
             if not self.valid[i]:
                 self.pool.append(i)
 
-    def done(self, i: int) -> None:
-        """Block ``i`` is verified and written."""
+    def done(self, i: int) -> bool:
+        """Block ``i`` is verified and written; True for the first copy delivered."""
         with self.lock:
             self.inflight.pop(i, None)
+            first = not self.delivered[i]
+            self.delivered[i] = 1
         if self.store.complete:
             self.complete.set()
+        return first
 
 
 # --- reading responses ------------------------------------------------------
@@ -315,7 +320,8 @@ class Fetcher:
     ``list_peers`` is called from the fetcher's own thread, now and then; it
     returns ``(ip, port, good)`` tuples and may raise :class:`CascadeError`
     (logged, the download goes on with the peers already known).
-    ``self_addrs`` are addresses that are this process (never connected to).
+    ``my_port`` is this process's serving port: a peer at a local address
+    with that port is ourselves and never used.
     """
 
     def __init__(
@@ -666,12 +672,11 @@ class Fetcher:
                     raise _Offence(f"sent a corrupt block {i}") from exc
             out.popleft()
             peer.own.discard(i)
-            if wrote:
-                sched.done(i)
+            if wrote and sched.done(i):
                 peer.blocks += 1
                 peer.bytes += length
                 peer.failures = 0
-            else:
+            elif not wrote:
                 sched.release(i)
             now = self._clock()
             peer.win_bytes += length
