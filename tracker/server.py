@@ -14,10 +14,11 @@ Why not ``socketserver.ThreadingTCPServer``: a thread per connection tops out
 well below 10,000 requests/s in CPython on two cores, and an idle client
 would hold a thread for the whole read timeout.
 
-The server never reads more than the 54 bytes of one request. A malformed
+The server never parses more than the 54 bytes of one request. A malformed
 header gets an error reply naming the field as soon as its 16 bytes are in;
-then a lingering close drops (never parses) what else the client sent, so
-the kernel does not reset the connection before the client reads the message.
+then a lingering close drops (never parses) what else the client sent, at
+most a few KiB, so the kernel does not reset the connection before the
+client reads the message.
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ _EPOLLEXCLUSIVE = getattr(select, "EPOLLEXCLUSIVE", 0)
 _DONTWAIT = socket.MSG_DONTWAIT
 _ACCEPT_BATCH = 64  # connections taken per wake-up; arbitrary, keeps other events flowing
 _POLL_CAP = 0.2  # seconds; how often an idle worker looks at the stop flag
+# One byte more than a request is asked of recv, never parsed: it tells that the
+# client sent more than 54 bytes, and then the reply ends in a lingering close.
+_PROBE_SIZE = TRACKER_REQUEST_SIZE + 1
 # After an error reply, bytes read and dropped while waiting for the client to
 # close; arbitrary, just enough for a client that sent a somewhat longer body.
 _DRAIN_LIMIT = 4096
@@ -84,7 +88,7 @@ def error_reply(status: int, message: str) -> bytes:
 class _Conn:
     """A connection parked in a worker's epoll set."""
 
-    __slots__ = ("buf", "deadline", "drained", "ip", "out", "sock", "state")
+    __slots__ = ("buf", "deadline", "drained", "ip", "linger", "out", "sock", "state")
 
     READING = 0
     WRITING = 1
@@ -97,6 +101,7 @@ class _Conn:
         self.deadline = deadline
         self.out = b""
         self.drained = 0
+        self.linger = False
         self.state = _Conn.READING
 
 
@@ -256,7 +261,7 @@ class TrackerServer:
             ip = addr[0]
             data: bytes | None
             try:
-                data = sock.recv(TRACKER_REQUEST_SIZE, _DONTWAIT)
+                data = sock.recv(_PROBE_SIZE, _DONTWAIT)
             except BlockingIOError:
                 data = None
             except OSError:
@@ -264,8 +269,9 @@ class TrackerServer:
                 continue
             if data is None:
                 self._park(sock, ip, b"", ep, conns, timeouts)
-            elif len(data) == TRACKER_REQUEST_SIZE:
-                self._send_and_close(sock, self._reply(data, ip), ep, conns, timeouts, ip)
+            elif len(data) >= TRACKER_REQUEST_SIZE:
+                trailing = len(data) > TRACKER_REQUEST_SIZE
+                self._send_and_close(sock, self._reply(data, ip), trailing, ep, conns, timeouts, ip)
             elif not data:  # closed before sending anything
                 sock.close()
             else:
@@ -304,12 +310,13 @@ class TrackerServer:
         self,
         sock: socket.socket,
         reply: bytes,
+        trailing: bool,
         ep: select.epoll,
         conns: dict[int, _Conn],
         timeouts: deque[tuple[float, _Conn]],
         ip: str,
     ) -> None:
-        if reply[0] != 0:
+        if reply[0] != 0 or trailing:
             conn = self._park(sock, ip, b"", ep, conns, timeouts)
             if conn is not None:
                 self._fail(conn, reply, ep, conns)
@@ -339,16 +346,32 @@ class TrackerServer:
         conn.sock.close()  # closing also removes it from the epoll set
 
     def _fail(self, conn: _Conn, reply: bytes, ep: select.epoll, conns: dict[int, _Conn]) -> None:
-        """Send an error reply and half-close, then wait for the client to close (a lingering close).
+        """Send a (small) reply and half-close, then wait for the client to close (a lingering close).
 
-        Closing at once with unread bytes in the receive buffer (a client that
-        sent a longer body than 38 bytes) makes the kernel reset the
-        connection, and the client would lose the message. So the rest is
+        Used for error replies and for clients that sent more than 54 bytes.
+        Closing at once with unread bytes in the receive buffer makes the
+        kernel reset the connection, and the client would lose the reply
+        (seen on Linux loopback). So the rest is
         read and dropped, at most ``_DRAIN_LIMIT`` bytes, until the client
         closes or the read deadline passes.
         """
         try:
-            conn.sock.send(reply, _DONTWAIT)  # an error reply is small: it fits the empty send buffer
+            sent = conn.sock.send(reply, _DONTWAIT)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._close(conn, ep, conns)
+            return
+        if sent < len(reply):  # only a huge --max-peers reply; finish it first
+            conn.state = _Conn.WRITING
+            conn.out = reply[sent:]
+            conn.linger = True
+            ep.modify(conn.sock.fileno(), select.EPOLLOUT)
+            return
+        self._linger(conn, ep, conns)
+
+    def _linger(self, conn: _Conn, ep: select.epoll, conns: dict[int, _Conn]) -> None:
+        try:
             conn.sock.shutdown(socket.SHUT_WR)
         except OSError:
             self._close(conn, ep, conns)
@@ -367,7 +390,12 @@ class TrackerServer:
                 self._close(conn, ep, conns)
                 return
             conn.out = conn.out[sent:]
-            if not conn.out:
+            if conn.out:
+                return
+            if conn.linger:
+                ep.modify(sock.fileno(), select.EPOLLIN)
+                self._linger(conn, ep, conns)
+            else:
                 self._close(conn, ep, conns)
             return
         if conn.state == _Conn.DRAINING:
@@ -382,7 +410,7 @@ class TrackerServer:
                 self._close(conn, ep, conns)
             return
         try:
-            data = sock.recv(TRACKER_REQUEST_SIZE - len(conn.buf), _DONTWAIT)
+            data = sock.recv(_PROBE_SIZE - len(conn.buf), _DONTWAIT)
         except BlockingIOError:
             return
         except OSError:
@@ -394,9 +422,9 @@ class TrackerServer:
             self._close(conn, ep, conns)
             return
         buf = conn.buf = conn.buf + data
-        if len(buf) == TRACKER_REQUEST_SIZE:
+        if len(buf) >= TRACKER_REQUEST_SIZE:
             reply = self._reply(buf, conn.ip)
-            if reply[0] != 0:
+            if reply[0] != 0 or len(buf) > TRACKER_REQUEST_SIZE:
                 self._fail(conn, reply, ep, conns)
                 return
             try:
