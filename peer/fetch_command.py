@@ -169,7 +169,7 @@ def _open_output(cf: CascadeFile, out: Path, force: bool) -> BlockStore:
         raise DataError(
             f"{out} exists and holds none of this file's blocks; not touching it (use --force to overwrite)"
         )
-    if check.valid_count == cf.block_count and check.file_hash_ok is False and check.size == cf.data_length:
+    if out.exists() and check.valid_count == cf.block_count and check.size == cf.data_length and not check.complete:
         raise DataError(f"{out}: every block verifies but the whole-file SHA-256 does not match the .cascade file")
     return BlockStore.open_for_fetching(cf, out, check)
 

@@ -1,0 +1,185 @@
+"""`peer fetch`: the downloader in-process against test doubles, and the command's contract as a process."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cascade.errors import CascadeTimeout
+from cascade.localdata import check_data
+from cascade.metafile import CascadeFile
+from peer.fetcher import Fetcher, FetchPolicy
+from peer.storage import BlockStore
+from tests.doubles import DoubleServer, Swarm, last_json, make_file, sha256_file
+
+FAST = FetchPolicy(first_response_timeout=1.0, stall_timeout=10.0, backoff_min=0.05)
+
+
+@pytest.fixture
+def swarm(tmp_path: Path) -> Iterator[Swarm]:
+    s = Swarm(tmp_path)
+    try:
+        s.start_tracker()
+        yield s
+    finally:
+        s.stop()
+
+
+def fetch_in_process(cf: CascadeFile, out: Path, servers: list[DoubleServer], policy: FetchPolicy = FAST) -> Fetcher:
+    store = BlockStore.open_for_fetching(cf, out, check_data(out, cf))
+    peers = [(s.address[0], s.address[1], True) for s in servers]
+    fetcher = Fetcher(store, lambda: peers, policy=policy)
+    try:
+        fetcher.add_peers(peers)
+        result = fetcher.run()
+    finally:
+        store.close()
+    assert result.complete
+    assert sha256_file(out) == cf.file_hash
+    return fetcher
+
+
+def run_doubles(cf: CascadeFile, data: Path, *modes: str) -> list[DoubleServer]:
+    return [DoubleServer(mode, cf, data).start() for mode in modes]
+
+
+# --- the engine, in-process ---------------------------------------------------------
+
+
+def test_one_connection_per_request_with_a_closing_server(tmp_path: Path) -> None:
+    _, cf = make_file(tmp_path, "d.bin", 300_000, 4096)
+    servers = run_doubles(cf, tmp_path / "d.bin", "close")
+    try:
+        fetcher = fetch_in_process(cf, tmp_path / "out", servers)
+    finally:
+        for s in servers:
+            s.stop()
+    # Only the very first connection carried pipelined requests; no block was lost to the closes.
+    assert fetcher.partial_result(0).blocks_downloaded == cf.block_count
+    assert servers[0].requests <= cf.block_count + 8
+
+
+def test_silent_peer_holds_no_block_hostage(tmp_path: Path) -> None:
+    _, cf = make_file(tmp_path, "d.bin", 200_000, 4096)
+    servers = run_doubles(cf, tmp_path / "d.bin", "silent", "close")
+    started = time.monotonic()
+    try:
+        fetcher = fetch_in_process(cf, tmp_path / "out", servers, FetchPolicy(first_response_timeout=30.0))
+    finally:
+        for s in servers:
+            s.stop()
+    # The endgame re-asks the blocks the silent peer sits on; nobody waits for its 30 s timeout.
+    assert time.monotonic() - started < 10
+    silent = f"127.0.0.1:{servers[0].address[1]}"
+    assert silent not in fetcher.partial_result(0).sources
+
+
+def test_corrupt_peer_is_banned_in_process(tmp_path: Path) -> None:
+    _, cf = make_file(tmp_path, "d.bin", 400_000, 2048)
+    servers = run_doubles(cf, tmp_path / "d.bin", "corrupt", "close")
+    try:
+        fetcher = fetch_in_process(cf, tmp_path / "out", servers)
+    finally:
+        for s in servers:
+            s.stop()
+    result = fetcher.partial_result(0)
+    assert result.banned == [f"127.0.0.1:{servers[0].address[1]}"]
+
+
+def test_no_peers_is_a_timeout(tmp_path: Path) -> None:
+    _, cf = make_file(tmp_path, "d.bin", 10_000, 1024)
+    store = BlockStore.open_for_fetching(cf, tmp_path / "out", check_data(tmp_path / "out", cf))
+    try:
+        fetcher = Fetcher(store, list, policy=FetchPolicy(stall_timeout=0.3))
+        with pytest.raises(CascadeTimeout, match="no peers"):
+            fetcher.run()
+    finally:
+        store.close()
+
+
+# --- the command --------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def test_unreachable_tracker_is_one_line_and_non_zero(swarm: Swarm, tmp_path: Path) -> None:
+    cascade, _ = make_file(tmp_path, "d.bin", 10_000, 1024)
+    proc = swarm.start(
+        "peer", "fetch", str(cascade), "--out", str(tmp_path / "o"), "--tracker", f"127.0.0.1:{free_port()}",
+        "--listen", "127.0.0.1:0", "--json",
+    )  # fmt: skip
+    assert proc.wait(20) == 1
+    errors = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "unreachable" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert last_json(proc)["complete"] is False
+
+
+def test_no_peers_within_timeout(swarm: Swarm, tmp_path: Path) -> None:
+    cascade, _ = make_file(tmp_path, "d.bin", 10_000, 1024)
+    proc = swarm.fetcher(cascade, tmp_path / "o", "--timeout", "0.5")
+    assert proc.wait(20) == 1
+    assert "no peers" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_foreign_file_is_not_touched_without_force(swarm: Swarm, tmp_path: Path) -> None:
+    cascade, cf = make_file(tmp_path, "d.bin", 100_000, 4096)
+    swarm.seeder(cascade, cf)
+    out = tmp_path / "precious.txt"
+    out.write_bytes(b"my thesis\n" * 100)
+    proc = swarm.fetcher(cascade, out)
+    assert proc.wait(20) == 1
+    assert "--force" in proc.stderr and "Traceback" not in proc.stderr
+    assert out.read_bytes() == b"my thesis\n" * 100
+    forced = swarm.fetcher(cascade, out, "--force")
+    assert forced.wait(20) == 0, forced.stderr
+    assert sha256_file(out) == cf.file_hash
+
+
+def test_complete_file_downloads_nothing(swarm: Swarm, tmp_path: Path) -> None:
+    cascade, _ = make_file(tmp_path, "d.bin", 100_000, 4096)
+    proc = swarm.fetcher(cascade, tmp_path / "d.bin")
+    assert proc.wait(20) == 0, proc.stderr
+    doc = last_json(proc)
+    assert doc["complete"] is True and doc["blocks_downloaded"] == 0 and doc["bytes_downloaded"] == 0
+
+
+def test_empty_file(swarm: Swarm, tmp_path: Path) -> None:
+    cascade, _ = make_file(tmp_path, "empty", 0, 1024)
+    out = tmp_path / "o"
+    proc = swarm.fetcher(cascade, out)
+    assert proc.wait(20) == 0, proc.stderr
+    assert out.read_bytes() == b""
+
+
+def test_bad_values_are_usage_errors(swarm: Swarm, tmp_path: Path) -> None:
+    cascade, _ = make_file(tmp_path, "d.bin", 1000, 1024)
+    for extra in (["--max-peers", "0"], ["--listen", "nonsense"]):
+        proc = swarm.fetcher(cascade, tmp_path / "o", *extra)
+        assert proc.wait(20) != 0
+        assert "Traceback" not in proc.stderr and proc.stderr.strip(), extra
+    missing = swarm.fetcher(tmp_path / "nope.cascade", tmp_path / "o")
+    assert missing.wait(20) == 1 and "no such file" in missing.stderr
+
+
+def test_seed_keeps_serving_after_completion(swarm: Swarm, tmp_path: Path) -> None:
+    cascade, cf = make_file(tmp_path, "d.bin", 500_000, 8192)
+    seeder, _ = swarm.seeder(cascade, cf)
+    first = swarm.fetcher(cascade, tmp_path / "a", "--seed")
+    first.wait_for_line("seeding")
+    seeder.stop()
+    second = swarm.fetcher(cascade, tmp_path / "b")
+    assert second.wait(20) == 0, second.stderr
+    assert sha256_file(tmp_path / "b") == cf.file_hash
+    first.signal(signal.SIGTERM)
+    assert first.wait(5) == 0
