@@ -81,6 +81,15 @@ def test_expiry_is_lazy_and_exact() -> None:
     assert reg.swarms() == []
 
 
+def test_expiry_counts_from_the_exact_time_not_the_whole_second() -> None:
+    reg, clock = make(FakeClock(1_700_000_000.9), peer_ttl=2)
+    reg.announce(H1, "10.0.0.1", 1, subscribe=True)
+    clock.now += 1.9
+    assert addrs(reg.announce(H1, "10.0.0.2", 2, subscribe=False)) == [("10.0.0.1", 1)]
+    clock.now += 0.2
+    assert addrs(reg.announce(H1, "10.0.0.2", 2, subscribe=False)) == []
+
+
 def test_idle_swarms_are_swept_and_counts_stay_right() -> None:
     reg, clock = make(peer_ttl=10)
     for i in range(50):

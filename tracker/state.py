@@ -9,7 +9,7 @@ On shutdown :meth:`StateStore.close` writes the last changes. At start-up
 Schema (one row per peer)::
 
     peers(cascade_hash BLOB, peer BLOB  -- 4 bytes IPv4 + 2 bytes port
-          last_seen INTEGER, good INTEGER, PRIMARY KEY (cascade_hash, peer))
+          last_seen REAL, good INTEGER, PRIMARY KEY (cascade_hash, peer))
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS peers (
     cascade_hash BLOB NOT NULL,
     peer BLOB NOT NULL,
-    last_seen INTEGER NOT NULL,
+    last_seen REAL NOT NULL,  -- UNIX seconds
     good INTEGER NOT NULL,
     PRIMARY KEY (cascade_hash, peer)
 ) WITHOUT ROWID;
@@ -41,7 +41,7 @@ _UPSERT = (
 )
 _DELETE = "DELETE FROM peers WHERE cascade_hash = ? AND peer = ?"
 
-Changes = dict[tuple[bytes, bytes], tuple[int, bool] | None]
+Changes = dict[tuple[bytes, bytes], tuple[float, bool] | None]
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -65,9 +65,12 @@ def load_state(path: str | os.PathLike[str], registry: SwarmRegistry) -> int:
             rows = conn.execute("SELECT cascade_hash, peer, last_seen, good FROM peers").fetchall()
         finally:
             conn.close()
+        peers = [(bytes(h), bytes(k), float(last), bool(g)) for h, k, last, g in rows]
     except sqlite3.Error as exc:
         raise DataError(f"cannot use state file {p}: {exc}") from exc
-    return registry.restore((bytes(h), bytes(k), int(last), bool(g)) for h, k, last, g in rows)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"state file {p} holds a malformed peer row: {exc}") from exc
+    return registry.restore(peers)
 
 
 class StateStore:

@@ -175,7 +175,7 @@ class _Swarm:
     def __init__(self, now: float) -> None:
         self.good = _Group()
         self.plain = _Group()
-        self.seen: OrderedDict[bytes, int] = OrderedDict()  # key -> last seen, oldest first
+        self.seen: OrderedDict[bytes, float] = OrderedDict()  # key -> last seen (clock time, not floored), oldest first
         self.last_activity = now
 
 
@@ -206,7 +206,7 @@ class SwarmRegistry:
         self._requests: Counter[tuple[str, str, int]] = Counter()
         self._errors: Counter[str] = Counter()
         self._track = track_changes
-        self._changes: dict[tuple[bytes, bytes], tuple[int, bool] | None] = {}
+        self._changes: dict[tuple[bytes, bytes], tuple[float, bool] | None] = {}
         self._tail_second = -1
         self._tails = (b"", b"")
 
@@ -272,7 +272,7 @@ class SwarmRegistry:
 
             good, plain = sw.good, sw.plain
             if key in seen:
-                seen[key] = second
+                seen[key] = now
                 seen.move_to_end(key)
                 if key in good.index:
                     good.recs[good.index[key]] = key + good_tail
@@ -295,7 +295,7 @@ class SwarmRegistry:
                         self._requests[(protocol, command, STATUS_FULL)] += 1
                         self._errors["peers_full"] += 1
                         raise AnnounceRefused(STATUS_FULL, f"tracker full: {self._peer_count} peers")
-                seen[key] = second
+                seen[key] = now
                 self._peer_count += 1
                 if subscribe:
                     good.add(key, key + good_tail, self._rnd)
@@ -303,7 +303,7 @@ class SwarmRegistry:
                     plain.add(key, key + self._tails[0], self._rnd)
                 is_good = subscribe
             if self._track:
-                self._changes[(cascade_hash, key)] = (second, is_good)
+                self._changes[(cascade_hash, key)] = (now, is_good)
 
             mine = good if is_good else plain
             mine.to_end(key)
@@ -416,13 +416,13 @@ class SwarmRegistry:
 
     # --- persistence --------------------------------------------------------
 
-    def take_changes(self) -> dict[tuple[bytes, bytes], tuple[int, bool] | None]:
+    def take_changes(self) -> dict[tuple[bytes, bytes], tuple[float, bool] | None]:
         """What changed since the last call: (hash, key) -> (last seen, good), or None if gone."""
         with self._lock:
             changes, self._changes = self._changes, {}
             return changes
 
-    def restore(self, rows: Iterable[tuple[bytes, bytes, int, bool]]) -> int:
+    def restore(self, rows: Iterable[tuple[bytes, bytes, float, bool]]) -> int:
         """Load saved peers (hash, key, last seen, good); skips expired or malformed rows.
 
         Returns how many peers were loaded. Meant for start-up, before serving.
@@ -430,7 +430,7 @@ class SwarmRegistry:
         now = self._clock()
         cutoff = now - self.limits.peer_ttl
         valid = [
-            (int(last), bytes(h), bytes(k), bool(g))
+            (float(last), bytes(h), bytes(k), bool(g))
             for h, k, last, g in rows
             if len(h) == HASH_SIZE and len(k) == KEY_SIZE and last >= cutoff and self.is_allowed(bytes(h))
         ]
@@ -450,12 +450,12 @@ class SwarmRegistry:
                 self._swarms.move_to_end(h)
                 sw.last_activity = max(sw.last_activity, last)
                 sw.seen[k] = last
-                (sw.good if g else sw.plain).add(k, k + _TAIL.pack(last & 0xFFFFFFFF, int(g), 0), self._rnd)
+                (sw.good if g else sw.plain).add(k, k + _TAIL.pack(int(last) & 0xFFFFFFFF, int(g), 0), self._rnd)
                 self._peer_count += 1
                 loaded += 1
         return loaded
 
-    def dump(self) -> list[tuple[bytes, bytes, int, bool]]:
+    def dump(self) -> list[tuple[bytes, bytes, float, bool]]:
         """Every peer as (hash, key, last seen, good), for a full save."""
         with self._lock:
             return [(h, k, last, k in sw.good.index) for h, sw in self._swarms.items() for k, last in sw.seen.items()]
