@@ -261,10 +261,28 @@ def register_verify(sub: Any) -> None:
     p.set_defaults(run=cmd_verify)
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from cascade import demo  # imported here: only the demo starts processes
+
+    return demo.run(fetchers=args.fetchers, keep=args.keep)
+
+
+def register_demo(sub: Any) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="run a tracker, a seeder and fetchers on this machine and watch a file cascade",
+        description="Start a tracker, an upload-limited seeder of a random sample file and a few fetchers on "
+        "127.0.0.1, show their progress, check every copy and print where each block came from.",
+    )
+    p.add_argument("--fetchers", type=int, default=4, metavar="N", help="how many fetchers to start (default 4)")
+    p.add_argument("--keep", action="store_true", help="keep the temporary folder with the files and logs")
+    p.set_defaults(run=cmd_demo)
+
+
 # --- the command ------------------------------------------------------------
 
 # To add a subcommand: write cmd_X(args) -> int and register_X(sub), and list register_X here.
-SUBCOMMANDS: list[Callable[[Any], None]] = [register_create, register_info, register_verify]
+SUBCOMMANDS: list[Callable[[Any], None]] = [register_create, register_info, register_verify, register_demo]
 
 
 def build_parser() -> OneLineErrorParser:

@@ -124,3 +124,13 @@ def test_fetch_completes_beside_a_server_that_never_answers(swarm: Swarm, tmp_pa
     for doc in results:
         assert f"127.0.0.1:{silent_port}" not in doc["sources"]
         assert doc["seconds"] < 10
+
+
+def test_cascade_demo_runs_from_any_folder(tmp_path: Path) -> None:
+    proc = Proc(["cascade", "demo", "--fetchers", "3"], cwd=tmp_path)
+    try:
+        assert proc.wait(90) == 0, proc.stdout + proc.stderr
+        assert "every fetcher has a verified copy" in proc.stdout
+        assert proc.stdout.count("from seeder") == 3
+    finally:
+        proc.stop()
