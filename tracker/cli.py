@@ -82,6 +82,27 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         help="peer records per reply (default %(default)s)",
     )
     p.add_argument(
+        "--max-swarms",
+        type=_int_at_least(1),
+        default=_DEFAULT_LIMITS.max_swarms,
+        metavar="N",
+        help="cascade hashes tracked at once; new ones beyond it are refused (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-swarm-peers",
+        type=_int_at_least(1),
+        default=_DEFAULT_LIMITS.max_peers_per_swarm,
+        metavar="N",
+        help="peers kept per swarm; the least recently seen makes room (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-total-peers",
+        type=_int_at_least(1),
+        default=_DEFAULT_LIMITS.max_total_peers,
+        metavar="N",
+        help="peers kept in all swarms; new ones beyond it are refused (default %(default)s)",
+    )
+    p.add_argument(
         "--allow", metavar="FILE", help="serve only these cascade hashes (hex, or .cascade paths, one per line)"
     )
     p.add_argument("--state", metavar="PATH", help="SQLite file that keeps the swarms across restarts")
@@ -129,7 +150,13 @@ def _raise_fd_limit() -> None:
 
 def run(args: argparse.Namespace) -> int:
     allowed = load_allow_file(args.allow) if args.allow else None
-    limits = SwarmLimits(peer_ttl=args.peer_ttl, max_peers=args.max_peers)
+    limits = SwarmLimits(
+        peer_ttl=args.peer_ttl,
+        max_peers=args.max_peers,
+        max_swarms=args.max_swarms,
+        max_peers_per_swarm=args.max_swarm_peers,
+        max_total_peers=args.max_total_peers,
+    )
     registry = SwarmRegistry(limits, allowed=allowed, track_changes=args.state is not None)
     store: StateStore | None = None
     if args.state:
