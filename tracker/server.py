@@ -44,7 +44,7 @@ from cascade.wire import (
     TrackerCommand,
     TrackerRequest,
 )
-from tracker.swarms import STATUS_BAD_REQUEST, STATUS_FULL, AnnounceRefused, SwarmRegistry
+from tracker.swarms import STATUS_BAD_REQUEST, STATUS_FULL, STATUS_INTERNAL, AnnounceRefused, SwarmRegistry
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +174,10 @@ class TrackerServer:
             if self._verbose:
                 log.info("%s refused: %s", ip, exc.message)
             return error_reply(exc.status, exc.message)
+        except Exception:  # a bug must cost one request, not the worker
+            self.registry.count_error("internal")
+            log.exception("tracker: request from %s failed", ip)
+            return error_reply(STATUS_INTERNAL, "internal tracker error")
         if self._verbose:
             log.debug(
                 "%s %s %s -> %d peers",
@@ -224,10 +228,16 @@ class TrackerServer:
                 for fd, events in ep.poll(wait, _ACCEPT_BATCH):
                     if fd == lfd:
                         self._accept(lsock, ep, conns, timeouts)
-                    else:
-                        conn = conns.get(fd)
-                        if conn is not None:
-                            self._on_event(conn, events, ep, conns)
+                        continue
+                    conn = conns.get(fd)
+                    if conn is None:
+                        continue
+                    try:
+                        self._on_event(conn, events, ep, conns)
+                    except Exception:  # a bug in one request must not stop this worker
+                        self.registry.count_error("internal")
+                        log.exception("tracker: request from %s failed", conn.ip)
+                        self._close(conn, ep, conns)
                 now = time.monotonic()
                 while timeouts and timeouts[0][0] <= now:
                     _, conn = timeouts.popleft()

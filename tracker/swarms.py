@@ -48,6 +48,7 @@ _KEY = struct.Struct(">4sH")
 STATUS_BAD_REQUEST = 1
 STATUS_NOT_ALLOWED = 2
 STATUS_FULL = 3
+STATUS_INTERNAL = 4  # a bug in the tracker; logged
 
 
 class AnnounceRefused(CascadeError):
