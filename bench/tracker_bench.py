@@ -137,7 +137,16 @@ def main(argv: list[str] | None = None) -> int:
         threads = [
             threading.Thread(
                 target=client,
-                args=(addr, requests[i::1] if i == 0 else requests[i:] + requests[:i], stop_at, budget, lock, per_thread[i], errors[i], args.timeout),
+                args=(
+                    addr,
+                    requests[i:] + requests[:i],
+                    stop_at,
+                    budget,
+                    lock,
+                    per_thread[i],
+                    errors[i],
+                    args.timeout,
+                ),
             )
             for i in range(args.threads)
         ]
