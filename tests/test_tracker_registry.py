@@ -129,6 +129,13 @@ def test_allow_list() -> None:
     assert reg.swarm(H2) is None
 
 
+def test_any_address_takes_the_source_address() -> None:
+    reg, _ = make()
+    reg.announce(H1, "0.0.0.0", 1, subscribe=True, source_ip="10.0.0.9")
+    assert addrs(reg.announce(H1, "10.0.0.2", 2, subscribe=False)) == [("10.0.0.9", 1)]
+    assert reg.announce(H1, "0.0.0.0", 1, subscribe=False, source_ip="10.0.0.9")[0].ip == "10.0.0.2"
+
+
 def test_bad_values_are_value_errors() -> None:
     reg, _ = make()
     with pytest.raises(ValueError):

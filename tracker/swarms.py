@@ -27,6 +27,7 @@ record, so the hot path never converts addresses to text.
 
 from __future__ import annotations
 
+import ipaddress
 import random
 import struct
 import threading
@@ -99,8 +100,6 @@ class Counters:
 
 def peer_key(ip: str, port: int) -> bytes:
     """The 6-byte key of a peer; raises :class:`ValueError` for a bad address or port."""
-    import ipaddress  # only off the hot path
-
     if not 0 <= port <= 0xFFFF:
         raise ValueError(f"port {port} is outside 0..65535")
     return _KEY.pack(ipaddress.IPv4Address(ip).packed, port)
@@ -220,19 +219,29 @@ class SwarmRegistry:
     # --- announces --------------------------------------------------------
 
     def announce(
-        self, cascade_hash: bytes, ip: str, port: int, subscribe: bool, protocol: str = "api"
+        self,
+        cascade_hash: bytes,
+        ip: str,
+        port: int,
+        subscribe: bool,
+        protocol: str = "api",
+        source_ip: str | None = None,
     ) -> list[PeerRecord]:
         """Enrol (or, with ``subscribe``, mark as good) ``ip:port`` and return the reply subset.
 
         The reply holds at most ``limits.max_peers`` records, good peers first,
-        each group in random order, never the requester. ``ip`` must already
-        be the address to record (a caller replaces 0.0.0.0 by the source
-        address). Raises :class:`ValueError` for a malformed hash, address or
-        port, and :class:`AnnounceRefused` when the hash is not allowed or the
-        registry is full.
+        each group in random order, never the requester. An ``ip`` of 0.0.0.0
+        is replaced by ``source_ip`` (the address the request came from) when
+        given. ``protocol`` only labels the request counters.
+
+        Raises :class:`ValueError` for a malformed hash, address or port, and
+        :class:`AnnounceRefused` when the hash is not allowed or the registry
+        is full.
         """
         if len(cascade_hash) != HASH_SIZE:
             raise ValueError(f"cascade hash must be {HASH_SIZE} bytes, not {len(cascade_hash)}")
+        if source_ip is not None and ip == "0.0.0.0":
+            ip = source_ip
         body = self.announce_packed(cascade_hash, peer_key(ip, port), subscribe, protocol)
         return [decode_record(body[i : i + 12]) for i in range(0, len(body), 12)]
 
