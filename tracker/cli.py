@@ -189,12 +189,15 @@ def run(args: argparse.Namespace) -> int:
     if store is not None and args.verbose:
         log.info("loaded %d peers from %s", loaded, args.state)
     server.start()
-    while not stop.wait(1.0):
-        pass
-    server.shutdown()
     ok = True
+    while not stop.wait(1.0):
+        if not server.alive:
+            log.error("tracker: every worker stopped; exiting")
+            ok = False
+            break
+    server.shutdown()
     if store is not None:
-        ok = store.close()
+        ok = store.close() and ok
     log.info("tracker stopped")
     return 0 if ok else 1
 

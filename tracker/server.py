@@ -144,6 +144,11 @@ class TrackerServer:
             t.start()
             self._threads.append(t)
 
+    @property
+    def alive(self) -> bool:
+        """True while at least one worker runs (they only stop on shutdown, or on a logged bug)."""
+        return any(t.is_alive() for t in self._threads)
+
     def shutdown(self, timeout: float = 1.5) -> None:
         """Stop accepting, let parked connections finish (briefly), then close everything."""
         self._stopping.set()
