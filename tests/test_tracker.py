@@ -115,6 +115,17 @@ def test_conformance_table(tracker: int, chunked: bool) -> None:
         assert raw[0] == 0 and isinstance(decode_tracker_reply(raw), PeerList)
 
 
+def test_a_wrong_field_is_answered_before_the_rest_arrives(tracker: int) -> None:
+    for payload, word in [(b"XXXX", "magic"), (header(version=9)[:8], "version"), (header(command=7)[:12], "command")]:
+        with socket.create_connection(("127.0.0.1", tracker), timeout=5) as s:
+            s.sendall(payload)  # and then nothing: the answer must not wait for the other bytes
+            got = b""
+            while chunk := s.recv(100):
+                got += chunk
+        reply = decode_tracker_reply(got)
+        assert isinstance(reply, TrackerError) and word in reply.message
+
+
 def test_short_request_gets_a_message(tracker: int) -> None:
     for size in (1, 15, 16, 53):
         reply = decode_tracker_reply(exchange(tracker, (header() + BODY)[:size], half_close=True))

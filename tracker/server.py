@@ -204,6 +204,17 @@ class TrackerServer:
             log.info("%s bad request: %s", ip, message)
         return error_reply(STATUS_BAD_REQUEST, message)
 
+    def _partial_header_error(self, buf: bytes, ip: str) -> bytes | None:
+        """The error reply if the header fields received so far (whole 4-byte fields) are already wrong."""
+        whole = min(len(buf), TRACKER_HEADER_SIZE) // 4 * 4
+        if whole == 0:
+            return None
+        got = buf[:whole]
+        if got == _LIST_HEADER[:whole] or got == _SUBSCRIBE_HEADER[:whole]:
+            return None
+        # Complete the header with valid fields, so the message names a field the client really sent wrong.
+        return self._bad_header(got + _LIST_HEADER[whole:], ip)
+
     # --- the event loop -----------------------------------------------------
 
     def _worker(self, index: int) -> None:
@@ -291,10 +302,10 @@ class TrackerServer:
                 sock.close()
             else:
                 conn = self._park(sock, ip, data, ep, conns, timeouts)
-                if conn is not None and len(data) >= TRACKER_HEADER_SIZE:
-                    head = data[:TRACKER_HEADER_SIZE]
-                    if head != _LIST_HEADER and head != _SUBSCRIBE_HEADER:
-                        self._fail(conn, self._bad_header(head, ip), ep, conns)
+                if conn is not None:
+                    bad = self._partial_header_error(data, ip)
+                    if bad is not None:
+                        self._fail(conn, bad, ep, conns)
 
     def _park(
         self,
@@ -456,10 +467,9 @@ class TrackerServer:
                 conn.out = reply[sent:]
                 ep.modify(sock.fileno(), select.EPOLLOUT)
             return
-        if len(buf) >= TRACKER_HEADER_SIZE:
-            head = buf[:TRACKER_HEADER_SIZE]
-            if head != _LIST_HEADER and head != _SUBSCRIBE_HEADER:
-                self._fail(conn, self._bad_header(head, conn.ip), ep, conns)
+        bad = self._partial_header_error(buf, conn.ip)
+        if bad is not None:
+            self._fail(conn, bad, ep, conns)
 
     def _short(self, conn: _Conn) -> bytes:
         self.registry.count_request("tcp", "invalid", STATUS_BAD_REQUEST)
