@@ -15,8 +15,10 @@ Shape: one selector thread and a bounded pool of worker threads.
   bytes wait in the connection's buffer until the rest arrives or it times out.
 - Block data goes out with sendfile(2), zero-copy from the data file. We call
   :func:`os.sendfile` (the system call behind ``socket.sendfile``) on the
-  non-blocking socket ourselves, so one stall timeout covers each response
-  and the rate limiter can meter it in slices.
+  non-blocking socket ourselves: when a reader is slow and its socket stays
+  full, the worker parks the half-sent response on the selector (EPOLLOUT)
+  and moves on, so slow readers cannot hold the pool either. With a rate
+  limit, the data goes out in slices metered by one shared token bucket.
 
 Keep-open (section 5): a request with ``KEEPOPEN`` in bytes 8-15 keeps the
 connection after a status 0 or 2 reply; anything else is answered and closed,
@@ -27,7 +29,6 @@ are never looked at.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import queue
@@ -62,6 +63,11 @@ LINGER_SECONDS = 2.0
 SWEEP_INTERVAL = 0.25
 
 _ONESHOT_IN = select.EPOLLIN | select.EPOLLONESHOT
+_ONESHOT_OUT = select.EPOLLOUT | select.EPOLLONESHOT
+# How long a worker waits for a full socket to drain before parking the
+# connection on the selector: far longer than a fast reader needs, short
+# enough that slow readers cannot hold the pool.
+WRITE_WAIT_MS = 100
 _LISTEN_KEY = -1
 _WAKE_KEY = -2
 
@@ -84,7 +90,28 @@ class _Served:
 
 
 class _Conn:
-    __slots__ = ("buf", "deadline", "draining", "fd", "idle", "name", "sock")
+    """One client connection. Exactly one thread owns it at a time (see ``idle``).
+
+    ``out_*`` is the response being sent: unsent header or message bytes, then
+    ``out_left`` bytes of ``out_fd`` from ``out_offset``. It survives parking,
+    so a response to a slow reader resumes where it stopped.
+    """
+
+    __slots__ = (
+        "buf",
+        "deadline",
+        "draining",
+        "fd",
+        "idle",
+        "name",
+        "out_credit",
+        "out_fd",
+        "out_head",
+        "out_keep",
+        "out_left",
+        "out_offset",
+        "sock",
+    )
 
     def __init__(self, sock: socket.socket, name: str, deadline: float) -> None:
         self.sock = sock
@@ -94,6 +121,12 @@ class _Conn:
         self.deadline = deadline
         self.idle = True  # True while the selector thread owns it
         self.draining = False
+        self.out_head = b""
+        self.out_fd = -1
+        self.out_offset = 0
+        self.out_left = 0
+        self.out_credit = 0  # bytes already taken from the rate limiter
+        self.out_keep = False
 
 
 def _error_reply(status: BlockStatus, message: str) -> bytes:
@@ -324,12 +357,12 @@ class BlockServer:
             del self._conns[conn.fd]
         conn.sock.close()
 
-    def _rearm(self, conn: _Conn) -> None:
+    def _rearm(self, conn: _Conn, mask: int = _ONESHOT_IN) -> None:
         """Give the connection back to the selector thread (the caller must not touch it after)."""
         conn.idle = True
         try:
             assert self._epoll is not None
-            self._epoll.modify(conn.fd, _ONESHOT_IN)
+            self._epoll.modify(conn.fd, mask)
         except (OSError, ValueError):
             # Closed meanwhile by a sweep or by stop().
             conn.idle = False
@@ -377,10 +410,34 @@ class BlockServer:
                 self._close(conn)
 
     def _serve(self, conn: _Conn) -> None:
-        """Answer every whole request the connection has; re-arm or close it when done."""
+        """Answer every whole request the connection has; park, re-arm or close it when done."""
+        if conn.out_head or conn.out_left:
+            # A response to a slow reader, resumed now that its socket is writable.
+            if not self._pump(conn):
+                return
+            if not conn.out_keep:
+                self._close_after_reply(conn)
+                return
+            conn.deadline = time.monotonic() + self.idle_timeout
         sock = conn.sock
         buf = conn.buf
         while True:
+            pos = 0
+            end = len(buf) - BLOCK_REQUEST_SIZE
+            while pos <= end:
+                self._answer(conn, buf, pos)
+                pos += BLOCK_REQUEST_SIZE
+                if not self._pump(conn):
+                    conn.buf = buf[pos:]
+                    return
+                if not conn.out_keep:
+                    self._close_after_reply(conn)
+                    return
+                conn.deadline = time.monotonic() + self.idle_timeout
+            if pos:
+                buf = buf[pos:]
+            if self._stopping.is_set():
+                raise _Close
             try:
                 data = sock.recv(RECV_SIZE)
             except (BlockingIOError, InterruptedError):
@@ -388,115 +445,116 @@ class BlockServer:
             if not data:
                 raise _Close
             buf = buf + data if buf else data
-            pos = 0
-            end = len(buf) - BLOCK_REQUEST_SIZE
-            while pos <= end:
-                keep = self._answer(conn, buf, pos)
-                pos += BLOCK_REQUEST_SIZE
-                if not keep:
-                    self._close_after_reply(conn)
-                    return
-                conn.deadline = time.monotonic() + self.idle_timeout
-            buf = buf[pos:] if pos else buf
-            if self._stopping.is_set():
-                raise _Close
         conn.buf = buf
         if conn.deadline < time.monotonic():
+            if self._debug:
+                log.debug("%s: request incomplete after %.0f s, closed", conn.name, self.idle_timeout)
             raise _Close
         self._rearm(conn)
 
-    def _answer(self, conn: _Conn, buf: bytes, pos: int) -> bool:
-        """Answer the request at ``buf[pos:pos+64]``; return True to keep the connection."""
+    def _answer(self, conn: _Conn, buf: bytes, pos: int) -> None:
+        """Decide the reply to the request at ``buf[pos:pos+64]`` and queue it in ``conn.out_*``."""
         magic, marker, index, cascade_hash = _REQUEST.unpack_from(buf, pos)
         if magic != BLOCK_MAGIC:
             if self._debug:
                 log.debug("%s: unparseable request (magic %r), closing", conn.name, magic)
-            self._send_all(conn, _BAD_REQUEST)
-            return False
+            conn.out_head, conn.out_keep = _BAD_REQUEST, False
+            return
         keep: bool = marker == KEEPOPEN
         served = self._served.get(cascade_hash)
         if served is None:
             if self._debug:
                 log.debug("%s: unknown hash %s", conn.name, cascade_hash.hex()[:16])
-            self._send_all(conn, _UNKNOWN_HASH)
-            return False
+            conn.out_head, conn.out_keep = _UNKNOWN_HASH, False
+            return
         count = served.count
         if index >= count:
-            self._send_all(
-                conn,
-                _error_reply(
-                    BlockStatus.OUT_OF_RANGE,
-                    f"block number too large: block {index} requested, the file has {count} blocks",
-                ),
-            )
-            return False
+            if self._debug:
+                log.debug("%s: block %d past the end", conn.name, index)
+            message = f"block number too large: block {index} requested, the file has {count} blocks"
+            conn.out_head, conn.out_keep = _error_reply(BlockStatus.OUT_OF_RANGE, message), False
+            return
         if not served.store.has(index):
             if self._debug:
                 log.debug("%s: block %d not present", conn.name, index)
-            self._send_all(conn, _error_reply(BlockStatus.NOT_PRESENT, f"block not present: block {index}"))
-            return keep
+            conn.out_head = _error_reply(BlockStatus.NOT_PRESENT, f"block not present: block {index}")
+            conn.out_keep = keep
+            return
         if index == count - 1:
-            header, length = served.last_header, served.last_length
+            conn.out_head, conn.out_left = served.last_header, served.last_length
         else:
-            header, length = served.full_header, served.block_size
-        # MSG_MORE holds the header back so it leaves in one segment with the data.
-        self._send_all(conn, header, socket.MSG_MORE)
-        self._sendfile(conn, served.fd, index * served.block_size, length)
+            conn.out_head, conn.out_left = served.full_header, served.block_size
+        conn.out_fd = served.fd
+        conn.out_offset = index * served.block_size
+        conn.out_keep = keep
         self.blocks_sent += 1
-        self.bytes_sent += length
+        self.bytes_sent += conn.out_left
         if self._debug:
-            log.debug("%s: sent block %d (%d bytes)", conn.name, index, length)
-        return keep
+            log.debug("%s: sending block %d (%d bytes)", conn.name, index, conn.out_left)
 
-    # --- writing with a stall timeout ----------------------------------------
+    # --- sending: zero-copy, rate-limited, never pinned by a slow reader ----------
 
-    def _wait_writable(self, conn: _Conn) -> None:
-        poller = select.poll()
-        poller.register(conn.fd, select.POLLOUT)
-        if not poller.poll(self.idle_timeout * 1000):
-            if self._debug:
-                log.debug("%s: not reading for %.0f s, closed", conn.name, self.idle_timeout)
-            raise _Close
-        if self._stopping.is_set():
-            raise _Close
+    def _pump(self, conn: _Conn) -> bool:
+        """Send the rest of ``conn``'s response. False when it was parked on a full socket.
 
-    def _send_all(self, conn: _Conn, data: bytes, flags: int = 0) -> None:
+        Raises ``_Close`` or ``OSError`` when the connection is finished.
+        """
         sock = conn.sock
-        view = memoryview(data)
-        while view:
+        while conn.out_head:
+            # MSG_MORE holds a data header back so it leaves in one segment with the data.
+            flags = socket.MSG_MORE if conn.out_left else 0
             try:
-                n = sock.send(view, flags)
+                n = sock.send(conn.out_head, flags)
             except (BlockingIOError, InterruptedError):
-                self._wait_writable(conn)
+                if not self._writable_soon(conn):
+                    return False
                 continue
-            view = view[n:]
-
-    def _sendfile(self, conn: _Conn, file_fd: int, offset: int, length: int) -> None:
+            conn.out_head = conn.out_head[n:]
         limiter = self._limiter
         out = conn.fd
-        remaining = length
-        while remaining:
-            chunk = remaining
+        while conn.out_left:
+            if limiter is None:
+                count = conn.out_left
+            else:
+                if not conn.out_credit:
+                    credit = min(conn.out_left, LIMITED_SLICE)
+                    if not limiter.acquire(credit):
+                        raise _Close
+                    conn.out_credit = credit
+                count = conn.out_credit
+            try:
+                sent = os.sendfile(out, conn.out_fd, conn.out_offset, count)
+            except (BlockingIOError, InterruptedError):
+                if not self._writable_soon(conn):
+                    return False
+                continue
+            if sent == 0:
+                # The data file is shorter than its .cascade says: nothing sane to send.
+                log.warning("%s: data file ended early at offset %d", conn.name, conn.out_offset)
+                raise _Close
+            conn.out_offset += sent
+            conn.out_left -= sent
             if limiter is not None:
-                chunk = min(remaining, LIMITED_SLICE)
-                if not limiter.acquire(chunk):
-                    raise _Close
-            sent_chunk = 0
-            while sent_chunk < chunk:
-                try:
-                    sent = os.sendfile(out, file_fd, offset, chunk - sent_chunk)
-                except (BlockingIOError, InterruptedError):
-                    self._wait_writable(conn)
-                    continue
-                except OSError as exc:
-                    if exc.errno == errno.EAGAIN:
-                        self._wait_writable(conn)
-                        continue
-                    raise
-                if sent == 0:
-                    # The data file is shorter than its .cascade says: nothing sane to send.
-                    log.warning("%s: data file ended early at offset %d", conn.name, offset)
-                    raise _Close
-                offset += sent
-                sent_chunk += sent
-            remaining -= chunk
+                conn.out_credit -= sent
+        return True
+
+    def _writable_soon(self, conn: _Conn) -> bool:
+        """Wait briefly for room in the socket; else park the connection on the selector.
+
+        A fast reader frees room within microseconds, so the worker keeps it. A
+        slow one is handed back to the selector thread (EPOLLOUT), so it never
+        pins a worker; the idle sweep drops it if it makes no progress.
+        """
+        if self._stopping.is_set():
+            raise _Close
+        poller = select.poll()
+        poller.register(conn.fd, select.POLLOUT)
+        if poller.poll(WRITE_WAIT_MS):
+            return True
+        if self._stopping.is_set():
+            raise _Close
+        conn.deadline = time.monotonic() + self.idle_timeout
+        if self._debug:
+            log.debug("%s: slow reader, %d bytes of the reply wait for room", conn.name, conn.out_left)
+        self._rearm(conn, _ONESHOT_OUT)
+        return False

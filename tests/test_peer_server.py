@@ -407,6 +407,35 @@ def test_stop_is_quick_with_a_client_that_does_not_read(tmp_path: Path) -> None:
     assert not any(th.is_alive() for th in threading.enumerate() if th.name.startswith("peer-worker"))
 
 
+def test_slow_readers_do_not_hold_the_workers(tmp_path: Path) -> None:
+    s = make_sample(tmp_path, "slow.bin", 16 << 20, 4 << 20, seed=10)
+    store = BlockStore.open_for_seeding(s.cf, s.data_path)
+    server = BlockServer("127.0.0.1", 0, max_workers=2)
+    server.add_store(store)
+    server.start()
+    stalled: list[socket.socket] = []
+    try:
+        port = server.address[1]
+        order = [0, 1, 2, 3]
+        for _ in range(6):  # three times the pool, none of them reading
+            sock = connect(port)
+            sock.sendall(b"".join(req(i, s.cf.cascade_hash, keep=True) for i in order))
+            stalled.append(sock)
+        t = time.monotonic()
+        status, body, _ = request(port, req(3, s.cf.cascade_hash))
+        assert (status, body) == (0, block(s.data, s.cf, 3))
+        assert time.monotonic() - t < 2.0
+        # Parked responses resume intact once their readers wake up.
+        for sock in stalled:
+            for i in order:
+                assert read_response(sock) == (0, block(s.data, s.cf, i))
+    finally:
+        for sock in stalled:
+            sock.close()
+        server.stop()
+        store.close()
+
+
 def test_connections_beyond_the_limit_are_refused_not_queued(tmp_path: Path) -> None:
     s = make_sample(tmp_path, "few.bin", 1024, 1024, seed=8)
     store = BlockStore.open_for_seeding(s.cf, s.data_path)
