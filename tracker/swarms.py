@@ -109,6 +109,15 @@ def decode_record(record: bytes) -> PeerRecord:
     return PeerRecord.decode(record)
 
 
+# One swarm copied under the lock: hash, good records, other records, last activity.
+_Raw = tuple[bytes, list[bytes], list[bytes], float]
+
+
+def _recency(record: bytes) -> bytes:
+    """Sort key: last seen (bytes 6..10, big-endian), then the address, so ties are stable."""
+    return record[6:10] + record[:6]
+
+
 class _Group:
     """Peers of one kind, in a random order that a reply can slice in O(k)."""
 
@@ -372,29 +381,27 @@ class SwarmRegistry:
 
     # --- reading ----------------------------------------------------------
 
-    def _summary(self, cascade_hash: bytes, sw: _Swarm, cutoff: float) -> SwarmSummary:
+    # Reads copy the raw records under the lock (list copies, C speed) and
+    # decode them after releasing it, so a big listing never stalls announces.
+    def _raw(self, cascade_hash: bytes, sw: _Swarm, cutoff: float) -> _Raw:
         self._prune(cascade_hash, sw, cutoff)
-        good: list[bytes] = []
-        plain: list[bytes] = []
-        for key in reversed(sw.seen):
-            if key in sw.good.index:
-                good.append(sw.good.recs[sw.good.index[key]])
-            else:
-                plain.append(sw.plain.recs[sw.plain.index[key]])
+        return (cascade_hash, sw.good.recs.copy(), sw.plain.recs.copy(), sw.last_activity)
+
+    @staticmethod
+    def _cook(raw: _Raw) -> SwarmSummary:
+        cascade_hash, good, plain, last_activity = raw
+        # most recently seen first: a record holds last-seen at bytes 6..10, big-endian
+        good.sort(key=_recency, reverse=True)
+        plain.sort(key=_recency, reverse=True)
         peers = tuple(decode_record(r) for r in good + plain)
-        return SwarmSummary(cascade_hash, len(sw.good), len(sw.plain), sw.last_activity, peers)
+        return SwarmSummary(cascade_hash, len(good), len(plain), last_activity, peers)
 
     def swarms(self) -> list[SwarmSummary]:
         """Every swarm with at least one live peer, most recently active first."""
-        now = self._clock()
-        cutoff = now - self.limits.peer_ttl
+        cutoff = self._clock() - self.limits.peer_ttl
         with self._lock:
-            out = []
-            for cascade_hash, sw in reversed(list(self._swarms.items())):
-                summary = self._summary(cascade_hash, sw, cutoff)
-                if summary.peers:
-                    out.append(summary)
-            return out
+            raws = [self._raw(h, sw, cutoff) for h, sw in reversed(self._swarms.items())]
+        return [self._cook(raw) for raw in raws if raw[1] or raw[2]]
 
     def swarm(self, cascade_hash: bytes) -> SwarmSummary | None:
         """One swarm, or ``None`` if it has no live peer."""
@@ -403,8 +410,8 @@ class SwarmRegistry:
             sw = self._swarms.get(cascade_hash)
             if sw is None:
                 return None
-            summary = self._summary(cascade_hash, sw, cutoff)
-            return summary if summary.peers else None
+            raw = self._raw(cascade_hash, sw, cutoff)
+        return self._cook(raw) if raw[1] or raw[2] else None
 
     def peers(self, cascade_hash: bytes) -> list[PeerRecord] | None:
         """All live peers of one swarm (good first), or ``None`` for an unknown swarm."""
