@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The project's test command: install with the test extra, lint, type-check, run pytest.
+# Works on a fresh machine with only Python 3.11+ and pip.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON="${PYTHON:-python3}"
+
+# The browser test needs chromium; install it when we can (root, apt), else it skips.
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    echo "test.sh: installing chromium for the browser test" >&2
+    if ! { DEBIAN_FRONTEND=noninteractive apt-get update -qq \
+           && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } </dev/null >&2; then
+        echo "test.sh: warning: could not install chromium; the browser test will be skipped" >&2
+    fi
+fi
+
+# A distribution's own Python (PEP 668 "externally managed") refuses pip installs
+# outside a virtualenv; a throwaway CI machine or container is exactly where we want one.
+PIP_FLAGS=(--quiet --disable-pip-version-check)
+if "$PYTHON" -c 'import os, sys, sysconfig; sys.exit(not (sys.prefix == sys.base_prefix and os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED"))))'; then
+    PIP_FLAGS+=(--break-system-packages)
+fi
+"$PYTHON" -m pip install "${PIP_FLAGS[@]}" -e '.[test]'
+"$PYTHON" -m ruff check .
+"$PYTHON" -m mypy
+"$PYTHON" -m pytest "$@"
