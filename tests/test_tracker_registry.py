@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import sqlite3
+from pathlib import Path
+
 import pytest
 
 from cascade.wire import PeerRecord
+from tracker.state import StateStore, load_state
 from tracker.swarms import STATUS_FULL, STATUS_NOT_ALLOWED, AnnounceRefused, SwarmLimits, SwarmRegistry, peer_key
 
 H1 = bytes(range(32))
@@ -171,3 +175,28 @@ def test_counters() -> None:
     c = reg.counters()
     assert c.requests == {("tcp", "list", 0): 1, ("http", "subscribe", 0): 1}
     assert c.errors == {"read_timeout": 1}
+
+
+def test_state_store_writes_changes_and_deletions(tmp_path: Path) -> None:
+    clock = FakeClock()
+    path = tmp_path / "state.sqlite"
+    reg = SwarmRegistry(SwarmLimits(peer_ttl=10), clock=clock, track_changes=True)
+    assert load_state(path, reg) == 0
+    store = StateStore(path, reg, interval=60)
+    store.start()
+    try:
+        reg.announce(H1, "10.0.0.1", 1, subscribe=True)
+        reg.announce(H2, "10.0.0.2", 2, subscribe=False)
+        assert store.flush()
+        clock.now += 5
+        reg.announce(H1, "10.0.0.3", 3, subscribe=False)
+        clock.now += 6  # the first two expire; the next announce drops 10.0.0.1 and sweeps H2
+        reg.announce(H1, "10.0.0.3", 3, subscribe=False)
+    finally:
+        assert store.close()
+    with sqlite3.connect(path) as conn:
+        rows = conn.execute("SELECT cascade_hash, peer, good FROM peers").fetchall()
+    assert rows == [(H1, peer_key("10.0.0.3", 3), 0)]
+    again = SwarmRegistry(SwarmLimits(peer_ttl=10), clock=clock)
+    assert load_state(path, again) == 1
+    assert again.peers(H1) == reg.peers(H1)

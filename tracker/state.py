@@ -41,6 +41,10 @@ _UPSERT = (
 )
 _DELETE = "DELETE FROM peers WHERE cascade_hash = ? AND peer = ?"
 
+# Changes kept while the file cannot be written; past this many, drop them and
+# rewrite the whole file once it works again (arbitrary; ~100 bytes each).
+_MAX_PENDING = 1_000_000
+
 Changes = dict[tuple[bytes, bytes], tuple[float, bool] | None]
 
 
@@ -83,6 +87,7 @@ class StateStore:
         self._stop = threading.Event()
         self._pending: Changes = {}
         self._failed = False
+        self._resync = False
         try:
             self._conn = _connect(self.path)
         except sqlite3.Error as exc:
@@ -110,6 +115,13 @@ class StateStore:
 
     def flush(self) -> bool:
         """Write what changed since the last flush; returns False if the write failed (kept for a retry)."""
+        if self._resync:
+            try:
+                self._full_save()
+            except DataError as exc:
+                return self._write_failed(exc)
+            self._resync = False
+            return self._write_ok()
         changes = self._registry.take_changes()
         if changes:
             self._pending.update(changes)
@@ -122,15 +134,24 @@ class StateStore:
                 self._conn.executemany(_DELETE, deletes)
                 self._conn.executemany(_UPSERT, upserts)
         except sqlite3.Error as exc:
-            self._registry.count_error("state_write")
-            if not self._failed:
-                log.warning("cannot write state file %s: %s (will retry)", self.path, exc)
-            self._failed = True
-            return False
+            if len(self._pending) > _MAX_PENDING:  # keep memory bounded: rewrite everything once writable
+                self._pending = {}
+                self._resync = True
+            return self._write_failed(exc)
+        self._pending = {}
+        return self._write_ok()
+
+    def _write_failed(self, exc: Exception) -> bool:
+        self._registry.count_error("state_write")
+        if not self._failed:
+            log.warning("cannot write state file %s: %s (will retry)", self.path, exc)
+        self._failed = True
+        return False
+
+    def _write_ok(self) -> bool:
         if self._failed:
             log.warning("state file %s writable again", self.path)
         self._failed = False
-        self._pending = {}
         return True
 
     def close(self) -> bool:
