@@ -59,6 +59,9 @@ LIMITED_SLICE = 64 << 10
 # A closed-after-reply connection whose client still has bytes in flight is
 # drained for at most this long, so the reply is not lost to a TCP reset.
 LINGER_SECONDS = 2.0
+# A worker answers this many requests on one connection before it lets a
+# waiting connection have its turn.
+FAIR_SHARE = 64
 # The selector wakes at least this often to close idle connections.
 SWEEP_INTERVAL = 0.25
 
@@ -274,30 +277,37 @@ class BlockServer:
                 except InterruptedError:
                     continue
                 for fd, _mask in events:
-                    if fd == listen_fd:
-                        self._accept()
-                    elif fd == wake_fd:
-                        with contextlib.suppress(OSError):
-                            self._wake_r.recv(64)
-                    else:
-                        conn = self._conns.get(fd)
-                        if conn is None:
-                            continue
-                        if conn.draining:
-                            self._drain(conn)
+                    try:
+                        if fd == listen_fd:
+                            self._accept()
+                        elif fd == wake_fd:
+                            with contextlib.suppress(OSError):
+                                self._wake_r.recv(64)
                         else:
-                            conn.idle = False
-                            self._jobs.put(conn)
+                            self._dispatch(fd)
+                    except Exception:
+                        # One broken connection must not take the server down with it.
+                        log.exception("block server: error handling a connection event")
                 now = time.monotonic()
                 if now >= next_sweep:
                     next_sweep = now + SWEEP_INTERVAL
                     self._sweep(now)
         except Exception:
-            log.exception("block server selector failed")
+            log.exception("block server selector failed; no longer accepting connections")
         finally:
             for conn in list(self._conns.values()):
                 if conn.idle:
                     self._close(conn)
+
+    def _dispatch(self, fd: int) -> None:
+        conn = self._conns.get(fd)
+        if conn is None:
+            return
+        if conn.draining:
+            self._drain(conn)
+        else:
+            conn.idle = False
+            self._jobs.put(conn)
 
     def _accept(self) -> None:
         assert self._listener is not None and self._epoll is not None
@@ -421,6 +431,7 @@ class BlockServer:
             conn.deadline = time.monotonic() + self.idle_timeout
         sock = conn.sock
         buf = conn.buf
+        answered = 0
         while True:
             pos = 0
             end = len(buf) - BLOCK_REQUEST_SIZE
@@ -434,10 +445,16 @@ class BlockServer:
                     self._close_after_reply(conn)
                     return
                 conn.deadline = time.monotonic() + self.idle_timeout
+                answered += 1
             if pos:
                 buf = buf[pos:]
             if self._stopping.is_set():
                 raise _Close
+            if answered >= FAIR_SHARE and not self._jobs.empty():
+                # Others are waiting for a worker: take turns instead of serving one busy client forever.
+                conn.buf = buf
+                self._jobs.put(conn)
+                return
             try:
                 data = sock.recv(RECV_SIZE)
             except (BlockingIOError, InterruptedError):

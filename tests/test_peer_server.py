@@ -436,6 +436,40 @@ def test_slow_readers_do_not_hold_the_workers(tmp_path: Path) -> None:
         store.close()
 
 
+def test_a_busy_pipelining_client_does_not_monopolise_a_worker(tmp_path: Path) -> None:
+    s = make_sample(tmp_path, "busy.bin", 64 * 16384, 16384, seed=11)
+    store = BlockStore.open_for_seeding(s.cf, s.data_path)
+    server = BlockServer("127.0.0.1", 0, max_workers=1)
+    server.add_store(store)
+    server.start()
+    total = 4000
+    done = [0]
+    try:
+        port = server.address[1]
+        busy = connect(port)
+        first = threading.Event()
+
+        def reader() -> None:
+            for _ in range(total):
+                read_response(busy)
+                done[0] += 1
+                first.set()
+
+        th = threading.Thread(target=reader, daemon=True)
+        th.start()
+        busy.sendall(b"".join(req(i % 64, s.cf.cascade_hash, keep=True) for i in range(total)))
+        assert first.wait(TIMEOUT)
+        status, _, _ = request(port, req(1, s.cf.cascade_hash))
+        assert status == 0
+        assert done[0] < total // 2, "the second client waited for the busy one to finish"
+        th.join(30)
+        assert done[0] == total
+        busy.close()
+    finally:
+        server.stop()
+        store.close()
+
+
 def test_connections_beyond_the_limit_are_refused_not_queued(tmp_path: Path) -> None:
     s = make_sample(tmp_path, "few.bin", 1024, 1024, seed=8)
     store = BlockStore.open_for_seeding(s.cf, s.data_path)
