@@ -127,6 +127,13 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="drop a client that has not sent its whole request by then (default %(default)g)",
     )
+    p.add_argument(
+        "--http-port",
+        type=_port,
+        metavar="PORT",
+        help="also serve the HTTP API and status page on this port; 0 picks a free one (default: off)",
+    )
+    p.add_argument("--api-token", metavar="TOKEN", help="uploads over HTTP need 'Authorization: Bearer TOKEN'")
     p.add_argument("-v", "--verbose", action="store_true", help="log every request")
 
 
@@ -176,6 +183,15 @@ def run(args: argparse.Namespace) -> int:
         host, port = server.bind()
     except OSError as exc:
         raise UsageError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from exc
+    http = None
+    if args.http_port is not None:
+        from tracker.http_api import open_http  # only when asked for
+
+        http = open_http(
+            registry, host=args.host, port=args.http_port, token=args.api_token, state=args.state, verbose=args.verbose
+        )
+    elif args.api_token is not None:
+        raise UsageError("--api-token needs --http-port")
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -189,6 +205,9 @@ def run(args: argparse.Namespace) -> int:
     if store is not None and args.verbose:
         log.info("loaded %d peers from %s", loaded, args.state)
     server.start()
+    if http is not None:
+        log.info("tracker http on %s:%d", *http.address)
+        http.start()
     ok = True
     while not stop.wait(1.0):
         if not server.alive:
@@ -196,6 +215,8 @@ def run(args: argparse.Namespace) -> int:
             ok = False
             break
     server.shutdown()
+    if http is not None:
+        http.stop()
     if store is not None:
         ok = store.close() and ok
     log.info("tracker stopped")
