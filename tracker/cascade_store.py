@@ -1,0 +1,227 @@
+"""Uploaded ``.cascade`` files, kept on disk under their cascade hash.
+
+Layout of the storage folder (nothing else is ever written, and every path
+is built from a hash in hex, never from a client's text)::
+
+    <folder>/<64 hex>.cascade   the file's exact bytes
+    <folder>/<64 hex>.name      the data file's name, UTF-8, when the uploader gave one
+
+With ``tracker run --state PATH`` the folder is ``PATH.cascades`` and survives
+a restart; without it a temporary folder is used and removed by :meth:`close`.
+Writes go to a temporary file in the same folder and are renamed into place,
+so a crash never leaves half a file under a real name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cascade.errors import CascadeError, MetafileError
+from cascade.metafile import HASH_SIZE, parse_cascade
+
+log = logging.getLogger(__name__)
+
+# Arbitrary: 16 MiB holds 500,000 block hashes (500 GB in 1 MiB blocks). A
+# request body is held in memory while it is checked, so this bounds memory too.
+DEFAULT_MAX_FILE_SIZE = 16 << 20
+# Arbitrary: what all stored files may take on disk together.
+DEFAULT_MAX_TOTAL_SIZE = 1 << 30
+MAX_NAME_BYTES = 255  # the usual file-name limit of Linux file systems
+_SUFFIX = ".cascade"
+_NAME_SUFFIX = ".name"
+
+
+class StoreFull(CascadeError):
+    """Storing another file would pass the store's total size cap."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredCascade:
+    """What the store knows about one file (its bytes stay on disk)."""
+
+    cascade_hash: bytes
+    name: str | None  # the data file's name, if an uploader gave one
+    size: int  # bytes of the .cascade file
+    data_length: int
+    block_size: int
+    block_count: int
+    stored_at: float  # UNIX seconds
+
+
+def check_name(name: str) -> str:
+    """A data file name as given on upload; raises :class:`ValueError` for one that could be a path."""
+    if not name or name in (".", ".."):
+        raise ValueError("name must not be empty, '.' or '..'")
+    if "/" in name or "\\" in name:
+        raise ValueError("name must be a file name, without '/' or '\\'")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        raise ValueError("name must not contain control characters")
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        raise ValueError(f"name is longer than {MAX_NAME_BYTES} bytes")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("name is not valid UTF-8") from None
+    return name
+
+
+def parse_hex_hash(text: str) -> bytes:
+    """64 hex digits -> 32 bytes; raises :class:`ValueError`."""
+    if len(text) != 2 * HASH_SIZE or not all(c in "0123456789abcdefABCDEF" for c in text):
+        raise ValueError(f"a cascade hash is {2 * HASH_SIZE} hex digits")
+    return bytes.fromhex(text)
+
+
+class CascadeStore:
+    """The stored ``.cascade`` files, behind one lock.
+
+    ``folder=None`` makes a temporary folder, removed by :meth:`close`.
+    Raises :class:`OSError` when the folder cannot be created.
+    """
+
+    def __init__(
+        self,
+        folder: str | os.PathLike[str] | None = None,
+        *,
+        max_file_size: int = DEFAULT_MAX_FILE_SIZE,
+        max_total_size: int = DEFAULT_MAX_TOTAL_SIZE,
+    ) -> None:
+        self.max_file_size = max_file_size
+        self.max_total_size = max_total_size
+        self._temporary = folder is None
+        if folder is None:
+            self.folder = Path(tempfile.mkdtemp(prefix="cascade-tracker-files-"))
+        else:
+            self.folder = Path(folder)
+            self.folder.mkdir(mode=0o755, exist_ok=True)
+        self._lock = threading.Lock()
+        self._entries: dict[bytes, StoredCascade] = {}
+        self._total = 0
+        self._load()
+
+    def _load(self) -> None:
+        """Index what an earlier run stored; skip (and log) anything that does not check out."""
+        for path in sorted(self.folder.glob("*" + _SUFFIX)):
+            stem = path.name[: -len(_SUFFIX)]
+            try:
+                cascade_hash = parse_hex_hash(stem)
+                data = path.read_bytes()[: self.max_file_size + 1]
+                if len(data) > self.max_file_size:
+                    raise MetafileError("larger than the size cap")
+                cf = parse_cascade(data, path.name)
+                if cf.cascade_hash != cascade_hash:
+                    raise MetafileError("its bytes do not hash to its name")
+            except (ValueError, OSError, MetafileError) as exc:
+                log.warning("skipping stored file %s: %s", path.name, exc)
+                continue
+            name = self._read_name(cascade_hash)
+            entry = StoredCascade(
+                cascade_hash, name, len(data), cf.data_length, cf.block_size, cf.block_count, path.stat().st_mtime
+            )
+            self._entries[cascade_hash] = entry
+            self._total += entry.size
+
+    def _read_name(self, cascade_hash: bytes) -> str | None:
+        try:
+            raw = self._path(cascade_hash, _NAME_SUFFIX).read_bytes()[: MAX_NAME_BYTES + 1]
+            return check_name(raw.decode("utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring the stored name of %s: %s", cascade_hash.hex()[:16], exc)
+            return None
+
+    def _path(self, cascade_hash: bytes, suffix: str) -> Path:
+        return self.folder / (cascade_hash.hex() + suffix)
+
+    def _write(self, path: Path, data: bytes) -> None:
+        fd, tmp = tempfile.mkstemp(prefix=".upload-", dir=self.folder)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    # --- the interface ------------------------------------------------------
+
+    def put(self, data: bytes, name: str | None = None) -> tuple[StoredCascade, bool]:
+        """Validate and store one ``.cascade``; returns (its entry, True if it is new).
+
+        A name is recorded when the file has none yet (the first name given
+        stays). Raises :class:`MetafileError` for a malformed file,
+        :class:`ValueError` for a bad name or an oversized file,
+        :class:`StoreFull` and :class:`OSError`.
+        """
+        if len(data) > self.max_file_size:
+            raise ValueError(f".cascade file is {len(data)} bytes, the limit is {self.max_file_size}")
+        if name is not None:
+            check_name(name)
+        cf = parse_cascade(data, "upload")
+        h = cf.cascade_hash
+        with self._lock:
+            old = self._entries.get(h)
+            if old is not None:
+                if name is None or old.name is not None:
+                    return old, False
+                self._write(self._path(h, _NAME_SUFFIX), name.encode("utf-8"))
+                entry = StoredCascade(
+                    h, name, old.size, old.data_length, old.block_size, old.block_count, old.stored_at
+                )
+                self._entries[h] = entry
+                return entry, False
+            if self._total + len(data) > self.max_total_size:
+                raise StoreFull(f"storage full ({self._total} of {self.max_total_size} bytes used)")
+            if name is not None:
+                self._write(self._path(h, _NAME_SUFFIX), name.encode("utf-8"))
+            self._write(self._path(h, _SUFFIX), data)
+            entry = StoredCascade(h, name, len(data), cf.data_length, cf.block_size, cf.block_count, time.time())
+            self._entries[h] = entry
+            self._total += entry.size
+            return entry, True
+
+    def get(self, cascade_hash: bytes) -> StoredCascade | None:
+        with self._lock:
+            return self._entries.get(cascade_hash)
+
+    def read(self, cascade_hash: bytes) -> bytes | None:
+        """The stored bytes, or ``None`` for an unknown hash. Raises :class:`OSError`."""
+        with self._lock:
+            if cascade_hash not in self._entries:
+                return None
+        try:
+            return self._path(cascade_hash, _SUFFIX).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def name_of(self, cascade_hash: bytes) -> str | None:
+        with self._lock:
+            entry = self._entries.get(cascade_hash)
+            return entry.name if entry else None
+
+    def entries(self) -> list[StoredCascade]:
+        """Every stored file, newest first."""
+        with self._lock:
+            return sorted(self._entries.values(), key=lambda e: e.stored_at, reverse=True)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def close(self) -> None:
+        """Remove a temporary folder (a ``--state`` folder stays)."""
+        if self._temporary:
+            shutil.rmtree(self.folder, ignore_errors=True)
