@@ -1,0 +1,268 @@
+"""Table-driven codec tests: known byte strings against decoded values.
+
+Every valid frame is decoded whole, fed one byte at a time to an incremental
+reader, and fed with trailing bytes (which must stay pending). The byte strings
+are written out by hand from PROTOCOL.md, not produced by the encoder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import pytest
+
+from cascade.errors import ProtocolError
+from cascade.wire import (
+    BLOCK_REQUEST_SIZE,
+    TRACKER_REQUEST_SIZE,
+    BlockRequest,
+    BlockResponse,
+    BlockResponseHeader,
+    BlockResponseReader,
+    BlockStatus,
+    PeerList,
+    PeerRecord,
+    TrackerCommand,
+    TrackerError,
+    TrackerReplyReader,
+    TrackerRequest,
+    block_request_reader,
+    decode_tracker_reply,
+    tracker_request_reader,
+)
+
+H = bytes(range(32))  # a recognisable cascade hash
+H_HEX = H.hex()
+
+
+def b(hex_text: str) -> bytes:
+    return bytes.fromhex("".join(hex_text.split()))
+
+
+class Reader(Protocol):
+    def feed(self, data: bytes) -> None: ...
+    def next(self) -> Any: ...
+    @property
+    def pending(self) -> bytes: ...
+
+
+# (name, bytes on the wire, decoded value, decode whole, new incremental reader)
+FRAMES: list[tuple[str, bytes, Any, Callable[[bytes], Any], Callable[[], Reader]]] = [
+    (
+        "tracker list request",
+        b"CASC" + b("00000001 00000001 00000026") + H + b("7f000001 1a0a"),
+        TrackerRequest(TrackerCommand.LIST, H, "127.0.0.1", 6666),
+        TrackerRequest.decode,
+        tracker_request_reader,
+    ),
+    (
+        "tracker subscribe request, unknown address",
+        b"CASC" + b("00000001 00000002 00000026") + H + b("00000000 ffff"),
+        TrackerRequest(TrackerCommand.SUBSCRIBE, H, "0.0.0.0", 65535),
+        TrackerRequest.decode,
+        tracker_request_reader,
+    ),
+    (
+        "block request, plain",
+        b"CASCADE1" + bytes(16) + b("0000000000000007") + H,
+        BlockRequest(7, H, keep_open=False),
+        BlockRequest.decode,
+        block_request_reader,
+    ),
+    (
+        "block request, KEEPOPEN",
+        b"CASCADE1" + b"KEEPOPEN" + bytes(8) + b("0102030405060708") + H,
+        BlockRequest(0x0102030405060708, H, keep_open=True),
+        BlockRequest.decode,
+        block_request_reader,
+    ),
+    (
+        "tracker reply, two peers",
+        b("00 00000018") + b("0a000001 1a0a 65000000 01 00") + b("c0a80102 22b8 00000001 00 00"),
+        PeerList(
+            (
+                PeerRecord("10.0.0.1", 6666, 0x65000000, True),
+                PeerRecord("192.168.1.2", 8888, 1, False),
+            )
+        ),
+        decode_tracker_reply,
+        TrackerReplyReader,
+    ),
+    (
+        "tracker reply, no peers",
+        b("00 00000000"),
+        PeerList(()),
+        decode_tracker_reply,
+        TrackerReplyReader,
+    ),
+    (
+        "tracker reply, error",
+        b("01 00000007") + b"no such",
+        TrackerError(1, "no such"),
+        decode_tracker_reply,
+        TrackerReplyReader,
+    ),
+    (
+        "block response, data",
+        b("00 0000000000000005") + b"\x00ab\x00c",
+        BlockResponse(0, b"\x00ab\x00c"),
+        BlockResponse.decode,
+        lambda: BlockResponseReader(max_body=5),
+    ),
+    (
+        "block response, not present",
+        b("02 0000000000000003") + b"not",
+        BlockResponse(int(BlockStatus.NOT_PRESENT), b"not"),
+        BlockResponse.decode,
+        lambda: BlockResponseReader(max_body=1024),
+    ),
+    (
+        "block response, empty body",
+        b("00 0000000000000000"),
+        BlockResponse(0, b""),
+        BlockResponse.decode,
+        lambda: BlockResponseReader(max_body=0),
+    ),
+]
+IDS = [f[0] for f in FRAMES]
+
+
+@pytest.mark.parametrize(("name", "wire", "value", "decode", "reader"), FRAMES, ids=IDS)
+def test_decode_whole(name: str, wire: bytes, value: Any, decode: Callable[[bytes], Any], reader: Any) -> None:
+    assert decode(wire) == value
+
+
+@pytest.mark.parametrize(("name", "wire", "value", "decode", "reader"), FRAMES, ids=IDS)
+def test_encode(name: str, wire: bytes, value: Any, decode: Any, reader: Any) -> None:
+    assert value.encode() == wire
+
+
+@pytest.mark.parametrize(("name", "wire", "value", "decode", "reader"), FRAMES, ids=IDS)
+def test_fed_byte_by_byte(name: str, wire: bytes, value: Any, decode: Any, reader: Callable[[], Reader]) -> None:
+    r = reader()
+    for i in range(len(wire) - 1):
+        r.feed(wire[i : i + 1])
+        assert r.next() is None, f"decoded early after {i + 1} of {len(wire)} bytes"
+    r.feed(wire[-1:])
+    assert r.next() == value
+    assert r.pending == b""
+    assert r.next() is None
+
+
+@pytest.mark.parametrize(("name", "wire", "value", "decode", "reader"), FRAMES, ids=IDS)
+def test_fed_with_trailing_bytes(name: str, wire: bytes, value: Any, decode: Any, reader: Callable[[], Reader]) -> None:
+    r = reader()
+    r.feed(wire + b"\x00trailing")
+    assert r.next() == value
+    assert r.pending == b"\x00trailing"
+
+
+@pytest.mark.parametrize(("name", "wire", "value", "decode", "reader"), FRAMES, ids=IDS)
+def test_two_frames_in_one_chunk(name: str, wire: bytes, value: Any, decode: Any, reader: Callable[[], Reader]) -> None:
+    r = reader()
+    r.feed(wire + wire)
+    assert r.next() == value
+    assert r.next() == value
+    assert r.next() is None
+
+
+@pytest.mark.parametrize(("name", "wire", "value", "decode", "reader"), FRAMES, ids=IDS)
+def test_whole_decode_rejects_trailing_bytes(name: str, wire: bytes, value: Any, decode: Any, reader: Any) -> None:
+    with pytest.raises(ProtocolError):
+        decode(wire + b"x")
+
+
+TRACKER_OK = b"CASC" + b("00000001 00000001 00000026") + H + b("7f000001 1a0a")
+BLOCK_OK = b"CASCADE1" + bytes(16) + b("0000000000000007") + H
+
+# (name, decoder, bytes, a word the error message must contain)
+BAD: list[tuple[str, Callable[[bytes], Any], bytes, str]] = [
+    ("tracker request too short", TrackerRequest.decode, TRACKER_OK[:-1], "53 bytes"),
+    ("tracker request too long", TrackerRequest.decode, TRACKER_OK + b"\x00", "55 bytes"),
+    ("tracker request header cut", TrackerRequest.decode, TRACKER_OK[:10], "10 bytes"),
+    ("tracker request bad magic", TrackerRequest.decode, b"CASK" + TRACKER_OK[4:], "magic"),
+    ("tracker request version 2", TrackerRequest.decode, TRACKER_OK[:4] + b("00000002") + TRACKER_OK[8:], "version"),
+    ("tracker request command 3", TrackerRequest.decode, TRACKER_OK[:8] + b("00000003") + TRACKER_OK[12:], "command"),
+    ("tracker request command 0", TrackerRequest.decode, TRACKER_OK[:8] + b("00000000") + TRACKER_OK[12:], "command"),
+    ("tracker request length 37", TrackerRequest.decode, TRACKER_OK[:12] + b("00000025") + TRACKER_OK[16:], "length"),
+    ("block request too short", BlockRequest.decode, BLOCK_OK[:63], "63 bytes"),
+    ("block request too long", BlockRequest.decode, BLOCK_OK + b"\x00", "65 bytes"),
+    ("block request bad magic", BlockRequest.decode, b"CASCADE2" + BLOCK_OK[8:], "magic"),
+    ("tracker reply header cut", decode_tracker_reply, b("00 0000"), "header"),
+    ("tracker reply ragged peer list", decode_tracker_reply, b("00 0000000d") + bytes(13), "multiple of 12"),
+    ("tracker reply body short", decode_tracker_reply, b("00 0000000c") + bytes(11), "header says 12"),
+    ("tracker reply body long", decode_tracker_reply, b("00 0000000c") + bytes(13), "header says 12"),
+    ("tracker reply absurd length", decode_tracker_reply, b("01 ffffffff"), "limit"),
+    ("block response header cut", BlockResponse.decode, b("00 00000000"), "header"),
+    ("block response body short", BlockResponse.decode, b("00 0000000000000004") + b"abc", "header says 4"),
+]
+
+
+@pytest.mark.parametrize(("name", "decode", "wire", "word"), BAD, ids=[x[0] for x in BAD])
+def test_decode_rejects(name: str, decode: Callable[[bytes], Any], wire: bytes, word: str) -> None:
+    with pytest.raises(ProtocolError, match=word):
+        decode(wire)
+
+
+def test_tracker_reader_rejects_bad_header_before_body() -> None:
+    r = TrackerReplyReader()
+    r.feed(b("00 0000000d"))
+    with pytest.raises(ProtocolError, match="multiple of 12"):
+        r.next()
+
+
+def test_block_reader_rejects_oversized_body_before_reading_it() -> None:
+    r = BlockResponseReader(max_body=1024)
+    r.feed(b("00 0000000000100000"))
+    with pytest.raises(ProtocolError, match="exceeds"):
+        r.next()
+
+
+@pytest.mark.parametrize(
+    ("reserved", "keep_open"),
+    [
+        (bytes(16), False),
+        (b"KEEPOPEN" + bytes(8), True),
+        (b"KEEPOPEN" + b"\xff" * 8, True),
+        (b"\xde\xad\xbe\xef" * 4, False),  # garbage must be ignored, not rejected
+        (b"keepopen" + bytes(8), False),
+    ],
+)
+def test_block_request_reserved_bytes(reserved: bytes, keep_open: bool) -> None:
+    req = BlockRequest.decode(b"CASCADE1" + reserved + b("0000000000000003") + H)
+    assert req == BlockRequest(3, H, keep_open)
+
+
+def test_good_flag_other_than_one_counts_as_good() -> None:
+    assert PeerRecord.decode(b("7f000001 1a0a 00000000 02 ff")).good is True
+
+
+def test_block_response_header_roundtrip() -> None:
+    h = BlockResponseHeader(3, 42)
+    assert BlockResponseHeader.decode(h.encode()) == h
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: TrackerRequest(TrackerCommand.LIST, H[:31], "127.0.0.1", 1),
+        lambda: TrackerRequest(TrackerCommand.LIST, H, "::1", 1),
+        lambda: TrackerRequest(TrackerCommand.LIST, H, "127.0.0.1", 65536),
+        lambda: BlockRequest(-1, H),
+        lambda: BlockRequest(1 << 64, H),
+        lambda: BlockRequest(0, b"short"),
+        lambda: PeerRecord("127.0.0.1", 70000, 0, True),
+        lambda: TrackerError(0, "status 0 is success"),
+        lambda: BlockResponseHeader(256, 0),
+    ],
+)
+def test_invalid_values_are_refused(make: Callable[[], object]) -> None:
+    with pytest.raises(ProtocolError):
+        make()
+
+
+def test_frame_sizes() -> None:
+    assert TRACKER_REQUEST_SIZE == 54
+    assert BLOCK_REQUEST_SIZE == 64
+    assert H_HEX.startswith("000102")
