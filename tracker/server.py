@@ -56,6 +56,7 @@ _ANY_IP = bytes(4)
 _EPOLLEXCLUSIVE = getattr(select, "EPOLLEXCLUSIVE", 0)
 _DONTWAIT = socket.MSG_DONTWAIT
 _ACCEPT_BATCH = 64  # connections taken per wake-up; arbitrary, keeps other events flowing
+_MAX_EVENTS = 64  # epoll events handled per wake-up
 _POLL_CAP = 0.2  # seconds; how often an idle worker looks at the stop flag
 # One byte more than a request is asked of recv, never parsed: it tells that the
 # client sent more than 54 bytes, and then the reply ends in a lingering close.
@@ -241,7 +242,7 @@ class TrackerServer:
                 wait = _POLL_CAP
                 if timeouts:
                     wait = min(wait, max(0.0, timeouts[0][0] - now))
-                for fd, events in ep.poll(wait, _ACCEPT_BATCH):
+                for fd, events in ep.poll(wait, _MAX_EVENTS):
                     if fd == lfd:
                         self._accept(lsock, ep, conns, timeouts)
                         continue
