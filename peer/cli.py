@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cascade.addresses import parse_hostport
+from cascade.cli import OneLineErrorParser
 from cascade.errors import CascadeError, DataError, UsageError
 from cascade.localdata import check_data
 from cascade.metafile import CascadeFile, default_data_path, read_cascade
@@ -64,6 +65,17 @@ def start_server(listen: str, upload_rate: int | None = None, idle_timeout: floa
     bound_host, bound_port = server.address
     log.info("peer listening on %s:%d", bound_host, bound_port)
     return server
+
+
+def positive_seconds(text: str) -> float:
+    """An argparse type for a duration: a finite number of seconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, not {text!r}")
+    return value
 
 
 def _seed_files(paths: Sequence[str], data: str | None) -> list[_SeedFile]:
@@ -132,7 +144,7 @@ def seed_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_seed_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_seed_parser(subparsers: argparse._SubParsersAction[OneLineErrorParser]) -> None:
     p = subparsers.add_parser(
         "seed",
         help="serve the verified blocks of one or more files",
@@ -159,14 +171,14 @@ def _add_seed_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
     )
     p.add_argument(
         "--idle-timeout",
-        type=float,
+        type=positive_seconds,
         default=30.0,
         metavar="SECONDS",
         help="close connections idle this long (default 30)",
     )
     p.add_argument(
         "--announce-interval",
-        type=float,
+        type=positive_seconds,
         default=DEFAULT_INTERVAL,
         metavar="SECONDS",
         help=f"re-subscribe at the tracker this often (default {DEFAULT_INTERVAL:.0f})",
@@ -176,7 +188,7 @@ def _add_seed_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="peer", description="A Cascade peer: seed files and fetch them.")
+    parser = OneLineErrorParser(prog="peer", description="A Cascade peer: seed files and fetch them.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_seed_parser(subparsers)
     fetch_command.register(subparsers)

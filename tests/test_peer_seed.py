@@ -175,6 +175,7 @@ def test_data_option_points_at_another_file(tmp_path: Path, sample: Sample, trac
         (["--max-upload-rate", "fast"], "upload rate"),
         (["--listen", "127.0.0.1:99999"], "listen address"),
         (["--announce-ip", "not-an-ip"], "--announce-ip"),
+        (["--idle-timeout", "0"], "--idle-timeout"),
     ],
 )
 def test_bad_option_values_are_one_line(sample: Sample, extra: list[str], needle: str) -> None:
@@ -183,6 +184,12 @@ def test_bad_option_values_are_one_line(sample: Sample, extra: list[str], needle
     assert needle in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_missing_tracker_is_one_line(sample: Sample) -> None:
+    r = run_peer("seed", str(sample.cascade_path))
+    assert r.returncode != 0
+    assert r.stderr.count("\n") == 1 and "--tracker" in r.stderr, r.stderr
 
 
 def test_missing_data_file_is_one_line(sample: Sample) -> None:
