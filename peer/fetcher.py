@@ -29,7 +29,10 @@ block buffer per connection, plus 4 bytes per missing block.
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import logging
+import os
 import random
 import socket
 import struct
@@ -125,10 +128,12 @@ class Progress:
 
 @dataclass(eq=False, slots=True)
 class _Peer:
+    """What we know about one peer across its connections."""
+
     addr: PeerAddr
     good: bool = False
     order: float = field(default_factory=random.random)
-    active: bool = False
+    sessions: int = 0
     banned: bool = False
     is_self: bool = False
     offences: int = 0
@@ -137,14 +142,12 @@ class _Peer:
     # None until known: True once a connection answered twice, False for close-after-response servers.
     keepopen: bool | None = None
     connected_once: bool = False
-    sock: socket.socket | None = None
-    # Throughput in bytes/s, 0 until measured.
-    rate: float = 0.0
-    win_start: float = 0.0
-    win_bytes: int = 0
+    # Set by a session once the peer delivered a verified block.
+    useful: bool = False
+    # Blocks and bytes delivered, folded in from its sessions (under Fetcher._lock).
     blocks: int = 0
     bytes: int = 0
-    outstanding: deque[int] = field(default_factory=deque)
+    # Blocks in flight on any of its sessions (endgame never asks one peer twice).
     own: set[int] = field(default_factory=set)
     lacks: set[int] = field(default_factory=set)
     lacks_since: float = 0.0
@@ -152,6 +155,21 @@ class _Peer:
     @property
     def name(self) -> str:
         return f"{self.addr[0]}:{self.addr[1]}"
+
+
+@dataclass(eq=False, slots=True)
+class _Session:
+    """One worker thread talking to one peer, over one connection at a time."""
+
+    peer: _Peer
+    outstanding: deque[int] = field(default_factory=deque)
+    sock: socket.socket | None = None
+    # Throughput in bytes/s, 0 until measured over a window of at least 0.1 s.
+    rate: float = 0.0
+    win_start: float = 0.0
+    win_bytes: int = 0
+    blocks: int = 0
+    bytes: int = 0
 
 
 class _Offence(Exception):
@@ -176,20 +194,29 @@ class _Closed(Exception):
 class _Scheduler:
     """Which block to ask whom for. Every method is O(1) per block, except the endgame scan.
 
-    ``pool`` holds the blocks that are neither verified nor in flight;
+    Blocks are handed out at random from a *window*: the next ``window_size``
+    missing blocks in file order. With several peers the window is the whole
+    file, so fetchers hold different blocks and trade them. With a single
+    peer nobody needs that, and a small window lets the whole-file hash
+    follow right behind the download instead of re-reading the file at the end.
     ``inflight`` counts the outstanding requests per block.
     """
 
     def __init__(self, store: BlockStore, lack_ttl: float) -> None:
         self.store = store
         self.valid = store.valid
-        self.pool = array("I" if store.cf.block_count < 1 << 32 else "Q", store.missing())
+        count = store.cf.block_count
+        self.rest = array("I" if count < 1 << 32 else "Q", store.missing())
+        self.cursor = 0
+        self.window: list[int] = []
+        self.window_size = len(self.rest)
         self.inflight: dict[int, int] = {}
         # Blocks this run delivered; two endgame copies may both be written, only one counts.
-        self.delivered = bytearray(store.cf.block_count)
+        self.delivered = bytearray(count)
         self.lock = threading.Lock()
         self.lack_ttl = lack_ttl
         self.complete = threading.Event()
+        self.progress = threading.Event()
         if store.complete:
             self.complete.set()
 
@@ -197,24 +224,28 @@ class _Scheduler:
         """Up to ``want`` blocks to request from ``peer`` (recorded as in flight)."""
         got: list[int] = []
         with self.lock:
-            pool, inflight, lacks, valid = self.pool, self.inflight, peer.lacks, self.valid
+            window, inflight, lacks, valid = self.window, self.inflight, peer.lacks, self.valid
+            if len(window) < self.window_size and self.cursor < len(self.rest):
+                take = min(self.window_size - len(window), len(self.rest) - self.cursor)
+                window.extend(self.rest[self.cursor : self.cursor + take])
+                self.cursor += take
             if lacks and now - peer.lacks_since > self.lack_ttl:
                 lacks.clear()
             misses = 0
-            while len(got) < want and pool and misses < 16:
-                j = random.randrange(len(pool))
-                i = pool[j]
+            while len(got) < want and window and misses < 16:
+                j = random.randrange(len(window))
+                i = window[j]
                 if i in lacks:
                     misses += 1
                     continue
-                last = pool.pop()
-                if j < len(pool):
-                    pool[j] = last
+                last = window.pop()
+                if j < len(window):
+                    window[j] = last
                 if valid[i]:
                     continue
                 inflight[i] = inflight.get(i, 0) + 1
                 got.append(i)
-            if not pool and len(got) < want and inflight:
+            if not window and self.cursor >= len(self.rest) and len(got) < want and inflight:
                 # Endgame: duplicate requests other peers have in flight, least-asked first.
                 own = peer.own
                 candidates = [(c, random.random(), i) for i, c in inflight.items() if i not in own and i not in lacks]
@@ -236,7 +267,7 @@ class _Scheduler:
                 return
             del self.inflight[i]
             if not self.valid[i]:
-                self.pool.append(i)
+                self.window.append(i)
 
     def done(self, i: int) -> bool:
         """Block ``i`` is verified and written; True for the first copy delivered."""
@@ -244,9 +275,80 @@ class _Scheduler:
             self.inflight.pop(i, None)
             first = not self.delivered[i]
             self.delivered[i] = 1
+        self.progress.set()
         if self.store.complete:
             self.complete.set()
         return first
+
+
+class _PrefixHasher:
+    """Computes the whole-file SHA-256 in the background, over the verified prefix as it grows.
+
+    SHA-256 is sequential, so it can only advance while block ``next`` is
+    verified; it re-reads those blocks from the page cache in chunks. At the
+    end only the part behind the last gap is left to hash.
+    """
+
+    CHUNK = 4 << 20
+
+    def __init__(self, store: BlockStore, progress: threading.Event, stop: threading.Event) -> None:
+        self.store = store
+        self.progress = progress
+        self.stop = stop
+        self.sha = hashlib.sha256()
+        self.next = 0
+        self.error: OSError | None = None
+        self.thread = threading.Thread(target=self._run, name="prefix-hash", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _advance(self, buf: bytearray) -> bool:
+        """Hash the verified blocks from ``next`` on; False when none was ready."""
+        store, cf = self.store, self.store.cf
+        valid, count, bs = store.valid, cf.block_count, cf.block_size
+        per_chunk = max(1, len(buf) // bs)
+        moved = False
+        while self.next < count and valid[self.next]:
+            end = self.next + 1
+            while end < count and end - self.next < per_chunk and valid[end]:
+                end += 1
+            offset = self.next * bs
+            size = min(end * bs, cf.data_length) - offset
+            view = memoryview(buf)[:size]
+            got = 0
+            while got < size:
+                n = os.preadv(store.fd, [view[got:]], offset + got)
+                if n <= 0:
+                    raise OSError(errno.EIO, "the data file is shorter than expected")
+                got += n
+            self.sha.update(view)
+            self.next = end
+            moved = True
+        return moved
+
+    def _run(self) -> None:
+        buf = bytearray(max(self.CHUNK, min(self.store.cf.block_size, 64 << 20)))
+        try:
+            while not self.stop.is_set() and self.next < self.store.cf.block_count:
+                if not self._advance(buf):
+                    self.progress.wait(0.05)
+                    self.progress.clear()
+        except OSError as exc:
+            self.error = exc
+
+    def finish(self) -> bytes:
+        """Join the thread, hash what is left and return the digest; raises ``OSError``."""
+        self.stop.set()
+        self.progress.set()
+        if self.thread.is_alive():
+            self.thread.join()
+        if self.error is not None:
+            raise self.error
+        self._advance(bytearray(max(self.CHUNK, min(self.store.cf.block_size, 64 << 20))))
+        if self.next < self.store.cf.block_count:
+            raise OSError(errno.EIO, "finish() called before every block was verified")
+        return self.sha.digest()
 
 
 # --- reading responses ------------------------------------------------------
@@ -257,14 +359,19 @@ class _Reader:
 
     __slots__ = ("buf", "hi", "lo", "mv", "scratch", "sock")
 
-    def __init__(self, sock: socket.socket, block_size: int) -> None:
-        self.sock = sock
+    def __init__(self, sock: socket.socket | None, block_size: int) -> None:
+        self.sock: socket.socket = sock  # type: ignore[assignment]  # set by reset() before use
         self.buf = bytearray(READ_BUFFER)
         self.mv = memoryview(self.buf)
         self.lo = 0
         self.hi = 0
         # Bodies larger than half the read buffer are read straight into this.
         self.scratch = memoryview(bytearray(block_size)) if block_size > READ_BUFFER // 2 else None
+
+    def reset(self, sock: socket.socket) -> None:
+        """Read from a new connection, keeping the buffers."""
+        self.sock = sock
+        self.lo = self.hi = 0
 
     def _fill(self, n: int) -> None:
         """Make at least ``n`` (<= READ_BUFFER) bytes available from ``lo``."""
@@ -342,13 +449,18 @@ class Fetcher:
         self._sched = _Scheduler(store, self.policy.lack_ttl)
         self._peers: dict[PeerAddr, _Peer] = {}
         self._stop = threading.Event()
+        self._hash_stop = threading.Event()
         self._fatal: CascadeError | None = None
         self._threads: list[threading.Thread] = []
+        self._sessions: set[_Session] = set()
+        self._lock = threading.Lock()
         self._request_tail = self.cf.cascade_hash
         bs = self.cf.block_size
         self._max_depth = max(2, min(self.policy.max_depth, self.policy.inflight_bytes // max(bs, 1)))
         self._ever_connected = False
         self._list_error: str | None = None
+        # Until a second peer shows up, blocks go out nearly in file order (see _Scheduler).
+        self._sched.window_size = max(8, 2 * self._max_depth)
 
     # --- public -------------------------------------------------------------
 
@@ -369,6 +481,10 @@ class Fetcher:
                     p.is_self = True
             else:
                 p.good = p.good or good
+        usable = sum(1 for p in self._peers.values() if not p.is_self and not p.banned)
+        if usable > 1:
+            with self._sched.lock:
+                self._sched.window_size = len(self._sched.rest)
 
     def run(self, on_tick: Callable[[Progress], None] | None = None, tick: float = 0.1) -> FetchResult:
         """Fetch until the file is complete and verified, or fail.
@@ -381,13 +497,15 @@ class Fetcher:
         start = clock()
         resumed = store.verified_count
         last_count, last_progress = resumed, start
+        hasher = _PrefixHasher(store, self._sched.progress, self._hash_stop)
+        hasher.start()
         relist_every = policy.relist_min
         next_list = start + relist_every if self._peers else start
         last_list = start if self._peers else start - policy.relist_min
         try:
             while not self._sched.complete.is_set() and self._fatal is None:
                 now = clock()
-                starving = not any(p.active for p in self._peers.values()) and not self._eligible(now)
+                starving = not any(p.sessions for p in self._peers.values()) and not self._eligible(now)
                 if now >= next_list or (starving and now - last_list >= policy.relist_min / 2):
                     self._relist()
                     last_list = now
@@ -406,16 +524,27 @@ class Fetcher:
             self._stop.set()
             self._sched.complete.set()
             self._shutdown()
+            if not store.complete or self._fatal is not None:
+                self._hash_stop.set()
         if self._fatal is not None:
             raise self._fatal
         if not store.complete:
             raise CascadeError("interrupted before the download completed")
         if on_tick is not None:
             on_tick(self._progress())
-        if not store.finish():
+        finishing = clock()
+        log.debug("all blocks verified in %.3f s", finishing - start)
+        try:
+            if os.fstat(store.fd).st_size != self.cf.data_length:
+                os.ftruncate(store.fd, self.cf.data_length)
+            digest = hasher.finish()
+        except OSError as exc:
+            raise DataError(f"{store.path}: cannot finish the output file: {exc.strerror or exc}") from exc
+        if digest != self.cf.file_hash:
             raise DataError(
                 f"{store.path}: every block verified but the whole-file SHA-256 does not match the .cascade file"
             )
+        log.debug("whole-file hash checked in %.3f s", clock() - finishing)
         peers = self._peers.values()
         return FetchResult(
             complete=True,
@@ -451,7 +580,7 @@ class Fetcher:
         verified = min(cf.data_length, n * cf.block_size)
         if n and self.store.has(cf.block_count - 1):
             verified = min(cf.data_length, verified - cf.block_size + cf.last_block_length)
-        return Progress(verified, cf.data_length, sum(1 for p in self._peers.values() if p.active and p.blocks))
+        return Progress(verified, cf.data_length, sum(1 for p in self._peers.values() if p.sessions))
 
     def _stall_message(self) -> str:
         t = f"{self.policy.stall_timeout:g} s"
@@ -479,25 +608,36 @@ class Fetcher:
 
     def _eligible(self, now: float) -> list[_Peer]:
         return [
-            p for p in self._peers.values() if not p.active and not p.banned and not p.is_self and p.next_try <= now
+            p for p in self._peers.values() if not p.sessions and not p.banned and not p.is_self and p.next_try <= now
         ]
 
     def _launch(self, now: float) -> None:
-        free = self.policy.max_peers - sum(1 for p in self._peers.values() if p.active)
+        free = self.policy.max_peers - sum(p.sessions for p in self._peers.values())
         if free <= 0:
             return
         candidates = self._eligible(now)
         candidates.sort(key=lambda p: (p.failures + p.offences, not p.good, p.order))
-        for p in candidates[:free]:
-            p.active = True
-            t = threading.Thread(target=self._worker, args=(p,), name=f"fetch {p.name}", daemon=True)
-            self._threads = [x for x in self._threads if x.is_alive()]
+        chosen = candidates[:free]
+        if len(chosen) < free:
+            # Spare connection slots: a second connection to a fast pipelining peer
+            # puts a second core to work on receiving, hashing and writing.
+            chosen += [
+                p
+                for p in self._peers.values()
+                if p.sessions == 1 and p.keepopen and p.useful and not p.banned and p.next_try <= now
+            ][: free - len(chosen)]
+        self._threads = [x for x in self._threads if x.is_alive()]
+        for p in chosen:
+            session = _Session(p)
+            p.sessions += 1
+            self._sessions.add(session)
+            t = threading.Thread(target=self._worker, args=(session,), name=f"fetch {p.name}", daemon=True)
             self._threads.append(t)
             t.start()
 
     def _shutdown(self) -> None:
-        for p in list(self._peers.values()):
-            sock = p.sock
+        for session in list(self._sessions):
+            sock = session.sock
             if sock is not None:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
@@ -507,12 +647,13 @@ class Fetcher:
 
     # --- one peer ---------------------------------------------------------------
 
-    def _worker(self, peer: _Peer) -> None:
+    def _worker(self, session: _Session) -> None:
+        peer = session.peer
         try:
             if peer.keepopen is False:
-                self._session_single(peer)
+                self._session_single(session)
             else:
-                self._session_pipelined(peer)
+                self._session_pipelined(session)
         except _Offence as exc:
             peer.offences += 1
             if peer.offences >= self.policy.ban_after:
@@ -534,13 +675,18 @@ class Fetcher:
             raise
         finally:
             sched = self._sched
-            while peer.outstanding:
-                sched.release(peer.outstanding.popleft())
-            peer.own.clear()
-            sock, peer.sock = peer.sock, None
+            while session.outstanding:
+                i = session.outstanding.popleft()
+                peer.own.discard(i)
+                sched.release(i)
+            sock, session.sock = session.sock, None
             if sock is not None:
                 sock.close()
-            peer.active = False
+            with self._lock:
+                peer.blocks += session.blocks
+                peer.bytes += session.bytes
+                peer.sessions -= 1
+                self._sessions.discard(session)
 
     def _backoff(self, peer: _Peer) -> None:
         peer.failures += 1
@@ -548,13 +694,14 @@ class Fetcher:
         delay = min(pol.backoff_max, pol.backoff_min * 2 ** min(peer.failures - 1, 10))
         peer.next_try = self._clock() + delay * random.uniform(0.8, 1.2)
 
-    def _connect(self, peer: _Peer) -> socket.socket:
+    def _connect(self, session: _Session) -> socket.socket:
+        peer = session.peer
         try:
             sock = socket.create_connection(peer.addr, timeout=self.policy.connect_timeout)
         except OSError as exc:
             raise _Drop(f"cannot connect: {_describe(exc)}") from exc
-        peer.sock = sock
-        if self._stop.is_set():
+        session.sock = sock
+        if self._stop.is_set() or peer.banned:
             raise _Drop("stopping")
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self._my_port is not None and peer.addr[1] == self._my_port:
@@ -570,29 +717,31 @@ class Fetcher:
     def _request(self, i: int) -> bytes:
         return _REQUEST_PREFIX + i.to_bytes(8, "big") + self._request_tail
 
-    def _depth(self, peer: _Peer) -> int:
-        if peer.rate <= 0:
+    def _depth(self, session: _Session) -> int:
+        if session.rate <= 0:
             return min(4, self._max_depth)
-        d = int(peer.rate * self.policy.target_latency / self.cf.block_size) + 1
+        d = int(session.rate * self.policy.target_latency / self.cf.block_size) + 1
         return max(2, min(self._max_depth, d))
 
-    def _timeout(self, peer: _Peer) -> float:
+    def _timeout(self, session: _Session) -> float:
         pol = self.policy
-        if peer.rate <= 0:
+        if session.rate <= 0:
             return pol.first_response_timeout
-        expected = len(peer.outstanding) * self.cf.block_size / peer.rate
+        expected = len(session.outstanding) * self.cf.block_size / session.rate
         return max(pol.min_response_timeout, pol.timeout_factor * expected)
 
-    def _session_pipelined(self, peer: _Peer) -> None:
+    def _session_pipelined(self, session: _Session) -> None:
         """Kept-open connection with requests in flight; switches peer to single mode if it closes."""
-        sock = self._connect(peer)
+        peer = session.peer
+        sock = self._connect(session)
         reader = _Reader(sock, self.cf.block_size)
-        sched, out, stop = self._sched, peer.outstanding, self._stop
+        sched, out, stop = self._sched, session.outstanding, self._stop
+        session.win_start = self._clock()
         responses = 0
-        while not stop.is_set():
+        while not stop.is_set() and not peer.banned:
             # The first request goes alone: a server that closes after each
             # response then never has unread requests (which would make it reset).
-            depth = self._depth(peer) if responses else 1
+            depth = self._depth(session) if responses else 1
             if len(out) <= depth // 2:
                 batch = sched.pick(peer, depth - len(out), self._clock())
                 if batch:
@@ -609,12 +758,12 @@ class Fetcher:
                     return
                 # Nothing this peer can give us right now.
                 stop.wait(0.05)
-                peer.win_start = self._clock()
-                peer.win_bytes = 0
+                session.win_start = self._clock()
+                session.win_bytes = 0
                 continue
-            sock.settimeout(self._timeout(peer))
+            sock.settimeout(self._timeout(session))
             try:
-                self._read_response(peer, reader)
+                self._read_response(session, reader)
             except _Closed as exc:
                 if responses == 1 and exc.partial == 0 and peer.keepopen is None:
                     peer.keepopen = False
@@ -631,10 +780,13 @@ class Fetcher:
             if responses == 2:
                 peer.keepopen = True
 
-    def _session_single(self, peer: _Peer) -> None:
+    def _session_single(self, session: _Session) -> None:
         """One connection per request, for servers that close after each response."""
-        sched, out, stop = self._sched, peer.outstanding, self._stop
-        while not stop.is_set():
+        peer = session.peer
+        sched, out, stop = self._sched, session.outstanding, self._stop
+        reader = _Reader(None, self.cf.block_size)
+        session.win_start = self._clock()
+        while not stop.is_set() and not peer.banned:
             batch = sched.pick(peer, 1, self._clock())
             if not batch:
                 if sched.complete.is_set():
@@ -642,20 +794,22 @@ class Fetcher:
                 stop.wait(0.05)
                 continue
             out.extend(batch)
-            sock = self._connect(peer)
+            sock = self._connect(session)
             try:
                 sock.sendall(self._request(batch[0]))
-                sock.settimeout(self._timeout(peer))
-                self._read_response(peer, _Reader(sock, self.cf.block_size))
+                sock.settimeout(self._timeout(session))
+                reader.reset(sock)
+                self._read_response(session, reader)
             except TimeoutError as exc:
                 raise _Drop(f"no response within {sock.gettimeout():.1f} s") from exc
             finally:
-                peer.sock = None
+                session.sock = None
                 sock.close()
 
-    def _read_response(self, peer: _Peer, reader: _Reader) -> None:
-        """Read the response to ``peer.outstanding[0]`` and act on it."""
-        out, sched, store = peer.outstanding, self._sched, self.store
+    def _read_response(self, session: _Session, reader: _Reader) -> None:
+        """Read the response to ``session.outstanding[0]`` and act on it."""
+        peer = session.peer
+        out, sched, store = session.outstanding, self._sched, self.store
         i = out[0]
         status, length = reader.header()
         if status == BlockStatus.OK:
@@ -673,18 +827,19 @@ class Fetcher:
             out.popleft()
             peer.own.discard(i)
             if wrote and sched.done(i):
-                peer.blocks += 1
-                peer.bytes += length
+                session.blocks += 1
+                session.bytes += length
+                peer.useful = True
                 peer.failures = 0
             elif not wrote:
                 sched.release(i)
             now = self._clock()
-            peer.win_bytes += length
-            elapsed = now - peer.win_start
+            session.win_bytes += length
+            elapsed = now - session.win_start
             if elapsed >= 0.1:
-                measured = peer.win_bytes / elapsed
-                peer.rate = measured if peer.rate <= 0 else 0.5 * peer.rate + 0.5 * measured
-                peer.win_start, peer.win_bytes = now, 0
+                measured = session.win_bytes / elapsed
+                session.rate = measured if session.rate <= 0 else 0.5 * session.rate + 0.5 * measured
+                session.win_start, session.win_bytes = now, 0
         elif status == BlockStatus.NOT_PRESENT:
             if length > MAX_MESSAGE:
                 raise _Offence(f"sent a {length}-byte message")
