@@ -385,7 +385,7 @@ def test_max_connections_caps_parked_clients() -> None:
         proc.stop()
 
 
-def test_many_concurrent_clients(tracker: int) -> None:
+def test_many_concurrent_clients_beside_idle_connections(tracker: int) -> None:
     errors: list[BaseException] = []
 
     def client(n: int) -> None:
@@ -397,11 +397,18 @@ def test_many_concurrent_clients(tracker: int) -> None:
         except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
+    idle = [socket.create_connection(("127.0.0.1", tracker), timeout=5) for _ in range(40)]
+    try:
+        for s in idle[::2]:
+            s.sendall(b"CASC")  # half of them parked mid-request, the others never accepted yet
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    finally:
+        for s in idle:
+            s.close()
     assert not errors, errors[0]
     got = announce(tracker, LIST, "10.0.0.1", 1, h=H2)
     assert len(got) == 50 and all(p.good for p in got[:50])
