@@ -1,0 +1,316 @@
+"""The `cascade` command, run as a user runs it: a subprocess per call.
+
+Every error path must give a non-zero exit, exactly one line on stderr and no
+traceback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cascade import cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cascade(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cascade", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def reference_cascade(data: bytes, block_size: int) -> bytes:
+    header = b"CASCADE1" + bytes(8) + struct.pack(">QQ", len(data), block_size) + hashlib.sha256(data).digest()
+    return header + b"".join(hashlib.sha256(data[i : i + block_size]).digest() for i in range(0, len(data), block_size))
+
+
+@pytest.fixture
+def notes(tmp_path: Path) -> Path:
+    """A 1000-byte data file (16 blocks of 64 bytes) with its notes.txt.cascade beside it."""
+    f = tmp_path / "notes.txt"
+    f.write_bytes(random.Random(42).randbytes(1000))
+    (tmp_path / "notes.txt.cascade").write_bytes(reference_cascade(f.read_bytes(), 64))
+    return f
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[str], *phrases: str) -> None:
+    assert proc.returncode not in (0, None), proc
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    for phrase in phrases:
+        assert phrase in lines[0], lines[0]
+
+
+# --- success paths ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(("size_arg", "block_size"), [("64", 64), ("1K", 1024), ("3KiB", 3072), ("1M", 1 << 20)])
+def test_create_writes_the_protocol_layout(tmp_path: Path, size_arg: str, block_size: int) -> None:
+    data = random.Random(block_size).randbytes(5000)
+    f = tmp_path / "d.bin"
+    f.write_bytes(data)
+    proc = cascade("create", f, "--block-size", size_arg)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    raw = (tmp_path / "d.bin.cascade").read_bytes()
+    assert raw == reference_cascade(data, block_size)
+    assert hashlib.sha256(raw).hexdigest() in proc.stdout
+
+
+def test_create_empty_file_and_default_block_size(tmp_path: Path) -> None:
+    f = tmp_path / "empty"
+    f.write_bytes(b"")
+    out = tmp_path / "elsewhere.cascade"
+    proc = cascade("create", f, "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes() == reference_cascade(b"", 1 << 20)
+    assert len(out.read_bytes()) == 64
+    assert cascade("verify", out, "--data", f).returncode == 0
+
+
+def test_create_force_overwrites(notes: Path) -> None:
+    out = notes.with_name("notes.txt.cascade")
+    proc = cascade("create", notes, "--block-size", "100", "--force")
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes() == reference_cascade(notes.read_bytes(), 100)
+    assert [p.name for p in notes.parent.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_info_human_and_json(notes: Path) -> None:
+    meta = notes.with_name("notes.txt.cascade")
+    raw = meta.read_bytes()
+    proc = cascade("info", meta)
+    assert proc.returncode == 0 and proc.stderr == ""
+    for text in ["notes.txt", "1000", "64", "16", "40", hashlib.sha256(raw).hexdigest()]:
+        assert text in proc.stdout
+    proc = cascade("info", meta, "--json")
+    assert proc.returncode == 0 and proc.stderr == ""
+    info = json.loads(proc.stdout)
+    assert info["cascade_hash"] == hashlib.sha256(raw).hexdigest()
+    assert info["file_hash"] == hashlib.sha256(notes.read_bytes()).hexdigest()
+    assert (info["data_length"], info["block_size"], info["block_count"], info["last_block_length"]) == (
+        1000,
+        64,
+        16,
+        40,
+    )
+    assert info["data_file"] == "notes.txt"
+
+
+def test_verify_complete(notes: Path) -> None:
+    meta = notes.with_name("notes.txt.cascade")
+    proc = cascade("verify", meta)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "16 of 16" in proc.stdout
+    result = json.loads(cascade("verify", meta, "--json").stdout)
+    assert result["complete"] is True
+    assert (result["valid_blocks"], result["block_count"], result["missing"]) == (16, 16, [])
+
+
+@pytest.mark.parametrize("bad_block", [0, 6, 15])
+def test_verify_finds_one_corrupt_block_among_sixteen(notes: Path, bad_block: int) -> None:
+    data = bytearray(notes.read_bytes())
+    data[bad_block * 64 + 5] ^= 0xFF
+    moved = notes.with_name("copy.bin")
+    moved.write_bytes(data)
+    meta = notes.with_name("notes.txt.cascade")
+    proc = cascade("verify", meta, "--data", moved, "--json")
+    assert proc.returncode == 1, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["complete"] is False
+    assert (result["valid_blocks"], result["block_count"], result["missing"]) == (15, 16, [bad_block])
+    human = cascade("verify", meta, "--data", moved)
+    assert human.returncode == 1
+    assert "15 of 16 blocks valid" in human.stdout and str(bad_block) in human.stdout
+
+
+def test_verify_wrong_length_is_incomplete(notes: Path) -> None:
+    notes.write_bytes(notes.read_bytes() + b"x")
+    proc = cascade("verify", notes.with_name("notes.txt.cascade"))
+    assert proc.returncode == 1
+    assert "1001 bytes, expected 1000" in proc.stdout
+
+
+def test_sample_data_verifies_and_regenerates(tmp_path: Path) -> None:
+    samples = sorted((REPO / "sample_data").glob("*.cascade"))
+    assert len(samples) >= 2
+    for meta in samples:
+        assert cascade("verify", meta).returncode == 0, meta
+    subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "make_sample_data.py"), str(tmp_path)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    for meta in samples:
+        data = meta.with_name(meta.name.removesuffix(".cascade"))
+        assert (tmp_path / meta.name).read_bytes() == meta.read_bytes(), meta.name
+        assert (tmp_path / data.name).read_bytes() == data.read_bytes(), data.name
+
+
+# --- error paths: one line, non-zero, no traceback ----------------------------
+
+
+def truncated(notes: Path) -> Path:
+    p = notes.with_name("trunc.cascade")
+    p.write_bytes(notes.with_name("notes.txt.cascade").read_bytes()[:40])
+    return p
+
+
+def wrong_magic(notes: Path) -> Path:
+    p = notes.with_name("magic.cascade")
+    p.write_bytes(b"TORRENT1" + notes.with_name("notes.txt.cascade").read_bytes()[8:])
+    return p
+
+
+def wrong_count(notes: Path) -> Path:
+    p = notes.with_name("count.cascade")
+    p.write_bytes(notes.with_name("notes.txt.cascade").read_bytes()[:-32])
+    return p
+
+
+def zero_block_size(notes: Path) -> Path:
+    raw = bytearray(notes.with_name("notes.txt.cascade").read_bytes())
+    raw[24:32] = bytes(8)
+    p = notes.with_name("zero.cascade")
+    p.write_bytes(raw)
+    return p
+
+
+@pytest.mark.parametrize("command", ["info", "verify"])
+@pytest.mark.parametrize(
+    ("make", "phrase"),
+    [
+        (lambda n: n.with_name("missing.cascade"), "no such file"),
+        (truncated, "too short"),
+        (wrong_magic, "not a .cascade file"),
+        (wrong_count, "expected 16 block hashes"),
+        (zero_block_size, "block size is 0"),
+        (lambda n: n.parent, "directory"),
+    ],
+    ids=["missing", "truncated", "wrong-magic", "wrong-hash-count", "zero-block-size", "directory"],
+)
+def test_bad_cascade_file(notes: Path, command: str, make: object, phrase: str) -> None:
+    assert callable(make)
+    path = make(notes)
+    assert_one_line_error(cascade(command, path), phrase, str(path))
+
+
+@pytest.mark.parametrize(
+    ("size", "phrase"),
+    [
+        ("0", "at least 1 byte"),
+        ("1.5M", "invalid block size"),
+        ("10XB", "invalid block size"),
+        ("2MB", "invalid block size"),
+        ("-5", "invalid block size"),
+        ("", "invalid block size"),
+        ("2G", "largest allowed"),
+    ],
+)
+def test_create_bad_size(notes: Path, size: str, phrase: str) -> None:
+    out = notes.with_name("new.cascade")
+    assert_one_line_error(cascade("create", notes, "--block-size", size, "-o", out), phrase)
+    assert not out.exists()
+
+
+def test_create_refuses_existing_out(notes: Path) -> None:
+    meta = notes.with_name("notes.txt.cascade")
+    before = meta.read_bytes()
+    assert_one_line_error(cascade("create", notes, "--block-size", "100"), "already exists", "--force")
+    assert meta.read_bytes() == before
+
+
+def test_create_refuses_to_overwrite_its_input(notes: Path) -> None:
+    before = notes.read_bytes()
+    assert_one_line_error(cascade("create", notes, "-o", notes, "--force"), "data file itself")
+    assert notes.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("args", "phrase"),
+    [
+        (["create", "{dir}/missing.bin"], "no such data file"),
+        (["create", "{dir}"], "directory"),
+        (["create", "{dir}/notes.txt", "-o", "{dir}/no/such/dir/x.cascade"], "No such file or directory"),
+        (["create", "{dir}/notes.txt", "-o", "{dir}", "--force"], "directory"),
+        (["verify", "{dir}/notes.txt.cascade", "--data", "{dir}/missing.bin"], "no such data file"),
+        (["verify", "{dir}/notes.txt.cascade", "--data", "{dir}"], "directory"),
+        ([], "required"),
+        (["frobnicate"], "invalid choice"),
+        (["create"], "required"),
+        (["info", "{dir}/notes.txt.cascade", "--bogus"], "unrecognized"),
+    ],
+    ids=[
+        "create-missing",
+        "create-directory",
+        "create-out-in-missing-dir",
+        "create-out-is-directory",
+        "verify-missing-data",
+        "verify-data-is-directory",
+        "no-command",
+        "unknown-command",
+        "create-no-file",
+        "unknown-option",
+    ],
+)
+def test_error_paths(notes: Path, args: list[str], phrase: str) -> None:
+    proc = cascade(*(a.format(dir=notes.parent) for a in args))
+    assert_one_line_error(proc, phrase)
+
+
+def test_verify_missing_default_data(notes: Path) -> None:
+    notes.unlink()
+    assert_one_line_error(cascade("verify", notes.with_name("notes.txt.cascade")), "no such data file", "--data")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_unreadable_data(notes: Path) -> None:
+    notes.chmod(0)
+    try:
+        assert_one_line_error(cascade("verify", notes.with_name("notes.txt.cascade")), "Permission denied")
+        assert_one_line_error(cascade("create", notes, "-o", notes.with_name("x.cascade")), "Permission denied")
+    finally:
+        notes.chmod(0o644)
+
+
+def test_interrupt_is_one_line_and_130(
+    notes: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def interrupted(*args: object, **kwargs: object) -> bytes:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "create_metafile", interrupted)
+    assert cli.main(["create", str(notes), "-o", str(notes.with_name("i.cascade"))]) == 130
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["cascade: interrupted"]
+    assert not notes.with_name("i.cascade").exists()
+
+
+def test_main_returns_codes_in_process(notes: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["info", str(notes.with_name("notes.txt.cascade"))]) == 0
+    assert cli.main(["info", str(notes.with_name("nope.cascade"))]) == 2
+    assert cli.main(["--version"]) == 0
+    assert cli.main([]) == 2
+    capsys.readouterr()
+
+
+def test_format_ranges() -> None:
+    assert cli.format_ranges([]) == ""
+    assert cli.format_ranges([1, 2, 3, 7, 9, 10]) == "1-3, 7, 9-10"
+    assert cli.format_ranges(list(range(0, 100, 2)), limit=2) == "0, 2, ... (48 more ranges)"
