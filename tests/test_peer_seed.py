@@ -14,12 +14,15 @@ from pathlib import Path
 
 import pytest
 
+from cascade.errors import UsageError
 from cascade.wire import (
     TRACKER_REQUEST_SIZE,
     PeerList,
     TrackerCommand,
     TrackerRequest,
 )
+from peer.common import announce_ip
+from peer.ratelimit import TokenBucket
 from peer.tracker_client import TrackerAddress, announce
 from tests.procs import Proc
 from tests.test_peer_server import (
@@ -364,3 +367,57 @@ def test_subscription_visible_at_the_real_tracker(sample: Sample) -> None:
             proc.stop()
     finally:
         tracker.stop()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tracker.cli") is None, reason="tracker not built yet")
+def test_a_refusing_tracker_is_logged_once_and_serving_goes_on(tmp_path: Path, sample: Sample) -> None:
+    allow = tmp_path / "allow.txt"
+    allow.write_text("ab" * 32 + "\n")
+    tracker = Proc(["tracker", "run", "--host", "127.0.0.1", "--port", "0", "--allow", str(allow)])
+    try:
+        tport = tracker.wait_listening()
+        proc, port = seed(sample, f"127.0.0.1:{tport}", "--announce-interval", "0.1")
+        try:
+            proc.wait_for_line("refused")
+            assert _one(port, req(0, sample.cf.cascade_hash))[0] == 0
+            time.sleep(0.3)  # a few more announces, each refused again
+            assert proc.stderr.count("refused") == 1
+        finally:
+            proc.stop()
+    finally:
+        tracker.stop()
+
+
+# --- small pieces, in-process -----------------------------------------------------------
+
+
+def test_announce_ip_rule() -> None:
+    assert announce_ip("127.0.0.1") == "127.0.0.1"
+    assert announce_ip("0.0.0.0") == "0.0.0.0"
+    assert announce_ip("localhost") == "0.0.0.0"
+    assert announce_ip("::") == "0.0.0.0"
+    assert announce_ip("0.0.0.0", "192.0.2.7") == "192.0.2.7"
+    with pytest.raises(UsageError):
+        announce_ip("0.0.0.0", "::1")
+
+
+def test_token_bucket_meters_bytes_at_its_rate() -> None:
+    now = [100.0]
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> bool:
+        slept.append(seconds)
+        now[0] += seconds
+        return False
+
+    bucket = TokenBucket(1000, clock=lambda: now[0], sleep=sleep)
+    assert bucket.acquire(500)  # starts empty: pay for the first bytes too
+    assert slept == [0.5]
+    now[0] += 1000  # a long quiet spell refills only up to the burst
+    slept.clear()
+    assert bucket.acquire(bucket.burst)
+    assert slept == []
+    assert bucket.acquire(250)
+    assert slept == [0.25]
+    bucket.close()
+    assert not bucket.acquire(1)
