@@ -18,7 +18,7 @@ from cascade.errors import CascadeError, DataError, UsageError
 from cascade.localdata import check_data
 from cascade.metafile import CascadeFile, default_data_path, read_cascade
 from cascade.units import format_size, parse_size
-from peer import fetch_command
+from peer import fetch_command, tracker_client
 from peer.announcer import DEFAULT_INTERVAL, Announcer
 from peer.common import Interrupted, StopSignal, announce_ip, setup_logging
 from peer.server import BlockServer
@@ -38,9 +38,8 @@ class _SeedFile:
 
 
 def parse_tracker(text: str) -> TrackerAddress:
-    """``HOST:PORT`` of a tracker; raises :class:`UsageError`."""
-    host, port = parse_hostport(text, "tracker address")
-    return TrackerAddress(host, port)
+    """``HOST:PORT`` of a tracker, or ``http://HOST:PORT`` for its HTTP API; raises :class:`UsageError`."""
+    return tracker_client.parse_tracker(text)
 
 
 def parse_rate(text: str | None) -> int | None:
@@ -151,7 +150,9 @@ def _add_seed_parser(subparsers: argparse._SubParsersAction[OneLineErrorParser])
         description="Verify each FILE.cascade's data, serve its verified blocks and subscribe it at the tracker.",
     )
     p.add_argument("files", nargs="+", metavar="FILE.cascade", help="the .cascade files to seed")
-    p.add_argument("--tracker", required=True, metavar="HOST:PORT", help="the tracker to subscribe at")
+    p.add_argument(
+        "--tracker", required=True, metavar="HOST:PORT", help="the tracker to subscribe at (or http://HOST:PORT)"
+    )
     p.add_argument(
         "--listen",
         default=DEFAULT_LISTEN,
@@ -203,7 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
     except CascadeError as exc:
         print(f"peer {args.command}: error: {exc}", file=sys.stderr, flush=True)
-        return 1
+        # 2 like argparse for a bad command line, 1 for everything else.
+        return 2 if isinstance(exc, UsageError) else 1
     except (KeyboardInterrupt, Interrupted):
         return 0
     return code

@@ -183,7 +183,7 @@ def test_data_option_points_at_another_file(tmp_path: Path, sample: Sample, trac
 )
 def test_bad_option_values_are_one_line(sample: Sample, extra: list[str], needle: str) -> None:
     r = run_peer("seed", str(sample.cascade_path), "--tracker", "127.0.0.1:9", *extra)
-    assert r.returncode != 0
+    assert r.returncode == 2
     assert needle in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "Traceback" not in r.stderr
