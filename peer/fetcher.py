@@ -58,6 +58,10 @@ MAX_MESSAGE = 64 << 10
 # Responses are read through a buffer of this size: a recv brings in many
 # small blocks at once, while a large body goes straight to the block buffer.
 READ_BUFFER = 128 << 10
+# With several peers, blocks are picked at random among the next quarter of
+# the missing blocks (see _Scheduler): a trade-off between variety in the
+# swarm and how much whole-file hashing is left for the end.
+SWARM_WINDOW = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +151,7 @@ class _Peer:
     # Blocks and bytes delivered, folded in from its sessions (under Fetcher._lock).
     blocks: int = 0
     bytes: int = 0
+    not_present: int = 0
     # Blocks in flight on any of its sessions (endgame never asks one peer twice).
     own: set[int] = field(default_factory=set)
     lacks: set[int] = field(default_factory=set)
@@ -170,6 +175,7 @@ class _Session:
     win_bytes: int = 0
     blocks: int = 0
     bytes: int = 0
+    not_present: int = 0
 
 
 class _Offence(Exception):
@@ -195,10 +201,12 @@ class _Scheduler:
     """Which block to ask whom for. Every method is O(1) per block, except the endgame scan.
 
     Blocks are handed out at random from a *window*: the next ``window_size``
-    missing blocks in file order. With several peers the window is the whole
-    file, so fetchers hold different blocks and trade them. With a single
-    peer nobody needs that, and a small window lets the whole-file hash
-    follow right behind the download instead of re-reading the file at the end.
+    missing blocks in file order. With several peers the window is a quarter
+    of the file (``SWARM_WINDOW``): wide enough that fetchers hold different
+    blocks and trade them, narrow enough that the whole-file hash follows
+    behind the download instead of re-reading the whole file at the end.
+    With a single peer nobody needs variety, and the window is just a few
+    requests wide.
     ``inflight`` counts the outstanding requests per block.
     """
 
@@ -483,8 +491,10 @@ class Fetcher:
                 p.good = p.good or good
         usable = sum(1 for p in self._peers.values() if not p.is_self and not p.banned)
         if usable > 1:
-            with self._sched.lock:
-                self._sched.window_size = len(self._sched.rest)
+            sched = self._sched
+            with sched.lock:
+                wide = max(4 * self._max_depth, int(len(sched.rest) * SWARM_WINDOW))
+                sched.window_size = max(sched.window_size, wide)
 
     def run(self, on_tick: Callable[[Progress], None] | None = None, tick: float = 0.1) -> FetchResult:
         """Fetch until the file is complete and verified, or fail.
@@ -545,6 +555,9 @@ class Fetcher:
                 f"{store.path}: every block verified but the whole-file SHA-256 does not match the .cascade file"
             )
         log.debug("whole-file hash checked in %.3f s", clock() - finishing)
+        for p in self._peers.values():
+            if p.blocks or p.not_present:
+                log.debug("  %s: %d blocks, %d not present", p.name, p.blocks, p.not_present)
         peers = self._peers.values()
         return FetchResult(
             complete=True,
@@ -685,6 +698,7 @@ class Fetcher:
             with self._lock:
                 peer.blocks += session.blocks
                 peer.bytes += session.bytes
+                peer.not_present += session.not_present
                 peer.sessions -= 1
                 self._sessions.discard(session)
 
@@ -850,6 +864,7 @@ class Fetcher:
             if not peer.lacks:
                 peer.lacks_since = self._clock()
             peer.lacks.add(i)
+            session.not_present += 1
         elif status in (BlockStatus.INVALID_HASH, BlockStatus.OUT_OF_RANGE, BlockStatus.BAD_REQUEST):
             message = bytes(reader.body(length)).decode("utf-8", "replace") if length <= MAX_MESSAGE else ""
             raise _Drop(f"answered status {status}: {message[:200]}")
