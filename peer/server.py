@@ -448,6 +448,10 @@ class BlockServer:
                 answered += 1
             if pos:
                 buf = buf[pos:]
+            if buf and not BLOCK_MAGIC.startswith(buf[:8]):
+                # No need to wait for 64 bytes to know that a request cannot be parsed.
+                self._reject_early(conn)
+                return
             if self._stopping.is_set():
                 raise _Close
             if answered >= FAIR_SHARE and not self._jobs.empty():
@@ -468,6 +472,14 @@ class BlockServer:
                 log.debug("%s: request incomplete after %.0f s, closed", conn.name, self.idle_timeout)
             raise _Close
         self._rearm(conn)
+
+    def _reject_early(self, conn: _Conn) -> None:
+        if self._debug:
+            log.debug("%s: unparseable request (no CASCADE1 magic), closing", conn.name)
+        conn.buf = b""
+        conn.out_head, conn.out_keep = _BAD_REQUEST, False
+        if self._pump(conn):
+            self._close_after_reply(conn)
 
     def _answer(self, conn: _Conn, buf: bytes, pos: int) -> None:
         """Decide the reply to the request at ``buf[pos:pos+64]`` and queue it in ``conn.out_*``."""

@@ -213,6 +213,17 @@ def test_garbage_longer_than_a_request_still_gets_its_status(seeder: tuple[Proc,
     assert closed
 
 
+@pytest.mark.parametrize("garbage", [b"hello\n", b"X", b"CASCADE2", b"\x00" * 20])
+def test_short_garbage_gets_status_4_without_waiting_for_64_bytes(seeder: tuple[Proc, int], garbage: bytes) -> None:
+    _, port = seeder
+    with connect(port) as sock:
+        sock.settimeout(5.0)  # far below the seeder's idle timeout
+        sock.sendall(garbage)
+        status, body = read_response(sock)
+        assert status == 4 and body
+        assert closed_by_server(sock)
+
+
 def test_request_in_7_byte_pieces(seeder: tuple[Proc, int], sample: Sample) -> None:
     _, port = seeder
     raw = req(7, sample.cf.cascade_hash)
