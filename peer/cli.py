@@ -89,11 +89,9 @@ def _seed_files(paths: Sequence[str], data: str | None) -> list[_SeedFile]:
         if not data_path.is_file():
             what = "no such data file" if not data_path.exists() else "not a regular file"
             raise DataError(f"{data_path}: {what} (the data for {path}; use --data to point elsewhere)")
-        if cf.cascade_hash in seen:
-            log.warning("%s: same file as an earlier argument, served once", path)
-            continue
-        seen.add(cf.cascade_hash)
-        files.append(_SeedFile(path, data_path, cf))
+        if cf.cascade_hash not in seen:  # the same file named twice is served once
+            seen.add(cf.cascade_hash)
+            files.append(_SeedFile(path, data_path, cf))
     return files
 
 
