@@ -116,19 +116,16 @@ def seed_command(args: argparse.Namespace) -> int:
             server.add_store(store)
             count = f.cf.block_count
             name = f.cascade_path.name
-            if check.valid_count == 0 and count:
-                log.warning("%s: none of its %d blocks are in %s; not announced", name, count, f.data_path)
-                continue
-            partial = "" if check.valid_count == count else ", partial"
-            log.info(
-                "%s: %d/%d blocks verified (%s%s)",
-                name,
-                check.valid_count,
-                count,
-                format_size(f.cf.data_length),
-                partial,
-            )
-            announcer.add(f.cf.cascade_hash)
+            have = check.valid_count
+            if have == count:
+                note = ""
+            elif have:
+                note = ", partial"
+            else:
+                note = f", none in {f.data_path}: not announced"
+            log.info("%s: %d/%d blocks verified (%s%s)", name, have, count, format_size(f.cf.data_length), note)
+            if have or not count:
+                announcer.add(f.cf.cascade_hash)
         stop.wait()
     except Interrupted:
         pass

@@ -142,6 +142,23 @@ def test_first_line_then_one_line_per_file(tmp_path: Path, tracker: FakeTracker)
         assert proc.stop() == 0
 
 
+def test_file_without_blocks_is_not_announced_but_an_empty_file_is(tmp_path: Path, tracker: FakeTracker) -> None:
+    junk = make_sample(tmp_path, "junk.bin", 3000, 1000, seed=5)
+    junk.data_path.write_bytes(b"\xff" * 3000)  # right size, wrong bytes
+    empty = make_sample(tmp_path, "empty.bin", 0, 1000, seed=6)
+    tracker.serve()
+    args = [str(junk.cascade_path), str(empty.cascade_path), "--tracker", tracker.address, "--listen", "127.0.0.1:0"]
+    proc = Proc(["peer", "seed", *args])
+    try:
+        proc.wait_for_line("empty.bin.cascade: 0/0 blocks verified")
+        assert "junk.bin.cascade: 0/3 blocks verified" in proc.stderr
+        assert "not announced" in proc.stderr
+        wait_until(lambda: len(tracker.requests) >= 1, "a subscribe")
+        assert {r.cascade_hash for r in tracker.requests} == {empty.cf.cascade_hash}
+    finally:
+        assert proc.stop() == 0
+
+
 def test_listen_line_has_the_real_port(sample: Sample, tracker: FakeTracker) -> None:
     tracker.serve()
     proc, port = seed(sample, tracker.address)
