@@ -10,7 +10,8 @@ Shape: one selector thread and a bounded pool of worker threads.
 - A worker reads whatever the connection has, answers every whole 64-byte
   request in order, and keeps going while more requests are already waiting.
   When the connection goes quiet it re-arms it on epoll (one-shot, so exactly
-  one thread owns a connection at any time) and takes the next job. A client
+  one thread owns a connection at any time) and takes the next job; a busy
+  connection yields after ``FAIR_SHARE`` requests when others wait. A client
   that sends half a request and stalls therefore never pins a worker: its
   bytes wait in the connection's buffer until the rest arrives or it times out.
 - Block data goes out with sendfile(2), zero-copy from the data file. We call
@@ -71,8 +72,6 @@ _ONESHOT_OUT = select.EPOLLOUT | select.EPOLLONESHOT
 # connection on the selector: far longer than a fast reader needs, short
 # enough that slow readers cannot hold the pool.
 WRITE_WAIT_MS = 100
-_LISTEN_KEY = -1
-_WAKE_KEY = -2
 
 
 class _Close(Exception):
