@@ -9,6 +9,7 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass
 
+from cascade.addresses import parse_hostport
 from cascade.errors import CascadeError, ProtocolError, TrackerUnreachable
 from cascade.wire import (
     MAX_TRACKER_REPLY_BODY,
@@ -29,9 +30,26 @@ class TrackerRefused(CascadeError):
 class TrackerAddress:
     host: str
     port: int
+    # For a tracker's HTTP API: its base URL (http://HOST:PORT); announces then go over HTTP.
+    url: str | None = None
 
     def __str__(self) -> str:
-        return f"{self.host}:{self.port}"
+        return self.url or f"{self.host}:{self.port}"
+
+
+def parse_tracker(text: str, what: str = "tracker address") -> TrackerAddress:
+    """``HOST:PORT`` (binary protocol) or ``http://HOST:PORT`` (HTTP API); raises :class:`UsageError`."""
+    if text.strip().startswith(("http://", "https://")):
+        from urllib.parse import urlsplit
+
+        from cascade.publish import tracker_base_url
+
+        url = tracker_base_url(text, what)
+        parts = urlsplit(url)
+        default_port = 443 if parts.scheme == "https" else 80
+        return TrackerAddress(parts.hostname or "", parts.port or default_port, url)
+    host, port = parse_hostport(text, what)
+    return TrackerAddress(host, port)
 
 
 def announce(
@@ -46,6 +64,10 @@ def announce(
 
     Raises :class:`TrackerUnreachable`, :class:`TrackerRefused` or :class:`ProtocolError`.
     """
+    if tracker.url is not None:
+        from peer.http_tracker import announce_http  # requests is imported only for HTTP trackers
+
+        return announce_http(tracker, command, cascade_hash, ip, port, timeout)
     request = TrackerRequest(command, cascade_hash, ip, port).encode()
     limit = TRACKER_REPLY_HEADER_SIZE + MAX_TRACKER_REPLY_BODY
     try:

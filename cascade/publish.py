@@ -1,0 +1,304 @@
+"""``.cascade`` files over HTTP: ``cascade publish`` uploads one, and a URL fetches one back.
+
+A tracker started with ``--http-port`` stores uploaded files under their
+cascade hash and serves them at ``http://HOST:PORT/cascades/HASH.cascade``.
+Since the hash is the SHA-256 of the file's bytes, such a URL names exactly
+one file: :func:`download_cascade` checks the bytes against the hash in the
+URL before anything else sees them.
+
+``requests`` is imported inside the functions that need it, so the other
+``cascade`` commands start without it. Every HTTP call has a timeout and a
+bounded retry policy (:func:`http_session`); every failure becomes one
+:class:`~cascade.errors.CascadeError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import re
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
+
+from cascade.errors import CascadeError, MetafileError, UnreachableError, UsageError
+from cascade.metafile import HASH_SIZE, MAX_METAFILE_SIZE, CascadeFile, default_data_path, read_cascade
+
+if TYPE_CHECKING:
+    import requests
+
+# Seconds to wait for a connection, and for each read of an answer.
+CONNECT_TIMEOUT = 5.0
+READ_TIMEOUT = 30.0
+# Retries of one HTTP call on connection errors and 502/503/504 (never on a 4xx).
+RETRIES = 2
+BACKOFF = 0.2  # seconds before the first retry, doubling after
+
+_CASCADE_PATH = re.compile(r"^(.*)/cascades/([0-9a-fA-F]{64})\.cascade$")
+
+
+class PublishRefused(CascadeError):
+    """The tracker answered an upload or a download with an error status."""
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    """The answer to an upload."""
+
+    cascade_hash: bytes
+    url: str  # where others download it
+    new: bool  # False when the tracker already had this file
+
+
+def http_session(retries: int = RETRIES) -> requests.Session:
+    """A ``requests`` session that retries connection errors and 502/503/504 a bounded number of times.
+
+    It ignores proxy variables and ``.netrc`` from the environment: a tracker
+    is addressed directly and is never sent credentials it was not given.
+    """
+    import requests
+    from requests.adapters import HTTPAdapter
+    from urllib3.util.retry import Retry
+
+    retry = Retry(
+        total=retries,
+        connect=retries,
+        read=1,
+        status=retries,
+        backoff_factor=BACKOFF,
+        status_forcelist=(502, 503, 504),
+        # An announce or an upload of the same bytes may safely be repeated.
+        allowed_methods=frozenset({"GET", "HEAD", "PUT", "POST"}),
+        raise_on_status=False,
+        respect_retry_after_header=False,  # a server must not make us wait as long as it likes
+    )
+    session = requests.Session()
+    session.trust_env = False
+    adapter = HTTPAdapter(max_retries=retry)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+def describe_request_error(exc: Exception) -> str:
+    """A short reason for a ``requests`` exception ("Connection refused", "timed out")."""
+    import requests
+
+    if isinstance(exc, requests.Timeout):
+        return "timed out"
+    text = str(exc)
+    m = re.search(r"\[Errno -?\d+\] ([^'\"\)]+)", text)
+    if m:
+        return m.group(1).strip()
+    if isinstance(exc, requests.ConnectionError):
+        return "connection failed"
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def error_message(response: requests.Response) -> str:
+    """The ``{"error": ...}`` of an error response, else its status line."""
+    try:
+        doc = response.json()
+        if isinstance(doc, dict) and isinstance(doc.get("error"), str):
+            return str(doc["error"])[:300]
+    except ValueError:
+        pass
+    return f"{response.status_code} {response.reason}"
+
+
+def is_url(text: str) -> bool:
+    return text.startswith(("http://", "https://"))
+
+
+def tracker_base_url(text: str, what: str = "tracker URL") -> str:
+    """``http://HOST:PORT`` (optionally with a path prefix), without a trailing slash.
+
+    Raises :class:`UsageError` for anything else.
+    """
+    parts = urlsplit(text.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"invalid {what} {text!r}: expected http://HOST:PORT")
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        raise UsageError(f"invalid {what} {text!r}: the port must be a number from 0 to 65535") from None
+    if parts.query or parts.fragment:
+        raise UsageError(f"invalid {what} {text!r}: no query or fragment expected")
+    return f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
+
+
+def split_cascade_url(url: str) -> tuple[str, bytes]:
+    """``http://H:P/cascades/HASH.cascade`` -> (``http://H:P``, HASH as bytes); raises :class:`UsageError`."""
+    parts = urlsplit(url.strip())
+    m = _CASCADE_PATH.match(parts.path)
+    if parts.scheme not in ("http", "https") or not parts.hostname or not m:
+        raise UsageError(f"invalid .cascade URL {url!r}: expected http://HOST:PORT/cascades/HASH.cascade")
+    return tracker_base_url(f"{parts.scheme}://{parts.netloc}{m.group(1)}", "URL"), bytes.fromhex(m.group(2))
+
+
+def safe_file_name(name: str | None) -> str | None:
+    """``name`` if it is a plain, visible file name; ``None`` otherwise (a server's text is not trusted)."""
+    if not name or name.startswith(".") or "/" in name or "\\" in name or len(name.encode()) > 200:
+        return None
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        return None
+    return name
+
+
+# --- download -------------------------------------------------------------------
+
+
+def download_cascade(url: str, out: str | os.PathLike[str] | None = None, folder: str = ".") -> tuple[Path, str]:
+    """Download the ``.cascade`` at ``url``, check its SHA-256 against the URL, save it.
+
+    It is saved as ``OUT.cascade`` beside ``out`` (the data path) when given,
+    else in ``folder`` as ``NAME.cascade``, NAME being the data file name the
+    tracker knows, or the hash in hex. Returns (the saved path, the tracker's
+    base URL). A file already there with the same bytes is kept; one with
+    other bytes is an error. Raises :class:`UsageError`,
+    :class:`UnreachableError`, :class:`PublishRefused` and :class:`MetafileError`.
+    """
+    import requests
+
+    base, want = split_cascade_url(url)
+    try:
+        with http_session() as session, session.get(url, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT), stream=True) as r:
+            if r.status_code != 200:
+                raise PublishRefused(f"{url}: {error_message(r)}")
+            name = safe_file_name(unquote(r.headers.get("X-Cascade-Name", "")))
+            if out is not None:
+                target = Path(os.fspath(out) + ".cascade")
+            else:
+                target = Path(folder) / f"{name or want.hex()}.cascade"
+            tmp = _receive(r, url, target)
+    except requests.RequestException as exc:
+        raise UnreachableError(f"{url}: cannot download: {describe_request_error(exc)}") from exc
+    try:
+        _check_and_place(tmp, target, want, url)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target, base
+
+
+def _receive(r: requests.Response, url: str, target: Path) -> Path:
+    length = r.headers.get("Content-Length")
+    if length is not None and length.isdigit() and int(length) > MAX_METAFILE_SIZE:
+        raise MetafileError(f"{url}: {length} bytes is larger than any valid .cascade file")
+    if target.parent and not target.parent.is_dir():
+        raise UsageError(f"{target.parent}: no such folder for the downloaded .cascade file")
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            size = 0
+            for chunk in r.iter_content(1 << 16):
+                size += len(chunk)
+                if size > MAX_METAFILE_SIZE:
+                    raise MetafileError(f"{url}: larger than any valid .cascade file")
+                f.write(chunk)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def _sha256(path: Path) -> bytes:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.digest()
+
+
+def _check_and_place(tmp: Path, target: Path, want: bytes, url: str) -> None:
+    got = _sha256(tmp)
+    if got != want:
+        raise MetafileError(
+            f"{url}: the downloaded file's SHA-256 is {got.hex()}, not the hash in the URL; refusing to use it"
+        )
+    read_cascade(tmp)  # the right bytes, and also a valid .cascade
+    os.chmod(tmp, 0o644)  # mkstemp made it private; a .cascade file is public by nature
+    if target.exists():
+        if target.is_file() and _sha256(target) == want:
+            return
+        raise UsageError(f"{target} already exists and is not this .cascade file; use --out to save it elsewhere")
+    os.replace(tmp, target)
+
+
+# --- upload ---------------------------------------------------------------------
+
+
+def upload_cascade(path: str | os.PathLike[str], tracker: str, token: str | None, name: str | None) -> Published:
+    """Upload one ``.cascade`` to the tracker at ``tracker`` (``http://HOST:PORT``).
+
+    Raises :class:`MetafileError` for a bad file, :class:`UnreachableError`
+    and :class:`PublishRefused`.
+    """
+    import requests
+
+    cf: CascadeFile = read_cascade(path)
+    base = tracker_base_url(tracker)
+    headers = {"Content-Type": "application/octet-stream"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    params = {"name": name} if name else None
+    try:
+        with http_session() as session:
+            r = session.put(
+                f"{base}/api/v1/cascades",
+                data=cf.raw,
+                params=params,
+                headers=headers,
+                timeout=(CONNECT_TIMEOUT, READ_TIMEOUT),
+            )
+    except requests.RequestException as exc:
+        raise UnreachableError(f"tracker {base} unreachable: {describe_request_error(exc)}") from exc
+    if r.status_code not in (200, 201):
+        raise PublishRefused(f"tracker {base} refused the upload: {error_message(r)}")
+    try:
+        doc = r.json()
+        returned = parse_hash(doc["cascade_hash"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise PublishRefused(f"tracker {base} answered the upload with something that is not its API") from exc
+    if returned != cf.cascade_hash:
+        raise PublishRefused(f"tracker {base} stored the file under another hash ({returned.hex()})")
+    return Published(cf.cascade_hash, f"{base}/cascades/{cf.cascade_hash.hex()}.cascade", r.status_code == 201)
+
+
+def parse_hash(text: object) -> bytes:
+    """A cascade hash in hex; raises :class:`ValueError`."""
+    if not isinstance(text, str) or len(text) != 2 * HASH_SIZE:
+        raise ValueError("not a cascade hash")
+    return bytes.fromhex(text)
+
+
+# --- the command ------------------------------------------------------------------
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    path = Path(args.cascade)
+    name = args.name if args.name is not None else default_data_path(path).name
+    token = args.token if args.token is not None else os.environ.get("CASCADE_API_TOKEN")
+    published = upload_cascade(path, args.tracker, token, name or None)
+    how = "uploaded" if published.new else "already on the tracker"
+    print(f"cascade publish: {how}, cascade hash {published.cascade_hash.hex()}", file=sys.stderr, flush=True)
+    print(published.url, flush=True)
+    return 0
+
+
+def register_publish(sub: Any) -> None:
+    p = sub.add_parser(
+        "publish",
+        help="upload a .cascade to a tracker's HTTP API and print the URL to share",
+        description="Upload FILE.cascade to a tracker run with --http-port and print the URL to share. "
+        "`peer fetch URL` downloads the .cascade, checks it against the hash in the URL, and fetches the data.",
+    )
+    p.add_argument("cascade", metavar="FILE.cascade")
+    p.add_argument("--tracker", required=True, metavar="http://HOST:PORT", help="the tracker's HTTP address")
+    p.add_argument("--token", metavar="T", help="the tracker's --api-token (default: $CASCADE_API_TOKEN, if set)")
+    p.add_argument("--name", metavar="NAME", help="the data file name to show (default: FILE)")
+    p.set_defaults(run=cmd_publish)

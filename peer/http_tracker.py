@@ -1,0 +1,87 @@
+"""Announcing over a tracker's HTTP API (``--tracker http://HOST:PORT``).
+
+Same contract as :func:`peer.tracker_client.announce`, which hands over to
+:func:`announce_http` for an HTTP tracker: one ``POST /api/v1/announce`` with
+``{"cascade_hash", "ip", "port", "action"}``, answered with
+``{"peers": [{"ip", "port", "last_seen", "good"}, ...]}``. The session
+retries connection errors and 502/503/504 a bounded number of times
+(:func:`cascade.publish.http_session`); every failure becomes a Cascade error.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+from cascade.errors import ProtocolError, TrackerUnreachable
+from cascade.publish import describe_request_error, error_message, http_session
+from cascade.wire import MAX_TRACKER_REPLY_BODY, PeerRecord, TrackerCommand
+from peer.tracker_client import TrackerAddress, TrackerRefused
+
+# A JSON peer record is at most ~80 bytes; this leaves room for 65,536 of them.
+MAX_REPLY_BYTES = MAX_TRACKER_REPLY_BODY * 8
+
+if TYPE_CHECKING:
+    import requests
+
+
+def announce_http(
+    tracker: TrackerAddress,
+    command: TrackerCommand,
+    cascade_hash: bytes,
+    ip: str,
+    port: int,
+    timeout: float = 10.0,
+) -> tuple[PeerRecord, ...]:
+    """POST one announce and return the peers in the reply.
+
+    ``timeout`` bounds the connect and each read of one attempt. Raises
+    :class:`TrackerUnreachable`, :class:`TrackerRefused` or :class:`ProtocolError`.
+    """
+    import requests
+
+    assert tracker.url is not None
+    action = "subscribe" if command == TrackerCommand.SUBSCRIBE else "list"
+    doc = {"cascade_hash": cascade_hash.hex(), "ip": ip, "port": port, "action": action}
+    try:
+        with (
+            http_session() as session,
+            session.post(f"{tracker.url}/api/v1/announce", json=doc, timeout=timeout, stream=True) as r,
+        ):
+            body = _read_capped(r)
+            status = r.status_code
+            if status != 200:
+                raise TrackerRefused(f"tracker {tracker} refused: {error_message(r)} (HTTP {status})")
+    except requests.RequestException as exc:
+        raise TrackerUnreachable(f"tracker {tracker} unreachable: {describe_request_error(exc)}") from exc
+    return _parse_peers(body, tracker)
+
+
+def _read_capped(r: requests.Response) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    for chunk in r.iter_content(1 << 16):
+        size += len(chunk)
+        if size > MAX_REPLY_BYTES:
+            raise ProtocolError(f"tracker reply is larger than {MAX_REPLY_BYTES} bytes")
+        chunks.append(chunk)
+    data = b"".join(chunks)
+    r._content = data  # so error_message() can still read the body
+    return data
+
+
+def _parse_peers(body: bytes, tracker: TrackerAddress) -> tuple[PeerRecord, ...]:
+    try:
+        doc = json.loads(body)
+        raw = doc["peers"]
+        if not isinstance(raw, list):
+            raise TypeError("peers is not a list")
+        peers = []
+        for p in raw:
+            ip, port, last_seen, good = p["ip"], p["port"], p["last_seen"], p["good"]
+            if not (isinstance(port, int) and isinstance(last_seen, int) and isinstance(good, bool)):
+                raise TypeError("a peer has a field of the wrong type")
+            peers.append(PeerRecord(str(ip), port, last_seen, good))
+    except (ValueError, KeyError, TypeError, ProtocolError) as exc:
+        raise ProtocolError(f"tracker {tracker} sent a reply that is not its API: {exc}") from exc
+    return tuple(peers)
