@@ -31,6 +31,7 @@ from cascade.metafile import (
     parse_cascade,
     read_cascade,
 )
+from cascade.publish import register_publish
 from cascade.units import format_size, parse_size
 
 # 1 MiB: big enough that per-block Python work (a request, a hash, a write,
@@ -282,7 +283,13 @@ def register_demo(sub: Any) -> None:
 # --- the command ------------------------------------------------------------
 
 # To add a subcommand: write cmd_X(args) -> int and register_X(sub), and list register_X here.
-SUBCOMMANDS: list[Callable[[Any], None]] = [register_create, register_info, register_verify, register_demo]
+SUBCOMMANDS: list[Callable[[Any], None]] = [
+    register_create,
+    register_info,
+    register_verify,
+    register_demo,
+    register_publish,
+]
 
 
 def build_parser() -> OneLineErrorParser:
