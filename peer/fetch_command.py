@@ -21,6 +21,7 @@ from cascade.addresses import parse_hostport
 from cascade.errors import CascadeError, DataError, TrackerUnreachable, UsageError
 from cascade.localdata import check_data
 from cascade.metafile import CascadeFile, default_data_path, read_cascade
+from cascade.publish import download_cascade, is_url
 from cascade.units import format_size
 from cascade.wire import TrackerCommand
 from peer.announcer import Announcer
@@ -28,7 +29,7 @@ from peer.common import Interrupted, StopSignal, announce_ip, setup_logging
 from peer.fetcher import Fetcher, FetchPolicy, FetchResult, Progress
 from peer.server import BlockServer
 from peer.storage import BlockStore
-from peer.tracker_client import TrackerAddress, TrackerRefused, announce
+from peer.tracker_client import TrackerAddress, TrackerRefused, announce, parse_tracker
 
 log = logging.getLogger("peer.fetch")
 
@@ -50,9 +51,17 @@ def register(subparsers: Any) -> None:
             "resumes where it stopped. Verified blocks are served to other peers meanwhile."
         ),
     )
-    p.add_argument("cascade_file", metavar="FILE.cascade", help="the .cascade file describing the data")
+    p.add_argument(
+        "cascade_file",
+        metavar="FILE.cascade",
+        help="the .cascade file describing the data, or its URL http://HOST:PORT/cascades/HASH.cascade",
+    )
     p.add_argument("--out", metavar="PATH", help="where to write the data (default: FILE beside FILE.cascade)")
-    p.add_argument("--tracker", required=True, metavar="HOST:PORT", help="the tracker to ask for peers")
+    p.add_argument(
+        "--tracker",
+        metavar="HOST:PORT",
+        help="the tracker to ask for peers, or http://HOST:PORT (default for a URL: the tracker serving it)",
+    )
     p.add_argument(
         "--listen",
         metavar="HOST:PORT",
@@ -105,7 +114,14 @@ class _Failed(Exception):
 
 def _fetch(args: argparse.Namespace, stop: StopSignal) -> int:
     try:
-        tracker = TrackerAddress(*parse_hostport(args.tracker, "--tracker"))
+        cascade_file, tracker_text = args.cascade_file, args.tracker
+        if is_url(cascade_file):
+            saved, base = download_cascade(cascade_file, args.out)
+            log.debug("downloaded %s", saved)
+            cascade_file, tracker_text = str(saved), tracker_text or base
+        if tracker_text is None:
+            raise UsageError("--tracker is required unless FILE is a http://HOST:PORT/cascades/HASH.cascade URL")
+        tracker = parse_tracker(tracker_text, "--tracker")
         listen_given = args.listen is not None
         host, port = parse_hostport(args.listen or DEFAULT_LISTEN, "--listen", default_host="0.0.0.0")
         my_ip = announce_ip(host, args.announce_ip)
@@ -113,8 +129,8 @@ def _fetch(args: argparse.Namespace, stop: StopSignal) -> int:
             raise UsageError(f"--max-peers must be at least 1, not {args.max_peers}")
         if not args.timeout > 0:
             raise UsageError(f"--timeout must be positive, not {args.timeout:g}")
-        cf = read_cascade(args.cascade_file)
-        out = Path(args.out) if args.out else default_data_path(args.cascade_file)
+        cf = read_cascade(cascade_file)
+        out = Path(args.out) if args.out else default_data_path(cascade_file)
         store = _open_output(cf, out, args.force)
     except CascadeError as exc:
         raise _Failed(str(exc)) from exc
