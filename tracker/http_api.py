@@ -40,6 +40,7 @@ from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from cascade.errors import MetafileError, UsageError
+from cascade.metafile import parse_cascade
 from cascade.wire import PeerRecord
 from tracker import metrics
 from tracker.cascade_store import CascadeStore, StoredCascade, StoreFull, check_name, parse_hex_hash
@@ -219,6 +220,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """Every error, also those http.server itself raises (a bad request line, an unknown method), as JSON."""
+        if self.request_version == "HTTP/0.9":  # an unparsable request line: still answer with a status line
+            self.request_version = "HTTP/1.0"
         self._reply_error(code, message or HTTPStatus(code).phrase)
 
     def _reply_error(self, code: int, message: str, headers: tuple[tuple[str, str], ...] = ()) -> None:
@@ -332,7 +335,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self._route = route
                 handler = handlers.get("GET" if method == "HEAD" else method)
                 if handler is None:
-                    allow = sorted(handlers) + (["HEAD"] if "GET" in handlers else [])
+                    allow = sorted([*handlers, "HEAD"] if "GET" in handlers else handlers)
                     raise _HttpError(405, f"{method} is not allowed here", (("Allow", ", ".join(allow)),))
                 handler(params)
             except ValueError as exc:  # e.g. too many query fields
@@ -506,6 +509,9 @@ class _Handler(BaseHTTPRequestHandler):
             raise _HttpError(400, "X-Cascade-Name must be percent-encoded UTF-8") from exc
         data = self._read_body(self.store.max_file_size)
         try:
+            cascade_hash = parse_cascade(data, "upload").cascade_hash
+            if not self.registry.is_allowed(cascade_hash):
+                raise _HttpError(403, f"cascade hash {cascade_hash.hex()} is not tracked here")
             entry, new = self.store.put(data, name)
         except MetafileError as exc:
             raise _HttpError(400, f"not a valid .cascade file: {exc}") from exc
@@ -513,8 +519,6 @@ class _Handler(BaseHTTPRequestHandler):
             raise _HttpError(400, str(exc)) from exc
         except StoreFull as exc:
             raise _HttpError(507, str(exc)) from exc
-        if not self.registry.is_allowed(entry.cascade_hash):
-            raise _HttpError(403, f"cascade hash {entry.cascade_hash.hex()} is not tracked here")
         doc = self._stored_json(entry)
         doc["url"] = self._base_url() + str(doc["path"])
         doc["new"] = new
