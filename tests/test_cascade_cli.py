@@ -18,6 +18,9 @@ from pathlib import Path
 import pytest
 
 from cascade import cli
+from cascade.addresses import parse_hostport
+from cascade.errors import UsageError
+from cascade.units import format_size, parse_size
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -314,3 +317,59 @@ def test_format_ranges() -> None:
     assert cli.format_ranges([]) == ""
     assert cli.format_ranges([1, 2, 3, 7, 9, 10]) == "1-3, 7, 9-10"
     assert cli.format_ranges(list(range(0, 100, 2)), limit=2) == "0, 2, ... (48 more ranges)"
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("0", 0),
+        ("100", 100),
+        ("100B", 100),
+        ("64K", 65536),
+        ("64k", 65536),
+        ("64KiB", 65536),
+        ("1M", 1 << 20),
+        ("2 MiB", 2 << 20),
+        ("1G", 1 << 30),
+        ("1gib", 1 << 30),
+        (" 7 ", 7),
+    ],
+)
+def test_parse_size(text: str, value: int) -> None:
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "K", "1.5M", "-1", "1KB", "1MB", "1GB", "1T", "1 M B", "١٢"])
+def test_parse_size_rejects(text: str) -> None:
+    with pytest.raises(UsageError, match="K, M, G, KiB, MiB or GiB"):
+        parse_size(text)
+
+
+def test_format_size() -> None:
+    assert [format_size(n) for n in (0, 1023, 1024, 1536, 1 << 20, 5 << 30)] == [
+        "0 B",
+        "1023 B",
+        "1.0 KiB",
+        "1.5 KiB",
+        "1.0 MiB",
+        "5.0 GiB",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "default_host", "value"),
+    [
+        ("127.0.0.1:8888", None, ("127.0.0.1", 8888)),
+        ("[::1]:80", None, ("::1", 80)),
+        (":0", "127.0.0.1", ("127.0.0.1", 0)),
+        ("6666", "0.0.0.0", ("0.0.0.0", 6666)),
+    ],
+)
+def test_parse_hostport(text: str, default_host: str | None, value: tuple[str, int]) -> None:
+    assert parse_hostport(text, default_host=default_host) == value
+
+
+@pytest.mark.parametrize("text", ["127.0.0.1", "127.0.0.1:", "host:65536", "host:-1", "host:٣", ":80"])
+def test_parse_hostport_rejects(text: str) -> None:
+    with pytest.raises(UsageError):
+        parse_hostport(text)
