@@ -780,8 +780,10 @@ class Fetcher:
                 self._read_response(session, reader)
             except _Closed as exc:
                 if responses == 1 and exc.partial == 0 and peer.keepopen is None:
-                    peer.keepopen = False
+                    peer.keepopen = False  # closes after each response
                     return
+                if responses >= 2 and exc.partial == 0:
+                    return  # closed between responses (an idle or per-connection limit): reconnect at once
                 raise
             except ConnectionResetError:
                 if responses == 1 and peer.keepopen is None:
@@ -789,6 +791,10 @@ class Fetcher:
                     return
                 raise
             except TimeoutError as exc:
+                if responses == 1 and peer.keepopen is None:
+                    # Answered one request, then ignored the rest: serves one request per connection.
+                    peer.keepopen = False
+                    return
                 raise _Drop(f"no response within {sock.gettimeout():.1f} s") from exc
             responses += 1
             if responses == 2:

@@ -6,6 +6,8 @@ Modes:
 - ``close``: serves correct blocks but closes after every response (like the
   widely used C server, and ignoring ``KEEPOPEN``).
 - ``silent``: accepts connections, reads requests and never answers.
+- ``once``: answers the first request on a connection, then ignores the rest
+  without closing (a server that does not know about pipelining).
 
 As a process::
 
@@ -41,7 +43,7 @@ from tests.procs import Proc
 
 REPO = Path(__file__).resolve().parent.parent
 
-MODES = ("corrupt", "close", "silent")
+MODES = ("corrupt", "close", "silent", "once")
 _REQUEST = struct.Struct(">8s8s8xQ32s")
 _HEADER = struct.Struct(">BQ")
 
@@ -91,15 +93,17 @@ class DoubleServer:
 
     def _serve(self, conn: socket.socket) -> None:
         conn.settimeout(10)
-        fd = os.open(self.data_path, os.O_RDONLY) if self.mode == "close" else -1
+        fd = os.open(self.data_path, os.O_RDONLY) if self.mode in ("close", "once") else -1
+        answered = False
         try:
             while not self._stop.is_set():
                 request = _read_exact(conn, BLOCK_REQUEST_SIZE)
                 if request is None:
                     return
                 self.requests += 1
-                if self.mode == "silent":
+                if self.mode == "silent" or (self.mode == "once" and answered):
                     continue
+                answered = True
                 _magic, _marker, index, cascade_hash = _REQUEST.unpack(request)
                 if cascade_hash != self.cf.cascade_hash or index >= self.cf.block_count:
                     conn.sendall(_HEADER.pack(1, 0))
@@ -110,7 +114,8 @@ class DoubleServer:
                     continue
                 body = os.pread(fd, length, self.cf.block_offset(index))
                 conn.sendall(_HEADER.pack(0, length) + body)
-                return  # close after every response
+                if self.mode == "close":
+                    return  # close after every response
         except OSError:
             return
         finally:

@@ -64,6 +64,19 @@ def test_one_connection_per_request_with_a_closing_server(tmp_path: Path) -> Non
     assert servers[0].requests <= cf.block_count + 8
 
 
+def test_server_that_answers_one_request_per_connection(tmp_path: Path) -> None:
+    _, cf = make_file(tmp_path, "d.bin", 100_000, 4096)
+    servers = run_doubles(cf, tmp_path / "d.bin", "once")
+    started = time.monotonic()
+    try:
+        fetch_in_process(cf, tmp_path / "out", servers)
+    finally:
+        for s in servers:
+            s.stop()
+    # One first-response timeout (1 s here) to learn it, then one connection per request.
+    assert time.monotonic() - started < 8
+
+
 def test_silent_peer_holds_no_block_hostage(tmp_path: Path) -> None:
     _, cf = make_file(tmp_path, "d.bin", 200_000, 4096)
     servers = run_doubles(cf, tmp_path / "d.bin", "silent", "close")
