@@ -258,6 +258,28 @@ def test_keepopen_marker_with_garbage_in_the_other_reserved_bytes(seeder: tuple[
             assert read_response(sock) == (0, block(sample.data, sample.cf, 1))
 
 
+def test_fuzz_then_still_serving(seeder: tuple[Proc, int], sample: Sample) -> None:
+    """Random bytes, truncated requests and clients that reset mid-reply leave the server unharmed."""
+    proc, port = seeder
+    rng = random.Random(12)
+    valid = req(0, sample.cf.cascade_hash, keep=True)
+    for n in range(300):
+        kind = n % 3
+        with connect(port) as sock:
+            if kind == 0:
+                sock.sendall(rng.randbytes(rng.randrange(1, 300)))
+            elif kind == 1:
+                sock.sendall(valid[: rng.randrange(1, 64)])
+            else:
+                sock.sendall(valid * rng.randrange(1, 20))
+                # Close with a reset while the server is still sending.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    status, body, closed = request(port, req(sample.cf.block_count - 1, sample.cf.cascade_hash))
+    assert (status, body, closed) == (0, block(sample.data, sample.cf, sample.cf.block_count - 1), True)
+    assert proc.popen.poll() is None
+    assert "Traceback" not in proc.stderr
+
+
 # --- kept-open connections ------------------------------------------------------------
 
 
