@@ -475,7 +475,7 @@ def test_a_busy_pipelining_client_does_not_monopolise_a_worker(tmp_path: Path) -
     server = BlockServer("127.0.0.1", 0, max_workers=1)
     server.add_store(store)
     server.start()
-    total = 4000
+    total = 8000
     done = [0]
     try:
         port = server.address[1]
@@ -494,7 +494,8 @@ def test_a_busy_pipelining_client_does_not_monopolise_a_worker(tmp_path: Path) -
         assert first.wait(TIMEOUT)
         status, _, _ = request(port, req(1, s.cf.cascade_hash))
         assert status == 0
-        assert done[0] < total // 2, "the second client waited for the busy one to finish"
+        # Unfair, it would come after every busy request but what the socket buffers hold (< 1000 blocks).
+        assert done[0] < total - 1500, "the second client waited for the busy one to finish"
         th.join(30)
         assert done[0] == total
         busy.close()
