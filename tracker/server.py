@@ -375,7 +375,8 @@ class TrackerServer:
     def _fail(self, conn: _Conn, reply: bytes, ep: select.epoll, conns: dict[int, _Conn]) -> None:
         """Send a (small) reply and half-close, then wait for the client to close (a lingering close).
 
-        Used for error replies and for clients that sent more than 54 bytes.
+        Used for error replies, for clients that sent more than 54 bytes, and
+        for clients that sent their request in pieces.
         Closing at once with unread bytes in the receive buffer makes the
         kernel reset the connection, and the client would lose the reply
         (seen on Linux loopback). So the rest is
@@ -450,23 +451,9 @@ class TrackerServer:
             return
         buf = conn.buf = conn.buf + data
         if len(buf) >= TRACKER_REQUEST_SIZE:
-            reply = self._reply(buf, conn.ip)
-            if reply[0] != 0 or len(buf) > TRACKER_REQUEST_SIZE:
-                self._fail(conn, reply, ep, conns)
-                return
-            try:
-                sent = sock.send(reply, _DONTWAIT)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                self._close(conn, ep, conns)
-                return
-            if sent == len(reply):
-                self._close(conn, ep, conns)
-            else:
-                conn.state = _Conn.WRITING
-                conn.out = reply[sent:]
-                ep.modify(sock.fileno(), select.EPOLLOUT)
+            # A client that sends in pieces may still be sending (trailing bytes
+            # would reset the connection): always a lingering close here.
+            self._fail(conn, self._reply(buf, conn.ip), ep, conns)
             return
         bad = self._partial_header_error(buf, conn.ip)
         if bad is not None:
