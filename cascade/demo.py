@@ -40,6 +40,7 @@ DEFAULT_SEED_RATE = "4M"
 START_TIMEOUT = 15.0
 RUN_TIMEOUT = 120.0
 LISTENING = re.compile(r"listening on (\S+):(\d+)")
+HTTP_LISTENING = re.compile(r"tracker http on (\S+):(\d+)")
 
 
 @dataclass
@@ -149,8 +150,9 @@ def run(
             file=say,
         )
 
-        tracker = demo.spawn("tracker", ["tracker", "run", "--host", "127.0.0.1", "--port", "0"])
+        tracker = demo.spawn("tracker", ["tracker", "run", "--host", "127.0.0.1", "--port", "0", "--http-port", "0"])
         tracker_port = int(demo.wait_for(tracker, LISTENING).group(2))
+        http_port = int(demo.wait_for(tracker, HTTP_LISTENING).group(2))
         tracker_addr = f"127.0.0.1:{tracker_port}"
         seeder = demo.spawn(
             "seeder",
@@ -164,6 +166,7 @@ def run(
             + (f" (upload limited to {seed_rate}/s)" if seed_rate else ""),
             file=say,
         )
+        print(f"status page: http://127.0.0.1:{http_port}/", file=say, flush=True)
 
         started = time.monotonic()
         workers: list[_Child] = []
