@@ -9,8 +9,9 @@ PYTHON="${PYTHON:-python3}"
 # The browser test needs chromium; install it when we can (root, apt), else it skips.
 if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
     echo "test.sh: installing chromium for the browser test" >&2
-    if ! { DEBIAN_FRONTEND=noninteractive apt-get update -qq \
-           && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } </dev/null >&2; then
+    # Bounded in time: a machine without a usable mirror must not stall the suite.
+    if ! { DEBIAN_FRONTEND=noninteractive timeout 300 apt-get update -qq \
+           && DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -qq chromium; } </dev/null >&2; then
         echo "test.sh: warning: could not install chromium; the browser test will be skipped" >&2
     fi
 fi
