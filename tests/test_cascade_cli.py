@@ -7,6 +7,7 @@ traceback.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import random
@@ -373,3 +374,21 @@ def test_parse_hostport(text: str, default_host: str | None, value: tuple[str, i
 def test_parse_hostport_rejects(text: str) -> None:
     with pytest.raises(UsageError):
         parse_hostport(text)
+
+
+def test_progress_bar_only_on_a_terminal_for_large_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    class FakeTTY(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    with cli.progress_bar(1 << 40, "x") as progress:
+        assert progress is None  # not a terminal: silence
+    tty = FakeTTY()
+    monkeypatch.setattr(sys, "stderr", tty)
+    with cli.progress_bar(cli.PROGRESS_THRESHOLD - 1, "x") as progress:
+        assert progress is None  # small work: no bar
+    with cli.progress_bar(cli.PROGRESS_THRESHOLD, "hashing") as progress:
+        assert progress is not None
+        progress(cli.PROGRESS_THRESHOLD)
+    assert "hashing" in tty.getvalue()
