@@ -19,6 +19,7 @@ from cascade.metafile import encode_cascade
 from cascade.wire import TrackerCommand
 from peer.tracker_client import TrackerAddress, announce
 from tests.procs import Proc
+from tracker.http_api import HttpConfig
 
 TOKEN = "s3cret-token"
 HTTP_LINE = r"tracker http on (\S+):(\d+)"
@@ -437,8 +438,8 @@ def test_busy_server_answers_503_and_recovers(tmp_path: Path) -> None:
     t = start()
     idle: list[socket.socket] = []
     try:
-        # 16 workers (HttpConfig.max_workers), each held by a client that sends nothing.
-        idle = [socket.create_connection(("127.0.0.1", t.http), timeout=5) for _ in range(16)]
+        # Every worker held by a client that sends nothing.
+        idle = [socket.create_connection(("127.0.0.1", t.http), timeout=5) for _ in range(HttpConfig().max_workers)]
         r = requests.get(f"{t.url}/healthz", timeout=5)
         assert_error(r, 503, "too many")
         for s in idle:

@@ -66,8 +66,10 @@ class HttpConfig:
     host: str = "0.0.0.0"
     port: int = 0
     token: str | None = None  # required as "Authorization: Bearer TOKEN" for uploads
-    max_workers: int = 16
-    queue_wait: float = 1.0  # seconds a new connection may wait for a free worker
+    max_workers: int = 32  # arbitrary; each is a thread blocked on one client
+    # Seconds a new connection may wait for a free worker. Short, because the
+    # accept loop waits with it: a long wait would let a few idle clients slow everyone.
+    queue_wait: float = 0.25
     read_timeout: float = 10.0  # seconds any single read may take
     request_deadline: float = 30.0  # seconds a whole connection may take
     max_json_body: int = 64 << 10
