@@ -50,8 +50,8 @@ def parse_rate(text: str | None) -> int | None:
     return rate or None
 
 
-def start_server(listen: str, upload_rate: int | None = None, idle_timeout: float = 30.0) -> BlockServer:
-    """Bind a :class:`BlockServer` on ``--listen``, start it and log the first line.
+def bind_server(listen: str, upload_rate: int | None = None, idle_timeout: float = 30.0) -> BlockServer:
+    """Start a :class:`BlockServer` on ``--listen`` (``HOST:PORT``, default host 0.0.0.0).
 
     Raises :class:`UsageError` for a bad address and :class:`CascadeError` when binding fails.
     """
@@ -61,9 +61,13 @@ def start_server(listen: str, upload_rate: int | None = None, idle_timeout: floa
         server.start()
     except OSError as exc:
         raise CascadeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    return server
+
+
+def log_listening(server: BlockServer) -> None:
+    """The first log line of a peer: ``peer listening on HOST:PORT`` with the real port."""
     bound_host, bound_port = server.address
     log.info("peer listening on %s:%d", bound_host, bound_port)
-    return server
 
 
 def positive_seconds(text: str) -> float:
@@ -104,28 +108,34 @@ def seed_command(args: argparse.Namespace) -> int:
     ip = announce_ip(host, args.announce_ip)
     files = _seed_files(args.files, args.data)
 
-    server = start_server(args.listen, rate, args.idle_timeout)
+    # Bind first, so a taken port fails at once, not after minutes of hashing. The
+    # listening line comes once every file is verified and served: a client that
+    # waits for it never meets a seeder that does not know its files yet.
+    server = bind_server(args.listen, rate, args.idle_timeout)
     announcer = Announcer(tracker, ip, server.address[1], interval=args.announce_interval)
     stores: list[BlockStore] = []
     try:
-        announcer.start()
+        lines: list[str] = []
         for f in files:
             check = check_data(f.data_path, f.cf, whole_file=False, progress=lambda _n: stop.check())
             store = BlockStore.open_for_seeding(f.cf, f.data_path, check)
             stores.append(store)
             server.add_store(store)
-            count = f.cf.block_count
-            name = f.cascade_path.name
-            have = check.valid_count
+            count, have = f.cf.block_count, check.valid_count
             if have == count:
                 note = ""
             elif have:
                 note = ", partial"
             else:
                 note = f", none in {f.data_path}: not announced"
-            log.info("%s: %d/%d blocks verified (%s%s)", name, have, count, format_size(f.cf.data_length), note)
+            size = format_size(f.cf.data_length)
+            lines.append(f"{f.cascade_path.name}: {have}/{count} blocks verified ({size}{note})")
             if have or not count:
                 announcer.add(f.cf.cascade_hash)
+        log_listening(server)
+        for line in lines:
+            log.info("%s", line)
+        announcer.start()
         stop.wait()
     except Interrupted:
         pass

@@ -170,6 +170,17 @@ def test_listen_line_has_the_real_port(sample: Sample, tracker: FakeTracker) -> 
         proc.stop()
 
 
+def test_every_file_is_served_once_the_listening_line_is_out(tmp_path: Path) -> None:
+    big = make_sample(tmp_path, "big.bin", 24 << 20, 64 << 10, seed=7)
+    proc = Proc(["peer", "seed", str(big.cascade_path), "--tracker", "127.0.0.1:9", "--listen", "127.0.0.1:0"])
+    try:
+        port = proc.wait_listening()
+        last = big.cf.block_count - 1
+        assert _one(port, req(last, big.cf.cascade_hash))[:2] == (0, block(big.data, big.cf, last))
+    finally:
+        proc.stop()
+
+
 def _one(port: int, raw: bytes) -> tuple[int, bytes, bool]:
     with connect(port) as sock:
         sock.sendall(raw)
