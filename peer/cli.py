@@ -67,7 +67,8 @@ def bind_server(listen: str, upload_rate: int | None = None, idle_timeout: float
 def log_listening(server: BlockServer) -> None:
     """The first log line of a peer: ``peer listening on HOST:PORT`` with the real port."""
     bound_host, bound_port = server.address
-    log.info("peer listening on %s:%d", bound_host, bound_port)
+    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+    log.info("peer listening on %s:%d", shown, bound_port)
 
 
 def positive_seconds(text: str) -> float:
