@@ -19,7 +19,9 @@ from cascade.metafile import encode_cascade
 from cascade.wire import TrackerCommand
 from peer.tracker_client import TrackerAddress, announce
 from tests.procs import Proc
-from tracker.http_api import HttpConfig
+from tracker.cascade_store import CascadeStore
+from tracker.http_api import HttpConfig, TrackerHttpServer
+from tracker.swarms import SwarmRegistry
 
 TOKEN = "s3cret-token"
 HTTP_LINE = r"tracker http on (\S+):(\d+)"
@@ -517,3 +519,53 @@ def test_api_token_needs_http_port() -> None:
         assert lines == ["tracker: error: --api-token needs --http-port"]
     finally:
         proc.stop()
+
+
+# --- timeouts, with the server in this process and short limits -----------------
+
+
+@pytest.fixture
+def quick_server(tmp_path: Path) -> Iterator[TrackerHttpServer]:
+    config = HttpConfig(host="127.0.0.1", port=0, read_timeout=0.3, request_deadline=0.6)
+    server = TrackerHttpServer(SwarmRegistry(), CascadeStore(tmp_path / "files"), config)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def closed_within(sock: socket.socket, seconds: float, trickle: bool) -> float:
+    """Seconds until the server closes ``sock``; sends a header byte every 0.05 s if ``trickle``."""
+    started = time.monotonic()
+    sock.setblocking(False)
+    sock.sendall(b"GET /healthz HTTP/1.0\r\n")
+    while time.monotonic() - started < seconds:
+        try:
+            if sock.recv(4096) == b"":
+                return time.monotonic() - started
+        except BlockingIOError:
+            pass
+        except ConnectionResetError:
+            return time.monotonic() - started
+        if trickle:
+            try:
+                sock.send(b"X")
+            except OSError:
+                return time.monotonic() - started
+        time.sleep(0.05)
+    raise AssertionError(f"still open after {seconds} s")
+
+
+def test_a_silent_client_is_dropped_after_the_read_timeout(quick_server: TrackerHttpServer) -> None:
+    with socket.create_connection(quick_server.server_address[:2], timeout=5) as s:
+        assert closed_within(s, 3.0, trickle=False) < 1.5
+
+
+def test_a_trickling_client_is_cut_at_the_deadline(quick_server: TrackerHttpServer) -> None:
+    with socket.create_connection(quick_server.server_address[:2], timeout=5) as s:
+        took = closed_within(s, 3.0, trickle=True)
+    assert 0.5 <= took < 2.0
+    assert quick_server.registry.counters().errors.get("http_deadline", 0) >= 1
+    r = requests.get(f"http://127.0.0.1:{quick_server.address[1]}/healthz", timeout=5)
+    assert r.status_code == 200

@@ -113,7 +113,8 @@ class CascadeStore:
             stem = path.name[: -len(_SUFFIX)]
             try:
                 cascade_hash = parse_hex_hash(stem)
-                data = path.read_bytes()[: self.max_file_size + 1]
+                with path.open("rb") as f:
+                    data = f.read(self.max_file_size + 1)
                 if len(data) > self.max_file_size:
                     raise MetafileError("larger than the size cap")
                 cf = parse_cascade(data, path.name)
