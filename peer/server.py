@@ -71,7 +71,7 @@ _ONESHOT_OUT = select.EPOLLOUT | select.EPOLLONESHOT
 # How long a worker waits for a full socket to drain before parking the
 # connection on the selector: far longer than a fast reader needs, short
 # enough that slow readers cannot hold the pool.
-WRITE_WAIT_MS = 100
+WRITE_WAIT_MS = 20
 
 
 class _Close(Exception):
