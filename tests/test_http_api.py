@@ -569,3 +569,11 @@ def test_a_trickling_client_is_cut_at_the_deadline(quick_server: TrackerHttpServ
     assert quick_server.registry.counters().errors.get("http_deadline", 0) >= 1
     r = requests.get(f"http://127.0.0.1:{quick_server.address[1]}/healthz", timeout=5)
     assert r.status_code == 200
+
+
+def test_query_string_flood_is_400(tracker: Tracker) -> None:
+    query = "&".join(f"f{i}=1" for i in range(50))
+    r = requests.put(
+        f"{tracker.url}/api/v1/cascades?{query}", data=b"x", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5
+    )
+    assert_error(r, 400, "query")

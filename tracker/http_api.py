@@ -330,18 +330,18 @@ class _Handler(BaseHTTPRequestHandler):
         # Until the body is read, an early error reply must end in a lingering close.
         self._unread = min(int(announced), _DRAIN_LIMIT) if announced.isascii() and announced.isdigit() else 0
         try:
+            parts = urlsplit(self.path)
+            route, handlers, params = self._routes(parts.path)
+            self._route = route
+            handler = handlers.get("GET" if method == "HEAD" else method)
+            if handler is None:
+                allow = sorted([*handlers, "HEAD"] if "GET" in handlers else handlers)
+                raise _HttpError(405, f"{method} is not allowed here", (("Allow", ", ".join(allow)),))
             try:
-                parts = urlsplit(self.path)
                 self._query = parse_qs(parts.query, max_num_fields=20)
-                route, handlers, params = self._routes(parts.path)
-                self._route = route
-                handler = handlers.get("GET" if method == "HEAD" else method)
-                if handler is None:
-                    allow = sorted([*handlers, "HEAD"] if "GET" in handlers else handlers)
-                    raise _HttpError(405, f"{method} is not allowed here", (("Allow", ", ".join(allow)),))
-                handler(params)
-            except ValueError as exc:  # e.g. too many query fields
-                raise _HttpError(400, str(exc)) from exc
+            except ValueError as exc:  # too many fields
+                raise _HttpError(400, f"bad query string: {exc}") from exc
+            handler(params)
         except _HttpError as exc:
             self._reply_error(exc.status, exc.message, exc.headers)
         except TimeoutError:
