@@ -107,6 +107,9 @@ def upload(t: Tracker, data: bytes, token: str | None = TOKEN, **kw: object) -> 
 
 
 def test_healthz(tracker: Tracker) -> None:
+    lines = tracker.proc.stderr.splitlines()
+    assert lines[0] == f"tracker listening on 127.0.0.1:{tracker.port}"
+    assert lines[1] == f"tracker http on 127.0.0.1:{tracker.http}"
     r = requests.get(f"{tracker.url}/healthz", timeout=5)
     assert r.status_code == 200
     doc = r.json()
