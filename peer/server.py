@@ -340,10 +340,18 @@ class BlockServer:
                 log.debug("%s: connected", name)
 
     def _drain(self, conn: _Conn) -> None:
-        """Read and discard what a closing client still sends, until it closes too."""
+        """Read and discard what a closing client still sends, until it closes too.
+
+        A few reads per event at most: a client that keeps sending must not hold
+        the selector thread; the linger deadline ends it.
+        """
         try:
-            while conn.sock.recv(RECV_SIZE):
-                pass
+            for _ in range(4):
+                if not conn.sock.recv(RECV_SIZE):
+                    break
+            else:
+                self._rearm(conn)
+                return
         except (BlockingIOError, InterruptedError):
             self._rearm(conn)
             return

@@ -280,6 +280,37 @@ def test_fuzz_then_still_serving(seeder: tuple[Proc, int], sample: Sample) -> No
     assert "Traceback" not in proc.stderr
 
 
+def test_a_client_flooding_garbage_is_cut_off_and_holds_nothing(seeder: tuple[Proc, int], sample: Sample) -> None:
+    _, port = seeder
+    flood = connect(port)
+    stopped = threading.Event()
+    outcome: list[str] = []
+
+    def pour() -> None:
+        chunk = b"\xee" * 65536
+        deadline = time.monotonic() + TIMEOUT
+        try:
+            while time.monotonic() < deadline and not stopped.is_set():
+                flood.sendall(chunk)
+            outcome.append("still open")
+        except OSError:
+            outcome.append("cut off")
+
+    th = threading.Thread(target=pour, daemon=True)
+    th.start()
+    try:
+        for i in range(5):  # everyone else is served meanwhile
+            t = time.monotonic()
+            assert request(port, req(i, sample.cf.cascade_hash))[0] == 0
+            assert time.monotonic() - t < 1.0
+        th.join(TIMEOUT + 1)
+        assert outcome == ["cut off"]
+    finally:
+        stopped.set()
+        th.join(TIMEOUT + 1)
+        flood.close()
+
+
 # --- kept-open connections ------------------------------------------------------------
 
 
