@@ -6,6 +6,7 @@ import hashlib
 import json
 import re
 import socket
+import struct
 import tempfile
 import time
 from collections.abc import Iterator
@@ -580,3 +581,21 @@ def test_query_string_flood_is_400(tracker: Tracker) -> None:
         f"{tracker.url}/api/v1/cascades?{query}", data=b"x", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5
     )
     assert_error(r, 400, "query")
+
+
+def test_a_client_resetting_mid_request_is_no_traceback(tracker: Tracker) -> None:
+    partials = [b"GET /healthz HTTP/1.0\r\nHost: x", b"PUT /api/v1/cascades HTTP/1.0\r\nContent-Length: 9000\r\n\r\nab"]
+    for partial in partials:
+        s = socket.create_connection(("127.0.0.1", tracker.http), timeout=5)
+        s.sendall(partial)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()  # an RST, not a FIN
+    assert requests.get(f"{tracker.url}/healthz", timeout=5).status_code == 200
+    deadline = time.monotonic() + 5
+    while True:
+        text = requests.get(f"{tracker.url}/metrics", timeout=5).text
+        if "http_connection_lost" in text or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert metric(text, "cascade_tracker_errors_total", kind="http_connection_lost") >= 1
+    assert "Traceback" not in tracker.proc.stderr

@@ -30,6 +30,7 @@ import json
 import logging
 import re
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -173,9 +174,17 @@ class TrackerHttpServer(ThreadingHTTPServer):
                 sock.shutdown(socket.SHUT_RDWR)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        # Called for exceptions that escaped the handler (a bug, or the client vanished mid-write).
+        # Called for exceptions that escaped the handler: a client that vanished
+        # while http.server read its headers (one short line), or a bug (a traceback).
+        who = client_address[0] if client_address else "?"
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):
+            self.registry.count_error("http_connection_lost")
+            if self.config.verbose:
+                log.info("%s connection lost: %s", who, exc)
+            return
         self.registry.count_error("http_internal")
-        log.exception("http request from %s failed", client_address[0] if client_address else "?")
+        log.exception("http request from %s failed", who)
 
 
 def _peer_json(p: PeerRecord) -> dict[str, object]:
@@ -350,6 +359,7 @@ class _Handler(BaseHTTPRequestHandler):
             with contextlib.suppress(OSError):
                 self._reply_error(408, "request timed out")
         except OSError as exc:  # the client went away mid-request
+            self.registry.count_error("http_connection_lost")
             self.close_connection = True
             if self.server.config.verbose:
                 log.info("%s connection lost: %s", self.client_address[0], exc)
