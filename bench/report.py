@@ -1,0 +1,87 @@
+"""BENCHMARKS.md: the results of the last full and quick runs, between markers.
+
+Results are kept in ``bench/results.json`` (per mode, per case and variant), so a
+run with ``--only`` replaces just its own rows. Text outside the markers is hand-written
+and left alone.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+CASE_ORDER = ("transfer", "swarm", "small", "tracker", "verify", "memory")
+RESULTS = Path(__file__).resolve().parent / "results.json"
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, list):
+        return " / ".join(_fmt(x) for x in v)
+    if isinstance(v, float):
+        return f"{v:,.3f}".rstrip("0").rstrip(".") if abs(v) < 100 else f"{v:,.0f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def render(mode: str, state: dict[str, Any]) -> str:
+    lines = [
+        f"### Last {mode} run",
+        "",
+        f"- date: {state['date']}",
+        f"- command: `{state['command']}` ({state['seconds']:.0f} s)",
+        "- machine: " + ", ".join(f"{k} {v}" for k, v in state["machine"].items()),
+        "",
+    ]
+    rows: list[dict[str, Any]] = list(state["rows"].values())
+    targets = [(r["variant"], t) for r in rows for t in r.get("targets", [])]
+    if targets:
+        lines += ["| target | result | measured |", "| --- | --- | --- |"]
+        lines += [f"| {t['target']} | {'PASS' if t['pass'] else 'MISS'} | {t['detail']} |" for _, t in targets]
+        lines.append("")
+    for case in CASE_ORDER:
+        case_rows = [r for r in rows if r["case"] == case]
+        if not case_rows:
+            continue
+        skip = {"case", "variant", "targets", "note"}
+        cols: list[str] = []
+        for r in case_rows:
+            cols += [k for k in r if k not in skip and k not in cols]
+        lines += [f"#### {case}", "", "| variant | " + " | ".join(cols) + " | note |", "| --- " * (len(cols) + 2) + "|"]
+        for r in case_rows:
+            lines.append(
+                f"| {r['variant']} | " + " | ".join(_fmt(r.get(c)) for c in cols) + f" | {r.get('note', '')} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def update(
+    md: Path, mode: str, rows: list[dict[str, Any]], machine: dict[str, str], command: str, seconds: float
+) -> None:
+    """Merge ``rows`` into the stored results of ``mode`` and rewrite that block of ``md``."""
+    try:
+        stored: dict[str, Any] = json.loads(RESULTS.read_text())
+    except (OSError, ValueError):
+        stored = {}
+    state = stored.get(mode, {"rows": {}})
+    for r in rows:
+        state["rows"][f"{r['case']}: {r['variant']}"] = r
+    state.update(
+        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), machine=machine, command=command, seconds=seconds
+    )
+    stored[mode] = state
+    RESULTS.write_text(json.dumps(stored, indent=1) + "\n")
+    begin, end = f"<!-- bench:{mode} -->", f"<!-- /bench:{mode} -->"
+    text = md.read_text() if md.exists() else "# Benchmarks\n"
+    block = f"{begin}\n{render(mode, state)}\n{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    md.write_text(text)
