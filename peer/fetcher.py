@@ -225,6 +225,8 @@ class _Scheduler:
         self.lack_ttl = lack_ttl
         self.complete = threading.Event()
         self.progress = threading.Event()
+        # Wakes the coordinator early: completion, a peer turned useful, a session ended.
+        self.wake = threading.Event()
         if store.complete:
             self.complete.set()
 
@@ -286,6 +288,7 @@ class _Scheduler:
         self.progress.set()
         if self.store.complete:
             self.complete.set()
+            self.wake.set()
         return first
 
 
@@ -476,6 +479,7 @@ class Fetcher:
         """Ask a running :meth:`run` to return soon (thread-safe)."""
         self._stop.set()
         self._sched.complete.set()
+        self._sched.wake.set()
 
     def add_peers(self, peers: Iterable[tuple[str, int, bool]]) -> None:
         for ip, port, good in peers:
@@ -529,7 +533,8 @@ class Fetcher:
                     raise CascadeTimeout(self._stall_message())
                 if on_tick is not None:
                     on_tick(self._progress())
-                self._sched.complete.wait(tick)
+                self._sched.wake.wait(tick)
+                self._sched.wake.clear()
         finally:
             self._stop.set()
             self._sched.complete.set()
@@ -701,6 +706,7 @@ class Fetcher:
                 peer.not_present += session.not_present
                 peer.sessions -= 1
                 self._sessions.discard(session)
+            self._sched.wake.set()
 
     def _backoff(self, peer: _Peer) -> None:
         peer.failures += 1
@@ -849,7 +855,9 @@ class Fetcher:
             if wrote and sched.done(i):
                 session.blocks += 1
                 session.bytes += length
-                peer.useful = True
+                if not peer.useful:
+                    peer.useful = True
+                    sched.wake.set()
                 peer.failures = 0
             elif not wrote:
                 sched.release(i)

@@ -92,16 +92,26 @@ def test_silent_peer_holds_no_block_hostage(tmp_path: Path) -> None:
     assert silent not in fetcher.partial_result(0).sources
 
 
-def test_corrupt_peer_is_banned_in_process(tmp_path: Path) -> None:
-    _, cf = make_file(tmp_path, "d.bin", 400_000, 2048)
-    servers = run_doubles(cf, tmp_path / "d.bin", "corrupt", "close")
+def test_corrupt_peer_is_dropped_then_banned_and_nothing_reaches_the_disk(tmp_path: Path) -> None:
+    _, cf = make_file(tmp_path, "d.bin", 100_000, 2048)
+    [bad] = run_doubles(cf, tmp_path / "d.bin", "corrupt")
+    out = tmp_path / "out"
+    store = BlockStore.open_for_fetching(cf, out, check_data(out, cf))
+    peers = [(bad.address[0], bad.address[1], True)]
+    fetcher = Fetcher(store, lambda: peers, policy=FetchPolicy(stall_timeout=1.5, backoff_min=0.05))
     try:
-        fetcher = fetch_in_process(cf, tmp_path / "out", servers)
+        fetcher.add_peers(peers)
+        with pytest.raises(CascadeTimeout):
+            fetcher.run()
     finally:
-        for s in servers:
-            s.stop()
+        store.close()
+        bad.stop()
     result = fetcher.partial_result(0)
-    assert result.banned == [f"127.0.0.1:{servers[0].address[1]}"]
+    assert result.banned == [f"127.0.0.1:{bad.address[1]}"]
+    assert result.blocks_downloaded == 0
+    # Two offences, two connections: it was not asked again once banned.
+    assert bad.requests <= 2 * FetchPolicy().max_depth
+    assert check_data(out, cf, whole_file=False).valid_count == 0
 
 
 def test_no_peers_is_a_timeout(tmp_path: Path) -> None:

@@ -81,7 +81,8 @@ def test_killing_one_of_two_seeders_mid_transfer(swarm: Swarm, tmp_path: Path) -
 def test_corrupt_peer_is_banned_and_everyone_finishes(swarm: Swarm, tmp_path: Path) -> None:
     cascade, cf = make_file(tmp_path, "bad.bin", 2 << 20, 8 << 10)
     _, bad_port = swarm.double("corrupt", cascade, cf)
-    swarm.seeder(cascade, cf, "--max-upload-rate", "2M")
+    # Limited so the download outlasts the backoff between the corrupt peer's two offences.
+    swarm.seeder(cascade, cf, "--max-upload-rate", "1M")
     outs = [tmp_path / f"out{i}" for i in range(3)]
     fetchers = [swarm.fetcher(cascade, out) for out in outs]
     results = finish_all(fetchers, cf, outs)
