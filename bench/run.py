@@ -191,29 +191,38 @@ class Bench:
             c_s = median(casc)
             raw_gbps = median([r.gbps for r in raws])
             c_gbps = size / c_s / 1e9
+            raw_wall = median([r.wall_seconds for r in raws])
+            raw_wall_gbps = size / raw_wall / 1e9
+            blocks = f"{block >> 20} MiB" if block >= MiB else f"{block >> 10} KiB"
             r = Result(
                 "transfer",
-                f"1+1 {size >> 20} MiB, {block >> 10} KiB blocks",
+                f"1+1 {size >> 20} MiB, {blocks} blocks",
                 {
                     "cascade_s": rnd(c_s),
                     "cascade_runs_s": [rnd(x) for x in casc],
                     "cascade_GBps": rnd(c_gbps),
-                    "raw_GBps": rnd(raw_gbps),
-                    "raw_wall_s": rnd(median([r.wall_seconds for r in raws])),
+                    "raw_wall_s": rnd(raw_wall),
+                    "raw_wall_GBps": rnd(raw_wall_gbps),
+                    "raw_inprocess_GBps": rnd(raw_gbps),
                     "libtorrent_s": rnd(lt_s),
                     "libtorrent_piece_KiB": piece >> 10,
                     "vs_libtorrent": rnd(c_s / lt_s),
-                    "vs_raw": rnd(c_gbps / raw_gbps),
+                    "vs_raw_wall": rnd(c_gbps / raw_wall_gbps),
+                    "vs_raw_inprocess": rnd(c_gbps / raw_gbps),
                 },
+                note="cascade, raw_wall and libtorrent: whole processes, start-up included",
             )
             if size == 256 * MiB and block == MiB:
                 r.target(
-                    "transfer <= 0.5x libtorrent", c_s <= 0.5 * lt_s, f"{c_s:.3f} s vs {lt_s:.3f} s = {c_s / lt_s:.2f}x"
+                    "transfer <= 0.5x libtorrent",
+                    c_s <= 0.5 * lt_s,
+                    f"{c_s:.3f} s vs {lt_s:.3f} s = {c_s / lt_s:.2f}x",
                 )
                 r.target(
                     "transfer >= 60% of raw ceiling",
-                    c_gbps >= 0.6 * raw_gbps,
-                    f"{c_gbps:.3f} vs {raw_gbps:.3f} GB/s = {100 * c_gbps / raw_gbps:.0f}%",
+                    c_gbps >= 0.6 * raw_wall_gbps,
+                    f"{c_gbps:.3f} vs {raw_wall_gbps:.3f} GB/s = {100 * c_gbps / raw_wall_gbps:.0f}% (both whole "
+                    f"processes; against the in-process ceiling {raw_gbps:.3f} GB/s: {100 * c_gbps / raw_gbps:.0f}%)",
                 )
             self.emit(r)
         for size in {s for s, _ in self.plan.transfer}:
