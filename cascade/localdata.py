@@ -89,7 +89,8 @@ def _chunks(fd: int, length: int, block_size: int, workers: int) -> Iterator[tup
     The bytes are a view of a reused buffer: valid only until the next item is
     requested. At most ``limit`` chunks are in flight plus the one lent out.
     """
-    chunk = _chunk_size(block_size)
+    # Never larger than the file: a 1 GiB block size on a small file must not allocate 1 GiB.
+    chunk = min(_chunk_size(block_size), max(1, length))
     limit = max(1, min(2 * workers, MAX_IN_FLIGHT // chunk))
     free: list[bytearray] = []
     pending: deque[tuple[int, bytearray, Future[tuple[int, bytes]]]] = deque()

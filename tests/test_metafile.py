@@ -42,6 +42,7 @@ DATA = bytes((i * 7 + i // 256) % 256 for i in range(1000))
         (DATA, 250, 4),  # an exact multiple
         (DATA, 4096, 1),  # one block longer than the file
         (DATA, 1 << 20, 1),
+        (DATA, 1 << 30, 1),  # the largest block size: must not allocate a 1 GiB buffer
         (b"", 64, 0),  # empty file: header only
         (b"", 1 << 20, 0),
         (b"\x00", 1, 1),
