@@ -384,8 +384,8 @@ class _Reader:
         self.sock = sock
         self.lo = self.hi = 0
 
-    def _fill(self, n: int) -> None:
-        """Make at least ``n`` (<= READ_BUFFER) bytes available from ``lo``."""
+    def _fill(self, n: int, exact: bool = False) -> None:
+        """Make at least ``n`` (<= READ_BUFFER) bytes available from ``lo``; ``exact`` reads no more."""
         if self.hi - self.lo >= n:
             return
         if len(self.buf) - self.lo < n:
@@ -394,13 +394,15 @@ class _Reader:
             self.lo, self.hi = 0, size
         recv_into, mv = self.sock.recv_into, self.mv
         while self.hi - self.lo < n:
-            got = recv_into(mv[self.hi :])
+            got = recv_into(mv[self.hi : self.lo + n] if exact else mv[self.hi :])
             if not got:
                 raise _Closed(self.hi - self.lo)
             self.hi += got
 
     def header(self) -> tuple[int, int]:
-        self._fill(BLOCK_RESPONSE_HEADER_SIZE)
+        # With large blocks, read just the header: the body then goes straight
+        # into the block buffer instead of through this one (one copy less).
+        self._fill(BLOCK_RESPONSE_HEADER_SIZE, exact=self.scratch is not None)
         status, length = _HEADER.unpack_from(self.buf, self.lo)
         self.lo += BLOCK_RESPONSE_HEADER_SIZE
         return status, length
