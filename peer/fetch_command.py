@@ -131,7 +131,7 @@ def _fetch(args: argparse.Namespace, stop: StopSignal) -> int:
             raise UsageError(f"--timeout must be positive, not {args.timeout:g}")
         cf = read_cascade(cascade_file)
         out = Path(args.out) if args.out else default_data_path(cascade_file)
-        store = _open_output(cf, out, args.force)
+        store, already_complete = _open_output(cf, out, args.force)
     except CascadeError as exc:
         raise _Failed(str(exc)) from exc
 
@@ -149,7 +149,12 @@ def _fetch(args: argparse.Namespace, stop: StopSignal) -> int:
         server.add_store(store)
         bound_host, my_port = server.address
         log.info("peer listening on %s:%d", bound_host, my_port)
-        result = _download(args, cf, store, tracker, my_ip, my_port, stop)
+        if already_complete:
+            # check_data verified every block and the whole-file hash just now.
+            n = cf.block_count
+            result = FetchResult(True, 0, 0, n, n, 0.0, {}, [])
+        else:
+            result = _download(args, cf, store, tracker, my_ip, my_port, stop)
         _subscribe(tracker, cf, my_ip, my_port)
         name = out.name
         rate = result.bytes_downloaded / result.seconds if result.seconds > 0 else 0.0
@@ -177,7 +182,8 @@ def _fetch(args: argparse.Namespace, stop: StopSignal) -> int:
         store.close()
 
 
-def _open_output(cf: CascadeFile, out: Path, force: bool) -> BlockStore:
+def _open_output(cf: CascadeFile, out: Path, force: bool) -> tuple[BlockStore, bool]:
+    """Open ``out`` for the download; True when it already holds the complete, verified file."""
     if out.is_dir():
         raise DataError(f"{out}: is a directory; give --out a file path")
     check = check_data(out, cf)
@@ -187,7 +193,8 @@ def _open_output(cf: CascadeFile, out: Path, force: bool) -> BlockStore:
         )
     if out.exists() and check.valid_count == cf.block_count and check.size == cf.data_length and not check.complete:
         raise DataError(f"{out}: every block verifies but the whole-file SHA-256 does not match the .cascade file")
-    return BlockStore.open_for_fetching(cf, out, check)
+    complete = out.exists() and check.complete
+    return BlockStore.open_for_fetching(cf, out, check), complete
 
 
 def _download(
