@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
+import pty
+import select
 import signal
 import socket
+import struct
+import sys
+import termios
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +22,7 @@ from cascade.localdata import check_data
 from cascade.metafile import CascadeFile
 from peer.fetcher import Fetcher, FetchPolicy
 from peer.storage import BlockStore
-from tests.doubles import DoubleServer, Swarm, last_json, make_file, sha256_file
+from tests.doubles import REPO, DoubleServer, Swarm, last_json, make_file, sha256_file
 
 FAST = FetchPolicy(first_response_timeout=1.0, stall_timeout=10.0, backoff_min=0.05)
 
@@ -206,3 +213,50 @@ def test_seed_keeps_serving_after_completion(swarm: Swarm, tmp_path: Path) -> No
     assert sha256_file(tmp_path / "b") == cf.file_hash
     first.signal(signal.SIGTERM)
     assert first.wait(5) == 0
+
+
+def run_in_pty(args: list[str], timeout: float = 30.0) -> tuple[int, str]:
+    """Run ``python -m ARGS`` on a pseudo-terminal 100 columns wide; return (exit status, output)."""
+    pid, fd = pty.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.chdir(REPO)
+        os.execv(sys.executable, [sys.executable, "-m", *args])
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    out = bytearray()
+    deadline = time.monotonic() + timeout
+    reaped = (0, 0)
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 0.05)
+            if ready:
+                try:
+                    chunk = os.read(fd, 65536)
+                except OSError:  # EIO: the child closed the terminal
+                    break
+                if not chunk:
+                    break
+                out += chunk
+    finally:
+        os.close(fd)
+        wait_until = time.monotonic() + 5
+        while (reaped := os.waitpid(pid, os.WNOHANG)) == (0, 0) and time.monotonic() < wait_until:
+            time.sleep(0.02)
+        if reaped == (0, 0):
+            os.kill(pid, signal.SIGKILL)
+            reaped = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(reaped[1]), out.decode(errors="replace")
+
+
+def test_progress_bar_on_a_terminal_only(swarm: Swarm, tmp_path: Path) -> None:
+    cascade, cf = make_file(tmp_path, "d.bin", 2 << 20, 16 << 10)
+    swarm.seeder(cascade, cf, "--max-upload-rate", "4M")
+    code, output = run_in_pty(
+        ["peer", "fetch", str(cascade), "--out", str(tmp_path / "tty"), "--tracker", swarm.tracker,
+         "--listen", "127.0.0.1:0"]
+    )  # fmt: skip
+    assert code == 0, output
+    assert "%|" in output and "peers" in output and "B/s" in output
+    assert "complete: 2.0 MiB" in output
+    plain = swarm.fetcher(cascade, tmp_path / "plain")
+    assert plain.wait(20) == 0
+    assert "%|" not in plain.stderr and "complete: 2.0 MiB" in plain.stderr
