@@ -471,6 +471,7 @@ class Fetcher:
         bs = self.cf.block_size
         self._max_depth = max(2, min(self.policy.max_depth, self.policy.inflight_bytes // max(bs, 1)))
         self._ever_connected = False
+        self._last_peers = 0
         self._list_error: str | None = None
         # Until a second peer shows up, blocks go out nearly in file order (see _Scheduler).
         self._sched.window_size = max(8, 2 * self._max_depth)
@@ -600,7 +601,10 @@ class Fetcher:
         verified = min(cf.data_length, n * cf.block_size)
         if n and self.store.has(cf.block_count - 1):
             verified = min(cf.data_length, verified - cf.block_size + cf.last_block_length)
-        return Progress(verified, cf.data_length, sum(1 for p in self._peers.values() if p.sessions))
+        peers = sum(1 for p in self._peers.values() if p.sessions)
+        if peers or not self._stop.is_set():
+            self._last_peers = peers
+        return Progress(verified, cf.data_length, self._last_peers)
 
     def _stall_message(self) -> str:
         t = f"{self.policy.stall_timeout:g} s"
