@@ -201,12 +201,12 @@ class _Scheduler:
     """Which block to ask whom for. Every method is O(1) per block, except the endgame scan.
 
     Blocks are handed out at random from a *window*: the next ``window_size``
-    missing blocks in file order. With several peers the window is a quarter
-    of the file (``SWARM_WINDOW``): wide enough that fetchers hold different
-    blocks and trade them, narrow enough that the whole-file hash follows
-    behind the download instead of re-reading the whole file at the end.
-    With a single peer nobody needs variety, and the window is just a few
-    requests wide.
+    missing blocks in file order, a quarter of the file (``SWARM_WINDOW``):
+    wide enough that fetchers hold different blocks and trade them, narrow
+    enough that the whole-file hash follows behind the download instead of
+    re-reading the whole file at the end. While a single peer serves us
+    nobody needs variety: blocks then go out strictly in file order
+    (``sequential``), and the hash keeps right up with the download.
     ``inflight`` counts the outstanding requests per block.
     """
 
@@ -218,6 +218,8 @@ class _Scheduler:
         self.cursor = 0
         self.window: list[int] = []
         self.window_size = len(self.rest)
+        # In file order while a single peer serves us (see the class docstring).
+        self.sequential = False
         self.inflight: dict[int, int] = {}
         # Blocks this run delivered; two endgame copies may both be written, only one counts.
         self.delivered = bytearray(count)
@@ -235,12 +237,13 @@ class _Scheduler:
         got: list[int] = []
         with self.lock:
             window, inflight, lacks, valid = self.window, self.inflight, peer.lacks, self.valid
-            if len(window) < self.window_size and self.cursor < len(self.rest):
+            if lacks and now - peer.lacks_since > self.lack_ttl:
+                lacks.clear()
+            if not self.sequential and len(window) < self.window_size and self.cursor < len(self.rest):
                 take = min(self.window_size - len(window), len(self.rest) - self.cursor)
                 window.extend(self.rest[self.cursor : self.cursor + take])
                 self.cursor += take
-            if lacks and now - peer.lacks_since > self.lack_ttl:
-                lacks.clear()
+            # Random picks from the window (in sequential mode it holds only blocks to retry).
             misses = 0
             while len(got) < want and window and misses < 16:
                 j = random.randrange(len(window))
@@ -255,6 +258,19 @@ class _Scheduler:
                     continue
                 inflight[i] = inflight.get(i, 0) + 1
                 got.append(i)
+            if self.sequential:
+                rest, cursor = self.rest, self.cursor
+                while len(got) < want and cursor < len(rest):
+                    i = rest[cursor]
+                    if valid[i]:
+                        cursor += 1
+                        continue
+                    if i in lacks:
+                        break  # the only peer lacks the next block; ask again later
+                    cursor += 1
+                    inflight[i] = inflight.get(i, 0) + 1
+                    got.append(i)
+                self.cursor = cursor
             if not window and self.cursor >= len(self.rest) and len(got) < want and inflight:
                 # Endgame: duplicate requests other peers have in flight, least-asked first.
                 own = peer.own
@@ -350,10 +366,12 @@ class _PrefixHasher:
 
     def finish(self) -> bytes:
         """Join the thread, hash what is left and return the digest; raises ``OSError``."""
+        behind = self.store.cf.block_count - self.next
         self.stop.set()
         self.progress.set()
         if self.thread.is_alive():
             self.thread.join()
+        log.debug("whole-file hash: %d blocks behind when the last block arrived", behind)
         if self.error is not None:
             raise self.error
         self._advance(bytearray(max(self.CHUNK, min(self.store.cf.block_size, 64 << 20))))
@@ -473,8 +491,8 @@ class Fetcher:
         self._ever_connected = False
         self._last_peers = 0
         self._list_error: str | None = None
-        # Until a second peer shows up, blocks go out nearly in file order (see _Scheduler).
-        self._sched.window_size = max(8, 2 * self._max_depth)
+        # Until a second peer shows up, blocks go out in file order (see _Scheduler).
+        self._sched.sequential = True
 
     # --- public -------------------------------------------------------------
 
@@ -500,8 +518,8 @@ class Fetcher:
         if usable > 1:
             sched = self._sched
             with sched.lock:
-                wide = max(4 * self._max_depth, int(len(sched.rest) * SWARM_WINDOW))
-                sched.window_size = max(sched.window_size, wide)
+                sched.window_size = max(4 * self._max_depth, int(len(sched.rest) * SWARM_WINDOW))
+                sched.sequential = False
 
     def run(self, on_tick: Callable[[Progress], None] | None = None, tick: float = 0.1) -> FetchResult:
         """Fetch until the file is complete and verified, or fail.
