@@ -81,7 +81,7 @@ class FetchPolicy:
     backoff_min: float = 0.2
     backoff_max: float = 10.0
     # Ask the tracker again after relist_min, doubling up to relist_max.
-    relist_min: float = 1.0
+    relist_min: float = 0.5
     relist_max: float = 15.0
     # A peer that answered "not present" is not asked for that block again for this long.
     lack_ttl: float = 1.0
