@@ -217,6 +217,8 @@ class _Scheduler:
         self.rest = array("I" if count < 1 << 32 else "Q", store.missing())
         self.cursor = 0
         self.window: list[int] = []
+        # Blocks that came back "not present": probably rare in the swarm.
+        self.rare: list[int] = []
         self.window_size = len(self.rest)
         # In file order while a single peer serves us (see the class docstring).
         self.sequential = False
@@ -243,21 +245,12 @@ class _Scheduler:
                 take = min(self.window_size - len(window), len(self.rest) - self.cursor)
                 window.extend(self.rest[self.cursor : self.cursor + take])
                 self.cursor += take
-            # Random picks from the window (in sequential mode it holds only blocks to retry).
-            misses = 0
-            while len(got) < want and window and misses < 16:
-                j = random.randrange(len(window))
-                i = window[j]
-                if i in lacks:
-                    misses += 1
-                    continue
-                last = window.pop()
-                if j < len(window):
-                    window[j] = last
-                if valid[i]:
-                    continue
-                inflight[i] = inflight.get(i, 0) + 1
-                got.append(i)
+            # Blocks some peer lacked go preferably to declared seeders, which have
+            # them all; other peers first try the blocks nobody has refused yet.
+            # (In sequential mode the window holds only blocks to retry.)
+            first, second = (self.rare, window) if peer.good else (window, self.rare)
+            _draw(first, want, got, lacks, valid, inflight)
+            _draw(second, want, got, lacks, valid, inflight)
             if self.sequential:
                 rest, cursor = self.rest, self.cursor
                 while len(got) < want and cursor < len(rest):
@@ -271,7 +264,7 @@ class _Scheduler:
                     inflight[i] = inflight.get(i, 0) + 1
                     got.append(i)
                 self.cursor = cursor
-            if not window and self.cursor >= len(self.rest) and len(got) < want and inflight:
+            if not window and not self.rare and self.cursor >= len(self.rest) and len(got) < want and inflight:
                 # Endgame: duplicate requests other peers have in flight, least-asked first.
                 own = peer.own
                 candidates = [(c, random.random(), i) for i, c in inflight.items() if i not in own and i not in lacks]
@@ -282,8 +275,8 @@ class _Scheduler:
         peer.own.update(got)
         return got
 
-    def release(self, i: int) -> None:
-        """A request for block ``i`` ended without this peer delivering it."""
+    def release(self, i: int, lacked: bool = False) -> None:
+        """A request for block ``i`` ended without this peer delivering it (``lacked``: status 2)."""
         with self.lock:
             c = self.inflight.get(i)
             if c is None:
@@ -293,7 +286,7 @@ class _Scheduler:
                 return
             del self.inflight[i]
             if not self.valid[i]:
-                self.window.append(i)
+                (self.rare if lacked else self.window).append(i)
 
     def done(self, i: int) -> bool:
         """Block ``i`` is verified and written; True for the first copy delivered."""
@@ -306,6 +299,26 @@ class _Scheduler:
             self.complete.set()
             self.wake.set()
         return first
+
+
+def _draw(
+    pool: list[int], want: int, got: list[int], lacks: set[int], valid: bytearray, inflight: dict[int, int]
+) -> None:
+    """Move random blocks from ``pool`` to ``got`` (and in flight) until ``want``, skipping ``lacks``."""
+    misses = 0
+    while len(got) < want and pool and misses < 16:
+        j = random.randrange(len(pool))
+        i = pool[j]
+        if i in lacks:
+            misses += 1
+            continue
+        last = pool.pop()
+        if j < len(pool):
+            pool[j] = last
+        if valid[i]:
+            continue
+        inflight[i] = inflight.get(i, 0) + 1
+        got.append(i)
 
 
 class _PrefixHasher:
@@ -898,7 +911,7 @@ class Fetcher:
             reader.body(length)
             out.popleft()
             peer.own.discard(i)
-            sched.release(i)
+            sched.release(i, lacked=True)
             if not peer.lacks:
                 peer.lacks_since = self._clock()
             peer.lacks.add(i)
