@@ -53,6 +53,8 @@ PeerAddr = tuple[str, int]
 
 _HEADER = struct.Struct(">BQ")
 _REQUEST_PREFIX = BLOCK_MAGIC + KEEPOPEN + bytes(8)
+# For a server that rejects the KEEPOPEN marker (it should ignore reserved bytes, but may not).
+_PLAIN_PREFIX = BLOCK_MAGIC + bytes(16)
 # An error message longer than this is not a message: the peer is sending garbage.
 MAX_MESSAGE = 64 << 10
 # Responses are read through a buffer of this size: a recv brings in many
@@ -146,6 +148,8 @@ class _Peer:
     # None until known: True once a connection answered twice, False for close-after-response servers.
     keepopen: bool | None = None
     connected_once: bool = False
+    # Send requests without the KEEPOPEN marker (the server rejected it).
+    plain: bool = False
     # Set by a session once the peer delivered a verified block.
     useful: bool = False
     # Blocks and bytes delivered, folded in from its sessions (under Fetcher._lock).
@@ -184,6 +188,10 @@ class _Offence(Exception):
 
 class _Drop(Exception):
     """The peer cannot help right now (refused, timed out, closed): drop it with backoff."""
+
+
+class _Downgrade(Exception):
+    """The peer needs a simpler way of asking: reconnect at once in that mode."""
 
 
 class _Closed(Exception):
@@ -717,6 +725,8 @@ class Fetcher:
             else:
                 log.info("dropped peer %s: %s", peer.name, exc)
                 self._backoff(peer)
+        except _Downgrade as exc:
+            log.debug("peer %s: %s", peer.name, exc)
         except (_Drop, _Closed, OSError) as exc:
             if not self._stop.is_set():
                 log.debug("peer %s: %s", peer.name, _describe(exc))
@@ -771,8 +781,8 @@ class Fetcher:
             self._ever_connected = True
         return sock
 
-    def _request(self, i: int) -> bytes:
-        return _REQUEST_PREFIX + i.to_bytes(8, "big") + self._request_tail
+    def _request(self, i: int, plain: bool = False) -> bytes:
+        return (_PLAIN_PREFIX if plain else _REQUEST_PREFIX) + i.to_bytes(8, "big") + self._request_tail
 
     def _depth(self, session: _Session) -> int:
         if session.rate <= 0:
@@ -859,7 +869,7 @@ class Fetcher:
             out.extend(batch)
             sock = self._connect(session)
             try:
-                sock.sendall(self._request(batch[0]))
+                sock.sendall(self._request(batch[0], plain=peer.plain))
                 sock.settimeout(self._timeout(session))
                 reader.reset(sock)
                 self._read_response(session, reader)
@@ -916,6 +926,12 @@ class Fetcher:
                 peer.lacks_since = self._clock()
             peer.lacks.add(i)
             session.not_present += 1
+        elif status == BlockStatus.BAD_REQUEST and not peer.plain:
+            # Our request is well-formed, so the server must have choked on the KEEPOPEN
+            # marker in the reserved bytes: go on with plain requests, one per connection.
+            peer.plain = True
+            peer.keepopen = False
+            raise _Downgrade("rejected a KEEPOPEN request; using plain requests")
         elif status in (BlockStatus.INVALID_HASH, BlockStatus.OUT_OF_RANGE, BlockStatus.BAD_REQUEST):
             message = bytes(reader.body(length)).decode("utf-8", "replace") if length <= MAX_MESSAGE else ""
             raise _Drop(f"answered status {status}: {message[:200]}")

@@ -6,6 +6,8 @@ Modes:
 - ``close``: serves correct blocks but closes after every response (like the
   widely used C server, and ignoring ``KEEPOPEN``).
 - ``silent``: accepts connections, reads requests and never answers.
+- ``strict``: answers status 4 to requests with non-zero reserved bytes (so to
+  ``KEEPOPEN``), serves plain ones and closes after each response.
 - ``once``: answers the first request on a connection, then ignores the rest
   without closing (a server that does not know about pipelining).
 
@@ -43,7 +45,7 @@ from tests.procs import Proc
 
 REPO = Path(__file__).resolve().parent.parent
 
-MODES = ("corrupt", "close", "silent", "once")
+MODES = ("corrupt", "close", "silent", "once", "strict")
 _REQUEST = struct.Struct(">8s8s8xQ32s")
 _HEADER = struct.Struct(">BQ")
 
@@ -93,7 +95,7 @@ class DoubleServer:
 
     def _serve(self, conn: socket.socket) -> None:
         conn.settimeout(10)
-        fd = os.open(self.data_path, os.O_RDONLY) if self.mode in ("close", "once") else -1
+        fd = os.open(self.data_path, os.O_RDONLY) if self.mode in ("close", "once", "strict") else -1
         answered = False
         try:
             while not self._stop.is_set():
@@ -105,6 +107,9 @@ class DoubleServer:
                     continue
                 answered = True
                 _magic, _marker, index, cascade_hash = _REQUEST.unpack(request)
+                if self.mode == "strict" and request[8:24] != bytes(16):
+                    conn.sendall(_HEADER.pack(4, 16) + b"reserved bytes!!")
+                    return
                 if cascade_hash != self.cf.cascade_hash or index >= self.cf.block_count:
                     conn.sendall(_HEADER.pack(1, 0))
                     return
@@ -114,7 +119,7 @@ class DoubleServer:
                     continue
                 body = os.pread(fd, length, self.cf.block_offset(index))
                 conn.sendall(_HEADER.pack(0, length) + body)
-                if self.mode == "close":
+                if self.mode in ("close", "strict"):
                     return  # close after every response
         except OSError:
             return

@@ -84,6 +84,17 @@ def test_server_that_answers_one_request_per_connection(tmp_path: Path) -> None:
     assert time.monotonic() - started < 8
 
 
+def test_server_that_rejects_the_keepopen_marker(tmp_path: Path) -> None:
+    _, cf = make_file(tmp_path, "d.bin", 100_000, 4096)
+    servers = run_doubles(cf, tmp_path / "d.bin", "strict")
+    try:
+        fetcher = fetch_in_process(cf, tmp_path / "out", servers)
+    finally:
+        for s in servers:
+            s.stop()
+    assert fetcher.partial_result(0).sources == {f"127.0.0.1:{servers[0].address[1]}": cf.block_count}
+
+
 def test_silent_peer_holds_no_block_hostage(tmp_path: Path) -> None:
     _, cf = make_file(tmp_path, "d.bin", 200_000, 4096)
     servers = run_doubles(cf, tmp_path / "d.bin", "silent", "close")
