@@ -150,8 +150,6 @@ class _Peer:
     connected_once: bool = False
     # Send requests without the KEEPOPEN marker (the server rejected it).
     plain: bool = False
-    # Set by a session once the peer delivered a verified block.
-    useful: bool = False
     # Blocks and bytes delivered, folded in from its sessions (under Fetcher._lock).
     blocks: int = 0
     bytes: int = 0
@@ -237,7 +235,7 @@ class _Scheduler:
         self.lack_ttl = lack_ttl
         self.complete = threading.Event()
         self.progress = threading.Event()
-        # Wakes the coordinator early: completion, a peer turned useful, a session ended.
+        # Wakes the coordinator early: completion, or a session ended.
         self.wake = threading.Event()
         if store.complete:
             self.complete.set()
@@ -681,14 +679,6 @@ class Fetcher:
         candidates = self._eligible(now)
         candidates.sort(key=lambda p: (p.failures + p.offences, not p.good, p.order))
         chosen = candidates[:free]
-        if len(chosen) < free:
-            # Spare connection slots: a second connection to a fast pipelining peer
-            # puts a second core to work on receiving, hashing and writing.
-            chosen += [
-                p
-                for p in self._peers.values()
-                if p.sessions == 1 and p.keepopen and p.useful and not p.banned and p.next_try <= now
-            ][: free - len(chosen)]
         self._threads = [x for x in self._threads if x.is_alive()]
         for p in chosen:
             session = _Session(p)
@@ -902,9 +892,6 @@ class Fetcher:
             if wrote and sched.done(i):
                 session.blocks += 1
                 session.bytes += length
-                if not peer.useful:
-                    peer.useful = True
-                    sched.wake.set()
                 peer.failures = 0
             elif not wrote:
                 sched.release(i)
