@@ -8,12 +8,15 @@ Shape:
   ``KEEPOPEN``); the depth follows the peer's measured throughput. A server
   that closes after each response is detected on the first connection and is
   then asked one block per connection.
-- A shared :class:`_Scheduler` hands out blocks: a pool of blocks that are
-  neither verified nor requested, picked at random (so peers downloading the
-  same file hold different blocks and can trade them), in O(1) per block
-  however large the file. When the pool is empty the endgame begins: a peer
-  may ask for blocks other peers are still sending, and the first verified
-  copy wins. No peer holds a block hostage.
+- A shared :class:`_Scheduler` hands out blocks that are neither verified
+  nor requested, at random among the next quarter of the missing ones (so
+  peers downloading the same file hold different blocks and can trade them),
+  in O(1) per block however large the file; in file order while only one
+  peer serves us. When none is left the endgame begins: a peer may ask for
+  blocks other peers are still sending, and the first verified copy wins.
+  No peer holds a block hostage.
+- A :class:`_PrefixHasher` thread computes the whole-file SHA-256 over the
+  verified prefix as it grows, so little is left to hash at the end.
 - Responses are read through a small buffer, so many small blocks come in
   with one ``recv``; a large body is read straight into a per-connection
   block buffer. Either way the bytes are hashed and written from a
@@ -23,7 +26,8 @@ Shape:
   after ``ban_after`` offences it is banned for the rest of the run.
 
 Memory is bounded by connections, not by the file: one read buffer and one
-block buffer per connection, plus 4 bytes per missing block.
+block buffer per connection, a 4 MiB hashing buffer, plus 4 bytes per
+missing block.
 """
 
 from __future__ import annotations
