@@ -364,21 +364,24 @@ class _PrefixHasher:
             while end < count and end - self.next < per_chunk and valid[end]:
                 end += 1
             offset = self.next * bs
-            size = min(end * bs, cf.data_length) - offset
-            view = memoryview(buf)[:size]
-            got = 0
-            while got < size:
-                n = os.preadv(store.fd, [view[got:]], offset + got)
-                if n <= 0:
-                    raise OSError(errno.EIO, "the data file is shorter than expected")
-                got += n
-            self.sha.update(view)
+            stop = min(end * bs, cf.data_length)
+            mv = memoryview(buf)
+            while offset < stop:  # blocks larger than the buffer are read in pieces
+                view = mv[: min(len(buf), stop - offset)]
+                got = 0
+                while got < len(view):
+                    n = os.preadv(store.fd, [view[got:]], offset + got)
+                    if n <= 0:
+                        raise OSError(errno.EIO, "the data file is shorter than expected")
+                    got += n
+                self.sha.update(view)
+                offset += len(view)
             self.next = end
             moved = True
         return moved
 
     def _run(self) -> None:
-        buf = bytearray(max(self.CHUNK, min(self.store.cf.block_size, 64 << 20)))
+        buf = bytearray(self.CHUNK)
         try:
             while not self.stop.is_set() and self.next < self.store.cf.block_count:
                 if not self._advance(buf):
@@ -397,7 +400,7 @@ class _PrefixHasher:
         log.debug("whole-file hash: %d blocks behind when the last block arrived", behind)
         if self.error is not None:
             raise self.error
-        self._advance(bytearray(max(self.CHUNK, min(self.store.cf.block_size, 64 << 20))))
+        self._advance(bytearray(self.CHUNK))
         if self.next < self.store.cf.block_count:
             raise OSError(errno.EIO, "finish() called before every block was verified")
         return self.sha.digest()

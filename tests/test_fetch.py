@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from cascade.errors import CascadeTimeout
+from cascade.errors import CascadeTimeout, DataError
 from cascade.localdata import check_data
-from cascade.metafile import CascadeFile
+from cascade.metafile import CascadeFile, encode_cascade, parse_cascade
 from peer.fetcher import Fetcher, FetchPolicy
 from peer.storage import BlockStore
 from tests.doubles import REPO, DoubleServer, Swarm, last_json, make_file, sha256_file
@@ -130,6 +130,29 @@ def test_corrupt_peer_is_dropped_then_banned_and_nothing_reaches_the_disk(tmp_pa
     # Two offences, two connections: it was not asked again once banned.
     assert bad.requests <= 2 * FetchPolicy().max_depth
     assert check_data(out, cf, whole_file=False).valid_count == 0
+
+
+def test_blocks_larger_than_the_hashing_buffer(tmp_path: Path) -> None:
+    _, cf = make_file(tmp_path, "d.bin", 11 << 20, 5 << 20)
+    servers = run_doubles(cf, tmp_path / "d.bin", "close")
+    try:
+        fetch_in_process(cf, tmp_path / "out", servers)
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def test_whole_file_hash_mismatch_is_an_error(tmp_path: Path) -> None:
+    _, good = make_file(tmp_path, "d.bin", 50_000, 4096)
+    # Right block hashes, wrong whole-file hash: every block verifies, the file must not.
+    cf = parse_cascade(encode_cascade(good.data_length, good.block_size, bytes(32), good.block_hashes))
+    servers = run_doubles(cf, tmp_path / "d.bin", "close")
+    try:
+        with pytest.raises(DataError, match="whole-file SHA-256"):
+            fetch_in_process(cf, tmp_path / "out", servers)
+    finally:
+        for s in servers:
+            s.stop()
 
 
 def test_no_peers_is_a_timeout(tmp_path: Path) -> None:
