@@ -64,6 +64,8 @@ MAX_MESSAGE = 64 << 10
 # Responses are read through a buffer of this size: a recv brings in many
 # small blocks at once, while a large body goes straight to the block buffer.
 READ_BUFFER = 128 << 10
+# All connections' block buffers together stay under this (it matters only for huge blocks).
+BLOCK_BUFFERS_LIMIT = 512 << 20
 # With several peers, blocks are picked at random among the next quarter of
 # the missing blocks (see _Scheduler): a trade-off between variety in the
 # swarm and how much whole-file hashing is left for the end.
@@ -514,6 +516,8 @@ class Fetcher:
         self._request_tail = self.cf.cascade_hash
         bs = self.cf.block_size
         self._max_depth = max(2, min(self.policy.max_depth, self.policy.inflight_bytes // max(bs, 1)))
+        # Each connection holds one block buffer: huge blocks mean fewer connections.
+        self._max_sessions = max(1, min(self.policy.max_peers, BLOCK_BUFFERS_LIMIT // max(bs, 1)))
         self._ever_connected = False
         self._last_peers = 0
         self._list_error: str | None = None
@@ -680,7 +684,7 @@ class Fetcher:
         ]
 
     def _launch(self, now: float) -> None:
-        free = self.policy.max_peers - sum(p.sessions for p in self._peers.values())
+        free = self._max_sessions - sum(p.sessions for p in self._peers.values())
         if free <= 0:
             return
         candidates = self._eligible(now)
