@@ -141,6 +141,7 @@ def aria2_swarm(group: Group, data: Path, work: Path, fetchers: int) -> float:
     """
     import libtorrent as lt  # only for the info hash of the torrent made by lt_peer
 
+    work.mkdir(parents=True, exist_ok=True)
     torrent = work / "aria2.torrent"
     ot_port = free_port()
     make_torrent(group, data, torrent, f"http://127.0.0.1:{ot_port}/announce")
@@ -161,7 +162,7 @@ def aria2_swarm(group: Group, data: Path, work: Path, fetchers: int) -> float:
             str(torrent),
         ],
     )
-    deadline = time.monotonic() + TIMEOUT
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
             if b"8:completei1e" in http_get(ot_port, f"/scrape?info_hash={_quote(info_hash)}"):

@@ -245,8 +245,11 @@ class Bench:
                 aria2_note = "aria2/opentracker not run in --quick"
                 if self.plan.aria2:
                     if baselines.have_aria2():
-                        aria2_s = baselines.aria2_swarm(g, data, self.work / "aria2", n)
-                        aria2_note = ""
+                        try:
+                            aria2_s = baselines.aria2_swarm(g, data, self.work / "aria2", n)
+                            aria2_note = ""
+                        except BenchError as exc:  # a baseline failing must not hide Cascade's figures
+                            aria2_note = f"aria2 failed: {str(exc).splitlines()[0]}"
                     else:
                         aria2_note = "aria2c or opentracker not installed"
             finally:
@@ -352,6 +355,8 @@ class Bench:
                     if c.wait(120) != 0:
                         raise BenchError(f"http_announce_bench failed\n{c.tail()}")
                     ot[n] = json.loads(c.stdout.strip().splitlines()[-1])
+                    if ot[n]["errors"]:
+                        raise BenchError(f"opentracker answered {ot[n]['errors']} requests with an error")
         finally:
             g.stop_all()
         for n in self.plan.tracker_threads:
@@ -366,6 +371,7 @@ class Bench:
                     "p99_ms": o["p99_ms"],
                     "errors": o["errors"],
                     "opentracker_req_per_s": b["req_per_s"] if b else None,
+                    "opentracker_errors": b["errors"] if b else None,
                     "opentracker_p50_ms": b["p50_ms"] if b else None,
                     "opentracker_p99_ms": b["p99_ms"] if b else None,
                 },
@@ -519,6 +525,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = replace(plan, repeat=args.repeat)
     cases = args.only or list(CASES)
     work = Path(tempfile.mkdtemp(prefix="cascade-bench-", dir=args.tmp))
+    work.chmod(0o755)  # opentracker drops to user nobody and must read its whitelist here
     started = time.time()
     bench = Bench(plan, work)
     print(
