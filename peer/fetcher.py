@@ -264,15 +264,17 @@ class _Scheduler:
             _draw(first, want, got, lacks, valid, inflight)
             _draw(second, want, got, lacks, valid, inflight)
             if self.sequential:
-                rest, cursor = self.rest, self.cursor
-                while len(got) < want and cursor < len(rest):
+                rest, cursor, skipped = self.rest, self.cursor, 0
+                while len(got) < want and cursor < len(rest) and skipped < 64:
                     i = rest[cursor]
+                    cursor += 1
                     if valid[i]:
-                        cursor += 1
                         continue
                     if i in lacks:
-                        break  # the only peer lacks the next block; ask again later
-                    cursor += 1
+                        # This peer lacks it: keep it for a retry and look further on.
+                        window.append(i)
+                        skipped += 1
+                        continue
                     inflight[i] = inflight.get(i, 0) + 1
                     got.append(i)
                 self.cursor = cursor

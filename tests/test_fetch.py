@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 
 from cascade.errors import CascadeTimeout, DataError
-from cascade.localdata import check_data
+from cascade.localdata import DataCheck, check_data
 from cascade.metafile import CascadeFile, encode_cascade, parse_cascade
 from peer.fetcher import Fetcher, FetchPolicy
+from peer.server import BlockServer
 from peer.storage import BlockStore
 from tests.doubles import REPO, DoubleServer, Swarm, last_json, make_file, sha256_file
 
@@ -153,6 +154,30 @@ def test_whole_file_hash_mismatch_is_an_error(tmp_path: Path) -> None:
     finally:
         for s in servers:
             s.stop()
+
+
+def test_everything_a_partial_peer_holds_is_fetched(tmp_path: Path) -> None:
+    data = tmp_path / "d.bin"
+    _, cf = make_file(tmp_path, "d.bin", 200 * 1024, 1024)
+    # The only peer holds every third block, starting with block 2 (so never the next one in order).
+    valid = bytearray(1 if i % 3 == 2 else 0 for i in range(cf.block_count))
+    seeding = BlockStore.open_for_seeding(cf, data, DataCheck(valid, valid.count(1), cf.data_length, None))
+    server = BlockServer("127.0.0.1", 0)
+    server.start()
+    out = tmp_path / "out"
+    store = BlockStore.open_for_fetching(cf, out, check_data(out, cf))
+    try:
+        server.add_store(seeding)
+        peers = [("127.0.0.1", server.address[1], False)]
+        fetcher = Fetcher(store, lambda: peers, policy=FetchPolicy(stall_timeout=1.0))
+        fetcher.add_peers(peers)
+        with pytest.raises(CascadeTimeout):
+            fetcher.run()
+    finally:
+        store.close()
+        server.stop()
+        seeding.close()
+    assert bytes(check_data(out, cf, whole_file=False).valid) == bytes(valid)
 
 
 def test_no_peers_is_a_timeout(tmp_path: Path) -> None:
