@@ -35,6 +35,7 @@ class Child:
         self.err_path = logdir / f"{name}.err"
         self.rc: int | None = None
         self.maxrss_kib = 0
+        self.cpu_seconds = 0.0  # user + system time of this process (not its children), once reaped
         self.ended = 0.0
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
             self.started = time.perf_counter()
@@ -69,6 +70,7 @@ class Child:
         self.ended = time.perf_counter()
         self.rc = os.waitstatus_to_exitcode(status)
         self.maxrss_kib = usage.ru_maxrss
+        self.cpu_seconds = usage.ru_utime + usage.ru_stime
         self.popen.returncode = self.rc  # so Popen does not try to reap it again
         return self.rc
 

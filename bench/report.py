@@ -29,14 +29,12 @@ def _fmt(v: Any) -> str:
 
 
 def render(mode: str, state: dict[str, Any]) -> str:
-    lines = [
-        f"### Last {mode} run",
-        "",
-        f"- date: {state['date']}",
-        f"- command: `{state['command']}` ({state['seconds']:.0f} s)",
-        "- machine: " + ", ".join(f"{k} {v}" for k, v in state["machine"].items()),
-        "",
+    lines = [f"### Last {mode} run", ""]
+    lines += [
+        f"- {r['date']}: `{r['command']}` ({r['seconds']:.0f} s; 1-min load average at start: {r['load']})"
+        for r in state.get("runs", [])
     ]
+    lines += ["- machine: " + ", ".join(f"{k} {v}" for k, v in state["machine"].items()), ""]
     rows: list[dict[str, Any]] = list(state["rows"].values())
     targets = [(r["variant"], t) for r in rows for t in r.get("targets", [])]
     if targets:
@@ -61,14 +59,21 @@ def render(mode: str, state: dict[str, Any]) -> str:
 
 
 def update(
-    md: Path, mode: str, rows: list[dict[str, Any]], machine: dict[str, str], command: str, seconds: float
+    md: Path,
+    mode: str,
+    rows: list[dict[str, Any]],
+    machine: dict[str, str],
+    command: str,
+    seconds: float,
+    load: float,
+    complete: bool,
 ) -> None:
     """Merge ``rows`` into the stored results of ``mode`` and rewrite that block of ``md``."""
     try:
         stored: dict[str, Any] = json.loads(RESULTS.read_text())
     except (OSError, ValueError):
         stored = {}
-    state = stored.get(mode, {"rows": {}})
+    state = {"rows": {}, "runs": []} if complete else stored.get(mode, {"rows": {}, "runs": []})
     for r in rows:
         state["rows"][f"{r['case']}: {r['variant']}"] = r
     state.update(

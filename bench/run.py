@@ -65,7 +65,7 @@ FULL = Plan(
 )
 QUICK = Plan(
     quick=True,
-    repeat=1,
+    repeat=2,
     transfer=((256 * MiB, MiB),),
     swarm_size=256 * MiB,
     swarm_fetchers=(4,),
@@ -512,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--quick", action="store_true", help="reduced sizes, one repeat, under 60 s")
+    p.add_argument("--quick", action="store_true", help="reduced sizes, two repeats, under 60 s")
     p.add_argument("--only", nargs="+", choices=CASES, metavar="CASE", help=f"run only these: {', '.join(CASES)}")
     p.add_argument("--repeat", type=int, help="runs per measurement (median is reported)")
     p.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
@@ -527,6 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="cascade-bench-", dir=args.tmp))
     work.chmod(0o755)  # opentracker drops to user nobody and must read its whitelist here
     started = time.time()
+    start_load = round(loadavg(), 2)
     bench = Bench(plan, work)
     print(
         json.dumps(
@@ -567,7 +568,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not args.no_write and bench.results:
         command = (
-            "python -m bench" + (" --quick" if plan.quick else "") + (f" --only {' '.join(cases)}" if args.only else "")
+            "python -m bench"
+            + (" --quick" if plan.quick else "")
+            + (f" --repeat {args.repeat}" if args.repeat else "")
+            + (f" --only {' '.join(cases)}" if args.only else "")
         )
         report.update(
             Path(__file__).resolve().parent.parent / "BENCHMARKS.md",
@@ -576,5 +580,7 @@ def main(argv: list[str] | None = None) -> int:
             machine(),
             command,
             elapsed,
+            start_load,
+            complete=not args.only,
         )
     return 1 if failed else 0
