@@ -76,11 +76,23 @@ def update(
     state = {"rows": {}, "runs": []} if complete else stored.get(mode, {"rows": {}, "runs": []})
     for r in rows:
         state["rows"][f"{r['case']}: {r['variant']}"] = r
-    state.update(
-        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), machine=machine, command=command, seconds=seconds
+    state.setdefault("runs", []).append(
+        {
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "command": command,
+            "seconds": seconds,
+            "load": load,
+        }
     )
+    state["runs"] = state["runs"][-6:]
+    state["machine"] = machine
     stored[mode] = state
     RESULTS.write_text(json.dumps(stored, indent=1) + "\n")
+    write_block(md, mode, state)
+
+
+def write_block(md: Path, mode: str, state: dict[str, Any]) -> None:
+    """Replace the block of ``mode`` in ``md`` (or append it)."""
     begin, end = f"<!-- bench:{mode} -->", f"<!-- /bench:{mode} -->"
     text = md.read_text() if md.exists() else "# Benchmarks\n"
     block = f"{begin}\n{render(mode, state)}\n{end}"
@@ -90,3 +102,9 @@ def update(
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     md.write_text(text)
+
+
+if __name__ == "__main__":  # re-render BENCHMARKS.md from bench/results.json
+    _stored = json.loads(RESULTS.read_text())
+    for _mode, _state in _stored.items():
+        write_block(Path(__file__).resolve().parent.parent / "BENCHMARKS.md", _mode, _state)
