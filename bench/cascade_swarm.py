@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import socket
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +28,7 @@ from cascade.wire import (
 from peer.tracker_client import TrackerAddress, announce
 
 READY_TIMEOUT = 120.0
+HTTP_LINE = re.compile(r"tracker http on (\S+):(\d+)")
 
 
 @dataclass
@@ -46,9 +50,42 @@ def create(group: Group, data: Path, block_size: int, name: str = "create") -> t
     return meta, child.seconds
 
 
-def start_tracker(group: Group) -> int:
-    tracker = group.python("tracker", ["-m", "tracker", "run", "--host", "127.0.0.1", "--port", "0"])
-    return tracker.wait_listening(READY_TIMEOUT)
+@dataclass(frozen=True)
+class Tracker:
+    port: int
+    http_port: int | None  # the JSON API, used to watch the swarm without joining it
+
+
+def start_tracker(group: Group) -> Tracker:
+    """``tracker run`` on 127.0.0.1, with its HTTP API when this tracker has one."""
+    args = ["-m", "tracker", "run", "--host", "127.0.0.1", "--port", "0"]
+    child = group.python("tracker", [*args, "--http-port", "0"])
+    try:
+        port = child.wait_listening(READY_TIMEOUT)
+        m = child.wait_for(HTTP_LINE, READY_TIMEOUT)
+        return Tracker(port, int(m.group(2)))
+    except BenchError:
+        if child.poll() is None:
+            raise
+    child = group.python("tracker-nohttp", args)  # a tracker without --http-port
+    return Tracker(child.wait_listening(READY_TIMEOUT), None)
+
+
+def _swarm_ports(tracker: Tracker, cascade_hash: bytes, probe_port: int) -> set[int]:
+    """The ports the tracker lists for a swarm: via the HTTP API, else a list request from ``probe_port``."""
+    if tracker.http_port is not None:
+        url = f"http://127.0.0.1:{tracker.http_port}/api/v1/swarms/{cascade_hash.hex()}/peers"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as reply:
+                return {int(p["port"]) for p in json.load(reply)["peers"]}
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                return set()
+            raise
+    peers = announce(
+        TrackerAddress("127.0.0.1", tracker.port), TrackerCommand.LIST, cascade_hash, "127.0.0.1", probe_port, 5.0
+    )
+    return {p.port for p in peers}
 
 
 def block_status(port: int, cascade_hash: bytes, index: int) -> int:
@@ -71,10 +108,10 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 
 
 def start_seeder(
-    group: Group, meta: Path, tracker_port: int, name: str = "seed", data: Path | None = None
+    group: Group, meta: Path, tracker: Tracker, name: str = "seed", data: Path | None = None
 ) -> tuple[Child, int]:
     """Start ``peer seed``; return it and its port once it serves verified data and the tracker lists it."""
-    args = ["-m", "peer", "seed", str(meta), "--tracker", f"127.0.0.1:{tracker_port}", "--listen", "127.0.0.1:0"]
+    args = ["-m", "peer", "seed", str(meta), "--tracker", f"127.0.0.1:{tracker.port}", "--listen", "127.0.0.1:0"]
     if data is not None:
         args += ["--data", str(data)]
     seeder = group.python(name, args)
@@ -86,22 +123,21 @@ def start_seeder(
         if time.monotonic() > deadline or seeder.poll() is not None:
             raise BenchError(f"seeder never served its last block\n{seeder.tail()}")
         time.sleep(0.01)
-    # Wait for the subscription. The probe lists from a bound but never listening
-    # port, so a fetcher that tries it is refused at once.
+    # Wait for the subscription. Without the HTTP API the probe has to list, which
+    # enrols it: it lists from a bound but never listening port, so a fetcher that
+    # tries that entry is refused at once.
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         probe_port = probe.getsockname()[1]
-        tracker = TrackerAddress("127.0.0.1", tracker_port)
         while time.monotonic() < deadline:
-            peers = announce(tracker, TrackerCommand.LIST, cf.cascade_hash, "127.0.0.1", probe_port, 5.0)
-            if any(p.port == port for p in peers):
+            if port in _swarm_ports(tracker, cf.cascade_hash, probe_port):
                 return seeder, port
             time.sleep(0.01)
     raise BenchError(f"seeder never appeared at the tracker\n{seeder.tail()}")
 
 
 def run_fetchers(
-    group: Group, meta: Path, outs: list[Path], tracker_port: int, timeout: float, extra: list[str] | None = None
+    group: Group, meta: Path, outs: list[Path], tracker: Tracker, timeout: float, extra: list[str] | None = None
 ) -> FetchRun:
     """Start one ``peer fetch --json`` per output path at once; wait for all to exit 0."""
     for out in outs:
@@ -117,7 +153,7 @@ def run_fetchers(
                 "--out",
                 str(out),
                 "--tracker",
-                f"127.0.0.1:{tracker_port}",
+                f"127.0.0.1:{tracker.port}",
                 "--listen",
                 "127.0.0.1:0",
                 "--json",

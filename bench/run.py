@@ -142,18 +142,29 @@ class Bench:
         logdir.mkdir(parents=True, exist_ok=True)
         return Group(logdir)
 
-    def cascade_fetch(self, g: Group, meta: Path, tracker: int, fetchers: int, expected: str) -> list[float]:
-        """``repeat`` runs of ``fetchers`` fetchers started together; wall seconds of each run."""
-        times = []
+    def cascade_runs(self, name: str, meta: Path, fetchers: int, expected: str) -> list[cs.FetchRun]:
+        """``repeat`` runs of ``fetchers`` fetchers started together.
+
+        Each run gets a fresh tracker and seeder: the fetchers of an earlier run
+        stay listed at a tracker (and subscribed once complete), and a fetch that
+        sees those dead peers behaves as in a swarm, not as 1 + N.
+        """
+        runs = []
         outs = [self.work / "out" / f"fetch{i}.bin" for i in range(fetchers)]
         outs[0].parent.mkdir(exist_ok=True)
-        for _ in range(self.plan.repeat):
-            run = cs.run_fetchers(g, meta, outs, tracker, FETCH_TIMEOUT)
-            cs.check_outputs(outs, expected)
-            times.append(run.seconds)
-            for out in outs:
-                out.unlink(missing_ok=True)
-        return times
+        for rep in range(self.plan.repeat):
+            g = self.group(f"{name}-run{rep}")
+            try:
+                tracker = cs.start_tracker(g)
+                cs.start_seeder(g, meta, tracker)
+                run = cs.run_fetchers(g, meta, outs, tracker, FETCH_TIMEOUT)
+                cs.check_outputs(outs, expected)
+                runs.append(run)
+            finally:
+                g.stop_all()
+                for out in outs:
+                    out.unlink(missing_ok=True)
+        return runs
 
     def libtorrent(self, g: Group, data: Path, fetchers: int, expected: str) -> tuple[list[float], int]:
         torrent = data.parent / "data.torrent"
@@ -178,9 +189,7 @@ class Bench:
             g = self.group(f"transfer-{size >> 20}M-{block >> 10}K")
             try:
                 meta, _ = cs.create(g, data, block)
-                tracker = cs.start_tracker(g)
-                cs.start_seeder(g, meta, tracker)
-                casc = self.cascade_fetch(g, meta, tracker, 1, expected)
+                casc = [r.seconds for r in self.cascade_runs(g.logdir.name, meta, 1, expected)]
                 raws = [baselines.raw_ceiling(g, data, self.work / "raw.out") for _ in range(self.plan.repeat)]
                 if size not in lt_by_size:
                     times, piece = self.libtorrent(g, data, 1, expected)
@@ -236,9 +245,7 @@ class Bench:
             g = self.group(f"swarm-{n}")
             try:
                 meta, _ = cs.create(g, data, MiB)
-                tracker = cs.start_tracker(g)
-                cs.start_seeder(g, meta, tracker)
-                casc = self.cascade_fetch(g, meta, tracker, n, expected)
+                casc = [r.seconds for r in self.cascade_runs(g.logdir.name, meta, n, expected)]
                 g.stop_all()
                 lt_times, piece = self.libtorrent(g, data, n, expected)
                 aria2_s: float | None = None
@@ -288,15 +295,7 @@ class Bench:
         g = self.group("small")
         try:
             meta, _ = cs.create(g, data, block)
-            tracker = cs.start_tracker(g)
-            cs.start_seeder(g, meta, tracker)
-            outs = [self.work / "out" / "small.out"]
-            outs[0].parent.mkdir(exist_ok=True)
-            runs = []
-            for _ in range(self.plan.repeat):
-                run = cs.run_fetchers(g, meta, outs, tracker, FETCH_TIMEOUT)
-                cs.check_outputs(outs, expected)
-                runs.append(run)
+            runs = self.cascade_runs("small", meta, 1, expected)
         finally:
             g.stop_all()
             shutil.rmtree(d, ignore_errors=True)
