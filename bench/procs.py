@@ -1,7 +1,11 @@
 """Child processes for the benchmarks: started with logs in files, waited on with ``os.wait4``.
 
-``os.wait4`` gives the exit time (polled every few ms) and the child's own
-``ru_maxrss``, so peak RSS needs no sampling. Every process is stopped by its PID.
+``os.wait4`` gives the exit time (polled every few ms). Peak RSS is the
+``VmHWM`` of /proc/PID/status, read at every poll while the child lives: a
+high-water mark, so the last read is the peak up to the last few ms. (The
+``ru_maxrss`` of ``wait4`` is no use here: Linux carries the parent's RSS at
+fork/vfork time into the child's, so every child "peaked" at the harness's size.)
+Every process is stopped by its PID.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ class Child:
         self.out_path = logdir / f"{name}.out"
         self.err_path = logdir / f"{name}.err"
         self.rc: int | None = None
-        self.maxrss_kib = 0
+        self.maxrss_kib = 0  # VmHWM at the last poll before exit
         self.cpu_seconds = 0.0  # user + system time of this process (not its children), once reaped
         self.ended = 0.0
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
@@ -64,12 +68,12 @@ class Child:
         """Reap the child if it has exited; record exit time, status and peak RSS."""
         if self.rc is not None:
             return self.rc
+        self.maxrss_kib = max(self.maxrss_kib, self.vm_hwm_kib())
         pid, status, usage = os.wait4(self.pid, os.WNOHANG)
         if pid == 0:
             return None
         self.ended = time.perf_counter()
         self.rc = os.waitstatus_to_exitcode(status)
-        self.maxrss_kib = usage.ru_maxrss
         self.cpu_seconds = usage.ru_utime + usage.ru_stime
         self.popen.returncode = self.rc  # so Popen does not try to reap it again
         return self.rc

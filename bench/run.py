@@ -476,9 +476,8 @@ class Bench:
             )
             if load.wait(self.plan.memory_seed_seconds + 120) != 0:
                 raise BenchError(f"load client failed\n{load.tail()}")
-            during_kib = seeder.vm_hwm_kib()
             seeder.stop()
-            seed_kib = max(seeder.maxrss_kib, during_kib)
+            seed_kib = seeder.maxrss_kib
             stats = json.loads(load.stdout.strip().splitlines()[-1])
         finally:
             g.stop_all()
