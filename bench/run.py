@@ -301,7 +301,7 @@ class Bench:
             shutil.rmtree(d, ignore_errors=True)
         blocks = size // block
         wall = median([r.seconds for r in runs])
-        inner = [float(r.reports[0].get("seconds", 0) or 0) for r in runs]
+        inner = [float(str(r.reports[0].get("seconds", 0) or 0)) for r in runs]
         r = Result(
             "small",
             "1+1 5 MiB, 1 KiB blocks (5,120 blocks)",
@@ -391,7 +391,10 @@ class Bench:
         g = self.group("verify")
         try:
             meta, _ = cs.create(g, data, MiB, "create0")
-            creates, verifies, base1, base2 = [], [], [], []
+            creates: list[float] = []
+            verifies: list[float] = []
+            base1: list[tuple[float, float]] = []
+            base2: list[tuple[float, float]] = []
             for i in range(self.plan.repeat):
                 creates.append(cs.create(g, data, MiB, f"create{i + 1}")[1])
                 v = g.python(f"verify{i}", ["-m", "cascade", "verify", str(meta), "--data", str(data)])
