@@ -166,6 +166,17 @@ class Bench:
                     out.unlink(missing_ok=True)
         return runs
 
+    def aria2(self, g: Group, data: Path, fetchers: int) -> tuple[float | None, str]:
+        """One aria2 + opentracker run (full mode, when installed); (seconds or None, note)."""
+        if not self.plan.aria2:
+            return None, "aria2/opentracker not run in --quick"
+        if not baselines.have_aria2():
+            return None, "aria2c or opentracker not installed"
+        try:
+            return baselines.aria2_swarm(g, data, self.work / "aria2", fetchers), ""
+        except BenchError as exc:  # a baseline failing must not hide Cascade's figures
+            return None, f"aria2 failed: {str(exc).splitlines()[0]}"
+
     def libtorrent(self, g: Group, data: Path, fetchers: int, expected: str) -> tuple[list[float], int]:
         torrent = data.parent / "data.torrent"
         piece = baselines.make_torrent(g, data, torrent)
@@ -184,6 +195,7 @@ class Bench:
 
     def transfer(self) -> None:
         lt_by_size: dict[int, tuple[float, int]] = {}
+        aria2_by_size: dict[int, tuple[float | None, str]] = {}
         for size, block in self.plan.transfer:
             data, expected = self.datafile(size)
             g = self.group(f"transfer-{size >> 20}M-{block >> 10}K")
@@ -194,9 +206,12 @@ class Bench:
                 if size not in lt_by_size:
                     times, piece = self.libtorrent(g, data, 1, expected)
                     lt_by_size[size] = (median(times), piece)
+                    aria2_by_size[size] = self.aria2(g, data, 1)
             finally:
                 g.stop_all()
+                shutil.rmtree(self.work / "aria2", ignore_errors=True)
             lt_s, piece = lt_by_size[size]
+            aria2_s, aria2_note = aria2_by_size[size]
             c_s = median(casc)
             raw_gbps = median([r.gbps for r in raws])
             c_gbps = size / c_s / 1e9
@@ -218,8 +233,10 @@ class Bench:
                     "vs_libtorrent": rnd(c_s / lt_s),
                     "vs_raw_wall": rnd(c_gbps / raw_wall_gbps),
                     "vs_raw_inprocess": rnd(c_gbps / raw_gbps),
+                    "aria2_s": rnd(aria2_s) if aria2_s is not None else None,
                 },
-                note="cascade, raw_wall and libtorrent: whole processes, start-up included",
+                note="cascade, raw_wall, libtorrent and aria2: whole processes, start-up included"
+                + (f"; {aria2_note}" if aria2_note else ""),
             )
             if size == 256 * MiB and block == MiB:
                 r.target(
@@ -248,17 +265,7 @@ class Bench:
                 casc = [r.seconds for r in self.cascade_runs(g.logdir.name, meta, n, expected)]
                 g.stop_all()
                 lt_times, piece = self.libtorrent(g, data, n, expected)
-                aria2_s: float | None = None
-                aria2_note = "aria2/opentracker not run in --quick"
-                if self.plan.aria2:
-                    if baselines.have_aria2():
-                        try:
-                            aria2_s = baselines.aria2_swarm(g, data, self.work / "aria2", n)
-                            aria2_note = ""
-                        except BenchError as exc:  # a baseline failing must not hide Cascade's figures
-                            aria2_note = f"aria2 failed: {str(exc).splitlines()[0]}"
-                    else:
-                        aria2_note = "aria2c or opentracker not installed"
+                aria2_s, aria2_note = self.aria2(g, data, n)
             finally:
                 g.stop_all()
                 shutil.rmtree(self.work / "aria2", ignore_errors=True)
