@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -516,6 +517,10 @@ class Bench:
         self.emit(r)
 
 
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -532,6 +537,7 @@ def main(argv: list[str] | None = None) -> int:
 
         plan = replace(plan, repeat=args.repeat)
     cases = args.only or list(CASES)
+    signal.signal(signal.SIGTERM, _interrupted)  # so a stopped bench still stops its children and cleans up
     work = Path(tempfile.mkdtemp(prefix="cascade-bench-", dir=args.tmp))
     work.chmod(0o755)  # opentracker drops to user nobody and must read its whitelist here
     started = time.time()
@@ -559,6 +565,9 @@ def main(argv: list[str] | None = None) -> int:
                 failed.append(name)
                 print(json.dumps({"case": name, "error": str(exc).splitlines()[0]}), flush=True)
                 print(f"bench {name}: {exc}", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:
+        print("bench: interrupted; every process it started is stopped", file=sys.stderr)
+        return 130
     finally:
         shutil.rmtree(work, ignore_errors=True)
     elapsed = time.time() - started
