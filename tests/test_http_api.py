@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import selectors
 import socket
 import struct
 import tempfile
@@ -440,12 +441,38 @@ def test_metrics_count_both_protocols(tracker: Tracker) -> None:
 # --- limits and persistence (their own processes) ---------------------------------
 
 
+def read_until_closed(sock: socket.socket, deadline: float) -> bytes:
+    chunks: list[bytes] = []
+    while time.monotonic() < deadline:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        chunk = sock.recv(1 << 16)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def test_busy_server_answers_503_and_recovers(tmp_path: Path) -> None:
     t = start()
     idle: list[socket.socket] = []
     try:
-        # Every worker held by a client that sends nothing.
-        idle = [socket.create_connection(("127.0.0.1", t.http), timeout=5) for _ in range(HttpConfig().max_workers)]
+        # One more silent client than there are workers. A returned connect() does not
+        # mean the server has queued that connection yet, so which one it accepts last
+        # is up to the kernel; but exactly that one finds no free worker and gets the 503.
+        idle = [socket.create_connection(("127.0.0.1", t.http), timeout=5) for _ in range(HttpConfig().max_workers + 1)]
+        with selectors.DefaultSelector() as sel:
+            for s in idle:
+                sel.register(s, selectors.EVENT_READ)
+            answered = [key.fileobj for key, _ in sel.select(timeout=5)]
+        assert len(answered) == 1, answered
+        refused = answered[0]
+        assert isinstance(refused, socket.socket)
+        head, _, body = read_until_closed(refused, time.monotonic() + 5).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.0 503 "), head
+        assert "too many" in json.loads(body)["error"]
+        idle.remove(refused)
+        refused.close()
+        # Now every worker is certainly held, so a real request is refused too.
         r = requests.get(f"{t.url}/healthz", timeout=5)
         assert_error(r, 503, "too many")
         for s in idle:
@@ -458,8 +485,9 @@ def test_busy_server_answers_503_and_recovers(tmp_path: Path) -> None:
                 break
             time.sleep(0.05)
         assert r.status_code == 200
-        assert metric(
-            requests.get(f"{t.url}/metrics", timeout=5).text, "cascade_tracker_errors_total", kind="http_busy"
+        assert (
+            metric(requests.get(f"{t.url}/metrics", timeout=5).text, "cascade_tracker_errors_total", kind="http_busy")
+            >= 2
         )
     finally:
         for s in idle:
