@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from cascade.errors import CascadeError, ProtocolError, TrackerUnreachable
 from cascade.wire import TrackerCommand
+from peer.common import DEFAULT_ANNOUNCE_INTERVAL
 from peer.tracker_client import TrackerAddress, TrackerRefused, announce
 
 log = logging.getLogger("peer.announcer")
@@ -35,9 +36,7 @@ class Backoff:
         return min(self.cap, self.initial * self.factor ** max(0, failures - 1))
 
 
-# The tracker forgets a peer after 1800 s by default; 300 s leaves room for
-# several missed announces before a seeder drops out of the swarm.
-DEFAULT_INTERVAL = 300.0
+DEFAULT_INTERVAL = DEFAULT_ANNOUNCE_INTERVAL
 # A tracker that does not answer a subscribe within this time counts as down.
 ANNOUNCE_TIMEOUT = 5.0
 

@@ -1,74 +1,35 @@
 """The ``peer`` command: ``peer seed`` serves files, ``peer fetch`` downloads them.
 
-``peer fetch`` lives in :mod:`peer.fetch_command`, which registers itself here.
+Start-up time counts (a fetch of a few hundred MiB takes well under a second),
+so this module holds only the argument parsers: each subcommand's module
+(:mod:`peer.seed_command`, :mod:`peer.fetch_command`) is imported once that
+subcommand is chosen, and the two never import each other.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
+import importlib
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from typing import Any, NoReturn
 
-from cascade.addresses import parse_hostport
-from cascade.cli import OneLineErrorParser
-from cascade.errors import CascadeError, DataError, UsageError
-from cascade.localdata import check_data
-from cascade.metafile import CascadeFile, default_data_path, read_cascade
-from cascade.units import format_size, parse_size
-from peer import fetch_command, tracker_client
-from peer.announcer import DEFAULT_INTERVAL, Announcer
-from peer.common import Interrupted, StopSignal, announce_ip, setup_logging
-from peer.server import BlockServer
-from peer.storage import BlockStore
-from peer.tracker_client import TrackerAddress
+from cascade.errors import CascadeError, UsageError
+from peer.common import DEFAULT_ANNOUNCE_INTERVAL, DEFAULT_FETCH_TIMEOUT, DEFAULT_LISTEN, Interrupted
 
-log = logging.getLogger("peer")
-
-DEFAULT_LISTEN = "0.0.0.0:6666"
+# argparse's status for a bad command line; cascade.cli uses the same.
+EXIT_USAGE = 2
 
 
-@dataclass(frozen=True, slots=True)
-class _SeedFile:
-    cascade_path: Path
-    data_path: Path
-    cf: CascadeFile
+class _Parser(argparse.ArgumentParser):
+    """Errors are one line on stderr; the usage stays in ``--help``.
 
-
-def parse_tracker(text: str) -> TrackerAddress:
-    """``HOST:PORT`` of a tracker, or ``http://HOST:PORT`` for its HTTP API; raises :class:`UsageError`."""
-    return tracker_client.parse_tracker(text)
-
-
-def parse_rate(text: str | None) -> int | None:
-    """``--max-upload-rate`` as bytes per second; ``None`` or 0 means no limit."""
-    if text is None:
-        return None
-    rate = parse_size(text.removesuffix("/s"), "upload rate")
-    return rate or None
-
-
-def bind_server(listen: str, upload_rate: int | None = None, idle_timeout: float = 30.0) -> BlockServer:
-    """Start a :class:`BlockServer` on ``--listen`` (``HOST:PORT``, default host 0.0.0.0).
-
-    Raises :class:`UsageError` for a bad address and :class:`CascadeError` when binding fails.
+    The same rule as ``cascade.cli.OneLineErrorParser``, restated here because
+    importing :mod:`cascade.cli` costs every ``peer`` start ~17 ms.
     """
-    host, port = parse_hostport(listen, "listen address", default_host="0.0.0.0")
-    server = BlockServer(host, port, upload_rate=upload_rate, idle_timeout=idle_timeout)
-    try:
-        server.start()
-    except OSError as exc:
-        raise CascadeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
-    return server
 
-
-def log_listening(server: BlockServer) -> None:
-    """The first log line of a peer: ``peer listening on HOST:PORT`` with the real port."""
-    bound_host, bound_port = server.address
-    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-    log.info("peer listening on %s:%d", shown, bound_port)
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def positive_seconds(text: str) -> float:
@@ -82,74 +43,17 @@ def positive_seconds(text: str) -> float:
     return value
 
 
-def _seed_files(paths: Sequence[str], data: str | None) -> list[_SeedFile]:
-    if data is not None and len(paths) != 1:
-        raise UsageError("--data works only with a single .cascade file")
-    files: list[_SeedFile] = []
-    seen: set[bytes] = set()
-    for raw in paths:
-        path = Path(raw)
-        cf = read_cascade(path)
-        data_path = Path(data) if data is not None else default_data_path(path)
-        if not data_path.is_file():
-            what = "no such data file" if not data_path.exists() else "not a regular file"
-            raise DataError(f"{data_path}: {what} (the data for {path}; use --data to point elsewhere)")
-        if cf.cascade_hash not in seen:  # the same file named twice is served once
-            seen.add(cf.cascade_hash)
-            files.append(_SeedFile(path, data_path, cf))
-    return files
+def _verbosity(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="more detail (dropped peers, timings); -vv also logs every block request served",
+    )
 
 
-def seed_command(args: argparse.Namespace) -> int:
-    """``peer seed``: verify each data file, serve its verified blocks, subscribe it at the tracker."""
-    stop = StopSignal().install()
-    tracker = parse_tracker(args.tracker)
-    rate = parse_rate(args.max_upload_rate)
-    host, _ = parse_hostport(args.listen, "listen address", default_host="0.0.0.0")
-    ip = announce_ip(host, args.announce_ip)
-    files = _seed_files(args.files, args.data)
-
-    # Bind first, so a taken port fails at once, not after minutes of hashing. The
-    # listening line comes once every file is verified and served: a client that
-    # waits for it never meets a seeder that does not know its files yet.
-    server = bind_server(args.listen, rate, args.idle_timeout)
-    announcer = Announcer(tracker, ip, server.address[1], interval=args.announce_interval)
-    stores: list[BlockStore] = []
-    try:
-        lines: list[str] = []
-        for f in files:
-            check = check_data(f.data_path, f.cf, whole_file=False, progress=lambda _n: stop.check())
-            store = BlockStore.open_for_seeding(f.cf, f.data_path, check)
-            stores.append(store)
-            server.add_store(store)
-            count, have = f.cf.block_count, check.valid_count
-            if have == count:
-                note = ""
-            elif have:
-                note = ", partial"
-            else:
-                note = f", none in {f.data_path}: not announced"
-            size = format_size(f.cf.data_length)
-            lines.append(f"{f.cascade_path.name}: {have}/{count} blocks verified ({size}{note})")
-            if have or not count:
-                announcer.add(f.cf.cascade_hash)
-        log_listening(server)
-        for line in lines:
-            log.info("%s", line)
-        announcer.start()
-        stop.wait()
-    except Interrupted:
-        pass
-    finally:
-        announcer.stop(0.5)
-        server.stop(1.0)
-        for store in stores:
-            store.close()
-    log.info("peer stopped")
-    return 0
-
-
-def _add_seed_parser(subparsers: argparse._SubParsersAction[OneLineErrorParser]) -> None:
+def _add_seed_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "seed",
         help="serve the verified blocks of one or more files",
@@ -186,32 +90,76 @@ def _add_seed_parser(subparsers: argparse._SubParsersAction[OneLineErrorParser])
     p.add_argument(
         "--announce-interval",
         type=positive_seconds,
-        default=DEFAULT_INTERVAL,
+        default=DEFAULT_ANNOUNCE_INTERVAL,
         metavar="SECONDS",
-        help=f"re-subscribe at the tracker this often (default {DEFAULT_INTERVAL:.0f})",
+        help=f"re-subscribe at the tracker this often (default {DEFAULT_ANNOUNCE_INTERVAL:.0f})",
     )
-    p.add_argument("-v", "--verbose", action="store_true", help="log every request")
-    p.set_defaults(func=seed_command)
+    _verbosity(p)
+    p.set_defaults(module="peer.seed_command")
+
+
+def _add_fetch_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "fetch",
+        help="download a file from the swarm, verified block by block",
+        description=(
+            "Download the data of FILE.cascade from the peers the tracker knows, many at once. "
+            "Each block is checked against its SHA-256 before it is written; a killed download "
+            "resumes where it stopped. Verified blocks are served to other peers meanwhile."
+        ),
+    )
+    p.add_argument(
+        "cascade_file",
+        metavar="FILE.cascade",
+        help="the .cascade file describing the data, or its URL http://HOST:PORT/cascades/HASH.cascade",
+    )
+    p.add_argument("--out", metavar="PATH", help="where to write the data (default: FILE beside FILE.cascade)")
+    p.add_argument(
+        "--tracker",
+        metavar="HOST:PORT",
+        help="the tracker to ask for peers, or http://HOST:PORT (default for a URL: the tracker serving it)",
+    )
+    p.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help=f"where to serve verified blocks to other peers (default {DEFAULT_LISTEN}; port 0 = any free port)",
+    )
+    p.add_argument("--announce-ip", metavar="IP", help="IPv4 address to announce to the tracker")
+    p.add_argument("--seed", action="store_true", help="keep serving after the download completes")
+    p.add_argument("--max-peers", type=int, default=8, metavar="N", help="peers to download from at once (8)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_FETCH_TIMEOUT,
+        metavar="SECONDS",
+        help=f"give up when no block arrives for this long ({DEFAULT_FETCH_TIMEOUT:g})",
+    )
+    p.add_argument("--json", action="store_true", help="print a JSON summary as the last line of stdout")
+    p.add_argument("--force", action="store_true", help="overwrite an --out file that holds none of the blocks")
+    _verbosity(p)
+    # For `cascade demo`: machine-readable progress lines on stderr.
+    p.add_argument("--progress-lines", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(module="peer.fetch_command")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineErrorParser(prog="peer", description="A Cascade peer: seed files and fetch them.")
+    parser = _Parser(prog="peer", description="A Cascade peer: seed files and fetch them.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_seed_parser(subparsers)
-    fetch_command.register(subparsers)
+    _add_fetch_parser(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    setup_logging(getattr(args, "verbose", False))
+    args = build_parser().parse_args(argv)
     try:
-        code: int = args.func(args)
+        # Each subcommand module has run(args) -> exit status; it sets up its own logging.
+        command = importlib.import_module(args.module)
+        code: int = command.run(args)
     except CascadeError as exc:
         print(f"peer {args.command}: error: {exc}", file=sys.stderr, flush=True)
         # 2 like argparse for a bad command line, 1 for everything else.
-        return 2 if isinstance(exc, UsageError) else 1
+        return EXIT_USAGE if isinstance(exc, UsageError) else 1
     except (KeyboardInterrupt, Interrupted):
         return 0
     return code

@@ -1,7 +1,8 @@
 """Pieces shared by the ``peer seed`` and ``peer fetch`` commands.
 
-Logging setup, the announce-address rule, and signal handling that turns
-SIGINT/SIGTERM into a clean stop.
+Defaults, logging setup, the announce-address rule, and signal handling that
+turns SIGINT/SIGTERM into a clean stop. Kept light: :mod:`peer.cli` imports it
+before it knows which command runs.
 """
 
 from __future__ import annotations
@@ -17,16 +18,31 @@ from types import FrameType
 from cascade.addresses import is_specific_ipv4
 from cascade.errors import UsageError
 
+DEFAULT_LISTEN = "0.0.0.0:6666"
+# The tracker forgets a peer after 1800 s by default; 300 s leaves room for
+# several missed announces before a seeder drops out of the swarm.
+DEFAULT_ANNOUNCE_INTERVAL = 300.0
+# peer fetch gives up when no block arrives for this long.
+DEFAULT_FETCH_TIMEOUT = 60.0
+# The block server's per-request lines (one or more per block served). A busy
+# fetcher serves while it downloads, so these come only with -vv.
+REQUEST_LOGGER = "peer.server.requests"
 
-def setup_logging(verbose: bool = False) -> None:
-    """Plain one-line messages on stderr; ``verbose`` adds per-request debug lines."""
+
+def setup_logging(verbose: int = 0) -> None:
+    """Plain one-line messages on stderr.
+
+    ``verbose`` 1 (``-v``) adds debug lines (dropped peers, timings), 2
+    (``-vv``) also the block server's line for every request.
+    """
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.setLevel(logging.DEBUG if verbose >= 1 else logging.INFO)
+    logging.getLogger(REQUEST_LOGGER).setLevel(logging.DEBUG if verbose >= 2 else logging.INFO)
 
 
 def announce_ip(listen_host: str, explicit: str | None = None) -> str:

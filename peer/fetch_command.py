@@ -4,13 +4,16 @@ The command resumes from what ``--out`` already holds, serves its verified
 blocks on ``--listen`` while it downloads, subscribes at the tracker once the
 file is complete, and with ``--seed`` keeps serving until SIGINT/SIGTERM.
 Every failure is one line on stderr and a non-zero exit.
+
+Its parser lives in :mod:`peer.cli`. What only some runs need (``json``, the
+HTTP code for a URL, the announcer for ``--seed``, ``tqdm`` on a terminal) is
+imported where it is used: every fetch pays for its start-up.
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
-import json
 import logging
 import sys
 import time
@@ -21,11 +24,9 @@ from cascade.addresses import parse_hostport
 from cascade.errors import CascadeError, DataError, TrackerUnreachable, UsageError
 from cascade.localdata import check_data
 from cascade.metafile import CascadeFile, default_data_path, read_cascade
-from cascade.publish import download_cascade, is_url
 from cascade.units import format_size
 from cascade.wire import TrackerCommand
-from peer.announcer import Announcer
-from peer.common import Interrupted, StopSignal, announce_ip, setup_logging
+from peer.common import DEFAULT_LISTEN, Interrupted, StopSignal, announce_ip, setup_logging
 from peer.fetcher import Fetcher, FetchPolicy, FetchResult, Progress
 from peer.server import BlockServer
 from peer.storage import BlockStore
@@ -33,60 +34,13 @@ from peer.tracker_client import TrackerAddress, TrackerRefused, announce, parse_
 
 log = logging.getLogger("peer.fetch")
 
-DEFAULT_LISTEN = "0.0.0.0:6666"
-DEFAULT_TIMEOUT = 60.0
 LIST_TIMEOUT = 5.0
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
 
 
-def register(subparsers: Any) -> None:
-    """Add the ``fetch`` subcommand; its ``func(args)`` returns the exit status."""
-    p = subparsers.add_parser(
-        "fetch",
-        help="download a file from the swarm, verified block by block",
-        description=(
-            "Download the data of FILE.cascade from the peers the tracker knows, many at once. "
-            "Each block is checked against its SHA-256 before it is written; a killed download "
-            "resumes where it stopped. Verified blocks are served to other peers meanwhile."
-        ),
-    )
-    p.add_argument(
-        "cascade_file",
-        metavar="FILE.cascade",
-        help="the .cascade file describing the data, or its URL http://HOST:PORT/cascades/HASH.cascade",
-    )
-    p.add_argument("--out", metavar="PATH", help="where to write the data (default: FILE beside FILE.cascade)")
-    p.add_argument(
-        "--tracker",
-        metavar="HOST:PORT",
-        help="the tracker to ask for peers, or http://HOST:PORT (default for a URL: the tracker serving it)",
-    )
-    p.add_argument(
-        "--listen",
-        metavar="HOST:PORT",
-        help=f"where to serve verified blocks to other peers (default {DEFAULT_LISTEN}; port 0 = any free port)",
-    )
-    p.add_argument("--announce-ip", metavar="IP", help="IPv4 address to announce to the tracker")
-    p.add_argument("--seed", action="store_true", help="keep serving after the download completes")
-    p.add_argument("--max-peers", type=int, default=8, metavar="N", help="peers to download from at once (8)")
-    p.add_argument(
-        "--timeout",
-        type=float,
-        default=DEFAULT_TIMEOUT,
-        metavar="SECONDS",
-        help=f"give up when no block arrives for this long ({DEFAULT_TIMEOUT:g})",
-    )
-    p.add_argument("--json", action="store_true", help="print a JSON summary as the last line of stdout")
-    p.add_argument("--force", action="store_true", help="overwrite an --out file that holds none of the blocks")
-    p.add_argument("-v", "--verbose", action="store_true", help="log every dropped peer")
-    # For `cascade demo`: machine-readable progress lines on stderr.
-    p.add_argument("--progress-lines", action="store_true", help=argparse.SUPPRESS)
-    p.set_defaults(func=run)
-
-
 def run(args: argparse.Namespace) -> int:
-    setup_logging(getattr(args, "verbose", False))
+    setup_logging(args.verbose)
     stop = StopSignal().install()
     started = time.monotonic()
     fetcher: Fetcher | None = None
@@ -102,8 +56,14 @@ def run(args: argparse.Namespace) -> int:
             result = fetcher.partial_result(time.monotonic() - started) if fetcher else None
             doc: dict[str, object] = result.as_json() if result else {"complete": False}
             doc["error"] = str(exc)
-            print(json.dumps(doc), flush=True)
+            _print_json(doc)
         return EXIT_FAILED
+
+
+def _print_json(doc: dict[str, object]) -> None:
+    import json
+
+    print(json.dumps(doc), flush=True)
 
 
 class _Failed(Exception):
@@ -115,7 +75,9 @@ class _Failed(Exception):
 def _fetch(args: argparse.Namespace, stop: StopSignal) -> int:
     try:
         cascade_file, tracker_text = args.cascade_file, args.tracker
-        if is_url(cascade_file):
+        if cascade_file.startswith(("http://", "https://")):  # cascade.publish.is_url, without its import
+            from cascade.publish import download_cascade
+
             saved, base = download_cascade(cascade_file, args.out)
             log.debug("downloaded %s", saved)
             cascade_file, tracker_text = str(saved), tracker_text or base
@@ -166,8 +128,10 @@ def _fetch(args: argparse.Namespace, stop: StopSignal) -> int:
             flush=True,
         )
         if args.json:
-            print(json.dumps(result.as_json()), flush=True)
+            _print_json(result.as_json())
         if args.seed:
+            from peer.announcer import Announcer
+
             announcer = Announcer(tracker, my_ip, my_port)
             announcer.add(cf.cascade_hash)
             announcer.start()

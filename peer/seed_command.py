@@ -1,0 +1,129 @@
+"""``peer seed``: verify each data file, serve its verified blocks, subscribe it at the tracker.
+
+:mod:`peer.cli` imports this module only when ``peer seed`` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cascade.addresses import parse_hostport
+from cascade.errors import CascadeError, DataError, UsageError
+from cascade.localdata import check_data
+from cascade.metafile import CascadeFile, default_data_path, read_cascade
+from cascade.units import format_size, parse_size
+from peer.announcer import Announcer
+from peer.common import Interrupted, StopSignal, announce_ip, setup_logging
+from peer.server import BlockServer
+from peer.storage import BlockStore
+from peer.tracker_client import parse_tracker
+
+log = logging.getLogger("peer")
+
+
+@dataclass(frozen=True, slots=True)
+class _SeedFile:
+    cascade_path: Path
+    data_path: Path
+    cf: CascadeFile
+
+
+def parse_rate(text: str | None) -> int | None:
+    """``--max-upload-rate`` as bytes per second; ``None`` or 0 means no limit."""
+    if text is None:
+        return None
+    rate = parse_size(text.removesuffix("/s"), "upload rate")
+    return rate or None
+
+
+def bind_server(listen: str, upload_rate: int | None = None, idle_timeout: float = 30.0) -> BlockServer:
+    """Start a :class:`BlockServer` on ``--listen`` (``HOST:PORT``, default host 0.0.0.0).
+
+    Raises :class:`UsageError` for a bad address and :class:`CascadeError` when binding fails.
+    """
+    host, port = parse_hostport(listen, "listen address", default_host="0.0.0.0")
+    server = BlockServer(host, port, upload_rate=upload_rate, idle_timeout=idle_timeout)
+    try:
+        server.start()
+    except OSError as exc:
+        raise CascadeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    return server
+
+
+def log_listening(server: BlockServer) -> None:
+    """The first log line of a peer: ``peer listening on HOST:PORT`` with the real port."""
+    bound_host, bound_port = server.address
+    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+    log.info("peer listening on %s:%d", shown, bound_port)
+
+
+def _seed_files(paths: Sequence[str], data: str | None) -> list[_SeedFile]:
+    if data is not None and len(paths) != 1:
+        raise UsageError("--data works only with a single .cascade file")
+    files: list[_SeedFile] = []
+    seen: set[bytes] = set()
+    for raw in paths:
+        path = Path(raw)
+        cf = read_cascade(path)
+        data_path = Path(data) if data is not None else default_data_path(path)
+        if not data_path.is_file():
+            what = "no such data file" if not data_path.exists() else "not a regular file"
+            raise DataError(f"{data_path}: {what} (the data for {path}; use --data to point elsewhere)")
+        if cf.cascade_hash not in seen:  # the same file named twice is served once
+            seen.add(cf.cascade_hash)
+            files.append(_SeedFile(path, data_path, cf))
+    return files
+
+
+def run(args: argparse.Namespace) -> int:
+    """``peer seed``: verify each data file, serve its verified blocks, subscribe it at the tracker."""
+    setup_logging(args.verbose)
+    stop = StopSignal().install()
+    tracker = parse_tracker(args.tracker)
+    rate = parse_rate(args.max_upload_rate)
+    host, _ = parse_hostport(args.listen, "listen address", default_host="0.0.0.0")
+    ip = announce_ip(host, args.announce_ip)
+    files = _seed_files(args.files, args.data)
+
+    # Bind first, so a taken port fails at once, not after minutes of hashing. The
+    # listening line comes once every file is verified and served: a client that
+    # waits for it never meets a seeder that does not know its files yet.
+    server = bind_server(args.listen, rate, args.idle_timeout)
+    announcer = Announcer(tracker, ip, server.address[1], interval=args.announce_interval)
+    stores: list[BlockStore] = []
+    try:
+        lines: list[str] = []
+        for f in files:
+            check = check_data(f.data_path, f.cf, whole_file=False, progress=lambda _n: stop.check())
+            store = BlockStore.open_for_seeding(f.cf, f.data_path, check)
+            stores.append(store)
+            server.add_store(store)
+            count, have = f.cf.block_count, check.valid_count
+            if have == count:
+                note = ""
+            elif have:
+                note = ", partial"
+            else:
+                note = f", none in {f.data_path}: not announced"
+            size = format_size(f.cf.data_length)
+            lines.append(f"{f.cascade_path.name}: {have}/{count} blocks verified ({size}{note})")
+            if have or not count:
+                announcer.add(f.cf.cascade_hash)
+        log_listening(server)
+        for line in lines:
+            log.info("%s", line)
+        announcer.start()
+        stop.wait()
+    except Interrupted:
+        pass
+    finally:
+        announcer.stop(0.5)
+        server.stop(1.0)
+        for store in stores:
+            store.close()
+    log.info("peer stopped")
+    return 0
