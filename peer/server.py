@@ -41,10 +41,15 @@ import time
 from dataclasses import dataclass
 
 from cascade.wire import BLOCK_MAGIC, BLOCK_REQUEST_SIZE, KEEPOPEN, BlockStatus
+from peer.common import REQUEST_LOGGER
 from peer.ratelimit import TokenBucket
 from peer.storage import BlockStore
 
 log = logging.getLogger("peer.server")
+# Lines about single connections and requests (one or more per block served)
+# go to their own logger, enabled only by -vv: a fetcher that serves while it
+# downloads would otherwise spend its time logging.
+request_log = logging.getLogger(REQUEST_LOGGER)
 
 # magic, KEEPOPEN marker, 8 ignored reserved bytes, block number, cascade hash
 _REQUEST = struct.Struct(">8s8s8xQ32s")
@@ -220,7 +225,7 @@ class BlockServer:
         self._listener = listener
         bound = listener.getsockname()
         self._address = (str(bound[0]), int(bound[1]))
-        self._debug = log.isEnabledFor(logging.DEBUG)
+        self._debug = request_log.isEnabledFor(logging.DEBUG)
         self._wake_r.setblocking(False)
         ep = select.epoll()
         ep.register(listener.fileno(), select.EPOLLIN)
@@ -323,7 +328,7 @@ class BlockServer:
             name = f"{addr[0]}:{addr[1]}"
             if len(self._conns) >= self.max_connections:
                 if self._debug:
-                    log.debug("%s: refused, %d connections open", name, len(self._conns))
+                    request_log.debug("%s: refused, %d connections open", name, len(self._conns))
                 sock.close()
                 continue
             sock.setblocking(False)
@@ -337,7 +342,7 @@ class BlockServer:
                 self._close(conn)
                 continue
             if self._debug:
-                log.debug("%s: connected", name)
+                request_log.debug("%s: connected", name)
 
     def _drain(self, conn: _Conn) -> None:
         """Read and discard what a closing client still sends, until it closes too.
@@ -363,7 +368,7 @@ class BlockServer:
         for conn in list(self._conns.values()):
             if conn.idle and conn.deadline < now:
                 if self._debug and not conn.draining:
-                    log.debug("%s: idle for %.0f s, closed", conn.name, self.idle_timeout)
+                    request_log.debug("%s: idle for %.0f s, closed", conn.name, self.idle_timeout)
                 self._close(conn)
 
     # --- connection ownership --------------------------------------------------
@@ -420,7 +425,7 @@ class BlockServer:
                 self._close(conn)
             except OSError as exc:
                 if self._debug:
-                    log.debug("%s: %s", conn.name, exc.strerror or exc)
+                    request_log.debug("%s: %s", conn.name, exc.strerror or exc)
                 self._close(conn)
             except Exception:
                 log.exception("%s: unexpected error, connection dropped", conn.name)
@@ -476,13 +481,13 @@ class BlockServer:
         conn.buf = buf
         if conn.deadline < time.monotonic():
             if self._debug:
-                log.debug("%s: request incomplete after %.0f s, closed", conn.name, self.idle_timeout)
+                request_log.debug("%s: request incomplete after %.0f s, closed", conn.name, self.idle_timeout)
             raise _Close
         self._rearm(conn)
 
     def _reject_early(self, conn: _Conn) -> None:
         if self._debug:
-            log.debug("%s: unparseable request (no CASCADE1 magic), closing", conn.name)
+            request_log.debug("%s: unparseable request (no CASCADE1 magic), closing", conn.name)
         conn.buf = b""
         conn.out_head, conn.out_keep = _BAD_REQUEST, False
         if self._pump(conn):
@@ -493,26 +498,26 @@ class BlockServer:
         magic, marker, index, cascade_hash = _REQUEST.unpack_from(buf, pos)
         if magic != BLOCK_MAGIC:
             if self._debug:
-                log.debug("%s: unparseable request (magic %r), closing", conn.name, magic)
+                request_log.debug("%s: unparseable request (magic %r), closing", conn.name, magic)
             conn.out_head, conn.out_keep = _BAD_REQUEST, False
             return
         keep: bool = marker == KEEPOPEN
         served = self._served.get(cascade_hash)
         if served is None:
             if self._debug:
-                log.debug("%s: unknown hash %s", conn.name, cascade_hash.hex()[:16])
+                request_log.debug("%s: unknown hash %s", conn.name, cascade_hash.hex()[:16])
             conn.out_head, conn.out_keep = _UNKNOWN_HASH, False
             return
         count = served.count
         if index >= count:
             if self._debug:
-                log.debug("%s: block %d past the end", conn.name, index)
+                request_log.debug("%s: block %d past the end", conn.name, index)
             message = f"block number too large: block {index} requested, the file has {count} blocks"
             conn.out_head, conn.out_keep = _error_reply(BlockStatus.OUT_OF_RANGE, message), False
             return
         if not served.store.has(index):
             if self._debug:
-                log.debug("%s: block %d not present", conn.name, index)
+                request_log.debug("%s: block %d not present", conn.name, index)
             conn.out_head = _error_reply(BlockStatus.NOT_PRESENT, f"block not present: block {index}")
             conn.out_keep = keep
             return
@@ -526,7 +531,7 @@ class BlockServer:
         self.blocks_sent += 1
         self.bytes_sent += conn.out_left
         if self._debug:
-            log.debug("%s: sending block %d (%d bytes)", conn.name, index, conn.out_left)
+            request_log.debug("%s: sending block %d (%d bytes)", conn.name, index, conn.out_left)
 
     # --- sending: zero-copy, rate-limited, never pinned by a slow reader ----------
 
@@ -591,6 +596,6 @@ class BlockServer:
             raise _Close
         conn.deadline = time.monotonic() + self.idle_timeout
         if self._debug:
-            log.debug("%s: slow reader, %d bytes of the reply wait for room", conn.name, conn.out_left)
+            request_log.debug("%s: slow reader, %d bytes of the reply wait for room", conn.name, conn.out_left)
         self._rearm(conn, _ONESHOT_OUT)
         return False
