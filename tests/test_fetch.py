@@ -12,7 +12,6 @@ import struct
 import sys
 import termios
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,16 +25,6 @@ from peer.storage import BlockStore
 from tests.doubles import REPO, DoubleServer, Swarm, last_json, make_file, sha256_file
 
 FAST = FetchPolicy(first_response_timeout=1.0, stall_timeout=10.0, backoff_min=0.05)
-
-
-@pytest.fixture
-def swarm(tmp_path: Path) -> Iterator[Swarm]:
-    s = Swarm(tmp_path)
-    try:
-        s.start_tracker()
-        yield s
-    finally:
-        s.stop()
 
 
 def fetch_in_process(cf: CascadeFile, out: Path, servers: list[DoubleServer], policy: FetchPolicy = FAST) -> Fetcher:

@@ -7,26 +7,13 @@ under a minute; upload limits stretch a transfer where a test must act mid-way.
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from cascade.localdata import check_data
 from cascade.metafile import CascadeFile
 from tests.doubles import Swarm, last_json, make_file, sha256_file
 from tests.procs import Proc
-
-
-@pytest.fixture
-def swarm(tmp_path: Path) -> Iterator[Swarm]:
-    s = Swarm(tmp_path)
-    try:
-        s.start_tracker()
-        yield s
-    finally:
-        s.stop()
 
 
 def finish_all(fetchers: list[Proc], cf: CascadeFile, outs: list[Path], timeout: float = 30.0) -> list[dict[str, Any]]:
