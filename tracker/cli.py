@@ -63,69 +63,63 @@ def _port(text: str) -> int:
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``tracker run`` (separate so other front ends can add theirs)."""
+
+    def number(flag: str, parse: Callable[[str], object], default: object, metavar: str, help: str) -> None:
+        p.add_argument(flag, type=parse, default=default, metavar=metavar, help=help)
+
     p.add_argument("--host", default=_DEFAULT_SERVER.host, help="address to listen on (default %(default)s)")
     p.add_argument(
         "--port", type=_port, default=_DEFAULT_SERVER.port, help="TCP port; 0 picks a free one (default %(default)s)"
     )
-    p.add_argument(
+    number(
         "--peer-ttl",
-        type=_positive_float,
-        default=_DEFAULT_LIMITS.peer_ttl,
-        metavar="SECONDS",
-        help="forget a peer not seen for this long (default %(default)g)",
+        _positive_float,
+        _DEFAULT_LIMITS.peer_ttl,
+        "SECONDS",
+        "forget a peer not seen for this long (default %(default)g)",
     )
-    p.add_argument(
-        "--max-peers",
-        type=_int_at_least(0),
-        default=_DEFAULT_LIMITS.max_peers,
-        metavar="N",
-        help="peer records per reply (default %(default)s)",
+    number(
+        "--max-peers", _int_at_least(0), _DEFAULT_LIMITS.max_peers, "N", "peer records per reply (default %(default)s)"
     )
-    p.add_argument(
+    number(
         "--max-swarms",
-        type=_int_at_least(1),
-        default=_DEFAULT_LIMITS.max_swarms,
-        metavar="N",
-        help="cascade hashes tracked at once; new ones beyond it are refused (default %(default)s)",
+        _int_at_least(1),
+        _DEFAULT_LIMITS.max_swarms,
+        "N",
+        "cascade hashes tracked at once; new ones beyond it are refused (default %(default)s)",
     )
-    p.add_argument(
+    number(
         "--max-swarm-peers",
-        type=_int_at_least(1),
-        default=_DEFAULT_LIMITS.max_peers_per_swarm,
-        metavar="N",
-        help="peers kept per swarm; the least recently seen makes room (default %(default)s)",
+        _int_at_least(1),
+        _DEFAULT_LIMITS.max_peers_per_swarm,
+        "N",
+        "peers kept per swarm; the least recently seen makes room (default %(default)s)",
     )
-    p.add_argument(
+    number(
         "--max-total-peers",
-        type=_int_at_least(1),
-        default=_DEFAULT_LIMITS.max_total_peers,
-        metavar="N",
-        help="peers kept in all swarms; new ones beyond it are refused (default %(default)s)",
+        _int_at_least(1),
+        _DEFAULT_LIMITS.max_total_peers,
+        "N",
+        "peers kept in all swarms; new ones beyond it are refused (default %(default)s)",
     )
     p.add_argument(
         "--allow", metavar="FILE", help="serve only these cascade hashes (hex, or .cascade paths, one per line)"
     )
     p.add_argument("--state", metavar="PATH", help="SQLite file that keeps the swarms across restarts")
-    p.add_argument(
+    number(
         "--max-connections",
-        type=_int_at_least(1),
-        default=_DEFAULT_SERVER.max_connections,
-        metavar="N",
-        help="connections waiting for their request at once; more are closed (default %(default)s)",
+        _int_at_least(1),
+        _DEFAULT_SERVER.max_connections,
+        "N",
+        "connections waiting for their request at once; more are closed (default %(default)s)",
     )
-    p.add_argument(
-        "--workers",
-        type=_int_at_least(1),
-        default=_DEFAULT_SERVER.workers,
-        metavar="N",
-        help="event-loop threads (default %(default)s)",
-    )
-    p.add_argument(
+    number("--workers", _int_at_least(1), _DEFAULT_SERVER.workers, "N", "event-loop threads (default %(default)s)")
+    number(
         "--read-timeout",
-        type=_positive_float,
-        default=_DEFAULT_SERVER.read_timeout,
-        metavar="SECONDS",
-        help="drop a client that has not sent its whole request by then (default %(default)g)",
+        _positive_float,
+        _DEFAULT_SERVER.read_timeout,
+        "SECONDS",
+        "drop a client that has not sent its whole request by then (default %(default)g)",
     )
     p.add_argument(
         "--http-port",
