@@ -106,6 +106,18 @@ class _Conn:
         self.state = _Conn.READING
 
 
+class _Loop:
+    """One worker's event loop: its epoll set, its connections by fd, their read deadlines."""
+
+    __slots__ = ("conns", "ep", "timeouts")
+
+    def __init__(self) -> None:
+        self.ep = select.epoll()
+        self.conns: dict[int, _Conn] = {}
+        # Every deadline is "registration + read_timeout", so appending keeps this sorted.
+        self.timeouts: deque[tuple[float, _Conn]] = deque()
+
+
 class TrackerServer:
     """Serves :class:`SwarmRegistry` over the binary protocol until :meth:`shutdown`."""
 
@@ -222,10 +234,8 @@ class TrackerServer:
         assert self._sock is not None
         lsock = self._sock
         lfd = lsock.fileno()
-        ep = select.epoll()
-        conns: dict[int, _Conn] = {}
-        # Every deadline is "registration + read_timeout", so appending keeps this sorted.
-        timeouts: deque[tuple[float, _Conn]] = deque()
+        loop = _Loop()
+        ep, conns, timeouts = loop.ep, loop.conns, loop.timeouts
         ep.register(lfd, select.EPOLLIN | _EPOLLEXCLUSIVE)
         listening = True
         stop_at = 0.0
@@ -244,22 +254,22 @@ class TrackerServer:
                     wait = min(wait, max(0.0, timeouts[0][0] - now))
                 for fd, events in ep.poll(wait, _MAX_EVENTS):
                     if fd == lfd:
-                        self._accept(lsock, ep, conns, timeouts)
+                        self._accept(lsock, loop)
                         continue
                     conn = conns.get(fd)
                     if conn is None:
                         continue
                     try:
-                        self._on_event(conn, events, ep, conns)
+                        self._on_event(conn, events, loop)
                     except Exception:  # a bug in one request must not stop this worker
                         self.registry.count_error("internal")
                         log.exception("tracker: request from %s failed", conn.ip)
-                        self._close(conn, ep, conns)
+                        self._close(conn, loop)
                 now = time.monotonic()
                 while timeouts and timeouts[0][0] <= now:
                     _, conn = timeouts.popleft()
                     if conns.get(conn.sock.fileno()) is conn:
-                        self._expire(conn, ep, conns)
+                        self._expire(conn, loop)
                 if index == 0 and now >= next_sweep:
                     next_sweep = now + 1.0
                     self.registry.sweep()
@@ -267,12 +277,10 @@ class TrackerServer:
             log.exception("tracker worker %d crashed", index)
         finally:
             for conn in list(conns.values()):
-                self._close(conn, ep, conns)
+                self._close(conn, loop)
             ep.close()
 
-    def _accept(
-        self, lsock: socket.socket, ep: select.epoll, conns: dict[int, _Conn], timeouts: deque[tuple[float, _Conn]]
-    ) -> None:
+    def _accept(self, lsock: socket.socket, loop: _Loop) -> None:
         for _ in range(_ACCEPT_BATCH):
             try:
                 sock, addr = lsock.accept()
@@ -295,28 +303,20 @@ class TrackerServer:
                 sock.close()
                 continue
             if data is None:
-                self._park(sock, ip, b"", ep, conns, timeouts)
+                self._park(sock, ip, b"", loop)
             elif len(data) >= TRACKER_REQUEST_SIZE:
                 trailing = len(data) > TRACKER_REQUEST_SIZE
-                self._send_and_close(sock, self._reply(data, ip), trailing, ep, conns, timeouts, ip)
+                self._send_and_close(sock, self._reply(data, ip), trailing, loop, ip)
             elif not data:  # closed before sending anything
                 sock.close()
             else:
-                conn = self._park(sock, ip, data, ep, conns, timeouts)
+                conn = self._park(sock, ip, data, loop)
                 if conn is not None:
                     bad = self._partial_header_error(data, ip)
                     if bad is not None:
-                        self._fail(conn, bad, ep, conns)
+                        self._fail(conn, bad, loop)
 
-    def _park(
-        self,
-        sock: socket.socket,
-        ip: str,
-        data: bytes,
-        ep: select.epoll,
-        conns: dict[int, _Conn],
-        timeouts: deque[tuple[float, _Conn]],
-    ) -> _Conn | None:
+    def _park(self, sock: socket.socket, ip: str, data: bytes, loop: _Loop) -> _Conn | None:
         with self._held_lock:
             full = self._held >= self.config.max_connections
             if not full:
@@ -328,25 +328,16 @@ class TrackerServer:
             sock.close()
             return None
         conn = _Conn(sock, ip, data, time.monotonic() + self.config.read_timeout)
-        conns[sock.fileno()] = conn
-        timeouts.append((conn.deadline, conn))
-        ep.register(sock.fileno(), select.EPOLLIN)
+        loop.conns[sock.fileno()] = conn
+        loop.timeouts.append((conn.deadline, conn))
+        loop.ep.register(sock.fileno(), select.EPOLLIN)
         return conn
 
-    def _send_and_close(
-        self,
-        sock: socket.socket,
-        reply: bytes,
-        trailing: bool,
-        ep: select.epoll,
-        conns: dict[int, _Conn],
-        timeouts: deque[tuple[float, _Conn]],
-        ip: str,
-    ) -> None:
+    def _send_and_close(self, sock: socket.socket, reply: bytes, trailing: bool, loop: _Loop, ip: str) -> None:
         if reply[0] != 0 or trailing:
-            conn = self._park(sock, ip, b"", ep, conns, timeouts)
+            conn = self._park(sock, ip, b"", loop)
             if conn is not None:
-                self._fail(conn, reply, ep, conns)
+                self._fail(conn, reply, loop)
             return
         try:
             sent = sock.send(reply, _DONTWAIT)
@@ -358,21 +349,21 @@ class TrackerServer:
         if sent == len(reply):
             sock.close()
             return
-        conn = self._park(sock, ip, b"", ep, conns, timeouts)  # a big reply to a slow reader
+        conn = self._park(sock, ip, b"", loop)  # a big reply to a slow reader
         if conn is not None:
             conn.state = _Conn.WRITING
             conn.out = reply[sent:]
-            ep.modify(sock.fileno(), select.EPOLLOUT)
+            loop.ep.modify(sock.fileno(), select.EPOLLOUT)
 
-    def _close(self, conn: _Conn, ep: select.epoll, conns: dict[int, _Conn]) -> None:
+    def _close(self, conn: _Conn, loop: _Loop) -> None:
         fd = conn.sock.fileno()
-        if fd >= 0 and conns.get(fd) is conn:
-            del conns[fd]
+        if fd >= 0 and loop.conns.get(fd) is conn:
+            del loop.conns[fd]
             with self._held_lock:
                 self._held -= 1
         conn.sock.close()  # closing also removes it from the epoll set
 
-    def _fail(self, conn: _Conn, reply: bytes, ep: select.epoll, conns: dict[int, _Conn]) -> None:
+    def _fail(self, conn: _Conn, reply: bytes, loop: _Loop) -> None:
         """Send a (small) reply and half-close, then wait for the client to close (a lingering close).
 
         Used for error replies, for clients that sent more than 54 bytes, and
@@ -388,26 +379,26 @@ class TrackerServer:
         except BlockingIOError:
             sent = 0
         except OSError:
-            self._close(conn, ep, conns)
+            self._close(conn, loop)
             return
         if sent < len(reply):  # only a huge --max-peers reply; finish it first
             conn.state = _Conn.WRITING
             conn.out = reply[sent:]
             conn.linger = True
-            ep.modify(conn.sock.fileno(), select.EPOLLOUT)
+            loop.ep.modify(conn.sock.fileno(), select.EPOLLOUT)
             return
-        self._linger(conn, ep, conns)
+        self._linger(conn, loop)
 
-    def _linger(self, conn: _Conn, ep: select.epoll, conns: dict[int, _Conn]) -> None:
+    def _linger(self, conn: _Conn, loop: _Loop) -> None:
         try:
             conn.sock.shutdown(socket.SHUT_WR)
         except OSError:
-            self._close(conn, ep, conns)
+            self._close(conn, loop)
             return
         conn.state = _Conn.DRAINING
         conn.out = b""
 
-    def _on_event(self, conn: _Conn, events: int, ep: select.epoll, conns: dict[int, _Conn]) -> None:
+    def _on_event(self, conn: _Conn, events: int, loop: _Loop) -> None:
         sock = conn.sock
         if conn.state == _Conn.WRITING:
             try:
@@ -415,16 +406,16 @@ class TrackerServer:
             except BlockingIOError:
                 return
             except OSError:
-                self._close(conn, ep, conns)
+                self._close(conn, loop)
                 return
             conn.out = conn.out[sent:]
             if conn.out:
                 return
             if conn.linger:
-                ep.modify(sock.fileno(), select.EPOLLIN)
-                self._linger(conn, ep, conns)
+                loop.ep.modify(sock.fileno(), select.EPOLLIN)
+                self._linger(conn, loop)
             else:
-                self._close(conn, ep, conns)
+                self._close(conn, loop)
             return
         if conn.state == _Conn.DRAINING:
             try:
@@ -435,29 +426,29 @@ class TrackerServer:
                 dropped = 0
             conn.drained += dropped
             if not dropped or conn.drained >= _DRAIN_LIMIT:
-                self._close(conn, ep, conns)
+                self._close(conn, loop)
             return
         try:
             data = sock.recv(_PROBE_SIZE - len(conn.buf), _DONTWAIT)
         except BlockingIOError:
             return
         except OSError:
-            self._close(conn, ep, conns)
+            self._close(conn, loop)
             return
         if not data:
             self.registry.count_error("short_request")
-            self._fail(conn, self._short(conn), ep, conns)
-            self._close(conn, ep, conns)
+            self._fail(conn, self._short(conn), loop)
+            self._close(conn, loop)
             return
         buf = conn.buf = conn.buf + data
         if len(buf) >= TRACKER_REQUEST_SIZE:
             # A client that sends in pieces may still be sending (trailing bytes
             # would reset the connection): always a lingering close here.
-            self._fail(conn, self._reply(buf, conn.ip), ep, conns)
+            self._fail(conn, self._reply(buf, conn.ip), loop)
             return
         bad = self._partial_header_error(buf, conn.ip)
         if bad is not None:
-            self._fail(conn, bad, ep, conns)
+            self._fail(conn, bad, loop)
 
     def _short(self, conn: _Conn) -> bytes:
         self.registry.count_request("tcp", "invalid", STATUS_BAD_REQUEST)
@@ -465,7 +456,7 @@ class TrackerServer:
             STATUS_BAD_REQUEST, f"tracker request is {len(conn.buf)} bytes, expected {TRACKER_REQUEST_SIZE}"
         )
 
-    def _expire(self, conn: _Conn, ep: select.epoll, conns: dict[int, _Conn]) -> None:
+    def _expire(self, conn: _Conn, loop: _Loop) -> None:
         if conn.state == _Conn.READING:
             self.registry.count_error("read_timeout")
             if self._verbose:
@@ -473,4 +464,4 @@ class TrackerServer:
             if conn.buf:
                 with contextlib.suppress(OSError):
                     conn.sock.send(self._short(conn), _DONTWAIT)
-        self._close(conn, ep, conns)
+        self._close(conn, loop)
