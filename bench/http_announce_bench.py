@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
-import struct
 import threading
 import time
 
+from bench.tracker_bench import client, exchange, run_threads, summary
+
 INFO_HASH = bytes(range(20))  # whitelisted by the caller
-_LINGER_0 = struct.pack("ii", 1, 0)
 
 
 def request_bytes(port: int) -> bytes:
@@ -34,31 +33,8 @@ def request_bytes(port: int) -> bytes:
 
 
 def one_request(addr: tuple[str, int], request: bytes, timeout: float) -> bool:
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        s.settimeout(timeout)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_0)
-        s.connect(addr)
-        s.sendall(request)
-        got = b""
-        while data := s.recv(65536):
-            got += data
-        return got.startswith(b"HTTP/1.") and b" 200 " in got[:16] and b"5:peers" in got
-    finally:
-        s.close()
-
-
-def worker(addr: tuple[str, int], requests: list[bytes], stop_at: float, out: list[float], errors: list[int]) -> None:
-    i = 0
-    while time.monotonic() < stop_at:
-        t0 = time.perf_counter()
-        try:
-            ok = one_request(addr, requests[i % len(requests)], 5.0)
-        except OSError:
-            ok = False
-        out.append(time.perf_counter() - t0)
-        errors[0] += not ok
-        i += 1
+    got = exchange(addr, request, timeout)
+    return got.startswith(b"HTTP/1.") and b" 200 " in got[:16] and b"5:peers" in got
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,36 +51,16 @@ def main(argv: list[str] | None = None) -> int:
     lat: list[list[float]] = [[] for _ in range(args.threads)]
     errs = [[0] for _ in range(args.threads)]
     stop_at = time.monotonic() + args.seconds
+    budget, lock = [-1], threading.Lock()  # no request budget: run for --seconds
     threads = [
-        threading.Thread(target=worker, args=(addr, requests[i:] + requests[:i], stop_at, lat[i], errs[i]))
+        threading.Thread(
+            target=client,
+            args=(addr, requests[i:] + requests[:i], stop_at, budget, lock, lat[i], errs[i], 5.0, one_request),
+        )
         for i in range(args.threads)
     ]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - t0
-    flat = sorted(x for lst in lat for x in lst)
-    n = len(flat)
-
-    def pct(q: float) -> float:
-        return round(flat[min(n - 1, int(q * n))] * 1000, 3) if n else 0.0
-
-    print(
-        json.dumps(
-            {
-                "requests": n,
-                "errors": sum(e[0] for e in errs),
-                "seconds": round(elapsed, 3),
-                "req_per_s": round(n / elapsed, 1) if elapsed else 0.0,
-                "p50_ms": pct(0.5),
-                "p99_ms": pct(0.99),
-                "threads": args.threads,
-                "peers": args.peers,
-            }
-        )
-    )
+    elapsed = run_threads(threads)
+    print(json.dumps({**summary(lat, errs, elapsed), "threads": args.threads, "peers": args.peers}))
     return 0
 
 

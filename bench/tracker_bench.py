@@ -26,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from cascade.wire import TrackerCommand, TrackerRequest
@@ -54,21 +55,25 @@ def start_tracker(extra: list[str]) -> tuple[subprocess.Popen[bytes], int, Path]
     raise SystemExit(f"tracker did not start: {log.read_text(errors='replace')}")
 
 
-def one_request(addr: tuple[str, int], request: bytes, timeout: float) -> bool:
+def exchange(addr: tuple[str, int], request: bytes, timeout: float) -> bytes:
+    """One connection: connect (SO_LINGER 0), send ``request``, read the reply to EOF."""
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         s.settimeout(timeout)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_0)
         s.connect(addr)
         s.sendall(request)
-        data = s.recv(65536)
-        got = data
-        while data:
-            data = s.recv(65536)
+        got = b""
+        while data := s.recv(65536):
             got += data
-        return len(got) >= 5 and got[0] == 0
+        return got
     finally:
         s.close()
+
+
+def one_request(addr: tuple[str, int], request: bytes, timeout: float) -> bool:
+    got = exchange(addr, request, timeout)
+    return len(got) >= 5 and got[0] == 0
 
 
 def client(
@@ -80,7 +85,9 @@ def client(
     latencies: list[float],
     errors: list[int],
     timeout: float,
+    ask: Callable[[tuple[str, int], bytes, float], bool] = one_request,
 ) -> None:
+    """Send ``requests`` in turn, one connection each, until ``stop_at`` or the shared ``budget`` (-1: none) ends."""
     clock = time.perf_counter
     n = len(requests)
     i = 0
@@ -94,13 +101,41 @@ def client(
                 budget[0] -= 1
         t0 = clock()
         try:
-            ok = one_request(addr, requests[i % n], timeout)
+            ok = ask(addr, requests[i % n], timeout)
         except OSError:
             ok = False
         latencies.append(clock() - t0)
         if not ok:
             errors[0] += 1
         i += 1
+
+
+def run_threads(threads: list[threading.Thread]) -> float:
+    """Start the client threads, wait for all; returns the wall-clock seconds."""
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0
+
+
+def summary(per_thread: list[list[float]], errors: list[list[int]], elapsed: float) -> dict[str, object]:
+    """requests, errors, seconds, req_per_s, p50_ms and p99_ms of one run."""
+    lat = sorted(x for lst in per_thread for x in lst)
+    total = len(lat)
+
+    def pct(q: float) -> float:
+        return round(lat[min(total - 1, int(q * total))] * 1000, 3) if total else 0.0
+
+    return {
+        "requests": total,
+        "errors": sum(e[0] for e in errors),
+        "seconds": round(elapsed, 3),
+        "req_per_s": round(total / elapsed, 1) if elapsed else 0.0,
+        "p50_ms": pct(0.50),
+        "p99_ms": pct(0.99),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,12 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             for i in range(args.threads)
         ]
-        t0 = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        elapsed = time.perf_counter() - t0
+        elapsed = run_threads(threads)
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
@@ -163,19 +193,8 @@ def main(argv: list[str] | None = None) -> int:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    lat = sorted(x for lst in per_thread for x in lst)
-    total = len(lat)
-
-    def pct(q: float) -> float:
-        return round(lat[min(total - 1, int(q * total))] * 1000, 3) if total else 0.0
-
     result = {
-        "requests": total,
-        "errors": sum(e[0] for e in errors),
-        "seconds": round(elapsed, 3),
-        "req_per_s": round(total / elapsed, 1) if elapsed else 0.0,
-        "p50_ms": pct(0.50),
-        "p99_ms": pct(0.99),
+        **summary(per_thread, errors, elapsed),
         "threads": args.threads,
         "peers": args.peers,
         "command": command.name.lower(),
