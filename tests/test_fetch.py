@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import pty
@@ -12,6 +13,7 @@ import struct
 import sys
 import termios
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -41,8 +43,16 @@ def fetch_in_process(cf: CascadeFile, out: Path, servers: list[DoubleServer], po
     return fetcher
 
 
-def run_doubles(cf: CascadeFile, data: Path, *modes: str) -> list[DoubleServer]:
-    return [DoubleServer(mode, cf, data).start() for mode in modes]
+@contextlib.contextmanager
+def doubles(cf: CascadeFile, data: Path, *modes: str) -> Iterator[list[DoubleServer]]:
+    """One started DoubleServer per mode, serving ``data``; every one is stopped on leaving."""
+    with contextlib.ExitStack() as stack:
+        servers = []
+        for mode in modes:
+            server = DoubleServer(mode, cf, data).start()
+            stack.callback(server.stop)
+            servers.append(server)
+        yield servers
 
 
 # --- the engine, in-process ---------------------------------------------------------
@@ -50,12 +60,8 @@ def run_doubles(cf: CascadeFile, data: Path, *modes: str) -> list[DoubleServer]:
 
 def test_one_connection_per_request_with_a_closing_server(tmp_path: Path) -> None:
     _, cf = make_file(tmp_path, "d.bin", 300_000, 4096)
-    servers = run_doubles(cf, tmp_path / "d.bin", "close")
-    try:
+    with doubles(cf, tmp_path / "d.bin", "close") as servers:
         fetcher = fetch_in_process(cf, tmp_path / "out", servers)
-    finally:
-        for s in servers:
-            s.stop()
     # Only the very first connection carried pipelined requests; no block was lost to the closes.
     assert fetcher.partial_result(0).blocks_downloaded == cf.block_count
     assert servers[0].requests <= cf.block_count + 8
@@ -63,37 +69,25 @@ def test_one_connection_per_request_with_a_closing_server(tmp_path: Path) -> Non
 
 def test_server_that_answers_one_request_per_connection(tmp_path: Path) -> None:
     _, cf = make_file(tmp_path, "d.bin", 100_000, 4096)
-    servers = run_doubles(cf, tmp_path / "d.bin", "once")
-    started = time.monotonic()
-    try:
+    with doubles(cf, tmp_path / "d.bin", "once") as servers:
+        started = time.monotonic()
         fetch_in_process(cf, tmp_path / "out", servers)
-    finally:
-        for s in servers:
-            s.stop()
     # One first-response timeout (1 s here) to learn it, then one connection per request.
     assert time.monotonic() - started < 8
 
 
 def test_server_that_rejects_the_keepopen_marker(tmp_path: Path) -> None:
     _, cf = make_file(tmp_path, "d.bin", 100_000, 4096)
-    servers = run_doubles(cf, tmp_path / "d.bin", "strict")
-    try:
+    with doubles(cf, tmp_path / "d.bin", "strict") as servers:
         fetcher = fetch_in_process(cf, tmp_path / "out", servers)
-    finally:
-        for s in servers:
-            s.stop()
     assert fetcher.partial_result(0).sources == {f"127.0.0.1:{servers[0].address[1]}": cf.block_count}
 
 
 def test_silent_peer_holds_no_block_hostage(tmp_path: Path) -> None:
     _, cf = make_file(tmp_path, "d.bin", 200_000, 4096)
-    servers = run_doubles(cf, tmp_path / "d.bin", "silent", "close")
-    started = time.monotonic()
-    try:
+    with doubles(cf, tmp_path / "d.bin", "silent", "close") as servers:
+        started = time.monotonic()
         fetcher = fetch_in_process(cf, tmp_path / "out", servers, FetchPolicy(first_response_timeout=30.0))
-    finally:
-        for s in servers:
-            s.stop()
     # The endgame re-asks the blocks the silent peer sits on; nobody waits for its 30 s timeout.
     assert time.monotonic() - started < 10
     silent = f"127.0.0.1:{servers[0].address[1]}"
@@ -102,18 +96,17 @@ def test_silent_peer_holds_no_block_hostage(tmp_path: Path) -> None:
 
 def test_corrupt_peer_is_dropped_then_banned_and_nothing_reaches_the_disk(tmp_path: Path) -> None:
     _, cf = make_file(tmp_path, "d.bin", 100_000, 2048)
-    [bad] = run_doubles(cf, tmp_path / "d.bin", "corrupt")
     out = tmp_path / "out"
-    store = BlockStore.open_for_fetching(cf, out, check_data(out, cf))
-    peers = [(bad.address[0], bad.address[1], True)]
-    fetcher = Fetcher(store, lambda: peers, policy=FetchPolicy(stall_timeout=1.5, backoff_min=0.05))
-    try:
-        fetcher.add_peers(peers)
-        with pytest.raises(CascadeTimeout):
-            fetcher.run()
-    finally:
-        store.close()
-        bad.stop()
+    with doubles(cf, tmp_path / "d.bin", "corrupt") as [bad]:
+        store = BlockStore.open_for_fetching(cf, out, check_data(out, cf))
+        peers = [(bad.address[0], bad.address[1], True)]
+        fetcher = Fetcher(store, lambda: peers, policy=FetchPolicy(stall_timeout=1.5, backoff_min=0.05))
+        try:
+            fetcher.add_peers(peers)
+            with pytest.raises(CascadeTimeout):
+                fetcher.run()
+        finally:
+            store.close()
     result = fetcher.partial_result(0)
     assert result.banned == [f"127.0.0.1:{bad.address[1]}"]
     assert result.blocks_downloaded == 0
@@ -124,25 +117,16 @@ def test_corrupt_peer_is_dropped_then_banned_and_nothing_reaches_the_disk(tmp_pa
 
 def test_blocks_larger_than_the_hashing_buffer(tmp_path: Path) -> None:
     _, cf = make_file(tmp_path, "d.bin", 11 << 20, 5 << 20)
-    servers = run_doubles(cf, tmp_path / "d.bin", "close")
-    try:
+    with doubles(cf, tmp_path / "d.bin", "close") as servers:
         fetch_in_process(cf, tmp_path / "out", servers)
-    finally:
-        for s in servers:
-            s.stop()
 
 
 def test_whole_file_hash_mismatch_is_an_error(tmp_path: Path) -> None:
     _, good = make_file(tmp_path, "d.bin", 50_000, 4096)
     # Right block hashes, wrong whole-file hash: every block verifies, the file must not.
     cf = parse_cascade(encode_cascade(good.data_length, good.block_size, bytes(32), good.block_hashes))
-    servers = run_doubles(cf, tmp_path / "d.bin", "close")
-    try:
-        with pytest.raises(DataError, match="whole-file SHA-256"):
-            fetch_in_process(cf, tmp_path / "out", servers)
-    finally:
-        for s in servers:
-            s.stop()
+    with doubles(cf, tmp_path / "d.bin", "close") as servers, pytest.raises(DataError, match="whole-file SHA-256"):
+        fetch_in_process(cf, tmp_path / "out", servers)
 
 
 def test_everything_a_partial_peer_holds_is_fetched(tmp_path: Path) -> None:
