@@ -6,6 +6,7 @@ check bytes on the wire, not our own client code.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
@@ -32,6 +33,21 @@ HEADER = struct.Struct(">BQ")
 
 
 # --- a raw client written from the spec -----------------------------------------
+
+
+@contextlib.contextmanager
+def serving(store: BlockStore, **limits: int) -> Iterator[BlockServer]:
+    """An in-process BlockServer on 127.0.0.1 serving ``store``; stops it, then closes the store."""
+    try:
+        server = BlockServer("127.0.0.1", 0, **limits)
+        try:
+            server.add_store(store)
+            server.start()
+            yield server
+        finally:
+            server.stop()
+    finally:
+        store.close()
 
 
 def recv_exact(sock: socket.socket, n: int) -> bytes:
@@ -433,10 +449,7 @@ def test_blocks_written_while_serving_become_available(tmp_path: Path) -> None:
     s = make_sample(tmp_path, "growing.bin", 8 * 1024, 1024, seed=6)
     out = tmp_path / "out.bin"
     store = BlockStore.open_for_fetching(s.cf, out, check_data(out, s.cf, whole_file=False))
-    server = BlockServer("127.0.0.1", 0, max_workers=2)
-    server.add_store(store)
-    server.start()
-    try:
+    with serving(store, max_workers=2) as server:
         port = server.address[1]
         with connect(port) as sock:
             sock.sendall(req(2, s.cf.cascade_hash, keep=True))
@@ -444,9 +457,6 @@ def test_blocks_written_while_serving_become_available(tmp_path: Path) -> None:
             assert store.write_block(2, block(s.data, s.cf, 2))
             sock.sendall(req(2, s.cf.cascade_hash, keep=True))
             assert read_response(sock) == (0, block(s.data, s.cf, 2))
-    finally:
-        server.stop()
-        store.close()
 
 
 def test_stop_is_quick_with_a_client_that_does_not_read(tmp_path: Path) -> None:
@@ -474,41 +484,34 @@ def test_stop_is_quick_with_a_client_that_does_not_read(tmp_path: Path) -> None:
 def test_slow_readers_do_not_hold_the_workers(tmp_path: Path) -> None:
     s = make_sample(tmp_path, "slow.bin", 16 << 20, 4 << 20, seed=10)
     store = BlockStore.open_for_seeding(s.cf, s.data_path)
-    server = BlockServer("127.0.0.1", 0, max_workers=2)
-    server.add_store(store)
-    server.start()
     stalled: list[socket.socket] = []
-    try:
-        port = server.address[1]
-        order = [0, 1, 2, 3]
-        for _ in range(6):  # three times the pool, none of them reading
-            sock = connect(port)
-            sock.sendall(b"".join(req(i, s.cf.cascade_hash, keep=True) for i in order))
-            stalled.append(sock)
-        t = time.monotonic()
-        status, body, _ = request(port, req(3, s.cf.cascade_hash))
-        assert (status, body) == (0, block(s.data, s.cf, 3))
-        assert time.monotonic() - t < 2.0
-        # Parked responses resume intact once their readers wake up.
-        for sock in stalled:
-            for i in order:
-                assert read_response(sock) == (0, block(s.data, s.cf, i))
-    finally:
-        for sock in stalled:
-            sock.close()
-        server.stop()
-        store.close()
+    with serving(store, max_workers=2) as server:
+        try:
+            port = server.address[1]
+            order = [0, 1, 2, 3]
+            for _ in range(6):  # three times the pool, none of them reading
+                sock = connect(port)
+                sock.sendall(b"".join(req(i, s.cf.cascade_hash, keep=True) for i in order))
+                stalled.append(sock)
+            t = time.monotonic()
+            status, body, _ = request(port, req(3, s.cf.cascade_hash))
+            assert (status, body) == (0, block(s.data, s.cf, 3))
+            assert time.monotonic() - t < 2.0
+            # Parked responses resume intact once their readers wake up.
+            for sock in stalled:
+                for i in order:
+                    assert read_response(sock) == (0, block(s.data, s.cf, i))
+        finally:
+            for sock in stalled:
+                sock.close()
 
 
 def test_a_busy_pipelining_client_does_not_monopolise_a_worker(tmp_path: Path) -> None:
     s = make_sample(tmp_path, "busy.bin", 64 * 16384, 16384, seed=11)
     store = BlockStore.open_for_seeding(s.cf, s.data_path)
-    server = BlockServer("127.0.0.1", 0, max_workers=1)
-    server.add_store(store)
-    server.start()
-    total = 8000
-    done = [0]
-    try:
+    with serving(store, max_workers=1) as server:
+        total = 8000
+        done = [0]
         port = server.address[1]
         busy = connect(port)
         first = threading.Event()
@@ -530,18 +533,12 @@ def test_a_busy_pipelining_client_does_not_monopolise_a_worker(tmp_path: Path) -
         th.join(30)
         assert done[0] == total
         busy.close()
-    finally:
-        server.stop()
-        store.close()
 
 
 def test_connections_beyond_the_limit_are_refused_not_queued(tmp_path: Path) -> None:
     s = make_sample(tmp_path, "few.bin", 1024, 1024, seed=8)
     store = BlockStore.open_for_seeding(s.cf, s.data_path)
-    server = BlockServer("127.0.0.1", 0, max_workers=2, max_connections=3)
-    server.add_store(store)
-    server.start()
-    try:
+    with serving(store, max_workers=2, max_connections=3) as server:
         port = server.address[1]
         held = [connect(port) for _ in range(3)]
         for c in held:  # all three are served
@@ -562,9 +559,6 @@ def test_connections_beyond_the_limit_are_refused_not_queued(tmp_path: Path) -> 
                     time.sleep(0.02)
         for c in held:
             c.close()
-    finally:
-        server.stop()
-        store.close()
 
 
 def test_no_data_file_is_read_whole(tmp_path: Path) -> None:
