@@ -12,9 +12,10 @@ Shape:
   nor requested, at random among the next quarter of the missing ones (so
   peers downloading the same file hold different blocks and can trade them),
   in O(1) per block however large the file; in file order while only one
-  peer serves us. When none is left the endgame begins: a peer may ask for
-  blocks other peers are still sending, and the first verified copy wins.
-  No peer holds a block hostage.
+  peer answers us (peers the tracker lists but that are gone do not count).
+  When none is left the endgame begins: a peer may ask for blocks other
+  peers are still sending, and the first verified copy wins. No peer holds
+  a block hostage.
 - A :class:`_PrefixHasher` thread computes the whole-file SHA-256 over the
   verified prefix as it grows, so little is left to hash at the end.
 - Responses are read through a small buffer, so many small blocks come in
@@ -144,6 +145,8 @@ class _Peer:
 
     addr: PeerAddr
     good: bool = False
+    # It answered a request (a block or "not present"): a live member of the swarm.
+    answered: bool = False
     order: float = field(default_factory=random.random)
     sessions: int = 0
     banned: bool = False
@@ -216,9 +219,11 @@ class _Scheduler:
     missing blocks in file order, a quarter of the file (``SWARM_WINDOW``):
     wide enough that fetchers hold different blocks and trade them, narrow
     enough that the whole-file hash follows behind the download instead of
-    re-reading the whole file at the end. While a single peer serves us
+    re-reading the whole file at the end. While a single peer answers us
     nobody needs variety: blocks then go out strictly in file order
-    (``sequential``), and the hash keeps right up with the download.
+    (``sequential``), and the hash keeps right up with the download. The
+    fetcher decides the mode from the peers that answer, not from the peers
+    listed: the tracker keeps listing fetchers that are long gone.
     ``inflight`` counts the outstanding requests per block.
     """
 
@@ -523,7 +528,7 @@ class Fetcher:
         self._ever_connected = False
         self._last_peers = 0
         self._list_error: str | None = None
-        # Until a second peer shows up, blocks go out in file order (see _Scheduler).
+        # Until a second peer answers, blocks go out in file order (see _update_mode).
         self._sched.sequential = True
 
     # --- public -------------------------------------------------------------
@@ -546,12 +551,26 @@ class Fetcher:
                     p.is_self = True
             else:
                 p.good = p.good or good
-        usable = sum(1 for p in self._peers.values() if not p.is_self and not p.banned)
-        if usable > 1:
-            sched = self._sched
-            with sched.lock:
+
+    def _update_mode(self) -> None:
+        """Random order over a window while two or more peers answer us, else file order.
+
+        Counted are peers with a connection open that answered a request (a
+        block or "not present"), not peers the tracker lists: finished
+        fetchers stay listed long after they exit, and a fetch from one live
+        seeder must not scatter its blocks (and leave the whole-file hash
+        behind) because of them.
+        """
+        live = sum(1 for p in self._peers.values() if p.answered and p.sessions and not p.banned)
+        sched = self._sched
+        sequential = live < 2
+        if sched.sequential == sequential:
+            return
+        with sched.lock:
+            if not sequential:
                 sched.window_size = max(4 * self._max_depth, int(len(sched.rest) * SWARM_WINDOW))
-                sched.sequential = False
+            sched.sequential = sequential
+        log.debug("%d peers answer: blocks in %s order", live, "file" if sequential else "random")
 
     def run(self, on_tick: Callable[[Progress], None] | None = None, tick: float = 0.1) -> FetchResult:
         """Fetch until the file is complete and verified, or fail.
@@ -579,6 +598,7 @@ class Fetcher:
                     next_list = now + relist_every
                     relist_every = min(policy.relist_max, relist_every * 2)
                 self._launch(now)
+                self._update_mode()
                 count = store.verified_count
                 if count != last_count:
                     last_count, last_progress = count, now
@@ -888,6 +908,9 @@ class Fetcher:
         out, sched, store = session.outstanding, self._sched, self.store
         i = out[0]
         status, length = reader.header()
+        if not peer.answered and status in (BlockStatus.OK, BlockStatus.NOT_PRESENT):
+            peer.answered = True
+            sched.wake.set()  # the coordinator reconsiders the order now (_update_mode)
         if status == BlockStatus.OK:
             expected = self.cf.block_length(i)
             if length != expected:
