@@ -472,9 +472,13 @@ def test_busy_server_answers_503_and_recovers(tmp_path: Path) -> None:
         assert "too many" in json.loads(body)["error"]
         idle.remove(refused)
         refused.close()
-        # Now every worker is certainly held, so a real request is refused too.
+        # Now every worker is certainly held, so a real request is refused too; and
+        # more silent clients do not each cost the accept loop a wait for a worker.
+        idle += [socket.create_connection(("127.0.0.1", t.http), timeout=5) for _ in range(8)]
+        started = time.monotonic()
         r = requests.get(f"{t.url}/healthz", timeout=5)
         assert_error(r, 503, "too many")
+        assert time.monotonic() - started < 8 * HttpConfig().queue_wait / 2
         for s in idle:
             s.close()
         idle = []

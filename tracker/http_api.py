@@ -9,7 +9,9 @@ HTTP/1.0 (one request per connection, so an idle keep-alive never holds a
 thread). Limits, all in :class:`HttpConfig`:
 
 * at most ``max_workers`` requests at once; a connection that finds no free
-  slot within ``queue_wait`` seconds gets a 503 at once;
+  slot within ``queue_wait`` seconds gets a 503 at once, and while no slot has
+  been freed since that, later ones get it without waiting (so a crowd of idle
+  clients costs the accept loop one wait, not one each);
 * every read has a ``read_timeout``; a connection older than
   ``request_deadline`` is shut down by the serving thread, so a client that
   trickles one byte at a time cannot hold a worker for long;
@@ -106,6 +108,8 @@ class TrackerHttpServer(ThreadingHTTPServer):
         self.http_counters = metrics.HttpCounters()
         self.started = time.monotonic()
         self._slots = threading.BoundedSemaphore(self.config.max_workers)
+        # True after a wait for a slot timed out, until a slot is freed: no point waiting again.
+        self._saturated = False
         self._active: dict[socket.socket, float] = {}  # connection -> deadline (monotonic)
         self._active_lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -130,7 +134,12 @@ class TrackerHttpServer(ThreadingHTTPServer):
     # --- bounded concurrency --------------------------------------------------
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(timeout=self.config.queue_wait):
+        if self._saturated:
+            got = self._slots.acquire(blocking=False)
+        else:
+            got = self._slots.acquire(timeout=self.config.queue_wait)
+        if not got:
+            self._saturated = True
             self.registry.count_error("http_busy")
             self.http_counters.count("busy", 503)
             body = b'{"error": "too many requests at once, try again later"}'
@@ -162,6 +171,7 @@ class TrackerHttpServer(ThreadingHTTPServer):
             if self._active.pop(request, None) is None:
                 return
         self._slots.release()
+        self._saturated = False
 
     def service_actions(self) -> None:
         """Called by ``serve_forever`` between polls: cut connections past their deadline."""
