@@ -17,7 +17,8 @@ Shape:
   peers are still sending, and the first verified copy wins. No peer holds
   a block hostage.
 - A :class:`_PrefixHasher` thread computes the whole-file SHA-256 over the
-  verified prefix as it grows, so little is left to hash at the end.
+  verified prefix as it grows, so little is left to hash at the end. It is
+  woken once per few MiB of verified blocks, not once per block.
 - Responses are read through a small buffer, so many small blocks come in
   with one ``recv``; a large body is read straight into a per-connection
   block buffer. Either way the bytes are hashed and written from a
@@ -65,6 +66,9 @@ MAX_MESSAGE = 64 << 10
 # Responses are read through a buffer of this size: a recv brings in many
 # small blocks at once, while a large body goes straight to the block buffer.
 READ_BUFFER = 128 << 10
+# With blocks of up to half that size the buffer holds 16 blocks, up to this:
+# fewer recv calls (and buffer compactions) per block.
+READ_BUFFER_MAX = 1 << 20
 # All connections' block buffers together stay under this (it matters only for huge blocks).
 BLOCK_BUFFERS_LIMIT = 512 << 20
 # With several peers, blocks are picked at random among the next quarter of
@@ -230,7 +234,7 @@ class _Scheduler:
     def __init__(self, store: BlockStore, lack_ttl: float) -> None:
         self.store = store
         self.valid = store.valid
-        count = store.cf.block_count
+        count = self.block_count = store.cf.block_count
         self.rest = array("I" if count < 1 << 32 else "Q", store.missing())
         self.cursor = 0
         self.window: list[int] = []
@@ -245,7 +249,9 @@ class _Scheduler:
         self.lock = threading.Lock()
         self.lack_ttl = lack_ttl
         self.complete = threading.Event()
+        # Wakes the prefix hasher once verified_count reaches hash_wake_at (see _PrefixHasher).
         self.progress = threading.Event()
+        self.hash_wake_at = 0
         # Wakes the coordinator early: completion, or a session ended.
         self.wake = threading.Event()
         if store.complete:
@@ -313,8 +319,10 @@ class _Scheduler:
             self.inflight.pop(i, None)
             first = not self.delivered[i]
             self.delivered[i] = 1
-        self.progress.set()
-        if self.store.complete:
+        count = self.store.verified_count
+        if count >= self.hash_wake_at:
+            self.progress.set()
+        if count == self.block_count:
             self.complete.set()
             self.wake.set()
         return first
@@ -346,13 +354,20 @@ class _PrefixHasher:
     SHA-256 is sequential, so it can only advance while block ``next`` is
     verified; it re-reads those blocks from the page cache in chunks. At the
     end only the part behind the last gap is left to hash.
+
+    When it has caught up it sleeps until ``batch`` more blocks are verified
+    (about one chunk; the scheduler checks ``hash_wake_at``, one comparison
+    per block) rather than being woken for every block: with small blocks,
+    per-block thread hand-offs cost more than the hashing.
     """
 
     CHUNK = 4 << 20
 
-    def __init__(self, store: BlockStore, progress: threading.Event, stop: threading.Event) -> None:
+    def __init__(self, store: BlockStore, sched: _Scheduler, stop: threading.Event) -> None:
         self.store = store
-        self.progress = progress
+        self.sched = sched
+        self.progress = sched.progress
+        self.batch = max(1, min(self.CHUNK // max(store.cf.block_size, 1), 64))
         self.stop = stop
         self.sha = hashlib.sha256()
         self.next = 0
@@ -392,10 +407,14 @@ class _PrefixHasher:
     def _run(self) -> None:
         buf = bytearray(self.CHUNK)
         try:
-            while not self.stop.is_set() and self.next < self.store.cf.block_count:
+            store, sched, progress = self.store, self.sched, self.progress
+            while not self.stop.is_set() and self.next < store.cf.block_count:
                 if not self._advance(buf):
-                    self.progress.wait(0.05)
-                    self.progress.clear()
+                    # Clear first: a block verified from here on sets the event again.
+                    progress.clear()
+                    sched.hash_wake_at = min(store.verified_count + self.batch, store.cf.block_count)
+                    if not self._advance(buf):
+                        progress.wait(0.05)
         except OSError as exc:
             self.error = exc
 
@@ -425,12 +444,13 @@ class _Reader:
 
     def __init__(self, sock: socket.socket | None, block_size: int) -> None:
         self.sock: socket.socket = sock  # type: ignore[assignment]  # set by reset() before use
-        self.buf = bytearray(READ_BUFFER)
+        small = block_size <= READ_BUFFER // 2
+        self.buf = bytearray(max(READ_BUFFER, min(READ_BUFFER_MAX, 16 * block_size)) if small else READ_BUFFER)
         self.mv = memoryview(self.buf)
         self.lo = 0
         self.hi = 0
         # Bodies larger than half the read buffer are read straight into this.
-        self.scratch = memoryview(bytearray(block_size)) if block_size > READ_BUFFER // 2 else None
+        self.scratch = None if small else memoryview(bytearray(block_size))
 
     def reset(self, sock: socket.socket) -> None:
         """Read from a new connection, keeping the buffers."""
@@ -438,7 +458,7 @@ class _Reader:
         self.lo = self.hi = 0
 
     def _fill(self, n: int, exact: bool = False) -> None:
-        """Make at least ``n`` (<= READ_BUFFER) bytes available from ``lo``; ``exact`` reads no more."""
+        """Make at least ``n`` (<= the buffer's size) bytes available from ``lo``; ``exact`` reads no more."""
         if self.hi - self.lo >= n:
             return
         if len(self.buf) - self.lo < n:
@@ -583,7 +603,7 @@ class Fetcher:
         start = clock()
         resumed = store.verified_count
         last_count, last_progress = resumed, start
-        hasher = _PrefixHasher(store, self._sched.progress, self._hash_stop)
+        hasher = _PrefixHasher(store, self._sched, self._hash_stop)
         hasher.start()
         relist_every = policy.relist_min
         next_list = start + relist_every if self._peers else start

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from cascade.errors import BlockHashMismatch, DataError, DiskFullError
 from cascade.localdata import DataCheck, check_data, file_sha256
-from cascade.metafile import CascadeFile
+from cascade.metafile import HASH_SIZE, CascadeFile
 
 
 def _data_error(path: Path, exc: OSError, doing: str) -> DataError:
@@ -44,6 +44,11 @@ class BlockStore:
         self.writable = writable
         self._count = valid.count(1)
         self._lock = threading.Lock()
+        # For write_block, which runs once per block: no property calls on the hot path.
+        self._hashes = cf.block_hashes
+        self._block_size = cf.block_size
+        self._block_count = cf.block_count
+        self._data_length = cf.data_length
 
     # --- opening -----------------------------------------------------------
 
@@ -119,20 +124,27 @@ class BlockStore:
         Returns False when the block was already present (nothing written).
         Raises :class:`BlockHashMismatch` (nothing written) or :class:`DataError`.
         """
-        cf = self.cf
-        if len(data) != cf.block_length(index):
-            raise BlockHashMismatch(f"block {index} is {len(data)} bytes, expected {cf.block_length(index)}")
-        if hashlib.sha256(data).digest() != cf.block_hash(index):
+        if not 0 <= index < self._block_count:
+            raise IndexError(f"block {index} out of range 0..{self._block_count - 1}")
+        offset = index * self._block_size
+        expected = min(self._block_size, self._data_length - offset)
+        size = len(data)
+        if size != expected:
+            raise BlockHashMismatch(f"block {index} is {size} bytes, expected {expected}")
+        start = index * HASH_SIZE
+        if hashlib.sha256(data).digest() != self._hashes[start : start + HASH_SIZE]:
             raise BlockHashMismatch(f"block {index} does not match its SHA-256")
         if self.valid[index]:
             return False
-        offset = cf.block_offset(index)
-        view = memoryview(data)
         try:
-            while view:
-                n = os.pwrite(self.fd, view, offset)
-                view = view[n:]
+            n = os.pwrite(self.fd, data, offset)
+            if n < size:  # a short write: rare, finish it piece by piece
+                view = memoryview(data)[n:]
                 offset += n
+                while view:
+                    n = os.pwrite(self.fd, view, offset)
+                    view = view[n:]
+                    offset += n
         except OSError as exc:
             raise _data_error(self.path, exc, f"write block {index}") from exc
         with self._lock:
