@@ -18,9 +18,10 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from cascade import __version__
+from cascade.argparsing import OneLineErrorParser
 from cascade.errors import CascadeError, DataError, UsageError
 from cascade.localdata import Progress, check_data, create_metafile
 from cascade.metafile import (
@@ -49,13 +50,6 @@ EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 Command = Callable[[argparse.Namespace], int]
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose errors are one line on stderr (the usage stays in ``--help``)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 # --- progress ---------------------------------------------------------------

@@ -260,8 +260,9 @@ def test_bad_state_file_is_one_line_error(tmp_path: Path) -> None:
 def test_bad_options(args: list[str], word: str) -> None:
     proc = Proc(["tracker", "run", *args])
     try:
-        assert proc.wait(15) != 0
+        assert proc.wait(15) == 2
         assert word in proc.stderr and "Traceback" not in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     finally:
         proc.stop()
 

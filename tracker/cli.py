@@ -16,6 +16,7 @@ import threading
 from collections.abc import Callable, Sequence
 from types import FrameType
 
+from cascade.argparsing import OneLineErrorParser
 from cascade.errors import CascadeError, UsageError
 from tracker.allowlist import load_allow_file
 from tracker.server import ServerConfig, TrackerServer
@@ -132,7 +133,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tracker", description="The Cascade tracker.")
+    parser = OneLineErrorParser(prog="tracker", description="The Cascade tracker.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser("run", help="run the tracker", description="Run the tracker until SIGINT or SIGTERM.")
     add_run_arguments(run)
