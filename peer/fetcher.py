@@ -98,6 +98,10 @@ class FetchPolicy:
     relist_max: float = 15.0
     # A peer that answered "not present" is not asked for that block again for this long.
     lack_ttl: float = 1.0
+    # The lowest missing block holds up the whole-file hash: when it has been in
+    # flight this long, a second peer is asked for it too (see _Scheduler._race_head).
+    # Twice target_latency: a healthy pipeline delivers it sooner.
+    head_late: float = 0.4
     # Requests in flight per connection: enough for target_latency of data at the
     # measured rate, within [2, max_depth] and at most inflight_bytes.
     target_latency: float = 0.2
@@ -231,7 +235,7 @@ class _Scheduler:
     ``inflight`` counts the outstanding requests per block.
     """
 
-    def __init__(self, store: BlockStore, lack_ttl: float) -> None:
+    def __init__(self, store: BlockStore, lack_ttl: float, head_late: float = 0.4) -> None:
         self.store = store
         self.valid = store.valid
         count = self.block_count = store.cf.block_count
@@ -248,6 +252,12 @@ class _Scheduler:
         self.delivered = bytearray(count)
         self.lock = threading.Lock()
         self.lack_ttl = lack_ttl
+        # The lowest block not verified yet, where the whole-file hash waits; since when, and
+        # whether a second copy was asked for.
+        self.head = -1  # set by the first pick
+        self.head_since = 0.0
+        self.head_raced = -1
+        self.head_late = head_late
         self.complete = threading.Event()
         # Wakes the prefix hasher once verified_count reaches hash_wake_at (see _PrefixHasher).
         self.progress = threading.Event()
@@ -268,6 +278,7 @@ class _Scheduler:
                 take = min(self.window_size - len(window), len(self.rest) - self.cursor)
                 window.extend(self.rest[self.cursor : self.cursor + take])
                 self.cursor += take
+            self._race_head(peer, got, now)
             # Blocks some peer lacked go preferably to declared seeders, which have
             # them all; other peers first try the blocks nobody has refused yet.
             # (In sequential mode the window holds only blocks to retry.)
@@ -299,6 +310,25 @@ class _Scheduler:
                     got.append(i)
         peer.own.update(got)
         return got
+
+    def _race_head(self, peer: _Peer, got: list[int], now: float) -> None:
+        """Ask ``peer`` too for the lowest missing block when it is late (lock held).
+
+        The whole-file hash cannot pass this block: a peer that sits on it
+        (until its response timeout, seconds) would leave the rest of the file
+        to hash after the download. One extra copy at most; amortised O(1).
+        """
+        valid, count, head = self.valid, self.block_count, max(self.head, 0)
+        while head < count and valid[head]:
+            head += 1
+        if head != self.head:
+            self.head, self.head_since = head, now
+        if head >= count or head in peer.lacks or head in peer.own:
+            return
+        if self.inflight.get(head) == 1 and self.head_raced != head and now - self.head_since > self.head_late:
+            self.head_raced = head
+            self.inflight[head] = 2
+            got.append(head)
 
     def release(self, i: int, lacked: bool = False) -> None:
         """A request for block ``i`` ended without this peer delivering it (``lacked``: status 2)."""
@@ -532,7 +562,7 @@ class Fetcher:
         self._list_peers = list_peers
         self._my_port = my_port
         self._clock = clock
-        self._sched = _Scheduler(store, self.policy.lack_ttl)
+        self._sched = _Scheduler(store, self.policy.lack_ttl, self.policy.head_late)
         self._peers: dict[PeerAddr, _Peer] = {}
         self._stop = threading.Event()
         self._hash_stop = threading.Event()
