@@ -17,11 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import signal
 import socket
 import struct
-import subprocess
 import sys
 import tempfile
 import threading
@@ -29,30 +26,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from bench.procs import BenchError, Child
 from cascade.wire import TrackerCommand, TrackerRequest
 
 _LINGER_0 = struct.pack("ii", 1, 0)
-
-
-def start_tracker(extra: list[str]) -> tuple[subprocess.Popen[bytes], int, Path]:
-    log = Path(tempfile.mkdtemp(prefix="tracker-bench-")) / "stderr"
-    with open(log, "wb") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tracker", "run", "--host", "127.0.0.1", "--port", "0", *extra],
-            stderr=err,
-            stdout=subprocess.DEVNULL,
-            stdin=subprocess.DEVNULL,
-        )
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        m = re.search(r"listening on \S+:(\d+)", log.read_text(errors="replace"))
-        if m:
-            return proc, int(m.group(1)), log
-        if proc.poll() is not None:
-            break
-        time.sleep(0.02)
-    proc.kill()
-    raise SystemExit(f"tracker did not start: {log.read_text(errors='replace')}")
 
 
 def exchange(addr: tuple[str, int], request: bytes, timeout: float) -> bytes:
@@ -151,10 +128,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tracker-args", default="", help="extra arguments for the tracker this bench starts")
     args = p.parse_args(argv)
 
-    proc = None
-    log = None
+    logdir = tempfile.TemporaryDirectory(prefix="tracker-bench-")
+    tracker = None
     if args.port is None:
-        proc, port, log = start_tracker(args.tracker_args.split())
+        argv = ["-m", "tracker", "run", "--host", "127.0.0.1", "--port", "0", *args.tracker_args.split()]
+        tracker = Child.python("tracker", argv, Path(logdir.name))
+        try:
+            port = tracker.wait_listening(15)
+        except BenchError as exc:
+            tracker.stop()
+            logdir.cleanup()
+            raise SystemExit(f"tracker did not start: {exc}") from None
     else:
         port = args.port
     addr = (args.host, port)
@@ -187,12 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         ]
         elapsed = run_threads(threads)
     finally:
-        if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        if tracker is not None:
+            tracker.stop(10)  # SIGTERM, SIGKILL after 10 s
     result = {
         **summary(per_thread, errors, elapsed),
         "threads": args.threads,
@@ -200,10 +180,11 @@ def main(argv: list[str] | None = None) -> int:
         "command": command.name.lower(),
         "cpus": os.cpu_count(),
     }
-    if proc is not None:
-        result["tracker_exit"] = proc.returncode
-        if proc.returncode != 0 and log is not None:
-            print(log.read_text(errors="replace"), file=sys.stderr)
+    if tracker is not None:
+        result["tracker_exit"] = tracker.rc
+        if tracker.rc != 0:
+            print(tracker.stderr, file=sys.stderr)
+    logdir.cleanup()
     print(json.dumps(result))
     return 0
 
