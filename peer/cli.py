@@ -12,24 +12,13 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import Any
 
+from cascade.argparsing import EXIT_USAGE, OneLineErrorParser
 from cascade.errors import CascadeError, UsageError
 from peer.common import DEFAULT_ANNOUNCE_INTERVAL, DEFAULT_FETCH_TIMEOUT, DEFAULT_LISTEN, Interrupted
 
 # argparse's status for a bad command line; cascade.cli uses the same.
-EXIT_USAGE = 2
-
-
-class _Parser(argparse.ArgumentParser):
-    """Errors are one line on stderr; the usage stays in ``--help``.
-
-    The same rule as ``cascade.cli.OneLineErrorParser``, restated here because
-    importing :mod:`cascade.cli` costs every ``peer`` start ~17 ms.
-    """
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def positive_seconds(text: str) -> float:
@@ -143,7 +132,7 @@ def _add_fetch_parser(subparsers: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="peer", description="A Cascade peer: seed files and fetch them.")
+    parser = OneLineErrorParser(prog="peer", description="A Cascade peer: seed files and fetch them.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_seed_parser(subparsers)
     _add_fetch_parser(subparsers)
