@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,6 +28,8 @@ class Proc:
     def __init__(self, args: Sequence[str], cwd: str | os.PathLike[str] | None = None, stdout_to_file: bool = True):
         self.args = list(args)
         self._dir = tempfile.mkdtemp(prefix="cascade-proc-")
+        # The logs outlive stop() (tests read them afterwards) but not this object.
+        weakref.finalize(self, shutil.rmtree, self._dir, True)
         self.err_path = Path(self._dir) / "stderr"
         self.out_path = Path(self._dir) / "stdout"
         self._err = open(self.err_path, "wb")  # noqa: SIM115 - closed in stop()
