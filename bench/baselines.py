@@ -57,8 +57,14 @@ class SwarmRun:
     flushed_seconds: float  # ... and written out of libtorrent's cache
 
 
-def libtorrent_swarm(group: Group, torrent: Path, seed_dir: Path, work: Path, fetchers: int) -> SwarmRun:
-    """One libtorrent seeder (already holding the data) and ``fetchers`` downloaders, one process each."""
+def libtorrent_swarm(
+    group: Group, torrent: Path, seed_dir: Path, work: Path, fetchers: int, settle: float = 0.0
+) -> SwarmRun:
+    """One libtorrent seeder (already holding the data) and ``fetchers`` downloaders, one process each.
+
+    ``settle``: seconds to wait, old outputs deleted, before the downloaders start
+    (see ``Bench.cascade_runs``).
+    """
     seed_port = free_port()
     seeder = group.python("lt-seed", ["-m", "bench.lt_peer", "seed", str(torrent), str(seed_dir), str(seed_port)])
     seeder.wait_listening(TIMEOUT)
@@ -70,6 +76,7 @@ def libtorrent_swarm(group: Group, torrent: Path, seed_dir: Path, work: Path, fe
         d.mkdir(parents=True)
         dirs.append(d)
     peers = ",".join(str(p) for p in [seed_port, *ports])
+    time.sleep(settle)
     t0 = time.time()
     children = [
         group.python(f"lt-fetch{i}", ["-m", "bench.lt_peer", "fetch", str(torrent), str(dirs[i]), str(ports[i]), peers])

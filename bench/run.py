@@ -43,6 +43,7 @@ class Plan:
     transfer: tuple[tuple[int, int], ...]  # (file size, block size)
     swarm_size: int
     swarm_fetchers: tuple[int, ...]
+    swarm_settle: float  # idle seconds before each timed swarm run (both tools): see Bench.cascade_runs
     aria2: bool
     tracker_seconds: float
     tracker_threads: tuple[int, ...]
@@ -57,6 +58,7 @@ FULL = Plan(
     transfer=((256 * MiB, MiB), (256 * MiB, 64 * 1024), (GiB, MiB), (GiB, 64 * 1024)),
     swarm_size=256 * MiB,
     swarm_fetchers=(4, 8),
+    swarm_settle=8.0,
     aria2=True,
     tracker_seconds=3.0,
     tracker_threads=(4, 32),
@@ -70,6 +72,7 @@ QUICK = Plan(
     transfer=((256 * MiB, MiB),),
     swarm_size=256 * MiB,
     swarm_fetchers=(4,),
+    swarm_settle=0.0,
     aria2=False,
     tracker_seconds=1.0,
     tracker_threads=(4, 32),
@@ -143,12 +146,21 @@ class Bench:
         logdir.mkdir(parents=True, exist_ok=True)
         return Group(logdir)
 
-    def cascade_runs(self, name: str, meta: Path, fetchers: int, expected: str) -> list[cs.FetchRun]:
+    def cascade_runs(
+        self, name: str, meta: Path, fetchers: int, expected: str, settle: float = 0.0
+    ) -> list[cs.FetchRun]:
         """``repeat`` runs of ``fetchers`` fetchers started together.
 
         Each run gets a fresh tracker and seeder: the fetchers of an earlier run
         stay listed at a tracker (and subscribed once complete), and a fetch that
         sees those dead peers behaves as in a swarm, not as 1 + N.
+
+        ``settle``: seconds to wait, outputs already deleted, before the fetchers
+        start. This VM hands freed memory back to its host within seconds, and
+        page cache on memory touched for the first time costs ~2.3 ms/MiB (1 GiB
+        of output: ~1.3 s of CPU). Without the wait a run reuses the memory the
+        previous run's outputs just freed, so only the first run pays that; with
+        it every run (and every libtorrent run) starts cold, as a single run does.
         """
         runs = []
         outs = [self.work / "out" / f"fetch{i}.bin" for i in range(fetchers)]
@@ -158,6 +170,9 @@ class Bench:
             try:
                 tracker = cs.start_tracker(g)
                 cs.start_seeder(g, meta, tracker)
+                for out in outs:
+                    out.unlink(missing_ok=True)
+                time.sleep(settle)
                 run = cs.run_fetchers(g, meta, outs, tracker, FETCH_TIMEOUT)
                 cs.check_outputs(outs, expected)
                 runs.append(run)
@@ -178,12 +193,14 @@ class Bench:
         except BenchError as exc:  # a baseline failing must not hide Cascade's figures
             return None, f"aria2 failed: {str(exc).splitlines()[0]}"
 
-    def libtorrent(self, g: Group, data: Path, fetchers: int, expected: str) -> tuple[list[float], int]:
+    def libtorrent(
+        self, g: Group, data: Path, fetchers: int, expected: str, settle: float = 0.0
+    ) -> tuple[list[float], int]:
         torrent = data.parent / "data.torrent"
         piece = baselines.make_torrent(g, data, torrent)
         times = []
         for _ in range(self.plan.repeat):
-            run = baselines.libtorrent_swarm(g, torrent, data.parent, self.work / "lt", fetchers)
+            run = baselines.libtorrent_swarm(g, torrent, data.parent, self.work / "lt", fetchers, settle)
             times.append(run.seconds)
         for i in range(fetchers):
             out = self.work / "lt" / f"lt-fetch{i}" / data.name
@@ -263,9 +280,10 @@ class Bench:
             g = self.group(f"swarm-{n}")
             try:
                 meta, _ = cs.create(g, data, MiB)
-                casc = [r.seconds for r in self.cascade_runs(g.logdir.name, meta, n, expected)]
+                settle = self.plan.swarm_settle
+                casc = [r.seconds for r in self.cascade_runs(g.logdir.name, meta, n, expected, settle)]
                 g.stop_all()
-                lt_times, piece = self.libtorrent(g, data, n, expected)
+                lt_times, piece = self.libtorrent(g, data, n, expected, settle)
                 aria2_s, aria2_note = self.aria2(g, data, n)
             finally:
                 g.stop_all()
