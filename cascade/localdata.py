@@ -119,18 +119,6 @@ def _chunks(fd: int, length: int, block_size: int, workers: int) -> Iterator[tup
                 fut.cancel()
 
 
-def file_sha256(fd: int, length: int) -> bytes:
-    """SHA-256 of the first ``length`` bytes of an open file; raises ``OSError``."""
-    whole = hashlib.sha256()
-    buf = memoryview(bytearray(min(CHUNK_TARGET, length)))
-    for off in range(0, length, CHUNK_TARGET):
-        n = _read_into(fd, buf[: min(CHUNK_TARGET, length - off)], off)
-        if not n:
-            break
-        whole.update(buf[:n])
-    return whole.digest()
-
-
 def _open(path: Path) -> int:
     """Open a regular file for reading; anything else is a :class:`DataError`.
 

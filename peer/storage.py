@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 
 from cascade.errors import BlockHashMismatch, DataError, DiskFullError
-from cascade.localdata import DataCheck, check_data, file_sha256
+from cascade.localdata import DataCheck, check_data
 from cascade.metafile import HASH_SIZE, CascadeFile
 
 
@@ -152,21 +152,6 @@ class BlockStore:
                 self.valid[index] = 1
                 self._count += 1
         return True
-
-    def finish(self) -> bool:
-        """Trim the file to its exact length and check the whole-file hash.
-
-        Call once every block is verified. Returns True when the hash matches.
-        """
-        try:
-            if os.fstat(self.fd).st_size != self.cf.data_length:
-                os.ftruncate(self.fd, self.cf.data_length)
-        except OSError as exc:
-            raise _data_error(self.path, exc, "finish the output file") from exc
-        try:
-            return file_sha256(self.fd, self.cf.data_length) == self.cf.file_hash
-        except OSError as exc:
-            raise _data_error(self.path, exc, "read back the output file") from exc
 
     def close(self) -> None:
         self.file.close()

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from cascade import localdata
 from cascade.errors import DataError, UsageError
-from cascade.localdata import check_data, create_metafile, file_sha256
+from cascade.localdata import check_data, create_metafile
 from cascade.metafile import parse_cascade
 
 
@@ -102,18 +102,6 @@ def test_errors(tmp_path: Path) -> None:
     os.mkfifo(fifo)
     with pytest.raises(DataError, match="not a regular file"):
         create_metafile(fifo, 64)  # must not block waiting for a writer
-
-
-def test_file_sha256(tmp_path: Path) -> None:
-    data = random.Random(6).randbytes(10_000)
-    f = tmp_path / "d"
-    f.write_bytes(data)
-    fd = os.open(f, os.O_RDONLY)
-    try:
-        assert file_sha256(fd, len(data)) == hashlib.sha256(data).digest()
-        assert file_sha256(fd, 5000) == hashlib.sha256(data[:5000]).digest()
-    finally:
-        os.close(fd)
 
 
 def test_progress_adds_up_to_the_length(tmp_path: Path, chunking: None) -> None:
