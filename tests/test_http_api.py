@@ -108,6 +108,7 @@ def upload(t: Tracker, data: bytes, token: str | None = TOKEN, **kw: object) -> 
 # --- health, paths, methods -------------------------------------------------------
 
 
+@pytest.mark.process
 def test_healthz(tracker: Tracker) -> None:
     lines = tracker.proc.stderr.splitlines()
     assert lines[0] == f"tracker listening on 127.0.0.1:{tracker.port}"
@@ -119,11 +120,13 @@ def test_healthz(tracker: Tracker) -> None:
     assert {"swarms", "peers"} <= set(doc)
 
 
+@pytest.mark.process
 def test_unknown_path_is_404(tracker: Tracker) -> None:
     for path in ["/nope", "/api/v1", "/api/v2/swarms", "/cascades/", "/cascades/abc", "/../../etc/passwd"]:
         assert_error(requests.get(tracker.url + path, timeout=5), 404)
 
 
+@pytest.mark.process
 @pytest.mark.parametrize(
     ("method", "path", "allow"),
     [
@@ -142,12 +145,14 @@ def test_wrong_method_is_405_with_allow(tracker: Tracker, method: str, path: str
     assert r.headers["Allow"] == allow
 
 
+@pytest.mark.process
 def test_head_has_no_body(tracker: Tracker) -> None:
     r = requests.head(f"{tracker.url}/healthz", timeout=5)
     assert r.status_code == 200 and r.content == b""
     assert int(r.headers["Content-Length"]) > 0
 
 
+@pytest.mark.process
 def test_garbage_and_unknown_methods_get_json_errors_and_the_server_keeps_serving(tracker: Tracker) -> None:
     reply = raw_request(tracker, b"\x00\xffgarbage\r\n\r\n")
     assert reply.startswith(b"HTTP/1.0 400"), reply[:100]
@@ -160,6 +165,7 @@ def test_garbage_and_unknown_methods_get_json_errors_and_the_server_keeps_servin
     assert requests.get(f"{tracker.url}/healthz", timeout=5).status_code == 200
 
 
+@pytest.mark.process
 def test_idle_connections_do_not_block_others(tracker: Tracker) -> None:
     idle = [socket.create_connection(("127.0.0.1", tracker.http), timeout=5) for _ in range(4)]
     try:
@@ -174,6 +180,7 @@ def test_idle_connections_do_not_block_others(tracker: Tracker) -> None:
 # --- announce ---------------------------------------------------------------------
 
 
+@pytest.mark.process
 def test_announce_subscribe_then_list_same_rules_as_tcp(tracker: Tracker) -> None:
     h = unique_hash()
     r = post_announce(tracker, {"cascade_hash": h, "ip": "10.0.0.1", "port": 7001, "action": "subscribe"})
@@ -192,6 +199,7 @@ def test_announce_subscribe_then_list_same_rules_as_tcp(tracker: Tracker) -> Non
     assert {(p.ip, p.good) for p in records} == {("10.0.0.1", True), ("10.0.0.2", False)}
 
 
+@pytest.mark.process
 def test_announce_zero_address_is_the_client_address(tracker: Tracker) -> None:
     h = unique_hash()
     body = json.dumps({"cascade_hash": h, "ip": "0.0.0.0", "port": 7100, "action": "subscribe"}).encode()
@@ -201,6 +209,7 @@ def test_announce_zero_address_is_the_client_address(tracker: Tracker) -> None:
     assert [(p["ip"], p["port"]) for p in r.json()["peers"]] == [("127.0.0.2", 7100)]
 
 
+@pytest.mark.process
 def test_announce_reply_is_a_subset_of_max_peers(tracker: Tracker) -> None:
     h = unique_hash()
     for i in range(9):
@@ -213,6 +222,7 @@ def test_announce_reply_is_a_subset_of_max_peers(tracker: Tracker) -> None:
     assert doc["seeders"] == 9 and doc["others"] == 1 and len(doc["peers"]) == 10
 
 
+@pytest.mark.process
 @pytest.mark.parametrize(
     ("body", "message"),
     [
@@ -239,6 +249,7 @@ def test_announce_bad_input_is_400(tracker: Tracker, body: bytes, message: str) 
     assert_error(r, 400, message)
 
 
+@pytest.mark.process
 def test_announce_without_length_is_411_and_chunked_too(tracker: Tracker) -> None:
     reply = raw_request(tracker, b"POST /api/v1/announce HTTP/1.0\r\n\r\n")
     assert reply.startswith(b"HTTP/1.0 411"), reply[:100]
@@ -251,6 +262,7 @@ def test_announce_without_length_is_411_and_chunked_too(tracker: Tracker) -> Non
     assert_error(requests.post(f"{tracker.url}/api/v1/announce", data=chunks(), timeout=5), 411, "chunked")
 
 
+@pytest.mark.process
 def test_announce_oversized_or_lying_length(tracker: Tracker) -> None:
     assert_error(requests.post(f"{tracker.url}/api/v1/announce", data=b" " * 70000, timeout=5), 413, "limit")
     # A length far beyond what is sent: refused from the header, before reading anything.
@@ -269,6 +281,7 @@ def test_announce_oversized_or_lying_length(tracker: Tracker) -> None:
 # --- swarms -----------------------------------------------------------------------
 
 
+@pytest.mark.process
 def test_swarms_and_peers(tracker: Tracker) -> None:
     h = unique_hash()
     post_announce(tracker, {"cascade_hash": h, "ip": "10.2.0.1", "port": 9001, "action": "subscribe"})
@@ -287,6 +300,7 @@ def test_swarms_and_peers(tracker: Tracker) -> None:
     ]
 
 
+@pytest.mark.process
 def test_peers_of_unknown_or_malformed_hash(tracker: Tracker) -> None:
     assert_error(requests.get(f"{tracker.url}/api/v1/swarms/{unique_hash()}/peers", timeout=5), 404, "no swarm")
     assert_error(requests.get(f"{tracker.url}/api/v1/swarms/xyz/peers", timeout=5), 400, "hex")
@@ -296,6 +310,7 @@ def test_peers_of_unknown_or_malformed_hash(tracker: Tracker) -> None:
 # --- uploads and downloads --------------------------------------------------------
 
 
+@pytest.mark.process
 def test_upload_needs_the_token(tracker: Tracker) -> None:
     data = cascade_bytes(1)
     r = upload(tracker, data, token=None)
@@ -306,6 +321,7 @@ def test_upload_needs_the_token(tracker: Tracker) -> None:
     assert_error(requests.get(f"{tracker.url}/cascades/{hashlib.sha256(data).hexdigest()}.cascade", timeout=5), 404)
 
 
+@pytest.mark.process
 def test_upload_download_list(tracker: Tracker) -> None:
     data = cascade_bytes(2, length=1000, block=100)
     h = hashlib.sha256(data).hexdigest()
@@ -341,6 +357,7 @@ def test_upload_download_list(tracker: Tracker) -> None:
     ]
 
 
+@pytest.mark.process
 def test_upload_name_from_header_and_without_name(tracker: Tracker) -> None:
     data = cascade_bytes(3)
     r = upload(tracker, data, headers={"X-Cascade-Name": "caf%C3%A9.txt"})
@@ -354,11 +371,13 @@ def test_upload_name_from_header_and_without_name(tracker: Tracker) -> None:
     assert "X-Cascade-Name" not in r.headers
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("name", ["../evil", "a/b", "..", ".", "bad\nname", "x" * 300, "a\\b"])
 def test_upload_bad_name_is_400(tracker: Tracker, name: str) -> None:
     assert_error(upload(tracker, cascade_bytes(5), params={"name": name}), 400, "name")
 
 
+@pytest.mark.process
 @pytest.mark.parametrize(
     "data",
     [b"", b"not a cascade file at all, just text padded out to 64 bytes or more......", cascade_bytes(6)[:-1]],
@@ -367,6 +386,7 @@ def test_upload_invalid_cascade_is_400(tracker: Tracker, data: bytes) -> None:
     assert_error(upload(tracker, data), 400, "not a valid .cascade")
 
 
+@pytest.mark.process
 def test_upload_oversized_is_413_and_missing_length_411(tracker: Tracker) -> None:
     r = upload(tracker, b"\0" * (MAX_UPLOAD + 1))
     assert_error(r, 413, "limit")
@@ -375,6 +395,7 @@ def test_upload_oversized_is_413_and_missing_length_411(tracker: Tracker) -> Non
     assert requests.get(f"{tracker.url}/healthz", timeout=5).status_code == 200
 
 
+@pytest.mark.process
 def test_download_unknown_or_malformed_is_404(tracker: Tracker) -> None:
     assert_error(requests.get(f"{tracker.url}/cascades/{unique_hash()}.cascade", timeout=5), 404)
     assert_error(requests.get(f"{tracker.url}/cascades/{'zz' * 32}.cascade", timeout=5), 404)
@@ -384,6 +405,7 @@ def test_download_unknown_or_malformed_is_404(tracker: Tracker) -> None:
 # --- the status page and metrics ------------------------------------------------
 
 
+@pytest.mark.process
 def test_status_page_escapes_what_clients_sent(tracker: Tracker) -> None:
     data = cascade_bytes(7)
     h = hashlib.sha256(data).hexdigest()
@@ -409,6 +431,7 @@ def metric(text: str, name: str, **labels: str) -> float:
     return float(m.group(1))
 
 
+@pytest.mark.process
 def test_metrics_count_both_protocols(tracker: Tracker) -> None:
     before = requests.get(f"{tracker.url}/metrics", timeout=5).text
     h = unique_hash()
@@ -452,6 +475,7 @@ def read_until_closed(sock: socket.socket, deadline: float) -> bytes:
     return b"".join(chunks)
 
 
+@pytest.mark.process
 def test_busy_server_answers_503_and_recovers(tmp_path: Path) -> None:
     t = start()
     idle: list[socket.socket] = []
@@ -499,6 +523,7 @@ def test_busy_server_answers_503_and_recovers(tmp_path: Path) -> None:
         assert t.proc.stop() == 0
 
 
+@pytest.mark.process
 def test_allow_list_and_uploads_survive_a_restart(tmp_path: Path) -> None:
     allowed = cascade_bytes(10)
     other = cascade_bytes(11)
@@ -531,6 +556,7 @@ def test_allow_list_and_uploads_survive_a_restart(tmp_path: Path) -> None:
         assert t.proc.stop() == 0
 
 
+@pytest.mark.process
 def test_without_state_the_upload_folder_is_removed() -> None:
     tmp = Path(tempfile.gettempdir())
     before = set(tmp.glob("cascade-tracker-files-*"))
@@ -547,6 +573,7 @@ def test_without_state_the_upload_folder_is_removed() -> None:
     assert "Traceback" not in t.proc.stderr
 
 
+@pytest.mark.process
 def test_api_token_needs_http_port() -> None:
     proc = Proc(["tracker", "run", "--host", "127.0.0.1", "--port", "0", "--api-token", "x"])
     try:
@@ -593,13 +620,20 @@ def closed_within(sock: socket.socket, seconds: float, trickle: bool) -> float:
     raise AssertionError(f"still open after {seconds} s")
 
 
+def address_of(server: TrackerHttpServer) -> tuple[str, int]:
+    host, port = server.server_address[:2]
+    return str(host), int(port)
+
+
+@pytest.mark.loopback
 def test_a_silent_client_is_dropped_after_the_read_timeout(quick_server: TrackerHttpServer) -> None:
-    with socket.create_connection(quick_server.server_address[:2], timeout=5) as s:
+    with socket.create_connection(address_of(quick_server), timeout=5) as s:
         assert closed_within(s, 3.0, trickle=False) < 1.5
 
 
+@pytest.mark.loopback
 def test_a_trickling_client_is_cut_at_the_deadline(quick_server: TrackerHttpServer) -> None:
-    with socket.create_connection(quick_server.server_address[:2], timeout=5) as s:
+    with socket.create_connection(address_of(quick_server), timeout=5) as s:
         took = closed_within(s, 3.0, trickle=True)
     assert 0.5 <= took < 2.0
     assert quick_server.registry.counters().errors.get("http_deadline", 0) >= 1
@@ -607,6 +641,7 @@ def test_a_trickling_client_is_cut_at_the_deadline(quick_server: TrackerHttpServ
     assert r.status_code == 200
 
 
+@pytest.mark.process
 def test_query_string_flood_is_400(tracker: Tracker) -> None:
     query = "&".join(f"f{i}=1" for i in range(50))
     r = requests.put(
@@ -615,6 +650,7 @@ def test_query_string_flood_is_400(tracker: Tracker) -> None:
     assert_error(r, 400, "query")
 
 
+@pytest.mark.process
 def test_a_client_resetting_mid_request_is_no_traceback(tracker: Tracker) -> None:
     partials = [b"GET /healthz HTTP/1.0\r\nHost: x", b"PUT /api/v1/cascades HTTP/1.0\r\nContent-Length: 9000\r\n\r\nab"]
     for partial in partials:
