@@ -63,6 +63,7 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], *phrases: str)
 # --- success paths ----------------------------------------------------------
 
 
+@pytest.mark.process
 @pytest.mark.parametrize(("size_arg", "block_size"), [("64", 64), ("1K", 1024), ("3KiB", 3072), ("1M", 1 << 20)])
 def test_create_writes_the_protocol_layout(tmp_path: Path, size_arg: str, block_size: int) -> None:
     data = random.Random(block_size).randbytes(5000)
@@ -76,6 +77,7 @@ def test_create_writes_the_protocol_layout(tmp_path: Path, size_arg: str, block_
     assert hashlib.sha256(raw).hexdigest() in proc.stdout
 
 
+@pytest.mark.process
 def test_create_empty_file_and_default_block_size(tmp_path: Path) -> None:
     f = tmp_path / "empty"
     f.write_bytes(b"")
@@ -87,6 +89,7 @@ def test_create_empty_file_and_default_block_size(tmp_path: Path) -> None:
     assert cascade("verify", out, "--data", f).returncode == 0
 
 
+@pytest.mark.process
 def test_create_force_overwrites(notes: Path) -> None:
     out = notes.with_name("notes.txt.cascade")
     proc = cascade("create", notes, "--block-size", "100", "--force")
@@ -95,6 +98,7 @@ def test_create_force_overwrites(notes: Path) -> None:
     assert [p.name for p in notes.parent.iterdir() if p.name.endswith(".tmp")] == []
 
 
+@pytest.mark.process
 def test_info_human_and_json(notes: Path) -> None:
     meta = notes.with_name("notes.txt.cascade")
     raw = meta.read_bytes()
@@ -116,6 +120,7 @@ def test_info_human_and_json(notes: Path) -> None:
     assert info["data_file"] == "notes.txt"
 
 
+@pytest.mark.process
 def test_verify_complete(notes: Path) -> None:
     meta = notes.with_name("notes.txt.cascade")
     proc = cascade("verify", meta)
@@ -126,6 +131,7 @@ def test_verify_complete(notes: Path) -> None:
     assert (result["valid_blocks"], result["block_count"], result["missing"]) == (16, 16, [])
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("bad_block", [0, 6, 15])
 def test_verify_finds_one_corrupt_block_among_sixteen(notes: Path, bad_block: int) -> None:
     data = bytearray(notes.read_bytes())
@@ -143,6 +149,7 @@ def test_verify_finds_one_corrupt_block_among_sixteen(notes: Path, bad_block: in
     assert "15 of 16 blocks valid" in human.stdout and str(bad_block) in human.stdout
 
 
+@pytest.mark.process
 def test_verify_wrong_length_is_incomplete(notes: Path) -> None:
     notes.write_bytes(notes.read_bytes() + b"x")
     proc = cascade("verify", notes.with_name("notes.txt.cascade"))
@@ -150,6 +157,7 @@ def test_verify_wrong_length_is_incomplete(notes: Path) -> None:
     assert "1001 bytes, expected 1000" in proc.stdout
 
 
+@pytest.mark.process
 def test_sample_data_verifies_and_regenerates(tmp_path: Path) -> None:
     samples = sorted((REPO / "sample_data").glob("*.cascade"))
     assert len(samples) >= 2
@@ -196,6 +204,7 @@ def zero_block_size(notes: Path) -> Path:
     return p
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("command", ["info", "verify"])
 @pytest.mark.parametrize(
     ("make", "phrase"),
@@ -215,6 +224,7 @@ def test_bad_cascade_file(notes: Path, command: str, make: object, phrase: str) 
     assert_one_line_error(cascade(command, path), phrase, str(path))
 
 
+@pytest.mark.process
 @pytest.mark.parametrize(
     ("size", "phrase"),
     [
@@ -233,6 +243,7 @@ def test_create_bad_size(notes: Path, size: str, phrase: str) -> None:
     assert not out.exists()
 
 
+@pytest.mark.process
 def test_create_refuses_existing_out(notes: Path) -> None:
     meta = notes.with_name("notes.txt.cascade")
     before = meta.read_bytes()
@@ -240,12 +251,14 @@ def test_create_refuses_existing_out(notes: Path) -> None:
     assert meta.read_bytes() == before
 
 
+@pytest.mark.process
 def test_create_refuses_to_overwrite_its_input(notes: Path) -> None:
     before = notes.read_bytes()
     assert_one_line_error(cascade("create", notes, "-o", notes, "--force"), "data file itself")
     assert notes.read_bytes() == before
 
 
+@pytest.mark.process
 @pytest.mark.parametrize(
     ("args", "phrase"),
     [
@@ -278,11 +291,13 @@ def test_error_paths(notes: Path, args: list[str], phrase: str) -> None:
     assert_one_line_error(proc, phrase)
 
 
+@pytest.mark.process
 def test_verify_missing_default_data(notes: Path) -> None:
     notes.unlink()
     assert_one_line_error(cascade("verify", notes.with_name("notes.txt.cascade")), "no such data file", "--data")
 
 
+@pytest.mark.process
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
 def test_unreadable_data(notes: Path) -> None:
     notes.chmod(0)
@@ -293,6 +308,7 @@ def test_unreadable_data(notes: Path) -> None:
         notes.chmod(0o644)
 
 
+@pytest.mark.unit
 def test_interrupt_is_one_line_and_130(
     notes: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -306,6 +322,7 @@ def test_interrupt_is_one_line_and_130(
     assert not notes.with_name("i.cascade").exists()
 
 
+@pytest.mark.unit
 def test_main_returns_codes_in_process(notes: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["info", str(notes.with_name("notes.txt.cascade"))]) == 0
     assert cli.main(["info", str(notes.with_name("nope.cascade"))]) == 2
@@ -314,12 +331,14 @@ def test_main_returns_codes_in_process(notes: Path, capsys: pytest.CaptureFixtur
     capsys.readouterr()
 
 
+@pytest.mark.unit
 def test_format_ranges() -> None:
     assert cli.format_ranges([]) == ""
     assert cli.format_ranges([1, 2, 3, 7, 9, 10]) == "1-3, 7, 9-10"
     assert cli.format_ranges(list(range(0, 100, 2)), limit=2) == "0, 2, ... (48 more ranges)"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("text", "value"),
     [
@@ -340,12 +359,14 @@ def test_parse_size(text: str, value: int) -> None:
     assert parse_size(text) == value
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("text", ["", "K", "1.5M", "-1", "1KB", "1MB", "1GB", "1T", "1 M B", "١٢"])
 def test_parse_size_rejects(text: str) -> None:
     with pytest.raises(UsageError, match="K, M, G, KiB, MiB or GiB"):
         parse_size(text)
 
 
+@pytest.mark.unit
 def test_format_size() -> None:
     assert [format_size(n) for n in (0, 1023, 1024, 1536, 1 << 20, 5 << 30)] == [
         "0 B",
@@ -357,6 +378,7 @@ def test_format_size() -> None:
     ]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("text", "default_host", "value"),
     [
@@ -370,12 +392,14 @@ def test_parse_hostport(text: str, default_host: str | None, value: tuple[str, i
     assert parse_hostport(text, default_host=default_host) == value
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("text", ["127.0.0.1", "127.0.0.1:", "host:65536", "host:-1", "host:٣", ":80"])
 def test_parse_hostport_rejects(text: str) -> None:
     with pytest.raises(UsageError):
         parse_hostport(text)
 
 
+@pytest.mark.unit
 def test_progress_bar_only_on_a_terminal_for_large_work(monkeypatch: pytest.MonkeyPatch) -> None:
     class FakeTTY(io.StringIO):
         def isatty(self) -> bool:

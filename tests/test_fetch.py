@@ -58,6 +58,7 @@ def doubles(cf: CascadeFile, data: Path, *modes: str) -> Iterator[list[DoubleSer
 # --- the engine, in-process ---------------------------------------------------------
 
 
+@pytest.mark.loopback
 def test_one_connection_per_request_with_a_closing_server(tmp_path: Path) -> None:
     _, cf = make_file(tmp_path, "d.bin", 300_000, 4096)
     with doubles(cf, tmp_path / "d.bin", "close") as servers:
@@ -67,6 +68,7 @@ def test_one_connection_per_request_with_a_closing_server(tmp_path: Path) -> Non
     assert servers[0].requests <= cf.block_count + 8
 
 
+@pytest.mark.loopback
 def test_server_that_answers_one_request_per_connection(tmp_path: Path) -> None:
     _, cf = make_file(tmp_path, "d.bin", 100_000, 4096)
     with doubles(cf, tmp_path / "d.bin", "once") as servers:
@@ -76,6 +78,7 @@ def test_server_that_answers_one_request_per_connection(tmp_path: Path) -> None:
     assert time.monotonic() - started < 8
 
 
+@pytest.mark.loopback
 def test_server_that_rejects_the_keepopen_marker(tmp_path: Path) -> None:
     _, cf = make_file(tmp_path, "d.bin", 100_000, 4096)
     with doubles(cf, tmp_path / "d.bin", "strict") as servers:
@@ -83,6 +86,7 @@ def test_server_that_rejects_the_keepopen_marker(tmp_path: Path) -> None:
     assert fetcher.partial_result(0).sources == {f"127.0.0.1:{servers[0].address[1]}": cf.block_count}
 
 
+@pytest.mark.loopback
 def test_silent_peer_holds_no_block_hostage(tmp_path: Path) -> None:
     _, cf = make_file(tmp_path, "d.bin", 200_000, 4096)
     with doubles(cf, tmp_path / "d.bin", "silent", "close") as servers:
@@ -94,6 +98,7 @@ def test_silent_peer_holds_no_block_hostage(tmp_path: Path) -> None:
     assert silent not in fetcher.partial_result(0).sources
 
 
+@pytest.mark.loopback
 def test_corrupt_peer_is_dropped_then_banned_and_nothing_reaches_the_disk(tmp_path: Path) -> None:
     _, cf = make_file(tmp_path, "d.bin", 100_000, 2048)
     out = tmp_path / "out"
@@ -115,12 +120,14 @@ def test_corrupt_peer_is_dropped_then_banned_and_nothing_reaches_the_disk(tmp_pa
     assert check_data(out, cf, whole_file=False).valid_count == 0
 
 
+@pytest.mark.loopback
 def test_blocks_larger_than_the_hashing_buffer(tmp_path: Path) -> None:
     _, cf = make_file(tmp_path, "d.bin", 11 << 20, 5 << 20)
     with doubles(cf, tmp_path / "d.bin", "close") as servers:
         fetch_in_process(cf, tmp_path / "out", servers)
 
 
+@pytest.mark.loopback
 def test_whole_file_hash_mismatch_is_an_error(tmp_path: Path) -> None:
     _, good = make_file(tmp_path, "d.bin", 50_000, 4096)
     # Right block hashes, wrong whole-file hash: every block verifies, the file must not.
@@ -129,6 +136,7 @@ def test_whole_file_hash_mismatch_is_an_error(tmp_path: Path) -> None:
         fetch_in_process(cf, tmp_path / "out", servers)
 
 
+@pytest.mark.loopback
 def test_everything_a_partial_peer_holds_is_fetched(tmp_path: Path) -> None:
     data = tmp_path / "d.bin"
     _, cf = make_file(tmp_path, "d.bin", 200 * 1024, 1024)
@@ -153,6 +161,7 @@ def test_everything_a_partial_peer_holds_is_fetched(tmp_path: Path) -> None:
     assert bytes(check_data(out, cf, whole_file=False).valid) == bytes(valid)
 
 
+@pytest.mark.loopback
 def test_no_peers_is_a_timeout(tmp_path: Path) -> None:
     _, cf = make_file(tmp_path, "d.bin", 10_000, 1024)
     store = BlockStore.open_for_fetching(cf, tmp_path / "out", check_data(tmp_path / "out", cf))
@@ -174,6 +183,7 @@ def free_port() -> int:
         return port
 
 
+@pytest.mark.process
 def test_unreachable_tracker_is_one_line_and_non_zero(swarm: Swarm, tmp_path: Path) -> None:
     cascade, _ = make_file(tmp_path, "d.bin", 10_000, 1024)
     proc = swarm.start(
@@ -187,6 +197,7 @@ def test_unreachable_tracker_is_one_line_and_non_zero(swarm: Swarm, tmp_path: Pa
     assert last_json(proc)["complete"] is False
 
 
+@pytest.mark.process
 def test_no_peers_within_timeout(swarm: Swarm, tmp_path: Path) -> None:
     cascade, _ = make_file(tmp_path, "d.bin", 10_000, 1024)
     proc = swarm.fetcher(cascade, tmp_path / "o", "--timeout", "0.5")
@@ -194,6 +205,7 @@ def test_no_peers_within_timeout(swarm: Swarm, tmp_path: Path) -> None:
     assert "no peers" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.process
 def test_foreign_file_is_not_touched_without_force(swarm: Swarm, tmp_path: Path) -> None:
     cascade, cf = make_file(tmp_path, "d.bin", 100_000, 4096)
     swarm.seeder(cascade, cf)
@@ -208,6 +220,7 @@ def test_foreign_file_is_not_touched_without_force(swarm: Swarm, tmp_path: Path)
     assert sha256_file(out) == cf.file_hash
 
 
+@pytest.mark.process
 def test_complete_file_downloads_nothing(swarm: Swarm, tmp_path: Path) -> None:
     cascade, _ = make_file(tmp_path, "d.bin", 100_000, 4096)
     proc = swarm.fetcher(cascade, tmp_path / "d.bin")
@@ -216,6 +229,7 @@ def test_complete_file_downloads_nothing(swarm: Swarm, tmp_path: Path) -> None:
     assert doc["complete"] is True and doc["blocks_downloaded"] == 0 and doc["bytes_downloaded"] == 0
 
 
+@pytest.mark.process
 def test_empty_file(swarm: Swarm, tmp_path: Path) -> None:
     cascade, _ = make_file(tmp_path, "empty", 0, 1024)
     out = tmp_path / "o"
@@ -224,6 +238,7 @@ def test_empty_file(swarm: Swarm, tmp_path: Path) -> None:
     assert out.read_bytes() == b""
 
 
+@pytest.mark.process
 def test_bad_values_are_usage_errors(swarm: Swarm, tmp_path: Path) -> None:
     cascade, _ = make_file(tmp_path, "d.bin", 1000, 1024)
     for extra in (["--max-peers", "0"], ["--listen", "nonsense"]):
@@ -234,6 +249,7 @@ def test_bad_values_are_usage_errors(swarm: Swarm, tmp_path: Path) -> None:
     assert missing.wait(20) == 1 and "no such file" in missing.stderr
 
 
+@pytest.mark.process
 def test_seed_keeps_serving_after_completion(swarm: Swarm, tmp_path: Path) -> None:
     cascade, cf = make_file(tmp_path, "d.bin", 500_000, 8192)
     seeder, _ = swarm.seeder(cascade, cf)
@@ -279,6 +295,7 @@ def run_in_pty(args: list[str], timeout: float = 30.0) -> tuple[int, str]:
     return os.waitstatus_to_exitcode(reaped[1]), out.decode(errors="replace")
 
 
+@pytest.mark.process
 def test_progress_bar_on_a_terminal_only(swarm: Swarm, tmp_path: Path) -> None:
     cascade, cf = make_file(tmp_path, "d.bin", 2 << 20, 16 << 10)
     swarm.seeder(cascade, cf, "--max-upload-rate", "4M")

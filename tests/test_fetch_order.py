@@ -60,6 +60,7 @@ def fetch(cf: CascadeFile, out: Path, peers: list[tuple[str, int, bool]]) -> Fet
     return fetcher
 
 
+@pytest.mark.loopback
 def test_dead_peers_listed_beside_one_seeder_keep_file_order(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     _, cf = make_file(tmp_path, "d.bin", 1 << 20, 4096)
     data = tmp_path / "d.bin"
@@ -70,6 +71,7 @@ def test_dead_peers_listed_beside_one_seeder_keep_file_order(tmp_path: Path, cap
     assert "random order" not in caplog.text
 
 
+@pytest.mark.loopback
 def test_two_answering_seeders_switch_to_random_order(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     _, cf = make_file(tmp_path, "d.bin", 4 << 20, 4096)
     data = tmp_path / "d.bin"
@@ -87,6 +89,7 @@ def _scheduler(tmp_path: Path) -> _Scheduler:
     return _Scheduler(store, lack_ttl=1.0, head_late=0.4)
 
 
+@pytest.mark.unit
 def test_a_late_hash_cursor_block_is_raced_once(tmp_path: Path) -> None:
     sched = _scheduler(tmp_path)
     try:

@@ -21,6 +21,8 @@ from cascade.wire import TrackerCommand
 from peer.tracker_client import TrackerRefused, announce, parse_tracker
 from tests.procs import Proc
 
+pytestmark = pytest.mark.process
+
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_data"
 TOKEN = "t0ken"
 RUN_TIMEOUT = 60

@@ -17,6 +17,8 @@ from cascade.errors import DataError, UsageError
 from cascade.localdata import check_data, create_metafile
 from cascade.metafile import parse_cascade
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(params=[None, 256], ids=["4MiB-chunks", "tiny-chunks"])
 def chunking(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -21,6 +21,8 @@ from cascade.metafile import (
     read_cascade,
 )
 
+pytestmark = pytest.mark.unit
+
 
 def reference_cascade(data: bytes, block_size: int) -> bytes:
     """PROTOCOL.md section 1, written out independently of the code under test."""

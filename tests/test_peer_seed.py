@@ -125,6 +125,7 @@ def seed(sample: Sample, tracker: str, *extra: str) -> tuple[Proc, int]:
 # --- the log and the command line ------------------------------------------------------
 
 
+@pytest.mark.process
 def test_first_line_then_one_line_per_file(tmp_path: Path, tracker: FakeTracker) -> None:
     a = make_sample(tmp_path, "a.bin", 10_000, 1000, seed=1)
     b = make_sample(tmp_path, "b.bin", 5000, 1024, seed=2)
@@ -142,6 +143,7 @@ def test_first_line_then_one_line_per_file(tmp_path: Path, tracker: FakeTracker)
         assert proc.stop() == 0
 
 
+@pytest.mark.process
 def test_file_without_blocks_is_not_announced_but_an_empty_file_is(tmp_path: Path, tracker: FakeTracker) -> None:
     junk = make_sample(tmp_path, "junk.bin", 3000, 1000, seed=5)
     junk.data_path.write_bytes(b"\xff" * 3000)  # right size, wrong bytes
@@ -159,6 +161,7 @@ def test_file_without_blocks_is_not_announced_but_an_empty_file_is(tmp_path: Pat
         assert proc.stop() == 0
 
 
+@pytest.mark.process
 def test_listen_line_has_the_real_port(sample: Sample, tracker: FakeTracker) -> None:
     tracker.serve()
     proc, port = seed(sample, tracker.address)
@@ -170,6 +173,7 @@ def test_listen_line_has_the_real_port(sample: Sample, tracker: FakeTracker) -> 
         proc.stop()
 
 
+@pytest.mark.process
 def test_every_file_is_served_once_the_listening_line_is_out(tmp_path: Path) -> None:
     big = make_sample(tmp_path, "big.bin", 24 << 20, 64 << 10, seed=7)
     proc = Proc(["peer", "seed", str(big.cascade_path), "--tracker", "127.0.0.1:9", "--listen", "127.0.0.1:0"])
@@ -188,6 +192,7 @@ def _one(port: int, raw: bytes) -> tuple[int, bytes, bool]:
         return status, body, closed_by_server(sock)
 
 
+@pytest.mark.process
 def test_data_option_points_at_another_file(tmp_path: Path, sample: Sample, tracker: FakeTracker) -> None:
     elsewhere = tmp_path / "elsewhere.bin"
     sample.data_path.rename(elsewhere)
@@ -200,6 +205,7 @@ def test_data_option_points_at_another_file(tmp_path: Path, sample: Sample, trac
         proc.stop()
 
 
+@pytest.mark.process
 @pytest.mark.parametrize(
     ("extra", "needle"),
     [
@@ -217,12 +223,14 @@ def test_bad_option_values_are_one_line(sample: Sample, extra: list[str], needle
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.process
 def test_missing_tracker_is_one_line(sample: Sample) -> None:
     r = run_peer("seed", str(sample.cascade_path))
     assert r.returncode != 0
     assert r.stderr.count("\n") == 1 and "--tracker" in r.stderr, r.stderr
 
 
+@pytest.mark.process
 def test_missing_data_file_is_one_line(sample: Sample) -> None:
     sample.data_path.unlink()
     r = run_peer("seed", str(sample.cascade_path), "--tracker", "127.0.0.1:9", "--listen", "127.0.0.1:0")
@@ -231,6 +239,7 @@ def test_missing_data_file_is_one_line(sample: Sample) -> None:
     assert str(sample.data_path) in r.stderr
 
 
+@pytest.mark.process
 def test_malformed_cascade_is_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.cascade"
     bad.write_bytes(b"CASCADE1" + bytes(100))
@@ -239,6 +248,7 @@ def test_malformed_cascade_is_one_line(tmp_path: Path) -> None:
     assert r.stderr.count("\n") == 1 and "bad.cascade" in r.stderr, r.stderr
 
 
+@pytest.mark.process
 def test_data_with_two_files_is_a_usage_error(tmp_path: Path, sample: Sample) -> None:
     other = make_sample(tmp_path, "other.bin", 100, 10, seed=3)
     r = run_peer(
@@ -248,6 +258,7 @@ def test_data_with_two_files_is_a_usage_error(tmp_path: Path, sample: Sample) ->
     assert r.stderr.count("\n") == 1 and "--data" in r.stderr, r.stderr
 
 
+@pytest.mark.process
 def test_port_in_use_is_one_line(sample: Sample) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -261,6 +272,7 @@ def test_port_in_use_is_one_line(sample: Sample) -> None:
 # --- signals --------------------------------------------------------------------------
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_exits_0_within_2_seconds_even_while_busy(sample: Sample, sig: int) -> None:
     proc, port = seed(sample, "127.0.0.1:9")  # nothing listens there: the announcer is retrying too
@@ -285,6 +297,7 @@ def test_signal_exits_0_within_2_seconds_even_while_busy(sample: Sample, sig: in
 # --- timeouts and the rate limit --------------------------------------------------------
 
 
+@pytest.mark.process
 def test_silent_and_half_sent_clients_are_timed_out(sample: Sample) -> None:
     proc, port = seed(sample, "127.0.0.1:9", "--idle-timeout", "0.5")
     try:
@@ -308,6 +321,7 @@ def test_silent_and_half_sent_clients_are_timed_out(sample: Sample) -> None:
         proc.stop()
 
 
+@pytest.mark.process
 def test_upload_rate_is_a_whole_process_limit(tmp_path: Path) -> None:
     big = make_sample(tmp_path, "big.bin", 3 << 20, 64 << 10, seed=4)
     proc, port = seed(big, "127.0.0.1:9", "--max-upload-rate", "2M")
@@ -341,6 +355,7 @@ def test_upload_rate_is_a_whole_process_limit(tmp_path: Path) -> None:
 # --- the tracker ------------------------------------------------------------------------
 
 
+@pytest.mark.process
 def test_subscribes_at_start_and_reannounces(sample: Sample, tracker: FakeTracker) -> None:
     tracker.serve()
     proc, port = seed(sample, tracker.address, "--announce-interval", "0.2")
@@ -354,6 +369,7 @@ def test_subscribes_at_start_and_reannounces(sample: Sample, tracker: FakeTracke
         proc.stop()
 
 
+@pytest.mark.process
 def test_announce_ip_option(sample: Sample, tracker: FakeTracker) -> None:
     tracker.serve()
     proc, port = seed(sample, tracker.address, "--announce-ip", "10.1.2.3")
@@ -364,6 +380,7 @@ def test_announce_ip_option(sample: Sample, tracker: FakeTracker) -> None:
         proc.stop()
 
 
+@pytest.mark.process
 def test_tracker_down_then_back(sample: Sample, tracker: FakeTracker) -> None:
     proc, port = seed(sample, tracker.address)
     try:
@@ -377,6 +394,7 @@ def test_tracker_down_then_back(sample: Sample, tracker: FakeTracker) -> None:
         proc.stop()
 
 
+@pytest.mark.process
 @pytest.mark.skipif(importlib.util.find_spec("tracker.cli") is None, reason="tracker not built yet")
 def test_subscription_visible_at_the_real_tracker(sample: Sample) -> None:
     tracker = Proc(["tracker", "run", "--host", "127.0.0.1", "--port", "0"])
@@ -397,6 +415,7 @@ def test_subscription_visible_at_the_real_tracker(sample: Sample) -> None:
         tracker.stop()
 
 
+@pytest.mark.process
 @pytest.mark.skipif(importlib.util.find_spec("tracker.cli") is None, reason="tracker not built yet")
 def test_a_refusing_tracker_is_logged_once_and_serving_goes_on(tmp_path: Path, sample: Sample) -> None:
     allow = tmp_path / "allow.txt"
@@ -419,6 +438,7 @@ def test_a_refusing_tracker_is_logged_once_and_serving_goes_on(tmp_path: Path, s
 # --- small pieces, in-process -----------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_announce_ip_rule() -> None:
     assert announce_ip("127.0.0.1") == "127.0.0.1"
     assert announce_ip("0.0.0.0") == "0.0.0.0"
@@ -429,6 +449,7 @@ def test_announce_ip_rule() -> None:
         announce_ip("0.0.0.0", "::1")
 
 
+@pytest.mark.unit
 def test_token_bucket_meters_bytes_at_its_rate() -> None:
     now = [100.0]
     slept: list[float] = []

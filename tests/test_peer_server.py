@@ -183,6 +183,7 @@ def seeder(sample: Sample, partial: Sample) -> Iterator[tuple[Proc, int]]:
 # --- status codes -----------------------------------------------------------------
 
 
+@pytest.mark.process
 def test_first_and_last_block_are_served_exactly(seeder: tuple[Proc, int], sample: Sample) -> None:
     _, port = seeder
     cf = sample.cf
@@ -194,6 +195,7 @@ def test_first_and_last_block_are_served_exactly(seeder: tuple[Proc, int], sampl
     assert len(block(sample.data, cf, cf.block_count - 1)) == 123
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("keep", [False, True])
 def test_block_past_the_end_is_status_3_and_closed(seeder: tuple[Proc, int], sample: Sample, keep: bool) -> None:
     _, port = seeder
@@ -204,6 +206,7 @@ def test_block_past_the_end_is_status_3_and_closed(seeder: tuple[Proc, int], sam
         assert closed
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("keep", [False, True])
 def test_unknown_hash_is_status_1_and_closed(seeder: tuple[Proc, int], keep: bool) -> None:
     _, port = seeder
@@ -213,6 +216,7 @@ def test_unknown_hash_is_status_1_and_closed(seeder: tuple[Proc, int], keep: boo
     assert closed
 
 
+@pytest.mark.process
 def test_garbage_request_is_status_4_and_closed(seeder: tuple[Proc, int]) -> None:
     _, port = seeder
     status, body, closed = request(port, random.Random(3).randbytes(64))
@@ -221,6 +225,7 @@ def test_garbage_request_is_status_4_and_closed(seeder: tuple[Proc, int]) -> Non
     assert closed
 
 
+@pytest.mark.process
 def test_garbage_longer_than_a_request_still_gets_its_status(seeder: tuple[Proc, int]) -> None:
     """Unread bytes at close would reset the connection and lose the reply; the server drains them."""
     _, port = seeder
@@ -229,6 +234,7 @@ def test_garbage_longer_than_a_request_still_gets_its_status(seeder: tuple[Proc,
     assert closed
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("garbage", [b"hello\n", b"X", b"CASCADE2", b"\x00" * 20])
 def test_short_garbage_gets_status_4_without_waiting_for_64_bytes(seeder: tuple[Proc, int], garbage: bytes) -> None:
     _, port = seeder
@@ -240,6 +246,7 @@ def test_short_garbage_gets_status_4_without_waiting_for_64_bytes(seeder: tuple[
         assert closed_by_server(sock)
 
 
+@pytest.mark.process
 def test_request_in_7_byte_pieces(seeder: tuple[Proc, int], sample: Sample) -> None:
     _, port = seeder
     raw = req(7, sample.cf.cascade_hash)
@@ -253,6 +260,7 @@ def test_request_in_7_byte_pieces(seeder: tuple[Proc, int], sample: Sample) -> N
         assert closed_by_server(sock)
 
 
+@pytest.mark.process
 def test_garbage_in_reserved_bytes_is_ignored(seeder: tuple[Proc, int], sample: Sample) -> None:
     _, port = seeder
     rng = random.Random(4)
@@ -264,6 +272,7 @@ def test_garbage_in_reserved_bytes_is_ignored(seeder: tuple[Proc, int], sample: 
         assert closed, "only KEEPOPEN keeps a connection open"
 
 
+@pytest.mark.process
 def test_keepopen_marker_with_garbage_in_the_other_reserved_bytes(seeder: tuple[Proc, int], sample: Sample) -> None:
     _, port = seeder
     raw = bytearray(req(1, sample.cf.cascade_hash, keep=True))
@@ -274,6 +283,7 @@ def test_keepopen_marker_with_garbage_in_the_other_reserved_bytes(seeder: tuple[
             assert read_response(sock) == (0, block(sample.data, sample.cf, 1))
 
 
+@pytest.mark.process
 def test_fuzz_then_still_serving(seeder: tuple[Proc, int], sample: Sample) -> None:
     """Random bytes, truncated requests and clients that reset mid-reply leave the server unharmed."""
     proc, port = seeder
@@ -296,6 +306,7 @@ def test_fuzz_then_still_serving(seeder: tuple[Proc, int], sample: Sample) -> No
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.process
 def test_a_client_flooding_garbage_is_cut_off_and_holds_nothing(seeder: tuple[Proc, int], sample: Sample) -> None:
     _, port = seeder
     flood = connect(port)
@@ -330,6 +341,7 @@ def test_a_client_flooding_garbage_is_cut_off_and_holds_nothing(seeder: tuple[Pr
 # --- kept-open connections ------------------------------------------------------------
 
 
+@pytest.mark.process
 def test_keepopen_pipelined_requests_are_answered_in_order(seeder: tuple[Proc, int], sample: Sample) -> None:
     _, port = seeder
     cf = sample.cf
@@ -343,6 +355,7 @@ def test_keepopen_pipelined_requests_are_answered_in_order(seeder: tuple[Proc, i
         assert read_response(sock) == (0, block(sample.data, cf, 11))
 
 
+@pytest.mark.process
 def test_keepopen_closes_after_an_error_status(seeder: tuple[Proc, int], sample: Sample) -> None:
     _, port = seeder
     h = sample.cf.cascade_hash
@@ -353,6 +366,7 @@ def test_keepopen_closes_after_an_error_status(seeder: tuple[Proc, int], sample:
         assert closed_by_server(sock), "requests after a status 3 must not be answered"
 
 
+@pytest.mark.process
 def test_without_keepopen_only_the_first_pipelined_request_is_answered(
     seeder: tuple[Proc, int], sample: Sample
 ) -> None:
@@ -364,6 +378,7 @@ def test_without_keepopen_only_the_first_pipelined_request_is_answered(
         assert closed_by_server(sock)
 
 
+@pytest.mark.process
 def test_partial_file_gives_status_2_and_keeps_the_connection(seeder: tuple[Proc, int], partial: Sample) -> None:
     _, port = seeder
     cf = partial.cf
@@ -382,6 +397,7 @@ def test_partial_file_gives_status_2_and_keeps_the_connection(seeder: tuple[Proc
     assert status == 2 and closed
 
 
+@pytest.mark.process
 def test_two_hundred_concurrent_downloads_with_bounded_threads(seeder: tuple[Proc, int], sample: Sample) -> None:
     proc, port = seeder
     cf = sample.cf
@@ -445,6 +461,7 @@ def test_two_hundred_concurrent_downloads_with_bounded_threads(seeder: tuple[Pro
 # --- the server object in-process: a store that gains blocks while it is served ------
 
 
+@pytest.mark.loopback
 def test_blocks_written_while_serving_become_available(tmp_path: Path) -> None:
     s = make_sample(tmp_path, "growing.bin", 8 * 1024, 1024, seed=6)
     out = tmp_path / "out.bin"
@@ -459,6 +476,7 @@ def test_blocks_written_while_serving_become_available(tmp_path: Path) -> None:
             assert read_response(sock) == (0, block(s.data, s.cf, 2))
 
 
+@pytest.mark.loopback
 def test_stop_is_quick_with_a_client_that_does_not_read(tmp_path: Path) -> None:
     s = make_sample(tmp_path, "stall.bin", 4 << 20, 1 << 20, seed=7)
     store = BlockStore.open_for_seeding(s.cf, s.data_path)
@@ -481,6 +499,7 @@ def test_stop_is_quick_with_a_client_that_does_not_read(tmp_path: Path) -> None:
     assert not any(th.is_alive() for th in threading.enumerate() if th.name.startswith("peer-worker"))
 
 
+@pytest.mark.loopback
 def test_slow_readers_do_not_hold_the_workers(tmp_path: Path) -> None:
     s = make_sample(tmp_path, "slow.bin", 16 << 20, 4 << 20, seed=10)
     store = BlockStore.open_for_seeding(s.cf, s.data_path)
@@ -506,6 +525,7 @@ def test_slow_readers_do_not_hold_the_workers(tmp_path: Path) -> None:
                 sock.close()
 
 
+@pytest.mark.loopback
 def test_a_busy_pipelining_client_does_not_monopolise_a_worker(tmp_path: Path) -> None:
     s = make_sample(tmp_path, "busy.bin", 64 * 16384, 16384, seed=11)
     store = BlockStore.open_for_seeding(s.cf, s.data_path)
@@ -535,6 +555,7 @@ def test_a_busy_pipelining_client_does_not_monopolise_a_worker(tmp_path: Path) -
         busy.close()
 
 
+@pytest.mark.loopback
 def test_connections_beyond_the_limit_are_refused_not_queued(tmp_path: Path) -> None:
     s = make_sample(tmp_path, "few.bin", 1024, 1024, seed=8)
     store = BlockStore.open_for_seeding(s.cf, s.data_path)
@@ -561,6 +582,7 @@ def test_connections_beyond_the_limit_are_refused_not_queued(tmp_path: Path) -> 
             c.close()
 
 
+@pytest.mark.process
 def test_no_data_file_is_read_whole(tmp_path: Path) -> None:
     """A 64 MiB file served over one connection leaves the seeder's memory flat."""
     s = make_sample(tmp_path, "large.bin", 64 << 20, 1 << 20, seed=9)

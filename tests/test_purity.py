@@ -5,7 +5,11 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 import cascade
+
+pytestmark = pytest.mark.unit
 
 FORBIDDEN = {"socket", "threading"}
 PACKAGE = Path(cascade.__file__).resolve().parent

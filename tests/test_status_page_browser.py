@@ -19,6 +19,8 @@ import requests
 
 from tests.procs import Proc
 
+pytestmark = pytest.mark.process
+
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_data"
 CANDIDATES = ("/usr/bin/chromium", "chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 

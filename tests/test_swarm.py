@@ -10,10 +10,14 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from cascade.localdata import check_data
 from cascade.metafile import CascadeFile
 from tests.doubles import Swarm, last_json, make_file, sha256_file
 from tests.procs import Proc
+
+pytestmark = pytest.mark.process
 
 
 def finish_all(fetchers: list[Proc], cf: CascadeFile, outs: list[Path], timeout: float = 30.0) -> list[dict[str, Any]]:

@@ -20,6 +20,8 @@ from cascade.metafile import encode_cascade
 from cascade.wire import PeerList, PeerRecord, TrackerCommand, TrackerError, TrackerRequest, decode_tracker_reply
 from tests.procs import Proc
 
+pytestmark = pytest.mark.process
+
 LIST = TrackerCommand.LIST
 SUBSCRIBE = TrackerCommand.SUBSCRIBE
 H1 = bytes(range(32))

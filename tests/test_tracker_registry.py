@@ -11,6 +11,8 @@ from cascade.wire import PeerRecord
 from tracker.state import StateStore, load_state
 from tracker.swarms import STATUS_FULL, STATUS_NOT_ALLOWED, AnnounceRefused, SwarmLimits, SwarmRegistry, peer_key
 
+pytestmark = pytest.mark.unit
+
 H1 = bytes(range(32))
 H2 = bytes(range(1, 33))
 

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from cascade.metafile import read_cascade
 
 
@@ -17,6 +19,7 @@ def load(vectors: Path) -> dict[str, dict[str, Any]]:
     return expected
 
 
+@pytest.mark.unit
 def test_vectors_parse(shared_vectors: Path) -> None:
     for name, want in load(shared_vectors).items():
         cf = read_cascade(shared_vectors / name)
@@ -33,6 +36,7 @@ def test_vectors_parse(shared_vectors: Path) -> None:
         assert {k: got[k] for k in want} == want, name
 
 
+@pytest.mark.process
 def test_info_json_matches_expected(shared_vectors: Path) -> None:
     for name, want in load(shared_vectors).items():
         proc = subprocess.run(

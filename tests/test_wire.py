@@ -32,6 +32,8 @@ from cascade.wire import (
     tracker_request_reader,
 )
 
+pytestmark = pytest.mark.unit
+
 H = bytes(range(32))  # a recognisable cascade hash
 H_HEX = H.hex()
 
