@@ -288,6 +288,76 @@ class BlockResponse:
         return self.body.decode("utf-8", errors="replace")
 
 
+# --- fast paths for the hot loops ----------------------------------------
+#
+# The servers and the fetcher handle tens of thousands of frames a second, where
+# a frozen dataclass per frame costs more than the syscall. These functions keep
+# the layout here (the only place that knows it) while returning plain tuples.
+# They check nothing a caller cannot check cheaper itself: the dataclasses above
+# are the validating API.
+
+PEER_KEY_SIZE = 6  # IPv4 (4) + port (2): the first bytes of a peer record
+_PEER_KEY = struct.Struct(">4sH")
+_PEER_RECORD_TAIL = struct.Struct(">IBB")  # last seen, good flag, reserved
+
+
+def pack_block_request(index: int, cascade_hash: bytes, keep_open: bool = False) -> bytes:
+    """The 64-byte request for block ``index``; raises ``struct.error`` if it does not fit."""
+    return _BLOCK_REQUEST.pack(BLOCK_MAGIC, KEEPOPEN if keep_open else bytes(8), bytes(8), index, cascade_hash)
+
+
+def unpack_block_request_from(
+    buf: bytes | bytearray | memoryview, pos: int = 0
+) -> tuple[bytes, bytes, bytes, int, bytes]:
+    """(magic, first 8 reserved bytes, last 8 reserved bytes, block number, cascade hash) at ``pos``.
+
+    The caller checks the magic; reserved bytes are returned raw because
+    clients fill them with garbage (PROTOCOL.md section 4) and our extensions
+    give some of them a meaning.
+    """
+    magic, marker, rest, index, cascade_hash = _BLOCK_REQUEST.unpack_from(buf, pos)
+    return magic, marker, rest, index, cascade_hash
+
+
+def pack_block_response_header(status: int, length: int) -> bytes:
+    """The 9-byte response header (status, body length)."""
+    return _BLOCK_RESPONSE_HEADER.pack(status, length)
+
+
+def unpack_block_response_header_from(buf: bytes | bytearray | memoryview, pos: int = 0) -> tuple[int, int]:
+    """(status, body length) of the response header at ``pos``; the length is the peer's claim, unchecked."""
+    status, length = _BLOCK_RESPONSE_HEADER.unpack_from(buf, pos)
+    return status, length
+
+
+def pack_tracker_reply_header(status: int, length: int) -> bytes:
+    """The 5-byte tracker reply header (status, body length)."""
+    return _TRACKER_REPLY_HEADER.pack(status, length)
+
+
+def tracker_request_header(command: TrackerCommand) -> bytes:
+    """The only valid 16-byte header for ``command``: a server compares whole headers at once."""
+    return _TRACKER_HEADER.pack(TRACKER_MAGIC, TRACKER_VERSION, int(command), TRACKER_BODY_LENGTH)
+
+
+def unpack_tracker_request_body_from(
+    buf: bytes | bytearray | memoryview, pos: int = TRACKER_HEADER_SIZE
+) -> tuple[bytes, bytes, int]:
+    """(cascade hash, packed IPv4 address, port) of the 38-byte body at ``pos``."""
+    cascade_hash, ip, port = _TRACKER_BODY.unpack_from(buf, pos)
+    return cascade_hash, ip, port
+
+
+def pack_peer_key(packed_ip: bytes, port: int) -> bytes:
+    """The first 6 bytes of a peer record (IPv4, port): a tracker's key for a peer."""
+    return _PEER_KEY.pack(packed_ip, port)
+
+
+def pack_peer_record_tail(last_seen: int, good: bool) -> bytes:
+    """The last 6 bytes of a peer record: last seen (wrapped to 32 bits), good flag, reserved."""
+    return _PEER_RECORD_TAIL.pack(last_seen & 0xFFFFFFFF, int(good), 0)
+
+
 # --- incremental framing --------------------------------------------------
 
 M = TypeVar("M")

@@ -12,9 +12,11 @@ from typing import Any, Protocol
 
 import pytest
 
+from cascade import wire
 from cascade.errors import ProtocolError
 from cascade.wire import (
     BLOCK_REQUEST_SIZE,
+    KEEPOPEN,
     TRACKER_REQUEST_SIZE,
     BlockRequest,
     BlockResponse,
@@ -268,3 +270,22 @@ def test_frame_sizes() -> None:
     assert TRACKER_REQUEST_SIZE == 54
     assert BLOCK_REQUEST_SIZE == 64
     assert H_HEX.startswith("000102")
+
+
+def test_fast_paths_agree_with_the_dataclasses() -> None:
+    h = bytes(range(32))
+    for index, keep in ((0, False), (7, True), ((1 << 64) - 1, True)):
+        frame = BlockRequest(index, h, keep).encode()
+        assert wire.pack_block_request(index, h, keep) == frame
+        magic, marker, rest, got_index, got_hash = wire.unpack_block_request_from(b"xx" + frame, 2)
+        assert (magic, marker == KEEPOPEN, rest, got_index, got_hash) == (b"CASCADE1", keep, bytes(8), index, h)
+    header = BlockResponseHeader(2, 1 << 40).encode()
+    assert wire.pack_block_response_header(2, 1 << 40) == header
+    assert wire.unpack_block_response_header_from(b"\x00" + header, 1) == (2, 1 << 40)
+    request = TrackerRequest(TrackerCommand.SUBSCRIBE, h, "10.0.0.1", 6666).encode()
+    assert request.startswith(wire.tracker_request_header(TrackerCommand.SUBSCRIBE))
+    assert wire.unpack_tracker_request_body_from(request) == (h, bytes([10, 0, 0, 1]), 6666)
+    assert wire.pack_tracker_reply_header(3, 11) == TrackerError(3, "hello world").encode()[:5]
+    record = PeerRecord("10.0.0.1", 6666, (1 << 32) + 5, True).encode()
+    assert wire.pack_peer_key(bytes([10, 0, 0, 1]), 6666) + wire.pack_peer_record_tail((1 << 32) + 5, True) == record
+    assert len(wire.pack_peer_key(bytes(4), 0)) == wire.PEER_KEY_SIZE
