@@ -42,9 +42,8 @@ class FetchRun:
 def create(group: Group, data: Path, block_size: int, name: str = "create") -> tuple[Path, float]:
     """``cascade create`` with ``--force``; returns the .cascade path and the wall time."""
     meta = data.with_name(data.name + ".cascade")
-    child = group.python(
-        name, ["-m", "cascade", "create", str(data), "--block-size", str(block_size), "-o", str(meta), "--force"]
-    )
+    args = ["-m", "peer.cascade_command", "create", str(data), "--block-size", str(block_size), "-o", str(meta)]
+    child = group.python(name, [*args, "--force"])
     if child.wait(READY_TIMEOUT) != 0:
         raise BenchError(f"cascade create failed\n{child.tail()}")
     return meta, child.seconds

@@ -423,7 +423,7 @@ class Bench:
             base2: list[tuple[float, float]] = []
             for i in range(self.plan.repeat):
                 creates.append(cs.create(g, data, MiB, f"create{i + 1}")[1])
-                v = g.python(f"verify{i}", ["-m", "cascade", "verify", str(meta), "--data", str(data)])
+                v = g.python(f"verify{i}", ["-m", "peer.cascade_command", "verify", str(meta), "--data", str(data)])
                 if v.wait(300) != 0:
                     raise BenchError(f"cascade verify failed\n{v.tail()}")
                 verifies.append(v.seconds)

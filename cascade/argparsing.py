@@ -1,6 +1,6 @@
 """The command-line parser of `cascade`, `tracker` and `peer`: a usage error is one line on stderr.
 
-Kept apart from :mod:`cascade.cli` so a command can use it without importing
+Kept apart from :mod:`peer.cascade_command` so a command can use it without importing
 the `cascade` command's own modules.
 """
 

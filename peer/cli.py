@@ -18,7 +18,7 @@ from cascade.argparsing import EXIT_USAGE, OneLineErrorParser
 from cascade.errors import CascadeError, UsageError
 from peer.common import DEFAULT_ANNOUNCE_INTERVAL, DEFAULT_FETCH_TIMEOUT, DEFAULT_LISTEN, Interrupted
 
-# argparse's status for a bad command line; cascade.cli uses the same.
+# argparse's status for a bad command line; peer.cascade_command uses the same.
 
 
 def positive_seconds(text: str) -> float:

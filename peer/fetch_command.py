@@ -22,12 +22,12 @@ from typing import Any
 
 from cascade.addresses import parse_hostport
 from cascade.errors import CascadeError, DataError, TrackerUnreachable, UsageError
-from cascade.localdata import check_data
 from cascade.metafile import CascadeFile, default_data_path, read_cascade
 from cascade.units import format_size
 from cascade.wire import TrackerCommand
 from peer.common import DEFAULT_LISTEN, Interrupted, StopSignal, announce_ip, setup_logging
 from peer.fetcher import Fetcher, FetchPolicy, FetchResult, Progress
+from peer.localdata import check_data
 from peer.server import BlockServer
 from peer.storage import BlockStore
 from peer.tracker_client import TrackerAddress, TrackerRefused, announce, parse_tracker
@@ -75,8 +75,8 @@ class _Failed(Exception):
 def _fetch(args: argparse.Namespace, stop: StopSignal) -> int:
     try:
         cascade_file, tracker_text = args.cascade_file, args.tracker
-        if cascade_file.startswith(("http://", "https://")):  # cascade.publish.is_url, without its import
-            from cascade.publish import download_cascade
+        if cascade_file.startswith(("http://", "https://")):  # peer.publish.is_url, without its import
+            from peer.publish import download_cascade
 
             saved, base = download_cascade(cascade_file, args.out)
             log.debug("downloaded %s", saved)

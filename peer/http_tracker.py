@@ -5,7 +5,7 @@ Same contract as :func:`peer.tracker_client.announce`, which hands over to
 ``{"cascade_hash", "ip", "port", "action"}``, answered with
 ``{"peers": [{"ip", "port", "last_seen", "good"}, ...]}``. The session
 retries connection errors and 502/503/504 a bounded number of times
-(:func:`cascade.publish.http_session`); every failure becomes a Cascade error.
+(:func:`peer.publish.http_session`); every failure becomes a Cascade error.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import json
 from typing import TYPE_CHECKING
 
 from cascade.errors import ProtocolError, TrackerUnreachable
-from cascade.publish import describe_request_error, error_message, http_session
 from cascade.wire import MAX_TRACKER_REPLY_BODY, PeerRecord, TrackerCommand
+from peer.publish import describe_request_error, error_message, http_session
 from peer.tracker_client import TrackerAddress, TrackerRefused
 
 # A JSON peer record is at most ~80 bytes; this leaves room for 65,536 of them.

@@ -13,11 +13,11 @@ from pathlib import Path
 
 from cascade.addresses import parse_hostport
 from cascade.errors import CascadeError, DataError, UsageError
-from cascade.localdata import check_data
 from cascade.metafile import CascadeFile, default_data_path, read_cascade
 from cascade.units import format_size, parse_size
 from peer.announcer import Announcer
 from peer.common import Interrupted, StopSignal, announce_ip, setup_logging
+from peer.localdata import check_data
 from peer.server import BlockServer
 from peer.storage import BlockStore
 from peer.tracker_client import parse_tracker

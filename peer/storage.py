@@ -3,7 +3,7 @@
 A :class:`BlockStore` is shared by the block server (which reads verified
 blocks with ``sendfile``) and the downloader (which writes blocks only after
 their SHA-256 matched). Unverified bytes never reach the data file, so after a
-crash a rescan with :func:`cascade.localdata.check_data` finds every block that
+crash a rescan with :func:`peer.localdata.check_data` finds every block that
 was ever written intact.
 """
 
@@ -17,8 +17,8 @@ import threading
 from pathlib import Path
 
 from cascade.errors import BlockHashMismatch, DataError, DiskFullError
-from cascade.localdata import DataCheck, check_data
 from cascade.metafile import HASH_SIZE, CascadeFile
+from peer.localdata import DataCheck, check_data
 
 
 def _data_error(path: Path, exc: OSError, doing: str) -> DataError:

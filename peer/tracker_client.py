@@ -42,7 +42,7 @@ def parse_tracker(text: str, what: str = "tracker address") -> TrackerAddress:
     if text.strip().startswith(("http://", "https://")):
         from urllib.parse import urlsplit
 
-        from cascade.publish import tracker_base_url
+        from peer.publish import tracker_base_url
 
         url = tracker_base_url(text, what)
         parts = urlsplit(url)

@@ -11,8 +11,8 @@ import random
 import sys
 from pathlib import Path
 
-from cascade.localdata import create_metafile
 from cascade.metafile import default_cascade_path
+from peer.localdata import create_metafile
 
 SEED = 20261121
 WORDS = [

@@ -37,9 +37,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from cascade.localdata import create_metafile
 from cascade.metafile import CascadeFile, default_data_path, parse_cascade, read_cascade
 from cascade.wire import BLOCK_REQUEST_SIZE, TrackerCommand
+from peer.localdata import create_metafile
 from peer.tracker_client import TrackerAddress, announce
 from tests.procs import Proc
 

@@ -22,6 +22,16 @@ from pathlib import Path
 LISTENING = re.compile(r"listening on (\S+):(\d+)")
 
 
+# The module each command runs as: ``cascade`` lives in the peer package
+# (its pure core, ``cascade/``, has no command-line program of its own).
+MODULES = {"cascade": "peer.cascade_command", "peer": "peer", "tracker": "tracker"}
+
+
+def command_line(args: Sequence[str]) -> list[str]:
+    """``python -m MODULE ARGS`` for a command line such as ``["peer", "seed", ...]``."""
+    return [sys.executable, "-m", MODULES.get(args[0], args[0]), *args[1:]]
+
+
 class Proc:
     """A child process with its stderr captured in a file."""
 
@@ -36,7 +46,7 @@ class Proc:
         self._out = open(self.out_path, "wb")  # noqa: SIM115
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", *self.args],
+            command_line(self.args),
             stdout=self._out if stdout_to_file else subprocess.DEVNULL,
             stderr=self._err,
             stdin=subprocess.DEVNULL,

@@ -19,12 +19,13 @@ from pathlib import Path
 import pytest
 
 from cascade.errors import CascadeTimeout, DataError
-from cascade.localdata import DataCheck, check_data
 from cascade.metafile import CascadeFile, encode_cascade, parse_cascade
 from peer.fetcher import Fetcher, FetchPolicy
+from peer.localdata import DataCheck, check_data
 from peer.server import BlockServer
 from peer.storage import BlockStore
 from tests.doubles import REPO, DoubleServer, Swarm, last_json, make_file, sha256_file
+from tests.procs import command_line
 
 FAST = FetchPolicy(first_response_timeout=1.0, stall_timeout=10.0, backoff_min=0.05)
 
@@ -268,7 +269,7 @@ def run_in_pty(args: list[str], timeout: float = 30.0) -> tuple[int, str]:
     pid, fd = pty.fork()
     if pid == 0:  # pragma: no cover - the child
         os.chdir(REPO)
-        os.execv(sys.executable, [sys.executable, "-m", *args])
+        os.execv(sys.executable, command_line(args))
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
     out = bytearray()
     deadline = time.monotonic() + timeout

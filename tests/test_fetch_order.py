@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from cascade.localdata import check_data
 from cascade.metafile import CascadeFile
 from peer.fetcher import Fetcher, FetchPolicy, _Peer, _Scheduler
+from peer.localdata import check_data
 from peer.server import BlockServer
 from peer.storage import BlockStore
 from tests.doubles import make_file, sha256_file

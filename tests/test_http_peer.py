@@ -6,7 +6,6 @@ import hashlib
 import shutil
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ import requests
 from cascade.errors import TrackerUnreachable
 from cascade.wire import TrackerCommand
 from peer.tracker_client import TrackerRefused, announce, parse_tracker
-from tests.procs import Proc
+from tests.procs import Proc, command_line
 
 pytestmark = pytest.mark.process
 
@@ -71,7 +70,7 @@ def chash(path: Path) -> str:
 
 def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", *args],
+        command_line(args),
         cwd=cwd,
         capture_output=True,
         text=True,

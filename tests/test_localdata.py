@@ -12,10 +12,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cascade import localdata
 from cascade.errors import DataError, UsageError
-from cascade.localdata import check_data, create_metafile
 from cascade.metafile import parse_cascade
+from peer import localdata
+from peer.localdata import check_data, create_metafile
 
 pytestmark = pytest.mark.unit
 

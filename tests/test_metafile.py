@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from cascade.errors import MetafileError
-from cascade.localdata import create_metafile
 from cascade.metafile import (
     MAX_BLOCK_SIZE,
     CascadeFile,
@@ -20,6 +19,7 @@ from cascade.metafile import (
     parse_cascade,
     read_cascade,
 )
+from peer.localdata import create_metafile
 
 pytestmark = pytest.mark.unit
 

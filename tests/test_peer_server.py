@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from cascade.localdata import check_data, create_metafile
 from cascade.metafile import CascadeFile, parse_cascade
 from cascade.wire import BlockRequest
+from peer.localdata import check_data, create_metafile
 from peer.server import BlockServer
 from peer.storage import BlockStore
 from tests.procs import Proc

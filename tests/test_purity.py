@@ -1,4 +1,10 @@
-"""cascade/ is pure code: no module imports socket or threading (STYLE.md, habit 1)."""
+"""cascade/ is pure code (STYLE.md, habit 1), and imports only point downward.
+
+No module of the core imports a module that does network, process, thread or
+database I/O, nor the packages above it (``peer``, ``tracker``). The one file
+read it does is :func:`cascade.metafile.read_cascade` (a ``.cascade`` into
+bytes, which STYLE.md allows); no other module calls ``open``.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +17,30 @@ import cascade
 
 pytestmark = pytest.mark.unit
 
-FORBIDDEN = {"socket", "threading"}
+FORBIDDEN = {
+    "socket",
+    "threading",
+    "concurrent",
+    "multiprocessing",
+    "subprocess",
+    "selectors",
+    "select",
+    "asyncio",
+    "signal",
+    "requests",
+    "urllib3",
+    "http",
+    "sqlite3",
+    "redis",
+    "tqdm",
+    "tempfile",
+    "shutil",
+    "peer",  # upward: the core never imports the processes built on it
+    "tracker",
+}
+# Calls that read or write files. ``read_cascade`` is the one allowed reader.
+FILE_CALLS = {"open", "read_bytes", "read_text", "write_bytes", "write_text", "pread", "pwrite", "sendfile", "mkdir"}
+ALLOWED_FILE_CALLS = {("metafile.py", "read_cascade")}
 PACKAGE = Path(cascade.__file__).resolve().parent
 
 
@@ -34,7 +63,30 @@ def imported_modules(tree: ast.AST) -> set[str]:
     return names
 
 
-def test_no_cascade_module_imports_socket_or_threading() -> None:
+def file_calls(tree: ast.Module) -> set[tuple[str, str]]:
+    """(enclosing top-level function, called name) for every call of a file I/O function."""
+    found: set[tuple[str, str]] = set()
+    for top in tree.body:
+        for node in ast.walk(top):
+            if isinstance(node, ast.Call):
+                func = node.func
+                name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
+                if name in FILE_CALLS:
+                    found.add((getattr(top, "name", "<module>"), name))
+    return found
+
+
+def test_no_cascade_module_does_file_io_beyond_reading_a_cascade_file() -> None:
+    offenders = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        calls = file_calls(ast.parse(path.read_text(), str(path)))
+        calls = {c for c in calls if (path.name, c[0]) not in ALLOWED_FILE_CALLS}
+        if calls:
+            offenders[str(path.relative_to(PACKAGE))] = sorted(calls)
+    assert offenders == {}
+
+
+def test_no_cascade_module_imports_io_or_upward() -> None:
     modules = sorted(PACKAGE.rglob("*.py"))
     assert len(modules) >= 5, f"found only {modules} under {PACKAGE}"
     offenders = {}
@@ -56,4 +108,6 @@ def test_the_checker_catches_imports() -> None:
     for source in sources:
         roots = {name.split(".")[0] for name in imported_modules(ast.parse(source))}
         assert roots & FORBIDDEN, source
-    assert not imported_modules(ast.parse("from concurrent.futures import ThreadPoolExecutor")) & FORBIDDEN
+    roots = {name.split(".")[0] for name in imported_modules(ast.parse("from concurrent.futures import Future"))}
+    assert roots & FORBIDDEN
+    assert file_calls(ast.parse("def f():\n    with open('x') as g: pass")) == {("f", "open")}

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from cascade.localdata import check_data
 from cascade.metafile import CascadeFile
+from peer.localdata import check_data
 from tests.doubles import Swarm, last_json, make_file, sha256_file
 from tests.procs import Proc
 

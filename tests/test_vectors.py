@@ -40,7 +40,7 @@ def test_vectors_parse(shared_vectors: Path) -> None:
 def test_info_json_matches_expected(shared_vectors: Path) -> None:
     for name, want in load(shared_vectors).items():
         proc = subprocess.run(
-            [sys.executable, "-m", "cascade", "info", "--json", str(shared_vectors / name)],
+            [sys.executable, "-m", "peer.cascade_command", "info", "--json", str(shared_vectors / name)],
             capture_output=True,
             text=True,
             timeout=60,

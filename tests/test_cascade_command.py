@@ -18,17 +18,17 @@ from pathlib import Path
 
 import pytest
 
-from cascade import cli
 from cascade.addresses import parse_hostport
 from cascade.errors import UsageError
 from cascade.units import format_size, parse_size
+from peer import cascade_command as cli
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def cascade(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "cascade", *map(str, args)],
+        [sys.executable, "-m", "peer.cascade_command", *map(str, args)],
         capture_output=True,
         text=True,
         timeout=60,

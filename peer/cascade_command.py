@@ -23,7 +23,6 @@ from typing import Any
 from cascade import __version__
 from cascade.argparsing import OneLineErrorParser
 from cascade.errors import CascadeError, DataError, UsageError
-from cascade.localdata import Progress, check_data, create_metafile
 from cascade.metafile import (
     MAX_BLOCK_SIZE,
     CascadeFile,
@@ -32,8 +31,9 @@ from cascade.metafile import (
     parse_cascade,
     read_cascade,
 )
-from cascade.publish import register_publish
 from cascade.units import format_size, parse_size
+from peer.localdata import Progress, check_data, create_metafile
+from peer.publish import register_publish
 
 # 1 MiB: big enough that per-block Python work (a request, a hash, a write,
 # a bookkeeping update) is amortised over a lot of bytes, small enough that a
@@ -257,7 +257,7 @@ def register_verify(sub: Any) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from cascade import demo  # imported here: only the demo starts processes
+    from peer import demo  # imported here: only the demo starts processes
 
     return demo.run(fetchers=args.fetchers, keep=args.keep)
 
@@ -319,3 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"cascade {args.command}: {where}{exc.strerror or exc}", file=sys.stderr)
         return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from cascade.errors import CascadeError
-from cascade.localdata import check_data, create_metafile
 from cascade.metafile import parse_cascade
 from cascade.units import format_size, parse_size
+from peer.localdata import check_data, create_metafile
 
 DEFAULT_SIZE = "8M"
 DEFAULT_BLOCK_SIZE = 64 << 10

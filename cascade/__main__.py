@@ -1,5 +1,0 @@
-"""``python -m cascade``: the ``cascade`` command."""
-
-from cascade.cli import main
-
-raise SystemExit(main())
