@@ -153,5 +153,17 @@ class BlockStore:
                 self._count += 1
         return True
 
+    def move_to(self, dest: Path) -> None:
+        """Rename the data file to ``dest`` (atomically, replacing it), keeping it open.
+
+        The block server goes on serving from the same file descriptor: on
+        POSIX an open file can be renamed. Raises :class:`DataError`.
+        """
+        try:
+            os.replace(self.path, dest)
+        except OSError as exc:
+            raise _data_error(dest, exc, f"rename {self.path.name} to {dest.name}") from exc
+        self.path = dest
+
     def close(self) -> None:
         self.file.close()
