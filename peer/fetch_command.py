@@ -127,7 +127,8 @@ def _fetch(args: argparse.Namespace, stop: StopSignal) -> int:
         else:
             # Nothing is created on disk until the tracker has answered: a rerun after
             # an unreachable tracker or a refused hash finds things as they were.
-            first = _first_listing(session)
+            # (An empty file, or a .part holding every block, needs no peer.)
+            first = _first_listing(session) if target.check.valid_count < cf.block_count else []
             stop.check()
             store = _open_store(cf, out, target)
             server.add_store(store)
@@ -161,8 +162,8 @@ def _fetch(args: argparse.Namespace, stop: StopSignal) -> int:
             finally:
                 announcer.stop()
         return 0
-    except DataError as exc:
-        raise _Failed(_disk_message(exc)) from exc
+    except DataError as exc:  # opening or renaming the output (a full disk says so itself)
+        raise _Failed(str(exc)) from exc
     finally:
         server.stop()
         if store is not None:
