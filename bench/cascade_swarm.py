@@ -141,6 +141,8 @@ def run_fetchers(
     """Start one ``peer fetch --json`` per output path at once; wait for all to exit 0."""
     for out in outs:
         out.unlink(missing_ok=True)
+        # A run killed mid-download leaves OUT.part, which the next run would resume.
+        out.with_name(out.name + ".part").unlink(missing_ok=True)
     children = [
         group.python(
             f"fetch{i}",

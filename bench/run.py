@@ -152,7 +152,7 @@ class Bench:
         """``repeat`` runs of ``fetchers`` fetchers started together.
 
         Each run gets a fresh tracker and seeder: the fetchers of an earlier run
-        stay listed at a tracker (and subscribed once complete), and a fetch that
+        stay listed at a tracker (until its TTL), and a fetch that
         sees those dead peers behaves as in a swarm, not as 1 + N.
 
         ``settle``: seconds to wait, outputs already deleted, before the fetchers
@@ -180,6 +180,7 @@ class Bench:
                 g.stop_all()
                 for out in outs:
                     out.unlink(missing_ok=True)
+                    out.with_name(out.name + ".part").unlink(missing_ok=True)  # a failed run's download
         return runs
 
     def aria2(self, g: Group, data: Path, fetchers: int) -> tuple[float | None, str]:

@@ -4,7 +4,9 @@ A background thread subscribes (command 2) each added cascade hash at once,
 then again every ``interval`` seconds, well within the tracker's TTL. When the
 tracker is unreachable the peer keeps serving: the thread retries with
 exponential backoff, logging one line when the tracker goes away and one when
-it is back.
+it is back. On :meth:`Announcer.stop` it tells an HTTP tracker that the peer
+stopped (the ``"stopped"`` action), so the tracker lists no ghost seeder; the
+binary protocol has no such command, and there the tracker's TTL decides.
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ class Backoff:
 DEFAULT_INTERVAL = DEFAULT_ANNOUNCE_INTERVAL
 # A tracker that does not answer a subscribe within this time counts as down.
 ANNOUNCE_TIMEOUT = 5.0
+# All the "stopped" announces of one stop() together take about this long at most,
+# so `peer seed` still exits within 2 s (a tracker that misses one drops the peer
+# at its TTL). Arbitrary; a tracker on the LAN answers one in milliseconds.
+STOPPED_BUDGET = 0.5
 
 AnnounceFn = Callable[[TrackerAddress, TrackerCommand, bytes, str, int, float], object]
 
@@ -86,11 +92,37 @@ class Announcer:
         self._thread.start()
 
     def stop(self, timeout: float = 1.0) -> None:
-        """Stop the thread; an announce in progress is abandoned after ``timeout`` seconds."""
+        """Stop the thread, then say "stopped" to an HTTP tracker for every hash.
+
+        An announce in progress is abandoned after ``timeout`` seconds; the
+        "stopped" announces take at most ``STOPPED_BUDGET`` seconds more.
+        """
         self._stop.set()
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
+        self._say_stopped()
+
+    def _say_stopped(self) -> None:
+        # Only a tracker that answered: a dead one would only cost timeouts.
+        if self.tracker.url is None or self.successes == 0 or self.tracker_down:
+            return
+        from peer.http_tracker import STOPPED_TIMEOUT, announce_stopped
+
+        with self._lock:
+            hashes = list(self._due)
+            self._due.clear()
+        deadline = time.monotonic() + STOPPED_BUDGET
+        for done, cascade_hash in enumerate(hashes):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.debug("no time to say stopped for %d files; the tracker's TTL drops them", len(hashes) - done)
+                return
+            try:
+                announce_stopped(self.tracker, cascade_hash, self.announce_ip, self.port, min(STOPPED_TIMEOUT, left))
+            except CascadeError as exc:
+                log.debug("could not say stopped: %s", exc)
+                return
 
     @property
     def tracker_down(self) -> bool:

@@ -102,7 +102,11 @@ def _add_fetch_parser(subparsers: Any) -> None:
         metavar="FILE.cascade",
         help="the .cascade file describing the data, or its URL http://HOST:PORT/cascades/HASH.cascade",
     )
-    p.add_argument("--out", metavar="PATH", help="where to write the data (default: FILE beside FILE.cascade)")
+    p.add_argument(
+        "--out",
+        metavar="PATH",
+        help="where the data goes once complete and verified; PATH.part until then (default: FILE beside FILE.cascade)",
+    )
     p.add_argument(
         "--tracker",
         metavar="HOST:PORT",
@@ -114,7 +118,7 @@ def _add_fetch_parser(subparsers: Any) -> None:
         help=f"where to serve verified blocks to other peers (default {DEFAULT_LISTEN}; port 0 = any free port)",
     )
     p.add_argument("--announce-ip", metavar="IP", help="IPv4 address to announce to the tracker")
-    p.add_argument("--seed", action="store_true", help="keep serving after the download completes")
+    p.add_argument("--seed", action="store_true", help="keep serving, as a seeder, after the download completes")
     p.add_argument("--max-peers", type=int, default=8, metavar="N", help="peers to download from at once (8)")
     p.add_argument(
         "--timeout",

@@ -1,9 +1,11 @@
 """``peer fetch``: download one ``.cascade``'s data from the swarm, verified and resumable.
 
-The command resumes from what ``--out`` already holds, serves its verified
-blocks on ``--listen`` while it downloads, subscribes at the tracker once the
-file is complete, and with ``--seed`` keeps serving until SIGINT/SIGTERM.
-Every failure is one line on stderr and a non-zero exit.
+The data is written to ``OUT.part`` and renamed to ``OUT`` only once every
+block and the whole-file hash verified, so ``OUT`` always means complete. A
+rerun resumes ``OUT.part`` from its verified blocks. The command serves its
+verified blocks on ``--listen`` while it downloads, and only with ``--seed``
+subscribes (as a seeder) and keeps serving until SIGINT/SIGTERM. Every
+failure is one line on stderr and a non-zero exit.
 
 Its parser lives in :mod:`peer.cli`. What only some runs need (``json``, the
 HTTP code for a URL, the announcer for ``--seed``, ``tqdm`` on a terminal) is
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,10 +27,10 @@ from cascade.addresses import parse_hostport
 from cascade.errors import CascadeError, DataError, TrackerUnreachable, UsageError
 from cascade.metafile import CascadeFile, default_data_path, read_cascade
 from cascade.units import format_size
-from cascade.wire import TrackerCommand
+from cascade.wire import PeerRecord, TrackerCommand
 from peer.common import DEFAULT_LISTEN, Interrupted, StopSignal, announce_ip, setup_logging
 from peer.fetcher import Fetcher, FetchPolicy, FetchResult, Progress
-from peer.localdata import check_data
+from peer.localdata import DataCheck, check_data
 from peer.server import BlockServer
 from peer.storage import BlockStore
 from peer.tracker_client import TrackerAddress, TrackerRefused, announce, parse_tracker
@@ -35,6 +38,9 @@ from peer.tracker_client import TrackerAddress, TrackerRefused, announce, parse_
 log = logging.getLogger("peer.fetch")
 
 LIST_TIMEOUT = 5.0
+# The name of an incomplete download is OUT + this (as browsers do); no ':' or
+# other character that Windows rejects.
+PART_SUFFIX = ".part"
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
 
@@ -93,7 +99,7 @@ def _fetch(args: argparse.Namespace, stop: StopSignal) -> int:
             raise UsageError(f"--timeout must be positive, not {args.timeout:g}")
         cf = read_cascade(cascade_file)
         out = Path(args.out) if args.out else default_data_path(cascade_file)
-        store, already_complete = _open_output(cf, out, args.force)
+        target = _plan_output(cf, out, args.force)
     except CascadeError as exc:
         raise _Failed(str(exc)) from exc
 
@@ -102,22 +108,34 @@ def _fetch(args: argparse.Namespace, stop: StopSignal) -> int:
         server.start()
     except OSError as exc:
         if listen_given or exc.errno != errno.EADDRINUSE:
-            store.close()
             raise _Failed(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
         # The default port is taken (a seeder on this machine): any free port will do.
         server = BlockServer(host, 0)
         server.start()
+    session = _Session(tracker, cf, my_ip)
+    store: BlockStore | None = None
+    done = False
     try:
-        server.add_store(store)
-        bound_host, my_port = server.address
-        log.info("peer listening on %s:%d", bound_host, my_port)
-        if already_complete:
+        bound_host, session.port = server.address
+        log.info("peer listening on %s:%d", bound_host, session.port)
+        if target.complete:
             # check_data verified every block and the whole-file hash just now.
+            store = _open_store(cf, out, target)
+            server.add_store(store)
             n = cf.block_count
             result = FetchResult(True, 0, 0, n, n, 0.0, {}, [])
         else:
-            result = _download(args, cf, store, tracker, my_ip, my_port, stop)
-        _subscribe(tracker, cf, my_ip, my_port)
+            # Nothing is created on disk until the tracker has answered: a rerun after
+            # an unreachable tracker or a refused hash finds things as they were.
+            # (An empty file, or a .part holding every block, needs no peer.)
+            first = _first_listing(session) if target.check.valid_count < cf.block_count else []
+            stop.check()
+            store = _open_store(cf, out, target)
+            server.add_store(store)
+            result = _download(args, session, store, first, stop)
+            # The whole-file hash matched: only now does the data take its final name.
+            store.move_to(out)
+        done = True
         name = out.name
         rate = result.bytes_downloaded / result.seconds if result.seconds > 0 else 0.0
         banned = f", banned {len(result.banned)}" if result.banned else ""
@@ -132,58 +150,179 @@ def _fetch(args: argparse.Namespace, stop: StopSignal) -> int:
         if args.seed:
             from peer.announcer import Announcer
 
-            announcer = Announcer(tracker, my_ip, my_port)
+            # Subscribed (listed as a seeder) only while it serves; the announcer
+            # says "stopped" to an HTTP tracker when it stops.
+            announcer = Announcer(tracker, my_ip, session.port)
             announcer.add(cf.cascade_hash)
             announcer.start()
+            session.listed = False  # the announcer speaks for this peer from now on
             log.info("seeding %s; stop with Ctrl-C", name)
             try:
                 stop.wait()
             finally:
                 announcer.stop()
         return 0
+    except DataError as exc:  # opening or renaming the output (a full disk says so itself)
+        raise _Failed(str(exc)) from exc
     finally:
         server.stop()
-        store.close()
+        if store is not None:
+            store.close()
+        if not done:
+            _drop_empty_part(target, store)
+        session.say_stopped()
 
 
-def _open_output(cf: CascadeFile, out: Path, force: bool) -> tuple[BlockStore, bool]:
-    """Open ``out`` for the download; True when it already holds the complete, verified file."""
+class _Target:
+    """Where the data goes: ``part`` while incomplete, ``out`` once verified."""
+
+    def __init__(self, out: Path, part: Path, check: DataCheck, complete: bool) -> None:
+        self.out = out
+        self.part = part
+        self.check = check
+        self.complete = complete
+        # Set once this run created the .part file (it is removed again if no block arrived).
+        self.created = False
+
+
+def part_path(out: Path) -> Path:
+    """The name of the incomplete download of ``out``: ``OUT.part`` (valid on every OS)."""
+    return out.with_name(out.name + PART_SUFFIX)
+
+
+def _plan_output(cf: CascadeFile, out: Path, force: bool) -> _Target:
+    """Decide where the download goes; nothing is created or written, but a finished
+    ``OUT.part`` takes its final name and a partial ``OUT`` becomes ``OUT.part``.
+
+    Raises :class:`DataError` for a directory, a foreign file without ``force``,
+    or data whose blocks verify but whose whole-file hash does not.
+    """
     if out.is_dir():
         raise DataError(f"{out}: is a directory; give --out a file path")
+    part = part_path(out)
     check = check_data(out, cf)
-    if check.size > 0 and check.valid_count == 0 and cf.block_count > 0 and not force:
-        raise DataError(
-            f"{out} exists and holds none of this file's blocks; not touching it (use --force to overwrite)"
-        )
-    if out.exists() and check.valid_count == cf.block_count and check.size == cf.data_length and not check.complete:
-        raise DataError(f"{out}: every block verifies but the whole-file SHA-256 does not match the .cascade file")
-    complete = out.exists() and check.complete
-    return BlockStore.open_for_fetching(cf, out, check), complete
+    if out.exists():
+        if check.complete:
+            return _Target(out, part, check, complete=True)
+        if check.valid_count == cf.block_count and check.size == cf.data_length:
+            raise DataError(f"{out}: every block verifies but the whole-file SHA-256 does not match the .cascade file")
+        if check.size > 0 and check.valid_count == 0 and cf.block_count > 0 and not force:
+            raise DataError(
+                f"{out} exists and holds none of this file's blocks; not touching it (use --force to overwrite)"
+            )
+    if part.is_dir():
+        raise DataError(f"{part}: is a directory")
+    if part.exists():
+        # Ours, whatever it holds: resumed without --force.
+        part_check = check_data(part, cf)
+        if part_check.complete:
+            # Interrupted between the last block and the rename.
+            _rename(part, out)
+            return _Target(out, part, part_check, complete=True)
+        if part_check.valid_count == cf.block_count and part_check.size == cf.data_length:
+            raise DataError(
+                f"{part}: every block verifies but the whole-file SHA-256 does not match the .cascade file;"
+                " delete it to start again"
+            )
+        return _Target(out, part, part_check, complete=False)
+    if check.valid_count > 0:
+        # A partial OUT (from an older version, or cut short by a power failure):
+        # resume it under the incomplete name, so the final name means complete.
+        _rename(out, part)
+        log.info("%s holds %d of %d blocks: resuming it as %s", out, check.valid_count, cf.block_count, part.name)
+        return _Target(out, part, check, complete=False)
+    return _Target(out, part, DataCheck(bytearray(cf.block_count), 0, 0, False), complete=False)
+
+
+def _rename(src: Path, dest: Path) -> None:
+    try:
+        os.replace(src, dest)
+    except OSError as exc:
+        raise DataError(f"cannot rename {src} to {dest.name}: {exc.strerror or exc}") from exc
+
+
+def _open_store(cf: CascadeFile, out: Path, target: _Target) -> BlockStore:
+    if target.complete:
+        return BlockStore.open_for_fetching(cf, out, target.check)
+    target.created = not target.part.exists()
+    try:
+        return BlockStore.open_for_fetching(cf, target.part, target.check)
+    except DataError:
+        _drop_empty_part(target, None)  # e.g. a disk too full to reserve the space: free what was taken
+        raise
+
+
+def _drop_empty_part(target: _Target, store: BlockStore | None) -> None:
+    """Remove a ``.part`` this run created when it never received a block: a failed
+    or interrupted fetch that got nothing leaves nothing behind."""
+    if not target.created or (store is not None and store.verified_count > 0):
+        return
+    try:
+        target.part.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.debug("could not remove %s: %s", target.part, exc)
+
+
+class _Session:
+    """This peer's standing at the tracker for one file: who it is, and whether it
+    has enrolled there (and so should say "stopped" when it leaves)."""
+
+    def __init__(self, tracker: TrackerAddress, cf: CascadeFile, my_ip: str) -> None:
+        self.tracker = tracker
+        self.cf = cf
+        self.my_ip = my_ip
+        self.port = 0
+        self.listed = False
+
+    def list_peers(self) -> tuple[PeerRecord, ...]:
+        """One list request. Raises :class:`CascadeError`."""
+        records = announce(self.tracker, TrackerCommand.LIST, self.cf.cascade_hash, self.my_ip, self.port, LIST_TIMEOUT)
+        self.listed = True
+        return records
+
+    def say_stopped(self) -> None:
+        """Tell an HTTP tracker this peer left the swarm (the binary protocol cannot: its TTL decides)."""
+        if not self.listed or self.tracker.url is None:
+            return
+        from peer.http_tracker import announce_stopped
+
+        try:
+            announce_stopped(self.tracker, self.cf.cascade_hash, self.my_ip, self.port)
+        except CascadeError as exc:
+            log.debug("could not tell the tracker this peer stopped: %s", exc)
+
+
+def _first_listing(session: _Session) -> list[tuple[str, int, bool]]:
+    try:
+        return _tuples(session.list_peers())
+    except (TrackerUnreachable, TrackerRefused) as exc:
+        raise _Failed(str(exc)) from exc
+    except CascadeError as exc:
+        raise _Failed(f"tracker {session.tracker}: {exc}") from exc
+
+
+def _tuples(records: tuple[PeerRecord, ...]) -> list[tuple[str, int, bool]]:
+    # PeerRecord.last_seen (UNIX seconds, the tracker's clock) is here too, for a
+    # fetcher that prefers recently seen peers.
+    return [(r.ip, r.port, r.good) for r in records]
 
 
 def _download(
     args: argparse.Namespace,
-    cf: CascadeFile,
+    session: _Session,
     store: BlockStore,
-    tracker: TrackerAddress,
-    my_ip: str,
-    my_port: int,
+    first: list[tuple[str, int, bool]],
     stop: StopSignal,
 ) -> FetchResult:
     def list_peers() -> list[tuple[str, int, bool]]:
-        records = announce(tracker, TrackerCommand.LIST, cf.cascade_hash, my_ip, my_port, LIST_TIMEOUT)
-        return [(r.ip, r.port, r.good) for r in records]
+        return _tuples(session.list_peers())
 
+    cf = session.cf
     policy = FetchPolicy(max_peers=args.max_peers, stall_timeout=args.timeout)
-    fetcher = Fetcher(store, list_peers, policy=policy, my_port=my_port)
-    if not store.complete:
-        # The first listing decides between "tracker unreachable" and a download.
-        try:
-            fetcher.add_peers(list_peers())
-        except (TrackerUnreachable, TrackerRefused) as exc:
-            raise _Failed(str(exc), fetcher) from exc
-        except CascadeError as exc:
-            raise _Failed(f"tracker {tracker}: {exc}", fetcher) from exc
+    fetcher = Fetcher(store, list_peers, policy=policy, my_port=session.port)
+    fetcher.add_peers(first)
     stop_watch = _StopWatch(stop, fetcher)
     bar = _ProgressBar(cf, store, args.progress_lines)
 
@@ -205,13 +344,6 @@ def _disk_message(exc: CascadeError) -> str:
     if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"disk full: {exc}"
     return str(exc)
-
-
-def _subscribe(tracker: TrackerAddress, cf: CascadeFile, my_ip: str, my_port: int) -> None:
-    try:
-        announce(tracker, TrackerCommand.SUBSCRIBE, cf.cascade_hash, my_ip, my_port, LIST_TIMEOUT)
-    except CascadeError as exc:
-        log.warning("could not subscribe at the tracker: %s", exc)
 
 
 class _StopWatch:

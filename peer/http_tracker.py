@@ -6,6 +6,10 @@ Same contract as :func:`peer.tracker_client.announce`, which hands over to
 ``{"peers": [{"ip", "port", "last_seen", "good"}, ...]}``. The session
 retries connection errors and 502/503/504 a bounded number of times
 (:func:`peer.publish.http_session`); every failure becomes a Cascade error.
+
+:func:`announce_stopped` sends the ``"stopped"`` action, which the binary
+protocol has no command for: the tracker drops the peer from the swarm at
+once instead of waiting for its TTL (BitTorrent's ``event=stopped``).
 """
 
 from __future__ import annotations
@@ -15,11 +19,14 @@ from typing import TYPE_CHECKING
 
 from cascade.errors import ProtocolError, TrackerUnreachable
 from cascade.wire import MAX_TRACKER_REPLY_BODY, PeerRecord, TrackerCommand
-from peer.publish import describe_request_error, error_message, http_session
+from peer.publish import RETRIES, describe_request_error, error_message, http_session
 from peer.tracker_client import TrackerAddress, TrackerRefused
 
 # A JSON peer record is at most ~80 bytes; this leaves room for 65,536 of them.
 MAX_REPLY_BYTES = MAX_TRACKER_REPLY_BODY * 8
+# A peer says "stopped" on its way out: one quick attempt, so a dead tracker
+# cannot hold up the exit (the TTL removes the peer anyway). Arbitrary.
+STOPPED_TIMEOUT = 1.0
 
 if TYPE_CHECKING:
     import requests
@@ -38,14 +45,28 @@ def announce_http(
     ``timeout`` bounds the connect and each read of one attempt. Raises
     :class:`TrackerUnreachable`, :class:`TrackerRefused` or :class:`ProtocolError`.
     """
+    action = "subscribe" if command == TrackerCommand.SUBSCRIBE else "list"
+    body = _post(tracker, {"cascade_hash": cascade_hash.hex(), "ip": ip, "port": port, "action": action}, timeout)
+    return _parse_peers(body, tracker)
+
+
+def announce_stopped(
+    tracker: TrackerAddress, cascade_hash: bytes, ip: str, port: int, timeout: float = STOPPED_TIMEOUT
+) -> None:
+    """Tell the tracker that ``ip:port`` left the swarm of ``cascade_hash``; one attempt, no retry.
+
+    Raises :class:`TrackerUnreachable`, :class:`TrackerRefused` or :class:`ProtocolError`.
+    """
+    _post(tracker, {"cascade_hash": cascade_hash.hex(), "ip": ip, "port": port, "action": "stopped"}, timeout, 0)
+
+
+def _post(tracker: TrackerAddress, doc: dict[str, object], timeout: float, retries: int = RETRIES) -> bytes:
     import requests
 
     assert tracker.url is not None
-    action = "subscribe" if command == TrackerCommand.SUBSCRIBE else "list"
-    doc = {"cascade_hash": cascade_hash.hex(), "ip": ip, "port": port, "action": action}
     try:
         with (
-            http_session() as session,
+            http_session(retries) as session,
             session.post(f"{tracker.url}/api/v1/announce", json=doc, timeout=timeout, stream=True) as r,
         ):
             body = _read_capped(r)
@@ -54,7 +75,7 @@ def announce_http(
                 raise TrackerRefused(f"tracker {tracker} refused: {error_message(r)} (HTTP {status})")
     except requests.RequestException as exc:
         raise TrackerUnreachable(f"tracker {tracker} unreachable: {describe_request_error(exc)}") from exc
-    return _parse_peers(body, tracker)
+    return body
 
 
 def _read_capped(r: requests.Response) -> bytes:

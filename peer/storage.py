@@ -23,7 +23,7 @@ from peer.localdata import DataCheck, check_data
 
 def _data_error(path: Path, exc: OSError, doing: str) -> DataError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return DiskFullError(f"{path}: disk full while {doing}")
+        return DiskFullError(f"{path}: disk full, cannot {doing}")
     return DataError(f"{path}: cannot {doing}: {exc.strerror or exc}")
 
 
@@ -152,6 +152,18 @@ class BlockStore:
                 self.valid[index] = 1
                 self._count += 1
         return True
+
+    def move_to(self, dest: Path) -> None:
+        """Rename the data file to ``dest`` (atomically, replacing it), keeping it open.
+
+        The block server goes on serving from the same file descriptor: on
+        POSIX an open file can be renamed. Raises :class:`DataError`.
+        """
+        try:
+            os.replace(self.path, dest)
+        except OSError as exc:
+            raise _data_error(dest, exc, f"rename {self.path.name} to {dest.name}") from exc
+        self.path = dest
 
     def close(self) -> None:
         self.file.close()

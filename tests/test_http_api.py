@@ -298,6 +298,25 @@ def test_swarms_and_peers(tracker: Tracker) -> None:
         ("10.2.0.1", 9001, True),
         ("10.2.0.2", 9002, False),
     ]
+    # Each peer's age: whole seconds since the tracker last saw it.
+    assert all(isinstance(p["age"], int) and 0 <= p["age"] <= 5 for p in doc["peers"])
+
+
+def test_announce_stopped_drops_the_peer_at_once(tracker: Tracker) -> None:
+    h = unique_hash()
+    seeder = {"cascade_hash": h, "ip": "10.4.0.1", "port": 9201}
+    assert post_announce(tracker, {**seeder, "action": "subscribe"}).status_code == 200
+    post_announce(tracker, {"cascade_hash": h, "ip": "10.4.0.2", "port": 9202, "action": "list"})
+    r = post_announce(tracker, {**seeder, "action": "stopped"})
+    assert r.status_code == 200 and r.json() == {"peers": []}
+    doc = requests.get(f"{tracker.url}/api/v1/swarms/{h}/peers", timeout=5).json()
+    assert [(p["ip"], p["good"]) for p in doc["peers"]] == [("10.4.0.2", False)]
+    # Saying it twice, or for a swarm the tracker never saw, is no error.
+    assert post_announce(tracker, {**seeder, "action": "stopped"}).status_code == 200
+    r = post_announce(tracker, {"cascade_hash": unique_hash(), "ip": "10.4.0.1", "port": 1, "action": "stopped"})
+    assert r.status_code == 200
+    metrics = requests.get(f"{tracker.url}/metrics", timeout=5).text
+    assert metric(metrics, "cascade_tracker_requests_total", protocol="http", command="stopped", status="0") >= 3
 
 
 @pytest.mark.process
@@ -417,6 +436,7 @@ def test_status_page_escapes_what_clients_sent(tracker: Tracker) -> None:
     page = r.text
     assert re.search(r'<meta http-equiv="refresh" content="\d+">', page)
     assert h in page and "10.3.0.1:9100" in page
+    assert re.search(r"10\.3\.0\.1:9100 \(seeder, seen \d+ s ago\)", page), page
     assert "<img" not in page
     assert "&lt;img src=x onerror=alert(1)&gt; &quot;&#x27;&amp;" in page
     swarms = requests.get(f"{tracker.url}/api/v1/swarms", timeout=5).json()["swarms"]

@@ -91,12 +91,15 @@ def test_sigkill_then_rerun_downloads_only_the_missing_blocks(swarm: Swarm, tmp_
     first.wait_for_line(rf"^progress (?:[4-9]\d{{5}}|\d{{7,}}) {cf.data_length}")
     first.signal(signal.SIGKILL)
     first.wait()
-    kept = check_data(out, cf, whole_file=False).valid_count
+    # The blocks so far wait under the incomplete name; the final name does not exist yet.
+    assert not out.exists()
+    kept = check_data(tmp_path / "out.part", cf, whole_file=False).valid_count
     assert 0 < kept < cf.block_count
     second = swarm.fetcher(cascade, out)
     [doc] = finish_all([second], cf, [out])
     assert doc["blocks_downloaded"] == cf.block_count - kept
     assert doc["blocks_resumed"] == kept
+    assert not (tmp_path / "out.part").exists()
 
 
 def test_fetch_from_a_server_that_closes_after_every_response(swarm: Swarm, tmp_path: Path) -> None:

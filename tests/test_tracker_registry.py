@@ -202,3 +202,30 @@ def test_state_store_writes_changes_and_deletions(tmp_path: Path) -> None:
     again = SwarmRegistry(SwarmLimits(peer_ttl=10), clock=clock)
     assert load_state(path, again) == 1
     assert again.peers(H1) == reg.peers(H1)
+
+
+def test_remove_drops_a_stopped_peer_at_once_and_from_the_state() -> None:
+    clock = FakeClock()
+    reg = SwarmRegistry(clock=clock, track_changes=True, seed=1)
+    reg.announce(H1, "10.0.0.1", 1, subscribe=True)
+    reg.announce(H1, "10.0.0.2", 2, subscribe=False)
+    reg.take_changes()
+    assert reg.remove(H1, "10.0.0.1", 1) is True
+    assert addrs(reg.peers(H1) or []) == [("10.0.0.2", 2)]
+    summary = reg.swarm(H1)
+    assert summary is not None and summary.seeders == 0 and summary.others == 1
+    assert reg.take_changes() == {(H1, peer_key("10.0.0.1", 1)): None}  # deleted from --state too
+    assert reg.counters().peers == 1
+    # Unknown peers and swarms: nothing to do, no error.
+    assert reg.remove(H1, "10.0.0.1", 1) is False
+    assert reg.remove(H2, "10.0.0.1", 1) is False
+    assert reg.counters().requests[("api", "stopped", 0)] == 3
+    # The peer may come back later like any new peer.
+    assert addrs(reg.announce(H1, "10.0.0.1", 1, subscribe=True)) == [("10.0.0.2", 2)]
+
+
+def test_default_ttl_forgets_a_silent_peer_within_three_minutes() -> None:
+    reg, clock = make()
+    reg.announce(H1, "10.0.0.1", 1, subscribe=True)
+    clock.now += 179
+    assert reg.peers(H1) in (None, [])

@@ -197,8 +197,13 @@ class TrackerHttpServer(ThreadingHTTPServer):
         log.exception("http request from %s failed", who)
 
 
-def _peer_json(p: PeerRecord) -> dict[str, object]:
-    return {"ip": p.ip, "port": p.port, "last_seen": p.last_seen, "good": p.good}
+def _peer_json(p: PeerRecord, now: float) -> dict[str, object]:
+    """One peer; ``age`` is the whole seconds since it was last seen."""
+    return {"ip": p.ip, "port": p.port, "last_seen": p.last_seen, "good": p.good, "age": _age(p, now)}
+
+
+def _age(p: PeerRecord, now: float) -> int:
+    return max(0, int(now) - p.last_seen)
 
 
 def _swarm_json(s: SwarmSummary, name: str | None) -> dict[str, object]:
@@ -433,29 +438,35 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(200, {"cascade_hash": h.hex(), "name": self.store.name_of(h), "peers": []})
             return
         doc = _swarm_json(summary, self.store.name_of(h))
-        doc["peers"] = [_peer_json(p) for p in summary.peers]
+        now = self.registry.now()
+        doc["peers"] = [_peer_json(p, now) for p in summary.peers]
         self._json(200, doc)
 
     def _announce(self, params: list[str]) -> None:
         body = self._read_body(self.server.config.max_json_body)
         try:
-            h, ip, port, subscribe = self._parse_announce(body)
+            h, ip, port, action = self._parse_announce(body)
         except _HttpError:
             self.registry.count_request("http", "invalid", STATUS_BAD_REQUEST)
             raise
         if ip == "0.0.0.0":
             ip = self.client_address[0]
         try:
-            peers = self.registry.announce(h, ip, port, subscribe, protocol="http")
+            if action == "stopped":
+                self.registry.remove(h, ip, port, protocol="http")
+                self._json(200, {"peers": []})
+                return
+            peers = self.registry.announce(h, ip, port, action == "subscribe", protocol="http")
         except AnnounceRefused as exc:
             code = 403 if exc.status == STATUS_NOT_ALLOWED else 503
             self._json(code, {"error": exc.message, "status": exc.status})
             return
         except ValueError as exc:  # e.g. a source address that is not IPv4
             raise _HttpError(400, str(exc)) from exc
-        self._json(200, {"peers": [_peer_json(p) for p in peers]})
+        now = self.registry.now()
+        self._json(200, {"peers": [_peer_json(p, now) for p in peers]})
 
-    def _parse_announce(self, body: bytes) -> tuple[bytes, str, int, bool]:
+    def _parse_announce(self, body: bytes) -> tuple[bytes, str, int, str]:
         try:
             doc = json.loads(body)
         except (ValueError, UnicodeDecodeError) as exc:
@@ -477,9 +488,9 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError as exc:
             raise _HttpError(400, f"ip {ip[:60]!r} is not an IPv4 address") from exc
         action = doc.get("action")
-        if action not in ("list", "subscribe"):
-            raise _HttpError(400, 'action must be "list" or "subscribe"')
-        return h, ip, port, action == "subscribe"
+        if not isinstance(action, str) or action not in ("list", "subscribe", "stopped"):
+            raise _HttpError(400, 'action must be "list", "subscribe" or "stopped"')
+        return h, ip, port, action
 
     def _list_cascades(self, params: list[str]) -> None:
         self._json(200, {"cascades": [self._stored_json(e) for e in self.store.entries()]})
@@ -576,7 +587,7 @@ class _Handler(BaseHTTPRequestHandler):
         all_swarms = self.registry.swarms()
         shown = all_swarms[: cfg.max_listed_swarms]
         c = self.registry.counters()
-        now = time.time()
+        now = self.registry.now()
         esc = html.escape
         rows: list[str] = []
         for s in shown:
@@ -585,7 +596,8 @@ class _Handler(BaseHTTPRequestHandler):
             stored = self.store.get(s.cascade_hash) is not None
             link = f'<a href="/cascades/{hx}.cascade">{esc(hx)}</a>' if stored else esc(hx)
             peers = ", ".join(
-                f"{esc(p.ip)}:{p.port}{' (seeder)' if p.good else ''}" for p in s.peers[: cfg.max_page_peers]
+                f"{esc(p.ip)}:{p.port} ({'seeder, ' if p.good else ''}seen {_ago(_age(p, now))})"
+                for p in s.peers[: cfg.max_page_peers]
             )
             more = len(s.peers) - cfg.max_page_peers
             if more > 0:

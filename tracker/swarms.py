@@ -70,7 +70,10 @@ class SwarmLimits:
     registry to about 70 MB + 160 MB, however much garbage arrives.
     """
 
-    peer_ttl: float = 1800.0
+    # A peer that vanished without a word is gone from the lists within 150 s
+    # (under 3 minutes): 2.5 peer announce intervals (60 s, peer/common.py),
+    # so one lost announce does not drop a live seeder. README "Tracker".
+    peer_ttl: float = 150.0
     max_peers: int = 50  # records per reply
     max_swarms: int = 50_000
     max_peers_per_swarm: int = 10_000  # beyond it the least recently seen peer makes room
@@ -335,6 +338,27 @@ class SwarmRegistry:
             if swarms and next(iter(swarms.values())).last_activity < cutoff:
                 self._sweep(now, 2)
         return b"".join(out)
+
+    def remove(self, cascade_hash: bytes, ip: str, port: int, protocol: str = "api") -> bool:
+        """Drop ``ip:port`` from the swarm at once (the peer said it stopped); True if it was there.
+
+        Raises :class:`ValueError` for a malformed hash, address or port.
+        """
+        if len(cascade_hash) != HASH_SIZE:
+            raise ValueError(f"cascade hash must be {HASH_SIZE} bytes, not {len(cascade_hash)}")
+        key = peer_key(ip, port)
+        with self._lock:
+            self._requests[(protocol, "stopped", 0)] += 1
+            sw = self._swarms.get(cascade_hash)
+            if sw is None or key not in sw.seen:
+                return False
+            del sw.seen[key]
+            self._drop(cascade_hash, sw, key)
+            return True
+
+    def now(self) -> float:
+        """The registry's clock (UNIX seconds), for ages of last-seen times."""
+        return self._clock()
 
     # --- expiry (call with the lock held) ---------------------------------
 
