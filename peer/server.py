@@ -6,7 +6,8 @@ Shape: one selector thread and a bounded pool of worker threads.
   It waits on epoll, accepts new connections, and hands a connection that has
   bytes to read to the pool. Holding hundreds of idle kept-open connections
   costs a file descriptor each, not a thread. It also closes connections that
-  stay idle or half-sent for longer than ``idle_timeout``.
+  stay idle for longer than ``idle_timeout``, or half-sent for longer than
+  ``header_timeout``.
 - A worker reads whatever the connection has, answers every whole 64-byte
   request in order, and keeps going while more requests are already waiting.
   When the connection goes quiet it re-arms it on epoll (one-shot, so exactly
@@ -14,6 +15,14 @@ Shape: one selector thread and a bounded pool of worker threads.
   connection yields after ``FAIR_SHARE`` requests when others wait. A client
   that sends half a request and stalls therefore never pins a worker: its
   bytes wait in the connection's buffer until the rest arrives or it times out.
+- Floods (slowloris and idle connections) cannot lock real clients out. A
+  request must arrive whole within ``header_timeout`` of its first byte (and a
+  new connection must send its first request within it), like nginx's
+  ``client_header_timeout``. At ``max_connections`` the newcomer is accepted
+  and the connection that has been quiet longest is closed instead: one that
+  sent nothing, half a request, or takes its reply slowly. Connections of an
+  address holding more than half the slots go first, so one flooding host
+  loses its own connections before anyone else's.
 - Block data goes out with sendfile(2), zero-copy from the data file. We call
   :func:`os.sendfile` (the system call behind ``socket.sendfile``) on the
   non-blocking socket ourselves: when a reader is slow and its socket stays
@@ -30,6 +39,7 @@ are never looked at.
 from __future__ import annotations
 
 import contextlib
+import heapq
 import logging
 import os
 import queue
@@ -38,6 +48,7 @@ import socket
 import struct
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 from cascade.wire import BLOCK_MAGIC, BLOCK_REQUEST_SIZE, KEEPOPEN, BlockStatus
@@ -70,6 +81,15 @@ LINGER_SECONDS = 2.0
 FAIR_SHARE = 64
 # The selector wakes at least this often to close idle connections.
 SWEEP_INTERVAL = 0.25
+# How long a request may take to arrive whole, from its first byte (or from
+# the connect, for the first request). Arbitrary, in the range haproxy and
+# nginx deployments use (5-60 s): a real client sends its 64 bytes in one
+# segment, so only a slowloris client ever needs more than a round trip.
+HEADER_TIMEOUT = 10.0
+# At the connection cap, one scan of the open connections picks this many
+# eviction victims, oldest first, so a flood of newcomers costs a scan per
+# batch rather than per accept. Arbitrary.
+EVICT_BATCH = 32
 
 _ONESHOT_IN = select.EPOLLIN | select.EPOLLONESHOT
 _ONESHOT_OUT = select.EPOLLOUT | select.EPOLLONESHOT
@@ -105,10 +125,12 @@ class _Conn:
     """
 
     __slots__ = (
+        "active",
         "buf",
         "deadline",
         "draining",
         "fd",
+        "host",
         "idle",
         "name",
         "out_credit",
@@ -117,15 +139,21 @@ class _Conn:
         "out_keep",
         "out_left",
         "out_offset",
+        "partial_since",
         "sock",
     )
 
-    def __init__(self, sock: socket.socket, name: str, deadline: float) -> None:
+    def __init__(self, sock: socket.socket, host: str, name: str, now: float, deadline: float) -> None:
         self.sock = sock
         self.fd = sock.fileno()
+        self.host = host
         self.name = name
         self.buf = b""
         self.deadline = deadline
+        # When it connected or last had a reply sent whole: eviction closes the oldest first.
+        self.active = now
+        # When the first byte of a still incomplete request arrived (0.0: none pending).
+        self.partial_since = 0.0
         self.idle = True  # True while the selector thread owns it
         self.draining = False
         self.out_head = b""
@@ -151,6 +179,8 @@ class BlockServer:
     ``start`` binds and returns at once; ``address`` is the real bound
     address; ``stop`` closes everything within ``timeout`` seconds. Stores may
     gain blocks while they are served: every request checks ``store.has``.
+    ``idle_timeout`` closes a connection quiet between requests (or not taking
+    its reply); ``header_timeout`` one whose request does not arrive whole.
     """
 
     def __init__(
@@ -162,6 +192,7 @@ class BlockServer:
         max_connections: int = 512,
         upload_rate: int | None = None,
         idle_timeout: float = 30.0,
+        header_timeout: float = HEADER_TIMEOUT,
     ) -> None:
         if max_workers < 1 or max_connections < 1:
             raise ValueError("max_workers and max_connections must be positive")
@@ -170,9 +201,17 @@ class BlockServer:
         self.max_workers = max_workers
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
+        self.header_timeout = min(header_timeout, idle_timeout)
         self._limiter = TokenBucket(upload_rate) if upload_rate else None
         self._served: dict[bytes, _Served] = {}
         self._conns: dict[int, _Conn] = {}
+        # Held while a worker hands a connection back to the selector (``idle``
+        # set, then epoll re-armed) and while the selector closes an idle one,
+        # so a connection is never closed between the two and its descriptor
+        # number reused under the worker's epoll.modify.
+        self._handover = threading.Lock()
+        # Eviction candidates, oldest last (selector thread only).
+        self._victims: list[tuple[float, _Conn]] = []
         self._jobs: queue.SimpleQueue[_Conn | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
@@ -184,6 +223,7 @@ class BlockServer:
         # Counters for logs and tests; updated without a lock, so approximate.
         self.blocks_sent = 0
         self.bytes_sent = 0
+        self.evicted = 0
 
     # --- files ---------------------------------------------------------------
 
@@ -325,16 +365,19 @@ class BlockServer:
                 log.warning("accept failed: %s", exc.strerror or exc)
                 self._stopping.wait(0.05)
                 return
-            name = f"{addr[0]}:{addr[1]}"
-            if len(self._conns) >= self.max_connections:
+            host = str(addr[0])
+            name = f"{host}:{addr[1]}"
+            now = time.monotonic()
+            if len(self._conns) >= self.max_connections and not self._evict():
+                # Every slot is in a worker's hands right now: nothing idle to give up.
                 if self._debug:
-                    request_log.debug("%s: refused, %d connections open", name, len(self._conns))
+                    request_log.debug("%s: refused, %d connections open and busy", name, len(self._conns))
                 sock.close()
                 continue
             sock.setblocking(False)
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = _Conn(sock, name, time.monotonic() + self.idle_timeout)
+            conn = _Conn(sock, host, name, now, now + self.header_timeout)
             self._conns[conn.fd] = conn
             try:
                 self._epoll.register(conn.fd, _ONESHOT_IN)
@@ -364,12 +407,54 @@ class BlockServer:
             pass
         self._close(conn)
 
+    def _evict(self) -> bool:
+        """Close the idle connection that has been quiet longest, to make room; False if none is idle.
+
+        Candidates come in batches from one scan (see ``EVICT_BATCH``); one
+        that woke up or closed since is skipped.
+        """
+        for _ in range(2):
+            while self._victims:
+                stamp, conn = self._victims.pop()
+                with self._handover:
+                    if conn.idle and conn.active == stamp and self._conns.get(conn.fd) is conn:
+                        if self._debug:
+                            request_log.debug("%s: evicted at the connection limit", conn.name)
+                        self._close(conn)
+                        self.evicted += 1
+                        return True
+            self._victims = self._pick_victims()
+            if not self._victims:
+                return False
+        return False
+
+    def _pick_victims(self) -> list[tuple[float, _Conn]]:
+        """The next eviction candidates, oldest last: an address over half the slots first, then by age."""
+        conns = list(self._conns.values())
+        per_host = Counter(c.host for c in conns)
+        share = self.max_connections // 2
+        # Only as many from each host over its share as bring it down to it:
+        # past that, its other connections are no more to blame than anyone's.
+        over = {host: n - share for host, n in per_host.items() if n > share}
+        idle = [(c.active, c) for c in conns if c.idle and c.host in over]
+        batch: list[tuple[float, _Conn]] = []
+        for active, conn in sorted(idle, key=lambda t: t[0]):
+            if over[conn.host] > 0 and len(batch) < EVICT_BATCH:
+                over[conn.host] -= 1
+                batch.append((active, conn))
+        if not batch:
+            idle = [(c.active, c) for c in conns if c.idle]
+            batch = heapq.nsmallest(EVICT_BATCH, idle, key=lambda t: t[0])
+        batch.reverse()
+        return batch
+
     def _sweep(self, now: float) -> None:
-        for conn in list(self._conns.values()):
-            if conn.idle and conn.deadline < now:
-                if self._debug and not conn.draining:
-                    request_log.debug("%s: idle for %.0f s, closed", conn.name, self.idle_timeout)
-                self._close(conn)
+        with self._handover:
+            for conn in list(self._conns.values()):
+                if conn.idle and conn.deadline < now:
+                    if self._debug and not conn.draining:
+                        request_log.debug("%s: timed out, closed", conn.name)
+                    self._close(conn)
 
     # --- connection ownership --------------------------------------------------
 
@@ -381,14 +466,15 @@ class BlockServer:
 
     def _rearm(self, conn: _Conn, mask: int = _ONESHOT_IN) -> None:
         """Give the connection back to the selector thread (the caller must not touch it after)."""
-        conn.idle = True
-        try:
-            assert self._epoll is not None
-            self._epoll.modify(conn.fd, mask)
-        except (OSError, ValueError):
-            # Closed meanwhile by a sweep or by stop().
-            conn.idle = False
-            self._close(conn)
+        with self._handover:
+            conn.idle = True
+            try:
+                assert self._epoll is not None
+                self._epoll.modify(conn.fd, mask)
+            except (OSError, ValueError):
+                # Closed meanwhile by stop().
+                conn.idle = False
+                self._close(conn)
 
     def _close_after_reply(self, conn: _Conn) -> None:
         """Close without losing the reply: with unread client bytes, close would send a reset."""
@@ -440,7 +526,8 @@ class BlockServer:
             if not conn.out_keep:
                 self._close_after_reply(conn)
                 return
-            conn.deadline = time.monotonic() + self.idle_timeout
+            conn.active = now = time.monotonic()
+            conn.deadline = now + self.idle_timeout
         sock = conn.sock
         buf = conn.buf
         answered = 0
@@ -456,7 +543,9 @@ class BlockServer:
                 if not conn.out_keep:
                     self._close_after_reply(conn)
                     return
-                conn.deadline = time.monotonic() + self.idle_timeout
+                conn.active = now = time.monotonic()
+                conn.deadline = now + self.idle_timeout
+                conn.partial_since = 0.0
                 answered += 1
             if pos:
                 buf = buf[pos:]
@@ -479,9 +568,17 @@ class BlockServer:
                 raise _Close
             buf = buf + data if buf else data
         conn.buf = buf
-        if conn.deadline < time.monotonic():
+        now = time.monotonic()
+        if buf:
+            # Half a request: the rest must come within header_timeout of its first byte.
+            if not conn.partial_since:
+                conn.partial_since = now
+                conn.deadline = min(conn.deadline, now + self.header_timeout)
+        else:
+            conn.partial_since = 0.0
+        if conn.deadline < now:
             if self._debug:
-                request_log.debug("%s: request incomplete after %.0f s, closed", conn.name, self.idle_timeout)
+                request_log.debug("%s: request incomplete in time, closed", conn.name)
             raise _Close
         self._rearm(conn)
 
@@ -570,8 +667,10 @@ class BlockServer:
                     return False
                 continue
             if sent == 0:
-                # The data file is shorter than its .cascade says: nothing sane to send.
-                log.warning("%s: data file ended early at offset %d", conn.name, conn.out_offset)
+                # The data file shrank under us: nothing sane to send. The seeder's
+                # watcher re-verifies the file and says so once; no line per request.
+                if self._debug:
+                    request_log.debug("%s: data file ended early at offset %d", conn.name, conn.out_offset)
                 raise _Close
             conn.out_offset += sent
             conn.out_left -= sent
