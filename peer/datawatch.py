@@ -6,7 +6,9 @@ moved, it re-verifies that file (:meth:`BlockStore.reverify`, one file at a
 time, memory bounded by :func:`cascade.localdata.check_data`), so the server
 stops sending blocks that no longer match, and logs one line. A file that is
 gone or unreadable is no longer served, also with one line; if it comes back,
-it is verified and served again.
+it is verified and served again. While a changed file is re-verified, none
+of its blocks are served. The block server also ``fstat``-s a watched file
+every few requests and wakes the watcher when it moved (:meth:`wake`).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class DataWatcher:
         # Each store with its file's signature as of its last verification.
         self._seen: list[tuple[BlockStore, DiskSignature | None]] = []
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="peer-datawatch", daemon=True)
 
     def add(self, store: BlockStore, seen: DiskSignature | None) -> None:
@@ -50,16 +53,24 @@ class DataWatcher:
     def start(self) -> None:
         self._thread.start()
 
+    def wake(self, _store: BlockStore | None = None) -> None:
+        """Look at the files now rather than at the next interval (the server calls it on a changed fstat)."""
+        self._wake.set()
+
     def stop(self, timeout: float = 1.0) -> None:
         """Stop the thread; a re-verification in progress is abandoned within about one chunk."""
         self._stop.set()
+        self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
 
     def _run(self) -> None:
         try:
-            while not self._stop.wait(self.interval):
-                self.check_once()
+            while not self._stop.is_set():
+                self._wake.wait(self.interval)
+                self._wake.clear()
+                if not self._stop.is_set():
+                    self.check_once()
         except _Stopped:
             pass
         except Exception:
@@ -82,6 +93,9 @@ class DataWatcher:
             if self._stop.is_set():
                 raise _Stopped
 
+        # Until it is verified again, a changed file serves nothing: a status 2
+        # sends a fetcher elsewhere, a block that fails its hash gets us banned.
+        store.suspend()
         try:
             after = store.reverify(now, progress)
         except DataError as exc:

@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
             check = check_data(f.data_path, f.cf, whole_file=False, progress=lambda _n: stop.check())
             store = BlockStore.open_for_seeding(f.cf, f.data_path, check)
             stores.append(store)
-            server.add_store(store)
+            server.add_store(store, watcher.wake)
             watcher.add(store, seen)
             count, have = f.cf.block_count, check.valid_count
             if have == count:

@@ -49,6 +49,7 @@ import struct
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cascade.wire import BLOCK_MAGIC, BLOCK_REQUEST_SIZE, KEEPOPEN, BlockStatus
@@ -90,6 +91,9 @@ HEADER_TIMEOUT = 10.0
 # eviction victims, oldest first, so a flood of newcomers costs a scan per
 # batch rather than per accept. Arbitrary.
 EVICT_BATCH = 32
+# A watched file is fstat-ed every this many requests (a power of two): about
+# 1 us each, so 1 KiB blocks lose well under 1 % of their rate. Arbitrary.
+FSTAT_EVERY = 8
 
 _ONESHOT_IN = select.EPOLLIN | select.EPOLLONESHOT
 _ONESHOT_OUT = select.EPOLLOUT | select.EPOLLONESHOT
@@ -114,6 +118,10 @@ class _Served:
     full_header: bytes
     last_length: int
     last_header: bytes
+    # For a watched file (see add_store): called when an fstat shows it changed.
+    changed: Callable[[BlockStore], None] | None = None
+    seen: tuple[int, int, int] = (0, 0, 0)
+    tick: int = 0
 
 
 class _Conn:
@@ -227,10 +235,17 @@ class BlockServer:
 
     # --- files ---------------------------------------------------------------
 
-    def add_store(self, store: BlockStore) -> None:
-        """Serve ``store`` under its cascade hash (replacing an earlier store for the same hash)."""
+    def add_store(self, store: BlockStore, changed: Callable[[BlockStore], None] | None = None) -> None:
+        """Serve ``store`` under its cascade hash (replacing an earlier store for the same hash).
+
+        With ``changed``, requests now and then ``fstat`` the data file and
+        call ``changed(store)`` (from a worker thread: it must be quick) when
+        its size or times moved, so a re-verification need not wait for the
+        next periodic look. Raises ``OSError`` if the file cannot be ``fstat``-ed.
+        """
         cf = store.cf
         last = cf.last_block_length
+        seen = _fstat_signature(store.fd) if changed is not None else (0, 0, 0)
         self._served[store.cascade_hash] = _Served(
             store=store,
             fd=store.fd,
@@ -239,6 +254,8 @@ class BlockServer:
             full_header=_HEADER.pack(0, cf.block_size),
             last_length=last,
             last_header=_HEADER.pack(0, last),
+            changed=changed,
+            seen=seen,
         )
 
     # --- lifecycle -----------------------------------------------------------
@@ -612,6 +629,10 @@ class BlockServer:
             message = f"block number too large: block {index} requested, the file has {count} blocks"
             conn.out_head, conn.out_keep = _error_reply(BlockStatus.OUT_OF_RANGE, message), False
             return
+        if served.changed is not None:
+            served.tick += 1  # unlocked: a lost increment only delays a check
+            if not served.tick & (FSTAT_EVERY - 1):
+                self._check_file(served)
         if not served.store.has(index):
             if self._debug:
                 request_log.debug("%s: block %d not present", conn.name, index)
@@ -629,6 +650,15 @@ class BlockServer:
         self.bytes_sent += conn.out_left
         if self._debug:
             request_log.debug("%s: sending block %d (%d bytes)", conn.name, index, conn.out_left)
+
+    def _check_file(self, served: _Served) -> None:
+        try:
+            now = _fstat_signature(served.fd)
+        except OSError:
+            return  # closed meanwhile by stop(); the watcher's own look covers the rest
+        if now != served.seen and served.changed is not None:
+            served.seen = now
+            served.changed(served.store)
 
     # --- sending: zero-copy, rate-limited, never pinned by a slow reader ----------
 
@@ -698,3 +728,8 @@ class BlockServer:
             request_log.debug("%s: slow reader, %d bytes of the reply wait for room", conn.name, conn.out_left)
         self._rearm(conn, _ONESHOT_OUT)
         return False
+
+
+def _fstat_signature(fd: int) -> tuple[int, int, int]:
+    st = os.fstat(fd)
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns)

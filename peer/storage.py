@@ -208,6 +208,10 @@ class BlockStore:
             if replacement >= 0:
                 os.close(replacement)
 
+    def suspend(self) -> None:
+        """Mark every block absent (until :meth:`reverify` finds them again)."""
+        self._forget_all()
+
     def _forget_all(self) -> None:
         with self._lock:
             self.valid[:] = bytes(len(self.valid))

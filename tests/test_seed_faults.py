@@ -248,3 +248,28 @@ def test_the_watcher_thread_notices_a_change_by_itself(sample: Sample) -> None:
         finally:
             watcher.stop()
             store.close()
+
+
+def test_requests_wake_the_watcher_when_the_file_changed(sample: Sample, caplog: pytest.LogCaptureFixture) -> None:
+    """The server's fstat every few requests notices an edit long before the watcher's next look."""
+    store = BlockStore.open_for_seeding(sample.cf, sample.data_path)
+    watcher = DataWatcher(interval=3600.0)
+    watcher.add(store, disk_signature(sample.data_path))
+    with serving(store, max_workers=2) as server:
+        server.add_store(store, watcher.wake)
+        watcher.start()
+        try:
+            port = server.address[1]
+            with open(sample.data_path, "r+b") as f:
+                f.seek(2 * 1024)
+                f.write(b"changed")
+            os.utime(sample.data_path, ns=(1, 1))
+            with caplog.at_level(logging.WARNING, logger="peer"):
+                deadline = time.monotonic() + TIMEOUT
+                while status(port, 2, sample) == 0:  # every few requests one fstat
+                    assert time.monotonic() < deadline, "the edit was never noticed"
+                wait_until(lambda: store.verified_count == 16, "re-verification")
+            assert status(port, 3, sample) == 0
+            assert "data file was modified; 16/17 blocks verified" in caplog.text
+        finally:
+            watcher.stop()
