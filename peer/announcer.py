@@ -88,6 +88,11 @@ class Announcer:
             self._due[cascade_hash] = float("-inf")
         self._wake.set()
 
+    def discard(self, cascade_hash: bytes) -> None:
+        """Stop re-subscribing ``cascade_hash``; the tracker forgets this peer for it after its TTL."""
+        with self._lock:
+            self._due.pop(cascade_hash, None)
+
     def start(self) -> None:
         self._thread.start()
 

@@ -17,9 +17,10 @@ from cascade.metafile import CascadeFile, default_data_path, read_cascade
 from cascade.units import format_size, parse_size
 from peer.announcer import Announcer
 from peer.common import Interrupted, StopSignal, announce_ip, setup_logging
+from peer.datawatch import DataWatcher
 from peer.localdata import check_data
 from peer.server import BlockServer
-from peer.storage import BlockStore
+from peer.storage import BlockStore, disk_signature
 from peer.tracker_client import parse_tracker
 
 log = logging.getLogger("peer")
@@ -94,14 +95,25 @@ def run(args: argparse.Namespace) -> int:
     # waits for it never meets a seeder that does not know its files yet.
     server = bind_server(args.listen, rate, args.idle_timeout)
     announcer = Announcer(tracker, ip, server.address[1], interval=args.announce_interval)
+
+    def changed(store: BlockStore, before: int, after: int) -> None:
+        # A file with no valid block left is not announced; one that has some again is.
+        if before and not after:
+            announcer.discard(store.cascade_hash)
+        elif after and not before:
+            announcer.add(store.cascade_hash)
+
+    watcher = DataWatcher(on_change=changed)
     stores: list[BlockStore] = []
     try:
         lines: list[str] = []
         for f in files:
+            seen = disk_signature(f.data_path)
             check = check_data(f.data_path, f.cf, whole_file=False, progress=lambda _n: stop.check())
             store = BlockStore.open_for_seeding(f.cf, f.data_path, check)
             stores.append(store)
-            server.add_store(store)
+            server.add_store(store, watcher.wake)
+            watcher.add(store, seen)
             count, have = f.cf.block_count, check.valid_count
             if have == count:
                 note = ""
@@ -117,10 +129,12 @@ def run(args: argparse.Namespace) -> int:
         for line in lines:
             log.info("%s", line)
         announcer.start()
+        watcher.start()
         stop.wait()
     except Interrupted:
         pass
     finally:
+        watcher.stop(0.5)
         announcer.stop(0.5)
         server.stop(1.0)
         for store in stores:

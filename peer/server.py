@@ -6,7 +6,8 @@ Shape: one selector thread and a bounded pool of worker threads.
   It waits on epoll, accepts new connections, and hands a connection that has
   bytes to read to the pool. Holding hundreds of idle kept-open connections
   costs a file descriptor each, not a thread. It also closes connections that
-  stay idle or half-sent for longer than ``idle_timeout``.
+  stay idle for longer than ``idle_timeout``, or half-sent for longer than
+  ``header_timeout``.
 - A worker reads whatever the connection has, answers every whole 64-byte
   request in order, and keeps going while more requests are already waiting.
   When the connection goes quiet it re-arms it on epoll (one-shot, so exactly
@@ -14,6 +15,14 @@ Shape: one selector thread and a bounded pool of worker threads.
   connection yields after ``FAIR_SHARE`` requests when others wait. A client
   that sends half a request and stalls therefore never pins a worker: its
   bytes wait in the connection's buffer until the rest arrives or it times out.
+- Floods (slowloris and idle connections) cannot lock real clients out. A
+  request must arrive whole within ``header_timeout`` of its first byte (and a
+  new connection must send its first request within it), like nginx's
+  ``client_header_timeout``. At ``max_connections`` the newcomer is accepted
+  and the connection that has been quiet longest is closed instead: one that
+  sent nothing, half a request, or takes its reply slowly. Connections of an
+  address holding more than half the slots go first, so one flooding host
+  loses its own connections before anyone else's.
 - Block data goes out with sendfile(2), zero-copy from the data file. We call
   :func:`os.sendfile` (the system call behind ``socket.sendfile``) on the
   non-blocking socket ourselves: when a reader is slow and its socket stays
@@ -30,6 +39,7 @@ are never looked at.
 from __future__ import annotations
 
 import contextlib
+import heapq
 import logging
 import os
 import queue
@@ -38,6 +48,8 @@ import socket
 import struct
 import threading
 import time
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cascade.wire import BLOCK_MAGIC, BLOCK_REQUEST_SIZE, KEEPOPEN, BlockStatus
@@ -70,6 +82,18 @@ LINGER_SECONDS = 2.0
 FAIR_SHARE = 64
 # The selector wakes at least this often to close idle connections.
 SWEEP_INTERVAL = 0.25
+# How long a request may take to arrive whole, from its first byte (or from
+# the connect, for the first request). Arbitrary, in the range haproxy and
+# nginx deployments use (5-60 s): a real client sends its 64 bytes in one
+# segment, so only a slowloris client ever needs more than a round trip.
+HEADER_TIMEOUT = 10.0
+# At the connection cap, one scan of the open connections picks this many
+# eviction victims, oldest first, so a flood of newcomers costs a scan per
+# batch rather than per accept. Arbitrary.
+EVICT_BATCH = 32
+# A watched file is fstat-ed every this many requests (a power of two): about
+# 1 us each, so 1 KiB blocks lose well under 1 % of their rate. Arbitrary.
+FSTAT_EVERY = 8
 
 _ONESHOT_IN = select.EPOLLIN | select.EPOLLONESHOT
 _ONESHOT_OUT = select.EPOLLOUT | select.EPOLLONESHOT
@@ -94,6 +118,10 @@ class _Served:
     full_header: bytes
     last_length: int
     last_header: bytes
+    # For a watched file (see add_store): called when an fstat shows it changed.
+    changed: Callable[[BlockStore], None] | None = None
+    seen: tuple[int, int, int] = (0, 0, 0)
+    tick: int = 0
 
 
 class _Conn:
@@ -105,10 +133,12 @@ class _Conn:
     """
 
     __slots__ = (
+        "active",
         "buf",
         "deadline",
         "draining",
         "fd",
+        "host",
         "idle",
         "name",
         "out_credit",
@@ -117,15 +147,21 @@ class _Conn:
         "out_keep",
         "out_left",
         "out_offset",
+        "partial_since",
         "sock",
     )
 
-    def __init__(self, sock: socket.socket, name: str, deadline: float) -> None:
+    def __init__(self, sock: socket.socket, host: str, name: str, now: float, deadline: float) -> None:
         self.sock = sock
         self.fd = sock.fileno()
+        self.host = host
         self.name = name
         self.buf = b""
         self.deadline = deadline
+        # When it connected or last had a reply sent whole: eviction closes the oldest first.
+        self.active = now
+        # When the first byte of a still incomplete request arrived (0.0: none pending).
+        self.partial_since = 0.0
         self.idle = True  # True while the selector thread owns it
         self.draining = False
         self.out_head = b""
@@ -151,6 +187,8 @@ class BlockServer:
     ``start`` binds and returns at once; ``address`` is the real bound
     address; ``stop`` closes everything within ``timeout`` seconds. Stores may
     gain blocks while they are served: every request checks ``store.has``.
+    ``idle_timeout`` closes a connection quiet between requests (or not taking
+    its reply); ``header_timeout`` one whose request does not arrive whole.
     """
 
     def __init__(
@@ -162,6 +200,7 @@ class BlockServer:
         max_connections: int = 512,
         upload_rate: int | None = None,
         idle_timeout: float = 30.0,
+        header_timeout: float = HEADER_TIMEOUT,
     ) -> None:
         if max_workers < 1 or max_connections < 1:
             raise ValueError("max_workers and max_connections must be positive")
@@ -170,9 +209,17 @@ class BlockServer:
         self.max_workers = max_workers
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
+        self.header_timeout = min(header_timeout, idle_timeout)
         self._limiter = TokenBucket(upload_rate) if upload_rate else None
         self._served: dict[bytes, _Served] = {}
         self._conns: dict[int, _Conn] = {}
+        # Held while a worker hands a connection back to the selector (``idle``
+        # set, then epoll re-armed) and while the selector closes an idle one,
+        # so a connection is never closed between the two and its descriptor
+        # number reused under the worker's epoll.modify.
+        self._handover = threading.Lock()
+        # Eviction candidates, oldest last (selector thread only).
+        self._victims: list[tuple[float, _Conn]] = []
         self._jobs: queue.SimpleQueue[_Conn | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
@@ -184,13 +231,21 @@ class BlockServer:
         # Counters for logs and tests; updated without a lock, so approximate.
         self.blocks_sent = 0
         self.bytes_sent = 0
+        self.evicted = 0
 
     # --- files ---------------------------------------------------------------
 
-    def add_store(self, store: BlockStore) -> None:
-        """Serve ``store`` under its cascade hash (replacing an earlier store for the same hash)."""
+    def add_store(self, store: BlockStore, changed: Callable[[BlockStore], None] | None = None) -> None:
+        """Serve ``store`` under its cascade hash (replacing an earlier store for the same hash).
+
+        With ``changed``, requests now and then ``fstat`` the data file and
+        call ``changed(store)`` (from a worker thread: it must be quick) when
+        its size or times moved, so a re-verification need not wait for the
+        next periodic look. Raises ``OSError`` if the file cannot be ``fstat``-ed.
+        """
         cf = store.cf
         last = cf.last_block_length
+        seen = _fstat_signature(store.fd) if changed is not None else (0, 0, 0)
         self._served[store.cascade_hash] = _Served(
             store=store,
             fd=store.fd,
@@ -199,6 +254,8 @@ class BlockServer:
             full_header=_HEADER.pack(0, cf.block_size),
             last_length=last,
             last_header=_HEADER.pack(0, last),
+            changed=changed,
+            seen=seen,
         )
 
     # --- lifecycle -----------------------------------------------------------
@@ -325,16 +382,19 @@ class BlockServer:
                 log.warning("accept failed: %s", exc.strerror or exc)
                 self._stopping.wait(0.05)
                 return
-            name = f"{addr[0]}:{addr[1]}"
-            if len(self._conns) >= self.max_connections:
+            host = str(addr[0])
+            name = f"{host}:{addr[1]}"
+            now = time.monotonic()
+            if len(self._conns) >= self.max_connections and not self._evict():
+                # Every slot is in a worker's hands right now: nothing idle to give up.
                 if self._debug:
-                    request_log.debug("%s: refused, %d connections open", name, len(self._conns))
+                    request_log.debug("%s: refused, %d connections open and busy", name, len(self._conns))
                 sock.close()
                 continue
             sock.setblocking(False)
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = _Conn(sock, name, time.monotonic() + self.idle_timeout)
+            conn = _Conn(sock, host, name, now, now + self.header_timeout)
             self._conns[conn.fd] = conn
             try:
                 self._epoll.register(conn.fd, _ONESHOT_IN)
@@ -364,12 +424,54 @@ class BlockServer:
             pass
         self._close(conn)
 
+    def _evict(self) -> bool:
+        """Close the idle connection that has been quiet longest, to make room; False if none is idle.
+
+        Candidates come in batches from one scan (see ``EVICT_BATCH``); one
+        that woke up or closed since is skipped.
+        """
+        for _ in range(2):
+            while self._victims:
+                stamp, conn = self._victims.pop()
+                with self._handover:
+                    if conn.idle and conn.active == stamp and self._conns.get(conn.fd) is conn:
+                        if self._debug:
+                            request_log.debug("%s: evicted at the connection limit", conn.name)
+                        self._close(conn)
+                        self.evicted += 1
+                        return True
+            self._victims = self._pick_victims()
+            if not self._victims:
+                return False
+        return False
+
+    def _pick_victims(self) -> list[tuple[float, _Conn]]:
+        """The next eviction candidates, oldest last: an address over half the slots first, then by age."""
+        conns = list(self._conns.values())
+        per_host = Counter(c.host for c in conns)
+        share = self.max_connections // 2
+        # Only as many from each host over its share as bring it down to it:
+        # past that, its other connections are no more to blame than anyone's.
+        over = {host: n - share for host, n in per_host.items() if n > share}
+        idle = [(c.active, c) for c in conns if c.idle and c.host in over]
+        batch: list[tuple[float, _Conn]] = []
+        for active, conn in sorted(idle, key=lambda t: t[0]):
+            if over[conn.host] > 0 and len(batch) < EVICT_BATCH:
+                over[conn.host] -= 1
+                batch.append((active, conn))
+        if not batch:
+            idle = [(c.active, c) for c in conns if c.idle]
+            batch = heapq.nsmallest(EVICT_BATCH, idle, key=lambda t: t[0])
+        batch.reverse()
+        return batch
+
     def _sweep(self, now: float) -> None:
-        for conn in list(self._conns.values()):
-            if conn.idle and conn.deadline < now:
-                if self._debug and not conn.draining:
-                    request_log.debug("%s: idle for %.0f s, closed", conn.name, self.idle_timeout)
-                self._close(conn)
+        with self._handover:
+            for conn in list(self._conns.values()):
+                if conn.idle and conn.deadline < now:
+                    if self._debug and not conn.draining:
+                        request_log.debug("%s: timed out, closed", conn.name)
+                    self._close(conn)
 
     # --- connection ownership --------------------------------------------------
 
@@ -381,14 +483,15 @@ class BlockServer:
 
     def _rearm(self, conn: _Conn, mask: int = _ONESHOT_IN) -> None:
         """Give the connection back to the selector thread (the caller must not touch it after)."""
-        conn.idle = True
-        try:
-            assert self._epoll is not None
-            self._epoll.modify(conn.fd, mask)
-        except (OSError, ValueError):
-            # Closed meanwhile by a sweep or by stop().
-            conn.idle = False
-            self._close(conn)
+        with self._handover:
+            conn.idle = True
+            try:
+                assert self._epoll is not None
+                self._epoll.modify(conn.fd, mask)
+            except (OSError, ValueError):
+                # Closed meanwhile by stop().
+                conn.idle = False
+                self._close(conn)
 
     def _close_after_reply(self, conn: _Conn) -> None:
         """Close without losing the reply: with unread client bytes, close would send a reset."""
@@ -440,7 +543,8 @@ class BlockServer:
             if not conn.out_keep:
                 self._close_after_reply(conn)
                 return
-            conn.deadline = time.monotonic() + self.idle_timeout
+            conn.active = now = time.monotonic()
+            conn.deadline = now + self.idle_timeout
         sock = conn.sock
         buf = conn.buf
         answered = 0
@@ -456,7 +560,9 @@ class BlockServer:
                 if not conn.out_keep:
                     self._close_after_reply(conn)
                     return
-                conn.deadline = time.monotonic() + self.idle_timeout
+                conn.active = now = time.monotonic()
+                conn.deadline = now + self.idle_timeout
+                conn.partial_since = 0.0
                 answered += 1
             if pos:
                 buf = buf[pos:]
@@ -479,9 +585,17 @@ class BlockServer:
                 raise _Close
             buf = buf + data if buf else data
         conn.buf = buf
-        if conn.deadline < time.monotonic():
+        now = time.monotonic()
+        if buf:
+            # Half a request: the rest must come within header_timeout of its first byte.
+            if not conn.partial_since:
+                conn.partial_since = now
+                conn.deadline = min(conn.deadline, now + self.header_timeout)
+        else:
+            conn.partial_since = 0.0
+        if conn.deadline < now:
             if self._debug:
-                request_log.debug("%s: request incomplete after %.0f s, closed", conn.name, self.idle_timeout)
+                request_log.debug("%s: request incomplete in time, closed", conn.name)
             raise _Close
         self._rearm(conn)
 
@@ -515,6 +629,10 @@ class BlockServer:
             message = f"block number too large: block {index} requested, the file has {count} blocks"
             conn.out_head, conn.out_keep = _error_reply(BlockStatus.OUT_OF_RANGE, message), False
             return
+        if served.changed is not None:
+            served.tick += 1  # unlocked: a lost increment only delays a check
+            if not served.tick & (FSTAT_EVERY - 1):
+                self._check_file(served)
         if not served.store.has(index):
             if self._debug:
                 request_log.debug("%s: block %d not present", conn.name, index)
@@ -532,6 +650,15 @@ class BlockServer:
         self.bytes_sent += conn.out_left
         if self._debug:
             request_log.debug("%s: sending block %d (%d bytes)", conn.name, index, conn.out_left)
+
+    def _check_file(self, served: _Served) -> None:
+        try:
+            now = _fstat_signature(served.fd)
+        except OSError:
+            return  # closed meanwhile by stop(); the watcher's own look covers the rest
+        if now != served.seen and served.changed is not None:
+            served.seen = now
+            served.changed(served.store)
 
     # --- sending: zero-copy, rate-limited, never pinned by a slow reader ----------
 
@@ -570,8 +697,10 @@ class BlockServer:
                     return False
                 continue
             if sent == 0:
-                # The data file is shorter than its .cascade says: nothing sane to send.
-                log.warning("%s: data file ended early at offset %d", conn.name, conn.out_offset)
+                # The data file shrank under us: nothing sane to send. The seeder's
+                # watcher re-verifies the file and says so once; no line per request.
+                if self._debug:
+                    request_log.debug("%s: data file ended early at offset %d", conn.name, conn.out_offset)
                 raise _Close
             conn.out_offset += sent
             conn.out_left -= sent
@@ -599,3 +728,8 @@ class BlockServer:
             request_log.debug("%s: slow reader, %d bytes of the reply wait for room", conn.name, conn.out_left)
         self._rearm(conn, _ONESHOT_OUT)
         return False
+
+
+def _fstat_signature(fd: int) -> tuple[int, int, int]:
+    st = os.fstat(fd)
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns)

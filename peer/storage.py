@@ -14,6 +14,7 @@ import hashlib
 import io
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from cascade.errors import BlockHashMismatch, DataError, DiskFullError
@@ -167,3 +168,77 @@ class BlockStore:
 
     def close(self) -> None:
         self.file.close()
+
+    # --- noticing changes on disk (peer seed) --------------------------------
+
+    def disk_signature(self) -> DiskSignature | None:
+        """What the data file's path looks like now: identity, size and times; ``None`` when it is gone."""
+        return disk_signature(self.path)
+
+    def reverify(self, seen: DiskSignature | None, progress: Callable[[int], None] | None = None) -> int:
+        """Check the data file again and serve only the blocks that still match; returns the verified count.
+
+        ``seen`` is :meth:`disk_signature` taken before the call, so a change
+        made while this runs is noticed on the next look. A file replaced by a
+        new one (a rename over the path) is served from the new file from now
+        on; the descriptor number stays the same (``dup2``), so a ``sendfile``
+        already under way finishes on the old file. Raises :class:`DataError`,
+        after marking every block absent, when the file is gone or unreadable.
+        """
+        if seen is None:
+            self._forget_all()
+            raise DataError(f"{self.path}: the data file is gone")
+        replacement = -1
+        try:
+            try:
+                current = os.fstat(self.fd)
+                if (current.st_dev, current.st_ino) != seen[:2]:
+                    # Open it before hashing, and check below that the path still names what we hashed.
+                    replacement = os.open(self.path, os.O_RDONLY)
+                    opened = os.fstat(replacement)
+                    if (opened.st_dev, opened.st_ino) != seen[:2]:
+                        return self._count  # replaced again meanwhile: the next look sees it
+            except OSError as exc:
+                self._forget_all()
+                raise _data_error(self.path, exc, "read the data file") from exc
+            try:
+                check = check_data(self.path, self.cf, whole_file=False, progress=progress)
+            except DataError:
+                self._forget_all()
+                raise
+            if replacement >= 0 and (disk_signature(self.path) or (0, 0))[:2] != seen[:2]:
+                return self._count
+            with self._lock:
+                if self.file.closed:  # closed meanwhile: its descriptor number may belong to another file now
+                    return 0
+                if replacement >= 0:
+                    os.dup2(replacement, self.fd)
+                self.valid[:] = check.valid
+                self._count = check.valid_count
+            return self._count
+        finally:
+            if replacement >= 0:
+                os.close(replacement)
+
+    def suspend(self) -> None:
+        """Mark every block absent (until :meth:`reverify` finds them again)."""
+        self._forget_all()
+
+    def _forget_all(self) -> None:
+        with self._lock:
+            self.valid[:] = bytes(len(self.valid))
+            self._count = 0
+
+
+# (device, inode, size, mtime, ctime) of a data file's path: a changed inode is
+# a replaced file, a changed size or time an edit; ctime also moves on chmod.
+DiskSignature = tuple[int, int, int, int, int]
+
+
+def disk_signature(path: Path) -> DiskSignature | None:
+    """The :data:`DiskSignature` of the file at ``path`` now; ``None`` when it cannot be seen."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)

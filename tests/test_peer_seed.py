@@ -435,6 +435,29 @@ def test_a_refusing_tracker_is_logged_once_and_serving_goes_on(tmp_path: Path, s
         tracker.stop()
 
 
+def test_a_deleted_data_file_stops_serving_and_announcing_until_it_is_back(
+    sample: Sample, tracker: FakeTracker
+) -> None:
+    tracker.serve()
+    proc, port = seed(sample, tracker.address, "--announce-interval", "0.2")
+    try:
+        wait_until(lambda: len(tracker.requests) >= 1, "the first subscribe")
+        sample.data_path.unlink()
+        proc.wait_for_line("data file is gone; no longer serving its blocks")
+        gone_at = len(tracker.requests)
+        assert _one(port, req(0, sample.cf.cascade_hash))[:2] == (2, b"block not present: block 0")
+        sample.data_path.write_bytes(sample.data)
+        proc.wait_for_line(r"data file is back; 41/41 blocks verified")
+        # The watcher looks every 2 s: ten announce intervals without one (but one in flight).
+        assert len(tracker.requests) - gone_at <= 1
+        back_at = len(tracker.requests)
+        wait_until(lambda: len(tracker.requests) > back_at, "subscribing again")
+        assert _one(port, req(40, sample.cf.cascade_hash))[:2] == (0, block(sample.data, sample.cf, 40))
+        assert proc.stderr.count("data file") == 2
+    finally:
+        proc.stop()
+
+
 # --- small pieces, in-process -----------------------------------------------------------
 
 
