@@ -168,7 +168,7 @@ class Clash:
 
     def describe(self) -> str:
         first, second = _show(self.first), _show(self.second)
-        if first == second:  # two spellings that print alike: show their code points
+        if _nfc(self.first) == _nfc(self.second):  # two spellings that print alike: show their code points
             first, second = _show(self.first, code_points=True), _show(self.second, code_points=True)
         if self.directory:
             return (
@@ -179,32 +179,24 @@ class Clash:
 
 
 def find_clash(paths: Iterable[str]) -> Clash | None:
-    """The first pair of ``paths`` that would clash on a case-insensitive, normalising file system.
+    """A pair of ``paths`` that would clash on a case-insensitive, normalising file system, or None.
 
     Two paths clash when they are equal after case folding and normalisation, or
     when one needs as a directory what the other has as a file ("a" and "A/b").
-    Runs in time linear in the total length of the paths. Raises nothing.
+    ``first`` is the one met first. Meant for paths that passed
+    :func:`check_member_path` (no NUL). Raises nothing.
     """
-    # A trie of folded components, as a dict from (parent node, folded name) to
-    # node, so a deep path costs its length, not its depth times its length.
-    nodes: dict[tuple[int, str], int] = {}
-    owner: list[str] = [""]  # node -> the first path through it
-    is_file: list[bool] = [False]
-    for path in paths:
-        parent = 0
-        components = path.split("/")
-        last = len(components) - 1
-        for i, comp in enumerate(components):
-            key = (parent, _fold(comp))
-            node = nodes.get(key)
-            if node is None:
-                node = len(owner)
-                nodes[key] = node
-                owner.append(path)
-                is_file.append(i == last)
-            elif i == last or is_file[node]:
-                return Clash(owner[node], path, directory=not (i == last and is_file[node]))
-            parent = node
+    # Fold every path, with '/' as NUL, the smallest character and one no checked
+    # name holds, then sort: a path's successor is then either its equal or, if any
+    # path lies under it, such a path. One sort instead of a tree of every
+    # directory keeps the memory at one string per path.
+    given = list(paths)
+    keys = ["\0".join(_fold(c) for c in path.split("/")) for path in given]
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    for i, j in pairwise(order):
+        a, b = keys[i], keys[j]
+        if b == a or b.startswith(a + "\0"):
+            return Clash(given[min(i, j)], given[max(i, j)], directory=b != a)
     return None
 
 
@@ -392,18 +384,17 @@ def parse_collection(data: bytes, source: str = "<bytes>") -> Collection:
         if size - offset < cascade_length:
             raise fail(f"{where} {_show(path)}: truncated in its .cascade ({size - offset} of {cascade_length} bytes)")
         try:
-            check_member_path(path)
-            if members and path <= members[-1].path:
-                previous = _show(members[-1].path)
-                raise CollectionError(
-                    f"path {_show(path)} appears twice"
-                    if path == members[-1].path
-                    else f"path {_show(path)} comes after {previous}: members must be in increasing order of their"
-                    " UTF-8 paths"
-                )
-            member = Member(path, bytes(data[offset : offset + cascade_length]))
+            member = Member(path, bytes(data[offset : offset + cascade_length]))  # checks the path first
         except CollectionError as exc:
             raise fail(f"{where}: {exc}") from exc
+        if members and path <= members[-1].path:
+            previous = _show(members[-1].path)
+            raise fail(
+                f"{where}: path {_show(path)} appears twice"
+                if path == members[-1].path
+                else f"{where}: path {_show(path)} comes after {previous}: members must be in increasing order of"
+                " their UTF-8 paths"
+            )
         offset += cascade_length
         total += member.data_length
         if total > MAX_TOTAL_LENGTH:
