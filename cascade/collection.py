@@ -59,6 +59,14 @@ _WINDOWS_DEVICES = frozenset(
 # the line and paragraph separators; the bidirectional controls, which make a name
 # display as another ("gpj.exe" shown as "exe.jpg").
 _BAD_CHAR = re.compile('[\x00-\x1f\x7f-\x9f<>:"|?*\\\\\u2028\u2029\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]')
+# Windows can give a file a second, short (8.3) name, "PROGRA~1" for "Program Files";
+# a member spelt like one could open another member there.
+_SHORT_NAME = re.compile(r"[^.~]{1,6}~[0-9]{1,6}(\.[^.]{0,3})?")
+# Code points HFS+ ignores when it compares names (the list git checks since
+# CVE-2014-9390): "a\u200db" and "ab" are one file there.
+_HFS_IGNORED = dict.fromkeys(
+    [0x200C, 0x200D, 0x200E, 0x200F, 0x202A, 0x202B, 0x202C, 0x202D, 0x202E, 0xFEFF, *range(0x206A, 0x2070)]
+)
 _SHOW_LIMIT = 120
 
 
@@ -92,8 +100,11 @@ def _component_fault(comp: str) -> str | None:
         return f"has a component longer than {MAX_COMPONENT_BYTES} bytes"
     if comp[-1] in ". ":
         return f"has the component {_show(comp)}, ending in {comp[-1]!r}: Windows strips it, so two names become one"
-    if comp.split(".", 1)[0].rstrip(" ").upper() in _WINDOWS_DEVICES:
+    base = comp.split(".", 1)[0]
+    if base.rstrip(" ").upper() in _WINDOWS_DEVICES:
         return f"has the component {_show(comp)}, a device name reserved on Windows"
+    if len(base) <= 8 and comp.isascii() and _SHORT_NAME.fullmatch(comp):
+        return f"has the component {_show(comp)}, shaped like a Windows short name, which can open another file"
     return None
 
 
@@ -152,10 +163,11 @@ def normalise_member_path(relative: str) -> str:
 
 
 def _fold(component: str) -> str:
-    # Unicode's canonical caseless match, NFD(casefold(NFD(x))): wider than what any
-    # one file system folds (Windows does not normalise; neither folds "ß" to "ss"),
-    # so a tree that passes is safe on all of them; some legal pairs are refused.
-    return unicodedata.normalize("NFD", unicodedata.normalize("NFD", component).casefold())
+    # Unicode's canonical caseless match, NFD(casefold(NFD(x))), after dropping what
+    # HFS+ ignores: wider than what any one file system folds (Windows does not
+    # normalise; none folds "ß" to "ss"), so a tree that passes is safe on all of
+    # them, and a few pairs that one of them could hold are refused.
+    return unicodedata.normalize("NFD", unicodedata.normalize("NFD", component.translate(_HFS_IGNORED)).casefold())
 
 
 @dataclass(frozen=True, slots=True)
