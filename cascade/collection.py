@@ -38,7 +38,7 @@ MIN_MEMBER_SIZE = _PATH_LENGTH.size + 1 + _CASCADE_LENGTH.size + HEADER_SIZE
 
 # Limits, checked before anything is allocated for what a length field claims.
 # Arbitrary but argued in docs/collection-format.md: far above real trees, low
-# enough that a parsed collection fits in memory (~300 bytes per member).
+# enough that a parsed collection fits in memory (~400 bytes per member).
 MAX_MEMBERS = 1 << 20
 MAX_COLLECTION_SIZE = 1 << 30
 MAX_TOTAL_LENGTH = MAX_DATA_LENGTH  # the sum of the members' lengths, 1 PiB like one file
