@@ -85,13 +85,9 @@ def test_small_example_layout() -> None:
 def test_small_example_matches_the_doc() -> None:
     doc = (Path(__file__).resolve().parents[1] / "docs" / "collection-format.md").read_text()
     assert SMALL_HASH in doc
-    assert c_hash_hex(SMALL) == SMALL_HASH
+    assert parse_collection(SMALL).collection_hash.hex() == SMALL_HASH
     hexdump = "".join(line.split("|")[0].split(maxsplit=1)[1] for line in _doc_block(doc, "hexdump").splitlines())
     assert bytes.fromhex(hexdump) == SMALL
-
-
-def c_hash_hex(raw: bytes) -> str:
-    return parse_collection(raw).collection_hash.hex()
 
 
 def _doc_block(doc: str, tag: str) -> str:
