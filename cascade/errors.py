@@ -6,6 +6,7 @@ these at a single boundary with ``raise ... from exc``::
 
     CascadeError
     ├── MetafileError          a .cascade file is malformed (names the file)
+    │   └── CollectionError    a collection is malformed or a member path is unsafe
     ├── ProtocolError          the other side broke PROTOCOL.md (says which field)
     ├── BlockHashMismatch      a block's bytes do not match its SHA-256
     ├── DataError              a data file cannot be read, written or is unusable
@@ -25,6 +26,14 @@ class CascadeError(Exception):
 
 class MetafileError(CascadeError):
     """A ``.cascade`` file is malformed; the message names the file and the fault."""
+
+
+class CollectionError(MetafileError):
+    """A collection file is malformed, or a member path is unsafe (docs/collection-format.md).
+
+    A subclass of :class:`MetafileError` so that code which refuses a bad
+    ``.cascade`` with one line refuses a bad collection the same way.
+    """
 
 
 class ProtocolError(CascadeError):
