@@ -31,12 +31,14 @@ reconnects by itself on the next call.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import threading
 import time
 from collections.abc import Callable
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import redis
@@ -66,6 +68,7 @@ from tracker.swarms import (
 )
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 # Short on purpose: a request waits at most this long on a Redis that is gone
 # or stuck, then gets an error status. Arbitrary, well above a loopback RTT.
@@ -222,6 +225,13 @@ class _Keys:
         return f"{self.prefix}file:{hx}"
 
 
+def _as_bytes(value: object) -> bytes:
+    """A Redis reply (bytes, since the client never decodes), typed as such."""
+    if not isinstance(value, bytes):
+        raise TypeError(f"expected bytes from redis, got {type(value).__name__}")
+    return value
+
+
 def _record(key: bytes, score: float, good: bool) -> PeerRecord:
     return PeerRecord.decode(key + int(score).to_bytes(4, "big") + bytes((int(good), 0)))
 
@@ -254,7 +264,8 @@ class RedisSwarmStore:
     def health(self) -> _Health:
         return self._health
 
-    def _call(self, fn: Callable[[], object]) -> object:
+    def _call(self, fn: Callable[[], _T]) -> _T:
+        """``fn()``, with Redis being down translated to :class:`StoreUnavailable`."""
         try:
             out = fn()
         except _DOWN_ERRORS as exc:
@@ -269,7 +280,7 @@ class RedisSwarmStore:
         """Replace the shared allow list (``None``: every hash). Raises :class:`StoreUnavailable`."""
         k = self._keys
 
-        def write() -> object:
+        def write() -> Any:
             pipe = self._client.pipeline(transaction=True)
             pipe.delete(k.allow, k.allow_on)
             if allowed is not None:
@@ -283,13 +294,14 @@ class RedisSwarmStore:
     def is_allowed(self, cascade_hash: bytes) -> bool:
         k = self._keys
 
-        def check() -> object:
+        def check() -> Any:
             pipe = self._client.pipeline(transaction=False)
             pipe.exists(k.allow_on)
-            pipe.sismember(k.allow, cascade_hash)
+            member: Any = cascade_hash  # redis-py's hints say str; bytes are sent as they are
+            pipe.sismember(k.allow, member)
             return pipe.execute()
 
-        on, member = self._call(check)  # type: ignore[misc]
+        on, member = self._call(check)
         return not on or bool(member)
 
     # --- announces -----------------------------------------------------------
@@ -351,7 +363,7 @@ class RedisSwarmStore:
 
     def _live_hashes(self, cutoff: float) -> list[bytes]:
         raw = self._call(lambda: self._client.zrevrangebyscore(self._keys.swarms, "+inf", repr(cutoff)))
-        return [bytes(h) for h in raw]  # type: ignore[attr-defined]
+        return [_as_bytes(h) for h in raw]
 
     def _summaries(self, hashes: list[bytes], cutoff: float) -> list[SwarmSummary]:
         out: list[SwarmSummary] = []
@@ -359,7 +371,7 @@ class RedisSwarmStore:
         for start in range(0, len(hashes), _PIPELINE_CHUNK):
             chunk = hashes[start : start + _PIPELINE_CHUNK]
 
-            def fetch(chunk: list[bytes] = chunk) -> object:
+            def fetch(chunk: list[bytes] = chunk) -> Any:
                 pipe = self._client.pipeline(transaction=False)
                 for h in chunk:
                     good, plain = self._keys.groups(h)
@@ -368,13 +380,13 @@ class RedisSwarmStore:
                     pipe.zscore(self._keys.swarms, h)
                 return pipe.execute()
 
-            replies: list[object] = self._call(fetch)  # type: ignore[assignment]
+            replies: list[Any] = self._call(fetch)
             for i, h in enumerate(chunk):
                 good_rows, plain_rows, last = replies[3 * i : 3 * i + 3]
-                good_peers = [_record(m, s, True) for m, s in good_rows]  # type: ignore[attr-defined]
-                plain_peers = [_record(m, s, False) for m, s in plain_rows]  # type: ignore[attr-defined]
+                good_peers = [_record(m, s, True) for m, s in good_rows]
+                plain_peers = [_record(m, s, False) for m, s in plain_rows]
                 if good_peers or plain_peers:
-                    last_activity = float(last) if last is not None else cutoff  # type: ignore[arg-type]
+                    last_activity = float(last) if last is not None else cutoff
                     out.append(
                         SwarmSummary(h, len(good_peers), len(plain_peers), last_activity, (*good_peers, *plain_peers))
                     )
@@ -397,16 +409,13 @@ class RedisSwarmStore:
 
     def count_request(self, protocol: str, command: str, status: int) -> None:
         field = f"{protocol}|{command}|{status}"
-        try:
+        # A count lost while Redis is down is acceptable; _Health already logged that it is down.
+        with contextlib.suppress(StoreUnavailable):
             self._call(lambda: self._client.hincrby(self._keys.requests, field, 1))
-        except StoreUnavailable:
-            pass  # a count lost while Redis is down; _Health already logged that it is down
 
     def count_error(self, kind: str) -> None:
-        try:
+        with contextlib.suppress(StoreUnavailable):  # as in count_request
             self._call(lambda: self._client.hincrby(self._keys.errors, kind, 1))
-        except StoreUnavailable:
-            pass  # as in count_request
 
     def counters(self) -> Counters:
         """Counters of every tracker on this Redis; the peer gauge costs two commands per live swarm."""
@@ -414,13 +423,13 @@ class RedisSwarmStore:
         cutoff = self._clock() - self._limits.peer_ttl
         low = repr(cutoff)
 
-        def fetch() -> object:
+        def fetch() -> Any:
             pipe = self._client.pipeline(transaction=False)
             pipe.hgetall(k.requests)
             pipe.hgetall(k.errors)
             return pipe.execute()
 
-        raw_requests, raw_errors = self._call(fetch)  # type: ignore[misc]
+        raw_requests, raw_errors = self._call(fetch)
         requests: dict[tuple[str, str, int], int] = {}
         for field, n in raw_requests.items():
             protocol, command, status = bytes(field).decode("utf-8", "replace").split("|")
@@ -431,14 +440,14 @@ class RedisSwarmStore:
         for start in range(0, len(hashes), _PIPELINE_CHUNK):
             chunk = hashes[start : start + _PIPELINE_CHUNK]
 
-            def count(chunk: list[bytes] = chunk) -> object:
+            def count(chunk: list[bytes] = chunk) -> Any:
                 pipe = self._client.pipeline(transaction=False)
                 for h in chunk:
                     for group in k.groups(h):
                         pipe.zcount(group, low, "+inf")
                 return pipe.execute()
 
-            peers += sum(self._call(count))  # type: ignore[arg-type]
+            peers += sum(self._call(count))
         return Counters(requests, errors, len(hashes), peers)
 
     def close(self) -> bool:
@@ -484,7 +493,7 @@ class RedisCascadeFiles:
             }
         )
         k = self._keys
-        status, total = self._store._call(  # type: ignore[misc]
+        status, total = self._store._call(
             lambda: self._put(
                 keys=[k.file(hx), k.files, k.names, k.file_bytes],
                 args=[hx, data, meta, (name or "").encode("utf-8"), self.max_total_size],
@@ -516,36 +525,36 @@ class RedisCascadeFiles:
     def get(self, cascade_hash: bytes) -> StoredCascade | None:
         hx = cascade_hash.hex()
 
-        def fetch() -> object:
+        def fetch() -> Any:
             pipe = self._client.pipeline(transaction=False)
             pipe.hget(self._keys.files, hx)
             pipe.hget(self._keys.names, hx)
             return pipe.execute()
 
-        meta, name = self._store._call(fetch)  # type: ignore[misc]
+        meta, name = self._store._call(fetch)
         return None if meta is None else self._entry(cascade_hash, meta, name)
 
     def read(self, cascade_hash: bytes) -> bytes | None:
         data = self._store._call(lambda: self._client.get(self._keys.file(cascade_hash.hex())))
-        return None if data is None else bytes(data)  # type: ignore[call-overload]
+        return None if data is None else _as_bytes(data)
 
     def name_of(self, cascade_hash: bytes) -> str | None:
         name = self._store._call(lambda: self._client.hget(self._keys.names, cascade_hash.hex()))
-        return None if name is None else bytes(name).decode("utf-8", "replace")  # type: ignore[call-overload]
+        return None if name is None else _as_bytes(name).decode("utf-8", "replace")
 
     def entries(self) -> list[StoredCascade]:
-        def fetch() -> object:
+        def fetch() -> Any:
             pipe = self._client.pipeline(transaction=False)
             pipe.hgetall(self._keys.files)
             pipe.hgetall(self._keys.names)
             return pipe.execute()
 
-        metas, names = self._store._call(fetch)  # type: ignore[misc]
+        metas, names = self._store._call(fetch)
         out = [self._entry(bytes.fromhex(bytes(hx).decode()), m, names.get(hx)) for hx, m in metas.items()]
         return sorted(out, key=lambda e: e.stored_at, reverse=True)
 
     def __len__(self) -> int:
-        return int(self._store._call(lambda: self._client.hlen(self._keys.files)))  # type: ignore[call-overload]
+        return int(self._store._call(lambda: self._client.hlen(self._keys.files)))
 
     def close(self) -> None:
         """Nothing to release: the files stay in Redis, the connections belong to the swarm store."""
