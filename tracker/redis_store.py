@@ -8,6 +8,7 @@ hash tag keeps a swarm's keys in one Redis Cluster slot)::
     cascade:{<hex>}:plain     sorted set: the same for peers only enrolled by a list request
     cascade:swarms            sorted set: 32-byte cascade hash -> last announce
     cascade:allow             set of allowed cascade hashes, in force while cascade:allow:on exists
+                              (a tracker run with --allow writes both, and again if Redis lost them)
     cascade:requests          hash "protocol|command|status" -> count
     cascade:errors            hash kind -> count
     cascade:file:<hex>        string: an uploaded .cascade file's bytes
@@ -77,16 +78,21 @@ CONNECT_TIMEOUT = 0.5
 _PIPELINE_CHUNK = 512  # commands per pipeline when listing many swarms; arbitrary
 _DOWN_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 _MIN_REDIS = (6, 2)  # ZRANDMEMBER
+_ALLOW_LIST_LOST = 9  # a status of the announce script only, never sent to a client
 
 _ANNOUNCE_LUA = """
 -- KEYS: good, plain, swarms, allow, allow:on, requests, errors
 -- ARGV: hash, peer key, subscribe (1/0), now, cutoff, key ttl (s), max peers,
---       max swarms, max peers per swarm, counter field prefix
+--       max swarms, max peers per swarm, counter field prefix, this tracker has an allow list (1/0)
 local good, plain, swarms = KEYS[1], KEYS[2], KEYS[3]
 local h, key, field = ARGV[1], ARGV[2], ARGV[10]
 local cutoff = tonumber(ARGV[5])
 local older = '(' .. ARGV[5]
-if redis.call('EXISTS', KEYS[5]) == 1 and redis.call('SISMEMBER', KEYS[4], h) == 0 then
+local listed = redis.call('EXISTS', KEYS[5]) == 1
+if ARGV[11] == '1' and not listed then
+  return {9, 0}  -- the allow list vanished (Redis restarted empty): the caller writes it again
+end
+if listed and redis.call('SISMEMBER', KEYS[4], h) == 0 then
   redis.call('HINCRBY', KEYS[6], field .. '2', 1)
   return {2, 0}
 end
@@ -255,6 +261,7 @@ class RedisSwarmStore:
         self._health = _Health(label)
         self._announce = client.register_script(_ANNOUNCE_LUA)
         self._key_ttl = str(math.ceil(self._limits.peer_ttl) + 1)  # whole seconds, past the last member's life
+        self._allowed: frozenset[bytes] | None = None  # this tracker's --allow list, written again if Redis lost it
 
     @property
     def limits(self) -> SwarmLimits:
@@ -277,8 +284,13 @@ class RedisSwarmStore:
     # --- policy -------------------------------------------------------------
 
     def set_allowed(self, allowed: frozenset[bytes] | None) -> None:
-        """Replace the shared allow list (``None``: every hash). Raises :class:`StoreUnavailable`."""
+        """Replace the shared allow list (``None``: every hash). Raises :class:`StoreUnavailable`.
+
+        The list is remembered: should Redis restart empty, the next request
+        writes it again (never "every hash allowed" by accident).
+        """
         k = self._keys
+        self._allowed = allowed
 
         def write() -> Any:
             pipe = self._client.pipeline(transaction=True)
@@ -302,6 +314,9 @@ class RedisSwarmStore:
             return pipe.execute()
 
         on, member = self._call(check)
+        if not on and self._allowed is not None:  # Redis lost the list: write it again
+            self.set_allowed(self._allowed)
+            return cascade_hash in self._allowed
         return not on or bool(member)
 
     # --- announces -----------------------------------------------------------
@@ -329,23 +344,25 @@ class RedisSwarmStore:
         now = self._clock()
         limits = self._limits
         k = self._keys
-        good, plain = k.groups(cascade_hash)
+        keys = [*k.groups(cascade_hash), k.swarms, k.allow, k.allow_on, k.requests, k.errors]
+        args = [
+            cascade_hash,
+            key,
+            b"1" if subscribe else b"0",
+            repr(now),
+            repr(now - limits.peer_ttl),
+            self._key_ttl,
+            limits.max_peers,
+            limits.max_swarms,
+            limits.max_peers_per_swarm,
+            f"{protocol}|{command}|",
+            b"0" if self._allowed is None else b"1",
+        ]
         try:
-            status, value = self._announce(
-                keys=[good, plain, k.swarms, k.allow, k.allow_on, k.requests, k.errors],
-                args=[
-                    cascade_hash,
-                    key,
-                    b"1" if subscribe else b"0",
-                    repr(now),
-                    repr(now - limits.peer_ttl),
-                    self._key_ttl,
-                    limits.max_peers,
-                    limits.max_swarms,
-                    limits.max_peers_per_swarm,
-                    f"{protocol}|{command}|",
-                ],
-            )
+            status, value = self._announce(keys=keys, args=args)
+            if status == _ALLOW_LIST_LOST and self._allowed is not None:
+                self.set_allowed(self._allowed)
+                status, value = self._announce(keys=keys, args=args)
         except _DOWN_ERRORS as exc:
             raise self._health.failed(exc) from exc
         if self._health.down:
@@ -354,7 +371,9 @@ class RedisSwarmStore:
             return bytes(value)
         if status == STATUS_NOT_ALLOWED:
             raise AnnounceRefused(STATUS_NOT_ALLOWED, f"cascade hash {cascade_hash.hex()} is not tracked here")
-        raise AnnounceRefused(STATUS_FULL, f"tracker full: {value} swarms")
+        if status == STATUS_FULL:
+            raise AnnounceRefused(STATUS_FULL, f"tracker full: {value} swarms")
+        raise StoreUnavailable("the allow list could not be written to redis; try again later")
 
     def sweep(self, max_swarms: int = 64) -> None:
         """Nothing to do: Redis expires idle swarms' keys, and announces trim the rest."""
