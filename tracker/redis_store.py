@@ -76,7 +76,12 @@ _T = TypeVar("_T")
 SOCKET_TIMEOUT = 1.0
 CONNECT_TIMEOUT = 0.5
 _PIPELINE_CHUNK = 512  # commands per pipeline when listing many swarms; arbitrary
-_DOWN_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+# Every Redis error, not only a lost connection: an out-of-memory or read-only
+# reply is an outage of the store too, and is logged once, not once per request.
+_DOWN_ERRORS = (redis.exceptions.RedisError,)
+# While Redis is down, one request per this many seconds tries it; the others
+# fail at once instead of each waiting for a connect timeout. Arbitrary.
+PROBE_INTERVAL = 0.25
 _MIN_REDIS = (6, 2)  # ZRANDMEMBER
 _ALLOW_LIST_LOST = 9  # a status of the announce script only, never sent to a client
 
@@ -188,19 +193,40 @@ def check_redis_url(url: str) -> str:
 
 
 class _Health:
-    """Whether Redis answered last time; logs one line per change, not one per request."""
+    """Whether Redis answered last time; logs one line per change, not one per request.
 
-    def __init__(self, label: str) -> None:
+    While down, :meth:`check` lets one caller per :data:`PROBE_INTERVAL` try
+    Redis and fails the others at once (a circuit breaker), so a Redis that
+    drops packets does not make every request wait for a timeout.
+    """
+
+    def __init__(self, label: str, clock: Callable[[], float] = time.monotonic) -> None:
         self.label = label
         self.down = False
+        self._clock = clock
+        self._next_probe = 0.0
         self._lock = threading.Lock()
+
+    def _error(self) -> StoreUnavailable:
+        return StoreUnavailable(f"tracker store unavailable (redis at {self.label}); try again later")
+
+    def check(self) -> None:
+        """Raise :class:`StoreUnavailable` at once while down, except for one probe per interval."""
+        if not self.down:
+            return
+        now = self._clock()
+        with self._lock:
+            if now < self._next_probe:
+                raise self._error()
+            self._next_probe = now + PROBE_INTERVAL
 
     def failed(self, exc: Exception) -> StoreUnavailable:
         with self._lock:
+            self._next_probe = self._clock() + PROBE_INTERVAL
             if not self.down:
                 self.down = True
                 log.warning("redis at %s unavailable (%s); answering errors until it is back", self.label, exc)
-        return StoreUnavailable(f"tracker store unavailable (redis at {self.label}); try again later")
+        return self._error()
 
     def ok(self) -> None:
         with self._lock:
@@ -273,6 +299,7 @@ class RedisSwarmStore:
 
     def _call(self, fn: Callable[[], _T]) -> _T:
         """``fn()``, with Redis being down translated to :class:`StoreUnavailable`."""
+        self._health.check()
         try:
             out = fn()
         except _DOWN_ERRORS as exc:
@@ -358,15 +385,16 @@ class RedisSwarmStore:
             f"{protocol}|{command}|",
             b"0" if self._allowed is None else b"1",
         ]
+        self._health.check()
         try:
             status, value = self._announce(keys=keys, args=args)
-            if status == _ALLOW_LIST_LOST and self._allowed is not None:
-                self.set_allowed(self._allowed)
-                status, value = self._announce(keys=keys, args=args)
         except _DOWN_ERRORS as exc:
             raise self._health.failed(exc) from exc
         if self._health.down:
             self._health.ok()
+        if status == _ALLOW_LIST_LOST and self._allowed is not None:
+            self.set_allowed(self._allowed)
+            status, value = self._call(lambda: self._announce(keys=keys, args=args))
         if status == 0:
             return bytes(value)
         if status == STATUS_NOT_ALLOWED:
