@@ -192,7 +192,7 @@ def check_redis_url(url: str) -> str:
     return url
 
 
-class _Health:
+class Health:
     """Whether Redis answered last time; logs one line per change, not one per request.
 
     While down, :meth:`check` lets one caller per :data:`PROBE_INTERVAL` try
@@ -284,7 +284,7 @@ class RedisSwarmStore:
         self._client = client
         self._clock = clock
         self._keys = _Keys(prefix)
-        self._health = _Health(label)
+        self._health = Health(label)
         self._announce = client.register_script(_ANNOUNCE_LUA)
         self._key_ttl = str(math.ceil(self._limits.peer_ttl) + 1)  # whole seconds, past the last member's life
         self._allowed: frozenset[bytes] | None = None  # this tracker's --allow list, written again if Redis lost it
@@ -294,7 +294,7 @@ class RedisSwarmStore:
         return self._limits
 
     @property
-    def health(self) -> _Health:
+    def health(self) -> Health:
         return self._health
 
     def _call(self, fn: Callable[[], _T]) -> _T:
@@ -456,7 +456,7 @@ class RedisSwarmStore:
 
     def count_request(self, protocol: str, command: str, status: int) -> None:
         field = f"{protocol}|{command}|{status}"
-        # A count lost while Redis is down is acceptable; _Health already logged that it is down.
+        # A count lost while Redis is down is acceptable; Health already logged that it is down.
         with contextlib.suppress(StoreUnavailable):
             self._call(lambda: self._client.hincrby(self._keys.requests, field, 1))
 
