@@ -116,20 +116,24 @@ def test_redis_going_away_costs_requests_not_trackers_and_service_resumes(redis_
     allow = Path(redis_server.log_path).parent / "allow.txt"
     allow.write_text(H1.hex() + "\n")
     a = start_tracker(redis_server.url, "--allow", str(allow))
+    b: Tracker | None = None
     try:
+        b = start_tracker(redis_server.url)  # no --allow: uses the list A wrote
         assert peers_of(ask(a.port, SUBSCRIBE, "10.0.0.1", 1)) == set()
         redis_server.stop()
         for _ in range(3):
-            reply = ask(a.port, LIST, "10.0.0.2", 2)
-            assert isinstance(reply, TrackerError) and reply.status == STATUS_UNAVAILABLE, reply
-            r = requests.post(
-                f"{a.http}/api/v1/announce", json={"cascade_hash": H1.hex(), "port": 2, "action": "list"}, timeout=5
-            )
-            assert r.status_code == 503 and "unavailable" in r.json()["error"], r.text
-            assert requests.get(f"{a.http}/api/v1/swarms", timeout=5).status_code == 503
-        assert a.proc.popen.poll() is None
-        assert a.proc.stderr.count("unavailable") == 1, a.proc.stderr  # one line, not one per request
-        assert "Traceback" not in a.proc.stderr
+            for t in (a, b):
+                reply = ask(t.port, LIST, "10.0.0.2", 2)
+                assert isinstance(reply, TrackerError) and reply.status == STATUS_UNAVAILABLE, reply
+                r = requests.post(
+                    f"{t.http}/api/v1/announce", json={"cascade_hash": H1.hex(), "port": 2, "action": "list"}, timeout=5
+                )
+                assert r.status_code == 503 and "unavailable" in r.json()["error"], r.text
+                assert requests.get(f"{t.http}/api/v1/swarms", timeout=5).status_code == 503
+        for t in (a, b):
+            assert t.proc.popen.poll() is None
+            assert t.proc.stderr.count("unavailable") == 1, t.proc.stderr  # one line, not one per request
+            assert "Traceback" not in t.proc.stderr
 
         redis_server.start()  # same port, empty: no persistence
         deadline = time.monotonic() + _RECOVERY_DEADLINE
@@ -139,12 +143,23 @@ def test_redis_going_away_costs_requests_not_trackers_and_service_resumes(redis_
                 break
             time.sleep(0.05)
         assert peers_of(reply) == set()
-        assert peers_of(ask(a.port, LIST, "10.0.0.2", 2)) == {("10.0.0.1", 1, True)}
         a.proc.wait_for_line("is back")
+        # B recovers too (its breaker lets a probe through within PROBE_INTERVAL) and shares the swarm again.
+        deadline = time.monotonic() + _RECOVERY_DEADLINE
+        while True:
+            reply = ask(b.port, LIST, "10.0.0.2", 2)
+            if isinstance(reply, PeerList) or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert peers_of(reply) == {("10.0.0.1", 1, True)}
+        b.proc.wait_for_line("is back")
         # The allow list came back with the tracker that holds it, not "every hash allowed".
-        refused = ask(a.port, LIST, "10.0.0.2", 2, h=H2)
-        assert isinstance(refused, TrackerError) and refused.status == 2, refused
+        for t in (a, b):
+            refused = ask(t.port, LIST, "10.0.0.2", 2, h=H2)
+            assert isinstance(refused, TrackerError) and refused.status == 2, refused
     finally:
+        if b is not None:
+            assert b.proc.stop() == 0
         assert a.proc.stop() == 0
     assert "Traceback" not in a.proc.stderr
 
