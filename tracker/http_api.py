@@ -663,8 +663,7 @@ def open_http(
     try:
         store: CascadeFiles = files() if files is not None else CascadeStore(folder)
     except OSError as exc:
-        where = folder if files is None else "the folder"
-        raise UsageError(f"cannot use {where} for .cascade files: {exc.strerror or exc}") from exc
+        raise UsageError(f"cannot use {folder} for .cascade files: {exc.strerror or exc}") from exc
     try:
         return TrackerHttpServer(registry, store, HttpConfig(host=host, port=port, token=token, verbose=verbose))
     except OSError as exc:

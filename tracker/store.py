@@ -161,6 +161,15 @@ class Backend:
     loaded: int = 0  # peers found at start-up
 
 
+def _folder_files(folder: str | None) -> CascadeStore:
+    """Files in ``folder`` (``None``: a temporary one); raises :class:`UsageError` if it cannot be made."""
+    try:
+        return CascadeStore(folder)
+    except OSError as exc:
+        where = folder or "a temporary folder"
+        raise UsageError(f"cannot use {where} for .cascade files: {exc.strerror or exc}") from exc
+
+
 def open_backend(
     spec: StoreSpec,
     limits: SwarmLimits,
@@ -175,7 +184,7 @@ def open_backend(
     :class:`UsageError` for a Redis that cannot be reached at start-up.
     """
     if spec.kind == "memory":
-        return Backend(spec, SwarmRegistry(limits, clock=clock, allowed=allowed), lambda: CascadeStore(None))
+        return Backend(spec, SwarmRegistry(limits, clock=clock, allowed=allowed), lambda: _folder_files(None))
     if spec.kind == "sqlite":
         from tracker.state import StateStore, load_state
 
@@ -183,7 +192,7 @@ def open_backend(
         loaded = load_state(spec.target, registry)
         writer = StateStore(spec.target, registry)
         folder = spec.target + ".cascades"
-        return Backend(spec, registry, lambda: CascadeStore(folder), writer.start, writer.close, loaded)
+        return Backend(spec, registry, lambda: _folder_files(folder), writer.start, writer.close, loaded)
     if spec.kind == "redis":
         from tracker.redis_store import open_redis
 
