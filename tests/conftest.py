@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.doubles import Swarm
+from tests.redisfix import RedisServer
 
 # ../shared beside the checkout: PROTOCOL.md and the interoperability vectors.
 SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
@@ -31,3 +33,26 @@ def swarm(tmp_path: Path) -> Iterator[Swarm]:
         yield s
     finally:
         s.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A redis-server of this test session (free port, no persistence); skips when not installed."""
+    executable = shutil.which("redis-server")
+    if executable is None:
+        pytest.skip("redis-server is not installed (scripts/test.sh installs it with apt when it can)")
+    server = RedisServer(executable)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The session's Redis, running and empty."""
+    if redis_server.popen is None or redis_server.popen.poll() is not None:
+        redis_server.start()  # a test stopped it
+    assert redis_server.command("FLUSHALL").startswith(b"+OK")
+    return redis_server.url

@@ -1,6 +1,6 @@
 """``tracker run``: the command line of the tracker process.
 
-Start-up order: read the allow list, load ``--state``, bind, log
+Start-up order: read the allow list, open the ``--store`` (load ``--state``), bind, log
 ``tracker listening on HOST:PORT``, serve until SIGINT/SIGTERM, then stop
 accepting, let parked connections finish, write the state and exit 0.
 """
@@ -20,8 +20,8 @@ from cascade.argparsing import OneLineErrorParser
 from cascade.errors import CascadeError, UsageError
 from tracker.allowlist import load_allow_file
 from tracker.server import ServerConfig, TrackerServer
-from tracker.state import StateStore, load_state
-from tracker.swarms import SwarmLimits, SwarmRegistry
+from tracker.store import StoreSpec, open_backend, parse_store_spec
+from tracker.swarms import SwarmLimits
 
 log = logging.getLogger("tracker")
 
@@ -106,7 +106,12 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--allow", metavar="FILE", help="serve only these cascade hashes (hex, or .cascade paths, one per line)"
     )
-    p.add_argument("--state", metavar="PATH", help="SQLite file that keeps the swarms across restarts")
+    p.add_argument(
+        "--store",
+        metavar="SPEC",
+        help="where the swarms live: memory (default), sqlite:PATH, or redis://HOST:PORT/DB (shared by trackers)",
+    )
+    p.add_argument("--state", metavar="PATH", help="same as --store sqlite:PATH")
     number(
         "--max-connections",
         _int_at_least(1),
@@ -150,6 +155,18 @@ def _raise_fd_limit() -> None:
         pass
 
 
+def _store_spec(args: argparse.Namespace) -> StoreSpec:
+    """``--store``, or ``--state PATH`` (its older synonym); raises :class:`UsageError` when both disagree."""
+    if args.state is not None and not args.state:
+        raise UsageError("--state needs a path")
+    if args.store is None:
+        return StoreSpec("sqlite", args.state) if args.state else StoreSpec("memory")
+    spec = parse_store_spec(args.store)
+    if args.state is not None and spec != StoreSpec("sqlite", args.state):
+        raise UsageError("--state PATH is the same as --store sqlite:PATH; give one of them")
+    return spec
+
+
 def run(args: argparse.Namespace) -> int:
     allowed = load_allow_file(args.allow) if args.allow else None
     limits = SwarmLimits(
@@ -159,11 +176,8 @@ def run(args: argparse.Namespace) -> int:
         max_peers_per_swarm=args.max_swarm_peers,
         max_total_peers=args.max_total_peers,
     )
-    registry = SwarmRegistry(limits, allowed=allowed, track_changes=args.state is not None)
-    store: StateStore | None = None
-    if args.state:
-        loaded = load_state(args.state, registry)
-        store = StateStore(args.state, registry)
+    backend = open_backend(_store_spec(args), limits, allowed)
+    registry = backend.swarms
     config = ServerConfig(
         host=args.host,
         port=args.port,
@@ -183,7 +197,12 @@ def run(args: argparse.Namespace) -> int:
         from tracker.http_api import open_http  # only when asked for
 
         http = open_http(
-            registry, host=args.host, port=args.http_port, token=args.api_token, state=args.state, verbose=args.verbose
+            registry,
+            host=args.host,
+            port=args.http_port,
+            token=args.api_token,
+            files=backend.open_files,
+            verbose=args.verbose,
         )
     elif args.api_token is not None:
         raise UsageError("--api-token needs --http-port")
@@ -194,11 +213,10 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    if store is not None:
-        store.start()
+    backend.start()
     log.info("tracker listening on %s:%d", host, port)
-    if store is not None and args.verbose:
-        log.info("loaded %d peers from %s", loaded, args.state)
+    if args.verbose and backend.spec.kind != "memory":
+        log.info("store %s:%s (%d peers loaded)", backend.spec.kind, backend.spec.target, backend.loaded)
     server.start()
     if http is not None:
         log.info("tracker http on %s:%d", *http.address)
@@ -212,8 +230,7 @@ def run(args: argparse.Namespace) -> int:
     server.shutdown()
     if http is not None:
         http.stop()
-    if store is not None:
-        ok = store.close() and ok
+    ok = backend.close() and ok
     log.info("tracker stopped")
     return 0 if ok else 1
 

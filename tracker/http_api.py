@@ -47,7 +47,8 @@ from cascade.metafile import parse_cascade
 from cascade.wire import PeerRecord
 from tracker import metrics
 from tracker.cascade_store import CascadeStore, StoredCascade, StoreFull, check_name, parse_hex_hash
-from tracker.swarms import STATUS_BAD_REQUEST, STATUS_NOT_ALLOWED, AnnounceRefused, SwarmRegistry, SwarmSummary
+from tracker.store import CascadeFiles, StoreUnavailable, SwarmStore
+from tracker.swarms import STATUS_BAD_REQUEST, STATUS_NOT_ALLOWED, AnnounceRefused, SwarmSummary
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ class TrackerHttpServer(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, registry: SwarmRegistry, store: CascadeStore, config: HttpConfig | None = None) -> None:
+    def __init__(self, registry: SwarmStore, store: CascadeFiles, config: HttpConfig | None = None) -> None:
         self.registry = registry
         self.store = store
         self.config = config or HttpConfig()
@@ -368,6 +369,8 @@ class _Handler(BaseHTTPRequestHandler):
             handler(params)
         except _HttpError as exc:
             self._reply_error(exc.status, exc.message, exc.headers)
+        except StoreUnavailable as exc:  # Redis is down: logged once by the store; answer at once
+            self._reply_error(503, str(exc), (("Retry-After", "1"),))
         except TimeoutError:
             self.registry.count_error("http_read_timeout")
             self.close_connection = True
@@ -388,11 +391,11 @@ class _Handler(BaseHTTPRequestHandler):
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _dispatch
 
     @property
-    def registry(self) -> SwarmRegistry:
+    def registry(self) -> SwarmStore:
         return self.server.registry
 
     @property
-    def store(self) -> CascadeStore:
+    def store(self) -> CascadeFiles:
         return self.server.store
 
     def _hash_param(self, text: str) -> bytes:
@@ -650,17 +653,19 @@ def _ago(seconds: float) -> str:
 
 
 def open_http(
-    registry: SwarmRegistry,
+    registry: SwarmStore,
     *,
     host: str,
     port: int,
     token: str | None = None,
     state: str | None = None,
+    files: Callable[[], CascadeFiles] | None = None,
     verbose: bool = False,
 ) -> TrackerHttpServer:
     """The HTTP server of ``tracker run --http-port``, bound but not started.
 
-    Uploaded files live in ``STATE.cascades`` beside ``--state``, else in a
+    ``files`` opens the store's ``.cascade`` files (see :mod:`tracker.store`);
+    without it they live in ``STATE.cascades`` beside ``--state``, else in a
     temporary folder removed at :meth:`TrackerHttpServer.stop`. Raises
     :class:`UsageError` when the folder or the port cannot be had.
     """
@@ -668,7 +673,7 @@ def open_http(
         raise UsageError("--api-token must not be empty")
     folder = None if state is None else state + ".cascades"
     try:
-        store = CascadeStore(folder)
+        store: CascadeFiles = files() if files is not None else CascadeStore(folder)
     except OSError as exc:
         raise UsageError(f"cannot use {folder} for .cascade files: {exc.strerror or exc}") from exc
     try:

@@ -1,6 +1,6 @@
 """The tracker's numbers in the Prometheus text format (version 0.0.4).
 
-Announce counters come from :class:`tracker.swarms.SwarmRegistry`, so the
+Announce counters come from the swarm store (:mod:`tracker.store`), so the
 binary protocol (``protocol="tcp"``) and the HTTP API (``protocol="http"``)
 are counted the same way, in the status codes of the tracker protocol. HTTP
 responses are counted apart, by route and HTTP status, in :class:`HttpCounters`.
@@ -40,7 +40,7 @@ def render(counters: Counters, http: dict[tuple[str, int], int], uptime: float, 
     """The whole ``/metrics`` page."""
     out: list[str] = [
         "# HELP cascade_tracker_requests_total Announce requests by protocol, command and tracker status "
-        "(0 ok, 1 malformed, 2 not allowed, 3 full).",
+        "(0 ok, 1 malformed, 2 not allowed, 3 full, 4 internal, 5 store unavailable).",
         "# TYPE cascade_tracker_requests_total counter",
     ]
     for (protocol, command, status), n in sorted(counters.requests.items()):

@@ -44,7 +44,8 @@ from cascade.wire import (
     TrackerCommand,
     TrackerRequest,
 )
-from tracker.swarms import STATUS_BAD_REQUEST, STATUS_FULL, STATUS_INTERNAL, AnnounceRefused, SwarmRegistry
+from tracker.store import STATUS_UNAVAILABLE, StoreUnavailable, SwarmStore
+from tracker.swarms import STATUS_BAD_REQUEST, STATUS_FULL, STATUS_INTERNAL, AnnounceRefused
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +120,9 @@ class _Loop:
 
 
 class TrackerServer:
-    """Serves :class:`SwarmRegistry` over the binary protocol until :meth:`shutdown`."""
+    """Serves a :class:`~tracker.store.SwarmStore` over the binary protocol until :meth:`shutdown`."""
 
-    def __init__(self, registry: SwarmRegistry, config: ServerConfig | None = None) -> None:
+    def __init__(self, registry: SwarmStore, config: ServerConfig | None = None) -> None:
         self.registry = registry
         self.config = config or ServerConfig()
         self._sock: socket.socket | None = None
@@ -192,6 +193,8 @@ class TrackerServer:
             if self._verbose:
                 log.info("%s refused: %s", ip, exc.message)
             return error_reply(exc.status, exc.message)
+        except StoreUnavailable as exc:  # Redis is down: the store logged it once; answer at once
+            return error_reply(STATUS_UNAVAILABLE, str(exc))
         except Exception:  # a bug must cost one request, not the worker
             self.registry.count_error("internal")
             log.exception("tracker: request from %s failed", ip)
