@@ -126,6 +126,19 @@ def test_good_stays_good_plain_is_upgraded_and_nobody_sees_themselves(store: Har
     assert (summary.seeders, summary.others) == (2, 1)
 
 
+def test_a_stopped_peer_is_removed_at_once(store: Harness) -> None:
+    s = store.open()
+    s.announce(H1, "10.0.0.1", 1, subscribe=True)
+    s.announce(H1, "10.0.0.2", 2, subscribe=False)
+    assert s.remove(H1, "10.0.0.1", 1) is True
+    assert s.remove(H1, "10.0.0.1", 1) is False  # already gone
+    assert s.remove(H2, "10.0.0.2", 2) is False  # not in that swarm
+    assert addrs(s.announce(H1, "10.0.0.3", 3, subscribe=False)) == {("10.0.0.2", 2)}
+    assert s.now() == store.clock.now
+    with pytest.raises(ValueError):
+        s.remove(b"short", "10.0.0.1", 1)
+
+
 def test_reply_is_a_bounded_sample_good_first(store: Harness) -> None:
     s = store.open(max_peers=5)
     for i in range(3):

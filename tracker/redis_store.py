@@ -403,6 +403,26 @@ class RedisSwarmStore:
             raise AnnounceRefused(STATUS_FULL, f"tracker full: {value} swarms")
         raise StoreUnavailable("the allow list could not be written to redis; try again later")
 
+    def remove(self, cascade_hash: bytes, ip: str, port: int, protocol: str = "api") -> bool:
+        """As :meth:`SwarmRegistry.remove`: one pipeline drops the peer from both groups and counts it."""
+        if len(cascade_hash) != HASH_SIZE:
+            raise ValueError(f"cascade hash must be {HASH_SIZE} bytes, not {len(cascade_hash)}")
+        key: Any = peer_key(ip, port)  # redis-py's hints say str; bytes are sent as they are
+        good, plain = self._keys.groups(cascade_hash)
+
+        def drop() -> Any:
+            pipe = self._client.pipeline(transaction=True)
+            pipe.zrem(good, key)
+            pipe.zrem(plain, key)
+            pipe.hincrby(self._keys.requests, f"{protocol}|stopped|0", 1)
+            return pipe.execute()
+
+        in_good, in_plain, _count = self._call(drop)
+        return bool(in_good or in_plain)
+
+    def now(self) -> float:
+        return self._clock()
+
     def sweep(self, max_swarms: int = 64) -> None:
         """Nothing to do: Redis expires idle swarms' keys, and announces trim the rest."""
 

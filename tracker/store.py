@@ -73,6 +73,17 @@ class SwarmStore(Protocol):
         """The binary front end's hot path: 6-byte key in, packed 12-byte records out."""
         ...
 
+    def remove(self, cascade_hash: bytes, ip: str, port: int, protocol: str = "api") -> bool:
+        """Drop ``ip:port`` from the swarm at once (it said "stopped"); True if it was there.
+
+        Raises :class:`ValueError` for a malformed hash, address or port, and :class:`StoreUnavailable`.
+        """
+        ...
+
+    def now(self) -> float:
+        """The store's clock (UNIX seconds), for the ages of last-seen times."""
+        ...
+
     def swarms(self) -> list[SwarmSummary]:
         """Every swarm with a live peer, most recently active first."""
         ...
