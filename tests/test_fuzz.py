@@ -13,6 +13,7 @@ reached. Example counts are bounded so the module runs in a few seconds.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -85,10 +86,7 @@ def metafiles(draw: st.DrawFn) -> bytes:
     """A valid ``.cascade`` file with a handful of blocks (or none)."""
     block_size = draw(st.integers(1, 1 << 20))
     blocks = draw(st.integers(0, 5))
-    if blocks == 0:
-        length = 0
-    else:
-        length = draw(st.integers((blocks - 1) * block_size + 1, blocks * block_size))
+    length = 0 if blocks == 0 else draw(st.integers((blocks - 1) * block_size + 1, blocks * block_size))
     assert block_count_for(length, block_size) == blocks
     return encode_cascade(length, block_size, draw(hashes), draw(st.binary(min_size=32 * blocks, max_size=32 * blocks)))
 
@@ -118,7 +116,7 @@ def chunked(draw: st.DrawFn, data: bytes) -> list[bytes]:
     """``data`` split at random points, as a peer's ``recv`` may return it."""
     cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=8)))
     edges = [0, *cuts, len(data)]
-    return [data[a:b] for a, b in zip(edges, edges[1:], strict=False)]
+    return [data[a:b] for a, b in itertools.pairwise(edges)]
 
 
 # --- fixed-size frames -------------------------------------------------------------
@@ -308,4 +306,3 @@ def test_parse_size(text: str) -> None:
 def test_inputs_that_once_escaped_as_value_errors(parse: Callable[[str], object], text: str) -> None:
     with pytest.raises(CascadeError):
         parse(text)
-
