@@ -1,0 +1,182 @@
+"""Hostile block servers, one per way a peer can lie or stall (issue 9, section 7).
+
+Each :class:`HostileServer` listens on 127.0.0.1 (port 0), reads 64-byte
+block requests and answers every one the way its *behaviour* says. The table
+``BEHAVIOURS`` is shared by ``tests/test_hostile_peers.py`` and
+``bench/faults.py``. The milder misbehaviours (a server that closes after
+each response, answers once per connection, rejects ``KEEPOPEN``) live in
+:mod:`tests.doubles`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cascade.errors import CascadeError
+from cascade.metafile import CascadeFile
+from cascade.wire import BLOCK_REQUEST_SIZE, BlockRequest, BlockResponseHeader, PeerList, PeerRecord
+
+# How a behaviour answers one request: (conn, index, the block's right bytes, stop event).
+# It returns False to answer nothing more on this connection (requests are then
+# read and dropped until the client closes).
+Answer = Callable[[socket.socket, int, bytes, threading.Event], bool]
+
+
+def _header(length: int) -> bytes:
+    return BlockResponseHeader(0, length).encode()
+
+
+def _wrong_bytes(conn: socket.socket, index: int, body: bytes, stop: threading.Event) -> bool:
+    conn.sendall(_header(len(body)) + bytes(b ^ 0x5A for b in body))
+    return True
+
+
+def _length_2_63(conn: socket.socket, index: int, body: bytes, stop: threading.Event) -> bool:
+    conn.sendall(_header(2**63) + body)
+    return True
+
+
+def _short_length(conn: socket.socket, index: int, body: bytes, stop: threading.Event) -> bool:
+    conn.sendall(_header(len(body) - 1) + body[:-1])
+    return True
+
+
+def _long_length(conn: socket.socket, index: int, body: bytes, stop: threading.Event) -> bool:
+    conn.sendall(_header(len(body) + 1) + body + b"!")
+    return True
+
+
+def _half_then_silence(conn: socket.socket, index: int, body: bytes, stop: threading.Event) -> bool:
+    conn.sendall(_header(len(body)) + body[: len(body) // 2])
+    return False
+
+
+def _never_answer(conn: socket.socket, index: int, body: bytes, stop: threading.Event) -> bool:
+    return False
+
+
+def _garbage(conn: socket.socket, index: int, body: bytes, stop: threading.Event) -> bool:
+    # Seeded, so a failure reproduces; 0xEE is no status PROTOCOL.md defines.
+    conn.sendall(b"\xee" + random.Random(index).randbytes(4095))
+    return True
+
+
+def _tracker_reply(conn: socket.socket, index: int, body: bytes, stop: threading.Event) -> bool:
+    # What a tracker answers (status 0, a peer list): a peer confused about which protocol it speaks.
+    conn.sendall(PeerList(tuple(PeerRecord("127.0.0.1", 6881 + i, 0, True) for i in range(20))).encode())
+    return True
+
+
+def _one_byte_a_second(conn: socket.socket, index: int, body: bytes, stop: threading.Event) -> bool:
+    # The right answer, at one byte a second: every recv succeeds, no read ever times out.
+    for b in _header(len(body)) + body:
+        conn.sendall(bytes([b]))
+        if stop.wait(1.0):
+            break
+    return True
+
+
+BEHAVIOURS: dict[str, Answer] = {
+    "wrong bytes": _wrong_bytes,
+    "length 2^63": _length_2_63,
+    "short length": _short_length,
+    "long length": _long_length,
+    "half a block then silence": _half_then_silence,
+    "accept and never answer": _never_answer,
+    "garbage": _garbage,
+    "tracker-style reply": _tracker_reply,
+    "one byte a second": _one_byte_a_second,
+}
+# Behaviours that break PROTOCOL.md in the bytes they send: the fetcher can tell and bans them.
+PROTOCOL_BREAKERS = frozenset(
+    {"wrong bytes", "length 2^63", "short length", "long length", "garbage", "tracker-style reply"}
+)
+
+
+@dataclass
+class HostileStats:
+    """What a hostile server saw; updated by its threads (ints only, read after stop)."""
+
+    connections: int = 0
+    requests: int = 0
+    # Connections the client closed (EOF or reset) while the server was still running.
+    closed_by_client: int = 0
+
+
+class HostileServer:
+    """A block server on 127.0.0.1 that answers every request with ``BEHAVIOURS[behaviour]``."""
+
+    def __init__(self, behaviour: str, cf: CascadeFile, data_path: Path) -> None:
+        self.answer = BEHAVIOURS[behaviour]
+        self.cf = cf
+        self.data_path = data_path
+        self.stats = HostileStats()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._conns: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address: tuple[str, int] = self.listener.getsockname()[:2]
+        self._accepter = threading.Thread(target=self._accept_loop, name=f"hostile {behaviour}", daemon=True)
+
+    def start(self) -> HostileServer:
+        self._accepter.start()
+        return self
+
+    def stop(self) -> None:
+        """Close the listener and every connection; join the threads (bounded)."""
+        self._stop.set()
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        with self._lock:
+            conns = list(self._conns)
+        for c in conns:
+            with contextlib.suppress(OSError):
+                c.shutdown(socket.SHUT_RDWR)
+        self._accepter.join(2)
+        for t in self._threads:
+            t.join(2)
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                self._conns.append(conn)
+                self.stats.connections += 1
+            t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with open(self.data_path, "rb") as data, conn:
+            buf = b""
+            answering = True
+            try:
+                while not self._stop.is_set():
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        break
+                    buf += chunk
+                    while len(buf) >= BLOCK_REQUEST_SIZE:
+                        raw, buf = buf[:BLOCK_REQUEST_SIZE], buf[BLOCK_REQUEST_SIZE:]
+                        self.stats.requests += 1
+                        index = BlockRequest.decode(raw).index
+                        if index >= self.cf.block_count:
+                            return
+                        if answering:
+                            data.seek(self.cf.block_offset(index))
+                            answering = self.answer(conn, index, data.read(self.cf.block_length(index)), self._stop)
+            except (OSError, CascadeError):
+                pass
+            if not self._stop.is_set():
+                self.stats.closed_by_client += 1
