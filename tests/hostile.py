@@ -19,8 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cascade.errors import CascadeError
+from cascade.localdata import check_data
 from cascade.metafile import CascadeFile
 from cascade.wire import BLOCK_REQUEST_SIZE, BlockRequest, BlockResponseHeader, PeerList, PeerRecord
+from peer.fetcher import Fetcher, FetchPolicy, FetchResult
+from peer.server import BlockServer
+from peer.storage import BlockStore
 
 # How a behaviour answers one request: (conn, index, the block's right bytes, stop event).
 # It returns False to answer nothing more on this connection (requests are then
@@ -180,3 +184,46 @@ class HostileServer:
                 pass
             if not self._stop.is_set():
                 self.stats.closed_by_client += 1
+
+
+@dataclass
+class Outcome:
+    """One fetch beside a hostile server: the result, and what the hostile server saw."""
+
+    result: FetchResult
+    hostile: HostileServer
+    hostile_name: str
+    # The hostile server's count of connections the fetcher closed, taken when the fetch returned.
+    closed_during_fetch: int
+
+
+def fetch_beside(
+    behaviour: str, data: Path, cf: CascadeFile, out: Path, policy: FetchPolicy, honest_rate: int | None
+) -> Outcome:
+    """Fetch ``cf`` into ``out`` from one ``behaviour`` server and one honest seeder of ``data``.
+
+    Both servers run in this process on 127.0.0.1 and are stopped before this
+    returns. Raises what :meth:`Fetcher.run` raises when the fetch fails.
+    """
+    seed_store = BlockStore.open_for_seeding(cf, data)
+    honest = BlockServer("127.0.0.1", 0, max_workers=2, upload_rate=honest_rate)
+    honest.add_store(seed_store)
+    hostile = HostileServer(behaviour, cf, data).start()
+    try:
+        store = BlockStore.open_for_fetching(cf, out, check_data(out, cf))
+        try:
+            honest.start()
+            # The hostile peer first, so it is asked before the honest one has delivered everything.
+            peers = [(*hostile.address, True), (*honest.address, True)]
+            fetcher = Fetcher(store, lambda: peers, policy=policy)
+            fetcher.add_peers(peers)
+            result = fetcher.run()
+            closed = hostile.stats.closed_by_client
+        finally:
+            store.close()
+    finally:
+        hostile.stop()
+        honest.stop()
+        seed_store.close()
+    host, port = hostile.address
+    return Outcome(result, hostile, f"{host}:{port}", closed)

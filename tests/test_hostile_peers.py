@@ -15,18 +15,14 @@ enough for the fetcher's response timeouts (shortened here) to fire.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from cascade.localdata import check_data
 from cascade.metafile import CascadeFile
-from peer.fetcher import Fetcher, FetchPolicy, FetchResult
-from peer.server import BlockServer
-from peer.storage import BlockStore
+from peer.fetcher import FetchPolicy
 from tests.doubles import make_file, sha256_file
-from tests.hostile import BEHAVIOURS, PROTOCOL_BREAKERS, HostileServer
+from tests.hostile import BEHAVIOURS, PROTOCOL_BREAKERS, Outcome, fetch_beside
 
 pytestmark = pytest.mark.loopback
 
@@ -44,44 +40,11 @@ POLICY = FetchPolicy(
 )
 
 
-@dataclass
-class Outcome:
-    result: FetchResult
-    hostile: HostileServer
-    hostile_name: str
-    # The hostile server's count of connections the fetcher closed, taken when the fetch returned.
-    closed_during_fetch: int
-
-
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, CascadeFile]:
     folder = tmp_path_factory.mktemp("hostile")
     _, cf = make_file(folder, "d.bin", SIZE, BLOCK, seed=9)
     return folder / "d.bin", cf
-
-
-def fetch_beside(behaviour: str, data: Path, cf: CascadeFile, out: Path) -> Outcome:
-    """Fetch ``cf`` into ``out`` from one ``behaviour`` server and one honest seeder."""
-    seed_store = BlockStore.open_for_seeding(cf, data)
-    honest = BlockServer("127.0.0.1", 0, max_workers=2, upload_rate=HONEST_RATE)
-    honest.add_store(seed_store)
-    hostile = HostileServer(behaviour, cf, data).start()
-    store = BlockStore.open_for_fetching(cf, out, check_data(out, cf))
-    try:
-        honest.start()
-        # The hostile peer first, so it is asked before the honest one has delivered everything.
-        peers = [(*hostile.address, True), (*honest.address, True)]
-        fetcher = Fetcher(store, lambda: peers, policy=POLICY)
-        fetcher.add_peers(peers)
-        result = fetcher.run()
-        closed = hostile.stats.closed_by_client
-    finally:
-        store.close()
-        hostile.stop()
-        honest.stop()
-        seed_store.close()
-    host, port = hostile.address
-    return Outcome(result, hostile, f"{host}:{port}", closed)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +59,7 @@ def outcomes(
     class Lazy(dict[str, Outcome]):
         def __missing__(self, behaviour: str) -> Outcome:
             out = folder / f"{len(done)}.out"
-            done[behaviour] = self[behaviour] = fetch_beside(behaviour, data, cf, out)
+            done[behaviour] = self[behaviour] = fetch_beside(behaviour, data, cf, out, POLICY, HONEST_RATE)
             assert sha256_file(out) == cf.file_hash, f"{behaviour}: wrong bytes in the output"
             return done[behaviour]
 
