@@ -83,11 +83,6 @@ FULL = Sizes(128 * MiB, 256 << 10, 20, "32M", 64 * MiB, 256 << 10, 64 * MiB, 10_
 QUICK = Sizes(16 * MiB, 64 << 10, 5, "8M", 8 * MiB, 64 << 10, 16 * MiB, 1000, 4 * MiB, 100, 20, 5)
 
 
-def emit(doc: dict[str, Any]) -> dict[str, Any]:
-    print(json.dumps(doc), flush=True)
-    return doc
-
-
 def data_file(folder: Path, name: str, size: int, block: int) -> tuple[Path, Path, CascadeFile]:
     """Random data at ``folder/name`` and its ``.cascade``: (data path, cascade path, parsed)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -179,22 +174,20 @@ def part_kill(work: Path, sizes: Sizes, seed: int = 9) -> dict[str, Any]:
         wrong = bytes_wrong(data, out)
     finally:
         swarm.stop()
-    return emit(
-        {
-            "case": "faults",
-            "variant": "kill",
-            "tried": tried,
-            "failed": failed,
-            "blocks_lost": lost,
-            "bytes_wrong": wrong,
-            "blocks_refetched": refetched,
-            "finished_before_kill": finished_early,
-            "complete": complete,
-            "blocks": cf.block_count,
-            "size_MiB": cf.data_length // MiB,
-            "seconds": round(time.monotonic() - started, 2),
-        }
-    )
+    return {
+        "case": "faults",
+        "variant": "kill",
+        "tried": tried,
+        "failed": failed,
+        "blocks_lost": lost,
+        "bytes_wrong": wrong,
+        "blocks_refetched": refetched,
+        "finished_before_kill": finished_early,
+        "complete": complete,
+        "blocks": cf.block_count,
+        "size_MiB": cf.data_length // MiB,
+        "seconds": round(time.monotonic() - started, 2),
+    }
 
 
 # --- hostile: the table of tests/hostile.py at full size -------------------------------------
@@ -234,19 +227,17 @@ def part_hostile(work: Path, sizes: Sizes) -> dict[str, Any]:
         rows[behaviour] = row
         out.unlink(missing_ok=True)
     baseline = _honest_only(data, cf, work / "hostile-out" / "baseline.bin", policy, sizes.hostile_rate)
-    return emit(
-        {
-            "case": "faults",
-            "variant": "hostile",
-            "tried": len(rows),
-            "failed": failed,
-            "blocks_lost": 0,  # nothing verified exists before these fetches
-            "bytes_wrong": wrong_total,
-            "honest_only_seconds": round(baseline, 2),
-            "rows": rows,
-            "size_MiB": cf.data_length // MiB,
-        }
-    )
+    return {
+        "case": "faults",
+        "variant": "hostile",
+        "tried": len(rows),
+        "failed": failed,
+        "blocks_lost": 0,  # nothing verified exists before these fetches
+        "bytes_wrong": wrong_total,
+        "honest_only_seconds": round(baseline, 2),
+        "rows": rows,
+        "size_MiB": cf.data_length // MiB,
+    }
 
 
 @contextlib.contextmanager
@@ -351,7 +342,7 @@ def part_dead_peers(work: Path, sizes: Sizes) -> dict[str, Any]:
     }
     if error:
         doc["error"] = error
-    return emit(doc)
+    return doc
 
 
 # --- flood: idle and slowloris connections against peer seed, then real requests ---------------
@@ -433,20 +424,18 @@ def part_flood(work: Path, sizes: Sizes) -> dict[str, Any]:
             s.close()
         swarm.stop()
     latencies = sorted(t for ok, t in results if ok)
-    return emit(
-        {
-            "case": "faults",
-            "variant": "flood",
-            "tried": len(results),
-            "failed": sum(not ok for ok, _ in results),
-            "blocks_lost": 0,
-            "bytes_wrong": 0,  # a wrong body counts as failed above
-            "idle_connected": len(idle),
-            "slowloris_connected": len(slow),
-            "seeder_alive": alive,
-            "max_request_seconds": round(latencies[-1], 3) if latencies else None,
-        }
-    )
+    return {
+        "case": "faults",
+        "variant": "flood",
+        "tried": len(results),
+        "failed": sum(not ok for ok, _ in results),
+        "blocks_lost": 0,
+        "bytes_wrong": 0,  # a wrong body counts as failed above
+        "idle_connected": len(idle),
+        "slowloris_connected": len(slow),
+        "seeder_alive": alive,
+        "max_request_seconds": round(latencies[-1], 3) if latencies else None,
+    }
 
 
 # --- entry points -------------------------------------------------------------------------
@@ -460,17 +449,20 @@ RUNNERS: dict[str, Callable[[Path, Sizes], dict[str, Any]]] = {
 }
 
 
-def run(work: Path, quick: bool, parts: tuple[str, ...] = PARTS) -> list[dict[str, Any]]:
-    """Run ``parts`` with data under ``work``; returns the printed JSON documents."""
+def run(work: Path, quick: bool, parts: tuple[str, ...] = PARTS, echo: bool = True) -> list[dict[str, Any]]:
+    """Run ``parts`` with data under ``work``; returns their JSON documents (printed too, with ``echo``)."""
     sizes = QUICK if quick else FULL
     docs = []
     for name in parts:
         folder = work / name
         folder.mkdir(parents=True, exist_ok=True)
         try:
-            docs.append(RUNNERS[name](folder, sizes))
+            doc = RUNNERS[name](folder, sizes)
         except (OSError, CascadeError, TimeoutError, RuntimeError) as exc:
-            docs.append(emit({"case": "faults", "variant": name, "error": str(exc).splitlines()[0]}))
+            doc = {"case": "faults", "variant": name, "error": str(exc).splitlines()[0]}
+        docs.append(doc)
+        if echo:
+            print(json.dumps(doc), flush=True)
     return docs
 
 
