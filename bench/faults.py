@@ -52,7 +52,7 @@ from peer.fetcher import Fetcher, FetchPolicy
 from peer.server import BlockServer
 from peer.storage import BlockStore
 from tests.doubles import Swarm, last_json
-from tests.hostile import BEHAVIOURS, PROTOCOL_BREAKERS, fetch_beside
+from tests.hostile import BEHAVIOURS, PROTOCOL_BREAKERS, black_holes, fetch_beside
 
 MiB = 1 << 20
 PARTS = ("kill", "hostile", "dead-peers", "flood")
@@ -283,30 +283,6 @@ def _honest_only(data: Path, cf: CascadeFile, out: Path, policy: FetchPolicy, ra
 # (a machine that vanished); the others refuse at once (a process that exited).
 # Arbitrary: both kinds exist in real swarms.
 BLACK_HOLE_EVERY = 100
-
-
-@contextlib.contextmanager
-def black_holes(count: int) -> Iterator[list[tuple[str, int]]]:
-    """``count`` listeners whose backlog is full and never accepted: a connect to them times out."""
-    listeners: list[socket.socket] = []
-    fillers: list[socket.socket] = []
-    try:
-        for _ in range(count):
-            lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            lst.bind(("127.0.0.1", 0))
-            lst.listen(0)
-            listeners.append(lst)
-            # Linux queues backlog + 1 connections; fill them so further SYNs are dropped.
-            for _ in range(2):
-                f = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                f.setblocking(False)
-                with contextlib.suppress(BlockingIOError):
-                    f.connect(lst.getsockname())
-                fillers.append(f)
-        yield [lst.getsockname()[:2] for lst in listeners]
-    finally:
-        for s in fillers + listeners:
-            s.close()
 
 
 def part_dead_peers(work: Path, sizes: Sizes) -> dict[str, Any]:

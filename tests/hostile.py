@@ -14,7 +14,7 @@ import contextlib
 import random
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -227,3 +227,27 @@ def fetch_beside(
         seed_store.close()
     host, port = hostile.address
     return Outcome(result, hostile, f"{host}:{port}", closed)
+
+
+@contextlib.contextmanager
+def black_holes(count: int) -> Iterator[list[tuple[str, int]]]:
+    """``count`` listeners whose backlog is full and never accepted: a connect to them times out."""
+    listeners: list[socket.socket] = []
+    fillers: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            lst.bind(("127.0.0.1", 0))
+            lst.listen(0)
+            listeners.append(lst)
+            # Linux queues backlog + 1 connections; fill them so further SYNs are dropped.
+            for _ in range(2):
+                f = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                f.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    f.connect(lst.getsockname())
+                fillers.append(f)
+        yield [lst.getsockname()[:2] for lst in listeners]
+    finally:
+        for s in fillers + listeners:
+            s.close()
