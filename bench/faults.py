@@ -314,6 +314,7 @@ def part_dead_peers(work: Path, sizes: Sizes) -> dict[str, Any]:
         "black_holes": holes,
         "seconds": round(seconds, 2),
         "honest_only_seconds": round(baseline, 2),
+        "dead_peer_cost_seconds": round(seconds - baseline, 2),
         "size_MiB": cf.data_length // MiB,
     }
     if error:

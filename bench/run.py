@@ -556,6 +556,10 @@ class Bench:
                     f"{doc['failed']} of {doc['tried']} failed, {doc['blocks_lost']} blocks lost, "
                     f"{doc['bytes_wrong']} bytes wrong",
                 )
+            if "dead_peer_cost_seconds" in doc:
+                # Arbitrary budget: a few connect timeouts' worth, far below the stall timeout.
+                cost = doc["dead_peer_cost_seconds"]
+                r.target("dead peers add < 5 s to the fetch", cost < 5.0, f"{cost:.2f} s")
             self.emit(r)
 
 
