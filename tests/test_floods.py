@@ -37,7 +37,7 @@ TIMEOUT = 5.0  # seconds a real request may wait for its answer: far above what 
 
 @pytest.mark.xfail(
     reason="issue 9 section 3 (dead peers are tried before the live one: 'none of 2001 peers could be "
-    "reached'), fixed on the dead/slow-peers branch",
+    "reached'), fixed on branch deadpeers",
     strict=False,
 )
 def test_two_thousand_dead_peers_do_not_starve_a_fetch(tmp_path: Path) -> None:
@@ -102,7 +102,7 @@ def ask(port: int, index: int, cascade_hash: bytes) -> BlockResponse | None:
 
 @pytest.mark.xfail(
     reason="issue 9 section 4 (past max_connections=512 new connections are closed at once, so idle "
-    "connections lock real clients out), fixed on the flood branch",
+    "connections lock real clients out), fixed on branch flood",
     strict=False,
 )
 def test_idle_and_slowloris_connections_do_not_lock_out_real_requests(tmp_path: Path) -> None:

@@ -91,7 +91,7 @@ def test_a_peer_that_breaks_the_protocol_is_banned(behaviour: str, outcomes: dic
             "one byte a second",
             marks=pytest.mark.xfail(
                 reason="issue 9 section 3 (a peer trickling bytes holds its blocks: no recv ever times out), "
-                "fixed on the dead/slow-peers branch",
+                "fixed on branch deadpeers",
                 strict=False,
             ),
         ),

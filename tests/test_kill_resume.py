@@ -35,7 +35,7 @@ WAIT = 30.0  # seconds any single wait may take before the test fails; far above
 
 SECTION_1 = pytest.mark.xfail(
     reason="issue 9 section 1 (an early failure leaves a zero-filled --out that the rerun refuses without "
-    "--force), fixed on the lifecycle branch",
+    "--force), fixed on branch lifecycle",
     strict=False,
 )
 
