@@ -110,7 +110,8 @@ def bytes_wrong(a: Path, b: Path) -> int:
 
 def partial_files(out: Path) -> list[Path]:
     """``out`` and anything a fetch leaves beside it (``out.part`` once issue 9 section 1 is in)."""
-    beside = sorted(p for p in out.parent.glob(f"{out.name}.*") if not p.name.endswith(".cascade"))
+    # Any name holding out's (``d.bin.part``, ``.d.bin.part``, ``d.bin.partial``...): the folder holds nothing else.
+    beside = sorted(p for p in out.parent.glob(f"*{out.name}*") if p != out and not p.name.endswith(".cascade"))
     return [p for p in (*beside, out) if p.is_file()]
 
 

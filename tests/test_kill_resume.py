@@ -42,7 +42,8 @@ SECTION_1 = pytest.mark.xfail(
 
 def partial_files(out: Path) -> list[Path]:
     """Files a fetch of ``out`` may have left: ``out`` itself, or ``out.part`` and the like beside it."""
-    beside = sorted(p for p in out.parent.glob(f"{out.name}.*") if not p.name.endswith(".cascade"))
+    # Any name holding out's (``d.bin.part``, ``.d.bin.part``, ``d.bin.partial``...): the folder holds nothing else.
+    beside = sorted(p for p in out.parent.glob(f"*{out.name}*") if p != out and not p.name.endswith(".cascade"))
     return [p for p in (*beside, out) if p.is_file()]
 
 
