@@ -213,7 +213,7 @@ def part_hostile(work: Path, sizes: Sizes) -> dict[str, Any]:
             banned = o.hostile_name in o.result.banned
             row.update(
                 banned=banned,
-                dropped_during_fetch=o.closed_during_fetch > 0,
+                dropped_during_fetch=o.dropped_during_fetch,
                 hostile_blocks=o.result.sources.get(o.hostile_name, 0),
             )
             ok = o.result.complete and not row["hostile_blocks"]

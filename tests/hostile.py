@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import random
+import select
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,67 +24,72 @@ from cascade.errors import CascadeError
 from cascade.localdata import check_data
 from cascade.metafile import CascadeFile
 from cascade.wire import BLOCK_REQUEST_SIZE, BlockRequest, BlockResponseHeader, PeerList, PeerRecord
-from peer.fetcher import Fetcher, FetchPolicy, FetchResult
+from peer.fetcher import Fetcher, FetchPolicy, FetchResult, Progress
 from peer.server import BlockServer
 from peer.storage import BlockStore
 
-# How a behaviour answers one request: (conn, index, the block's right bytes, stop event).
+# How a behaviour answers one request: (conn, index, the block's right bytes, stop event,
+# seconds between bytes for the trickling one).
 # It returns False to answer nothing more on this connection (requests are then
 # read and dropped until the client closes).
-Answer = Callable[[socket.socket, int, bytes, threading.Event], bool]
+Answer = Callable[[socket.socket, int, bytes, threading.Event, float], bool]
 
 
 def _header(length: int) -> bytes:
     return BlockResponseHeader(0, length).encode()
 
 
-def _wrong_bytes(conn: socket.socket, index: int, body: bytes, stop: threading.Event) -> bool:
+def _wrong_bytes(conn: socket.socket, index: int, body: bytes, stop: threading.Event, pace: float) -> bool:
     conn.sendall(_header(len(body)) + bytes(b ^ 0x5A for b in body))
     return True
 
 
-def _length_2_63(conn: socket.socket, index: int, body: bytes, stop: threading.Event) -> bool:
+def _length_2_63(conn: socket.socket, index: int, body: bytes, stop: threading.Event, pace: float) -> bool:
     conn.sendall(_header(2**63) + body)
     return True
 
 
-def _short_length(conn: socket.socket, index: int, body: bytes, stop: threading.Event) -> bool:
+def _short_length(conn: socket.socket, index: int, body: bytes, stop: threading.Event, pace: float) -> bool:
     conn.sendall(_header(len(body) - 1) + body[:-1])
     return True
 
 
-def _long_length(conn: socket.socket, index: int, body: bytes, stop: threading.Event) -> bool:
+def _long_length(conn: socket.socket, index: int, body: bytes, stop: threading.Event, pace: float) -> bool:
     conn.sendall(_header(len(body) + 1) + body + b"!")
     return True
 
 
-def _half_then_silence(conn: socket.socket, index: int, body: bytes, stop: threading.Event) -> bool:
+def _half_then_silence(conn: socket.socket, index: int, body: bytes, stop: threading.Event, pace: float) -> bool:
     conn.sendall(_header(len(body)) + body[: len(body) // 2])
     return False
 
 
-def _never_answer(conn: socket.socket, index: int, body: bytes, stop: threading.Event) -> bool:
+def _never_answer(conn: socket.socket, index: int, body: bytes, stop: threading.Event, pace: float) -> bool:
     return False
 
 
-def _garbage(conn: socket.socket, index: int, body: bytes, stop: threading.Event) -> bool:
+def _garbage(conn: socket.socket, index: int, body: bytes, stop: threading.Event, pace: float) -> bool:
     # Seeded, so a failure reproduces; 0xEE is no status PROTOCOL.md defines.
     conn.sendall(b"\xee" + random.Random(index).randbytes(4095))
     return True
 
 
-def _tracker_reply(conn: socket.socket, index: int, body: bytes, stop: threading.Event) -> bool:
+def _tracker_reply(conn: socket.socket, index: int, body: bytes, stop: threading.Event, pace: float) -> bool:
     # What a tracker answers (status 0, a peer list): a peer confused about which protocol it speaks.
     conn.sendall(PeerList(tuple(PeerRecord("127.0.0.1", 6881 + i, 0, True) for i in range(20))).encode())
     return True
 
 
-def _one_byte_a_second(conn: socket.socket, index: int, body: bytes, stop: threading.Event) -> bool:
-    # The right answer, at one byte a second: every recv succeeds, no read ever times out.
+def _one_byte_a_second(conn: socket.socket, index: int, body: bytes, stop: threading.Event, pace: float) -> bool:
+    # The right answer, one byte per ``pace`` seconds: with a pace below the reader's
+    # timeout, every recv succeeds and no read ever times out.
+    poller = select.poll()
+    poller.register(conn, select.POLLRDHUP)
     for b in _header(len(body)) + body:
         conn.sendall(bytes([b]))
-        if stop.wait(1.0):
-            break
+        # Waiting on the socket rather than a clock: a client that closes is seen at once.
+        if poller.poll(pace * 1000) or stop.is_set():
+            return False
     return True
 
 
@@ -109,15 +116,18 @@ class HostileStats:
 
     connections: int = 0
     requests: int = 0
-    # Connections the client closed (EOF or reset) while the server was still running.
+    # Connections the client closed (EOF or reset) while the server was still running,
+    # and when the first one was (time.monotonic()).
     closed_by_client: int = 0
+    first_close: float | None = None
 
 
 class HostileServer:
     """A block server on 127.0.0.1 that answers every request with ``BEHAVIOURS[behaviour]``."""
 
-    def __init__(self, behaviour: str, cf: CascadeFile, data_path: Path) -> None:
+    def __init__(self, behaviour: str, cf: CascadeFile, data_path: Path, pace: float = 1.0) -> None:
         self.answer = BEHAVIOURS[behaviour]
+        self.pace = pace
         self.cf = cf
         self.data_path = data_path
         self.stats = HostileStats()
@@ -179,11 +189,14 @@ class HostileServer:
                             return
                         if answering:
                             data.seek(self.cf.block_offset(index))
-                            answering = self.answer(conn, index, data.read(self.cf.block_length(index)), self._stop)
+                            body = data.read(self.cf.block_length(index))
+                            answering = self.answer(conn, index, body, self._stop, self.pace)
             except (OSError, CascadeError):
                 pass
             if not self._stop.is_set():
                 self.stats.closed_by_client += 1
+                if self.stats.first_close is None:
+                    self.stats.first_close = time.monotonic()
 
 
 @dataclass
@@ -193,22 +206,30 @@ class Outcome:
     result: FetchResult
     hostile: HostileServer
     hostile_name: str
-    # The hostile server's count of connections the fetcher closed, taken when the fetch returned.
-    closed_during_fetch: int
+    # The fetcher closed a connection to the hostile server while blocks were still missing
+    # (not only when it shut everything down at the end).
+    dropped_during_fetch: bool
 
 
 def fetch_beside(
-    behaviour: str, data: Path, cf: CascadeFile, out: Path, policy: FetchPolicy, honest_rate: int | None
+    behaviour: str,
+    data: Path,
+    cf: CascadeFile,
+    out: Path,
+    policy: FetchPolicy,
+    honest_rate: int | None,
+    pace: float = 1.0,
 ) -> Outcome:
     """Fetch ``cf`` into ``out`` from one ``behaviour`` server and one honest seeder of ``data``.
 
-    Both servers run in this process on 127.0.0.1 and are stopped before this
-    returns. Raises what :meth:`Fetcher.run` raises when the fetch fails.
+    ``pace`` is the trickling server's seconds per byte. Both servers run in
+    this process on 127.0.0.1 and are stopped before this returns. Raises
+    what :meth:`Fetcher.run` raises when the fetch fails.
     """
     seed_store = BlockStore.open_for_seeding(cf, data)
     honest = BlockServer("127.0.0.1", 0, max_workers=2, upload_rate=honest_rate)
     honest.add_store(seed_store)
-    hostile = HostileServer(behaviour, cf, data).start()
+    hostile = HostileServer(behaviour, cf, data, pace).start()
     try:
         store = BlockStore.open_for_fetching(cf, out, check_data(out, cf))
         try:
@@ -217,8 +238,14 @@ def fetch_beside(
             peers = [(*hostile.address, True), (*honest.address, True)]
             fetcher = Fetcher(store, lambda: peers, policy=policy)
             fetcher.add_peers(peers)
-            result = fetcher.run()
-            closed = hostile.stats.closed_by_client
+            # The last moment the fetch was seen still missing blocks (ticks come every 0.1 s).
+            last_incomplete = [time.monotonic()]
+
+            def on_tick(p: Progress) -> None:
+                if p.verified_bytes < p.total_bytes:
+                    last_incomplete[0] = time.monotonic()
+
+            result = fetcher.run(on_tick=on_tick)
         finally:
             store.close()
     finally:
@@ -226,7 +253,9 @@ def fetch_beside(
         honest.stop()
         seed_store.close()
     host, port = hostile.address
-    return Outcome(result, hostile, f"{host}:{port}", closed)
+    first_close = hostile.stats.first_close
+    dropped = first_close is not None and first_close < last_incomplete[0]
+    return Outcome(result, hostile, f"{host}:{port}", dropped)
 
 
 @contextlib.contextmanager
