@@ -5,7 +5,8 @@
     python -m bench --only transfer swarm --no-write
 
 Each result prints as one JSON line; each target prints PASS or MISS.
-Cases: transfer, swarm, small, tracker, verify, memory (see BENCHMARKS.md for what each compares).
+Cases: transfer, swarm, small, tracker, verify, memory, faults (see BENCHMARKS.md for what each compares;
+faults is bench/faults.py, also runnable alone as ``python -m bench.faults``).
 Data goes to a temporary folder (``--tmp``), removed at the end; every process is
 stopped by its PID; everything listens on 127.0.0.1 only.
 """
@@ -30,7 +31,7 @@ from bench import cascade_swarm as cs
 from bench.data import GiB, MiB, loadavg, machine, make_file, sha256_file, tmp_free_bytes
 from bench.procs import BenchError, Group, free_port
 
-CASES = ("transfer", "swarm", "small", "tracker", "verify", "memory")
+CASES = ("transfer", "swarm", "small", "tracker", "verify", "memory", "faults")
 FETCH_TIMEOUT = 600.0
 
 
@@ -534,6 +535,33 @@ class Bench:
         )
         r.target("seed with 200 downloaders < 128 MiB RSS", seed_kib < 128 * 1024, f"{seed_kib / 1024:.1f} MiB")
         self.emit(r)
+
+    def faults(self) -> None:
+        """bench/faults.py: kills and reruns, hostile peers, dead peers, a connection flood, as counts."""
+        from bench import faults
+
+        folder = self.work / "faults"
+        folder.mkdir(exist_ok=True)
+        for doc in faults.run(folder, self.plan.quick, echo=False):
+            # The table has no room for the per-row detail of the hostile part: the rows that failed stand for it.
+            values = {k: v for k, v in doc.items() if k not in ("case", "variant", "rows")}
+            if "rows" in doc:
+                values["failed_rows"] = [name for name, row in doc["rows"].items() if not row["ok"]]
+            r = Result("faults", str(doc["variant"]), values)
+            if "error" in doc:
+                r.target(f"faults {doc['variant']} runs", False, str(doc["error"]))
+            else:
+                r.target(
+                    f"faults {doc['variant']}: nothing failed, lost or wrong",
+                    not (doc["failed"] or doc["blocks_lost"] or doc["bytes_wrong"]),
+                    f"{doc['failed']} of {doc['tried']} failed, {doc['blocks_lost']} blocks lost, "
+                    f"{doc['bytes_wrong']} bytes wrong",
+                )
+            if "dead_peer_cost_seconds" in doc:
+                # Arbitrary budget: a few connect timeouts' worth, far below the stall timeout.
+                cost = doc["dead_peer_cost_seconds"]
+                r.target("dead peers add < 5 s to the fetch", cost < 5.0, f"{cost:.2f} s")
+            self.emit(r)
 
 
 def _interrupted(signum: int, frame: object) -> None:

@@ -23,7 +23,9 @@ def parse_hostport(text: str, what: str = "address", default_host: str | None = 
         if default_host is None:
             raise UsageError(f"invalid {what} {text!r}: expected HOST:PORT")
         host = default_host
-    if not (port_text.isascii() and port_text.isdigit()) or not 0 <= int(port_text) <= 65535:
+    # The length check comes first: int() refuses strings of over 4300 digits with a ValueError.
+    valid = port_text.isascii() and port_text.isdigit() and len(port_text) <= 5
+    if not valid or not 0 <= int(port_text) <= 65535:
         raise UsageError(f"invalid {what} {text!r}: the port must be a number from 0 to 65535")
     return host, int(port_text)
 

@@ -26,7 +26,9 @@ def parse_size(text: str, what: str = "size") -> int:
     """``"64K"`` -> 65536. Raises :class:`UsageError` with the accepted forms."""
     m = _SIZE.fullmatch(text)
     unit = m.group(2).lower() if m else ""
-    if not m or unit not in _SUFFIXES:
+    # More than 20 digits is more than 2**64 bytes; the check also keeps int() from
+    # raising ValueError on strings of over 4300 digits.
+    if not m or unit not in _SUFFIXES or len(m.group(1)) > 20:
         raise UsageError(
             f"invalid {what} {text!r}: use a byte count or a number with K, M, G, KiB, MiB or GiB (e.g. 1M)"
         )

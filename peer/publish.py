@@ -23,7 +23,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 from cascade.errors import CascadeError, MetafileError, UnreachableError, UsageError
 from cascade.metafile import HASH_SIZE, MAX_METAFILE_SIZE, CascadeFile, default_data_path, read_cascade
@@ -114,12 +114,20 @@ def is_url(text: str) -> bool:
     return text.startswith(("http://", "https://"))
 
 
+def _split(text: str, what: str) -> SplitResult:
+    """``urlsplit``, with its ValueError (an unclosed ``[``, a netloc that NFKC changes) as :class:`UsageError`."""
+    try:
+        return urlsplit(text.strip())
+    except ValueError as exc:
+        raise UsageError(f"invalid {what} {text!r}: {exc}") from exc
+
+
 def tracker_base_url(text: str, what: str = "tracker URL") -> str:
     """``http://HOST:PORT`` (optionally with a path prefix), without a trailing slash.
 
     Raises :class:`UsageError` for anything else.
     """
-    parts = urlsplit(text.strip())
+    parts = _split(text, what)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UsageError(f"invalid {what} {text!r}: expected http://HOST:PORT")
     try:
@@ -133,7 +141,7 @@ def tracker_base_url(text: str, what: str = "tracker URL") -> str:
 
 def split_cascade_url(url: str) -> tuple[str, bytes]:
     """``http://H:P/cascades/HASH.cascade`` -> (``http://H:P``, HASH as bytes); raises :class:`UsageError`."""
-    parts = urlsplit(url.strip())
+    parts = _split(url, ".cascade URL")
     m = _CASCADE_PATH.match(parts.path)
     if parts.scheme not in ("http", "https") or not parts.hostname or not m:
         raise UsageError(f"invalid .cascade URL {url!r}: expected http://HOST:PORT/cascades/HASH.cascade")
