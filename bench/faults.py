@@ -45,10 +45,10 @@ from typing import Any
 
 from bench.data import make_file
 from cascade.errors import CascadeError
-from cascade.localdata import check_data, create_metafile
 from cascade.metafile import CascadeFile, parse_cascade
 from cascade.wire import BLOCK_MAGIC, BlockResponseReader
 from peer.fetcher import Fetcher, FetchPolicy
+from peer.localdata import check_data, create_metafile
 from peer.server import BlockServer
 from peer.storage import BlockStore
 from tests.doubles import Swarm, last_json

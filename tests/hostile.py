@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cascade.errors import CascadeError
-from cascade.localdata import check_data
 from cascade.metafile import CascadeFile
 from cascade.wire import BLOCK_REQUEST_SIZE, BlockRequest, BlockResponseHeader, PeerList, PeerRecord
 from peer.fetcher import Fetcher, FetchPolicy, FetchResult, Progress
+from peer.localdata import check_data
 from peer.server import BlockServer
 from peer.storage import BlockStore
 

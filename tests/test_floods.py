@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 
 from cascade.errors import CascadeError
-from cascade.localdata import check_data
 from cascade.wire import BLOCK_MAGIC, BlockResponse
 from peer.fetcher import Fetcher, FetchPolicy
+from peer.localdata import check_data
 from peer.server import BlockServer
 from peer.storage import BlockStore
 from tests.doubles import make_file, sha256_file
@@ -100,11 +100,6 @@ def ask(port: int, index: int, cascade_hash: bytes) -> BlockResponse | None:
         return None
 
 
-@pytest.mark.xfail(
-    reason="issue 9 section 4 (past max_connections=512 new connections are closed at once, so idle "
-    "connections lock real clients out), fixed on branch flood",
-    strict=False,
-)
 def test_idle_and_slowloris_connections_do_not_lock_out_real_requests(tmp_path: Path) -> None:
     _, cf = make_file(tmp_path, "d.bin", 64 << 10, 4096, seed=32)
     data = (tmp_path / "d.bin").read_bytes()

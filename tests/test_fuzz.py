@@ -24,7 +24,6 @@ from hypothesis import strategies as st
 from cascade.addresses import parse_hostport
 from cascade.errors import CascadeError
 from cascade.metafile import HASH_SIZE, HEADER_SIZE, block_count_for, encode_cascade, parse_cascade
-from cascade.publish import safe_file_name, split_cascade_url, tracker_base_url
 from cascade.units import parse_size
 from cascade.wire import (
     BLOCK_RESPONSE_HEADER_SIZE,
@@ -44,6 +43,7 @@ from cascade.wire import (
     decode_tracker_reply_header,
     tracker_request_reader,
 )
+from peer.publish import safe_file_name, split_cascade_url, tracker_base_url
 
 pytestmark = pytest.mark.unit
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from cascade.localdata import check_data
 from cascade.metafile import CascadeFile
+from peer.localdata import check_data
 from tests.doubles import Swarm, last_json, make_file, sha256_file
 from tests.procs import Proc
 
@@ -32,13 +32,6 @@ BLOCK = 64 << 10
 SEED_RATE = "2M"
 PROGRESS = re.compile(r"^progress (\d+) (\d+)")
 WAIT = 30.0  # seconds any single wait may take before the test fails; far above what loopback needs
-
-SECTION_1 = pytest.mark.xfail(
-    reason="issue 9 section 1 (an early failure leaves a zero-filled --out that the rerun refuses without "
-    "--force), fixed on branch lifecycle",
-    strict=False,
-)
-
 
 def partial_files(out: Path) -> list[Path]:
     """Files a fetch of ``out`` may have left: ``out`` itself, or ``out.part`` and the like beside it."""
@@ -121,7 +114,6 @@ def test_sigkill_at_random_moments_then_rerun_keeps_every_verified_block(
     finish_and_check(swarm, cascade, cf, out, before)
 
 
-@SECTION_1
 def test_sigkill_before_the_first_block_then_rerun(swarm: Swarm, tmp_path: Path) -> None:
     (tmp_path / "seed").mkdir()
     cascade, cf = make_file(tmp_path / "seed", "d.bin", 64 << 10, 4096, seed=23)
@@ -135,7 +127,6 @@ def test_sigkill_before_the_first_block_then_rerun(swarm: Swarm, tmp_path: Path)
     finish_and_check(swarm, cascade, cf, out, set())
 
 
-@SECTION_1
 @pytest.mark.parametrize("failure", ["tracker unreachable", "no peers within --timeout"])
 def test_rerun_after_an_early_failure_needs_no_force(swarm: Swarm, tmp_path: Path, failure: str) -> None:
     (tmp_path / "seed").mkdir()
