@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from cascade.addresses import parse_hostport
-from cascade.errors import CascadeError, DataError, TrackerUnreachable, UsageError
+from cascade.errors import CascadeError, DataError, DiskFullError, UsageError
 from cascade.localdata import check_data
 from cascade.metafile import CascadeFile, default_data_path, read_cascade
 from cascade.units import format_size
@@ -30,7 +30,7 @@ from peer.common import DEFAULT_LISTEN, Interrupted, StopSignal, announce_ip, se
 from peer.fetcher import Fetcher, FetchPolicy, FetchResult, Progress
 from peer.server import BlockServer
 from peer.storage import BlockStore
-from peer.tracker_client import TrackerAddress, TrackerRefused, announce, parse_tracker
+from peer.tracker_client import TrackerAddress, announce, parse_tracker
 
 log = logging.getLogger("peer.fetch")
 
@@ -40,7 +40,7 @@ EXIT_INTERRUPTED = 130
 
 
 def run(args: argparse.Namespace) -> int:
-    setup_logging(args.verbose)
+    setup_logging(args.verbose, timestamps=args.seed)  # with --seed it runs as a server
     stop = StopSignal().install()
     started = time.monotonic()
     fetcher: Fetcher | None = None
@@ -123,7 +123,7 @@ def _fetch(args: argparse.Namespace, stop: StopSignal) -> int:
         banned = f", banned {len(result.banned)}" if result.banned else ""
         print(
             f"peer fetch: {name} complete: {format_size(result.bytes_downloaded)} in {result.seconds:.2f} s "
-            f"({format_size(rate)}/s) from {len(result.sources)} peers{banned}",
+            f"({format_size(rate)}/s) from {_peers(len(result.sources))}{banned}",
             file=sys.stderr,
             flush=True,
         )
@@ -180,10 +180,8 @@ def _download(
         # The first listing decides between "tracker unreachable" and a download.
         try:
             fetcher.add_peers(list_peers())
-        except (TrackerUnreachable, TrackerRefused) as exc:
+        except CascadeError as exc:  # the tracker client's messages name the tracker already
             raise _Failed(str(exc), fetcher) from exc
-        except CascadeError as exc:
-            raise _Failed(f"tracker {tracker}: {exc}", fetcher) from exc
     stop_watch = _StopWatch(stop, fetcher)
     bar = _ProgressBar(cf, store, args.progress_lines)
 
@@ -200,8 +198,14 @@ def _download(
         bar.close()
 
 
+def _peers(n: int) -> str:
+    return "1 peer" if n == 1 else f"{n} peers"
+
+
 def _disk_message(exc: CascadeError) -> str:
     cause = exc.__cause__
+    if isinstance(exc, DiskFullError):  # says "disk full" already
+        return str(exc)
     if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"disk full: {exc}"
     return str(exc)
@@ -241,7 +245,7 @@ class _ProgressBar:
             self.bar = tqdm(
                 total=cf.data_length,
                 initial=self.done,
-                unit="B",
+                unit="iB",  # with the 1024 divisor: KiB, MiB, as in the summary line
                 unit_scale=True,
                 unit_divisor=1024,
                 file=sys.stderr,
@@ -254,7 +258,7 @@ class _ProgressBar:
         if self.bar is not None:
             self.bar.update(p.verified_bytes - self.done)
             self.done = p.verified_bytes
-            self.bar.set_postfix_str(f"{p.peers} peers", refresh=False)
+            self.bar.set_postfix_str(_peers(p.peers), refresh=False)
         elif self.lines:
             now = time.monotonic()
             if now - self.last_line >= 0.1 or p.verified_bytes == p.total_bytes:

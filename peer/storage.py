@@ -23,7 +23,7 @@ from cascade.metafile import HASH_SIZE, CascadeFile
 
 def _data_error(path: Path, exc: OSError, doing: str) -> DataError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return DiskFullError(f"{path}: disk full while {doing}")
+        return DiskFullError(f"{path}: disk full: cannot {doing}")
     return DataError(f"{path}: cannot {doing}: {exc.strerror or exc}")
 
 
