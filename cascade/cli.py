@@ -303,7 +303,11 @@ def register_demo(sub: Any) -> None:
         "127.0.0.1, show their progress, check every copy and print where each block came from.",
     )
     p.add_argument("--fetchers", type=int, default=4, metavar="N", help="how many fetchers to start (default 4)")
-    p.add_argument("--keep", action="store_true", help="keep the temporary folder with the files and logs")
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the swarm and its status page running until Ctrl-C, and keep the folder with the files and logs",
+    )
     p.set_defaults(run=cmd_demo)
 
 
