@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from cascade.errors import ProtocolError, TrackerUnreachable
+from cascade.publish import PublishRefused, upload_cascade
 from cascade.wire import PeerList, PeerRecord, TrackerCommand, TrackerRequest
 from peer.announcer import Announcer, Backoff
 from peer.tracker_client import TrackerAddress, announce
@@ -32,6 +33,7 @@ pytestmark = pytest.mark.loopback
 HASH = bytes(range(32))
 # Nesting deep enough to exhaust json's recursion limit.
 DEEP_JSON = b"[" * 60_000
+SAMPLE = Path(__file__).resolve().parent.parent / "sample_data" / "poem.txt.cascade"
 
 
 class FakeBinaryTracker:
@@ -82,16 +84,24 @@ class FakeBinaryTracker:
 class FakeHttpTracker:
     """Records each announce body and answers with ``body`` (HTTP 200, with a Content-Length)."""
 
-    def __init__(self, body: bytes) -> None:
+    def __init__(self, body: bytes, status: int = 200) -> None:
         self.body = body
+        self.status = status
         self.announces: list[dict[str, object]] = []
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
+            def do_PUT(self) -> None:  # an upload: its body is a .cascade, not JSON
+                self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                self._answer()
+
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", "0"))
                 fake.announces.append(json.loads(self.rfile.read(length)))
-                self.send_response(200)
+                self._answer()
+
+            def _answer(self) -> None:
+                self.send_response(fake.status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(fake.body)))
                 self.end_headers()
@@ -214,6 +224,17 @@ def test_any_http_reply_is_one_protocol_error(body: bytes) -> None:
         with pytest.raises(ProtocolError) as info:
             announce(fake.address, TrackerCommand.LIST, HASH, "127.0.0.1", 1, 3.0)
         assert "\n" not in str(info.value) and len(str(info.value)) < 300
+    finally:
+        fake.stop()
+
+
+@pytest.mark.parametrize("status", [201, 400])
+def test_publish_to_a_tracker_answering_deep_json_is_one_line(status: int) -> None:
+    fake = FakeHttpTracker(DEEP_JSON, status)
+    try:
+        with pytest.raises(PublishRefused) as info:
+            upload_cascade(SAMPLE, f"http://127.0.0.1:{fake.port}", None, None)
+        assert "\n" not in str(info.value)
     finally:
         fake.stop()
 
