@@ -4,9 +4,11 @@ A background thread subscribes (command 2) each added cascade hash at once,
 then again every ``interval`` seconds, well within the tracker's TTL. When the
 tracker is unreachable the peer keeps serving: the thread retries with
 exponential backoff, logging one line when the tracker goes away and one when
-it is back. On :meth:`Announcer.stop` it tells an HTTP tracker that the peer
-stopped (the ``"stopped"`` action), so the tracker lists no ghost seeder; the
-binary protocol has no such command, and there the tracker's TTL decides.
+it is back. A reply it cannot use (not the protocol, not JSON) counts as a
+failure like an unreachable tracker: one line, then retries with backoff. On
+:meth:`Announcer.stop` it tells an HTTP tracker that the peer stopped (the
+``"stopped"`` action), so the tracker lists no ghost seeder; the binary
+protocol has no such command, and there the tracker's TTL decides.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cascade.errors import CascadeError, ProtocolError, TrackerUnreachable
+from cascade.errors import CascadeError
 from cascade.wire import TrackerCommand
 from peer.common import DEFAULT_ANNOUNCE_INTERVAL
 from peer.tracker_client import TrackerAddress, TrackerRefused, announce
@@ -78,6 +80,7 @@ class Announcer:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="peer-announcer", daemon=True)
         self._failures = 0
+        self._last_failure = ""
         self._refused: set[bytes] = set()
         # Announces that reached the tracker; tests and logs read it.
         self.successes = 0
@@ -157,24 +160,24 @@ class Announcer:
                 self._announce(
                     self.tracker, TrackerCommand.SUBSCRIBE, cascade_hash, self.announce_ip, self.port, self.timeout
                 )
-            except (TrackerUnreachable, ProtocolError) as exc:
+            except TrackerRefused as exc:
+                self._tracker_answered()
+                if cascade_hash not in self._refused:
+                    self._refused.add(cascade_hash)
+                    log.warning("%s", exc)
+            except Exception as exc:  # any bad reply (even a bug it hits): one line, retry; never stop
                 self._failures += 1
                 delay = self.backoff.delay(self._failures)
-                if self._failures == 1:
-                    log.warning("%s; still serving, retrying with backoff", exc)
+                message = str(exc) if isinstance(exc, CascadeError) else f"announce failed: {exc!r}"
+                if self._failures == 1 or message != self._last_failure:
+                    log.warning("%s; still serving, retrying with backoff", message)
+                self._last_failure = message
                 # Every hash waits: one unreachable tracker is not worth a timeout per file.
                 retry_at = self._clock() + delay
                 with self._lock:
                     for h in due:
                         self._due[h] = retry_at
                 return
-            except TrackerRefused as exc:
-                self._tracker_answered()
-                if cascade_hash not in self._refused:
-                    self._refused.add(cascade_hash)
-                    log.warning("%s", exc)
-            except CascadeError as exc:  # pragma: no cover - announce raises only the above
-                log.warning("announce failed: %s", exc)
             else:
                 self._tracker_answered()
                 self._refused.discard(cascade_hash)
@@ -188,3 +191,4 @@ class Announcer:
         if self._failures:
             log.info("tracker %s is back", self.tracker)
         self._failures = 0
+        self._last_failure = ""

@@ -89,6 +89,35 @@ def parse_block_size(text: str) -> int:
     return size
 
 
+# A hash list beyond this many blocks is absurd (a .cascade of 32 MiB; 1 TB at 1 MiB blocks).
+MAX_SANE_BLOCKS = 1_000_000
+# Blocks under 1 KiB cost more in per-block work and hash bytes than they carry;
+# a file of more than this many of them is a mistake (arbitrary: a toy or test
+# file of a few dozen tiny blocks is harmless).
+MIN_SANE_BLOCK_SIZE = 1024
+MAX_SMALL_BLOCKS = 1024
+# The suggestion keeps the hash list within this many blocks (arbitrary: a 2 MiB .cascade).
+SUGGESTED_MAX_BLOCKS = 65536
+
+
+def check_block_size(data_length: int, block_size: int) -> None:
+    """Raise :class:`UsageError` when ``block_size`` is absurd for a file of ``data_length`` bytes.
+
+    The message gives the block count, the .cascade size and a sensible size.
+    """
+    count = -(-data_length // block_size)
+    if count <= MAX_SANE_BLOCKS and (block_size >= MIN_SANE_BLOCK_SIZE or count <= MAX_SMALL_BLOCKS):
+        return
+    suggested = DEFAULT_BLOCK_SIZE
+    while -(-data_length // suggested) > SUGGESTED_MAX_BLOCKS and suggested < MAX_BLOCK_SIZE:
+        suggested *= 2
+    raise UsageError(
+        f"a block size of {block_size} bytes cuts {format_size(data_length)} into {count:,} blocks "
+        f"(a .cascade of {format_size(32 * count)}); use --block-size {suggested >> 20}MiB, "
+        "or --force to write it anyway"
+    )
+
+
 def _write_new(path: Path, data: bytes, force: bool) -> None:
     """Write ``data`` to ``path``: exclusively without ``force``, else atomically replacing it."""
     if not force:
@@ -119,6 +148,8 @@ def cmd_create(args: argparse.Namespace) -> int:
         raise UsageError(f"{out} is the data file itself; choose another output path")
     if out.is_dir():
         raise UsageError(f"{out} is a directory; give a file name with -o")
+    if not args.force:
+        check_block_size(_size_of(data_path), block_size)
     with progress_bar(_size_of(data_path), f"hashing {data_path.name}") as progress:
         raw = create_metafile(data_path, block_size, progress=progress)
     _write_new(out, raw, args.force)
@@ -139,7 +170,9 @@ def register_create(sub: Any) -> None:
         help="bytes per block, with an optional K, M, G, KiB, MiB or GiB suffix (default: 1MiB)",
     )
     p.add_argument("-o", "--output", metavar="OUT", help="where to write the .cascade (default: FILE.cascade)")
-    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    p.add_argument(
+        "--force", action="store_true", help="overwrite OUT if it exists; accept a block size absurd for FILE"
+    )
     p.set_defaults(run=cmd_create)
 
 
@@ -270,7 +303,11 @@ def register_demo(sub: Any) -> None:
         "127.0.0.1, show their progress, check every copy and print where each block came from.",
     )
     p.add_argument("--fetchers", type=int, default=4, metavar="N", help="how many fetchers to start (default 4)")
-    p.add_argument("--keep", action="store_true", help="keep the temporary folder with the files and logs")
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the swarm and its status page running until Ctrl-C, and keep the folder with the files and logs",
+    )
     p.set_defaults(run=cmd_demo)
 
 

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from cascade import __version__
 from cascade.argparsing import EXIT_USAGE, OneLineErrorParser
 from cascade.errors import CascadeError, UsageError
 from peer.common import DEFAULT_ANNOUNCE_INTERVAL, DEFAULT_FETCH_TIMEOUT, DEFAULT_LISTEN, Interrupted
@@ -137,6 +138,7 @@ def _add_fetch_parser(subparsers: Any) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(prog="peer", description="A Cascade peer: seed files and fetch them.")
+    parser.add_argument("--version", action="version", version=f"peer {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_seed_parser(subparsers)
     _add_fetch_parser(subparsers)

@@ -30,14 +30,22 @@ DEFAULT_FETCH_TIMEOUT = 60.0
 REQUEST_LOGGER = "peer.server.requests"
 
 
-def setup_logging(verbose: int = 0) -> None:
-    """Plain one-line messages on stderr.
+# Log lines of long-running servers start with the local time, to the millisecond.
+TIMESTAMP_FORMAT = "%(asctime)s.%(msecs)03d %(message)s"
+TIMESTAMP_DATEFMT = "%Y-%m-%dT%H:%M:%S"
+
+
+def setup_logging(verbose: int = 0, timestamps: bool = False) -> None:
+    """One-line messages on stderr; with ``timestamps`` (servers), each starts with the local time.
 
     ``verbose`` 1 (``-v``) adds debug lines (dropped peers, timings), 2
     (``-vv``) also the block server's line for every request.
     """
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    if timestamps:
+        handler.setFormatter(logging.Formatter(TIMESTAMP_FORMAT, TIMESTAMP_DATEFMT))
+    else:
+        handler.setFormatter(logging.Formatter("%(message)s"))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
@@ -50,9 +58,17 @@ def announce_ip(listen_host: str, explicit: str | None = None) -> str:
     """The IPv4 address to announce to the tracker.
 
     ``--announce-ip`` if given, else the listen host when it is a specific
-    IPv4 address, else ``0.0.0.0`` (the tracker then uses the connection's
-    source address). Raises :class:`UsageError` for a malformed ``explicit``.
+    IPv4 address, else ``0.0.0.0``, which the tracker client replaces with
+    the local address of its connection to the tracker. Raises
+    :class:`UsageError` for a malformed ``explicit`` and for an IPv6 listen
+    host: tracker replies carry only IPv4 addresses (PROTOCOL.md section 2),
+    so no other peer could be told where this one listens.
     """
+    if ":" in listen_host:
+        raise UsageError(
+            f"cannot listen on IPv6 address {listen_host}: trackers tell peers only IPv4 addresses, "
+            "so no peer could reach this one; listen on an IPv4 address (for example 0.0.0.0)"
+        )
     if explicit is not None:
         try:
             return str(ipaddress.IPv4Address(explicit.strip()))

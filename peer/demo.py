@@ -5,6 +5,8 @@ free loopback port, one seeder (upload-limited, so the file has to cascade
 through the swarm) and a few fetchers started together, draws one progress
 bar per fetcher, checks every result against the ``.cascade`` file, prints
 where each fetcher got its blocks, and stops every process it started by PID.
+With ``keep``, the fetchers go on seeding and the whole swarm, with its status
+page, runs until Ctrl-C; the folder with the files and logs is kept too.
 
 The processes are the real commands, started as ``python -m tracker|peer``
 with the current interpreter, so the demo works after a plain ``pip install .``
@@ -19,12 +21,14 @@ import os
 import re
 import selectors
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import IO, Any
 
 from cascade.errors import CascadeError
@@ -174,10 +178,10 @@ def run(
             target = folder / f"fetcher{n}" / "sample.bin"
             target.parent.mkdir()
             args = ["peer", "fetch", str(cascade), "--out", str(target), "--tracker", tracker_addr]
-            args += ["--listen", "127.0.0.1:0", "--json", "--progress-lines"]
+            args += ["--listen", "127.0.0.1:0", "--json", "--progress-lines"] + (["--seed"] if keep else [])
             workers.append(demo.spawn(f"fetcher {n}", args, pipe=True))
         print(f"started {fetchers} fetchers together", file=say, flush=True)
-        _watch(workers, length)
+        sel = _watch(workers, length, seeding=keep)
         elapsed = time.monotonic() - started
 
         names = {seeder.port: "seeder"} | {w.port: w.name for w in workers if w.port}
@@ -187,6 +191,13 @@ def run(
             ok &= _report(w, folder / f"fetcher{n}" / "sample.bin", cf, names, say)
         verdict = "every fetcher has a verified copy" if ok else "FAILED"
         print(f"\n{verdict}; all {fetchers} done in {elapsed:.2f} s", file=say, flush=True)
+        if sel is not None:
+            print(
+                f"the swarm keeps running; status page: http://127.0.0.1:{http_port}/ (Ctrl-C stops it)",
+                file=say,
+                flush=True,
+            )
+            _serve_until_interrupted(sel, workers)
         return 0 if ok else 1
     finally:
         demo.stop_all()
@@ -196,8 +207,13 @@ def run(
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def _watch(workers: list[_Child], total: int) -> None:
-    """Read every fetcher's stderr and stdout until they exit, drawing one bar each."""
+def _watch(workers: list[_Child], total: int, seeding: bool = False) -> selectors.BaseSelector | None:
+    """Read every fetcher's stderr and stdout until they finish, drawing one bar each.
+
+    A fetcher finishes when it exits or, when ``seeding``, once it printed its
+    JSON summary; the selector is then returned still open, to keep draining
+    the seeding fetchers' output.
+    """
     from tqdm import tqdm
 
     tty = sys.stderr.isatty()
@@ -220,45 +236,87 @@ def _watch(workers: list[_Child], total: int) -> None:
         assert w.popen.stderr is not None and w.popen.stdout is not None
         sel.register(w.popen.stderr, selectors.EVENT_READ, (i, "err"))
         sel.register(w.popen.stdout, selectors.EVENT_READ, (i, "out"))
-    open_streams = 2 * len(workers)
+    closed = [0] * len(workers)
+
+    def finished(i: int) -> bool:
+        return closed[i] == 2 or (seeding and b"\n" in workers[i].stdout)
+
     deadline = time.monotonic() + RUN_TIMEOUT
     try:
-        while open_streams and time.monotonic() < deadline:
-            for key, _ in sel.select(timeout=0.2):
-                i, kind = key.data
-                w = workers[i]
-                chunk = os.read(key.fd, 65536)
-                if not chunk:
-                    sel.unregister(key.fileobj)
-                    open_streams -= 1
-                    continue
-                if kind == "out":
-                    w.stdout += chunk
-                    continue
-                text = w.partial + chunk
-                *complete, w.partial = text.split(b"\n")
-                for raw in complete:
-                    line = raw.decode(errors="replace")
-                    parts = line.split()
-                    if len(parts) == 4 and parts[0] == "progress":
-                        bars[i].n = int(parts[1])
-                        bars[i].set_postfix_str(f"{parts[3]} peers", refresh=False)
-                        bars[i].refresh()
-                        continue
-                    m = LISTENING.search(line)
-                    if m and not w.port:
-                        w.port = int(m.group(2))
-                    w.lines.append(line)
-    finally:
+        while not all(finished(i) for i in range(len(workers))) and time.monotonic() < deadline:
+            for i in _pump(sel, workers, bars, 0.2):
+                closed[i] += 1
+    except BaseException:
         sel.close()
+        raise
+    finally:
         for bar in bars:
             bar.close()
+    if seeding:
+        return sel
+    sel.close()
     for w in workers:
         try:
             w.popen.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             w.popen.kill()
             w.popen.wait(3)
+    return None
+
+
+def _pump(sel: selectors.BaseSelector, workers: list[_Child], bars: list[Any], timeout: float) -> list[int]:
+    """One round of reading the fetchers' output; returns the index of each stream that closed."""
+    closed: list[int] = []
+    for key, _ in sel.select(timeout=timeout):
+        i, kind = key.data
+        w = workers[i]
+        chunk = os.read(key.fd, 65536)
+        if not chunk:
+            sel.unregister(key.fileobj)
+            closed.append(i)
+            continue
+        if kind == "out":
+            w.stdout += chunk
+            continue
+        text = w.partial + chunk
+        *complete, w.partial = text.split(b"\n")
+        for raw in complete:
+            line = raw.decode(errors="replace")
+            parts = line.split()
+            if len(parts) == 4 and parts[0] == "progress":
+                if bars:
+                    bars[i].n = int(parts[1])
+                    bars[i].set_postfix_str(f"{parts[3]} peer{'' if parts[3] == '1' else 's'}", refresh=False)
+                    bars[i].refresh()
+                continue
+            m = LISTENING.search(line)
+            if m and not w.port:
+                w.port = int(m.group(2))
+            w.lines.append(line)
+    return closed
+
+
+def _serve_until_interrupted(sel: selectors.BaseSelector, workers: list[_Child]) -> None:
+    """Keep draining the seeding fetchers' output (a full pipe would stall them) until Ctrl-C.
+
+    SIGTERM ends the wait the same way, so the caller still stops every process by PID.
+    """
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        while sel.get_map():
+            _pump(sel, workers, [], 0.5)
+        # Every fetcher exited (killed from outside?); the tracker and seeder still serve.
+        while True:
+            signal.pause()  # returns after any handled signal; only Ctrl-C (SIGINT) ends the wait
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        sel.close()
 
 
 def _report(w: _Child, path: Path, cf: Any, names: dict[int, str], say: IO[str]) -> bool:
@@ -270,7 +328,8 @@ def _report(w: _Child, path: Path, cf: Any, names: dict[int, str], say: IO[str])
         except ValueError:
             doc = {}
     check = check_data(path, cf)
-    good = w.popen.returncode == 0 and doc.get("complete") is True and check.complete
+    # A fetcher told to --seed is still running (returncode None) once complete.
+    good = w.popen.poll() in (0, None) and doc.get("complete") is True and check.complete
     if not good:
         errors = [line for line in w.lines if "error" in line] or w.lines[-3:]
         print(f"{w.name}: FAILED (exit {w.popen.returncode}): {' / '.join(errors)}", file=say)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from cascade.addresses import parse_hostport
-from cascade.errors import CascadeError, DataError, TrackerUnreachable, UsageError
+from cascade.errors import CascadeError, DataError, DiskFullError, UsageError
 from cascade.metafile import CascadeFile, default_data_path, read_cascade
 from cascade.units import format_size
 from cascade.wire import PeerRecord, TrackerCommand
@@ -33,7 +33,7 @@ from peer.fetcher import Fetcher, FetchPolicy, FetchResult, Progress
 from peer.localdata import DataCheck, check_data
 from peer.server import BlockServer
 from peer.storage import BlockStore
-from peer.tracker_client import TrackerAddress, TrackerRefused, announce, parse_tracker
+from peer.tracker_client import TrackerAddress, announce, parse_tracker
 
 log = logging.getLogger("peer.fetch")
 
@@ -46,7 +46,7 @@ EXIT_INTERRUPTED = 130
 
 
 def run(args: argparse.Namespace) -> int:
-    setup_logging(args.verbose)
+    setup_logging(args.verbose, timestamps=args.seed)  # with --seed it runs as a server
     stop = StopSignal().install()
     started = time.monotonic()
     fetcher: Fetcher | None = None
@@ -141,7 +141,7 @@ def _fetch(args: argparse.Namespace, stop: StopSignal) -> int:
         banned = f", banned {len(result.banned)}" if result.banned else ""
         print(
             f"peer fetch: {name} complete: {format_size(result.bytes_downloaded)} in {result.seconds:.2f} s "
-            f"({format_size(rate)}/s) from {len(result.sources)} peers{banned}",
+            f"({format_size(rate)}/s) from {_peers(len(result.sources))}{banned}",
             file=sys.stderr,
             flush=True,
         )
@@ -297,10 +297,8 @@ class _Session:
 def _first_listing(session: _Session) -> list[tuple[str, int, bool]]:
     try:
         return _tuples(session.list_peers())
-    except (TrackerUnreachable, TrackerRefused) as exc:
+    except CascadeError as exc:  # the tracker client's messages name the tracker already
         raise _Failed(str(exc)) from exc
-    except CascadeError as exc:
-        raise _Failed(f"tracker {session.tracker}: {exc}") from exc
 
 
 def _tuples(records: tuple[PeerRecord, ...]) -> list[tuple[str, int, bool]]:
@@ -339,8 +337,14 @@ def _download(
         bar.close()
 
 
+def _peers(n: int) -> str:
+    return "1 peer" if n == 1 else f"{n} peers"
+
+
 def _disk_message(exc: CascadeError) -> str:
     cause = exc.__cause__
+    if isinstance(exc, DiskFullError):  # says "disk full" already
+        return str(exc)
     if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"disk full: {exc}"
     return str(exc)
@@ -373,7 +377,7 @@ class _ProgressBar:
             self.bar = tqdm(
                 total=cf.data_length,
                 initial=self.done,
-                unit="B",
+                unit="iB",  # with the 1024 divisor: KiB, MiB, as in the summary line
                 unit_scale=True,
                 unit_divisor=1024,
                 file=sys.stderr,
@@ -386,7 +390,7 @@ class _ProgressBar:
         if self.bar is not None:
             self.bar.update(p.verified_bytes - self.done)
             self.done = p.verified_bytes
-            self.bar.set_postfix_str(f"{p.peers} peers", refresh=False)
+            self.bar.set_postfix_str(_peers(p.peers), refresh=False)
         elif self.lines:
             now = time.monotonic()
             if now - self.last_line >= 0.1 or p.verified_bytes == p.total_bytes:

@@ -14,12 +14,13 @@ once instead of waiting for its TTL (BitTorrent's ``event=stopped``).
 
 from __future__ import annotations
 
-import json
+import socket
 from typing import TYPE_CHECKING
 
+from cascade.addresses import is_specific_ipv4
 from cascade.errors import ProtocolError, TrackerUnreachable
 from cascade.wire import MAX_TRACKER_REPLY_BODY, PeerRecord, TrackerCommand
-from peer.publish import RETRIES, describe_request_error, error_message, http_session
+from peer.publish import RETRIES, describe_request_error, error_message, http_session, parse_json
 from peer.tracker_client import TrackerAddress, TrackerRefused
 
 # A JSON peer record is at most ~80 bytes; this leaves room for 65,536 of them.
@@ -46,7 +47,8 @@ def announce_http(
     :class:`TrackerUnreachable`, :class:`TrackerRefused` or :class:`ProtocolError`.
     """
     action = "subscribe" if command == TrackerCommand.SUBSCRIBE else "list"
-    body = _post(tracker, {"cascade_hash": cascade_hash.hex(), "ip": ip, "port": port, "action": action}, timeout)
+    doc = {"cascade_hash": cascade_hash.hex(), "ip": _announced_ip(tracker, ip), "port": port, "action": action}
+    body = _post(tracker, doc, timeout)
     return _parse_peers(body, tracker)
 
 
@@ -57,7 +59,13 @@ def announce_stopped(
 
     Raises :class:`TrackerUnreachable`, :class:`TrackerRefused` or :class:`ProtocolError`.
     """
-    _post(tracker, {"cascade_hash": cascade_hash.hex(), "ip": ip, "port": port, "action": "stopped"}, timeout, 0)
+    doc = {"cascade_hash": cascade_hash.hex(), "ip": _announced_ip(tracker, ip), "port": port, "action": "stopped"}
+    _post(tracker, doc, timeout, 0)
+
+
+def _announced_ip(tracker: TrackerAddress, ip: str) -> str:
+    """``ip``, or for 0.0.0.0 the local address that reaches the tracker (it may store 0.0.0.0 as sent)."""
+    return route_ip(tracker.host, tracker.port) if ip == "0.0.0.0" else ip
 
 
 def _post(tracker: TrackerAddress, doc: dict[str, object], timeout: float, retries: int = RETRIES) -> bytes:
@@ -78,7 +86,25 @@ def _post(tracker: TrackerAddress, doc: dict[str, object], timeout: float, retri
     return body
 
 
+def route_ip(host: str, port: int) -> str:
+    """The local IPv4 address this machine reaches ``host`` from, else 0.0.0.0.
+
+    Connecting a UDP socket sends nothing; the kernel only picks the route and
+    the source address, the same one a TCP connection to the tracker gets.
+    """
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.connect((host, port or 80))
+            local = str(udp.getsockname()[0])
+    except OSError:  # an unresolvable host: the request itself will say so
+        return "0.0.0.0"
+    return local if is_specific_ipv4(local) else "0.0.0.0"
+
+
 def _read_capped(r: requests.Response) -> bytes:
+    length = r.headers.get("Content-Length", "")
+    if length.isdigit() and int(length) > MAX_REPLY_BYTES:
+        raise ProtocolError(f"tracker reply is larger than {MAX_REPLY_BYTES} bytes")
     chunks: list[bytes] = []
     size = 0
     for chunk in r.iter_content(1 << 16):
@@ -93,12 +119,16 @@ def _read_capped(r: requests.Response) -> bytes:
 
 def _parse_peers(body: bytes, tracker: TrackerAddress) -> tuple[PeerRecord, ...]:
     try:
-        doc = json.loads(body)
+        doc = parse_json(body)
+        if not isinstance(doc, dict):
+            raise TypeError("not a JSON object")
         raw = doc["peers"]
         if not isinstance(raw, list):
             raise TypeError("peers is not a list")
         peers = []
         for p in raw:
+            if not isinstance(p, dict):
+                raise TypeError("a peer is not a JSON object")
             ip, port, last_seen, good = p["ip"], p["port"], p["last_seen"], p["good"]
             if not (isinstance(port, int) and isinstance(last_seen, int) and isinstance(good, bool)):
                 raise TypeError("a peer has a field of the wrong type")

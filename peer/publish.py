@@ -15,7 +15,10 @@ bounded retry policy (:func:`http_session`); every failure becomes one
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
+import json
+import logging
 import os
 import re
 import sys
@@ -25,7 +28,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import SplitResult, unquote, urlsplit
 
-from cascade.errors import CascadeError, MetafileError, UnreachableError, UsageError
+from cascade.errors import (
+    CascadeError,
+    DataError,
+    DiskFullError,
+    MetafileError,
+    ProtocolError,
+    UnreachableError,
+    UsageError,
+)
 from cascade.metafile import HASH_SIZE, MAX_METAFILE_SIZE, CascadeFile, default_data_path, read_cascade
 
 if TYPE_CHECKING:
@@ -64,6 +75,9 @@ def http_session(retries: int = RETRIES) -> requests.Session:
     from requests.adapters import HTTPAdapter
     from urllib3.util.retry import Retry
 
+    # urllib3 logs a "Retrying (Retry(total=...))" warning for every retry; the
+    # caller reports the final outcome in one line, so those would be noise.
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
     retry = Retry(
         total=retries,
         connect=retries,
@@ -90,6 +104,8 @@ def describe_request_error(exc: Exception) -> str:
 
     if isinstance(exc, requests.Timeout):
         return "timed out"
+    if _binary_reply(exc):
+        return "the answer is not HTTP: this looks like the tracker's binary port; use HOST:PORT without http://"
     text = str(exc)
     m = re.search(r"\[Errno -?\d+\] ([^'\"\)]+)", text)
     if m:
@@ -99,13 +115,45 @@ def describe_request_error(exc: Exception) -> str:
     return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
+def _binary_reply(exc: BaseException) -> bool:
+    """True if ``exc`` (from ``requests``) comes from a status line that starts with a control byte.
+
+    A binary tracker answers an HTTP request with an error reply whose first
+    byte is its status (1..255), so ``http.client`` meets no ``HTTP/`` line.
+    """
+    from http.client import BadStatusLine
+
+    seen: list[BaseException] = [exc]
+    for e in seen:  # the chain is short; the bound guards against a cycle
+        if len(seen) > 20:
+            break
+        if isinstance(e, BadStatusLine):
+            line = str(e.args[0]) if e.args else ""
+            return bool(line) and not line[0].isprintable()
+        nested = [e.__cause__, e.__context__, getattr(e, "reason", None), *e.args]
+        seen.extend(x for x in nested if isinstance(x, BaseException) and x not in seen)
+    return False
+
+
+def parse_json(body: bytes) -> object:
+    """``body`` as JSON; raises :class:`ProtocolError` for anything a server can send that is not JSON.
+
+    A nesting deep enough to exhaust the parser's stack counts as not JSON.
+    """
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:100]
+        raise ProtocolError(f"the reply is not valid JSON ({reason})") from exc
+
+
 def error_message(response: requests.Response) -> str:
     """The ``{"error": ...}`` of an error response, else its status line."""
     try:
-        doc = response.json()
+        doc = parse_json(response.content)
         if isinstance(doc, dict) and isinstance(doc.get("error"), str):
             return str(doc["error"])[:300]
-    except ValueError:
+    except ProtocolError:
         pass
     return f"{response.status_code} {response.reason}"
 
@@ -198,7 +246,10 @@ def _receive(r: requests.Response, url: str, target: Path) -> Path:
         raise MetafileError(f"{url}: {length} bytes is larger than any valid .cascade file")
     if target.parent and not target.parent.is_dir():
         raise UsageError(f"{target.parent}: no such folder for the downloaded .cascade file")
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    except OSError as exc:
+        raise _save_error(target, exc) from exc
     tmp = Path(name)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -208,10 +259,20 @@ def _receive(r: requests.Response, url: str, target: Path) -> Path:
                 if size > MAX_METAFILE_SIZE:
                     raise MetafileError(f"{url}: larger than any valid .cascade file")
                 f.write(chunk)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _save_error(target, exc) from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return tmp
+
+
+def _save_error(target: Path, exc: OSError) -> DataError:
+    """One line for a failure to save the downloaded .cascade as ``target``."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFullError(f"{target}: disk full while saving the downloaded .cascade file")
+    return DataError(f"{target}: cannot save the downloaded .cascade file: {exc.strerror or exc}")
 
 
 def _sha256(path: Path) -> bytes:
@@ -229,12 +290,15 @@ def _check_and_place(tmp: Path, target: Path, want: bytes, url: str) -> None:
             f"{url}: the downloaded file's SHA-256 is {got.hex()}, not the hash in the URL; refusing to use it"
         )
     read_cascade(tmp)  # the right bytes, and also a valid .cascade
-    os.chmod(tmp, 0o644)  # mkstemp made it private; a .cascade file is public by nature
-    if target.exists():
-        if target.is_file() and _sha256(target) == want:
-            return
-        raise UsageError(f"{target} already exists and is not this .cascade file; use --out to save it elsewhere")
-    os.replace(tmp, target)
+    try:
+        os.chmod(tmp, 0o644)  # mkstemp made it private; a .cascade file is public by nature
+        if target.exists():
+            if target.is_file() and _sha256(target) == want:
+                return
+            raise UsageError(f"{target} already exists and is not this .cascade file; use --out to save it elsewhere")
+        os.replace(tmp, target)
+    except OSError as exc:
+        raise _save_error(target, exc) from exc
 
 
 # --- upload ---------------------------------------------------------------------
@@ -268,9 +332,11 @@ def upload_cascade(path: str | os.PathLike[str], tracker: str, token: str | None
     if r.status_code not in (200, 201):
         raise PublishRefused(f"tracker {base} refused the upload: {error_message(r)}")
     try:
-        doc = r.json()
+        doc = parse_json(r.content)
+        if not isinstance(doc, dict):
+            raise TypeError("not a JSON object")
         returned = parse_hash(doc["cascade_hash"])
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ProtocolError, ValueError, KeyError, TypeError) as exc:
         raise PublishRefused(f"tracker {base} answered the upload with something that is not its API") from exc
     if returned != cf.cascade_hash:
         raise PublishRefused(f"tracker {base} stored the file under another hash ({returned.hex()})")

@@ -82,7 +82,7 @@ def _seed_files(paths: Sequence[str], data: str | None) -> list[_SeedFile]:
 
 def run(args: argparse.Namespace) -> int:
     """``peer seed``: verify each data file, serve its verified blocks, subscribe it at the tracker."""
-    setup_logging(args.verbose)
+    setup_logging(args.verbose, timestamps=True)
     stop = StopSignal().install()
     tracker = parse_tracker(args.tracker)
     rate = parse_rate(args.max_upload_rate)

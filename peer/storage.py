@@ -24,7 +24,7 @@ from peer.localdata import DataCheck, check_data
 
 def _data_error(path: Path, exc: OSError, doing: str) -> DataError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return DiskFullError(f"{path}: disk full, cannot {doing}")
+        return DiskFullError(f"{path}: disk full: cannot {doing}")
     return DataError(f"{path}: cannot {doing}: {exc.strerror or exc}")
 
 

@@ -1,7 +1,7 @@
 """Talking to a tracker over the binary protocol (PROTOCOL.md section 2).
 
-One request per connection: connect, send 54 bytes, read the reply until the
-tracker closes. Every failure is translated here into a Cascade error.
+One request per connection: connect, send 54 bytes, read the 5-byte reply
+header and then exactly the body length it announces. Every failure is translated here into a Cascade error.
 """
 
 from __future__ import annotations
@@ -9,16 +9,16 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass
 
-from cascade.addresses import parse_hostport
+from cascade.addresses import is_specific_ipv4, parse_hostport
 from cascade.errors import CascadeError, ProtocolError, TrackerUnreachable
 from cascade.wire import (
-    MAX_TRACKER_REPLY_BODY,
     TRACKER_REPLY_HEADER_SIZE,
     PeerList,
     PeerRecord,
     TrackerCommand,
     TrackerRequest,
     decode_tracker_reply,
+    decode_tracker_reply_header,
 )
 
 
@@ -62,36 +62,90 @@ def announce(
 ) -> tuple[PeerRecord, ...]:
     """Send one list or subscribe request and return the peers in the reply.
 
+    An ``ip`` of 0.0.0.0 (a peer listening on every address) is replaced by
+    the local address of the connection to the tracker: a tracker may store
+    0.0.0.0 as sent, and no other machine could reach the peer then.
     Raises :class:`TrackerUnreachable`, :class:`TrackerRefused` or :class:`ProtocolError`.
     """
     if tracker.url is not None:
         from peer.http_tracker import announce_http  # requests is imported only for HTTP trackers
 
         return announce_http(tracker, command, cascade_hash, ip, port, timeout)
-    request = TrackerRequest(command, cascade_hash, ip, port).encode()
-    limit = TRACKER_REPLY_HEADER_SIZE + MAX_TRACKER_REPLY_BODY
     try:
         with socket.create_connection((tracker.host, tracker.port), timeout=timeout) as sock:
-            sock.sendall(request)
-            chunks: list[bytes] = []
-            received = 0
-            while received <= limit:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                received += len(chunk)
+            sock.sendall(TrackerRequest(command, cascade_hash, local_ip(sock, ip), port).encode())
+            # The reply is read by its length, not until the tracker closes: a tracker
+            # that keeps the connection open after a whole reply must not cost a timeout.
+            try:
+                header = _recv_exact(sock, TRACKER_REPLY_HEADER_SIZE)
+            except TimeoutError:
+                if _answers_http(sock):
+                    raise _http_port_error(tracker) from None
+                raise
+            if header == b"HTTP/":
+                raise _http_port_error(tracker)
+            if len(header) < TRACKER_REPLY_HEADER_SIZE:
+                raise ProtocolError(f"tracker {tracker} closed after {len(header)} bytes, before a whole reply")
+            try:
+                _status, length = decode_tracker_reply_header(header)
+            except ProtocolError as exc:
+                raise ProtocolError(f"tracker {tracker}: {exc}") from exc
+            body = _recv_exact(sock, length)
     except OSError as exc:
         raise TrackerUnreachable(f"tracker {tracker} unreachable: {exc.strerror or exc}") from exc
-    data = b"".join(chunks)
-    if received > limit:
-        raise ProtocolError(f"tracker {tracker} sent more than {limit} bytes")
-    if len(data) < TRACKER_REPLY_HEADER_SIZE:
-        raise ProtocolError(f"tracker {tracker} closed after {len(data)} bytes, before a whole reply")
+    if len(body) < length:
+        raise ProtocolError(f"tracker {tracker} closed after {len(body)} of the {length} body bytes it announced")
     try:
-        reply = decode_tracker_reply(data)
+        reply = decode_tracker_reply(header + body)
     except ProtocolError as exc:
         raise ProtocolError(f"tracker {tracker}: {exc}") from exc
     if not isinstance(reply, PeerList):
         raise TrackerRefused(f"tracker {tracker} refused: {reply.message} (status {reply.status})")
     return reply.peers
+
+
+def local_ip(sock: socket.socket, ip: str) -> str:
+    """``ip``, or for 0.0.0.0 the IPv4 address ``sock`` (connected to the tracker) goes out from."""
+    if ip != "0.0.0.0":
+        return ip
+    local = sock.getsockname()[0]
+    return local if is_specific_ipv4(local) else ip
+
+
+def _recv_exact(sock: socket.socket, size: int) -> bytes:
+    """``size`` bytes, or fewer if the other side closes first."""
+    buf = bytearray()
+    while len(buf) < size:
+        chunk = sock.recv(min(size - len(buf), 1 << 16))
+        if not chunk:
+            break
+        buf += chunk
+    return bytes(buf)
+
+
+def _http_port_error(tracker: TrackerAddress) -> ProtocolError:
+    return ProtocolError(
+        f"tracker {tracker} answered in HTTP: this looks like the tracker's HTTP port; "
+        f"use http://{tracker.host}:{tracker.port}"
+    )
+
+
+# Seconds to wait for an HTTP status line after the nudge (arbitrary: a local answer takes
+# milliseconds, and this is spent only on a tracker that already timed out).
+HTTP_PROBE_TIMEOUT = 1.0
+
+
+def _answers_http(sock: socket.socket) -> bool:
+    """True if the silent server on ``sock`` turns out to speak HTTP.
+
+    An HTTP server waits for the end of a request line that our 54 bytes never
+    send; an empty line completes it and the server answers ``HTTP/1.x 400``.
+    A binary tracker that stayed silent this long has failed already, so the
+    extra bytes cost nothing.
+    """
+    try:
+        sock.settimeout(HTTP_PROBE_TIMEOUT)
+        sock.sendall(b"\r\n\r\n")
+        return _recv_exact(sock, 5) == b"HTTP/"
+    except OSError:
+        return False

@@ -20,6 +20,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 LISTENING = re.compile(r"listening on (\S+):(\d+)")
+# Server log lines start with the time (2026-11-30T19:17:31.916); tests compare what follows.
+TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3} ", re.MULTILINE)
+
+
+def messages(log: str) -> list[str]:
+    """The lines of a server log without their timestamps."""
+    return TIMESTAMP.sub("", log).splitlines()
 
 
 # The module each command runs as: ``cascade`` lives in the peer package

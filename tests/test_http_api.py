@@ -20,7 +20,7 @@ import requests
 from cascade.metafile import encode_cascade
 from cascade.wire import TrackerCommand
 from peer.tracker_client import TrackerAddress, announce
-from tests.procs import Proc
+from tests.procs import Proc, messages
 from tracker.cascade_store import CascadeStore
 from tracker.http_api import HttpConfig, TrackerHttpServer
 from tracker.swarms import SwarmRegistry
@@ -110,7 +110,7 @@ def upload(t: Tracker, data: bytes, token: str | None = TOKEN, **kw: object) -> 
 
 @pytest.mark.process
 def test_healthz(tracker: Tracker) -> None:
-    lines = tracker.proc.stderr.splitlines()
+    lines = messages(tracker.proc.stderr)
     assert lines[0] == f"tracker listening on 127.0.0.1:{tracker.port}"
     assert lines[1] == f"tracker http on 127.0.0.1:{tracker.http}"
     r = requests.get(f"{tracker.url}/healthz", timeout=5)

@@ -24,7 +24,7 @@ from cascade.wire import (
 from peer.common import announce_ip
 from peer.ratelimit import TokenBucket
 from peer.tracker_client import TrackerAddress, announce
-from tests.procs import Proc
+from tests.procs import Proc, messages
 from tests.test_peer_server import (
     TIMEOUT,
     Sample,
@@ -135,7 +135,7 @@ def test_first_line_then_one_line_per_file(tmp_path: Path, tracker: FakeTracker)
     proc = Proc(["peer", "seed", *args])
     try:
         proc.wait_for_line("b.bin.cascade")
-        lines = proc.stderr.splitlines()
+        lines = messages(proc.stderr)
         assert lines[0].startswith("peer listening on ")
         assert any(line.startswith("a.bin.cascade: 10/10 blocks verified") for line in lines)
         assert any(line.startswith("b.bin.cascade: 2/5 blocks verified") and "partial" in line for line in lines)
@@ -166,7 +166,7 @@ def test_listen_line_has_the_real_port(sample: Sample, tracker: FakeTracker) -> 
     tracker.serve()
     proc, port = seed(sample, tracker.address)
     try:
-        assert proc.stderr.splitlines()[0] == f"peer listening on 127.0.0.1:{port}"
+        assert messages(proc.stderr)[0] == f"peer listening on 127.0.0.1:{port}"
         status, body, _ = _one(port, req(0, sample.cf.cascade_hash))
         assert (status, body) == (0, block(sample.data, sample.cf, 0))
     finally:
@@ -466,7 +466,8 @@ def test_announce_ip_rule() -> None:
     assert announce_ip("127.0.0.1") == "127.0.0.1"
     assert announce_ip("0.0.0.0") == "0.0.0.0"
     assert announce_ip("localhost") == "0.0.0.0"
-    assert announce_ip("::") == "0.0.0.0"
+    with pytest.raises(UsageError, match="only IPv4"):
+        announce_ip("::")
     assert announce_ip("0.0.0.0", "192.0.2.7") == "192.0.2.7"
     with pytest.raises(UsageError):
         announce_ip("0.0.0.0", "::1")

@@ -16,6 +16,7 @@ import threading
 from collections.abc import Callable, Sequence
 from types import FrameType
 
+from cascade import __version__
 from cascade.argparsing import OneLineErrorParser
 from cascade.errors import CascadeError, UsageError
 from tracker.allowlist import load_allow_file
@@ -24,6 +25,10 @@ from tracker.store import StoreSpec, open_backend, parse_store_spec
 from tracker.swarms import SwarmLimits
 
 log = logging.getLogger("tracker")
+
+# Every log line starts with the local time, to the millisecond (a server's log is read afterwards).
+LOG_FORMAT = "%(asctime)s.%(msecs)03d %(message)s"
+LOG_DATEFMT = "%Y-%m-%dT%H:%M:%S"
 
 _DEFAULT_LIMITS = SwarmLimits()
 _DEFAULT_SERVER = ServerConfig()
@@ -139,6 +144,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(prog="tracker", description="The Cascade tracker.")
+    parser.add_argument("--version", action="version", version=f"tracker {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser("run", help="run the tracker", description="Run the tracker until SIGINT or SIGTERM.")
     add_run_arguments(run)
@@ -237,7 +243,12 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format=LOG_FORMAT,
+        datefmt=LOG_DATEFMT,
+        stream=sys.stderr,
+    )
     try:
         return run(args)
     except CascadeError as exc:
