@@ -117,11 +117,14 @@ def _fetch(args: argparse.Namespace, stop: StopSignal) -> int:
     done = False
     try:
         bound_host, session.port = server.address
-        log.info("peer listening on %s:%d", bound_host, session.port)
+        # Said once the output is open: a run that fails before (tracker down, disk
+        # full) prints its one error line and nothing else.
+        listening = f"peer listening on {bound_host}:{session.port}"
         if target.complete:
             # check_data verified every block and the whole-file hash just now.
             store = _open_store(cf, out, target)
             server.add_store(store)
+            log.info("%s", listening)
             n = cf.block_count
             result = FetchResult(True, 0, 0, n, n, 0.0, {}, [])
         else:
@@ -132,6 +135,7 @@ def _fetch(args: argparse.Namespace, stop: StopSignal) -> int:
             stop.check()
             store = _open_store(cf, out, target)
             server.add_store(store)
+            log.info("%s", listening)
             result = _download(args, session, store, first, stop)
             # The whole-file hash matched: only now does the data take its final name.
             store.move_to(out)

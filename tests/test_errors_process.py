@@ -6,7 +6,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ import requests
 
 from cascade import __version__
 from peer.publish import upload_cascade
-from tests.procs import Proc
+from tests.procs import Proc, command_line
 
 pytestmark = pytest.mark.process
 
@@ -27,7 +26,7 @@ SAMPLE = REPO / "sample_data" / "poem.txt.cascade"  # 128 KiB of data
 
 def run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+        command_line(args), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
     )
 
 
@@ -120,7 +119,7 @@ def test_fetch_url_into_a_full_disk(published: str, small_tmpfs: Path) -> None:
 def test_fetch_url_whose_data_does_not_fit(published: str, small_tmpfs: Path) -> None:
     out = small_tmpfs / "poem.txt"  # the .cascade fits in 64 KiB, the 128 KiB of data do not
     proc = run("peer", "fetch", published, "--out", str(out), "--listen", "127.0.0.1:0")
-    assert_one_line(proc, 1, f"{out}: disk full: cannot reserve space for the output file")
+    assert_one_line(proc, 1, f"{out}.part: disk full: cannot reserve space for the output file")
 
 
 def test_ipv6_listen_is_refused_in_one_line() -> None:
