@@ -27,7 +27,8 @@ from cascade.metafile import CascadeFile, default_data_path, read_cascade
 from cascade.units import format_size
 from cascade.wire import TrackerCommand
 from peer.common import DEFAULT_LISTEN, Interrupted, StopSignal, announce_ip, setup_logging
-from peer.fetcher import Fetcher, FetchPolicy, FetchResult, Progress
+from peer.fetcher import Fetcher, FetchPolicy, FetchResult, PeerInfo, Progress
+from peer.ratelimit import parse_rate
 from peer.server import BlockServer
 from peer.storage import BlockStore
 from peer.tracker_client import TrackerAddress, TrackerRefused, announce, parse_tracker
@@ -91,13 +92,15 @@ def _fetch(args: argparse.Namespace, stop: StopSignal) -> int:
             raise UsageError(f"--max-peers must be at least 1, not {args.max_peers}")
         if not args.timeout > 0:
             raise UsageError(f"--timeout must be positive, not {args.timeout:g}")
+        download_rate = parse_rate(args.max_download_rate, "--max-download-rate")
+        upload_rate = parse_rate(args.max_upload_rate, "--max-upload-rate")
         cf = read_cascade(cascade_file)
         out = Path(args.out) if args.out else default_data_path(cascade_file)
         store, already_complete = _open_output(cf, out, args.force)
     except CascadeError as exc:
         raise _Failed(str(exc)) from exc
 
-    server = BlockServer(host, port)
+    server = BlockServer(host, port, upload_rate=upload_rate)
     try:
         server.start()
     except OSError as exc:
@@ -105,7 +108,7 @@ def _fetch(args: argparse.Namespace, stop: StopSignal) -> int:
             store.close()
             raise _Failed(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
         # The default port is taken (a seeder on this machine): any free port will do.
-        server = BlockServer(host, 0)
+        server = BlockServer(host, 0, upload_rate=upload_rate)
         server.start()
     try:
         server.add_store(store)
@@ -116,7 +119,7 @@ def _fetch(args: argparse.Namespace, stop: StopSignal) -> int:
             n = cf.block_count
             result = FetchResult(True, 0, 0, n, n, 0.0, {}, [])
         else:
-            result = _download(args, cf, store, tracker, my_ip, my_port, stop)
+            result = _download(args, cf, store, tracker, my_ip, my_port, stop, download_rate)
         _subscribe(tracker, cf, my_ip, my_port)
         name = out.name
         rate = result.bytes_downloaded / result.seconds if result.seconds > 0 else 0.0
@@ -169,12 +172,13 @@ def _download(
     my_ip: str,
     my_port: int,
     stop: StopSignal,
+    download_rate: int | None = None,
 ) -> FetchResult:
-    def list_peers() -> list[tuple[str, int, bool]]:
+    def list_peers() -> list[PeerInfo]:
         records = announce(tracker, TrackerCommand.LIST, cf.cascade_hash, my_ip, my_port, LIST_TIMEOUT)
-        return [(r.ip, r.port, r.good) for r in records]
+        return [(r.ip, r.port, r.good, r.last_seen) for r in records]
 
-    policy = FetchPolicy(max_peers=args.max_peers, stall_timeout=args.timeout)
+    policy = FetchPolicy(max_peers=args.max_peers, stall_timeout=args.timeout, max_download_rate=download_rate)
     fetcher = Fetcher(store, list_peers, policy=policy, my_port=my_port)
     if not store.complete:
         # The first listing decides between "tracker unreachable" and a download.

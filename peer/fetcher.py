@@ -846,9 +846,7 @@ class Fetcher:
                 now = clock()
                 # Hungry: a slot is free, no candidate is left and more connects could start.
                 hungry = (
-                    self._free_slots() > 0
-                    and len(self._connector) < policy.max_connecting
-                    and not self._eligible(now)
+                    self._free_slots() > 0 and len(self._connector) < policy.max_connecting and not self._eligible(now)
                 )
                 if now >= next_list or (hungry and now - last_list >= self._hungry_gap):
                     new = self._relist()
