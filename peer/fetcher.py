@@ -98,7 +98,7 @@ class FetchPolicy:
     # Connects are non-blocking and run side by side (up to max_connecting), each
     # with this deadline: a peer that does not answer a SYN in 1.5 s is not worth a slot.
     connect_timeout: float = 1.5
-    max_connecting: int = 64
+    max_connecting: int = 128
     # Before a peer's throughput is known, its first whole response may take this long.
     first_response_timeout: float = 4.0
     # Once it is known, a whole response may take timeout_factor x its expected time, at least this.
@@ -118,7 +118,7 @@ class FetchPolicy:
     relist_max: float = 15.0
     # With a free slot and no candidate left, ask again after relist_hungry; doubled
     # (up to relist_min / 2) while the lists bring no new address.
-    relist_hungry: float = 0.02
+    relist_hungry: float = 0.01
     # A peer whose rate is below evict_ratio x the median of the others loses its
     # slot to an untried candidate (judged after evict_after s, one per evict_every s).
     evict_ratio: float = 0.125
@@ -844,11 +844,7 @@ class Fetcher:
         try:
             while not self._sched.complete.is_set() and self._fatal is None:
                 now = clock()
-                # Hungry: a slot is free, no candidate is left and more connects could start.
-                hungry = (
-                    self._free_slots() > 0 and len(self._connector) < policy.max_connecting and not self._eligible(now)
-                )
-                if now >= next_list or (hungry and now - last_list >= self._hungry_gap):
+                if now >= next_list or (self._hungry(now) and now - last_list >= self._hungry_gap):
                     new = self._relist()
                     last_list = now
                     next_list = now + relist_every
@@ -866,10 +862,13 @@ class Fetcher:
                     raise CascadeTimeout(self._stall_message())
                 if on_tick is not None:
                     on_tick(self._progress())
+                wait = tick
+                if self._hungry(now):  # wait only until the tracker may be asked again
+                    wait = max(0.0, min(wait, last_list + self._hungry_gap - clock()))
                 if len(self._connector):
-                    self._on_connects(self._connector.poll(min(tick, CONNECT_POLL)))
+                    self._on_connects(self._connector.poll(min(wait, CONNECT_POLL)))
                 else:
-                    self._sched.wake.wait(tick)
+                    self._sched.wake.wait(wait)
                 self._sched.wake.clear()
         finally:
             self._stop.set()
@@ -971,6 +970,12 @@ class Fetcher:
             for p in self._peers.values()
             if not p.sessions and not p.connecting and not p.banned and not p.is_self and p.next_try <= now
         ]
+
+    def _hungry(self, now: float) -> bool:
+        """A slot is free, no candidate is left to try and more connects could start."""
+        return (
+            self._free_slots() > 0 and len(self._connector) < self.policy.max_connecting and not self._eligible(now)
+        )
 
     def _free_slots(self) -> int:
         return self._max_sessions - len(self._sessions)
