@@ -2,6 +2,12 @@
 
 Shape:
 
+- Connects are non-blocking and many at once (:class:`_Connector`, polled by
+  the coordinator), good and recently seen peers first: thousands of dead
+  addresses from a tracker cost seconds, not session slots. An unreachable
+  address leaves the candidates for a small "retry later" record; both are
+  capped, and a huge tracker reply is sampled. With a slot free and no
+  candidate left, the tracker is asked again at once.
 - One thread per peer connection (up to ``max_peers``). It does blocking
   ``recv_into`` with the GIL released, so connections overlap on every core.
   A connection keeps several requests in flight (PROTOCOL.md section 5,
@@ -26,6 +32,9 @@ Shape:
   ``os.pwrite``, so unverified bytes never touch the data file.
 - A peer that sends a wrong length, a corrupt block or garbage is dropped;
   after ``ban_after`` offences it is banned for the rest of the run.
+- A response has a deadline as a whole (from the peer's measured rate), not
+  per ``recv``: a byte a second cannot hold a slot. A peer far slower than the
+  median gives its slot to an untried candidate (:func:`pick_evictee`).
 
 Memory is bounded by connections, not by the file: one read buffer and one
 block buffer per connection, a 4 MiB hashing buffer, plus 4 bytes per
@@ -622,16 +631,17 @@ def connect_budget(free_slots: int, pending: int, failure_streak: int, limit: in
 def pick_evictee(sessions: Iterable[_Session], now: float, policy: FetchPolicy) -> _Session | None:
     """The session to give up for an untried peer: far slower than the median of the others, or None.
 
-    Only sessions older than ``evict_after`` are judged; one that has not
-    delivered a block yet counts as rate 0.
+    Only sessions older than ``evict_after`` are judged; the median is over
+    those with a measured rate, and one that has not delivered a block yet
+    counts as rate 0.
     """
     judged = [s for s in sessions if not s.evicted and now - s.started >= policy.evict_after]
-    if len(judged) < 2:
+    measured = sorted(s.rate for s in judged if s.rate > 0)
+    if len(judged) < 2 or not measured:
         return None
-    rates = sorted(s.rate for s in judged)
-    median = rates[len(rates) // 2]
+    median = measured[len(measured) // 2]
     slowest = min(judged, key=lambda s: s.rate)
-    if median > 0 and slowest.rate < policy.evict_ratio * median:
+    if slowest.rate < policy.evict_ratio * median:
         return slowest
     return None
 
