@@ -983,9 +983,7 @@ class Fetcher:
 
     def _hungry(self, now: float) -> bool:
         """A slot is free, no candidate is left to try and more connects could start."""
-        return (
-            self._free_slots() > 0 and len(self._connector) < self.policy.max_connecting and not self._eligible(now)
-        )
+        return self._free_slots() > 0 and len(self._connector) < self.policy.max_connecting and not self._eligible(now)
 
     def _free_slots(self) -> int:
         return self._max_sessions - len(self._sessions)
