@@ -46,7 +46,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import heapq
 import logging
 import os
 import random
@@ -95,6 +94,9 @@ RECENT_BUCKET = 60
 # While connects are pending, the coordinator polls them this often (arbitrary:
 # short enough that a refused address costs no waiting, long enough to stay idle).
 CONNECT_POLL = 0.02
+# The ranking of candidates is rebuilt at least this often (arbitrary: backoffs of 0.2 s
+# and more expire about on time, while a ranking of thousands is not redone per connect).
+QUEUE_TTL = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,8 +122,8 @@ class FetchPolicy:
     dead_retry: float = 1.0
     # Candidates kept at once (a huge tracker reply is sampled, best first), and
     # addresses remembered as unreachable: memory stays bounded whatever the tracker sends.
-    max_candidates: int = 4096
-    max_dead: int = 32768
+    max_candidates: int = 8192
+    max_dead: int = 65536
     # Ask the tracker again after relist_min, doubling up to relist_max.
     relist_min: float = 0.5
     relist_max: float = 15.0
@@ -604,17 +606,35 @@ def candidate_rank(p: _Peer) -> tuple[int, bool, bool, int, float]:
     return (p.failures + p.offences, not p.answered, not p.good, -(p.last_seen // RECENT_BUCKET), p.order)
 
 
-def sample_best(infos: list[tuple[PeerAddr, bool, int]], k: int) -> list[tuple[PeerAddr, bool, int]]:
-    """The ``k`` best new addresses of a tracker reply: good and recent first, at random among equals.
+# A candidate from a tracker reply: address, good flag, last_seen, connects failed so far.
+Candidate = tuple[PeerAddr, bool, int, int]
 
-    At random, so that a tracker reply larger than ``k`` yields a different
-    sample each time it is asked for again.
+
+def sample_best(infos: list[Candidate], k: int) -> list[Candidate]:
+    """The ``k`` best new addresses of a tracker reply, at random among equals.
+
+    Never-failed first, then good, then recently seen. At random, so that a
+    tracker reply larger than ``k`` yields a different sample each time it is
+    asked for again, and the addresses not tried yet come before those that
+    failed before.
     """
     if len(infos) <= k:
         return infos
-    keyed = [((good, seen // RECENT_BUCKET, random.random()), i) for i, (_a, good, seen) in enumerate(infos)]
-    keyed.sort(reverse=True)
-    return [infos[i] for _key, i in keyed[:k]]
+    # Grouped by rank rather than sorted: O(n) for the 65,536 records a reply may hold.
+    groups: dict[tuple[int, bool, int], list[Candidate]] = {}
+    for info in infos:
+        _addr, good, seen, failures = info
+        groups.setdefault((-failures, good, seen // RECENT_BUCKET), []).append(info)
+    out: list[Candidate] = []
+    for rank in sorted(groups, reverse=True):
+        group = groups[rank]
+        left = k - len(out)
+        if len(group) > left:
+            out += random.sample(group, left)
+            break
+        random.shuffle(group)
+        out += group
+    return out
 
 
 def connect_budget(free_slots: int, pending: int, failure_streak: int, limit: int) -> int:
@@ -766,6 +786,10 @@ class Fetcher:
         self._streak = 0
         self._hungry_gap = self.policy.relist_hungry
         self._last_evict = float("-inf")
+        # Candidates ranked best last (see _next_candidates); rebuilt when stale or marked dirty.
+        self._queue: list[_Peer] = []
+        self._queue_until = float("-inf")
+        self._queue_dirty = True
         rate = self.policy.max_download_rate
         self._bucket = TokenBucket(rate) if rate else None
         # Until a second peer answers, blocks go out in file order (see _update_mode).
@@ -787,7 +811,7 @@ class Fetcher:
         """
         now = self._clock()
         known, dead = self._peers, self._dead
-        fresh: list[tuple[PeerAddr, bool, int]] = []
+        fresh: list[Candidate] = []
         seen: set[PeerAddr] = set()
         for info in peers:
             ip, port, good = info[0], info[1], info[2]
@@ -804,13 +828,12 @@ class Fetcher:
             if (gone is not None and gone[0] > now) or addr in seen:
                 continue
             seen.add(addr)
-            fresh.append((addr, good, last_seen))
+            fresh.append((addr, good, last_seen, 0 if gone is None else gone[1]))
         room = max(0, self.policy.max_candidates - len(known))
-        for addr, good, last_seen in sample_best(fresh, room):
-            p = known[addr] = _Peer(addr, good, last_seen)
-            gone = dead.pop(addr, None)
-            if gone is not None:
-                p.failures = gone[1]
+        self._queue_dirty = True
+        for addr, good, last_seen, failures in sample_best(fresh, room):
+            p = known[addr] = _Peer(addr, good, last_seen, failures=failures)
+            dead.pop(addr, None)
             if self._my_port is not None and addr[1] == self._my_port and _is_local(addr[0]):
                 p.is_self = True
         return len(fresh)
@@ -983,7 +1006,28 @@ class Fetcher:
 
     def _hungry(self, now: float) -> bool:
         """A slot is free, no candidate is left to try and more connects could start."""
-        return self._free_slots() > 0 and len(self._connector) < self.policy.max_connecting and not self._eligible(now)
+        return (
+            self._free_slots() > 0 and len(self._connector) < self.policy.max_connecting and not self._candidates(now)
+        )
+
+    def _is_eligible(self, p: _Peer, now: float) -> bool:
+        return not p.sessions and not p.connecting and not p.banned and not p.is_self and p.next_try <= now
+
+    def _candidates(self, now: float) -> list[_Peer]:
+        """The eligible candidates, best last; ranked once, then consumed by _launch.
+
+        Re-ranking thousands of candidates for each handful of connects costs
+        more than the connects: the ranking is rebuilt only when peers were
+        added or a session ended, or after QUEUE_TTL (backoffs expire).
+        """
+        if self._queue_dirty or now >= self._queue_until:
+            self._queue_dirty = False
+            self._queue_until = now + QUEUE_TTL
+            self._queue = sorted(self._eligible(now), key=candidate_rank, reverse=True)
+        queue = self._queue
+        while queue and (queue[-1].addr not in self._peers or not self._is_eligible(queue[-1], now)):
+            queue.pop()
+        return queue
 
     def _free_slots(self) -> int:
         return self._max_sessions - len(self._sessions)
@@ -994,12 +1038,13 @@ class Fetcher:
         budget = connect_budget(self._free_slots(), len(self._connector), self._streak, pol.max_connecting)
         if budget <= 0:
             return
-        candidates = self._eligible(now)
-        if len(candidates) > budget:
-            candidates = heapq.nsmallest(budget, candidates, key=candidate_rank)
-        else:
-            candidates.sort(key=candidate_rank)
-        for p in candidates:
+        queue = self._candidates(now)
+        chosen: list[_Peer] = []
+        while queue and len(chosen) < budget:
+            p = queue.pop()
+            if p.addr in self._peers and self._is_eligible(p, now):
+                chosen.append(p)
+        for p in chosen:
             error = self._connector.start(p.addr, pol.connect_timeout)
             if error is None:
                 p.connecting = True
@@ -1058,7 +1103,7 @@ class Fetcher:
         pol = self.policy
         if now - self._last_evict < pol.evict_every or self._free_slots() > 0:
             return
-        if not any(not p.connected_once and not p.failures for p in self._eligible(now)):
+        if not any(not p.connected_once and not p.failures for p in self._candidates(now)):
             return
         with self._lock:
             victim = pick_evictee(list(self._sessions), now, pol)
@@ -1135,6 +1180,7 @@ class Fetcher:
                 peer.not_present += session.not_present
                 peer.sessions -= 1
                 self._sessions.discard(session)
+            self._queue_dirty = True  # this peer may be a candidate again
             self._sched.wake.set()
 
     def _backoff(self, peer: _Peer) -> None:
@@ -1296,8 +1342,6 @@ class Fetcher:
                     raise _Offence(f"sent a corrupt block {i}") from exc
             out.popleft()
             peer.own.discard(i)
-            if self._bucket is not None:
-                self._bucket.acquire(length)  # sleeps to hold --max-download-rate; the deadline starts after
             if wrote and sched.done(i):
                 session.blocks += 1
                 session.bytes += length
@@ -1311,6 +1355,10 @@ class Fetcher:
                 measured = session.win_bytes / elapsed
                 session.rate = measured if session.rate <= 0 else 0.5 * session.rate + 0.5 * measured
                 session.win_start, session.win_bytes = now, 0
+            if self._bucket is not None:
+                # Sleep to hold --max-download-rate (TCP slows the peer meanwhile). The sleep falls
+                # in the next rate window, and the next response's deadline starts after it.
+                self._bucket.acquire(length)
         elif status == BlockStatus.NOT_PRESENT:
             if length > MAX_MESSAGE:
                 raise _Offence(f"sent a {length}-byte message")

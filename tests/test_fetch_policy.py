@@ -32,10 +32,12 @@ def test_good_and_recently_seen_peers_are_tried_first() -> None:
 
 
 def test_a_huge_reply_is_sampled_best_first_and_differently_each_time() -> None:
-    infos = [(("127.0.0.1", port), False, 100) for port in range(1, 10_001)]
-    infos[5000] = (("127.0.0.1", 99_999), True, 100)  # the only good one, mid-list
+    infos = [(("127.0.0.1", port), False, 100, 0) for port in range(1, 10_001)]
+    infos[5000] = (("127.0.0.1", 99_999), True, 100, 0)  # the only good one, mid-list
+    infos[6000] = (("127.0.0.1", 88_888), True, 100, 1)  # good, but it failed before
     first = sample_best(infos, 50)
     assert len(first) == 50 and first[0][0] == ("127.0.0.1", 99_999)
+    assert ("127.0.0.1", 88_888) not in [addr for addr, *_ in first]
     random.seed(1)
     second = sample_best(infos, 50)
     assert set(first) != set(second)  # 49 of 9,999 at random: equal only by a 1e-100 chance
