@@ -128,7 +128,7 @@ class FetchPolicy:
     relist_min: float = 0.5
     relist_max: float = 15.0
     # With a free slot and no candidate left, ask again after relist_hungry; doubled
-    # (up to relist_min / 2) while the lists bring no new address.
+    # while the lists bring no new address (see next_hungry_gap).
     relist_hungry: float = 0.01
     # A peer whose rate is below evict_ratio x the median of the others loses its
     # slot to an untried candidate (judged after evict_after s, one per evict_every s).
@@ -637,6 +637,18 @@ def sample_best(infos: list[Candidate], k: int) -> list[Candidate]:
     return out
 
 
+def next_hungry_gap(gap: float, new: int, downloading: bool, policy: FetchPolicy) -> float:
+    """How soon to ask the tracker again while a slot is free and no candidate is left.
+
+    Lists that brought ``new`` addresses are worth asking again at once;
+    others less and less: up to ``relist_min / 2`` while nothing downloads
+    (as before any peer is found), up to ``relist_max`` while a peer does.
+    """
+    if new:
+        return policy.relist_hungry
+    return min(policy.relist_max if downloading else policy.relist_min / 2, 2 * gap)
+
+
 def connect_budget(free_slots: int, pending: int, failure_streak: int, limit: int) -> int:
     """How many more connects to start: one per free slot, plus one per recent failure.
 
@@ -882,9 +894,7 @@ class Fetcher:
                     last_list = now
                     next_list = now + relist_every
                     relist_every = min(policy.relist_max, relist_every * 2)
-                    # Lists that bring new addresses are worth asking again soon; others less and less.
-                    gap = self._hungry_gap
-                    self._hungry_gap = policy.relist_hungry if new else min(policy.relist_min / 2, 2 * gap)
+                    self._hungry_gap = next_hungry_gap(self._hungry_gap, new, bool(self._sessions), policy)
                 self._launch(now)
                 self._update_mode()
                 self._maybe_evict(now)
@@ -1063,9 +1073,10 @@ class Fetcher:
             if sock is None:
                 self._connect_failed(p, error, now)
             elif self._free_slots() <= 0 or self._stop.is_set():
-                # Another connect filled the slot first: this peer is alive, so it goes first next time.
+                # Another connect filled the slot first: it stays a candidate, untouched.
                 sock.close()
                 self._streak = 0
+                self._queue_dirty = True
             else:
                 self._streak = 0
                 self._start_session(p, sock, now)
@@ -1243,7 +1254,7 @@ class Fetcher:
         sched, out, stop = self._sched, session.outstanding, self._stop
         session.win_start = self._clock()
         responses = 0
-        while not stop.is_set() and not peer.banned:
+        while not stop.is_set() and not peer.banned and not session.evicted:
             # The first request goes alone: a server that closes after each
             # response then never has unread requests (which would make it reset).
             depth = self._depth(session) if responses else 1
@@ -1297,7 +1308,7 @@ class Fetcher:
         sched, out, stop = self._sched, session.outstanding, self._stop
         reader = _Reader(None, self.cf.block_size)
         session.win_start = self._clock()
-        while not stop.is_set() and not peer.banned:
+        while not stop.is_set() and not peer.banned and not session.evicted:
             batch = sched.pick(peer, 1, self._clock())
             if not batch:
                 if sched.complete.is_set():

@@ -13,6 +13,7 @@ from peer.fetcher import (
     banned_message,
     candidate_rank,
     connect_budget,
+    next_hungry_gap,
     pick_evictee,
     sample_best,
 )
@@ -93,3 +94,11 @@ def test_the_stall_message_blames_banned_peers_only_when_they_were_all_there_was
     assert banned_message([untried], "60 s") is None
     many = [_Peer(("127.0.0.1", p), banned=True, ban_reason="sent garbage") for p in range(1, 6)]
     assert "all 5 peers it reached were banned" in (banned_message(many, "1 s") or "")
+
+
+def test_hungry_relists_back_off_unless_they_bring_new_addresses() -> None:
+    pol = FetchPolicy()
+    assert next_hungry_gap(0.16, 50, True, pol) == pol.relist_hungry
+    assert next_hungry_gap(0.01, 0, False, pol) == 0.02
+    assert next_hungry_gap(0.2, 0, False, pol) == pol.relist_min / 2  # nothing downloads: keep looking
+    assert next_hungry_gap(10.0, 0, True, pol) == pol.relist_max  # a peer works: spare the tracker
