@@ -97,6 +97,8 @@ CONNECT_POLL = 0.02
 # The ranking of candidates is rebuilt at least this often (arbitrary: backoffs of 0.2 s
 # and more expire about on time, while a ranking of thousands is not redone per connect).
 QUEUE_TTL = 0.25
+# Connect attempts per coordinator pass at most (arbitrary: bounds one pass to a few ms).
+LAUNCH_BATCH = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -908,6 +910,9 @@ class Fetcher:
                 wait = tick
                 if self._hungry(now):  # wait only until the tracker may be asked again
                     wait = max(0.0, min(wait, last_list + self._hungry_gap - clock()))
+                budget = connect_budget(self._free_slots(), len(self._connector), self._streak, policy.max_connecting)
+                if self._queue and budget > 0:
+                    wait = 0.0  # _launch stopped at LAUNCH_BATCH: go on at once
                 if len(self._connector):
                     self._on_connects(self._connector.poll(min(wait, CONNECT_POLL)))
                 else:
@@ -1044,18 +1049,19 @@ class Fetcher:
 
     def _launch(self, now: float) -> None:
         """Start connects for free slots, best candidates first (see connect_budget)."""
-        pol = self.policy
-        budget = connect_budget(self._free_slots(), len(self._connector), self._streak, pol.max_connecting)
-        if budget <= 0:
+        pol, connector = self.policy, self._connector
+        if connect_budget(self._free_slots(), len(connector), self._streak, pol.max_connecting) <= 0:
             return
         queue = self._candidates(now)
-        chosen: list[_Peer] = []
-        while queue and len(chosen) < budget:
+        # A refused connect often fails at once (on loopback always): it frees its place in the
+        # budget within this call, up to LAUNCH_BATCH attempts per call.
+        for _ in range(LAUNCH_BATCH):
+            if not queue or connect_budget(self._free_slots(), len(connector), self._streak, pol.max_connecting) <= 0:
+                return
             p = queue.pop()
-            if p.addr in self._peers and self._is_eligible(p, now):
-                chosen.append(p)
-        for p in chosen:
-            error = self._connector.start(p.addr, pol.connect_timeout)
+            if p.addr not in self._peers or not self._is_eligible(p, now):
+                continue
+            error = connector.start(p.addr, pol.connect_timeout)
             if error is None:
                 p.connecting = True
             else:
