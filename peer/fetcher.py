@@ -1040,7 +1040,7 @@ class Fetcher:
             self._queue_until = now + QUEUE_TTL
             self._queue = sorted(self._eligible(now), key=candidate_rank, reverse=True)
         queue = self._queue
-        while queue and (queue[-1].addr not in self._peers or not self._is_eligible(queue[-1], now)):
+        while queue and (self._peers.get(queue[-1].addr) is not queue[-1] or not self._is_eligible(queue[-1], now)):
             queue.pop()
         return queue
 
@@ -1059,7 +1059,7 @@ class Fetcher:
             if not queue or connect_budget(self._free_slots(), len(connector), self._streak, pol.max_connecting) <= 0:
                 return
             p = queue.pop()
-            if p.addr not in self._peers or not self._is_eligible(p, now):
+            if self._peers.get(p.addr) is not p or not self._is_eligible(p, now):  # gone, or re-added anew
                 continue
             error = connector.start(p.addr, pol.connect_timeout)
             if error is None:
