@@ -190,9 +190,10 @@ def hanging_addresses(stack: contextlib.ExitStack, n: int) -> list[tuple[str, in
 class TrickleServer:
     """Accepts block requests and answers each with a valid header, then one body byte per ``interval`` s."""
 
-    def __init__(self, cf: CascadeFile, interval: float = 1.0) -> None:
+    def __init__(self, cf: CascadeFile, interval: float = 1.0, data_path: Path | None = None) -> None:
         self.cf = cf
         self.interval = interval
+        self.data_path = data_path or Path(os.devnull)
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.listener.settimeout(0.2)
         self.address: tuple[str, int] = self.listener.getsockname()[:2]
@@ -245,6 +246,31 @@ class TrickleServer:
         except OSError:
             return
         finally:
+            with self._lock, contextlib.suppress(ValueError):
+                self._conns.remove(conn)
+            conn.close()
+
+
+class SlowServer(TrickleServer):
+    """Serves correct blocks, kept open, but waits ``interval`` s before each response: slow, never silent."""
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.settimeout(10)
+        fd = os.open(self.data_path, os.O_RDONLY)
+        try:
+            while not self._stop.wait(self.interval):
+                request = _read_exact(conn, BLOCK_REQUEST_SIZE)
+                if request is None:
+                    return
+                index = _REQUEST.unpack(request)[2]
+                if index >= self.cf.block_count:
+                    return
+                length = self.cf.block_length(index)
+                conn.sendall(_HEADER.pack(0, length) + os.pread(fd, length, self.cf.block_offset(index)))
+        except OSError:
+            return
+        finally:
+            os.close(fd)
             with self._lock, contextlib.suppress(ValueError):
                 self._conns.remove(conn)
             conn.close()

@@ -9,6 +9,7 @@ fails if the fetch gives up.
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,7 +22,15 @@ from cascade.metafile import CascadeFile
 from peer.fetcher import Fetcher, FetchPolicy, FetchResult, PeerInfo
 from peer.server import BlockServer
 from peer.storage import BlockStore
-from tests.doubles import DoubleServer, TrickleServer, hanging_addresses, make_file, refused_addresses, sha256_file
+from tests.doubles import (
+    DoubleServer,
+    SlowServer,
+    TrickleServer,
+    hanging_addresses,
+    make_file,
+    refused_addresses,
+    sha256_file,
+)
 
 pytestmark = pytest.mark.loopback
 
@@ -108,6 +117,26 @@ def test_tricklers_cannot_hold_every_slot(tmp_path: Path) -> None:
         result = fetch(cf, tmp_path / "out", lambda: peers, FetchPolicy(stall_timeout=20.0, max_peers=8))
     assert result.sources == {f"{honest[0]}:{honest[1]}": cf.block_count}
     assert sum(t.connections for t in tricklers) >= 1  # they were in the game
+
+
+def test_a_far_slower_peer_gives_its_slot_to_an_untried_one(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    _, cf = make_file(tmp_path, "d.bin", 1 << 20, 4096)
+    with contextlib.ExitStack() as stack:
+        slow = SlowServer(cf, 0.5, tmp_path / "d.bin").start()  # a block each half second
+        stack.callback(slow.stop)
+        fast = stack.enter_context(honest_seeder(cf, tmp_path / "d.bin"))
+        spare = stack.enter_context(honest_seeder(cf, tmp_path / "d.bin"))
+        # Two slots, taken by the recently seen slow and fast peers; the spare one waits untried.
+        peers: list[PeerInfo] = [(*slow.address, True, 5000), (*fast, True, 5000), (*spare, True, 1000)]
+        # The rate limit makes the download last long enough (about 4 s) to judge the slow peer.
+        policy = FetchPolicy(stall_timeout=20.0, max_peers=2, max_download_rate=256 << 10)
+        caplog.set_level(logging.DEBUG, logger="peer.fetch")
+        result = fetch(cf, tmp_path / "out", lambda: peers, policy)
+    assert any(
+        f"peer {slow.address[0]}:{slow.address[1]}" in r.getMessage() and "untried" in r.getMessage()
+        for r in caplog.records
+    ), "the slow peer was never evicted"
+    assert f"{spare[0]}:{spare[1]}" in result.sources
 
 
 def test_recently_seen_peers_are_tried_first(tmp_path: Path) -> None:
