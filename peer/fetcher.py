@@ -120,8 +120,11 @@ class FetchPolicy:
     ban_after: int = 2
     backoff_min: float = 0.2
     backoff_max: float = 10.0
-    # An address that refused or ignored our connect is left alone this long, doubling.
-    dead_retry: float = 1.0
+    # An address never reached (refused or ignored our connect) is left alone this long,
+    # doubling up to dead_retry_max: with thousands listed, retrying them soon crowds out
+    # the addresses not tried yet.
+    dead_retry: float = 5.0
+    dead_retry_max: float = 30.0
     # Candidates kept at once (a huge tracker reply is sampled, best first), and
     # addresses remembered as unreachable: memory stays bounded whatever the tracker sends.
     max_candidates: int = 8192
@@ -1099,7 +1102,7 @@ class Fetcher:
         # small record that keeps it from being tried again before its retry time.
         failures = p.failures + 1
         del self._peers[p.addr]
-        delay = min(self.policy.backoff_max, self.policy.dead_retry * 2 ** min(failures - 1, 10))
+        delay = min(self.policy.dead_retry_max, self.policy.dead_retry * 2 ** min(failures - 1, 10))
         self._dead[p.addr] = (now + delay, failures)
         self._dead.move_to_end(p.addr)
         if len(self._dead) > self.policy.max_dead:
