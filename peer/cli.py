@@ -128,6 +128,12 @@ def _add_fetch_parser(subparsers: Any) -> None:
         metavar="SECONDS",
         help=f"give up when no block arrives for this long ({DEFAULT_FETCH_TIMEOUT:g})",
     )
+    p.add_argument(
+        "--max-download-rate", metavar="RATE", help="whole-download limit in bytes/s, like 5M (default: none)"
+    )
+    p.add_argument(
+        "--max-upload-rate", metavar="RATE", help="limit for serving other peers meanwhile, like 1M (default: none)"
+    )
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line of stdout")
     p.add_argument("--force", action="store_true", help="overwrite an --out file that holds none of the blocks")
     _verbosity(p)

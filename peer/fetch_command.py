@@ -29,8 +29,9 @@ from cascade.metafile import CascadeFile, default_data_path, read_cascade
 from cascade.units import format_size
 from cascade.wire import PeerRecord, TrackerCommand
 from peer.common import DEFAULT_LISTEN, Interrupted, StopSignal, announce_ip, setup_logging
-from peer.fetcher import Fetcher, FetchPolicy, FetchResult, Progress
+from peer.fetcher import Fetcher, FetchPolicy, FetchResult, PeerInfo, Progress
 from peer.localdata import DataCheck, check_data
+from peer.ratelimit import parse_rate
 from peer.server import BlockServer
 from peer.storage import BlockStore
 from peer.tracker_client import TrackerAddress, announce, parse_tracker
@@ -97,20 +98,22 @@ def _fetch(args: argparse.Namespace, stop: StopSignal) -> int:
             raise UsageError(f"--max-peers must be at least 1, not {args.max_peers}")
         if not args.timeout > 0:
             raise UsageError(f"--timeout must be positive, not {args.timeout:g}")
+        download_rate = parse_rate(args.max_download_rate, "--max-download-rate")
+        upload_rate = parse_rate(args.max_upload_rate, "--max-upload-rate")
         cf = read_cascade(cascade_file)
         out = Path(args.out) if args.out else default_data_path(cascade_file)
         target = _plan_output(cf, out, args.force)
     except CascadeError as exc:
         raise _Failed(str(exc)) from exc
 
-    server = BlockServer(host, port)
+    server = BlockServer(host, port, upload_rate=upload_rate)
     try:
         server.start()
     except OSError as exc:
         if listen_given or exc.errno != errno.EADDRINUSE:
             raise _Failed(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
         # The default port is taken (a seeder on this machine): any free port will do.
-        server = BlockServer(host, 0)
+        server = BlockServer(host, 0, upload_rate=upload_rate)
         server.start()
     session = _Session(tracker, cf, my_ip)
     store: BlockStore | None = None
@@ -136,7 +139,7 @@ def _fetch(args: argparse.Namespace, stop: StopSignal) -> int:
             store = _open_store(cf, out, target)
             server.add_store(store)
             log.info("%s", listening)
-            result = _download(args, session, store, first, stop)
+            result = _download(args, session, store, first, stop, download_rate)
             # The whole-file hash matched: only now does the data take its final name.
             store.move_to(out)
         done = True
@@ -298,31 +301,31 @@ class _Session:
             log.debug("could not tell the tracker this peer stopped: %s", exc)
 
 
-def _first_listing(session: _Session) -> list[tuple[str, int, bool]]:
+def _first_listing(session: _Session) -> list[PeerInfo]:
     try:
         return _tuples(session.list_peers())
     except CascadeError as exc:  # the tracker client's messages name the tracker already
         raise _Failed(str(exc)) from exc
 
 
-def _tuples(records: tuple[PeerRecord, ...]) -> list[tuple[str, int, bool]]:
-    # PeerRecord.last_seen (UNIX seconds, the tracker's clock) is here too, for a
-    # fetcher that prefers recently seen peers.
-    return [(r.ip, r.port, r.good) for r in records]
+def _tuples(records: tuple[PeerRecord, ...]) -> list[PeerInfo]:
+    # last_seen (UNIX seconds, the tracker's clock): the fetcher tries recently seen peers first.
+    return [(r.ip, r.port, r.good, r.last_seen) for r in records]
 
 
 def _download(
     args: argparse.Namespace,
     session: _Session,
     store: BlockStore,
-    first: list[tuple[str, int, bool]],
+    first: list[PeerInfo],
     stop: StopSignal,
+    download_rate: int | None = None,
 ) -> FetchResult:
-    def list_peers() -> list[tuple[str, int, bool]]:
+    def list_peers() -> list[PeerInfo]:
         return _tuples(session.list_peers())
 
     cf = session.cf
-    policy = FetchPolicy(max_peers=args.max_peers, stall_timeout=args.timeout)
+    policy = FetchPolicy(max_peers=args.max_peers, stall_timeout=args.timeout, max_download_rate=download_rate)
     fetcher = Fetcher(store, list_peers, policy=policy, my_port=session.port)
     fetcher.add_peers(first)
     stop_watch = _StopWatch(stop, fetcher)

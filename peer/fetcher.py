@@ -2,6 +2,12 @@
 
 Shape:
 
+- Connects are non-blocking and many at once (:class:`_Connector`, polled by
+  the coordinator), good and recently seen peers first: thousands of dead
+  addresses from a tracker cost seconds, not session slots. An unreachable
+  address leaves the candidates for a small "retry later" record; both are
+  capped, and a huge tracker reply is sampled. With a slot free and no
+  candidate left, the tracker is asked again at once.
 - One thread per peer connection (up to ``max_peers``). It does blocking
   ``recv_into`` with the GIL released, so connections overlap on every core.
   A connection keeps several requests in flight (PROTOCOL.md section 5,
@@ -26,6 +32,9 @@ Shape:
   ``os.pwrite``, so unverified bytes never touch the data file.
 - A peer that sends a wrong length, a corrupt block or garbage is dropped;
   after ``ban_after`` offences it is banned for the rest of the run.
+- A response has a deadline as a whole (from the peer's measured rate), not
+  per ``recv``: a byte a second cannot hold a slot. A peer far slower than the
+  median gives its slot to an untried candidate (:func:`pick_evictee`).
 
 Memory is bounded by connections, not by the file: one read buffer and one
 block buffer per connection, a 4 MiB hashing buffer, plus 4 bytes per
@@ -40,22 +49,26 @@ import hashlib
 import logging
 import os
 import random
+import selectors
 import socket
 import struct
 import threading
 import time
 from array import array
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from cascade.errors import BlockHashMismatch, CascadeError, CascadeTimeout, DataError
 from cascade.wire import BLOCK_MAGIC, BLOCK_RESPONSE_HEADER_SIZE, KEEPOPEN, BlockStatus
+from peer.ratelimit import TokenBucket
 from peer.storage import BlockStore
 
 log = logging.getLogger("peer.fetch")
 
 PeerAddr = tuple[str, int]
+# What the tracker tells about a peer: (ip, port, good) or (ip, port, good, last_seen).
+PeerInfo = tuple[str, int, bool] | tuple[str, int, bool, int]
 
 _HEADER = struct.Struct(">BQ")
 _REQUEST_PREFIX = BLOCK_MAGIC + KEEPOPEN + bytes(8)
@@ -75,6 +88,17 @@ BLOCK_BUFFERS_LIMIT = 512 << 20
 # the missing blocks (see _Scheduler): a trade-off between variety in the
 # swarm and how much whole-file hashing is left for the end.
 SWARM_WINDOW = 0.25
+# Peers whose last_seen falls in the same bucket of this many seconds count as
+# equally recent (arbitrary: finer ordering would only defeat the random spread).
+RECENT_BUCKET = 60
+# While connects are pending, the coordinator polls them this often (arbitrary:
+# short enough that a refused address costs no waiting, long enough to stay idle).
+CONNECT_POLL = 0.02
+# The ranking of candidates is rebuilt at least this often (arbitrary: backoffs of 0.2 s
+# and more expire about on time, while a ranking of thousands is not redone per connect).
+QUEUE_TTL = 0.25
+# Connect attempts per coordinator pass at most (arbitrary: bounds one pass to a few ms).
+LAUNCH_BATCH = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,18 +108,41 @@ class FetchPolicy:
     max_peers: int = 8
     # Give up when no block was verified for this long.
     stall_timeout: float = 60.0
-    connect_timeout: float = 3.0
-    # Before a peer's throughput is known, its first response may take this long.
+    # Connects are non-blocking and run side by side (up to max_connecting), each
+    # with this deadline: a peer that does not answer a SYN in 1.5 s is not worth a slot.
+    connect_timeout: float = 1.5
+    max_connecting: int = 128
+    # Before a peer's throughput is known, its first whole response may take this long.
     first_response_timeout: float = 4.0
-    # Once it is known, a response may take timeout_factor x its expected time, at least this.
+    # Once it is known, a whole response may take timeout_factor x its expected time, at least this.
     min_response_timeout: float = 2.0
     timeout_factor: float = 6.0
     ban_after: int = 2
     backoff_min: float = 0.2
     backoff_max: float = 10.0
+    # An address never reached (refused or ignored our connect) is left alone this long,
+    # doubling up to dead_retry_max: with thousands listed, retrying them soon crowds out
+    # the addresses not tried yet.
+    dead_retry: float = 5.0
+    dead_retry_max: float = 30.0
+    # Candidates kept at once (a huge tracker reply is sampled, best first), and
+    # addresses remembered as unreachable: memory stays bounded whatever the tracker sends.
+    max_candidates: int = 8192
+    max_dead: int = 65536
     # Ask the tracker again after relist_min, doubling up to relist_max.
     relist_min: float = 0.5
     relist_max: float = 15.0
+    # With a free slot and no candidate left, ask again after relist_hungry; doubled
+    # while the lists bring no new address (see next_hungry_gap).
+    relist_hungry: float = 0.01
+    # A peer whose rate is below evict_ratio x the median of the others loses its
+    # slot to an untried candidate (judged after evict_after s, one per evict_every s).
+    evict_ratio: float = 0.125
+    evict_after: float = 2.0
+    evict_every: float = 1.0
+    evict_cooldown: float = 5.0
+    # Bytes per second over all connections; None for no limit.
+    max_download_rate: int | None = None
     # A peer that answered "not present" is not asked for that block again for this long.
     lack_ttl: float = 1.0
     # The lowest missing block holds up the whole-file hash: when it has been in
@@ -153,6 +200,12 @@ class _Peer:
 
     addr: PeerAddr
     good: bool = False
+    # UNIX seconds the tracker last heard of it (0: unknown).
+    last_seen: int = 0
+    # A connect attempt is pending (see _Connector).
+    connecting: bool = False
+    # Why it was banned, for the final error line.
+    ban_reason: str = ""
     # It answered a request (a block or "not present"): a live member of the swarm.
     answered: bool = False
     order: float = field(default_factory=random.random)
@@ -188,6 +241,9 @@ class _Session:
     peer: _Peer
     outstanding: deque[int] = field(default_factory=deque)
     sock: socket.socket | None = None
+    started: float = 0.0
+    # Its slot was given to an untried peer (see _pick_evictee): not a failure of the peer.
+    evicted: bool = False
     # Throughput in bytes/s, 0 until measured over a window of at least 0.1 s.
     rate: float = 0.0
     win_start: float = 0.0
@@ -470,7 +526,7 @@ class _PrefixHasher:
 class _Reader:
     """Buffered reads of block responses from one socket, without trusting one ``recv``."""
 
-    __slots__ = ("buf", "hi", "lo", "mv", "scratch", "sock")
+    __slots__ = ("buf", "deadline", "hi", "lo", "mv", "scratch", "sock")
 
     def __init__(self, sock: socket.socket | None, block_size: int) -> None:
         self.sock: socket.socket = sock  # type: ignore[assignment]  # set by reset() before use
@@ -481,6 +537,17 @@ class _Reader:
         self.hi = 0
         # Bodies larger than half the read buffer are read straight into this.
         self.scratch = None if small else memoryview(bytearray(block_size))
+        # time.monotonic() by which the current response must be complete: a
+        # socket timeout alone bounds one recv, and a byte a second never trips it.
+        self.deadline = float("inf")
+
+    def _left(self) -> None:
+        """Give the next recv what is left of the response's deadline; raises TimeoutError when none is."""
+        if self.deadline != float("inf"):
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("response deadline passed")
+            self.sock.settimeout(left)
 
     def reset(self, sock: socket.socket) -> None:
         """Read from a new connection, keeping the buffers."""
@@ -497,6 +564,7 @@ class _Reader:
             self.lo, self.hi = 0, size
         recv_into, mv = self.sock.recv_into, self.mv
         while self.hi - self.lo < n:
+            self._left()
             got = recv_into(mv[self.hi : self.lo + n] if exact else mv[self.hi :])
             if not got:
                 raise _Closed(self.hi - self.lo)
@@ -527,11 +595,160 @@ class _Reader:
             self.lo = self.hi = 0
         recv_into = self.sock.recv_into
         while have < n:
+            self._left()
             got = recv_into(scratch[have:n])
             if not got:
                 raise _Closed(have + 1)
             have += got
         return scratch[:n]
+
+
+# --- choosing peers: small pure decisions, no I/O ---------------------------
+
+
+def candidate_rank(p: _Peer) -> tuple[int, bool, bool, int, float]:
+    """Sort key for connecting: least failures, peers that answered before, good, recently seen, random."""
+    return (p.failures + p.offences, not p.answered, not p.good, -(p.last_seen // RECENT_BUCKET), p.order)
+
+
+# A candidate from a tracker reply: address, good flag, last_seen, connects failed so far.
+Candidate = tuple[PeerAddr, bool, int, int]
+
+
+def sample_best(infos: list[Candidate], k: int) -> list[Candidate]:
+    """The ``k`` best new addresses of a tracker reply, at random among equals.
+
+    Never-failed first, then good, then recently seen. At random, so that a
+    tracker reply larger than ``k`` yields a different sample each time it is
+    asked for again, and the addresses not tried yet come before those that
+    failed before.
+    """
+    if len(infos) <= k:
+        return infos
+    # Grouped by rank rather than sorted: O(n) for the 65,536 records a reply may hold.
+    groups: dict[tuple[int, bool, int], list[Candidate]] = {}
+    for info in infos:
+        _addr, good, seen, failures = info
+        groups.setdefault((-failures, good, seen // RECENT_BUCKET), []).append(info)
+    out: list[Candidate] = []
+    for rank in sorted(groups, reverse=True):
+        group = groups[rank]
+        left = k - len(out)
+        if len(group) > left:
+            out += random.sample(group, left)
+            break
+        random.shuffle(group)
+        out += group
+    return out
+
+
+def next_hungry_gap(gap: float, new: int, downloading: bool, policy: FetchPolicy) -> float:
+    """How soon to ask the tracker again while a slot is free and no candidate is left.
+
+    Lists that brought ``new`` addresses are worth asking again at once;
+    others less and less: up to ``relist_min / 2`` while nothing downloads
+    (as before any peer is found), up to ``relist_max`` while a peer does.
+    """
+    if new:
+        return policy.relist_hungry
+    return min(policy.relist_max if downloading else policy.relist_min / 2, 2 * gap)
+
+
+def connect_budget(free_slots: int, pending: int, failure_streak: int, limit: int) -> int:
+    """How many more connects to start: one per free slot, plus one per recent failure.
+
+    A swarm full of dead addresses widens the fan-out (up to ``limit``
+    pending); a healthy one opens about as many connections as it can use.
+    """
+    if free_slots <= 0:
+        return 0
+    return max(0, min(limit, free_slots + failure_streak) - pending)
+
+
+def pick_evictee(sessions: Iterable[_Session], now: float, policy: FetchPolicy) -> _Session | None:
+    """The session to give up for an untried peer: far slower than the median of the others, or None.
+
+    Only sessions older than ``evict_after`` are judged; the median is over
+    those with a measured rate, and one that has not delivered a block yet
+    counts as rate 0.
+    """
+    judged = [s for s in sessions if not s.evicted and now - s.started >= policy.evict_after]
+    measured = sorted(s.rate for s in judged if s.rate > 0)
+    if len(judged) < 2 or not measured:
+        return None
+    median = measured[len(measured) // 2]
+    slowest = min(judged, key=lambda s: s.rate)
+    if slowest.rate < policy.evict_ratio * median:
+        return slowest
+    return None
+
+
+class _Connector:
+    """Non-blocking connects to many addresses at once, each with its own deadline.
+
+    A dead address costs a socket and a selector slot until it is refused
+    or its deadline passes, never a thread or a session slot.
+    """
+
+    def __init__(self) -> None:
+        self._sel = selectors.DefaultSelector()
+        self._pending: dict[socket.socket, tuple[PeerAddr, float]] = {}
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def start(self, addr: PeerAddr, timeout: float) -> str | None:
+        """Begin connecting to ``addr``; an error text when it failed at once, else None."""
+        try:
+            sock = socket.socket(socket.AF_INET6 if ":" in addr[0] else socket.AF_INET, socket.SOCK_STREAM)
+        except OSError as exc:
+            return _describe(exc)
+        sock.setblocking(False)
+        try:
+            err = sock.connect_ex(addr)
+        except OSError as exc:  # a name that does not resolve, an address of the wrong family
+            sock.close()
+            return _describe(exc)
+        if err not in (0, errno.EINPROGRESS, errno.EAGAIN):
+            sock.close()
+            return os.strerror(err)
+        self._pending[sock] = (addr, time.monotonic() + timeout)
+        self._sel.register(sock, selectors.EVENT_WRITE)
+        return None
+
+    def poll(self, timeout: float) -> list[tuple[PeerAddr, socket.socket | None, str]]:
+        """Wait up to ``timeout`` s; returns (addr, connected blocking socket or None, error) per finished connect."""
+        done: list[tuple[PeerAddr, socket.socket | None, str]] = []
+        if not self._pending:
+            return done
+        for key, _events in self._sel.select(timeout):
+            sock = key.fileobj
+            assert isinstance(sock, socket.socket)
+            addr, _deadline = self._pending.pop(sock)
+            self._sel.unregister(sock)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                sock.close()
+                done.append((addr, None, os.strerror(err)))
+            else:
+                sock.setblocking(True)
+                done.append((addr, sock, ""))
+        now = time.monotonic()
+        for sock, (addr, deadline) in list(self._pending.items()):
+            if deadline <= now:
+                del self._pending[sock]
+                self._sel.unregister(sock)
+                sock.close()
+                done.append((addr, None, "connect timed out"))
+        return done
+
+    def close(self) -> None:
+        """Abandon every pending connect."""
+        for sock in self._pending:
+            self._sel.unregister(sock)
+            sock.close()
+        self._pending.clear()
+        self._sel.close()
 
 
 # --- the fetcher ------------------------------------------------------------
@@ -541,8 +758,9 @@ class Fetcher:
     """Download every missing block of ``store`` from the peers ``list_peers`` returns.
 
     ``list_peers`` is called from the fetcher's own thread, now and then; it
-    returns ``(ip, port, good)`` tuples and may raise :class:`CascadeError`
-    (logged, the download goes on with the peers already known).
+    returns ``(ip, port, good)`` or ``(ip, port, good, last_seen)`` tuples and
+    may raise :class:`CascadeError` (logged, the download goes on with the
+    peers already known).
     ``my_port`` is this process's serving port: a peer at a local address
     with that port is ourselves and never used.
     """
@@ -550,7 +768,7 @@ class Fetcher:
     def __init__(
         self,
         store: BlockStore,
-        list_peers: Callable[[], Iterable[tuple[str, int, bool]]],
+        list_peers: Callable[[], Iterable[PeerInfo]],
         *,
         policy: FetchPolicy | None = None,
         my_port: int | None = None,
@@ -578,6 +796,19 @@ class Fetcher:
         self._ever_connected = False
         self._last_peers = 0
         self._list_error: str | None = None
+        # Addresses that refused or ignored a connect: address -> (retry at, failures), oldest first.
+        self._dead: OrderedDict[PeerAddr, tuple[float, int]] = OrderedDict()
+        self._connector = _Connector()
+        # Connects failed in a row: widens the fan-out (see connect_budget).
+        self._streak = 0
+        self._hungry_gap = self.policy.relist_hungry
+        self._last_evict = float("-inf")
+        # Candidates ranked best last (see _next_candidates); rebuilt when stale or marked dirty.
+        self._queue: list[_Peer] = []
+        self._queue_until = float("-inf")
+        self._queue_dirty = True
+        rate = self.policy.max_download_rate
+        self._bucket = TokenBucket(rate) if rate else None
         # Until a second peer answers, blocks go out in file order (see _update_mode).
         self._sched.sequential = True
 
@@ -589,18 +820,40 @@ class Fetcher:
         self._sched.complete.set()
         self._sched.wake.set()
 
-    def add_peers(self, peers: Iterable[tuple[str, int, bool]]) -> None:
-        for ip, port, good in peers:
+    def add_peers(self, peers: Iterable[PeerInfo]) -> int:
+        """Take candidates from a tracker reply; returns how many addresses were new.
+
+        At most ``max_candidates`` are kept (the best, see :func:`sample_best`);
+        an address that failed recently is skipped until its retry time.
+        """
+        now = self._clock()
+        known, dead = self._peers, self._dead
+        fresh: list[Candidate] = []
+        seen: set[PeerAddr] = set()
+        for info in peers:
+            ip, port, good = info[0], info[1], info[2]
+            last_seen = info[3] if len(info) == 4 else 0
             addr = (ip, port)
             if port == 0:
                 continue
-            p = self._peers.get(addr)
-            if p is None:
-                p = self._peers[addr] = _Peer(addr, good)
-                if self._my_port is not None and port == self._my_port and _is_local(ip):
-                    p.is_self = True
-            else:
+            p = known.get(addr)
+            if p is not None:
                 p.good = p.good or good
+                p.last_seen = max(p.last_seen, last_seen)
+                continue
+            gone = dead.get(addr)
+            if (gone is not None and gone[0] > now) or addr in seen:
+                continue
+            seen.add(addr)
+            fresh.append((addr, good, last_seen, 0 if gone is None else gone[1]))
+        room = max(0, self.policy.max_candidates - len(known))
+        self._queue_dirty = True
+        for addr, good, last_seen, failures in sample_best(fresh, room):
+            p = known[addr] = _Peer(addr, good, last_seen, failures=failures)
+            dead.pop(addr, None)
+            if self._my_port is not None and addr[1] == self._my_port and _is_local(addr[0]):
+                p.is_self = True
+        return len(fresh)
 
     def _update_mode(self) -> None:
         """Random order over a window while two or more peers answer us, else file order.
@@ -641,14 +894,15 @@ class Fetcher:
         try:
             while not self._sched.complete.is_set() and self._fatal is None:
                 now = clock()
-                starving = not any(p.sessions for p in self._peers.values()) and not self._eligible(now)
-                if now >= next_list or (starving and now - last_list >= policy.relist_min / 2):
-                    self._relist()
+                if now >= next_list or (self._hungry(now) and now - last_list >= self._hungry_gap):
+                    new = self._relist()
                     last_list = now
                     next_list = now + relist_every
                     relist_every = min(policy.relist_max, relist_every * 2)
+                    self._hungry_gap = next_hungry_gap(self._hungry_gap, new, bool(self._sessions), policy)
                 self._launch(now)
                 self._update_mode()
+                self._maybe_evict(now)
                 count = store.verified_count
                 if count != last_count:
                     last_count, last_progress = count, now
@@ -656,7 +910,16 @@ class Fetcher:
                     raise CascadeTimeout(self._stall_message())
                 if on_tick is not None:
                     on_tick(self._progress())
-                self._sched.wake.wait(tick)
+                wait = tick
+                if self._hungry(now):  # wait only until the tracker may be asked again
+                    wait = max(0.0, min(wait, last_list + self._hungry_gap - clock()))
+                budget = connect_budget(self._free_slots(), len(self._connector), self._streak, policy.max_connecting)
+                if self._queue and budget > 0:
+                    wait = 0.0  # _launch stopped at LAUNCH_BATCH: go on at once
+                if len(self._connector):
+                    self._on_connects(self._connector.poll(min(wait, CONNECT_POLL)))
+                else:
+                    self._sched.wake.wait(wait)
                 self._sched.wake.clear()
         finally:
             self._stop.set()
@@ -731,47 +994,154 @@ class Fetcher:
         if self._list_error and not self._peers:
             return f"{self._list_error} (for {t})"
         usable = [p for p in self._peers.values() if not p.is_self]
-        if not usable:
+        if not usable and not self._dead:
             return f"no peers for this file within {t}"
         if not self._ever_connected:
-            return f"none of {len(usable)} peers could be reached within {t}"
-        return f"no block arrived for {t} from {len(usable)} known peers"
+            return f"none of {len(usable) + len(self._dead)} peers could be reached within {t}"
+        return banned_message(usable, t) or f"no block arrived for {t} from {len(usable)} known peers"
 
-    def _relist(self) -> None:
+    def _relist(self) -> int:
+        """Ask the tracker for peers; returns how many addresses were new (0 on an error)."""
         try:
-            peers = list(self._list_peers())
+            peers = self._list_peers()
+            new = self.add_peers(peers)
         except CascadeError as exc:
             if self._list_error is None:
                 log.warning("%s", exc)
             self._list_error = str(exc)
-            return
+            return 0
         if self._list_error is not None:
             log.info("tracker answered again")
             self._list_error = None
-        self.add_peers(peers)
+        return new
 
     def _eligible(self, now: float) -> list[_Peer]:
         return [
-            p for p in self._peers.values() if not p.sessions and not p.banned and not p.is_self and p.next_try <= now
+            p
+            for p in self._peers.values()
+            if not p.sessions and not p.connecting and not p.banned and not p.is_self and p.next_try <= now
         ]
 
+    def _hungry(self, now: float) -> bool:
+        """A slot is free, no candidate is left to try and more connects could start."""
+        return (
+            self._free_slots() > 0 and len(self._connector) < self.policy.max_connecting and not self._candidates(now)
+        )
+
+    def _is_eligible(self, p: _Peer, now: float) -> bool:
+        return not p.sessions and not p.connecting and not p.banned and not p.is_self and p.next_try <= now
+
+    def _candidates(self, now: float) -> list[_Peer]:
+        """The eligible candidates, best last; ranked once, then consumed by _launch.
+
+        Re-ranking thousands of candidates for each handful of connects costs
+        more than the connects: the ranking is rebuilt only when peers were
+        added or a session ended, or after QUEUE_TTL (backoffs expire).
+        """
+        if self._queue_dirty or now >= self._queue_until:
+            self._queue_dirty = False
+            self._queue_until = now + QUEUE_TTL
+            self._queue = sorted(self._eligible(now), key=candidate_rank, reverse=True)
+        queue = self._queue
+        while queue and (self._peers.get(queue[-1].addr) is not queue[-1] or not self._is_eligible(queue[-1], now)):
+            queue.pop()
+        return queue
+
+    def _free_slots(self) -> int:
+        return self._max_sessions - len(self._sessions)
+
     def _launch(self, now: float) -> None:
-        free = self._max_sessions - sum(p.sessions for p in self._peers.values())
-        if free <= 0:
+        """Start connects for free slots, best candidates first (see connect_budget)."""
+        pol, connector = self.policy, self._connector
+        if connect_budget(self._free_slots(), len(connector), self._streak, pol.max_connecting) <= 0:
             return
-        candidates = self._eligible(now)
-        candidates.sort(key=lambda p: (p.failures + p.offences, not p.good, p.order))
-        chosen = candidates[:free]
-        self._threads = [x for x in self._threads if x.is_alive()]
-        for p in chosen:
-            session = _Session(p)
+        queue = self._candidates(now)
+        # A refused connect often fails at once (on loopback always): it frees its place in the
+        # budget within this call, up to LAUNCH_BATCH attempts per call.
+        for _ in range(LAUNCH_BATCH):
+            if not queue or connect_budget(self._free_slots(), len(connector), self._streak, pol.max_connecting) <= 0:
+                return
+            p = queue.pop()
+            if self._peers.get(p.addr) is not p or not self._is_eligible(p, now):  # gone, or re-added anew
+                continue
+            error = connector.start(p.addr, pol.connect_timeout)
+            if error is None:
+                p.connecting = True
+            else:
+                self._connect_failed(p, error, now)
+
+    def _on_connects(self, done: list[tuple[PeerAddr, socket.socket | None, str]]) -> None:
+        now = self._clock()
+        for addr, sock, error in done:
+            p = self._peers.get(addr)
+            if p is None:  # cannot happen: a connecting peer stays known
+                if sock is not None:
+                    sock.close()
+                continue
+            p.connecting = False
+            if sock is None:
+                self._connect_failed(p, error, now)
+            elif self._free_slots() <= 0 or self._stop.is_set():
+                # Another connect filled the slot first: it stays a candidate, untouched.
+                sock.close()
+                self._streak = 0
+                self._queue_dirty = True
+            else:
+                self._streak = 0
+                self._start_session(p, sock, now)
+
+    def _connect_failed(self, p: _Peer, error: str, now: float) -> None:
+        """Back off a peer that refused or ignored a connect; forget one that never answered."""
+        log.debug("peer %s: cannot connect: %s", p.name, error)
+        p.connecting = False
+        self._streak = min(self._streak + 1, self.policy.max_connecting)
+        if p.connected_once or p.blocks:
+            self._backoff(p)
+            return
+        # Never reached: it leaves the candidates (a tracker may list thousands like it) for a
+        # small record that keeps it from being tried again before its retry time.
+        failures = p.failures + 1
+        del self._peers[p.addr]
+        delay = min(self.policy.dead_retry_max, self.policy.dead_retry * 2 ** min(failures - 1, 10))
+        self._dead[p.addr] = (now + delay, failures)
+        self._dead.move_to_end(p.addr)
+        if len(self._dead) > self.policy.max_dead:
+            self._dead.popitem(last=False)
+
+    def _start_session(self, p: _Peer, sock: socket.socket, now: float) -> None:
+        session = _Session(p, started=now)
+        with self._lock:
             p.sessions += 1
             self._sessions.add(session)
-            t = threading.Thread(target=self._worker, args=(session,), name=f"fetch {p.name}", daemon=True)
-            self._threads.append(t)
-            t.start()
+        self._threads = [x for x in self._threads if x.is_alive()]
+        t = threading.Thread(target=self._worker, args=(session, sock), name=f"fetch {p.name}", daemon=True)
+        self._threads.append(t)
+        t.start()
+
+    def _maybe_evict(self, now: float) -> None:
+        """Give the slot of a far-too-slow peer to an untried candidate (see pick_evictee)."""
+        pol = self.policy
+        if now - self._last_evict < pol.evict_every or self._free_slots() > 0:
+            return
+        if not any(not p.connected_once and not p.failures for p in self._candidates(now)):
+            return
+        with self._lock:
+            victim = pick_evictee(list(self._sessions), now, pol)
+        if victim is None:
+            return
+        self._last_evict = now
+        victim.evicted = True
+        victim.peer.next_try = now + pol.evict_cooldown
+        log.debug("peer %s: %.0f B/s, far below the others: slot to an untried peer", victim.peer.name, victim.rate)
+        sock = victim.sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def _shutdown(self) -> None:
+        self._connector.close()
+        if self._bucket is not None:
+            self._bucket.close()
         for session in list(self._sessions):
             sock = session.sock
             if sock is not None:
@@ -783,16 +1153,18 @@ class Fetcher:
 
     # --- one peer ---------------------------------------------------------------
 
-    def _worker(self, session: _Session) -> None:
+    def _worker(self, session: _Session, sock: socket.socket) -> None:
         peer = session.peer
         try:
+            self._adopt(session, sock)
             if peer.keepopen is False:
-                self._session_single(session)
+                self._session_single(session, sock)
             else:
-                self._session_pipelined(session)
+                self._session_pipelined(session, sock)
         except _Offence as exc:
             peer.offences += 1
             if peer.offences >= self.policy.ban_after:
+                peer.ban_reason = str(exc)
                 peer.banned = True
                 log.warning("banned peer %s: %s", peer.name, exc)
             else:
@@ -801,7 +1173,9 @@ class Fetcher:
         except _Downgrade as exc:
             log.debug("peer %s: %s", peer.name, exc)
         except (_Drop, _Closed, OSError) as exc:
-            if not self._stop.is_set():
+            if session.evicted:
+                log.debug("peer %s: evicted", peer.name)
+            elif not self._stop.is_set():
                 log.debug("peer %s: %s", peer.name, _describe(exc))
                 self._backoff(peer)
         except DataError as exc:
@@ -817,15 +1191,16 @@ class Fetcher:
                 i = session.outstanding.popleft()
                 peer.own.discard(i)
                 sched.release(i)
-            sock, session.sock = session.sock, None
-            if sock is not None:
-                sock.close()
+            last, session.sock = session.sock, None
+            if last is not None:
+                last.close()
             with self._lock:
                 peer.blocks += session.blocks
                 peer.bytes += session.bytes
                 peer.not_present += session.not_present
                 peer.sessions -= 1
                 self._sessions.discard(session)
+            self._queue_dirty = True  # this peer may be a candidate again
             self._sched.wake.set()
 
     def _backoff(self, peer: _Peer) -> None:
@@ -835,11 +1210,16 @@ class Fetcher:
         peer.next_try = self._clock() + delay * random.uniform(0.8, 1.2)
 
     def _connect(self, session: _Session) -> socket.socket:
-        peer = session.peer
+        """A blocking connect, for a peer known to be alive (one connection per request)."""
         try:
-            sock = socket.create_connection(peer.addr, timeout=self.policy.connect_timeout)
+            sock = socket.create_connection(session.peer.addr, timeout=self.policy.connect_timeout)
         except OSError as exc:
             raise _Drop(f"cannot connect: {_describe(exc)}") from exc
+        return self._adopt(session, sock)
+
+    def _adopt(self, session: _Session, sock: socket.socket) -> socket.socket:
+        """Make a fresh connection the session's; raises _Drop when it is ourselves or we stop."""
+        peer = session.peer
         session.sock = sock
         if self._stop.is_set() or peer.banned:
             raise _Drop("stopping")
@@ -863,6 +1243,12 @@ class Fetcher:
         d = int(session.rate * self.policy.target_latency / self.cf.block_size) + 1
         return max(2, min(self._max_depth, d))
 
+    def _deadline(self, session: _Session, reader: _Reader) -> float:
+        """Set the whole-response deadline of the next response; returns its length in seconds."""
+        timeout = self._timeout(session)
+        reader.deadline = time.monotonic() + timeout
+        return timeout
+
     def _timeout(self, session: _Session) -> float:
         pol = self.policy
         if session.rate <= 0:
@@ -870,15 +1256,14 @@ class Fetcher:
         expected = len(session.outstanding) * self.cf.block_size / session.rate
         return max(pol.min_response_timeout, pol.timeout_factor * expected)
 
-    def _session_pipelined(self, session: _Session) -> None:
+    def _session_pipelined(self, session: _Session, sock: socket.socket) -> None:
         """Kept-open connection with requests in flight; switches peer to single mode if it closes."""
         peer = session.peer
-        sock = self._connect(session)
         reader = _Reader(sock, self.cf.block_size)
         sched, out, stop = self._sched, session.outstanding, self._stop
         session.win_start = self._clock()
         responses = 0
-        while not stop.is_set() and not peer.banned:
+        while not stop.is_set() and not peer.banned and not session.evicted:
             # The first request goes alone: a server that closes after each
             # response then never has unread requests (which would make it reset).
             depth = self._depth(session) if responses else 1
@@ -901,7 +1286,7 @@ class Fetcher:
                 session.win_start = self._clock()
                 session.win_bytes = 0
                 continue
-            sock.settimeout(self._timeout(session))
+            timeout = self._deadline(session, reader)
             try:
                 self._read_response(session, reader)
             except _Closed as exc:
@@ -921,18 +1306,18 @@ class Fetcher:
                     # Answered one request, then ignored the rest: serves one request per connection.
                     peer.keepopen = False
                     return
-                raise _Drop(f"no response within {sock.gettimeout():.1f} s") from exc
+                raise _Drop(f"no whole response within {timeout:.1f} s") from exc
             responses += 1
             if responses == 2:
                 peer.keepopen = True
 
-    def _session_single(self, session: _Session) -> None:
-        """One connection per request, for servers that close after each response."""
+    def _session_single(self, session: _Session, first: socket.socket | None) -> None:
+        """One connection per request, for servers that close after each response (``first``: already open)."""
         peer = session.peer
         sched, out, stop = self._sched, session.outstanding, self._stop
         reader = _Reader(None, self.cf.block_size)
         session.win_start = self._clock()
-        while not stop.is_set() and not peer.banned:
+        while not stop.is_set() and not peer.banned and not session.evicted:
             batch = sched.pick(peer, 1, self._clock())
             if not batch:
                 if sched.complete.is_set():
@@ -940,14 +1325,16 @@ class Fetcher:
                 stop.wait(0.05)
                 continue
             out.extend(batch)
-            sock = self._connect(session)
+            sock = first or self._connect(session)
+            first = None
+            timeout = 0.0
             try:
                 sock.sendall(self._request(batch[0], plain=peer.plain))
-                sock.settimeout(self._timeout(session))
                 reader.reset(sock)
+                timeout = self._deadline(session, reader)
                 self._read_response(session, reader)
             except TimeoutError as exc:
-                raise _Drop(f"no response within {sock.gettimeout():.1f} s") from exc
+                raise _Drop(f"no whole response within {timeout:.1f} s") from exc
             finally:
                 session.sock = None
                 sock.close()
@@ -988,6 +1375,10 @@ class Fetcher:
                 measured = session.win_bytes / elapsed
                 session.rate = measured if session.rate <= 0 else 0.5 * session.rate + 0.5 * measured
                 session.win_start, session.win_bytes = now, 0
+            if self._bucket is not None:
+                # Sleep to hold --max-download-rate (TCP slows the peer meanwhile). The sleep falls
+                # in the next rate window, and the next response's deadline starts after it.
+                self._bucket.acquire(length)
         elif status == BlockStatus.NOT_PRESENT:
             if length > MAX_MESSAGE:
                 raise _Offence(f"sent a {length}-byte message")
@@ -1010,6 +1401,17 @@ class Fetcher:
             raise _Drop(f"answered status {status}: {message[:200]}")
         else:
             raise _Offence(f"sent an unknown status {status}")
+
+
+def banned_message(peers: list[_Peer], waited: str) -> str | None:
+    """The stall message when every peer that could be reached was banned, saying why; else None."""
+    reached = [p for p in peers if p.connected_once or p.banned]
+    if not reached or not all(p.banned for p in reached):
+        return None
+    shown = "; ".join(f"{p.name} {p.ban_reason}" for p in reached[:3])
+    more = f" (and {len(reached) - 3} more)" if len(reached) > 3 else ""
+    which = "its only peer was" if len(reached) == 1 else f"all {len(reached)} peers it reached were"
+    return f"no block arrived for {waited}: {which} banned: {shown}{more}"
 
 
 def _is_local(ip: str) -> bool:

@@ -1,6 +1,6 @@
-"""A whole-process upload limit: one token bucket shared by every connection.
+"""A whole-process upload or download limit: one token bucket shared by every connection.
 
-Senders reserve bytes before they write them. A reservation that the bucket
+Senders reserve bytes before they write them (receivers, after they read them). A reservation that the bucket
 cannot cover yet puts the caller to sleep until its turn, so the total rate
 holds however many connections share the bucket, and callers are served in
 the order they asked. The clock and the sleep are injectable for tests.
@@ -12,11 +12,24 @@ import threading
 import time
 from collections.abc import Callable
 
+from cascade.units import parse_size
+
 # A quarter of a second of traffic may go out at once after a quiet spell:
 # enough to keep sendfile slices large, small enough that the rate holds over
 # any window a user would measure.
 BURST_SECONDS = 0.25
 MIN_BURST = 64 << 10
+
+
+def parse_rate(text: str | None, what: str = "rate") -> int | None:
+    """A ``--max-*-rate`` value (``5M``, ``500K/s``) as bytes per second; ``None`` or 0 means no limit.
+
+    Raises :class:`UsageError` for a malformed value.
+    """
+    if text is None:
+        return None
+    rate = parse_size(text.removesuffix("/s"), what)
+    return rate or None
 
 
 class TokenBucket:

@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import random
+import select
 import signal
 import socket
 import struct
@@ -38,7 +39,7 @@ from types import FrameType
 from typing import Any
 
 from cascade.metafile import CascadeFile, default_data_path, parse_cascade, read_cascade
-from cascade.wire import BLOCK_REQUEST_SIZE, TrackerCommand
+from cascade.wire import BLOCK_REQUEST_SIZE, TRACKER_REQUEST_SIZE, PeerList, PeerRecord, TrackerCommand
 from peer.localdata import create_metafile
 from peer.tracker_client import TrackerAddress, announce
 from tests.procs import Proc
@@ -129,6 +130,195 @@ class DoubleServer:
             with self._lock, contextlib.suppress(ValueError):
                 self._conns.remove(conn)
             conn.close()
+
+
+# --- peers that cannot help: dead addresses and tricklers ------------------------
+
+
+def refused_addresses(stack: contextlib.ExitStack, n: int, ports: int = 8) -> list[tuple[str, int]]:
+    """``n`` distinct loopback addresses where a connect is refused at once.
+
+    A few ports are held bound (never listening) on 127.0.0.1 for the life of
+    ``stack``, so nothing else takes them; the addresses spread over
+    127.0.x.y with those ports, where nothing listens either.
+    """
+    held = []
+    for _ in range(ports):
+        sock = stack.enter_context(socket.socket())
+        sock.bind(("127.0.0.1", 0))
+        held.append(sock.getsockname()[1])
+    out: list[tuple[str, int]] = []
+    for k in range(n):
+        host = k // ports
+        out.append((f"127.0.{host // 250}.{host % 250 + 1}", held[k % ports]))
+    return out
+
+
+def hanging_addresses(stack: contextlib.ExitStack, n: int) -> list[tuple[str, int]]:
+    """``n`` loopback addresses where a connect hangs: listeners with a full, never-accepted backlog.
+
+    Each listener has ``listen(0)`` and is filled by connections made here, so
+    the kernel drops further SYNs, like a host that is gone. A probe connect
+    to every listener at once checks it. Everything is closed with ``stack``.
+    """
+    listeners: list[tuple[str, int]] = []
+    for _ in range(n):
+        listener = stack.enter_context(socket.socket())
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        listeners.append(listener.getsockname()[:2])
+    unfilled = list(listeners)
+    for _round in range(8):  # bounded: Linux queues one connection for a backlog of 0
+        if not unfilled:
+            return listeners
+        for addr in unfilled:
+            filler = stack.enter_context(socket.socket())
+            filler.setblocking(False)
+            filler.connect_ex(addr)
+        # Probe them all at once: a probe that connects found room, so that listener gets another filler.
+        probes = []
+        for addr in unfilled:
+            probe = stack.enter_context(socket.socket())
+            probe.setblocking(False)
+            probe.connect_ex(addr)
+            probes.append((addr, probe))
+        _, writable, _ = select.select([], [p for _a, p in probes], [], 0.3)
+        unfilled = [addr for addr, probe in probes if probe in writable]
+    raise RuntimeError(f"could not fill the backlog of {unfilled}")
+
+
+class TrickleServer:
+    """Accepts block requests and answers each with a valid header, then one body byte per ``interval`` s."""
+
+    def __init__(self, cf: CascadeFile, interval: float = 1.0, data_path: Path | None = None) -> None:
+        self.cf = cf
+        self.interval = interval
+        self.data_path = data_path or Path(os.devnull)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.2)
+        self.address: tuple[str, int] = self.listener.getsockname()[:2]
+        self._stop = threading.Event()
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._accept_loop, daemon=True)
+        self.connections = 0
+
+    def start(self) -> TrickleServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._lock:
+            for c in self._conns:
+                with contextlib.suppress(OSError):
+                    c.shutdown(socket.SHUT_RDWR)
+        self._thread.join(2)
+        self.listener.close()
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with self._lock:
+                self._conns.append(conn)
+                self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.settimeout(10)
+        try:
+            request = _read_exact(conn, BLOCK_REQUEST_SIZE)
+            if request is None:
+                return
+            index = _REQUEST.unpack(request)[2]
+            length = self.cf.block_length(index) if index < self.cf.block_count else 1
+            conn.sendall(_HEADER.pack(0, length))
+            # Stop two bytes short, so that the block never completes (bounded by ``length``).
+            for _ in range(max(0, length - 2)):
+                if self._stop.wait(self.interval):
+                    return
+                conn.sendall(b"x")
+        except OSError:
+            return
+        finally:
+            with self._lock, contextlib.suppress(ValueError):
+                self._conns.remove(conn)
+            conn.close()
+
+
+class SlowServer(TrickleServer):
+    """Serves correct blocks, kept open, but waits ``interval`` s before each response: slow, never silent."""
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.settimeout(10)
+        fd = os.open(self.data_path, os.O_RDONLY)
+        try:
+            while not self._stop.wait(self.interval):
+                request = _read_exact(conn, BLOCK_REQUEST_SIZE)
+                if request is None:
+                    return
+                index = _REQUEST.unpack(request)[2]
+                if index >= self.cf.block_count:
+                    return
+                length = self.cf.block_length(index)
+                conn.sendall(_HEADER.pack(0, length) + os.pread(fd, length, self.cf.block_offset(index)))
+        except OSError:
+            return
+        finally:
+            os.close(fd)
+            with self._lock, contextlib.suppress(ValueError):
+                self._conns.remove(conn)
+            conn.close()
+
+
+class FakeTracker:
+    """A binary-protocol tracker that answers every request with the same ``records``, in their order."""
+
+    def __init__(self, records: list[PeerRecord]) -> None:
+        self.reply = PeerList(tuple(records)).encode()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.2)
+        self.address: tuple[str, int] = self.listener.getsockname()[:2]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self.requests = 0
+
+    def start(self) -> FakeTracker:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.listener.close()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                try:
+                    if _read_exact(conn, TRACKER_REQUEST_SIZE) is not None:
+                        self.requests += 1
+                        conn.sendall(self.reply)
+                except OSError:
+                    continue
+
+
+def subscribe_all(tracker: TrackerAddress, cascade_hash: bytes, addresses: list[tuple[str, int]]) -> None:
+    """Subscribe every address at ``tracker``, one binary-protocol request each (as one client could)."""
+    for ip, port in addresses:
+        announce(tracker, TrackerCommand.SUBSCRIBE, cascade_hash, ip, port, 5.0)
 
 
 def _read_exact(conn: socket.socket, n: int) -> bytes | None:

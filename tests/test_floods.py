@@ -35,11 +35,6 @@ pytestmark = pytest.mark.loopback
 TIMEOUT = 5.0  # seconds a real request may wait for its answer: far above what loopback needs
 
 
-@pytest.mark.xfail(
-    reason="issue 9 section 3 (dead peers are tried before the live one: 'none of 2001 peers could be "
-    "reached'), fixed on branch deadpeers",
-    strict=False,
-)
 def test_two_thousand_dead_peers_do_not_starve_a_fetch(tmp_path: Path) -> None:
     _, cf = make_file(tmp_path, "d.bin", 1 << 20, 64 << 10, seed=31)
     seed_store = BlockStore.open_for_seeding(cf, tmp_path / "d.bin")

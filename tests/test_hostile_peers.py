@@ -90,14 +90,7 @@ def test_a_peer_that_breaks_the_protocol_is_banned(behaviour: str, outcomes: dic
     [
         "half a block then silence",
         "accept and never answer",
-        pytest.param(
-            "one byte a second",
-            marks=pytest.mark.xfail(
-                reason="issue 9 section 3 (a peer trickling bytes holds its blocks: no recv ever times out), "
-                "fixed on branch deadpeers",
-                strict=False,
-            ),
-        ),
+        "one byte a second",
     ],
 )
 def test_a_stalling_peer_is_dropped_while_the_fetch_runs(behaviour: str, outcomes: dict[str, Outcome]) -> None:
