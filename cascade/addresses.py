@@ -1,8 +1,9 @@
-"""``HOST:PORT`` as users write it on the command line."""
+"""``HOST:PORT`` as users write it on the command line, and the address of a tracker."""
 
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import dataclass
 
 from cascade.errors import UsageError
 
@@ -36,3 +37,16 @@ def is_specific_ipv4(host: str) -> bool:
         return ipaddress.IPv4Address(host) != ipaddress.IPv4Address("0.0.0.0")
     except ValueError:
         return False
+
+
+@dataclass(frozen=True, slots=True)
+class TrackerAddress:
+    """Where a tracker listens: ``HOST:PORT`` of its binary protocol, or the base URL of its HTTP API."""
+
+    host: str
+    port: int
+    # For a tracker's HTTP API: its base URL (http://HOST:PORT); announces then go over HTTP.
+    url: str | None = None
+
+    def __str__(self) -> str:
+        return self.url or f"{self.host}:{self.port}"

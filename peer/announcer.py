@@ -19,10 +19,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cascade.errors import CascadeError
+from cascade.addresses import TrackerAddress
+from cascade.errors import CascadeError, TrackerRefused
 from cascade.wire import TrackerCommand
 from peer.common import DEFAULT_ANNOUNCE_INTERVAL
-from peer.tracker_client import TrackerAddress, TrackerRefused, announce
+from peer.tracker_client import announce
 
 log = logging.getLogger("peer.announcer")
 

@@ -33,7 +33,7 @@ from cascade.metafile import (
 )
 from cascade.units import format_size, parse_size
 from peer.localdata import Progress, check_data, create_metafile
-from peer.publish import register_publish
+from peer.publish_command import register_publish
 
 # 1 MiB: big enough that per-block Python work (a request, a hash, a write,
 # a bookkeeping update) is amortised over a lot of bytes, small enough that a

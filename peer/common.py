@@ -16,6 +16,7 @@ import time
 from types import FrameType
 
 from cascade.addresses import is_specific_ipv4
+from cascade.errors import Interrupted as Interrupted  # its old home; the class lives in the tree
 from cascade.errors import UsageError
 
 DEFAULT_LISTEN = "0.0.0.0:6666"
@@ -75,10 +76,6 @@ def announce_ip(listen_host: str, explicit: str | None = None) -> str:
         except ValueError as exc:
             raise UsageError(f"invalid --announce-ip {explicit!r}: expected an IPv4 address") from exc
     return listen_host if is_specific_ipv4(listen_host) else "0.0.0.0"
-
-
-class Interrupted(Exception):
-    """Raised by :meth:`StopSignal.check` once SIGINT or SIGTERM arrived."""
 
 
 class StopSignal:

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cascade.addresses import parse_hostport
+from cascade.addresses import TrackerAddress, parse_hostport
 from cascade.errors import CascadeError, DataError, DiskFullError, UsageError
 from cascade.metafile import CascadeFile, default_data_path, read_cascade
 from cascade.units import format_size
@@ -34,7 +34,7 @@ from peer.localdata import DataCheck, check_data
 from peer.ratelimit import parse_rate
 from peer.server import BlockServer
 from peer.storage import BlockStore
-from peer.tracker_client import TrackerAddress, announce, parse_tracker
+from peer.tracker_client import announce, parse_tracker
 
 log = logging.getLogger("peer.fetch")
 
@@ -82,8 +82,8 @@ class _Failed(Exception):
 def _fetch(args: argparse.Namespace, stop: StopSignal) -> int:
     try:
         cascade_file, tracker_text = args.cascade_file, args.tracker
-        if cascade_file.startswith(("http://", "https://")):  # peer.publish.is_url, without its import
-            from peer.publish import download_cascade
+        if cascade_file.startswith(("http://", "https://")):  # peer.http_client.is_url, without its import
+            from peer.http_client import download_cascade
 
             saved, base = download_cascade(cascade_file, args.out)
             log.debug("downloaded %s", saved)

@@ -5,7 +5,7 @@ Same contract as :func:`peer.tracker_client.announce`, which hands over to
 ``{"cascade_hash", "ip", "port", "action"}``, answered with
 ``{"peers": [{"ip", "port", "last_seen", "good"}, ...]}``. The session
 retries connection errors and 502/503/504 a bounded number of times
-(:func:`peer.publish.http_session`); every failure becomes a Cascade error.
+(:func:`peer.http_client.http_session`); every failure becomes a Cascade error.
 
 :func:`announce_stopped` sends the ``"stopped"`` action, which the binary
 protocol has no command for: the tracker drops the peer from the swarm at
@@ -17,11 +17,10 @@ from __future__ import annotations
 import socket
 from typing import TYPE_CHECKING
 
-from cascade.addresses import is_specific_ipv4
-from cascade.errors import ProtocolError, TrackerUnreachable
+from cascade.addresses import TrackerAddress, is_specific_ipv4
+from cascade.errors import ProtocolError, TrackerRefused, TrackerUnreachable
 from cascade.wire import MAX_TRACKER_REPLY_BODY, PeerRecord, TrackerCommand
-from peer.publish import RETRIES, describe_request_error, error_message, http_session, parse_json
-from peer.tracker_client import TrackerAddress, TrackerRefused
+from peer.http_client import RETRIES, describe_request_error, error_message, http_session, parse_json
 
 # A JSON peer record is at most ~80 bytes; this leaves room for 65,536 of them.
 MAX_REPLY_BYTES = MAX_TRACKER_REPLY_BODY * 8

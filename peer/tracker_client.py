@@ -7,10 +7,11 @@ header and then exactly the body length it announces. Every failure is translate
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
 
+from cascade.addresses import TrackerAddress as TrackerAddress  # their old home; they live in cascade/ now
 from cascade.addresses import is_specific_ipv4, parse_hostport
-from cascade.errors import CascadeError, ProtocolError, TrackerUnreachable
+from cascade.errors import ProtocolError, TrackerUnreachable
+from cascade.errors import TrackerRefused as TrackerRefused
 from cascade.wire import (
     TRACKER_REPLY_HEADER_SIZE,
     PeerList,
@@ -22,27 +23,12 @@ from cascade.wire import (
 )
 
 
-class TrackerRefused(CascadeError):
-    """The tracker answered with an error status (for example, a hash not on its allow list)."""
-
-
-@dataclass(frozen=True, slots=True)
-class TrackerAddress:
-    host: str
-    port: int
-    # For a tracker's HTTP API: its base URL (http://HOST:PORT); announces then go over HTTP.
-    url: str | None = None
-
-    def __str__(self) -> str:
-        return self.url or f"{self.host}:{self.port}"
-
-
 def parse_tracker(text: str, what: str = "tracker address") -> TrackerAddress:
     """``HOST:PORT`` (binary protocol) or ``http://HOST:PORT`` (HTTP API); raises :class:`UsageError`."""
     if text.strip().startswith(("http://", "https://")):
         from urllib.parse import urlsplit
 
-        from peer.publish import tracker_base_url
+        from peer.http_client import tracker_base_url
 
         url = tracker_base_url(text, what)
         parts = urlsplit(url)

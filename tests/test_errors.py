@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from cascade.errors import ProtocolError, TrackerUnreachable
+from cascade.errors import ProtocolError, PublishRefused, TrackerUnreachable
 from cascade.wire import PeerList, PeerRecord, TrackerCommand, TrackerRequest
 from peer.announcer import Announcer, Backoff
-from peer.publish import PublishRefused, upload_cascade
+from peer.http_client import upload_cascade
 from peer.tracker_client import TrackerAddress, announce
 from tracker.cascade_store import CascadeStore
 from tracker.http_api import HttpConfig, TrackerHttpServer

@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from cascade import __version__
-from peer.publish import upload_cascade
+from peer.http_client import upload_cascade
 from tests.procs import Proc, command_line
 
 pytestmark = pytest.mark.process

@@ -6,7 +6,7 @@ import pytest
 
 from cascade.errors import ProtocolError, UsageError
 from peer.cascade_command import check_block_size
-from peer.publish import parse_json
+from peer.http_client import parse_json
 
 pytestmark = pytest.mark.unit
 

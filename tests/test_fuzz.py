@@ -43,7 +43,7 @@ from cascade.wire import (
     decode_tracker_reply_header,
     tracker_request_reader,
 )
-from peer.publish import safe_file_name, split_cascade_url, tracker_base_url
+from peer.http_client import safe_file_name, split_cascade_url, tracker_base_url
 
 pytestmark = pytest.mark.unit
 

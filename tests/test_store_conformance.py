@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from cascade.errors import MetafileError
+from cascade.errors import BadRequest, MetafileError
 from cascade.metafile import encode_cascade
 from cascade.wire import PeerRecord
 from tracker.cascade_store import StoreFull
@@ -135,7 +135,7 @@ def test_a_stopped_peer_is_removed_at_once(store: Harness) -> None:
     assert s.remove(H2, "10.0.0.2", 2) is False  # not in that swarm
     assert addrs(s.announce(H1, "10.0.0.3", 3, subscribe=False)) == {("10.0.0.2", 2)}
     assert s.now() == store.clock.now
-    with pytest.raises(ValueError):
+    with pytest.raises(BadRequest):
         s.remove(b"short", "10.0.0.1", 1)
 
 
@@ -162,12 +162,12 @@ def test_zero_peers_asked_gives_an_empty_reply(store: Harness) -> None:
     assert s.announce(H1, "10.0.0.2", 2, subscribe=True) == []
 
 
-def test_source_address_replaces_zero_and_bad_values_are_value_errors(store: Harness) -> None:
+def test_source_address_replaces_zero_and_bad_values_are_bad_requests(store: Harness) -> None:
     s = store.open()
     s.announce(H1, "0.0.0.0", 7, subscribe=True, source_ip="127.0.0.9")
     assert addrs(s.announce(H1, "10.0.0.2", 2, subscribe=False)) == {("127.0.0.9", 7)}
     for args in [(H1[:31], "10.0.0.1", 1), (H1, "not an ip", 1), (H1, "10.0.0.1", 70000)]:
-        with pytest.raises(ValueError):
+        with pytest.raises(BadRequest):
             s.announce(*args, subscribe=False)
 
 
@@ -332,11 +332,11 @@ def test_files_refuse_bad_input_and_respect_the_caps(store: Harness) -> None:
     files = store.files()
     with pytest.raises(MetafileError):
         files.put(b"not a cascade file")
-    with pytest.raises(ValueError):
+    with pytest.raises(BadRequest):
         files.put(cascade_bytes(1), "a/b")
     small: Any = files
     small.max_file_size = 100
-    with pytest.raises(ValueError):
+    with pytest.raises(BadRequest):
         files.put(cascade_bytes(1))
     small.max_file_size = 1 << 20
     small.max_total_size = len(cascade_bytes(1)) + 10

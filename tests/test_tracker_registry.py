@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from cascade.errors import BadRequest
 from cascade.wire import PeerRecord
 from tracker.state import StateStore, load_state
 from tracker.swarms import STATUS_FULL, STATUS_NOT_ALLOWED, AnnounceRefused, SwarmLimits, SwarmRegistry, peer_key
@@ -142,13 +143,13 @@ def test_any_address_takes_the_source_address() -> None:
     assert reg.announce(H1, "0.0.0.0", 1, subscribe=False, source_ip="10.0.0.9")[0].ip == "10.0.0.2"
 
 
-def test_bad_values_are_value_errors() -> None:
+def test_bad_values_are_bad_requests() -> None:
     reg, _ = make()
-    with pytest.raises(ValueError):
+    with pytest.raises(BadRequest):
         reg.announce(b"short", "10.0.0.1", 1, subscribe=False)
-    with pytest.raises(ValueError):
+    with pytest.raises(BadRequest):
         reg.announce(H1, "not-an-ip", 1, subscribe=False)
-    with pytest.raises(ValueError):
+    with pytest.raises(BadRequest):
         reg.announce(H1, "10.0.0.1", 70000, subscribe=False)
 
 

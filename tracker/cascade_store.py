@@ -24,7 +24,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cascade.errors import CascadeError, MetafileError
+from cascade.errors import BadRequest, MetafileError
+from cascade.errors import StoreFull as StoreFull  # its old home; the class lives in the tree
 from cascade.metafile import HASH_SIZE, parse_cascade
 
 log = logging.getLogger(__name__)
@@ -37,10 +38,6 @@ DEFAULT_MAX_TOTAL_SIZE = 1 << 30
 MAX_NAME_BYTES = 255  # the usual file-name limit of Linux file systems
 _SUFFIX = ".cascade"
 _NAME_SUFFIX = ".name"
-
-
-class StoreFull(CascadeError):
-    """Storing another file would pass the store's total size cap."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,26 +54,26 @@ class StoredCascade:
 
 
 def check_name(name: str) -> str:
-    """A data file name as given on upload; raises :class:`ValueError` for one that could be a path."""
+    """A data file name as given on upload; raises :class:`BadRequest` for one that could be a path."""
     if not name or name in (".", ".."):
-        raise ValueError("name must not be empty, '.' or '..'")
+        raise BadRequest("name must not be empty, '.' or '..'")
     if "/" in name or "\\" in name:
-        raise ValueError("name must be a file name, without '/' or '\\'")
+        raise BadRequest("name must be a file name, without '/' or '\\'")
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
-        raise ValueError("name must not contain control characters")
+        raise BadRequest("name must not contain control characters")
     if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
-        raise ValueError(f"name is longer than {MAX_NAME_BYTES} bytes")
+        raise BadRequest(f"name is longer than {MAX_NAME_BYTES} bytes")
     try:
         name.encode("utf-8")
     except UnicodeEncodeError:
-        raise ValueError("name is not valid UTF-8") from None
+        raise BadRequest("name is not valid UTF-8") from None
     return name
 
 
 def parse_hex_hash(text: str) -> bytes:
-    """64 hex digits -> 32 bytes; raises :class:`ValueError`."""
+    """64 hex digits -> 32 bytes; raises :class:`BadRequest`."""
     if len(text) != 2 * HASH_SIZE or not all(c in "0123456789abcdefABCDEF" for c in text):
-        raise ValueError(f"a cascade hash is {2 * HASH_SIZE} hex digits")
+        raise BadRequest(f"a cascade hash is {2 * HASH_SIZE} hex digits")
     return bytes.fromhex(text)
 
 
@@ -120,7 +117,7 @@ class CascadeStore:
                 cf = parse_cascade(data, path.name)
                 if cf.cascade_hash != cascade_hash:
                     raise MetafileError("its bytes do not hash to its name")
-            except (ValueError, OSError, MetafileError) as exc:
+            except (BadRequest, OSError, MetafileError) as exc:
                 log.warning("skipping stored file %s: %s", path.name, exc)
                 continue
             name = self._read_name(cascade_hash)
@@ -136,7 +133,7 @@ class CascadeStore:
             return check_name(raw.decode("utf-8"))
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as exc:
+        except (OSError, UnicodeDecodeError, BadRequest) as exc:
             log.warning("ignoring the stored name of %s: %s", cascade_hash.hex()[:16], exc)
             return None
 
@@ -164,11 +161,11 @@ class CascadeStore:
 
         A name is recorded when the file has none yet (the first name given
         stays). Raises :class:`MetafileError` for a malformed file,
-        :class:`ValueError` for a bad name or an oversized file,
+        :class:`BadRequest` for a bad name or an oversized file,
         :class:`StoreFull` and :class:`OSError`.
         """
         if len(data) > self.max_file_size:
-            raise ValueError(f".cascade file is {len(data)} bytes, the limit is {self.max_file_size}")
+            raise BadRequest(f".cascade file is {len(data)} bytes, the limit is {self.max_file_size}")
         if name is not None:
             check_name(name)
         cf = parse_cascade(data, "upload")

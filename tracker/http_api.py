@@ -42,7 +42,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
-from cascade.errors import MetafileError, UsageError
+from cascade.errors import BadRequest, MetafileError, UsageError
 from cascade.metafile import parse_cascade
 from cascade.wire import PeerRecord
 from tracker import metrics
@@ -401,7 +401,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _hash_param(self, text: str) -> bytes:
         try:
             return parse_hex_hash(text)
-        except ValueError as exc:
+        except BadRequest as exc:
             raise _HttpError(400, f"invalid cascade hash {text[:80]!r}: {exc}") from exc
 
     # --- endpoints -----------------------------------------------------------
@@ -464,7 +464,7 @@ class _Handler(BaseHTTPRequestHandler):
             code = 403 if exc.status == STATUS_NOT_ALLOWED else 503
             self._json(code, {"error": exc.message, "status": exc.status})
             return
-        except ValueError as exc:  # e.g. a source address that is not IPv4
+        except BadRequest as exc:  # e.g. a source address that is not IPv4
             raise _HttpError(400, str(exc)) from exc
         now = self.registry.now()
         self._json(200, {"peers": [_peer_json(p, now) for p in peers]})
@@ -534,7 +534,7 @@ class _Handler(BaseHTTPRequestHandler):
             return None
         try:
             return check_name(name)
-        except ValueError as exc:
+        except BadRequest as exc:
             raise _HttpError(400, f"invalid name: {exc}") from exc
 
     def _upload(self, params: list[str]) -> None:
@@ -551,7 +551,7 @@ class _Handler(BaseHTTPRequestHandler):
             entry, new = self.store.put(data, name)
         except MetafileError as exc:
             raise _HttpError(400, f"not a valid .cascade file: {exc}") from exc
-        except ValueError as exc:
+        except BadRequest as exc:
             raise _HttpError(400, str(exc)) from exc
         except StoreFull as exc:
             raise _HttpError(507, str(exc)) from exc
@@ -570,7 +570,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _download(self, params: list[str]) -> None:
         try:
             h = parse_hex_hash(params[0])
-        except ValueError as exc:
+        except BadRequest as exc:
             raise _HttpError(404, f"no such file: {params[0][:80]!r} is not a cascade hash") from exc
         data = self.store.read(h)
         if data is None:

@@ -46,7 +46,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from cascade.errors import MetafileError, UsageError
+from cascade.errors import BadRequest, MetafileError, StoreUnavailable, UsageError
 from cascade.metafile import parse_cascade
 from cascade.wire import HASH_SIZE, PeerRecord
 from tracker.cascade_store import (
@@ -56,7 +56,6 @@ from tracker.cascade_store import (
     StoreFull,
     check_name,
 )
-from tracker.store import StoreUnavailable
 from tracker.swarms import (
     STATUS_FULL,
     STATUS_NOT_ALLOWED,
@@ -359,7 +358,7 @@ class RedisSwarmStore:
     ) -> list[PeerRecord]:
         """As :meth:`SwarmRegistry.announce`; also raises :class:`StoreUnavailable`."""
         if len(cascade_hash) != HASH_SIZE:
-            raise ValueError(f"cascade hash must be {HASH_SIZE} bytes, not {len(cascade_hash)}")
+            raise BadRequest(f"cascade hash must be {HASH_SIZE} bytes, not {len(cascade_hash)}")
         if source_ip is not None and ip == "0.0.0.0":
             ip = source_ip
         body = self.announce_packed(cascade_hash, peer_key(ip, port), subscribe, protocol)
@@ -406,7 +405,7 @@ class RedisSwarmStore:
     def remove(self, cascade_hash: bytes, ip: str, port: int, protocol: str = "api") -> bool:
         """As :meth:`SwarmRegistry.remove`: one pipeline drops the peer from both groups and counts it."""
         if len(cascade_hash) != HASH_SIZE:
-            raise ValueError(f"cascade hash must be {HASH_SIZE} bytes, not {len(cascade_hash)}")
+            raise BadRequest(f"cascade hash must be {HASH_SIZE} bytes, not {len(cascade_hash)}")
         key: Any = peer_key(ip, port)  # redis-py's hints say str; bytes are sent as they are
         good, plain = self._keys.groups(cascade_hash)
 
@@ -545,7 +544,7 @@ class RedisCascadeFiles:
     def put(self, data: bytes, name: str | None = None) -> tuple[StoredCascade, bool]:
         """As :meth:`CascadeStore.put`; also raises :class:`StoreUnavailable`."""
         if len(data) > self.max_file_size:
-            raise ValueError(f".cascade file is {len(data)} bytes, the limit is {self.max_file_size}")
+            raise BadRequest(f".cascade file is {len(data)} bytes, the limit is {self.max_file_size}")
         if name is not None:
             check_name(name)
         cf = parse_cascade(data, "upload")

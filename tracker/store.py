@@ -31,17 +31,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from cascade.errors import CascadeError, UsageError
+from cascade.errors import StoreUnavailable as StoreUnavailable  # its old home; the class lives in the tree
+from cascade.errors import UsageError
 from cascade.wire import PeerRecord
 from tracker.cascade_store import CascadeStore, StoredCascade
 from tracker.swarms import Counters, SwarmLimits, SwarmRegistry, SwarmSummary
 
 # A tracker-reply status (PROTOCOL.md only says "non-zero"); 1..4 live in tracker.swarms.
 STATUS_UNAVAILABLE = 5
-
-
-class StoreUnavailable(CascadeError):
-    """The store's backing service (Redis) cannot be reached right now; try again later."""
 
 
 class SwarmStore(Protocol):
@@ -65,7 +62,7 @@ class SwarmStore(Protocol):
     ) -> list[PeerRecord]:
         """Enrol ``ip:port`` and return the reply sample (see :meth:`SwarmRegistry.announce`).
 
-        Raises :class:`ValueError`, :class:`~tracker.swarms.AnnounceRefused`, :class:`StoreUnavailable`.
+        Raises :class:`~cascade.errors.BadRequest`, :class:`~cascade.errors.AnnounceRefused`, :class:`StoreUnavailable`.
         """
         ...
 
@@ -76,7 +73,7 @@ class SwarmStore(Protocol):
     def remove(self, cascade_hash: bytes, ip: str, port: int, protocol: str = "api") -> bool:
         """Drop ``ip:port`` from the swarm at once (it said "stopped"); True if it was there.
 
-        Raises :class:`ValueError` for a malformed hash, address or port, and :class:`StoreUnavailable`.
+        Raises :class:`~cascade.errors.BadRequest` for a malformed hash, address or port, and :class:`StoreUnavailable`.
         """
         ...
 
@@ -115,7 +112,7 @@ class CascadeFiles(Protocol):
     max_file_size: int
 
     def put(self, data: bytes, name: str | None = None) -> tuple[StoredCascade, bool]:
-        """Validate and store; (entry, True if new). Raises MetafileError, ValueError, StoreFull."""
+        """Validate and store; (entry, True if new). Raises MetafileError, BadRequest, StoreFull."""
         ...
 
     def get(self, cascade_hash: bytes) -> StoredCascade | None: ...

@@ -36,7 +36,8 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from cascade.errors import CascadeError
+from cascade.errors import AnnounceRefused as AnnounceRefused  # its old home; the class lives in the tree
+from cascade.errors import BadRequest
 from cascade.wire import HASH_SIZE, PeerRecord
 
 Clock = Callable[[], float]
@@ -50,15 +51,6 @@ STATUS_BAD_REQUEST = 1
 STATUS_NOT_ALLOWED = 2
 STATUS_FULL = 3
 STATUS_INTERNAL = 4  # a bug in the tracker; logged
-
-
-class AnnounceRefused(CascadeError):
-    """The tracker refuses an announce: a hash not on the allow list, or no room left."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,10 +94,14 @@ class Counters:
 
 
 def peer_key(ip: str, port: int) -> bytes:
-    """The 6-byte key of a peer; raises :class:`ValueError` for a bad address or port."""
+    """The 6-byte key of a peer; raises :class:`BadRequest` for a bad address or port."""
     if not 0 <= port <= 0xFFFF:
-        raise ValueError(f"port {port} is outside 0..65535")
-    return _KEY.pack(ipaddress.IPv4Address(ip).packed, port)
+        raise BadRequest(f"port {port} is outside 0..65535")
+    try:
+        packed = ipaddress.IPv4Address(ip).packed
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from exc
+    return _KEY.pack(packed, port)
 
 
 def decode_record(record: bytes) -> PeerRecord:
@@ -246,12 +242,12 @@ class SwarmRegistry:
         is replaced by ``source_ip`` (the address the request came from) when
         given. ``protocol`` only labels the request counters.
 
-        Raises :class:`ValueError` for a malformed hash, address or port, and
+        Raises :class:`BadRequest` for a malformed hash, address or port, and
         :class:`AnnounceRefused` when the hash is not allowed or the registry
         is full.
         """
         if len(cascade_hash) != HASH_SIZE:
-            raise ValueError(f"cascade hash must be {HASH_SIZE} bytes, not {len(cascade_hash)}")
+            raise BadRequest(f"cascade hash must be {HASH_SIZE} bytes, not {len(cascade_hash)}")
         if source_ip is not None and ip == "0.0.0.0":
             ip = source_ip
         body = self.announce_packed(cascade_hash, peer_key(ip, port), subscribe, protocol)
@@ -342,10 +338,10 @@ class SwarmRegistry:
     def remove(self, cascade_hash: bytes, ip: str, port: int, protocol: str = "api") -> bool:
         """Drop ``ip:port`` from the swarm at once (the peer said it stopped); True if it was there.
 
-        Raises :class:`ValueError` for a malformed hash, address or port.
+        Raises :class:`BadRequest` for a malformed hash, address or port.
         """
         if len(cascade_hash) != HASH_SIZE:
-            raise ValueError(f"cascade hash must be {HASH_SIZE} bytes, not {len(cascade_hash)}")
+            raise BadRequest(f"cascade hash must be {HASH_SIZE} bytes, not {len(cascade_hash)}")
         key = peer_key(ip, port)
         with self._lock:
             self._requests[(protocol, "stopped", 0)] += 1

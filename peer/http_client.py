@@ -1,4 +1,9 @@
-"""``.cascade`` files over HTTP: ``cascade publish`` uploads one, and a URL fetches one back.
+"""The HTTP client of a peer and of ``cascade publish``: sessions, errors, ``.cascade`` up and down.
+
+:mod:`peer.publish_command` (``cascade publish``) uploads with
+:func:`upload_cascade`; ``peer fetch URL`` downloads with :func:`download_cascade`;
+:mod:`peer.http_tracker` announces with :func:`http_session`, :func:`parse_json`
+and :func:`error_message`.
 
 A tracker started with ``--http-port`` stores uploaded files under their
 cascade hash and serves them at ``http://HOST:PORT/cascades/HASH.cascade``.
@@ -6,38 +11,35 @@ Since the hash is the SHA-256 of the file's bytes, such a URL names exactly
 one file: :func:`download_cascade` checks the bytes against the hash in the
 URL before anything else sees them.
 
-``requests`` is imported inside the functions that need it, so the other
-``cascade`` commands start without it. Every HTTP call has a timeout and a
+``requests`` is imported inside the functions that need it, so the commands
+that never speak HTTP start without it. Every HTTP call has a timeout and a
 bounded retry policy (:func:`http_session`); every failure becomes one
 :class:`~cascade.errors.CascadeError` with a one-line message.
 """
 
 from __future__ import annotations
 
-import argparse
-import errno
 import hashlib
 import json
 import logging
 import os
 import re
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import SplitResult, unquote, urlsplit
 
 from cascade.errors import (
-    CascadeError,
     DataError,
-    DiskFullError,
     MetafileError,
     ProtocolError,
+    PublishRefused,
     UnreachableError,
     UsageError,
+    from_os_error,
 )
-from cascade.metafile import HASH_SIZE, MAX_METAFILE_SIZE, CascadeFile, default_data_path, read_cascade
+from cascade.metafile import HASH_SIZE, MAX_METAFILE_SIZE, CascadeFile, read_cascade
 
 if TYPE_CHECKING:
     import requests
@@ -50,10 +52,6 @@ RETRIES = 2
 BACKOFF = 0.2  # seconds before the first retry, doubling after
 
 _CASCADE_PATH = re.compile(r"^(.*)/cascades/([0-9a-fA-F]{64})\.cascade$")
-
-
-class PublishRefused(CascadeError):
-    """The tracker answered an upload or a download with an error status."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,9 +268,7 @@ def _receive(r: requests.Response, url: str, target: Path) -> Path:
 
 def _save_error(target: Path, exc: OSError) -> DataError:
     """One line for a failure to save the downloaded .cascade as ``target``."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return DiskFullError(f"{target}: disk full while saving the downloaded .cascade file")
-    return DataError(f"{target}: cannot save the downloaded .cascade file: {exc.strerror or exc}")
+    return from_os_error(exc, target, "save the downloaded .cascade file")
 
 
 def _sha256(path: Path) -> bytes:
@@ -348,31 +344,3 @@ def parse_hash(text: object) -> bytes:
     if not isinstance(text, str) or len(text) != 2 * HASH_SIZE:
         raise ValueError("not a cascade hash")
     return bytes.fromhex(text)
-
-
-# --- the command ------------------------------------------------------------------
-
-
-def cmd_publish(args: argparse.Namespace) -> int:
-    path = Path(args.cascade)
-    name = args.name if args.name is not None else default_data_path(path).name
-    token = args.token if args.token is not None else os.environ.get("CASCADE_API_TOKEN")
-    published = upload_cascade(path, args.tracker, token, name or None)
-    how = "uploaded" if published.new else "already on the tracker"
-    print(f"cascade publish: {how}, cascade hash {published.cascade_hash.hex()}", file=sys.stderr, flush=True)
-    print(published.url, flush=True)
-    return 0
-
-
-def register_publish(sub: Any) -> None:
-    p = sub.add_parser(
-        "publish",
-        help="upload a .cascade to a tracker's HTTP API and print the URL to share",
-        description="Upload FILE.cascade to a tracker run with --http-port and print the URL to share. "
-        "`peer fetch URL` downloads the .cascade, checks it against the hash in the URL, and fetches the data.",
-    )
-    p.add_argument("cascade", metavar="FILE.cascade")
-    p.add_argument("--tracker", required=True, metavar="http://HOST:PORT", help="the tracker's HTTP address")
-    p.add_argument("--token", metavar="T", help="the tracker's --api-token (default: $CASCADE_API_TOKEN, if set)")
-    p.add_argument("--name", metavar="NAME", help="the data file name to show (default: FILE)")
-    p.set_defaults(run=cmd_publish)
