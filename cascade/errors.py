@@ -16,6 +16,7 @@ by :func:`from_os_error`)::
     │   └── TrackerUnreachable
     ├── CascadeTimeout         an operation ran past its deadline
     ├── UsageError             a bad command-line value (a size, an address)
+    ├── StartError             a server cannot start: its port is taken, its store unreachable
     ├── Interrupted            SIGINT or SIGTERM arrived: the command stops cleanly
     │
     │   a peer or `cascade` was answered with a refusal:
@@ -81,6 +82,10 @@ class CascadeTimeout(CascadeError):
 
 class UsageError(CascadeError):
     """A command-line value is invalid (a size, an address, a combination of flags)."""
+
+
+class StartError(CascadeError):
+    """A server cannot start: its address is in use or not allowed, its store cannot be reached."""
 
 
 class Interrupted(CascadeError):

@@ -2,11 +2,11 @@
 
 Each subcommand is one ``cmd_*`` function taking the parsed arguments and
 returning an exit code, plus one ``register_*`` function adding its parser;
-:data:`SUBCOMMANDS` lists the registrations. :func:`main` is the single
-boundary where errors become one line on stderr: no user ever sees a traceback.
-
-Exit codes: 0 success, 1 ``verify`` found the data incomplete, 2 an error
-(bad arguments, unreadable or malformed files), 130 interrupted.
+:data:`SUBCOMMANDS` lists the registrations. :func:`main` runs them through
+:func:`cascade.command.run_command`, the boundary shared with ``peer`` and
+``tracker`` where errors become one line on stderr and an exit code (0
+success, 1 failed or ``verify`` found the data incomplete, 2 bad usage, 130
+interrupted).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from cascade import __version__
-from cascade.argparsing import OneLineErrorParser
-from cascade.errors import CascadeError, DataError, UsageError
+from cascade.command import EXIT_FAILED, EXIT_OK, OneLineErrorParser, run_command
+from cascade.errors import DataError, UsageError, from_os_error
 from cascade.metafile import (
     MAX_BLOCK_SIZE,
     CascadeFile,
@@ -44,10 +44,7 @@ DEFAULT_BLOCK_SIZE = 1 << 20
 # Below this size hashing takes well under a second, so a progress bar would only flicker.
 PROGRESS_THRESHOLD = 64 << 20
 
-EXIT_OK = 0
-EXIT_INCOMPLETE = 1
-EXIT_ERROR = 2
-EXIT_INTERRUPTED = 130
+EXIT_INCOMPLETE = EXIT_FAILED  # verify found missing or corrupt data: the check failed
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -119,13 +116,19 @@ def check_block_size(data_length: int, block_size: int) -> None:
 
 
 def _write_new(path: Path, data: bytes, force: bool) -> None:
-    """Write ``data`` to ``path``: exclusively without ``force``, else atomically replacing it."""
+    """Write ``data`` to ``path``: exclusively without ``force``, else atomically replacing it.
+
+    Raises :class:`UsageError` for an existing ``path`` without ``force``, :class:`DataError`.
+    """
     if not force:
         try:
             with path.open("xb") as f:
                 f.write(data)
         except FileExistsError as exc:
             raise UsageError(f"{path} already exists; use --force to overwrite it") from exc
+        except OSError as exc:
+            path.unlink(missing_ok=True)
+            raise from_os_error(exc, path, "write the .cascade file") from exc
         except BaseException:
             path.unlink(missing_ok=True)
             raise
@@ -134,6 +137,8 @@ def _write_new(path: Path, data: bytes, force: bool) -> None:
     try:
         tmp.write_bytes(data)
         os.replace(tmp, path)
+    except OSError as exc:
+        raise from_os_error(exc, path, "write the .cascade file") from exc
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -281,7 +286,8 @@ def register_verify(sub: Any) -> None:
     p = sub.add_parser(
         "verify",
         help="check a data file block by block",
-        description="Check a data file against its .cascade. Exit 0 if complete, 1 if not, 2 on error.",
+        description="Check a data file against its .cascade. Exit 0 if complete, 1 if not or on an error, "
+        "2 for bad usage.",
     )
     p.add_argument("cascade", metavar="FILE.cascade")
     p.add_argument("--data", metavar="PATH", help="the data file (default: FILE beside FILE.cascade)")
@@ -332,30 +338,20 @@ def build_parser() -> OneLineErrorParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``cascade`` command; returns the exit code."""
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exc:  # --help, --version or a usage error, already printed
-        return exc.code if isinstance(exc.code, int) else EXIT_ERROR
+def _run(args: argparse.Namespace) -> int:
     run: Command = args.run
     try:
         return run(args)
-    except KeyboardInterrupt:
-        print("cascade: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
     except BrokenPipeError:
         # The reader of our stdout went away (e.g. `| head`); nothing left to say.
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_ERROR
-    except CascadeError as exc:
-        print(f"cascade {args.command}: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except OSError as exc:
-        where = f"{exc.filename}: " if exc.filename else ""
-        print(f"cascade {args.command}: {where}{exc.strerror or exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_FAILED
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``cascade`` command; returns the exit code (:mod:`cascade.command`)."""
+    return run_command("cascade", build_parser(), argv, _run)
 
 
 if __name__ == "__main__":

@@ -10,16 +10,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 from collections.abc import Sequence
 from typing import Any
 
 from cascade import __version__
-from cascade.argparsing import EXIT_USAGE, OneLineErrorParser
-from cascade.errors import CascadeError, UsageError
-from peer.common import DEFAULT_ANNOUNCE_INTERVAL, DEFAULT_FETCH_TIMEOUT, DEFAULT_LISTEN, Interrupted
-
-# argparse's status for a bad command line; peer.cascade_command uses the same.
+from cascade.command import EXIT_OK, OneLineErrorParser, run_command
+from peer.common import DEFAULT_ANNOUNCE_INTERVAL, DEFAULT_FETCH_TIMEOUT, DEFAULT_LISTEN
 
 
 def positive_seconds(text: str) -> float:
@@ -151,16 +147,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        # Each subcommand module has run(args) -> exit status; it sets up its own logging.
-        command = importlib.import_module(args.module)
-        code: int = command.run(args)
-    except CascadeError as exc:
-        print(f"peer {args.command}: error: {exc}", file=sys.stderr, flush=True)
-        # 2 like argparse for a bad command line, 1 for everything else.
-        return EXIT_USAGE if isinstance(exc, UsageError) else 1
-    except (KeyboardInterrupt, Interrupted):
-        return 0
+def _run(args: argparse.Namespace) -> int:
+    # Each subcommand module has run(args) -> exit status; it sets up its own logging.
+    command = importlib.import_module(args.module)
+    code: int = command.run(args)
     return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``peer`` command; returns the exit code (:mod:`cascade.command`).
+
+    ``peer fetch`` reports its own interruption (130, its verified blocks
+    kept); a stop that reaches the boundary ends a server, which is a success.
+    """
+    return run_command("peer", build_parser(), argv, _run, interrupted=EXIT_OK)

@@ -5,7 +5,8 @@ block and the whole-file hash verified, so ``OUT`` always means complete. A
 rerun resumes ``OUT.part`` from its verified blocks. The command serves its
 verified blocks on ``--listen`` while it downloads, and only with ``--seed``
 subscribes (as a seeder) and keeps serving until SIGINT/SIGTERM. Every
-failure is one line on stderr and a non-zero exit.
+failure is one line on stderr and the exit code of :mod:`cascade.command`:
+1 when the fetch failed, 2 for a bad command-line value, 130 when interrupted.
 
 Its parser lives in :mod:`peer.cli`. What only some runs need (``json``, the
 HTTP code for a URL, the announcer for ``--seed``, ``tqdm`` on a terminal) is
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from cascade.addresses import TrackerAddress, parse_hostport
+from cascade.command import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, exit_code
 from cascade.errors import CascadeError, DataError, DiskFullError, UsageError
 from cascade.metafile import CascadeFile, default_data_path, read_cascade
 from cascade.units import format_size
@@ -42,8 +44,6 @@ LIST_TIMEOUT = 5.0
 # The name of an incomplete download is OUT + this (as browsers do); no ':' or
 # other character that Windows rejects.
 PART_SUFFIX = ".part"
-EXIT_FAILED = 1
-EXIT_INTERRUPTED = 130
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
             doc: dict[str, object] = result.as_json() if result else {"complete": False}
             doc["error"] = str(exc)
             _print_json(doc)
-        return EXIT_FAILED
+        return exc.code
 
 
 def _print_json(doc: dict[str, object]) -> None:
@@ -74,9 +74,12 @@ def _print_json(doc: dict[str, object]) -> None:
 
 
 class _Failed(Exception):
-    def __init__(self, message: str, fetcher: Fetcher | None = None) -> None:
+    """The run failed: its one line, its exit code, and the fetcher if one ran (for --json)."""
+
+    def __init__(self, message: str, fetcher: Fetcher | None = None, code: int = EXIT_FAILED) -> None:
         super().__init__(message)
         self.fetcher = fetcher
+        self.code = code
 
 
 def _fetch(args: argparse.Namespace, stop: StopSignal) -> int:
@@ -104,7 +107,7 @@ def _fetch(args: argparse.Namespace, stop: StopSignal) -> int:
         out = Path(args.out) if args.out else default_data_path(cascade_file)
         target = _plan_output(cf, out, args.force)
     except CascadeError as exc:
-        raise _Failed(str(exc)) from exc
+        raise _Failed(str(exc), code=exit_code(exc)) from exc
 
     server = BlockServer(host, port, upload_rate=upload_rate)
     try:
@@ -168,7 +171,7 @@ def _fetch(args: argparse.Namespace, stop: StopSignal) -> int:
                 stop.wait()
             finally:
                 announcer.stop()
-        return 0
+        return EXIT_OK
     except DataError as exc:  # opening or renaming the output (a full disk says so itself)
         raise _Failed(str(exc)) from exc
     finally:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cascade.addresses import parse_hostport
-from cascade.errors import CascadeError, DataError, UsageError
+from cascade.errors import DataError, StartError, UsageError
 from cascade.metafile import CascadeFile, default_data_path, read_cascade
 from cascade.units import format_size, parse_size
 from peer.announcer import Announcer
@@ -44,14 +44,14 @@ def parse_rate(text: str | None) -> int | None:
 def bind_server(listen: str, upload_rate: int | None = None, idle_timeout: float = 30.0) -> BlockServer:
     """Start a :class:`BlockServer` on ``--listen`` (``HOST:PORT``, default host 0.0.0.0).
 
-    Raises :class:`UsageError` for a bad address and :class:`CascadeError` when binding fails.
+    Raises :class:`UsageError` for a bad address and :class:`StartError` when binding fails.
     """
     host, port = parse_hostport(listen, "listen address", default_host="0.0.0.0")
     server = BlockServer(host, port, upload_rate=upload_rate, idle_timeout=idle_timeout)
     try:
         server.start()
     except OSError as exc:
-        raise CascadeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+        raise StartError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
     return server
 
 

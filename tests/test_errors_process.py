@@ -112,7 +112,7 @@ def test_fetch_url_into_a_full_disk(published: str, small_tmpfs: Path) -> None:
     fill(small_tmpfs)
     out = small_tmpfs / "poem.txt"
     proc = run("peer", "fetch", published, "--out", str(out), "--listen", "127.0.0.1:0")
-    assert_one_line(proc, 1, f"{out}.cascade: disk full while saving the downloaded .cascade file")
+    assert_one_line(proc, 1, f"{out}.cascade: disk full: cannot save the downloaded .cascade file")
     assert sorted(p.name for p in small_tmpfs.iterdir()) == ["filler"]  # no partial file left behind
 
 
@@ -123,8 +123,8 @@ def test_fetch_url_whose_data_does_not_fit(published: str, small_tmpfs: Path) ->
 
 
 def test_ipv6_listen_is_refused_in_one_line() -> None:
-    # peer fetch exits 1 for every failure, peer seed 2 for a bad command line, as before.
-    for command, code in ((["fetch", str(SAMPLE)], 1), (["seed", str(SAMPLE)], 2)):
+    # A bad command-line value is exit 2 for every command (cascade/command.py).
+    for command, code in ((["fetch", str(SAMPLE)], 2), (["seed", str(SAMPLE)], 2)):
         proc = run("peer", *command, "--tracker", "127.0.0.1:9", "--listen", "[::1]:0")
         assert_one_line(proc, code, "cannot listen on IPv6 address ::1", "only IPv4")
 

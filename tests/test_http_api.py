@@ -597,7 +597,7 @@ def test_without_state_the_upload_folder_is_removed() -> None:
 def test_api_token_needs_http_port() -> None:
     proc = Proc(["tracker", "run", "--host", "127.0.0.1", "--port", "0", "--api-token", "x"])
     try:
-        assert proc.wait(15) == 1
+        assert proc.wait(15) == 2  # bad usage
         lines = proc.stderr.strip().splitlines()
         assert lines == ["tracker: error: --api-token needs --http-port"]
     finally:

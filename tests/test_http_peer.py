@@ -226,29 +226,30 @@ def test_fetch_by_url_errors(tracker: Tracker, tmp_path: Path) -> None:
     assert r.returncode == 1
     assert "cannot download" in one_error_line(r.stderr, "peer fetch: error:")
     r = run("peer", "fetch", f"{tracker.url}/files/x.cascade", cwd=tmp_path)
-    assert r.returncode == 1
+    assert r.returncode == 2  # bad usage
     assert "invalid .cascade URL" in one_error_line(r.stderr, "peer fetch: error:")
     r = run("peer", "fetch", str(SAMPLES / "poem.txt.cascade"), "--out", str(tmp_path / "p"), cwd=tmp_path)
-    assert r.returncode == 1
+    assert r.returncode == 2
     assert "--tracker is required" in one_error_line(r.stderr, "peer fetch: error:")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_publish_errors(tracker: Tracker, samples: Path) -> None:
     noise = str(samples / "noise.bin.cascade")
+    # 1: the upload failed; 2: bad usage (cascade/command.py).
     cases = [
-        (["--tracker", tracker.url], "Bearer"),
-        (["--tracker", tracker.url, "--token", "wrong"], "wrong API token"),
-        (["--tracker", f"http://127.0.0.1:{free_port()}", "--token", TOKEN], "unreachable"),
-        (["--tracker", "127.0.0.1:8888"], "expected http://HOST:PORT"),
+        (["--tracker", tracker.url], "Bearer", 1),
+        (["--tracker", tracker.url, "--token", "wrong"], "wrong API token", 1),
+        (["--tracker", f"http://127.0.0.1:{free_port()}", "--token", TOKEN], "unreachable", 1),
+        (["--tracker", "127.0.0.1:8888"], "expected http://HOST:PORT", 2),
     ]
-    for extra, message in cases:
+    for extra, message, code in cases:
         r = run("cascade", "publish", noise, *extra)
-        assert r.returncode == 2, r.stderr
+        assert r.returncode == code, r.stderr
         assert message in one_error_line(r.stderr, "cascade publish:")
         assert r.stdout == ""
     r = run("cascade", "publish", str(samples / "poem.txt"), "--tracker", tracker.url, "--token", TOKEN)
-    assert r.returncode == 2
+    assert r.returncode == 1
     assert "not a .cascade file" in one_error_line(r.stderr, "cascade publish:")
 
 

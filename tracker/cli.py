@@ -17,8 +17,8 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 
 from cascade import __version__
-from cascade.argparsing import OneLineErrorParser
-from cascade.errors import CascadeError, UsageError
+from cascade.command import EXIT_FAILED, EXIT_OK, OneLineErrorParser, run_command
+from cascade.errors import StartError, UsageError
 from tracker.allowlist import load_allow_file
 from tracker.server import ServerConfig, TrackerServer
 from tracker.store import StoreSpec, open_backend, parse_store_spec
@@ -197,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         host, port = server.bind()
     except OSError as exc:
-        raise UsageError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from exc
+        raise StartError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from exc
     http = None
     if args.http_port is not None:
         from tracker.http_api import open_http  # only when asked for
@@ -238,21 +238,23 @@ def run(args: argparse.Namespace) -> int:
         http.stop()
     ok = backend.close() and ok
     log.info("tracker stopped")
-    return 0 if ok else 1
+    return EXIT_OK if ok else EXIT_FAILED
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format=LOG_FORMAT,
         datefmt=LOG_DATEFMT,
         stream=sys.stderr,
     )
-    try:
-        return run(args)
-    except CascadeError as exc:
-        print(f"tracker: error: {exc}", file=sys.stderr, flush=True)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    return run(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``tracker`` command; returns the exit code (:mod:`cascade.command`).
+
+    Its error lines start ``tracker: error:`` (it has one subcommand); a
+    Ctrl-C even during start-up stops a server, which is a success.
+    """
+    return run_command("tracker", build_parser(), argv, _run, name_subcommand=False, interrupted=EXIT_OK)

@@ -46,7 +46,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from cascade.errors import BadRequest, MetafileError, StoreUnavailable, UsageError
+from cascade.errors import BadRequest, MetafileError, StartError, StoreUnavailable, UsageError
 from cascade.metafile import parse_cascade
 from cascade.wire import HASH_SIZE, PeerRecord
 from tracker.cascade_store import (
@@ -648,7 +648,7 @@ def open_redis(
     """Connect, check the server, and write ``allowed`` (the ``--allow`` list) when given.
 
     Without ``allowed`` the list already in Redis (set by another tracker's
-    ``--allow``) stays in force. Raises :class:`UsageError` when Redis cannot
+    ``--allow``) stays in force. Raises :class:`StartError` when Redis cannot
     be reached or is older than 6.2.
     """
     client = connect(url)
@@ -657,18 +657,18 @@ def open_redis(
         version = tuple(int(x) for x in str(info["redis_version"]).split(".")[:2])
     except _DOWN_ERRORS as exc:
         client.close()
-        raise UsageError(f"cannot reach redis at {url}: {exc}") from exc
+        raise StartError(f"cannot reach redis at {url}: {exc}") from exc
     except redis.exceptions.RedisError as exc:
         client.close()
-        raise UsageError(f"redis at {url} refused to answer: {exc}") from exc
+        raise StartError(f"redis at {url} refused to answer: {exc}") from exc
     if version < _MIN_REDIS:
         client.close()
-        raise UsageError(f"redis at {url} is version {info['redis_version']}; the tracker needs 6.2 or later")
+        raise StartError(f"redis at {url} is version {info['redis_version']}; the tracker needs 6.2 or later")
     store = RedisSwarmStore(client, limits, clock=clock, prefix=prefix, label=url)
     if allowed is not None:
         try:
             store.set_allowed(allowed)
         except StoreUnavailable as exc:
             client.close()
-            raise UsageError(f"cannot write the allow list to redis at {url}: {exc}") from exc
+            raise StartError(f"cannot write the allow list to redis at {url}: {exc}") from exc
     return store, RedisCascadeFiles(store, clock=clock)

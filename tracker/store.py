@@ -31,8 +31,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from cascade.errors import StartError, UsageError
 from cascade.errors import StoreUnavailable as StoreUnavailable  # its old home; the class lives in the tree
-from cascade.errors import UsageError
 from cascade.wire import PeerRecord
 from tracker.cascade_store import CascadeStore, StoredCascade
 from tracker.swarms import Counters, SwarmLimits, SwarmRegistry, SwarmSummary
@@ -170,12 +170,12 @@ class Backend:
 
 
 def _folder_files(folder: str | None) -> CascadeStore:
-    """Files in ``folder`` (``None``: a temporary one); raises :class:`UsageError` if it cannot be made."""
+    """Files in ``folder`` (``None``: a temporary one); raises :class:`StartError` if it cannot be made."""
     try:
         return CascadeStore(folder)
     except OSError as exc:
         where = folder or "a temporary folder"
-        raise UsageError(f"cannot use {where} for .cascade files: {exc.strerror or exc}") from exc
+        raise StartError(f"cannot use {where} for .cascade files: {exc.strerror or exc}") from exc
 
 
 def open_backend(
@@ -189,7 +189,7 @@ def open_backend(
 
     ``allowed`` is the ``--allow`` list (``None``: every hash). Raises
     :class:`~cascade.errors.DataError` for an unusable SQLite file and
-    :class:`UsageError` for a Redis that cannot be reached at start-up.
+    :class:`StartError` for a Redis that cannot be reached at start-up.
     """
     if spec.kind == "memory":
         return Backend(spec, SwarmRegistry(limits, clock=clock, allowed=allowed), lambda: _folder_files(None))
