@@ -26,7 +26,7 @@ from typing import Any
 
 from cascade.addresses import TrackerAddress, parse_hostport
 from cascade.command import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, exit_code
-from cascade.errors import CascadeError, DataError, DiskFullError, UsageError
+from cascade.errors import CascadeError, DataError, DiskFullError, UsageError, from_os_error
 from cascade.metafile import CascadeFile, default_data_path, read_cascade
 from cascade.units import format_size
 from cascade.wire import PeerRecord, TrackerCommand
@@ -248,7 +248,7 @@ def _rename(src: Path, dest: Path) -> None:
     try:
         os.replace(src, dest)
     except OSError as exc:
-        raise DataError(f"cannot rename {src} to {dest.name}: {exc.strerror or exc}") from exc
+        raise from_os_error(exc, src, f"rename it to {dest.name}") from exc
 
 
 def _open_store(cf: CascadeFile, out: Path, target: _Target) -> BlockStore:

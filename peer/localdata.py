@@ -19,7 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from cascade.errors import DataError, UsageError
+from cascade.errors import DataError, UsageError, from_os_error
 from cascade.metafile import (
     HASH_SIZE,
     MAX_BLOCK_COUNT,
@@ -135,7 +135,7 @@ def _open(path: Path) -> int:
     except FileNotFoundError as exc:
         raise DataError(f"{path}: no such data file") from exc
     except OSError as exc:
-        raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+        raise from_os_error(exc, path, "read") from exc
 
 
 def create_metafile(
@@ -175,7 +175,7 @@ def create_metafile(
             if len(hashes) != block_count_for(length, block_size) * HASH_SIZE:
                 raise DataError(f"{p}: the file changed size while it was being read")
         except OSError as exc:
-            raise DataError(f"{p}: cannot read: {exc.strerror or exc}") from exc
+            raise from_os_error(exc, p, "read") from exc
     finally:
         os.close(fd)
     return encode_cascade(length, block_size, whole.digest(), bytes(hashes))
@@ -260,7 +260,7 @@ def check_data(
                 if progress:
                     progress(len(data))
         except OSError as exc:
-            raise DataError(f"{p}: cannot read: {exc.strerror or exc}") from exc
+            raise from_os_error(exc, p, "read") from exc
     finally:
         os.close(fd)
     n = valid.count(1)

@@ -17,15 +17,9 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from cascade.errors import BlockHashMismatch, DataError, DiskFullError
+from cascade.errors import BlockHashMismatch, DataError, from_os_error
 from cascade.metafile import HASH_SIZE, CascadeFile
 from peer.localdata import DataCheck, check_data
-
-
-def _data_error(path: Path, exc: OSError, doing: str) -> DataError:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return DiskFullError(f"{path}: disk full: cannot {doing}")
-    return DataError(f"{path}: cannot {doing}: {exc.strerror or exc}")
 
 
 class BlockStore:
@@ -69,7 +63,7 @@ class BlockStore:
         try:
             f = open(p, "rb", buffering=0)  # noqa: SIM115 - owned by the store, closed in close()
         except OSError as exc:
-            raise _data_error(p, exc, "open the data file") from exc
+            raise from_os_error(exc, p, "open the data file") from exc
         return cls(cf, p, f, check.valid, writable=False)
 
     @classmethod
@@ -84,7 +78,7 @@ class BlockStore:
         try:
             fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise _data_error(p, exc, "open the output file") from exc
+            raise from_os_error(exc, p, "open the output file") from exc
         f = os.fdopen(fd, "r+b", buffering=0)
         try:
             size = os.fstat(fd).st_size
@@ -97,7 +91,7 @@ class BlockStore:
                     os.ftruncate(fd, cf.data_length)
         except OSError as exc:
             f.close()
-            raise _data_error(p, exc, "reserve space for the output file") from exc
+            raise from_os_error(exc, p, "reserve space for the output file") from exc
         assert isinstance(f, io.FileIO)
         return cls(cf, p, f, bytearray(check.valid), writable=True)
 
@@ -147,7 +141,7 @@ class BlockStore:
                     view = view[n:]
                     offset += n
         except OSError as exc:
-            raise _data_error(self.path, exc, f"write block {index}") from exc
+            raise from_os_error(exc, self.path, f"write block {index}") from exc
         with self._lock:
             if not self.valid[index]:
                 self.valid[index] = 1
@@ -163,7 +157,7 @@ class BlockStore:
         try:
             os.replace(self.path, dest)
         except OSError as exc:
-            raise _data_error(dest, exc, f"rename {self.path.name} to {dest.name}") from exc
+            raise from_os_error(exc, dest, f"rename {self.path.name} to {dest.name}") from exc
         self.path = dest
 
     def close(self) -> None:
@@ -200,7 +194,7 @@ class BlockStore:
                         return self._count  # replaced again meanwhile: the next look sees it
             except OSError as exc:
                 self._forget_all()
-                raise _data_error(self.path, exc, "read the data file") from exc
+                raise from_os_error(exc, self.path, "read the data file") from exc
             try:
                 check = check_data(self.path, self.cf, whole_file=False, progress=progress)
             except DataError:

@@ -12,7 +12,7 @@ import os
 import string
 from pathlib import Path
 
-from cascade.errors import CascadeError, UsageError
+from cascade.errors import CascadeError, UsageError, from_os_error
 from cascade.metafile import read_cascade
 
 _HEX = frozenset(string.hexdigits)
@@ -23,13 +23,15 @@ def _is_hex_hash(text: str) -> bool:
 
 
 def load_allow_file(path: str | os.PathLike[str]) -> frozenset[bytes]:
-    """Read an allow file; raises :class:`UsageError` naming the file and line."""
+    """Read an allow file; raises :class:`~cascade.errors.DataError` when it cannot be read,
+    :class:`UsageError` naming the file and line for a bad line."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise UsageError(f"cannot read allow file {p}: {reason}") from exc
+    except OSError as exc:
+        raise from_os_error(exc, p, "read the allow file") from exc
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"cannot read allow file {p}: {exc}") from exc
     hashes: set[bytes] = set()
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()

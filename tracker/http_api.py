@@ -42,7 +42,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
-from cascade.errors import BadRequest, MetafileError, StartError, UsageError
+from cascade.errors import BadRequest, MetafileError, StartError, UsageError, from_os_error
 from cascade.metafile import parse_cascade
 from cascade.wire import PeerRecord
 from tracker import metrics
@@ -667,7 +667,8 @@ def open_http(
     ``files`` opens the store's ``.cascade`` files (see :mod:`tracker.store`);
     without it they live in ``STATE.cascades`` beside ``--state``, else in a
     temporary folder removed at :meth:`TrackerHttpServer.stop`. Raises
-    :class:`UsageError` for an empty token, :class:`StartError` when the folder or the port cannot be had.
+    :class:`UsageError` for an empty token, :class:`~cascade.errors.DataError` when the folder
+    cannot be used and :class:`StartError` when the port cannot be had.
     """
     if token is not None and not token.strip():
         raise UsageError("--api-token must not be empty")
@@ -675,7 +676,7 @@ def open_http(
     try:
         store: CascadeFiles = files() if files is not None else CascadeStore(folder)
     except OSError as exc:
-        raise StartError(f"cannot use {folder} for .cascade files: {exc.strerror or exc}") from exc
+        raise from_os_error(exc, folder, "keep .cascade files in this folder") from exc
     try:
         return TrackerHttpServer(registry, store, HttpConfig(host=host, port=port, token=token, verbose=verbose))
     except OSError as exc:

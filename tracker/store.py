@@ -31,8 +31,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from cascade.errors import StartError, UsageError
 from cascade.errors import StoreUnavailable as StoreUnavailable  # its old home; the class lives in the tree
+from cascade.errors import UsageError, from_os_error
 from cascade.wire import PeerRecord
 from tracker.cascade_store import CascadeStore, StoredCascade
 from tracker.swarms import Counters, SwarmLimits, SwarmRegistry, SwarmSummary
@@ -170,12 +170,14 @@ class Backend:
 
 
 def _folder_files(folder: str | None) -> CascadeStore:
-    """Files in ``folder`` (``None``: a temporary one); raises :class:`StartError` if it cannot be made."""
+    """Files in ``folder`` (``None``: a temporary one).
+
+    Raises :class:`~cascade.errors.DataError` if it cannot be made.
+    """
     try:
         return CascadeStore(folder)
     except OSError as exc:
-        where = folder or "a temporary folder"
-        raise StartError(f"cannot use {where} for .cascade files: {exc.strerror or exc}") from exc
+        raise from_os_error(exc, folder, "keep .cascade files in this folder") from exc
 
 
 def open_backend(
