@@ -189,7 +189,7 @@ def test_unreachable_redis_at_start_is_one_line() -> None:
 def test_bad_store_options_are_one_line(args: list[str], word: str, tmp_path: Path) -> None:
     proc = Proc(["tracker", "run", "--port", "0", *args], cwd=tmp_path)
     try:
-        assert proc.wait(30) == 1
+        assert proc.wait(30) == 2  # bad usage (cascade/command.py)
     finally:
         proc.stop()
     lines = proc.stderr.strip().splitlines()
