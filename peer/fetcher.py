@@ -59,7 +59,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from cascade.errors import BlockHashMismatch, CascadeError, CascadeTimeout, DataError
+from cascade.errors import BlockHashMismatch, CascadeError, CascadeTimeout, DataError, from_os_error
 from cascade.wire import BLOCK_MAGIC, BLOCK_RESPONSE_HEADER_SIZE, KEEPOPEN, BlockStatus
 from peer.ratelimit import TokenBucket
 from peer.storage import BlockStore
@@ -940,7 +940,7 @@ class Fetcher:
                 os.ftruncate(store.fd, self.cf.data_length)
             digest = hasher.finish()
         except OSError as exc:
-            raise DataError(f"{store.path}: cannot finish the output file: {exc.strerror or exc}") from exc
+            raise from_os_error(exc, store.path, "finish the output file") from exc
         if digest != self.cf.file_hash:
             raise DataError(
                 f"{store.path}: every block verified but the whole-file SHA-256 does not match the .cascade file"
