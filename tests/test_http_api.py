@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import selectors
 import socket
 import struct
 import tempfile
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from cascade.metafile import encode_cascade
 from cascade.wire import TrackerCommand
@@ -157,8 +157,9 @@ def test_garbage_and_unknown_methods_get_json_errors_and_the_server_keeps_servin
     reply = raw_request(tracker, b"\x00\xffgarbage\r\n\r\n")
     assert reply.startswith(b"HTTP/1.0 400"), reply[:100]
     assert b'{"error": ' in reply
+    # A method llhttp does not know is a malformed request (http.server said 501).
     reply = raw_request(tracker, b"BREW /healthz HTTP/1.0\r\n\r\n")
-    assert reply.startswith(b"HTTP/1.0 501"), reply[:100]
+    assert reply.startswith(b"HTTP/1.0 400"), reply[:100]
     assert b'{"error": ' in reply
     reply = raw_request(tracker, b"GET /healthz HTTP/1.0\r\n" + b"X-Long: " + b"a" * 70000 + b"\r\n\r\n")
     assert reply.split(b" ")[1] in (b"400", b"431"), reply[:100]
@@ -270,12 +271,14 @@ def test_announce_oversized_or_lying_length(tracker: Tracker) -> None:
     assert reply.startswith(b"HTTP/1.0 413"), reply[:100]
     reply = raw_request(tracker, b"POST /api/v1/announce HTTP/1.0\r\nContent-Length: -5\r\n\r\n")
     assert reply.startswith(b"HTTP/1.0 400"), reply[:100]
-    # A body shorter than its length: the client closes its side, the server answers 400.
+    # A body shorter than its length: the client closes its side, and the server
+    # closes the connection (asyncio ends a half-closed one), counted, no traceback.
     with socket.create_connection(("127.0.0.1", tracker.http), timeout=5) as s:
         s.sendall(b"POST /api/v1/announce HTTP/1.0\r\nContent-Length: 100\r\n\r\n{}")
         s.shutdown(socket.SHUT_WR)
         reply = s.recv(4096)
-    assert reply.startswith(b"HTTP/1.0 400"), reply[:100]
+    assert reply == b"", reply[:100]
+    assert requests.get(f"{tracker.url}/healthz", timeout=5).status_code == 200
 
 
 # --- swarms -----------------------------------------------------------------------
@@ -444,11 +447,12 @@ def test_status_page_escapes_what_clients_sent(tracker: Tracker) -> None:
 
 
 def metric(text: str, name: str, **labels: str) -> float:
-    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    pattern = "^" + re.escape(name + (f"{{{want}}}" if want else "")) + r" (\S+)$"
-    m = re.search(pattern, text, re.MULTILINE)
-    assert m, f"no {name} {labels} in:\n{text}"
-    return float(m.group(1))
+    """The value of one sample, read with prometheus_client's own parser (label order is free)."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    raise AssertionError(f"no {name} {labels} in:\n{text}")
 
 
 @pytest.mark.process
@@ -482,65 +486,6 @@ def test_metrics_count_both_protocols(tracker: Tracker) -> None:
 
 
 # --- limits and persistence (their own processes) ---------------------------------
-
-
-def read_until_closed(sock: socket.socket, deadline: float) -> bytes:
-    chunks: list[bytes] = []
-    while time.monotonic() < deadline:
-        sock.settimeout(max(0.01, deadline - time.monotonic()))
-        chunk = sock.recv(1 << 16)
-        if not chunk:
-            break
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-@pytest.mark.process
-def test_busy_server_answers_503_and_recovers(tmp_path: Path) -> None:
-    t = start()
-    idle: list[socket.socket] = []
-    try:
-        # One more silent client than there are workers. A returned connect() does not
-        # mean the server has queued that connection yet, so which one it accepts last
-        # is up to the kernel; but exactly that one finds no free worker and gets the 503.
-        idle = [socket.create_connection(("127.0.0.1", t.http), timeout=5) for _ in range(HttpConfig().max_workers + 1)]
-        with selectors.DefaultSelector() as sel:
-            for s in idle:
-                sel.register(s, selectors.EVENT_READ)
-            answered = [key.fileobj for key, _ in sel.select(timeout=5)]
-        assert len(answered) == 1, answered
-        refused = answered[0]
-        assert isinstance(refused, socket.socket)
-        head, _, body = read_until_closed(refused, time.monotonic() + 5).partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.0 503 "), head
-        assert "too many" in json.loads(body)["error"]
-        idle.remove(refused)
-        refused.close()
-        # Now every worker is certainly held, so a real request is refused too; and
-        # more silent clients do not each cost the accept loop a wait for a worker.
-        idle += [socket.create_connection(("127.0.0.1", t.http), timeout=5) for _ in range(8)]
-        started = time.monotonic()
-        r = requests.get(f"{t.url}/healthz", timeout=5)
-        assert_error(r, 503, "too many")
-        assert time.monotonic() - started < 8 * HttpConfig().queue_wait / 2
-        for s in idle:
-            s.close()
-        idle = []
-        deadline = time.monotonic() + 5
-        while True:
-            r = requests.get(f"{t.url}/healthz", timeout=5)
-            if r.status_code == 200 or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        assert r.status_code == 200
-        assert (
-            metric(requests.get(f"{t.url}/metrics", timeout=5).text, "cascade_tracker_errors_total", kind="http_busy")
-            >= 2
-        )
-    finally:
-        for s in idle:
-            s.close()
-        assert t.proc.stop() == 0
 
 
 @pytest.mark.process
@@ -609,7 +554,7 @@ def test_api_token_needs_http_port() -> None:
 
 @pytest.fixture
 def quick_server(tmp_path: Path) -> Iterator[TrackerHttpServer]:
-    config = HttpConfig(host="127.0.0.1", port=0, read_timeout=0.3, request_deadline=0.6)
+    config = HttpConfig(host="127.0.0.1", port=0, header_timeout=0.6, read_timeout=0.3)
     server = TrackerHttpServer(SwarmRegistry(), CascadeStore(tmp_path / "files"), config)
     server.start()
     try:
@@ -656,7 +601,6 @@ def test_a_trickling_client_is_cut_at_the_deadline(quick_server: TrackerHttpServ
     with socket.create_connection(address_of(quick_server), timeout=5) as s:
         took = closed_within(s, 3.0, trickle=True)
     assert 0.5 <= took < 2.0
-    assert quick_server.registry.counters().errors.get("http_deadline", 0) >= 1
     r = requests.get(f"http://127.0.0.1:{quick_server.address[1]}/healthz", timeout=5)
     assert r.status_code == 200
 
@@ -687,3 +631,22 @@ def test_a_client_resetting_mid_request_is_no_traceback(tracker: Tracker) -> Non
         time.sleep(0.05)
     assert metric(text, "cascade_tracker_errors_total", kind="http_connection_lost") >= 1
     assert "Traceback" not in tracker.proc.stderr
+
+
+@pytest.mark.process
+def test_metrics_count_completions_and_show_the_busiest_swarms(tracker: Tracker) -> None:
+    before = metric(requests.get(f"{tracker.url}/metrics", timeout=5).text, "cascade_tracker_completions_total")
+    h = unique_hash()
+    fetcher = {"cascade_hash": h, "ip": "10.5.0.1", "port": 9301}
+    post_announce(tracker, {**fetcher, "action": "list"})
+    post_announce(tracker, {**fetcher, "action": "subscribe"})  # it finished its download: one completion
+    post_announce(tracker, {**fetcher, "action": "subscribe"})  # already a seeder: no second one
+    post_announce(
+        tracker, {"cascade_hash": h, "ip": "10.5.0.2", "port": 1, "action": "subscribe"}
+    )  # seeder from the start
+    for i in range(30):  # more peers than any other swarm of this module, so it is among the busiest
+        post_announce(tracker, {"cascade_hash": h, "ip": f"10.5.1.{i + 1}", "port": 1, "action": "list"})
+    text = requests.get(f"{tracker.url}/metrics", timeout=5).text
+    assert metric(text, "cascade_tracker_completions_total") - before == 1
+    assert metric(text, "cascade_tracker_swarm_seeders", cascade_hash=h) == 2
+    assert metric(text, "cascade_tracker_swarm_peers", cascade_hash=h) == 32

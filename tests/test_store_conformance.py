@@ -287,6 +287,10 @@ def test_counters(store: Harness) -> None:
     }
     assert c.errors == {"read_timeout": 2}
     assert (c.swarms, c.peers) == (2, 3)
+    assert c.completions == 0  # a peer that subscribes first was a seeder from the start
+    s.announce(H1, "10.0.0.2", 2, subscribe=True)  # the lister turns good: a finished download
+    s.announce(H1, "10.0.0.2", 2, subscribe=True)  # already good: not counted again
+    assert s.counters().completions == 1
     s.sweep()  # housekeeping is always allowed, and changes nothing live
     assert (s.counters().swarms, s.counters().peers) == (2, 3)
 

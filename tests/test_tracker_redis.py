@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from cascade.metafile import encode_cascade
 from cascade.wire import PeerList, TrackerCommand, TrackerError, TrackerReply, TrackerRequest, decode_tracker_reply
@@ -106,8 +107,16 @@ def test_a_peer_announced_at_one_tracker_is_listed_by_the_other(trackers: tuple[
     assert down.status_code == 200 and down.content == data
     assert down.headers["X-Cascade-Name"] == "shared.bin"
     metrics = requests.get(f"{b.http}/metrics", timeout=5).text
-    assert 'cascade_tracker_requests_total{protocol="tcp",command="subscribe",status="0"} 1' in metrics
-    assert "cascade_tracker_cascade_files 1" in metrics
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(metrics)
+        for s in family.samples
+    }
+    assert (
+        samples[("cascade_tracker_requests_total", (("command", "subscribe"), ("protocol", "tcp"), ("status", "0")))]
+        == 1
+    )
+    assert samples[("cascade_tracker_cascade_files", ())] == 1
 
 
 def test_redis_going_away_costs_requests_not_trackers_and_service_resumes(redis_server: RedisServer) -> None:

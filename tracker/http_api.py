@@ -1,29 +1,37 @@
 """The tracker's HTTP face: a JSON API, a status page, metrics and ``.cascade`` downloads.
 
-It serves the same :class:`~tracker.swarms.SwarmRegistry` as the binary
-server, so an announce over HTTP and one over TCP land in the same swarm
-under the same rules (enrolment, good flag, subset, 0.0.0.0, allow list).
+It serves the same swarm store as the binary server, so an announce over
+HTTP and one over TCP land in the same swarm under the same rules
+(enrolment, good flag, subset, 0.0.0.0, allow list).
 
-Shape: :class:`http.server.ThreadingHTTPServer`, one thread per connection,
-HTTP/1.0 (one request per connection, so an idle keep-alive never holds a
-thread). Limits, all in :class:`HttpConfig`:
+Shape: aiohttp's low-level server (:class:`aiohttp.web.Server`) on an
+asyncio loop in one thread. The loop reads every connection (llhttp parses
+the request line and headers), so an idle or slow client costs a few KB and
+no thread. When a request head is complete, its body (if the route takes
+one) is read on the loop too, and then the endpoint runs in a small thread
+pool, because store calls block (Redis is a network round trip; a status page
+lists every swarm). Limits, all in :class:`HttpConfig`:
 
-* at most ``max_workers`` requests at once; a connection that finds no free
-  slot within ``queue_wait`` seconds gets a 503 at once, and while no slot has
-  been freed since that, later ones get it without waiting (so a crowd of idle
-  clients costs the accept loop one wait, not one each);
-* every read has a ``read_timeout``; a connection older than
-  ``request_deadline`` is shut down by the serving thread, so a client that
-  trickles one byte at a time cannot hold a worker for long;
+* ``header_timeout``: a connection must deliver a complete request head
+  within this many seconds of opening, and of its last response (the
+  keep-alive idle time); a silent or trickling (slowloris) client is closed then;
+* ``read_timeout`` per body read and ``request_deadline`` for a whole body;
+* at most ``max_connections`` open: a newcomer beyond it closes the oldest
+  connection that is not being answered, so a flood of idle clients never
+  locks out a new one;
 * bodies are size-capped before they are read (413), and a ``Content-Length``
   is required (411).
 
-Errors are JSON ``{"error": "..."}`` with a 4xx status; a handler bug is
-logged and answered with 500, and the server keeps serving.
+Every malformed request, also one llhttp rejects (bad request line, method,
+version, header, chunking), gets a JSON ``{"error": "..."}`` with a 4xx status
+and at most one log line, no traceback. A handler bug is logged with its
+traceback and answered with 500, and the server keeps serving. HTTP/1.1
+connections are kept alive.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import html
@@ -32,15 +40,19 @@ import json
 import logging
 import re
 import socket
-import sys
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http import HttpVersion, HttpVersion10, HttpVersion11, RawRequestMessage
+from aiohttp.streams import StreamReader
+from aiohttp.web_protocol import RequestHandler
 
 from cascade.errors import BadRequest, MetafileError, StartError, UsageError, from_os_error
 from cascade.metafile import parse_cascade
@@ -55,12 +67,15 @@ log = logging.getLogger(__name__)
 API = "/api/v1"
 _PEERS_PATH = re.compile(r"^/api/v1/swarms/([^/]*)/peers$")
 _DOWNLOAD_PATH = re.compile(r"^/cascades/([^/]*)\.cascade$")
-# After an error reply to a client still sending its body, read and drop at
-# most this much (or until it closes) so the kernel does not reset the
-# connection and eat the reply. Arbitrary; covers an oversized upload.
-_DRAIN_LIMIT = 32 << 20
-_DRAIN_TIME = 2.0
 _JSON = "application/json"
+_SERVER = "cascade-tracker"
+# Longest request line and header line llhttp accepts (aiohttp's defaults);
+# longer ones are a 400.
+_MAX_LINE = 8190
+# After an error reply to a client still sending its body, read and drop it
+# for at most this long so the kernel does not reset the connection and eat
+# the reply (aiohttp's "lingering close"). Arbitrary; covers an oversized upload.
+_LINGER_SECONDS = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,16 +85,24 @@ class HttpConfig:
     host: str = "0.0.0.0"
     port: int = 0
     token: str | None = None  # required as "Authorization: Bearer TOKEN" for uploads
-    max_workers: int = 32  # arbitrary; each is a thread blocked on one client
-    # Seconds a new connection may wait for a free worker. Short, because the
-    # accept loop waits with it: a long wait would let a few idle clients slow everyone.
-    queue_wait: float = 0.25
-    read_timeout: float = 10.0  # seconds any single read may take
-    request_deadline: float = 30.0  # seconds a whole connection may take
+    # Seconds a connection may take to send a whole request head, counted from
+    # when it opened or got its last response: the slowloris cut and the
+    # keep-alive idle time at once. A few seconds (a browser sends its head in
+    # one packet); uvicorn's keep-alive default is the same 5 s.
+    header_timeout: float = 5.0
+    read_timeout: float = 10.0  # seconds any single read of a body may take
+    request_deadline: float = 30.0  # seconds a whole body may take
+    # Open connections; beyond it the oldest one not being answered is closed.
+    # Arbitrary: an idle connection costs about 10 KB, so this is tens of MB.
+    max_connections: int = 4096
+    # Threads that run endpoints (store calls block). Arbitrary: enough to
+    # overlap Redis round trips, few enough not to thrash 2 cores.
+    handler_threads: int = 8
     max_json_body: int = 64 << 10
     refresh_seconds: int = 5  # the status page reloads itself this often
     max_listed_swarms: int = 1000  # per JSON or HTML answer; the most recently active first
     max_page_peers: int = 20  # peers shown per swarm on the status page
+    busiest_swarms: int = metrics.BUSIEST_SWARMS  # per-swarm gauges in /metrics
     verbose: bool = False
 
 
@@ -91,16 +114,143 @@ class _HttpError(Exception):
         self.headers = headers
 
 
-class TrackerHttpServer(ThreadingHTTPServer):
-    """Serves the registry and the ``.cascade`` store over HTTP until :meth:`shutdown`.
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """One request as an endpoint sees it: plain values, safe to hand to a pool thread."""
 
-    Construct, then :meth:`start`; raises :class:`OSError` if the address cannot be bound.
+    method: str
+    params: tuple[str, ...]
+    query: Mapping[str, list[str]]
+    headers: Mapping[str, str]
+    remote: str
+    body: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class _Reply:
+    status: int
+    body: bytes
+    ctype: str = _JSON
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+def _json(status: int, doc: object, headers: tuple[tuple[str, str], ...] = ()) -> _Reply:
+    return _Reply(status, json.dumps(doc).encode(), _JSON, headers)
+
+
+def _error(status: int, message: str, headers: tuple[tuple[str, str], ...] = ()) -> _Reply:
+    return _json(status, {"error": message}, headers)
+
+
+@dataclass(frozen=True, slots=True)
+class _Endpoint:
+    """What serves one (route, method): ``run`` in a pool thread, after ``check`` and the body read on the loop."""
+
+    run: Callable[[_Call], _Reply]
+    body_cap: Callable[[], int] | None = None  # the largest body taken; None: the body is not read
+    check: Callable[[_Call], None] | None = None  # pure checks that answer before the body is read
+
+
+class _Connection(RequestHandler):
+    """aiohttp's connection protocol, answering what llhttp rejects as a JSON 4xx with no traceback."""
+
+    def __init__(self, manager: _Manager, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self.owner = manager.owner
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        owner = self.owner
+        if status >= 500:  # an exception escaped the handler: a bug
+            owner.registry.count_error("http_internal")
+            log.error("http request from %s failed", request.remote, exc_info=exc)
+            text = "internal error"
+        else:  # llhttp refused the request: a malformed request, not our fault
+            owner.registry.count_error("http_malformed")
+            # llhttp's message is several lines (a caret under the bad byte): keep the first.
+            first = str(message or exc or "bad request").strip().splitlines()[0].rstrip(":")
+            text = f"malformed request: {first}"[:300]
+            if owner.config.verbose:
+                log.info("%s %s", request.remote, text)
+        owner.http_counters.count("unknown", status)
+        resp = web.Response(status=status, body=json.dumps({"error": text}).encode(), headers=owner.headers(_JSON, ()))
+        resp.force_close()
+        return resp
+
+
+class _Request(web.BaseRequest):
+    """A request; ``sent_version`` is the HTTP version the client wrote (the reply speaks HTTP/1.1 if it is bad)."""
+
+    sent_version: HttpVersion = HttpVersion11
+
+
+class _Manager(web.Server):
+    """Makes a :class:`_Connection` per accepted socket and holds open connections under ``max_connections``."""
+
+    def __init__(self, owner: TrackerHttpServer, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(owner.handle, loop=loop, request_factory=self._request)
+        self.owner = owner
+        self.event_loop = loop
+        cfg = owner.config
+        self.protocol_args: dict[str, Any] = {
+            "keepalive_timeout": cfg.header_timeout,
+            "lingering_time": _LINGER_SECONDS,
+            "max_line_size": _MAX_LINE,
+            "max_field_size": _MAX_LINE,
+            "logger": log,
+            "access_log": logging.getLogger("tracker.http.access") if cfg.verbose else None,
+        }
+        # Insertion order is age: the eviction scan starts from the oldest.
+        self.open: dict[RequestHandler, None] = {}
+        self.busy: set[RequestHandler] = set()  # being answered: never evicted
+
+    def _request(
+        self,
+        message: RawRequestMessage,
+        payload: StreamReader,
+        protocol: RequestHandler,
+        writer: AbstractStreamWriter,
+        task: asyncio.Task[None],
+    ) -> web.BaseRequest:
+        # llhttp takes "HTTP/0.9" (no version), "HTTP/2.0" and the like, and
+        # aiohttp echoes that version in its status line: answer those in
+        # HTTP/1.1, once (the handler turns them down with a 400).
+        sent = message.version
+        if sent not in (HttpVersion10, HttpVersion11):
+            message = message._replace(version=HttpVersion11, should_close=True)
+        request = _Request(message, payload, protocol, writer, task, self.event_loop)
+        request.sent_version = sent
+        return request
+
+    def __call__(self) -> _Connection:
+        return _Connection(self, loop=self.event_loop, **self.protocol_args)
+
+    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        super().connection_made(handler, transport)
+        self.open[handler] = None
+        if len(self.open) > self.owner.config.max_connections:
+            for old in self.open:
+                if old is not handler and old not in self.busy:
+                    self.owner.registry.count_error("http_evicted")
+                    del self.open[old]
+                    old.force_close()
+                    break
+
+    def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
+        super().connection_lost(handler, exc)
+        self.open.pop(handler, None)
+
+
+class TrackerHttpServer:
+    """Serves the store and the ``.cascade`` files over HTTP from :meth:`start` until :meth:`stop`.
+
+    The socket is bound at construction: raises :class:`OSError` if the address cannot be had.
     """
-
-    daemon_threads = True
-    block_on_close = False  # stop() must not wait for slow clients; their deadlines end them
-    allow_reuse_address = True
-    request_queue_size = 128
 
     def __init__(self, registry: SwarmStore, store: CascadeFiles, config: HttpConfig | None = None) -> None:
         self.registry = registry
@@ -108,322 +258,227 @@ class TrackerHttpServer(ThreadingHTTPServer):
         self.config = config or HttpConfig()
         self.http_counters = metrics.HttpCounters()
         self.started = time.monotonic()
-        self._slots = threading.BoundedSemaphore(self.config.max_workers)
-        # True after a wait for a slot timed out, until a slot is freed: no point waiting again.
-        self._saturated = False
-        self._active: dict[socket.socket, float] = {}  # connection -> deadline (monotonic)
-        self._active_lock = threading.Lock()
+        self._sock = socket.create_server((self.config.host, self.config.port), backlog=1024)
+        self.server_address: tuple[str, int] = self._sock.getsockname()[:2]
+        self._pool = ThreadPoolExecutor(self.config.handler_threads, thread_name_prefix="tracker-http")
         self._thread: threading.Thread | None = None
-        super().__init__((self.config.host, self.config.port), _Handler)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._manager: _Manager | None = None
+        self.metrics = metrics.make_registry(
+            metrics.TrackerCollector(
+                registry,
+                self.http_counters,
+                uptime=lambda: time.monotonic() - self.started,
+                stored=lambda: len(self.store),
+                connections=self.connection_count,
+                busiest=self.config.busiest_swarms,
+            )
+        )
+        self._routes = self._route_table()
 
     @property
     def address(self) -> tuple[str, int]:
         return self.config.host, int(self.server_address[1])
 
+    def connection_count(self) -> int:
+        """HTTP connections open now."""
+        manager = self._manager
+        return 0 if manager is None else len(manager.open)
+
     def start(self) -> None:
-        self._thread = threading.Thread(target=self.serve_forever, args=(0.2,), name="tracker-http", daemon=True)
+        """Serve in a thread of its own; returns once the loop accepts connections."""
+        self._thread = threading.Thread(target=self._run_loop, name="tracker-http", daemon=True)
         self._thread.start()
+        self._ready.wait(10.0)
+
+    def _run_loop(self) -> None:
+        try:
+            asyncio.run(self._serve())
+        finally:
+            self._ready.set()
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._stop = asyncio.Event()
+        manager = _Manager(self, loop)
+        self._manager = manager
+        server = await loop.create_server(manager, sock=self._sock, backlog=1024)
+        self._ready.set()
+        try:
+            await self._stop.wait()
+        finally:
+            server.close()
+            # Running requests get a moment; idle and slow connections are closed now.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(manager.shutdown(1.0), 2.0)
 
     def stop(self) -> None:
-        """Stop accepting, close the socket and the store (running requests end on their own deadlines)."""
-        if self._thread is not None:
-            self.shutdown()
-            self._thread.join(2.0)
-        self.server_close()
+        """Stop accepting, close every connection, the socket and the files store."""
+        loop, stop = self._loop, self._stop
+        if loop is not None and stop is not None and self._thread is not None:
+            with contextlib.suppress(RuntimeError):  # the loop already ended
+                loop.call_soon_threadsafe(stop.set)
+            self._thread.join(5.0)
+        self._sock.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
         self.store.close()
 
-    # --- bounded concurrency --------------------------------------------------
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if self._saturated:
-            got = self._slots.acquire(blocking=False)
-        else:
-            got = self._slots.acquire(timeout=self.config.queue_wait)
-        if not got:
-            self._saturated = True
-            self.registry.count_error("http_busy")
-            self.http_counters.count("busy", 503)
-            body = b'{"error": "too many requests at once, try again later"}'
-            with contextlib.suppress(OSError):
-                request.settimeout(0.5)
-                request.sendall(
-                    b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
-                    + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-                    + body
-                )
-            self.shutdown_request(request)
-            return
-        with self._active_lock:
-            self._active[request] = time.monotonic() + self.config.request_deadline
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._done(request)
-            raise
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._done(request)
-
-    def _done(self, request: socket.socket) -> None:
-        with self._active_lock:
-            if self._active.pop(request, None) is None:
-                return
-        self._slots.release()
-        self._saturated = False
-
-    def service_actions(self) -> None:
-        """Called by ``serve_forever`` between polls: cut connections past their deadline."""
-        now = time.monotonic()
-        with self._active_lock:
-            late = [sock for sock, deadline in self._active.items() if deadline <= now]
-        for sock in late:
-            self.registry.count_error("http_deadline")
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # Called for exceptions that escaped the handler: a client that vanished
-        # while http.server read its headers (one short line), or a bug (a traceback).
-        who = client_address[0] if client_address else "?"
-        exc = sys.exc_info()[1]
-        if isinstance(exc, OSError):
-            self.registry.count_error("http_connection_lost")
-            if self.config.verbose:
-                log.info("%s connection lost: %s", who, exc)
-            return
-        self.registry.count_error("http_internal")
-        log.exception("http request from %s failed", who)
-
-
-def _peer_json(p: PeerRecord, now: float) -> dict[str, object]:
-    """One peer; ``age`` is the whole seconds since it was last seen."""
-    return {"ip": p.ip, "port": p.port, "last_seen": p.last_seen, "good": p.good, "age": _age(p, now)}
-
-
-def _age(p: PeerRecord, now: float) -> int:
-    return max(0, int(now) - p.last_seen)
-
-
-def _swarm_json(s: SwarmSummary, name: str | None) -> dict[str, object]:
-    return {
-        "cascade_hash": s.cascade_hash.hex(),
-        "name": name,
-        "seeders": s.seeders,
-        "others": s.others,
-        "peers": s.seeders + s.others,
-        "last_activity": round(s.last_activity, 3),
-    }
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: TrackerHttpServer
-    server_version = "cascade-tracker"
-    sys_version = ""
-    protocol_version = "HTTP/1.0"
-
-    _route = "unknown"
-    _unread = 0  # body bytes the client announced and we did not read
-    _query: dict[str, list[str]] = {}
-
-    def version_string(self) -> str:
-        return self.server_version
-
-    def setup(self) -> None:
-        super().setup()
-        self.connection.settimeout(self.server.config.read_timeout)
-
-    # --- plumbing -------------------------------------------------------------
-
-    def log_message(self, format: str, *args: Any) -> None:
-        if self.server.config.verbose:
-            log.debug("%s %s", self.client_address[0], format % args)
-
-    def send_response(self, code: int, message: str | None = None) -> None:
-        super().send_response(code, message)
-        self.server.http_counters.count(self._route, code)
-
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """Every error, also those http.server itself raises (a bad request line, an unknown method), as JSON."""
-        if self.request_version == "HTTP/0.9":  # an unparsable request line: still answer with a status line
-            self.request_version = "HTTP/1.0"
-        self._reply_error(code, message or HTTPStatus(code).phrase)
-
-    def _reply_error(self, code: int, message: str, headers: tuple[tuple[str, str], ...] = ()) -> None:
-        if self.server.config.verbose:
-            log.info("%s %s -> %d %s", self.client_address[0], getattr(self, "path", "?"), code, message)
-        self.close_connection = True
-        self._send(code, json.dumps({"error": message}).encode(), _JSON, headers)
-
-    def _send(self, code: int, body: bytes, ctype: str, headers: tuple[tuple[str, str], ...] = ()) -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("X-Content-Type-Options", "nosniff")
-        for key, value in headers:
-            self.send_header(key, value)
-        self.send_header("Connection", "close")
-        self.end_headers()
-        if getattr(self, "command", None) != "HEAD":
-            self.wfile.write(body)
-
-    def _json(self, code: int, doc: object, headers: tuple[tuple[str, str], ...] = ()) -> None:
-        self._send(code, json.dumps(doc).encode(), _JSON, headers)
-
-    def finish(self) -> None:
-        try:
-            super().finish()
-        finally:
-            if self._unread:
-                self._drain()
-
-    def _drain(self) -> None:
-        """A lingering close: the reply is out; drop what the client still sends, briefly."""
-        sock = self.connection
-        try:
-            sock.shutdown(socket.SHUT_WR)
-            deadline = time.monotonic() + _DRAIN_TIME
-            left = min(self._unread, _DRAIN_LIMIT)
-            while left > 0:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                sock.settimeout(remaining)
-                chunk = sock.recv(min(left, 1 << 16))
-                if not chunk:
-                    break
-                left -= len(chunk)
-        except OSError:
-            pass
-
-    def _read_body(self, cap: int) -> bytes:
-        """The request body, at most ``cap`` bytes; raises :class:`_HttpError`."""
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            self._unread = _DRAIN_LIMIT
-            raise _HttpError(411, "send the body with a Content-Length (chunked bodies are not accepted)")
-        text = self.headers.get("Content-Length")
-        if text is None:
-            raise _HttpError(411, "a Content-Length header is required")
-        if not (text.strip().isascii() and text.strip().isdigit()):
-            raise _HttpError(400, f"invalid Content-Length {text[:40]!r}")
-        length = int(text)
-        if length > cap:
-            self._unread = length
-            raise _HttpError(413, f"body of {length} bytes is larger than the limit of {cap}")
-        chunks: list[bytes] = []
-        left = length
-        self._unread = left
-        while left > 0:
-            chunk = self.rfile.read1(min(left, 1 << 16))  # raises TimeoutError after read_timeout
-            if not chunk:
-                self._unread = 0
-                raise _HttpError(400, f"body ended after {length - left} of {length} bytes")
-            chunks.append(chunk)
-            left -= len(chunk)
-            self._unread = left
-        return b"".join(chunks)
-
-    # --- dispatch -------------------------------------------------------------
-
-    def _routes(self, path: str) -> tuple[str, dict[str, Callable[[list[str]], None]], list[str]]:
-        """(route name, method -> handler, path parameters) for ``path``; raises :class:`_HttpError` 404."""
-        fixed: dict[str, tuple[str, dict[str, Callable[[list[str]], None]]]] = {
-            "/": ("page", {"GET": self._page}),
-            "/healthz": ("healthz", {"GET": self._healthz}),
-            "/metrics": ("metrics", {"GET": self._metrics}),
-            f"{API}/swarms": ("swarms", {"GET": self._swarms}),
-            f"{API}/announce": ("announce", {"POST": self._announce}),
-            f"{API}/cascades": ("cascades", {"GET": self._list_cascades, "PUT": self._upload}),
+    def headers(self, ctype: str, extra: tuple[tuple[str, str], ...]) -> dict[str, str]:
+        """The headers of every answer."""
+        out = {
+            "Content-Type": ctype,
+            "Cache-Control": "no-store",
+            "X-Content-Type-Options": "nosniff",
+            "Server": _SERVER,
         }
-        if path in fixed:
-            name, handlers = fixed[path]
-            return name, handlers, []
-        m = _PEERS_PATH.match(path)
-        if m:
-            return "peers", {"GET": self._peers}, [m.group(1)]
-        m = _DOWNLOAD_PATH.match(path)
-        if m:
-            return "download", {"GET": self._download}, [m.group(1)]
-        raise _HttpError(404, f"no such path: {path[:200]}")
+        out.update(extra)
+        return out
 
-    def _dispatch(self) -> None:
-        method = self.command
-        announced = self.headers.get("Content-Length", "0").strip()
-        # Until the body is read, an early error reply must end in a lingering close.
-        self._unread = min(int(announced), _DRAIN_LIMIT) if announced.isascii() and announced.isdigit() else 0
+    # --- one request -----------------------------------------------------------
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """aiohttp's request handler: route, read the body, run the endpoint in the pool, answer."""
+        manager = self._manager
+        conn = request.protocol
+        if manager is not None:
+            manager.busy.add(conn)
         try:
-            parts = urlsplit(self.path)
-            route, handlers, params = self._routes(parts.path)
-            self._route = route
-            handler = handlers.get("GET" if method == "HEAD" else method)
-            if handler is None:
+            route, reply = await self._answer(request)
+        finally:
+            if manager is not None:
+                manager.busy.discard(conn)
+        self.http_counters.count(route, reply.status)
+        if self.config.verbose:
+            log.info("%s %s %s -> %d", request.remote, request.method, request.raw_path[:200], reply.status)
+        resp = web.Response(status=reply.status, body=reply.body, headers=self.headers(reply.ctype, reply.headers))
+        if reply.status == 408:
+            resp.force_close()
+        return resp
+
+    async def _answer(self, request: web.BaseRequest) -> tuple[str, _Reply]:
+        route = "unknown"
+        try:
+            sent = request.sent_version if isinstance(request, _Request) else request.version
+            if sent not in (HttpVersion10, HttpVersion11):
+                raise _HttpError(400, f"HTTP/{sent.major}.{sent.minor} is not spoken here; use HTTP/1.1 or HTTP/1.0")
+            parts = urlsplit(request.raw_path)
+            route, handlers, params = self._resolve(parts.path)
+            method = request.method
+            endpoint = handlers.get("GET" if method == "HEAD" else method)
+            if endpoint is None:
                 allow = sorted([*handlers, "HEAD"] if "GET" in handlers else handlers)
                 raise _HttpError(405, f"{method} is not allowed here", (("Allow", ", ".join(allow)),))
             try:
-                self._query = parse_qs(parts.query, max_num_fields=20)
+                query = parse_qs(parts.query, max_num_fields=20)
             except ValueError as exc:  # too many fields
                 raise _HttpError(400, f"bad query string: {exc}") from exc
-            handler(params)
+            call = _Call(method, params, query, request.headers, request.remote or "")
+            if endpoint.check is not None:
+                endpoint.check(call)
+            if endpoint.body_cap is not None:
+                call = replace(call, body=await self._read_body(request, endpoint.body_cap()))
         except _HttpError as exc:
-            self._reply_error(exc.status, exc.message, exc.headers)
-        except StoreUnavailable as exc:  # Redis is down: logged once by the store; answer at once
-            self._reply_error(503, str(exc), (("Retry-After", "1"),))
+            return route, _error(exc.status, exc.message, exc.headers)
         except TimeoutError:
             self.registry.count_error("http_read_timeout")
-            self.close_connection = True
-            with contextlib.suppress(OSError):
-                self._reply_error(408, "request timed out")
-        except OSError as exc:  # the client went away mid-request
+            return route, _error(408, "request timed out")
+        except OSError as exc:  # the client went away mid-body; the reply will not reach it
             self.registry.count_error("http_connection_lost")
-            self.close_connection = True
-            if self.server.config.verbose:
-                log.info("%s connection lost: %s", self.client_address[0], exc)
+            return route, _error(400, f"connection lost: {exc}")
+        loop = asyncio.get_running_loop()
+        return route, await loop.run_in_executor(self._pool, self._run, endpoint.run, call)
+
+    def _run(self, fn: Callable[[_Call], _Reply], call: _Call) -> _Reply:
+        """``fn(call)`` in a pool thread, every failure turned into an answer."""
+        try:
+            return fn(call)
+        except _HttpError as exc:
+            return _error(exc.status, exc.message, exc.headers)
+        except StoreUnavailable as exc:  # Redis is down: logged once by the store; answer at once
+            return _error(503, str(exc), (("Retry-After", "1"),))
         except Exception:  # a bug must not take the server down: log it, answer 500, keep serving
             self.registry.count_error("http_internal")
-            log.exception("http %s %s failed", method, self.path[:200])
-            self.close_connection = True
-            with contextlib.suppress(OSError):
-                self._reply_error(500, "internal error")
+            log.exception("http %s failed", fn.__name__)
+            return _error(500, "internal error")
 
-    do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _dispatch
+    async def _read_body(self, request: web.BaseRequest, cap: int) -> bytes:
+        """The request body, at most ``cap`` bytes; raises :class:`_HttpError`, TimeoutError, OSError."""
+        if "chunked" in request.headers.get("Transfer-Encoding", "").lower():
+            raise _HttpError(411, "send the body with a Content-Length (chunked bodies are not accepted)")
+        text = request.headers.get("Content-Length")
+        if text is None:
+            raise _HttpError(411, "a Content-Length header is required")
+        if not (text.strip().isascii() and text.strip().isdigit()):  # llhttp refuses these first; kept as a guard
+            raise _HttpError(400, f"invalid Content-Length {text[:40]!r}")
+        length = int(text)
+        if length > cap:
+            raise _HttpError(413, f"body of {length} bytes is larger than the limit of {cap}")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.request_deadline
+        chunks: list[bytes] = []
+        got = 0
+        while got < length:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise TimeoutError
+            chunk = await asyncio.wait_for(request.content.readany(), min(self.config.read_timeout, left))
+            if not chunk:
+                raise _HttpError(400, f"body ended after {got} of {length} bytes")
+            chunks.append(chunk)
+            got += len(chunk)
+        return b"".join(chunks)
 
-    @property
-    def registry(self) -> SwarmStore:
-        return self.server.registry
+    # --- routing ---------------------------------------------------------------
 
-    @property
-    def store(self) -> CascadeFiles:
-        return self.server.store
+    def _route_table(self) -> dict[str, tuple[str, dict[str, _Endpoint]]]:
+        return {
+            "/": ("page", {"GET": _Endpoint(self._page)}),
+            "/healthz": ("healthz", {"GET": _Endpoint(self._healthz)}),
+            "/metrics": ("metrics", {"GET": _Endpoint(self._metrics)}),
+            f"{API}/swarms": ("swarms", {"GET": _Endpoint(self._swarms)}),
+            f"{API}/announce": (
+                "announce",
+                {"POST": _Endpoint(self._announce, body_cap=lambda: self.config.max_json_body)},
+            ),
+            f"{API}/cascades": (
+                "cascades",
+                {
+                    "GET": _Endpoint(self._list_cascades),
+                    "PUT": _Endpoint(self._upload, body_cap=lambda: self.store.max_file_size, check=self._check_upload),
+                },
+            ),
+        }
 
-    def _hash_param(self, text: str) -> bytes:
-        try:
-            return parse_hex_hash(text)
-        except BadRequest as exc:
-            raise _HttpError(400, f"invalid cascade hash {text[:80]!r}: {exc}") from exc
+    def _resolve(self, path: str) -> tuple[str, dict[str, _Endpoint], tuple[str, ...]]:
+        """(route name, method -> endpoint, path parameters) for ``path``; raises :class:`_HttpError` 404."""
+        if path in self._routes:
+            name, handlers = self._routes[path]
+            return name, handlers, ()
+        m = _PEERS_PATH.match(path)
+        if m:
+            return "peers", {"GET": _Endpoint(self._peers)}, (m.group(1),)
+        m = _DOWNLOAD_PATH.match(path)
+        if m:
+            return "download", {"GET": _Endpoint(self._download)}, (m.group(1),)
+        raise _HttpError(404, f"no such path: {path[:200]}")
 
-    # --- endpoints -----------------------------------------------------------
+    # --- endpoints (run in a pool thread) -----------------------------------------
 
-    def _healthz(self, params: list[str]) -> None:
+    def _healthz(self, call: _Call) -> _Reply:
         c = self.registry.counters()
-        uptime = time.monotonic() - self.server.started
-        self._json(200, {"status": "ok", "swarms": c.swarms, "peers": c.peers, "uptime_seconds": round(uptime, 3)})
+        uptime = time.monotonic() - self.started
+        return _json(200, {"status": "ok", "swarms": c.swarms, "peers": c.peers, "uptime_seconds": round(uptime, 3)})
 
-    def _metrics(self, params: list[str]) -> None:
-        text = metrics.render(
-            self.registry.counters(),
-            self.server.http_counters.snapshot(),
-            time.monotonic() - self.server.started,
-            len(self.store),
-        )
-        self._send(200, text.encode(), metrics.CONTENT_TYPE)
+    def _metrics(self, call: _Call) -> _Reply:
+        return _Reply(200, metrics.render(self.metrics), metrics.CONTENT_TYPE)
 
-    def _swarms(self, params: list[str]) -> None:
+    def _swarms(self, call: _Call) -> _Reply:
         all_swarms = self.registry.swarms()
-        shown = all_swarms[: self.server.config.max_listed_swarms]
-        self._json(
+        shown = all_swarms[: self.config.max_listed_swarms]
+        return _json(
             200,
             {
                 "swarms": [_swarm_json(s, self.store.name_of(s.cascade_hash)) for s in shown],
@@ -432,89 +487,52 @@ class _Handler(BaseHTTPRequestHandler):
             },
         )
 
-    def _peers(self, params: list[str]) -> None:
-        h = self._hash_param(params[0])
+    def _peers(self, call: _Call) -> _Reply:
+        h = _hash_param(call.params[0])
         summary = self.registry.swarm(h)
         if summary is None:
             if self.store.get(h) is None:
                 raise _HttpError(404, f"no swarm for cascade hash {h.hex()}")
-            self._json(200, {"cascade_hash": h.hex(), "name": self.store.name_of(h), "peers": []})
-            return
+            return _json(200, {"cascade_hash": h.hex(), "name": self.store.name_of(h), "peers": []})
         doc = _swarm_json(summary, self.store.name_of(h))
         now = self.registry.now()
         doc["peers"] = [_peer_json(p, now) for p in summary.peers]
-        self._json(200, doc)
+        return _json(200, doc)
 
-    def _announce(self, params: list[str]) -> None:
-        body = self._read_body(self.server.config.max_json_body)
+    def _announce(self, call: _Call) -> _Reply:
         try:
-            h, ip, port, action = self._parse_announce(body)
+            h, ip, port, action = _parse_announce(call.body)
         except _HttpError:
             self.registry.count_request("http", "invalid", STATUS_BAD_REQUEST)
             raise
         if ip == "0.0.0.0":
-            ip = self.client_address[0]
+            ip = call.remote
         try:
             if action == "stopped":
                 self.registry.remove(h, ip, port, protocol="http")
-                self._json(200, {"peers": []})
-                return
+                return _json(200, {"peers": []})
             peers = self.registry.announce(h, ip, port, action == "subscribe", protocol="http")
         except AnnounceRefused as exc:
             code = 403 if exc.status == STATUS_NOT_ALLOWED else 503
-            self._json(code, {"error": exc.message, "status": exc.status})
-            return
+            return _json(code, {"error": exc.message, "status": exc.status})
         except BadRequest as exc:  # e.g. a source address that is not IPv4
             raise _HttpError(400, str(exc)) from exc
         now = self.registry.now()
-        self._json(200, {"peers": [_peer_json(p, now) for p in peers]})
+        return _json(200, {"peers": [_peer_json(p, now) for p in peers]})
 
-    def _parse_announce(self, body: bytes) -> tuple[bytes, str, int, str]:
-        try:
-            doc = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise _HttpError(400, f"body is not JSON: {exc}") from exc
-        if not isinstance(doc, dict):
-            raise _HttpError(400, "body must be a JSON object")
-        raw_hash = doc.get("cascade_hash")
-        if not isinstance(raw_hash, str):
-            raise _HttpError(400, "cascade_hash must be a string of 64 hex digits")
-        h = self._hash_param(raw_hash)
-        port = doc.get("port")
-        if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 0xFFFF:
-            raise _HttpError(400, "port must be a whole number from 0 to 65535")
-        ip = doc.get("ip", "0.0.0.0")
-        if not isinstance(ip, str):
-            raise _HttpError(400, "ip must be a string holding an IPv4 address")
-        try:
-            ip = str(ipaddress.IPv4Address(ip))
-        except ValueError as exc:
-            raise _HttpError(400, f"ip {ip[:60]!r} is not an IPv4 address") from exc
-        action = doc.get("action")
-        if not isinstance(action, str) or action not in ("list", "subscribe", "stopped"):
-            raise _HttpError(400, 'action must be "list", "subscribe" or "stopped"')
-        return h, ip, port, action
+    def _list_cascades(self, call: _Call) -> _Reply:
+        return _json(200, {"cascades": [_stored_json(e) for e in self.store.entries()]})
 
-    def _list_cascades(self, params: list[str]) -> None:
-        self._json(200, {"cascades": [self._stored_json(e) for e in self.store.entries()]})
+    def _check_upload(self, call: _Call) -> None:
+        """The token and the name, before a byte of the body is read; raises :class:`_HttpError`."""
+        self._check_token(call)
+        _upload_name(call)
 
-    def _stored_json(self, e: StoredCascade) -> dict[str, object]:
-        return {
-            "cascade_hash": e.cascade_hash.hex(),
-            "name": e.name,
-            "data_length": e.data_length,
-            "block_size": e.block_size,
-            "block_count": e.block_count,
-            "size": e.size,
-            "stored_at": round(e.stored_at, 3),
-            "path": f"/cascades/{e.cascade_hash.hex()}.cascade",
-        }
-
-    def _check_token(self) -> None:
-        token = self.server.config.token
+    def _check_token(self, call: _Call) -> None:
+        token = self.config.token
         if token is None:
             return
-        given = self.headers.get("Authorization", "")
+        given = call.headers.get("Authorization", "")
         scheme, _, value = given.partition(" ")
         if scheme.lower() != "bearer" or not value.strip():
             raise _HttpError(
@@ -523,27 +541,9 @@ class _Handler(BaseHTTPRequestHandler):
         if not hmac.compare_digest(value.strip().encode("utf-8", "replace"), token.encode("utf-8")):
             raise _HttpError(403, "wrong API token")
 
-    def _upload_name(self) -> str | None:
-        names = self._query.get("name")
-        name: str | None = names[-1] if names else None
-        if name is None:
-            header = self.headers.get("X-Cascade-Name")
-            if header is not None:
-                name = unquote(header, errors="strict")
-        if name is None:
-            return None
-        try:
-            return check_name(name)
-        except BadRequest as exc:
-            raise _HttpError(400, f"invalid name: {exc}") from exc
-
-    def _upload(self, params: list[str]) -> None:
-        self._check_token()
-        try:
-            name = self._upload_name()
-        except UnicodeDecodeError as exc:
-            raise _HttpError(400, "X-Cascade-Name must be percent-encoded UTF-8") from exc
-        data = self._read_body(self.store.max_file_size)
+    def _upload(self, call: _Call) -> _Reply:
+        name = _upload_name(call)
+        data = call.body
         try:
             cascade_hash = parse_cascade(data, "upload").cascade_hash
             if not self.registry.is_allowed(cascade_hash):
@@ -555,23 +555,23 @@ class _Handler(BaseHTTPRequestHandler):
             raise _HttpError(400, str(exc)) from exc
         except StoreFull as exc:
             raise _HttpError(507, str(exc)) from exc
-        doc = self._stored_json(entry)
-        doc["url"] = self._base_url() + str(doc["path"])
+        doc = _stored_json(entry)
+        doc["url"] = self._base_url(call) + str(doc["path"])
         doc["new"] = new
-        self._json(201 if new else 200, doc, (("Location", str(doc["path"])),))
+        return _json(201 if new else 200, doc, (("Location", str(doc["path"])),))
 
-    def _base_url(self) -> str:
-        host = self.headers.get("Host", "")
+    def _base_url(self, call: _Call) -> str:
+        host = call.headers.get("Host", "")
         if not re.fullmatch(r"[A-Za-z0-9.\-]+(:\d{1,5})?|\[[0-9A-Fa-f:.]+\](:\d{1,5})?", host):
-            h, p = self.server.address
+            h, p = self.address
             host = f"{'127.0.0.1' if h == '0.0.0.0' else h}:{p}"
         return f"http://{host}"
 
-    def _download(self, params: list[str]) -> None:
+    def _download(self, call: _Call) -> _Reply:
         try:
-            h = parse_hex_hash(params[0])
+            h = parse_hex_hash(call.params[0])
         except BadRequest as exc:
-            raise _HttpError(404, f"no such file: {params[0][:80]!r} is not a cascade hash") from exc
+            raise _HttpError(404, f"no such file: {call.params[0][:80]!r} is not a cascade hash") from exc
         data = self.store.read(h)
         if data is None:
             raise _HttpError(404, f"no .cascade file with hash {h.hex()}")
@@ -581,12 +581,12 @@ class _Handler(BaseHTTPRequestHandler):
             quoted = quote(name, safe="")
             headers.append(("X-Cascade-Name", quoted))
             headers.append(("Content-Disposition", f"attachment; filename*=UTF-8''{quoted}.cascade"))
-        self._send(200, data, "application/octet-stream", tuple(headers))
+        return _Reply(200, data, "application/octet-stream", tuple(headers))
 
     # --- the status page -----------------------------------------------------
 
-    def _page(self, params: list[str]) -> None:
-        cfg = self.server.config
+    def _page(self, call: _Call) -> _Reply:
+        cfg = self.config
         all_swarms = self.registry.swarms()
         shown = all_swarms[: cfg.max_listed_swarms]
         c = self.registry.counters()
@@ -640,7 +640,111 @@ This page reloads every {cfg.refresh_seconds} s.</p>
 <a href="/metrics">/metrics</a> · <a href="/healthz">/healthz</a></p>
 </body></html>
 """
-        self._send(200, page.encode("utf-8"), "text/html; charset=utf-8")
+        return _Reply(200, page.encode("utf-8"), "text/html; charset=utf-8")
+
+
+# --- pure helpers ----------------------------------------------------------------
+
+
+def _peer_json(p: PeerRecord, now: float) -> dict[str, object]:
+    """One peer; ``age`` is the whole seconds since it was last seen."""
+    return {"ip": p.ip, "port": p.port, "last_seen": p.last_seen, "good": p.good, "age": _age(p, now)}
+
+
+def _age(p: PeerRecord, now: float) -> int:
+    return max(0, int(now) - p.last_seen)
+
+
+def _swarm_json(s: SwarmSummary, name: str | None) -> dict[str, object]:
+    return {
+        "cascade_hash": s.cascade_hash.hex(),
+        "name": name,
+        "seeders": s.seeders,
+        "others": s.others,
+        "peers": s.seeders + s.others,
+        "last_activity": round(s.last_activity, 3),
+    }
+
+
+def _stored_json(e: StoredCascade) -> dict[str, object]:
+    return {
+        "cascade_hash": e.cascade_hash.hex(),
+        "name": e.name,
+        "data_length": e.data_length,
+        "block_size": e.block_size,
+        "block_count": e.block_count,
+        "size": e.size,
+        "stored_at": round(e.stored_at, 3),
+        "path": f"/cascades/{e.cascade_hash.hex()}.cascade",
+    }
+
+
+def _hash_param(text: str) -> bytes:
+    try:
+        return parse_hex_hash(text)
+    except BadRequest as exc:
+        raise _HttpError(400, f"invalid cascade hash {text[:80]!r}: {exc}") from exc
+
+
+def parse_json_body(body: bytes) -> object:
+    """``body`` as JSON; raises ValueError for anything that is not (bad UTF-8, nesting too deep).
+
+    The one boundary where the decoder's errors are caught: a document nested
+    deeper than the interpreter's recursion limit raises ``RecursionError``,
+    which is not a ``ValueError``.
+    """
+    try:
+        return json.loads(body)
+    except RecursionError as exc:
+        raise ValueError("nested too deeply") from exc
+    except (ValueError, TypeError) as exc:  # UnicodeDecodeError is a ValueError
+        raise ValueError(str(exc)) from exc
+
+
+def _parse_announce(body: bytes) -> tuple[bytes, str, int, str]:
+    try:
+        doc = parse_json_body(body)
+    except ValueError as exc:
+        raise _HttpError(400, f"body is not JSON: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise _HttpError(400, "body must be a JSON object")
+    raw_hash = doc.get("cascade_hash")
+    if not isinstance(raw_hash, str):
+        raise _HttpError(400, "cascade_hash must be a string of 64 hex digits")
+    h = _hash_param(raw_hash)
+    port = doc.get("port")
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 0xFFFF:
+        raise _HttpError(400, "port must be a whole number from 0 to 65535")
+    ip = doc.get("ip", "0.0.0.0")
+    if not isinstance(ip, str):
+        raise _HttpError(400, "ip must be a string holding an IPv4 address")
+    try:
+        ip = str(ipaddress.IPv4Address(ip))
+    except ValueError as exc:
+        raise _HttpError(400, f"ip {ip[:60]!r} is not an IPv4 address") from exc
+    action = doc.get("action")
+    if not isinstance(action, str) or action not in ("list", "subscribe", "stopped"):
+        raise _HttpError(400, 'action must be "list", "subscribe" or "stopped"')
+    return h, ip, port, action
+
+
+def _upload_name(call: _Call) -> str | None:
+    """The data file's name from ``?name=`` or ``X-Cascade-Name``; raises :class:`_HttpError` 400."""
+    names = call.query.get("name")
+    name: str | None = names[-1] if names else None
+    if name is None:
+        header = call.headers.get("X-Cascade-Name")
+        if header is not None:
+            try:
+                name = unquote(header, errors="strict")
+            except UnicodeDecodeError as exc:
+                raise _HttpError(400, "X-Cascade-Name must be percent-encoded UTF-8") from exc
+    if name is None:
+        return None
+    try:
+        return check_name(name)
+    except BadRequest as exc:
+        raise _HttpError(400, f"invalid name: {exc}") from exc
 
 
 def _ago(seconds: float) -> str:

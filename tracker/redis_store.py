@@ -11,6 +11,7 @@ hash tag keeps a swarm's keys in one Redis Cluster slot)::
                               (a tracker run with --allow writes both, and again if Redis lost them)
     cascade:requests          hash "protocol|command|status" -> count
     cascade:errors            hash kind -> count
+    cascade:completions       integer: peers that turned from plain into good (a finished download)
     cascade:file:<hex>        string: an uploaded .cascade file's bytes
     cascade:files             hash hex -> JSON {size, data_length, block_size, block_count, stored_at}
     cascade:files:names       hash hex -> the data file's name (HSETNX: the first name given stays)
@@ -85,7 +86,7 @@ _MIN_REDIS = (6, 2)  # ZRANDMEMBER
 _ALLOW_LIST_LOST = 9  # a status of the announce script only, never sent to a client
 
 _ANNOUNCE_LUA = """
--- KEYS: good, plain, swarms, allow, allow:on, requests, errors
+-- KEYS: good, plain, swarms, allow, allow:on, requests, errors, completions
 -- ARGV: hash, peer key, subscribe (1/0), now, cutoff, key ttl (s), max peers,
 --       max swarms, max peers per swarm, counter field prefix, this tracker has an allow list (1/0)
 local good, plain, swarms = KEYS[1], KEYS[2], KEYS[3]
@@ -115,7 +116,10 @@ redis.call('ZREMRANGEBYSCORE', plain, '-inf', older)
 local is_good = redis.call('ZSCORE', good, key) ~= false
 local known = is_good or redis.call('ZSCORE', plain, key) ~= false
 if ARGV[3] == '1' and not is_good then
-  if known then redis.call('ZREM', plain, key) end
+  if known then
+    redis.call('ZREM', plain, key)
+    redis.call('INCR', KEYS[8])
+  end
   is_good = true
 end
 if not known and redis.call('ZCARD', good) + redis.call('ZCARD', plain) >= tonumber(ARGV[9]) then
@@ -244,6 +248,7 @@ class _Keys:
         self.allow_on = prefix + "allow:on"
         self.requests = prefix + "requests"
         self.errors = prefix + "errors"
+        self.completions = prefix + "completions"
         self.files = prefix + "files"
         self.names = prefix + "files:names"
         self.file_bytes = prefix + "files:bytes"
@@ -370,7 +375,7 @@ class RedisSwarmStore:
         now = self._clock()
         limits = self._limits
         k = self._keys
-        keys = [*k.groups(cascade_hash), k.swarms, k.allow, k.allow_on, k.requests, k.errors]
+        keys = [*k.groups(cascade_hash), k.swarms, k.allow, k.allow_on, k.requests, k.errors, k.completions]
         args = [
             cascade_hash,
             key,
@@ -493,9 +498,10 @@ class RedisSwarmStore:
             pipe = self._client.pipeline(transaction=False)
             pipe.hgetall(k.requests)
             pipe.hgetall(k.errors)
+            pipe.get(k.completions)
             return pipe.execute()
 
-        raw_requests, raw_errors = self._call(fetch)
+        raw_requests, raw_errors, completions = self._call(fetch)
         requests: dict[tuple[str, str, int], int] = {}
         for field, n in raw_requests.items():
             protocol, command, status = bytes(field).decode("utf-8", "replace").split("|")
@@ -514,7 +520,7 @@ class RedisSwarmStore:
                 return pipe.execute()
 
             peers += sum(self._call(count))
-        return Counters(requests, errors, len(hashes), peers)
+        return Counters(requests, errors, len(hashes), peers, int(completions or 0))
 
     def close(self) -> bool:
         """Close the connections (the state stays in Redis)."""

@@ -91,6 +91,10 @@ class Counters:
     errors: dict[str, int]  # kind -> count
     swarms: int
     peers: int
+    # Peers that turned from plain (enrolled by a list request) into good (a
+    # subscribe) while the tracker knew them: a download finished. A peer that
+    # subscribes on its first announce was a seeder from the start and is not counted.
+    completions: int = 0
 
 
 def peer_key(ip: str, port: int) -> bytes:
@@ -214,6 +218,7 @@ class SwarmRegistry:
         self._rnd = random.Random(seed).random
         self._requests: Counter[tuple[str, str, int]] = Counter()
         self._errors: Counter[str] = Counter()
+        self._completions = 0
         self._track = track_changes
         self._changes: dict[tuple[bytes, bytes], tuple[float, bool] | None] = {}
         self._tail_second = -1
@@ -300,6 +305,7 @@ class SwarmRegistry:
                     plain.remove(key)
                     good.add(key, key + good_tail, self._rnd)
                     is_good = True
+                    self._completions += 1
                 else:
                     plain.recs[plain.index[key]] = key + self._tails[0]
                     is_good = False
@@ -450,7 +456,9 @@ class SwarmRegistry:
 
     def counters(self) -> Counters:
         with self._lock:
-            return Counters(dict(self._requests), dict(self._errors), len(self._swarms), self._peer_count)
+            return Counters(
+                dict(self._requests), dict(self._errors), len(self._swarms), self._peer_count, self._completions
+            )
 
     # --- persistence --------------------------------------------------------
 
