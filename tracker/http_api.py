@@ -76,6 +76,10 @@ _MAX_LINE = 8190
 # for at most this long so the kernel does not reset the connection and eat
 # the reply (aiohttp's "lingering close"). Arbitrary; covers an oversized upload.
 _LINGER_SECONDS = 2.0
+# After a client half-closes, a connection that is not being answered within
+# this many seconds is closed (a complete request gets to its handler in
+# microseconds; this only covers a loaded loop). Arbitrary.
+_EOF_GRACE = 0.2
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +161,29 @@ class _Connection(RequestHandler):
     def __init__(self, manager: _Manager, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self.owner = manager.owner
+        self.manager = manager
+        self.eof = False  # the client half-closed: answer what it sent, then close
+        self.body: StreamReader | None = None  # the body being read, ended at once by a half-close
+
+    def eof_received(self) -> bool:  # type: ignore[override]  # asyncio.Protocol allows a bool
+        # asyncio would close the transport at once (aiohttp returns None here),
+        # dropping the answer to a request sent just before a half-close (nc -N,
+        # an HTTP/1.0 client). Keep the sending side open; end a body being read;
+        # close if nothing is being answered shortly after.
+        self.eof = True
+        if self.body is not None:
+            self.body.feed_eof()
+        self.manager.event_loop.call_later(_EOF_GRACE, self._close_if_idle)
+        return True
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if exc is not None:  # a reset, mid-request or not: the client vanished
+            self.owner.count_error("http_connection_lost")
+        super().connection_lost(exc)
+
+    def _close_if_idle(self) -> None:
+        if self not in self.manager.busy:
+            self.force_close()
 
     def handle_error(
         self,
@@ -167,11 +194,11 @@ class _Connection(RequestHandler):
     ) -> web.StreamResponse:
         owner = self.owner
         if status >= 500:  # an exception escaped the handler: a bug
-            owner.registry.count_error("http_internal")
+            owner.count_error("http_internal")
             log.error("http request from %s failed", request.remote, exc_info=exc)
             text = "internal error"
         else:  # llhttp refused the request: a malformed request, not our fault
-            owner.registry.count_error("http_malformed")
+            owner.count_error("http_malformed")
             # llhttp's message is several lines (a caret under the bad byte): keep the first.
             first = str(message or exc or "bad request").strip().splitlines()[0].rstrip(":")
             text = f"malformed request: {first}"[:300]
@@ -236,7 +263,7 @@ class _Manager(web.Server):
         if len(self.open) > self.owner.config.max_connections:
             for old in self.open:
                 if old is not handler and old not in self.busy:
-                    self.owner.registry.count_error("http_evicted")
+                    self.owner.count_error("http_evicted")
                     del self.open[old]
                     old.force_close()
                     break
@@ -326,6 +353,11 @@ class TrackerHttpServer:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.store.close()
 
+    def count_error(self, kind: str) -> None:
+        """Count an error from the loop thread: in the pool, since a Redis store's counter is a round trip."""
+        with contextlib.suppress(RuntimeError):  # the pool is shut down: the server is stopping
+            self._pool.submit(self.registry.count_error, kind)
+
     def headers(self, ctype: str, extra: tuple[tuple[str, str], ...]) -> dict[str, str]:
         """The headers of every answer."""
         out = {
@@ -354,7 +386,7 @@ class TrackerHttpServer:
         if self.config.verbose:
             log.info("%s %s %s -> %d", request.remote, request.method, request.raw_path[:200], reply.status)
         resp = web.Response(status=reply.status, body=reply.body, headers=self.headers(reply.ctype, reply.headers))
-        if reply.status == 408:
+        if reply.status == 408 or (isinstance(conn, _Connection) and conn.eof):
             resp.force_close()
         return resp
 
@@ -383,10 +415,10 @@ class TrackerHttpServer:
         except _HttpError as exc:
             return route, _error(exc.status, exc.message, exc.headers)
         except TimeoutError:
-            self.registry.count_error("http_read_timeout")
+            self.count_error("http_read_timeout")
             return route, _error(408, "request timed out")
         except OSError as exc:  # the client went away mid-body; the reply will not reach it
-            self.registry.count_error("http_connection_lost")
+            self.count_error("http_connection_lost")
             return route, _error(400, f"connection lost: {exc}")
         loop = asyncio.get_running_loop()
         return route, await loop.run_in_executor(self._pool, self._run, endpoint.run, call)
@@ -420,15 +452,24 @@ class TrackerHttpServer:
         deadline = loop.time() + self.config.request_deadline
         chunks: list[bytes] = []
         got = 0
-        while got < length:
-            left = deadline - loop.time()
-            if left <= 0:
-                raise TimeoutError
-            chunk = await asyncio.wait_for(request.content.readany(), min(self.config.read_timeout, left))
-            if not chunk:
-                raise _HttpError(400, f"body ended after {got} of {length} bytes")
-            chunks.append(chunk)
-            got += len(chunk)
+        conn = request.protocol
+        if isinstance(conn, _Connection):
+            conn.body = request.content
+            if conn.eof:
+                request.content.feed_eof()
+        try:
+            while got < length:
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise TimeoutError
+                chunk = await asyncio.wait_for(request.content.readany(), min(self.config.read_timeout, left))
+                if not chunk:
+                    raise _HttpError(400, f"body ended after {got} of {length} bytes")
+                chunks.append(chunk)
+                got += len(chunk)
+        finally:
+            if isinstance(conn, _Connection):
+                conn.body = None
         return b"".join(chunks)
 
     # --- routing ---------------------------------------------------------------
