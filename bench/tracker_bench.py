@@ -3,6 +3,8 @@
     python -m bench.tracker_bench                      # starts its own tracker
     python -m bench.tracker_bench --port 8888          # an already running tracker
     python -m bench.tracker_bench --threads 4 --seconds 3 --peers 200
+    python -m bench.tracker_bench --redis                # one tracker on a redis-server of its own
+    python -m bench.tracker_bench --redis --trackers 2   # two trackers on that one Redis
 
 Client threads run in this process and the tracker in its own, as the issue
 asks ("4 client threads that open one connection per request"). Each request
@@ -17,6 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shutil
 import socket
 import struct
 import sys
@@ -26,7 +30,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.procs import BenchError, Child
+from bench.procs import BenchError, Child, free_port
 from cascade.wire import TrackerCommand, TrackerRequest
 
 _LINGER_0 = struct.pack("ii", 1, 0)
@@ -115,6 +119,19 @@ def summary(per_thread: list[list[float]], errors: list[list[int]], elapsed: flo
     }
 
 
+def start_redis(logdir: Path, started: list[Child]) -> str:
+    """A redis-server on a free loopback port, no persistence; its URL. Raises :class:`BenchError`."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise BenchError("redis-server is not installed (apt-get install redis-server)")
+    port = free_port()
+    args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(logdir)]
+    child = Child("redis", [exe, *args], logdir)
+    started.append(child)
+    child.wait_for(re.compile(r"Ready to accept connections"), 15, stream="out")
+    return f"redis://127.0.0.1:{port}/0"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", default="127.0.0.1")
@@ -126,22 +143,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--subscribe", action="store_true", help="send subscribe instead of list requests")
     p.add_argument("--timeout", type=float, default=5.0)
     p.add_argument("--tracker-args", default="", help="extra arguments for the tracker this bench starts")
+    p.add_argument("--trackers", type=int, default=1, help="start this many trackers; thread i asks tracker i mod N")
+    p.add_argument("--redis", action="store_true", help="start a redis-server and run the trackers on it")
     args = p.parse_args(argv)
 
     logdir = tempfile.TemporaryDirectory(prefix="tracker-bench-")
-    tracker = None
+    started: list[Child] = []
+    addrs: list[tuple[str, int]] = []
     if args.port is None:
-        argv = ["-m", "tracker", "run", "--host", "127.0.0.1", "--port", "0", *args.tracker_args.split()]
-        tracker = Child.python("tracker", argv, Path(logdir.name))
+        extra = args.tracker_args.split()
         try:
-            port = tracker.wait_listening(15)
+            if args.redis:
+                extra += ["--store", start_redis(Path(logdir.name), started)]
+            for i in range(args.trackers):
+                argv = ["-m", "tracker", "run", "--host", "127.0.0.1", "--port", "0", *extra]
+                tracker = Child.python(f"tracker{i}", argv, Path(logdir.name))
+                started.append(tracker)
+                addrs.append((args.host, tracker.wait_listening(15)))
         except BenchError as exc:
-            tracker.stop()
+            for child in reversed(started):
+                child.stop()
             logdir.cleanup()
             raise SystemExit(f"tracker did not start: {exc}") from None
     else:
-        port = args.port
-    addr = (args.host, port)
+        addrs.append((args.host, args.port))
+    trackers = [c for c in started if c.name.startswith("tracker")]
+    addr = addrs[0]
     command = TrackerCommand.SUBSCRIBE if args.subscribe else TrackerCommand.LIST
     cascade_hash = bytes(range(32))
     requests = [TrackerRequest(command, cascade_hash, "127.0.0.1", 10000 + i).encode() for i in range(args.peers)]
@@ -157,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             threading.Thread(
                 target=client,
                 args=(
-                    addr,
+                    addrs[i % len(addrs)],
                     requests[i:] + requests[:i],
                     stop_at,
                     budget,
@@ -171,19 +198,22 @@ def main(argv: list[str] | None = None) -> int:
         ]
         elapsed = run_threads(threads)
     finally:
-        if tracker is not None:
-            tracker.stop(10)  # SIGTERM, SIGKILL after 10 s
+        for child in reversed(started):
+            child.stop(10)  # SIGTERM, SIGKILL after 10 s
     result = {
         **summary(per_thread, errors, elapsed),
         "threads": args.threads,
         "peers": args.peers,
         "command": command.name.lower(),
+        "trackers": len(addrs),
+        "store": "redis" if args.redis else "memory",
         "cpus": os.cpu_count(),
     }
-    if tracker is not None:
-        result["tracker_exit"] = tracker.rc
-        if tracker.rc != 0:
-            print(tracker.stderr, file=sys.stderr)
+    if trackers:
+        result["tracker_exit"] = max((t.rc or 0) for t in trackers)
+        for t in trackers:
+            if t.rc != 0:
+                print(t.stderr, file=sys.stderr)
     logdir.cleanup()
     print(json.dumps(result))
     return 0
