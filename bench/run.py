@@ -412,6 +412,43 @@ class Bench:
                     ratio = o["req_per_s"] / b["req_per_s"]
                     r.target("tracker >= 0.45x opentracker", ratio >= 0.45, f"{ratio:.2f}x")
             self.emit(r)
+        self.tracker_on_redis()
+
+    def tracker_on_redis(self) -> None:
+        """One tracker on Redis, and two on one Redis (clients split between them), at each thread count."""
+        if shutil.which("redis-server") is None:
+            self.emit(Result("tracker", "redis", {}, note="redis-server not installed: Redis variants not run"))
+            return
+        secs = str(self.plan.tracker_seconds)
+        g = self.group("tracker-redis")
+        runs: dict[tuple[int, int], dict[str, Any]] = {}
+        try:
+            for trackers in (1, 2):
+                for n in self.plan.tracker_threads:
+                    c = g.python(
+                        f"tracker-bench-redis{trackers}-{n}",
+                        [
+                            *("-m", "bench.tracker_bench", "--redis", "--trackers", str(trackers), "--threads", str(n)),
+                            *("--seconds", secs, "--peers", "100"),
+                        ],
+                    )
+                    if c.wait(120) != 0:
+                        raise BenchError(f"tracker_bench --redis failed\n{c.tail()}")
+                    runs[(trackers, n)] = json.loads(c.stdout.strip().splitlines()[-1])
+        finally:
+            g.stop_all()
+        for (trackers, n), o in runs.items():
+            where = "one tracker on Redis" if trackers == 1 else "two trackers on one Redis"
+            r = Result(
+                "tracker",
+                f"{n} client threads, list, swarm of 100, {where}",
+                {k: o[k] for k in ("req_per_s", "p50_ms", "p99_ms", "errors")},
+                note="Redis, the trackers and the client threads share the machine's cores",
+            )
+            if trackers == 1 and n == 4:
+                rate = o["req_per_s"]
+                r.target("tracker on Redis >= 6,000 req/s (4 threads)", rate >= 6_000, f"{rate:,.0f} req/s")
+            self.emit(r)
 
     def verify(self) -> None:
         size = self.plan.verify_size
