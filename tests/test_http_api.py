@@ -648,3 +648,27 @@ def test_metrics_count_completions_and_show_the_busiest_swarms(tracker: Tracker)
     assert metric(text, "cascade_tracker_completions_total") - before == 1
     assert metric(text, "cascade_tracker_swarm_seeders", cascade_hash=h) == 2
     assert metric(text, "cascade_tracker_swarm_peers", cascade_hash=h) == 32
+
+
+@pytest.mark.loopback
+def test_past_max_connections_the_oldest_idle_one_makes_room(tmp_path: Path) -> None:
+    config = HttpConfig(host="127.0.0.1", port=0, max_connections=10)
+    server = TrackerHttpServer(SwarmRegistry(), CascadeStore(tmp_path / "files"), config)
+    server.start()
+    idle: list[socket.socket] = []
+    try:
+        idle = [socket.create_connection(address_of(server), timeout=5) for _ in range(15)]
+        r = requests.get(f"http://127.0.0.1:{server.address[1]}/healthz", timeout=5)
+        assert r.status_code == 200
+        deadline = time.monotonic() + 5
+        while server.registry.counters().errors.get("http_evicted", 0) < 6 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert server.registry.counters().errors.get("http_evicted", 0) >= 6
+        assert server.connection_count() <= 10
+        # The first ones in were the ones closed.
+        idle[0].settimeout(5)
+        assert idle[0].recv(10) == b""
+    finally:
+        for s in idle:
+            s.close()
+        server.stop()
