@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cascade.errors import MetafileError
+from cascade.wire import HASH_SIZE as HASH_SIZE  # defined once, for every hash of PROTOCOL.md; re-exported
 
 MAGIC = b"CASCADE1"
 HEADER_SIZE = 64
-HASH_SIZE = 32
 SUFFIX = ".cascade"
 _HEADER = struct.Struct(">8s8sQQ32s")
 

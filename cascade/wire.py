@@ -17,7 +17,9 @@ from typing import Generic, TypeVar
 
 from cascade.errors import ProtocolError
 
+# Every hash is SHA-256, 32 raw bytes (PROTOCOL.md, top); cascade/metafile.py uses this one too.
 HASH_SIZE = 32
+_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
 
 # --- section 2: tracker ---------------------------------------------------
 
@@ -40,6 +42,17 @@ class TrackerCommand(IntEnum):
     SUBSCRIBE = 2
 
 
+class TrackerStatus(IntEnum):
+    """The status byte of a tracker reply. PROTOCOL.md only says "non-zero is an error": the codes are ours."""
+
+    OK = 0
+    BAD_REQUEST = 1
+    NOT_ALLOWED = 2  # the hash is not on the tracker's allow list
+    FULL = 3  # no room for another swarm, peer or connection; try later
+    INTERNAL = 4  # a bug in the tracker; logged
+    UNAVAILABLE = 5  # the tracker's store (Redis) cannot be reached; try later
+
+
 def _ipv4_bytes(ip: str) -> bytes:
     # Fast path for a canonical dotted quad (what every decoded record holds): a tracker
     # reply of 65,536 records took over a second through ipaddress alone.
@@ -60,6 +73,17 @@ def _ipv4_str(raw: bytes) -> str:
     if len(raw) != 4:
         raise ProtocolError(f"an IPv4 address is 4 bytes, not {len(raw)}")
     return f"{raw[0]}.{raw[1]}.{raw[2]}.{raw[3]}"  # what str(IPv4Address) gives, without its cost
+
+
+def parse_hex_hash(text: object) -> bytes:
+    """A cascade hash written as 64 hex digits (either case) -> its 32 bytes.
+
+    The one parser for hashes in URLs, JSON, file names and allow files.
+    Raises :class:`ProtocolError` for anything else (callers say where the text came from).
+    """
+    if not isinstance(text, str) or len(text) != 2 * HASH_SIZE or not _HEX_DIGITS.issuperset(text):
+        raise ProtocolError(f"a cascade hash is {2 * HASH_SIZE} hex digits")
+    return bytes.fromhex(text)
 
 
 def _check_hash(value: bytes, what: str) -> None:
@@ -312,6 +336,8 @@ class BlockResponse:
 # are the validating API.
 
 PEER_KEY_SIZE = 6  # IPv4 (4) + port (2): the first bytes of a peer record
+ANY_IPV4 = bytes(4)
+_HASH_END = TRACKER_HEADER_SIZE + HASH_SIZE
 _PEER_KEY = struct.Struct(">4sH")
 _PEER_RECORD_TAIL = struct.Struct(">IBB")  # last seen, good flag, reserved
 
@@ -352,7 +378,34 @@ def pack_tracker_reply_header(status: int, length: int) -> bytes:
 
 def tracker_request_header(command: TrackerCommand) -> bytes:
     """The only valid 16-byte header for ``command``: a server compares whole headers at once."""
-    return _TRACKER_HEADER.pack(TRACKER_MAGIC, TRACKER_VERSION, int(command), TRACKER_BODY_LENGTH)
+    return pack_tracker_request_header(TRACKER_MAGIC, TRACKER_VERSION, int(command), TRACKER_BODY_LENGTH)
+
+
+def pack_tracker_request_header(magic: bytes, version: int, command: int, length: int) -> bytes:
+    """A 16-byte request header with any field values, valid or not (conformance tests need wrong ones).
+
+    Raises ``struct.error`` for a value that does not fit its field.
+    """
+    return _TRACKER_HEADER.pack(magic, version, command, length)
+
+
+def split_tracker_request(data: bytes) -> tuple[bytes, bytes, bytes]:
+    """(16-byte header, cascade hash, 6-byte peer key) of a request of at least 54 bytes, by slicing.
+
+    The peer key (IPv4 + port) is also the first 6 bytes of that peer's
+    record, so a tracker keys its swarms by it without converting anything.
+    """
+    return data[:TRACKER_HEADER_SIZE], data[TRACKER_HEADER_SIZE:_HASH_END], data[_HASH_END:TRACKER_REQUEST_SIZE]
+
+
+def is_any_ip_key(key: bytes) -> bool:
+    """True when a peer key's address is 0.0.0.0: "use the address this came from" (PROTOCOL.md section 4)."""
+    return key[:4] == ANY_IPV4
+
+
+def with_key_ip(key: bytes, packed_ip: bytes) -> bytes:
+    """The peer key ``key`` with its IPv4 address replaced by the 4 bytes ``packed_ip``."""
+    return packed_ip + key[4:]
 
 
 def unpack_tracker_request_body_from(

@@ -39,7 +39,8 @@ from cascade.errors import (
     UsageError,
     from_os_error,
 )
-from cascade.metafile import HASH_SIZE, MAX_METAFILE_SIZE, CascadeFile, read_cascade
+from cascade.metafile import MAX_METAFILE_SIZE, CascadeFile, read_cascade
+from cascade.wire import parse_hex_hash
 
 if TYPE_CHECKING:
     import requests
@@ -191,7 +192,7 @@ def split_cascade_url(url: str) -> tuple[str, bytes]:
     m = _CASCADE_PATH.match(parts.path)
     if parts.scheme not in ("http", "https") or not parts.hostname or not m:
         raise UsageError(f"invalid .cascade URL {url!r}: expected http://HOST:PORT/cascades/HASH.cascade")
-    return tracker_base_url(f"{parts.scheme}://{parts.netloc}{m.group(1)}", "URL"), bytes.fromhex(m.group(2))
+    return tracker_base_url(f"{parts.scheme}://{parts.netloc}{m.group(1)}", "URL"), parse_hex_hash(m.group(2))
 
 
 def safe_file_name(name: str | None) -> str | None:
@@ -331,16 +332,9 @@ def upload_cascade(path: str | os.PathLike[str], tracker: str, token: str | None
         doc = parse_json(r.content)
         if not isinstance(doc, dict):
             raise TypeError("not a JSON object")
-        returned = parse_hash(doc["cascade_hash"])
+        returned = parse_hex_hash(doc["cascade_hash"])
     except (ProtocolError, ValueError, KeyError, TypeError) as exc:
         raise PublishRefused(f"tracker {base} answered the upload with something that is not its API") from exc
     if returned != cf.cascade_hash:
         raise PublishRefused(f"tracker {base} stored the file under another hash ({returned.hex()})")
     return Published(cf.cascade_hash, f"{base}/cascades/{cf.cascade_hash.hex()}.cascade", r.status_code == 201)
-
-
-def parse_hash(text: object) -> bytes:
-    """A cascade hash in hex; raises :class:`ValueError`."""
-    if not isinstance(text, str) or len(text) != 2 * HASH_SIZE:
-        raise ValueError("not a cascade hash")
-    return bytes.fromhex(text)

@@ -45,14 +45,20 @@ import os
 import queue
 import select
 import socket
-import struct
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cascade.wire import BLOCK_MAGIC, BLOCK_REQUEST_SIZE, KEEPOPEN, BlockStatus
+from cascade.wire import (
+    BLOCK_MAGIC,
+    BLOCK_REQUEST_SIZE,
+    KEEPOPEN,
+    BlockStatus,
+    pack_block_response_header,
+    unpack_block_request_from,
+)
 from peer.common import REQUEST_LOGGER
 from peer.ratelimit import TokenBucket
 from peer.storage import BlockStore
@@ -62,11 +68,6 @@ log = logging.getLogger("peer.server")
 # go to their own logger, enabled only by -vv: a fetcher that serves while it
 # downloads would otherwise spend its time logging.
 request_log = logging.getLogger(REQUEST_LOGGER)
-
-# magic, KEEPOPEN marker, 8 ignored reserved bytes, block number, cascade hash
-_REQUEST = struct.Struct(">8s8s8xQ32s")
-_HEADER = struct.Struct(">BQ")
-assert _REQUEST.size == BLOCK_REQUEST_SIZE
 
 # One recv takes up to this much: many pipelined requests at once, and a
 # bound on what one connection can make us buffer.
@@ -174,7 +175,7 @@ class _Conn:
 
 def _error_reply(status: BlockStatus, message: str) -> bytes:
     body = message.encode("utf-8")
-    return _HEADER.pack(int(status), len(body)) + body
+    return pack_block_response_header(status, len(body)) + body
 
 
 _UNKNOWN_HASH = _error_reply(BlockStatus.INVALID_HASH, "invalid hash: this peer does not serve that file")
@@ -251,9 +252,9 @@ class BlockServer:
             fd=store.fd,
             count=cf.block_count,
             block_size=cf.block_size,
-            full_header=_HEADER.pack(0, cf.block_size),
+            full_header=pack_block_response_header(BlockStatus.OK, cf.block_size),
             last_length=last,
-            last_header=_HEADER.pack(0, last),
+            last_header=pack_block_response_header(BlockStatus.OK, last),
             changed=changed,
             seen=seen,
         )
@@ -609,7 +610,8 @@ class BlockServer:
 
     def _answer(self, conn: _Conn, buf: bytes, pos: int) -> None:
         """Decide the reply to the request at ``buf[pos:pos+64]`` and queue it in ``conn.out_*``."""
-        magic, marker, index, cascade_hash = _REQUEST.unpack_from(buf, pos)
+        # The other 8 reserved bytes are never looked at: clients fill them with garbage.
+        magic, marker, _reserved, index, cascade_hash = unpack_block_request_from(buf, pos)
         if magic != BLOCK_MAGIC:
             if self._debug:
                 request_log.debug("%s: unparseable request (magic %r), closing", conn.name, magic)

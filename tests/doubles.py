@@ -30,7 +30,6 @@ import random
 import select
 import signal
 import socket
-import struct
 import sys
 import threading
 import time
@@ -39,7 +38,16 @@ from types import FrameType
 from typing import Any
 
 from cascade.metafile import CascadeFile, default_data_path, parse_cascade, read_cascade
-from cascade.wire import BLOCK_REQUEST_SIZE, TRACKER_REQUEST_SIZE, PeerList, PeerRecord, TrackerCommand
+from cascade.wire import (
+    BLOCK_REQUEST_SIZE,
+    TRACKER_REQUEST_SIZE,
+    BlockStatus,
+    PeerList,
+    PeerRecord,
+    TrackerCommand,
+    pack_block_response_header,
+    unpack_block_request_from,
+)
 from peer.localdata import create_metafile
 from peer.tracker_client import TrackerAddress, announce
 from tests.procs import Proc
@@ -47,8 +55,6 @@ from tests.procs import Proc
 REPO = Path(__file__).resolve().parent.parent
 
 MODES = ("corrupt", "close", "silent", "once", "strict")
-_REQUEST = struct.Struct(">8s8s8xQ32s")
-_HEADER = struct.Struct(">BQ")
 
 
 class DoubleServer:
@@ -107,19 +113,20 @@ class DoubleServer:
                 if self.mode == "silent" or (self.mode == "once" and answered):
                     continue
                 answered = True
-                _magic, _marker, index, cascade_hash = _REQUEST.unpack(request)
-                if self.mode == "strict" and request[8:24] != bytes(16):
-                    conn.sendall(_HEADER.pack(4, 16) + b"reserved bytes!!")
+                _magic, marker, rest, index, cascade_hash = unpack_block_request_from(request)
+                if self.mode == "strict" and marker + rest != bytes(16):
+                    conn.sendall(pack_block_response_header(BlockStatus.BAD_REQUEST, 16) + b"reserved bytes!!")
                     return
                 if cascade_hash != self.cf.cascade_hash or index >= self.cf.block_count:
-                    conn.sendall(_HEADER.pack(1, 0))
+                    conn.sendall(pack_block_response_header(BlockStatus.INVALID_HASH, 0))
                     return
                 length = self.cf.block_length(index)
+                ok = pack_block_response_header(BlockStatus.OK, length)
                 if self.mode == "corrupt":
-                    conn.sendall(_HEADER.pack(0, length) + bytes([index % 251 + 1]) * length)
+                    conn.sendall(ok + bytes([index % 251 + 1]) * length)
                     continue
                 body = os.pread(fd, length, self.cf.block_offset(index))
-                conn.sendall(_HEADER.pack(0, length) + body)
+                conn.sendall(ok + body)
                 if self.mode in ("close", "strict"):
                     return  # close after every response
         except OSError:
@@ -235,9 +242,9 @@ class TrickleServer:
             request = _read_exact(conn, BLOCK_REQUEST_SIZE)
             if request is None:
                 return
-            index = _REQUEST.unpack(request)[2]
+            _magic, _marker, _rest, index, _hash = unpack_block_request_from(request)
             length = self.cf.block_length(index) if index < self.cf.block_count else 1
-            conn.sendall(_HEADER.pack(0, length))
+            conn.sendall(pack_block_response_header(BlockStatus.OK, length))
             # Stop two bytes short, so that the block never completes (bounded by ``length``).
             for _ in range(max(0, length - 2)):
                 if self._stop.wait(self.interval):
@@ -262,11 +269,14 @@ class SlowServer(TrickleServer):
                 request = _read_exact(conn, BLOCK_REQUEST_SIZE)
                 if request is None:
                     return
-                index = _REQUEST.unpack(request)[2]
+                _magic, _marker, _rest, index, _hash = unpack_block_request_from(request)
                 if index >= self.cf.block_count:
                     return
                 length = self.cf.block_length(index)
-                conn.sendall(_HEADER.pack(0, length) + os.pread(fd, length, self.cf.block_offset(index)))
+                conn.sendall(
+                    pack_block_response_header(BlockStatus.OK, length)
+                    + os.pread(fd, length, self.cf.block_offset(index))
+                )
         except OSError:
             return
         finally:

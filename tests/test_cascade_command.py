@@ -11,7 +11,6 @@ import io
 import json
 import os
 import random
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -38,7 +37,8 @@ def cascade(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedP
 
 
 def reference_cascade(data: bytes, block_size: int) -> bytes:
-    header = b"CASCADE1" + bytes(8) + struct.pack(">QQ", len(data), block_size) + hashlib.sha256(data).digest()
+    sizes = len(data).to_bytes(8, "big") + block_size.to_bytes(8, "big")  # u64 length, u64 block size
+    header = b"CASCADE1" + bytes(8) + sizes + hashlib.sha256(data).digest()
     return header + b"".join(hashlib.sha256(data[i : i + block_size]).digest() for i in range(0, len(data), block_size))
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import struct
 from pathlib import Path
 
 import pytest
@@ -24,9 +23,14 @@ from peer.localdata import create_metafile
 pytestmark = pytest.mark.unit
 
 
+def u64(n: int) -> bytes:
+    """An unsigned big-endian 64-bit field, as PROTOCOL.md writes every integer."""
+    return n.to_bytes(8, "big")
+
+
 def reference_cascade(data: bytes, block_size: int) -> bytes:
     """PROTOCOL.md section 1, written out independently of the code under test."""
-    header = b"CASCADE1" + bytes(8) + struct.pack(">QQ", len(data), block_size) + hashlib.sha256(data).digest()
+    header = b"CASCADE1" + bytes(8) + u64(len(data)) + u64(block_size) + hashlib.sha256(data).digest()
     blocks = b"".join(hashlib.sha256(data[i : i + block_size]).digest() for i in range(0, len(data), block_size))
     return header + blocks
 
@@ -95,7 +99,7 @@ GOOD = reference_cascade(DATA, 64)
 
 
 def header(length: int, block_size: int, magic: bytes = b"CASCADE1") -> bytes:
-    return magic + bytes(8) + struct.pack(">QQ", length, block_size) + bytes(32)
+    return magic + bytes(8) + u64(length) + u64(block_size) + bytes(32)
 
 
 # (name, bytes, a phrase the error must contain)

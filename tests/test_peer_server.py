@@ -22,14 +22,13 @@ from pathlib import Path
 import pytest
 
 from cascade.metafile import CascadeFile, parse_cascade
-from cascade.wire import BlockRequest
+from cascade.wire import BLOCK_RESPONSE_HEADER_SIZE, BlockRequest, unpack_block_response_header_from
 from peer.localdata import check_data, create_metafile
 from peer.server import BlockServer
 from peer.storage import BlockStore
 from tests.procs import Proc
 
 TIMEOUT = 10.0
-HEADER = struct.Struct(">BQ")
 
 
 # --- a raw client written from the spec -----------------------------------------
@@ -61,7 +60,7 @@ def recv_exact(sock: socket.socket, n: int) -> bytes:
 
 
 def read_response(sock: socket.socket) -> tuple[int, bytes]:
-    status, length = HEADER.unpack(recv_exact(sock, HEADER.size))
+    status, length = unpack_block_response_header_from(recv_exact(sock, BLOCK_RESPONSE_HEADER_SIZE))
     assert length <= 1 << 24, f"absurd body length {length}"
     return status, recv_exact(sock, length)
 
@@ -444,7 +443,7 @@ def test_two_hundred_concurrent_downloads_with_bounded_threads(seeder: tuple[Pro
             assert len(buf) == expected[sock]
             pos = 0
             for i in wants[sock]:
-                status, length = HEADER.unpack_from(buf, pos)
+                status, length = unpack_block_response_header_from(buf, pos)
                 assert (status, length) == (0, cf.block_length(i))
                 assert buf[pos + 9 : pos + 9 + length] == block(sample.data, cf, i)
                 pos += 9 + length

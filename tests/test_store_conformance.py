@@ -17,10 +17,10 @@ import pytest
 
 from cascade.errors import BadRequest, MetafileError
 from cascade.metafile import encode_cascade
-from cascade.wire import PeerRecord
+from cascade.wire import PeerRecord, TrackerStatus
 from tracker.cascade_store import StoreFull
 from tracker.store import Backend, CascadeFiles, StoreSpec, SwarmStore, open_backend
-from tracker.swarms import STATUS_FULL, STATUS_NOT_ALLOWED, AnnounceRefused, SwarmLimits
+from tracker.swarms import AnnounceRefused, SwarmLimits
 
 pytestmark = pytest.mark.loopback
 
@@ -236,7 +236,7 @@ def test_swarm_cap_refuses_new_swarms_until_one_expires(store: Harness) -> None:
     s.announce(H2, "10.0.0.1", 1, subscribe=True)
     with pytest.raises(AnnounceRefused) as refused:
         s.announce(H3, "10.0.0.1", 1, subscribe=True)
-    assert refused.value.status == STATUS_FULL
+    assert refused.value.status == TrackerStatus.FULL
     s.announce(H1, "10.0.0.2", 2, subscribe=True)  # a known swarm is still served
     store.clock.now += 101
     s.announce(H3, "10.0.0.1", 1, subscribe=True)
@@ -262,9 +262,9 @@ def test_allow_list(store: Harness) -> None:
     s.announce(H1, "10.0.0.1", 1, subscribe=True)
     with pytest.raises(AnnounceRefused) as refused:
         s.announce(H2, "10.0.0.1", 1, subscribe=True)
-    assert refused.value.status == STATUS_NOT_ALLOWED
+    assert refused.value.status == TrackerStatus.NOT_ALLOWED
     assert s.swarm(H2) is None
-    assert s.counters().requests.get(("api", "subscribe", STATUS_NOT_ALLOWED)) == 1
+    assert s.counters().requests.get(("api", "subscribe", TrackerStatus.NOT_ALLOWED)) == 1
     everyone = store.open() if store.kind != "redis" else None
     if everyone is not None:  # memory and SQLite: each tracker has its own list
         assert everyone.is_allowed(H2)

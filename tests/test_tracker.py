@@ -7,7 +7,6 @@ import random
 import select
 import signal
 import socket
-import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -17,7 +16,16 @@ from pathlib import Path
 import pytest
 
 from cascade.metafile import encode_cascade
-from cascade.wire import PeerList, PeerRecord, TrackerCommand, TrackerError, TrackerRequest, decode_tracker_reply
+from cascade.wire import (
+    TRACKER_HEADER_SIZE,
+    PeerList,
+    PeerRecord,
+    TrackerCommand,
+    TrackerError,
+    TrackerRequest,
+    decode_tracker_reply,
+    pack_tracker_request_header,
+)
 from tests.procs import Proc
 
 pytestmark = pytest.mark.process
@@ -82,10 +90,10 @@ def addrs(peers: tuple[PeerRecord, ...]) -> list[tuple[str, int]]:
 
 
 def header(magic: bytes = b"CASC", version: int = 1, command: int = 1, length: int = 38) -> bytes:
-    return struct.pack(">4sIII", magic, version, command, length)
+    return pack_tracker_request_header(magic, version, command, length)
 
 
-BODY = H1 + bytes([10, 0, 0, 1]) + struct.pack(">H", 6666)
+BODY = TrackerRequest(LIST, H1, "10.0.0.1", 6666).encode()[TRACKER_HEADER_SIZE:]
 
 CONFORMANCE = [
     ("wrong magic", header(magic=b"CASX") + BODY, "magic"),

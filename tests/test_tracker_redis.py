@@ -20,10 +20,17 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from cascade.metafile import encode_cascade
-from cascade.wire import PeerList, TrackerCommand, TrackerError, TrackerReply, TrackerRequest, decode_tracker_reply
+from cascade.wire import (
+    PeerList,
+    TrackerCommand,
+    TrackerError,
+    TrackerReply,
+    TrackerRequest,
+    TrackerStatus,
+    decode_tracker_reply,
+)
 from tests.procs import Proc
 from tests.redisfix import RedisServer
-from tracker.store import STATUS_UNAVAILABLE
 
 pytestmark = pytest.mark.process
 
@@ -133,7 +140,7 @@ def test_redis_going_away_costs_requests_not_trackers_and_service_resumes(redis_
         for _ in range(3):
             for t in (a, b):
                 reply = ask(t.port, LIST, "10.0.0.2", 2)
-                assert isinstance(reply, TrackerError) and reply.status == STATUS_UNAVAILABLE, reply
+                assert isinstance(reply, TrackerError) and reply.status == TrackerStatus.UNAVAILABLE, reply
                 r = requests.post(
                     f"{t.http}/api/v1/announce", json={"cascade_hash": H1.hex(), "port": 2, "action": "list"}, timeout=5
                 )

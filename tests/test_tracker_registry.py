@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from cascade.errors import BadRequest
-from cascade.wire import PeerRecord
+from cascade.wire import PeerRecord, TrackerStatus
 from tracker.state import StateStore, load_state
-from tracker.swarms import STATUS_FULL, STATUS_NOT_ALLOWED, AnnounceRefused, SwarmLimits, SwarmRegistry, peer_key
+from tracker.swarms import AnnounceRefused, SwarmLimits, SwarmRegistry, peer_key
 
 pytestmark = pytest.mark.unit
 
@@ -118,12 +118,12 @@ def test_memory_is_bounded_by_the_limits() -> None:
     reg.announce(bytes(32), "10.0.0.1", 1, subscribe=False)
     with pytest.raises(AnnounceRefused) as info:
         reg.announce(b"\x07" * 32, "10.0.0.1", 1, subscribe=False)
-    assert info.value.status == STATUS_FULL
+    assert info.value.status == TrackerStatus.FULL
     for port in range(2, 40):
         try:
             reg.announce(H2, "10.0.0.1", port, subscribe=False)
         except AnnounceRefused as exc:
-            assert exc.status == STATUS_FULL
+            assert exc.status == TrackerStatus.FULL
     assert reg.counters().peers <= 25
 
 
@@ -132,7 +132,7 @@ def test_allow_list() -> None:
     reg.announce(H1, "10.0.0.1", 1, subscribe=False)
     with pytest.raises(AnnounceRefused) as info:
         reg.announce(H2, "10.0.0.1", 1, subscribe=False)
-    assert info.value.status == STATUS_NOT_ALLOWED and H2.hex() in info.value.message
+    assert info.value.status == TrackerStatus.NOT_ALLOWED and H2.hex() in info.value.message
     assert reg.swarm(H2) is None
 
 

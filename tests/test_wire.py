@@ -289,3 +289,41 @@ def test_fast_paths_agree_with_the_dataclasses() -> None:
     record = PeerRecord("10.0.0.1", 6666, (1 << 32) + 5, True).encode()
     assert wire.pack_peer_key(bytes([10, 0, 0, 1]), 6666) + wire.pack_peer_record_tail((1 << 32) + 5, True) == record
     assert len(wire.pack_peer_key(bytes(4), 0)) == wire.PEER_KEY_SIZE
+
+
+def test_tracker_request_fast_paths_agree_with_the_dataclass() -> None:
+    h = bytes(range(32))
+    request = TrackerRequest(TrackerCommand.LIST, h, "10.0.0.1", 6666).encode()
+    head, cascade_hash, key = wire.split_tracker_request(request + b"trailing")
+    assert head == wire.tracker_request_header(TrackerCommand.LIST)
+    assert head == wire.pack_tracker_request_header(b"CASC", 1, 1, 38) == request[:16]
+    assert (cascade_hash, key) == (h, wire.pack_peer_key(bytes([10, 0, 0, 1]), 6666))
+    assert not wire.is_any_ip_key(key)
+    anywhere = TrackerRequest(TrackerCommand.SUBSCRIBE, h, "0.0.0.0", 6666).encode()
+    _, _, key = wire.split_tracker_request(anywhere)
+    assert wire.is_any_ip_key(key)
+    assert wire.with_key_ip(key, bytes([127, 0, 0, 5])) == wire.pack_peer_key(bytes([127, 0, 0, 5]), 6666)
+    # Wrong field values are packed as given, for conformance tests.
+    bad = wire.pack_tracker_request_header(b"CASX", 2, 3, 0xFFFFFFFF)
+    assert bad == b"CASX" + bytes.fromhex("00000002 00000003 ffffffff")
+    with pytest.raises(ProtocolError, match="magic"):
+        TrackerRequest.check_header(bad)
+
+
+def test_tracker_status_codes() -> None:
+    assert [int(s) for s in wire.TrackerStatus] == [0, 1, 2, 3, 4]
+    for status in list(wire.TrackerStatus)[1:]:
+        assert TrackerError(status, "x").encode()[:1] == bytes([status])
+
+
+@pytest.mark.parametrize("text", ["ab" * 32, "AB" * 32, "0123456789abcdefABCDEF" * 2 + "00" * 10])
+def test_parse_hex_hash_accepts_64_hex_digits(text: str) -> None:
+    assert wire.parse_hex_hash(text) == bytes.fromhex(text)
+
+
+@pytest.mark.parametrize(
+    "text", ["ab" * 31, "ab" * 33, "zz" * 32, " " + "ab" * 31 + "a", "ab" * 31 + "a ", "", None, 7]
+)
+def test_parse_hex_hash_rejects_anything_else(text: object) -> None:
+    with pytest.raises(ProtocolError, match="64 hex digits"):
+        wire.parse_hex_hash(text)

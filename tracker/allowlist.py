@@ -9,17 +9,11 @@ skipped.
 from __future__ import annotations
 
 import os
-import string
 from pathlib import Path
 
-from cascade.errors import CascadeError, UsageError, from_os_error
+from cascade.errors import CascadeError, ProtocolError, UsageError, from_os_error
 from cascade.metafile import read_cascade
-
-_HEX = frozenset(string.hexdigits)
-
-
-def _is_hex_hash(text: str) -> bool:
-    return len(text) == 64 and all(c in _HEX for c in text)
+from cascade.wire import parse_hex_hash
 
 
 def load_allow_file(path: str | os.PathLike[str]) -> frozenset[bytes]:
@@ -37,9 +31,11 @@ def load_allow_file(path: str | os.PathLike[str]) -> frozenset[bytes]:
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
-        if _is_hex_hash(line):
-            hashes.add(bytes.fromhex(line))
+        try:
+            hashes.add(parse_hex_hash(line))
             continue
+        except ProtocolError:
+            pass  # not a hash: a .cascade path
         candidate = Path(line)
         if not candidate.is_absolute() and not candidate.exists():
             candidate = p.parent / candidate

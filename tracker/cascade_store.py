@@ -24,9 +24,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cascade.errors import BadRequest, MetafileError
+from cascade.errors import BadRequest, MetafileError, ProtocolError
 from cascade.errors import StoreFull as StoreFull  # its old home; the class lives in the tree
-from cascade.metafile import HASH_SIZE, parse_cascade
+from cascade.metafile import parse_cascade
+from cascade.wire import parse_hex_hash
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +71,6 @@ def check_name(name: str) -> str:
     return name
 
 
-def parse_hex_hash(text: str) -> bytes:
-    """64 hex digits -> 32 bytes; raises :class:`BadRequest`."""
-    if len(text) != 2 * HASH_SIZE or not all(c in "0123456789abcdefABCDEF" for c in text):
-        raise BadRequest(f"a cascade hash is {2 * HASH_SIZE} hex digits")
-    return bytes.fromhex(text)
-
-
 class CascadeStore:
     """The stored ``.cascade`` files, behind one lock.
 
@@ -117,7 +111,7 @@ class CascadeStore:
                 cf = parse_cascade(data, path.name)
                 if cf.cascade_hash != cascade_hash:
                     raise MetafileError("its bytes do not hash to its name")
-            except (BadRequest, OSError, MetafileError) as exc:
+            except (ProtocolError, OSError, MetafileError) as exc:
                 log.warning("skipping stored file %s: %s", path.name, exc)
                 continue
             name = self._read_name(cascade_hash)

@@ -54,13 +54,13 @@ from aiohttp.http import HttpVersion, HttpVersion10, HttpVersion11, RawRequestMe
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
-from cascade.errors import BadRequest, MetafileError, StartError, UsageError, from_os_error
+from cascade.errors import BadRequest, MetafileError, ProtocolError, StartError, UsageError, from_os_error
 from cascade.metafile import parse_cascade
-from cascade.wire import PeerRecord
+from cascade.wire import PeerRecord, TrackerStatus, parse_hex_hash
 from tracker import metrics
-from tracker.cascade_store import CascadeStore, StoredCascade, StoreFull, check_name, parse_hex_hash
+from tracker.cascade_store import CascadeStore, StoredCascade, StoreFull, check_name
 from tracker.store import CascadeFiles, StoreUnavailable, SwarmStore
-from tracker.swarms import STATUS_BAD_REQUEST, STATUS_NOT_ALLOWED, AnnounceRefused, SwarmSummary
+from tracker.swarms import AnnounceRefused, SwarmSummary
 
 log = logging.getLogger(__name__)
 
@@ -544,7 +544,7 @@ class TrackerHttpServer:
         try:
             h, ip, port, action = _parse_announce(call.body)
         except _HttpError:
-            self.registry.count_request("http", "invalid", STATUS_BAD_REQUEST)
+            self.registry.count_request("http", "invalid", TrackerStatus.BAD_REQUEST)
             raise
         if ip == "0.0.0.0":
             ip = call.remote
@@ -554,7 +554,7 @@ class TrackerHttpServer:
                 return _json(200, {"peers": []})
             peers = self.registry.announce(h, ip, port, action == "subscribe", protocol="http")
         except AnnounceRefused as exc:
-            code = 403 if exc.status == STATUS_NOT_ALLOWED else 503
+            code = 403 if exc.status == TrackerStatus.NOT_ALLOWED else 503
             return _json(code, {"error": exc.message, "status": exc.status})
         except BadRequest as exc:  # e.g. a source address that is not IPv4
             raise _HttpError(400, str(exc)) from exc
@@ -611,7 +611,7 @@ class TrackerHttpServer:
     def _download(self, call: _Call) -> _Reply:
         try:
             h = parse_hex_hash(call.params[0])
-        except BadRequest as exc:
+        except ProtocolError as exc:
             raise _HttpError(404, f"no such file: {call.params[0][:80]!r} is not a cascade hash") from exc
         data = self.store.read(h)
         if data is None:
@@ -723,7 +723,7 @@ def _stored_json(e: StoredCascade) -> dict[str, object]:
 def _hash_param(text: str) -> bytes:
     try:
         return parse_hex_hash(text)
-    except BadRequest as exc:
+    except ProtocolError as exc:
         raise _HttpError(400, f"invalid cascade hash {text[:80]!r}: {exc}") from exc
 
 

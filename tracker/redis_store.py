@@ -49,7 +49,7 @@ from redis.retry import Retry
 
 from cascade.errors import BadRequest, MetafileError, StartError, StoreUnavailable, UsageError
 from cascade.metafile import parse_cascade
-from cascade.wire import HASH_SIZE, PeerRecord
+from cascade.wire import HASH_SIZE, PeerRecord, TrackerStatus
 from tracker.cascade_store import (
     DEFAULT_MAX_FILE_SIZE,
     DEFAULT_MAX_TOTAL_SIZE,
@@ -58,8 +58,6 @@ from tracker.cascade_store import (
     check_name,
 )
 from tracker.swarms import (
-    STATUS_FULL,
-    STATUS_NOT_ALLOWED,
     AnnounceRefused,
     Counters,
     SwarmLimits,
@@ -402,10 +400,10 @@ class RedisSwarmStore:
             status, value = self._call(lambda: self._evalsha(keys, args))
         if status == 0:
             return bytes(value)
-        if status == STATUS_NOT_ALLOWED:
-            raise AnnounceRefused(STATUS_NOT_ALLOWED, f"cascade hash {cascade_hash.hex()} is not tracked here")
-        if status == STATUS_FULL:
-            raise AnnounceRefused(STATUS_FULL, f"tracker full: {value} swarms")
+        if status == TrackerStatus.NOT_ALLOWED:
+            raise AnnounceRefused(TrackerStatus.NOT_ALLOWED, f"cascade hash {cascade_hash.hex()} is not tracked here")
+        if status == TrackerStatus.FULL:
+            raise AnnounceRefused(TrackerStatus.FULL, f"tracker full: {value} swarms")
         raise StoreUnavailable("the allow list could not be written to redis; try again later")
 
     def _evalsha(self, keys: list[str], args: list[Any]) -> Any:

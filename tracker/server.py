@@ -28,7 +28,6 @@ import errno
 import logging
 import select
 import socket
-import struct
 import threading
 import time
 from collections import deque
@@ -36,24 +35,25 @@ from dataclasses import dataclass
 
 from cascade.errors import ProtocolError
 from cascade.wire import (
-    TRACKER_BODY_LENGTH,
+    PEER_RECORD_SIZE,
     TRACKER_HEADER_SIZE,
-    TRACKER_MAGIC,
     TRACKER_REQUEST_SIZE,
-    TRACKER_VERSION,
     TrackerCommand,
     TrackerRequest,
+    TrackerStatus,
+    is_any_ip_key,
+    pack_tracker_reply_header,
+    split_tracker_request,
+    tracker_request_header,
+    with_key_ip,
 )
-from tracker.store import STATUS_UNAVAILABLE, StoreUnavailable, SwarmStore
-from tracker.swarms import STATUS_BAD_REQUEST, STATUS_FULL, STATUS_INTERNAL, AnnounceRefused
+from tracker.store import StoreUnavailable, SwarmStore
+from tracker.swarms import AnnounceRefused
 
 log = logging.getLogger(__name__)
 
-_REPLY_HEADER = struct.Struct(">BI")
-_HEADER = struct.Struct(">4sIII")
-_LIST_HEADER = _HEADER.pack(TRACKER_MAGIC, TRACKER_VERSION, TrackerCommand.LIST, TRACKER_BODY_LENGTH)
-_SUBSCRIBE_HEADER = _HEADER.pack(TRACKER_MAGIC, TRACKER_VERSION, TrackerCommand.SUBSCRIBE, TRACKER_BODY_LENGTH)
-_ANY_IP = bytes(4)
+_LIST_HEADER = tracker_request_header(TrackerCommand.LIST)
+_SUBSCRIBE_HEADER = tracker_request_header(TrackerCommand.SUBSCRIBE)
 _EPOLLEXCLUSIVE = getattr(select, "EPOLLEXCLUSIVE", 0)
 _DONTWAIT = socket.MSG_DONTWAIT
 _ACCEPT_BATCH = 64  # connections taken per wake-up; arbitrary, keeps other events flowing
@@ -84,7 +84,7 @@ class ServerConfig:
 
 def error_reply(status: int, message: str) -> bytes:
     body = message.encode("utf-8")
-    return _REPLY_HEADER.pack(status, len(body)) + body
+    return pack_tracker_reply_header(status, len(body)) + body
 
 
 class _Conn:
@@ -176,17 +176,15 @@ class TrackerServer:
 
     def _reply(self, data: bytes, ip: str) -> bytes:
         """The whole reply to one 54-byte request received from ``ip``."""
-        head = data[:TRACKER_HEADER_SIZE]
+        head, cascade_hash, key = split_tracker_request(data)
         if head == _LIST_HEADER:
             subscribe = False
         elif head == _SUBSCRIBE_HEADER:
             subscribe = True
         else:
             return self._bad_header(head, ip)
-        cascade_hash = data[16:48]
-        key = data[48:54]
-        if key[:4] == _ANY_IP:
-            key = socket.inet_aton(ip) + key[4:]
+        if is_any_ip_key(key):
+            key = with_key_ip(key, socket.inet_aton(ip))
         try:
             body = self.registry.announce_packed(cascade_hash, key, subscribe)
         except AnnounceRefused as exc:
@@ -194,20 +192,20 @@ class TrackerServer:
                 log.info("%s refused: %s", ip, exc.message)
             return error_reply(exc.status, exc.message)
         except StoreUnavailable as exc:  # Redis is down: the store logged it once; answer at once
-            return error_reply(STATUS_UNAVAILABLE, str(exc))
+            return error_reply(TrackerStatus.UNAVAILABLE, str(exc))
         except Exception:  # a bug must cost one request, not the worker
             self.registry.count_error("internal")
             log.exception("tracker: request from %s failed", ip)
-            return error_reply(STATUS_INTERNAL, "internal tracker error")
+            return error_reply(TrackerStatus.INTERNAL, "internal tracker error")
         if self._verbose:
             log.debug(
                 "%s %s %s -> %d peers",
                 ip,
                 "subscribe" if subscribe else "list",
                 cascade_hash.hex()[:16],
-                len(body) // 12,
+                len(body) // PEER_RECORD_SIZE,
             )
-        return _REPLY_HEADER.pack(0, len(body)) + body
+        return pack_tracker_reply_header(TrackerStatus.OK, len(body)) + body
 
     def _bad_header(self, head: bytes, ip: str) -> bytes:
         try:
@@ -215,10 +213,10 @@ class TrackerServer:
             message = "malformed request"  # unreachable: a valid header matched above
         except ProtocolError as exc:
             message = str(exc)
-        self.registry.count_request("tcp", "invalid", STATUS_BAD_REQUEST)
+        self.registry.count_request("tcp", "invalid", TrackerStatus.BAD_REQUEST)
         if self._verbose:
             log.info("%s bad request: %s", ip, message)
-        return error_reply(STATUS_BAD_REQUEST, message)
+        return error_reply(TrackerStatus.BAD_REQUEST, message)
 
     def _partial_header_error(self, buf: bytes, ip: str) -> bytes | None:
         """The error reply if the header fields received so far (whole 4-byte fields) are already wrong."""
@@ -327,7 +325,7 @@ class TrackerServer:
         if full:
             self.registry.count_error("too_many_connections")
             with contextlib.suppress(OSError):
-                sock.send(error_reply(STATUS_FULL, "too many connections, try again later"), _DONTWAIT)
+                sock.send(error_reply(TrackerStatus.FULL, "too many connections, try again later"), _DONTWAIT)
             sock.close()
             return None
         conn = _Conn(sock, ip, data, time.monotonic() + self.config.read_timeout)
@@ -454,9 +452,9 @@ class TrackerServer:
             self._fail(conn, bad, loop)
 
     def _short(self, conn: _Conn) -> bytes:
-        self.registry.count_request("tcp", "invalid", STATUS_BAD_REQUEST)
+        self.registry.count_request("tcp", "invalid", TrackerStatus.BAD_REQUEST)
         return error_reply(
-            STATUS_BAD_REQUEST, f"tracker request is {len(conn.buf)} bytes, expected {TRACKER_REQUEST_SIZE}"
+            TrackerStatus.BAD_REQUEST, f"tracker request is {len(conn.buf)} bytes, expected {TRACKER_REQUEST_SIZE}"
         )
 
     def _expire(self, conn: _Conn, loop: _Loop) -> None:

@@ -20,7 +20,7 @@ Backends, chosen with ``tracker run --store SPEC``:
 
 One conformance suite (``tests/test_store_conformance.py``) runs against all
 three. A backend that cannot reach its storage raises :class:`StoreUnavailable`
-from any method; the binary front end answers :data:`STATUS_UNAVAILABLE`, the
+from any method; the binary front end answers ``TrackerStatus.UNAVAILABLE``, the
 HTTP front end 503.
 """
 
@@ -36,9 +36,6 @@ from cascade.errors import UsageError, from_os_error
 from cascade.wire import PeerRecord
 from tracker.cascade_store import CascadeStore, StoredCascade
 from tracker.swarms import Counters, SwarmLimits, SwarmRegistry, SwarmSummary
-
-# A tracker-reply status (PROTOCOL.md only says "non-zero"); 1..4 live in tracker.swarms.
-STATUS_UNAVAILABLE = 5
 
 
 class SwarmStore(Protocol):

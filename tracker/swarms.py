@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import ipaddress
 import random
-import struct
 import threading
 import time
 from collections import Counter, OrderedDict
@@ -38,19 +37,17 @@ from dataclasses import dataclass
 
 from cascade.errors import AnnounceRefused as AnnounceRefused  # its old home; the class lives in the tree
 from cascade.errors import BadRequest
-from cascade.wire import HASH_SIZE, PeerRecord
+from cascade.wire import (
+    HASH_SIZE,
+    PEER_KEY_SIZE,
+    PEER_RECORD_SIZE,
+    PeerRecord,
+    TrackerStatus,
+    pack_peer_key,
+    pack_peer_record_tail,
+)
 
 Clock = Callable[[], float]
-
-KEY_SIZE = 6  # IPv4 (4) + port (2): the first bytes of a peer record
-_TAIL = struct.Struct(">IBB")  # last seen, good flag, reserved
-_KEY = struct.Struct(">4sH")
-
-# Error statuses of a tracker reply (PROTOCOL.md only says "non-zero").
-STATUS_BAD_REQUEST = 1
-STATUS_NOT_ALLOWED = 2
-STATUS_FULL = 3
-STATUS_INTERNAL = 4  # a bug in the tracker; logged
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +102,7 @@ def peer_key(ip: str, port: int) -> bytes:
         packed = ipaddress.IPv4Address(ip).packed
     except ValueError as exc:
         raise BadRequest(str(exc)) from exc
-    return _KEY.pack(packed, port)
+    return pack_peer_key(packed, port)
 
 
 def decode_record(record: bytes) -> PeerRecord:
@@ -256,7 +253,7 @@ class SwarmRegistry:
         if source_ip is not None and ip == "0.0.0.0":
             ip = source_ip
         body = self.announce_packed(cascade_hash, peer_key(ip, port), subscribe, protocol)
-        return [decode_record(body[i : i + 12]) for i in range(0, len(body), 12)]
+        return [decode_record(body[i : i + PEER_RECORD_SIZE]) for i in range(0, len(body), PEER_RECORD_SIZE)]
 
     def announce_packed(self, cascade_hash: bytes, key: bytes, subscribe: bool, protocol: str = "tcp") -> bytes:
         """The hot path of :meth:`announce`: a 6-byte key in, the packed reply body out.
@@ -271,13 +268,15 @@ class SwarmRegistry:
             sw = swarms.get(cascade_hash)
             if sw is None:
                 if self._allowed is not None and cascade_hash not in self._allowed:
-                    self._requests[(protocol, command, STATUS_NOT_ALLOWED)] += 1
-                    raise AnnounceRefused(STATUS_NOT_ALLOWED, f"cascade hash {cascade_hash.hex()} is not tracked here")
+                    self._requests[(protocol, command, TrackerStatus.NOT_ALLOWED)] += 1
+                    raise AnnounceRefused(
+                        TrackerStatus.NOT_ALLOWED, f"cascade hash {cascade_hash.hex()} is not tracked here"
+                    )
                 self._sweep(now, 4)
                 if len(swarms) >= limits.max_swarms:
-                    self._requests[(protocol, command, STATUS_FULL)] += 1
+                    self._requests[(protocol, command, TrackerStatus.FULL)] += 1
                     self._errors["swarms_full"] += 1
-                    raise AnnounceRefused(STATUS_FULL, f"tracker full: {len(swarms)} swarms")
+                    raise AnnounceRefused(TrackerStatus.FULL, f"tracker full: {len(swarms)} swarms")
                 sw = swarms[cascade_hash] = _Swarm(now)
             else:
                 swarms.move_to_end(cascade_hash)
@@ -289,8 +288,7 @@ class SwarmRegistry:
 
             second = int(now)
             if second != self._tail_second:
-                s32 = second & 0xFFFFFFFF
-                self._tails = (_TAIL.pack(s32, 0, 0), _TAIL.pack(s32, 1, 0))
+                self._tails = (pack_peer_record_tail(second, False), pack_peer_record_tail(second, True))
                 self._tail_second = second
             good_tail = self._tails[1]
 
@@ -317,9 +315,9 @@ class SwarmRegistry:
                     if self._peer_count >= limits.max_total_peers:
                         if not seen:
                             del swarms[cascade_hash]
-                        self._requests[(protocol, command, STATUS_FULL)] += 1
+                        self._requests[(protocol, command, TrackerStatus.FULL)] += 1
                         self._errors["peers_full"] += 1
-                        raise AnnounceRefused(STATUS_FULL, f"tracker full: {self._peer_count} peers")
+                        raise AnnounceRefused(TrackerStatus.FULL, f"tracker full: {self._peer_count} peers")
                 seen[key] = now
                 self._peer_count += 1
                 if subscribe:
@@ -478,7 +476,7 @@ class SwarmRegistry:
         valid = [
             (float(last), bytes(h), bytes(k), bool(g))
             for h, k, last, g in rows
-            if len(h) == HASH_SIZE and len(k) == KEY_SIZE and last >= cutoff and self.is_allowed(bytes(h))
+            if len(h) == HASH_SIZE and len(k) == PEER_KEY_SIZE and last >= cutoff and self.is_allowed(bytes(h))
         ]
         valid.sort()
         loaded = 0
@@ -496,7 +494,7 @@ class SwarmRegistry:
                 self._swarms.move_to_end(h)
                 sw.last_activity = max(sw.last_activity, last)
                 sw.seen[k] = last
-                (sw.good if g else sw.plain).add(k, k + _TAIL.pack(int(last) & 0xFFFFFFFF, int(g), 0), self._rnd)
+                (sw.good if g else sw.plain).add(k, k + pack_peer_record_tail(int(last), g), self._rnd)
                 self._peer_count += 1
                 loaded += 1
         return loaded
