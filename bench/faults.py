@@ -49,7 +49,7 @@ from cascade.metafile import CascadeFile, parse_cascade
 from cascade.wire import BLOCK_MAGIC, BlockResponseReader
 from peer.fetcher import Fetcher, FetchPolicy
 from peer.localdata import check_data, create_metafile
-from peer.server import BlockServer
+from peer.server import BlockServer, BlockServerConfig
 from peer.storage import BlockStore
 from tests.doubles import Swarm, last_json
 from tests.hostile import BEHAVIOURS, PROTOCOL_BREAKERS, black_holes, fetch_beside
@@ -244,7 +244,7 @@ def part_hostile(work: Path, sizes: Sizes) -> dict[str, Any]:
 @contextlib.contextmanager
 def honest_seeder(data: Path, cf: CascadeFile, rate: int | None) -> Iterator[BlockServer]:
     store = BlockStore.open_for_seeding(cf, data)
-    server = BlockServer("127.0.0.1", 0, upload_rate=rate)
+    server = BlockServer("127.0.0.1", 0, BlockServerConfig(upload_rate=rate))
     server.add_store(store)
     server.start()
     try:

@@ -15,7 +15,9 @@ from typing import Any
 
 from cascade import __version__
 from cascade.command import EXIT_OK, OneLineErrorParser, run_command
-from peer.common import DEFAULT_ANNOUNCE_INTERVAL, DEFAULT_FETCH_TIMEOUT, DEFAULT_LISTEN
+from peer.common import DEFAULT_ANNOUNCE_INTERVAL, DEFAULT_FETCH_TIMEOUT, DEFAULT_LISTEN, BlockServerConfig
+
+_SERVER = BlockServerConfig()
 
 
 def positive_seconds(text: str) -> float:
@@ -69,9 +71,9 @@ def _add_seed_parser(subparsers: Any) -> None:
     p.add_argument(
         "--idle-timeout",
         type=positive_seconds,
-        default=30.0,
+        default=_SERVER.idle_timeout,
         metavar="SECONDS",
-        help="close connections idle this long (default 30)",
+        help="close connections idle this long (default %(default)g)",
     )
     p.add_argument(
         "--announce-interval",

@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from types import FrameType
 
 from cascade.addresses import is_specific_ipv4
@@ -26,6 +27,39 @@ DEFAULT_LISTEN = "0.0.0.0:6666"
 DEFAULT_ANNOUNCE_INTERVAL = 60.0
 # peer fetch gives up when no block arrives for this long.
 DEFAULT_FETCH_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class BlockServerConfig:
+    """The block server's limits and timeouts (peer/server.py); the defaults live here and only here.
+
+    Raises :class:`ValueError` for a limit below 1 or a timeout that is not above 0.
+    """
+
+    # Worker threads answering requests. Arbitrary: enough to keep two cores busy
+    # while some workers wait on sendfile; idle connections cost no thread.
+    max_workers: int = 32
+    # Open connections; at the cap the longest-quiet one makes room. Arbitrary, far
+    # below the default 1024 descriptors.
+    max_connections: int = 512
+    # Whole-process upload limit in bytes per second; None (or 0, as ``--max-upload-rate 0`` says): no limit.
+    upload_rate: int | None = None
+    # A connection quiet between requests (or not taking its reply) is closed after this long.
+    idle_timeout: float = 30.0
+    # A request must arrive whole this long after its first byte (or after the connect).
+    # Arbitrary, in the range haproxy and nginx deployments use (5-60 s): a real client
+    # sends its 64 bytes in one segment, so only a slowloris client ever needs more.
+    header_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.max_workers < 1 or self.max_connections < 1:
+            raise ValueError("max_workers and max_connections must be positive")
+        if not (self.idle_timeout > 0 and self.header_timeout > 0):
+            raise ValueError("idle_timeout and header_timeout must be above 0")
+        if self.upload_rate is not None and self.upload_rate < 0:
+            raise ValueError("upload_rate must not be negative (None or 0 for no limit)")
+
+
 # The block server's per-request lines (one or more per block served). A busy
 # fetcher serves while it downloads, so these come only with -vv.
 REQUEST_LOGGER = "peer.server.requests"

@@ -34,7 +34,7 @@ from peer.common import DEFAULT_LISTEN, Interrupted, StopSignal, announce_ip, se
 from peer.fetcher import Fetcher, FetchPolicy, FetchResult, PeerInfo, Progress
 from peer.localdata import DataCheck, check_data
 from peer.ratelimit import parse_rate
-from peer.server import BlockServer
+from peer.server import BlockServer, BlockServerConfig
 from peer.storage import BlockStore
 from peer.tracker_client import announce, parse_tracker
 
@@ -109,14 +109,14 @@ def _fetch(args: argparse.Namespace, stop: StopSignal) -> int:
     except CascadeError as exc:
         raise _Failed(str(exc), code=exit_code(exc)) from exc
 
-    server = BlockServer(host, port, upload_rate=upload_rate)
+    server = BlockServer(host, port, BlockServerConfig(upload_rate=upload_rate))
     try:
         server.start()
     except OSError as exc:
         if listen_given or exc.errno != errno.EADDRINUSE:
             raise _Failed(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
         # The default port is taken (a seeder on this machine): any free port will do.
-        server = BlockServer(host, 0, upload_rate=upload_rate)
+        server = BlockServer(host, 0, BlockServerConfig(upload_rate=upload_rate))
         server.start()
     session = _Session(tracker, cf, my_ip)
     store: BlockStore | None = None

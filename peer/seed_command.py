@@ -19,7 +19,7 @@ from peer.announcer import Announcer
 from peer.common import Interrupted, StopSignal, announce_ip, setup_logging
 from peer.datawatch import DataWatcher
 from peer.localdata import check_data
-from peer.server import BlockServer
+from peer.server import BlockServer, BlockServerConfig
 from peer.storage import BlockStore, disk_signature
 from peer.tracker_client import parse_tracker
 
@@ -41,13 +41,13 @@ def parse_rate(text: str | None) -> int | None:
     return rate or None
 
 
-def bind_server(listen: str, upload_rate: int | None = None, idle_timeout: float = 30.0) -> BlockServer:
+def bind_server(listen: str, config: BlockServerConfig) -> BlockServer:
     """Start a :class:`BlockServer` on ``--listen`` (``HOST:PORT``, default host 0.0.0.0).
 
     Raises :class:`UsageError` for a bad address and :class:`StartError` when binding fails.
     """
     host, port = parse_hostport(listen, "listen address", default_host="0.0.0.0")
-    server = BlockServer(host, port, upload_rate=upload_rate, idle_timeout=idle_timeout)
+    server = BlockServer(host, port, config)
     try:
         server.start()
     except OSError as exc:
@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     # Bind first, so a taken port fails at once, not after minutes of hashing. The
     # listening line comes once every file is verified and served: a client that
     # waits for it never meets a seeder that does not know its files yet.
-    server = bind_server(args.listen, rate, args.idle_timeout)
+    server = bind_server(args.listen, BlockServerConfig(upload_rate=rate, idle_timeout=args.idle_timeout))
     announcer = Announcer(tracker, ip, server.address[1], interval=args.announce_interval)
 
     def changed(store: BlockStore, before: int, after: int) -> None:

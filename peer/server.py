@@ -3,11 +3,13 @@
 Shape: one selector thread and a bounded pool of worker threads.
 
 - The selector thread owns the listening socket and every *idle* connection.
-  It waits on epoll, accepts new connections, and hands a connection that has
-  bytes to read to the pool. Holding hundreds of idle kept-open connections
+  It waits on epoll, accepts new connections (or adopts one handed over by
+  :meth:`BlockServer.serve_connection`, the same way), and hands a connection
+  that has bytes to read to the pool. Holding hundreds of idle kept-open connections
   costs a file descriptor each, not a thread. It also closes connections that
   stay idle for longer than ``idle_timeout``, or half-sent for longer than
-  ``header_timeout``.
+  ``header_timeout`` (both in :class:`BlockServerConfig`, measured on the
+  injectable clock, so tests advance virtual time instead of sleeping).
 - A worker reads whatever the connection has, answers every whole 64-byte
   request in order, and keeps going while more requests are already waiting.
   When the connection goes quiet it re-arms it on epoll (one-shot, so exactly
@@ -60,6 +62,7 @@ from cascade.wire import (
     unpack_block_request_from,
 )
 from peer.common import REQUEST_LOGGER
+from peer.common import BlockServerConfig as BlockServerConfig  # the policy is passed with the server
 from peer.ratelimit import TokenBucket
 from peer.storage import BlockStore
 
@@ -83,11 +86,6 @@ LINGER_SECONDS = 2.0
 FAIR_SHARE = 64
 # The selector wakes at least this often to close idle connections.
 SWEEP_INTERVAL = 0.25
-# How long a request may take to arrive whole, from its first byte (or from
-# the connect, for the first request). Arbitrary, in the range haproxy and
-# nginx deployments use (5-60 s): a real client sends its 64 bytes in one
-# segment, so only a slowloris client ever needs more than a round trip.
-HEADER_TIMEOUT = 10.0
 # At the connection cap, one scan of the open connections picks this many
 # eviction victims, oldest first, so a flood of newcomers costs a scan per
 # batch rather than per accept. Arbitrary.
@@ -188,30 +186,31 @@ class BlockServer:
     ``start`` binds and returns at once; ``address`` is the real bound
     address; ``stop`` closes everything within ``timeout`` seconds. Stores may
     gain blocks while they are served: every request checks ``store.has``.
-    ``idle_timeout`` closes a connection quiet between requests (or not taking
-    its reply); ``header_timeout`` one whose request does not arrive whole.
+    ``config`` holds the limits and timeouts. ``clock`` (seconds, monotonic)
+    times the connections' deadlines and, with ``sleep``, the upload limit:
+    tests pass virtual ones. :meth:`serve_connection` serves an
+    already-connected socket, so a test needs no port.
     """
 
     def __init__(
         self,
         host: str,
         port: int,
+        config: BlockServerConfig | None = None,
         *,
-        max_workers: int = 32,
-        max_connections: int = 512,
-        upload_rate: int | None = None,
-        idle_timeout: float = 30.0,
-        header_timeout: float = HEADER_TIMEOUT,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], bool] | None = None,
     ) -> None:
-        if max_workers < 1 or max_connections < 1:
-            raise ValueError("max_workers and max_connections must be positive")
+        cfg = config or BlockServerConfig()
+        self.config = cfg
         self._host = host
         self._port = port
-        self.max_workers = max_workers
-        self.max_connections = max_connections
-        self.idle_timeout = idle_timeout
-        self.header_timeout = min(header_timeout, idle_timeout)
-        self._limiter = TokenBucket(upload_rate) if upload_rate else None
+        self._clock = clock
+        self.max_workers = cfg.max_workers
+        self.max_connections = cfg.max_connections
+        self.idle_timeout = cfg.idle_timeout
+        self.header_timeout = min(cfg.header_timeout, cfg.idle_timeout)
+        self._limiter = TokenBucket(cfg.upload_rate, clock=clock, sleep=sleep) if cfg.upload_rate else None
         self._served: dict[bytes, _Served] = {}
         self._conns: dict[int, _Conn] = {}
         # Held while a worker hands a connection back to the selector (``idle``
@@ -222,6 +221,8 @@ class BlockServer:
         # Eviction candidates, oldest last (selector thread only).
         self._victims: list[tuple[float, _Conn]] = []
         self._jobs: queue.SimpleQueue[_Conn | None] = queue.SimpleQueue()
+        # Sockets handed over by serve_connection, adopted by the selector thread.
+        self._adopt: queue.SimpleQueue[tuple[socket.socket, str, str]] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
         self._listener: socket.socket | None = None
@@ -268,25 +269,32 @@ class BlockServer:
             raise RuntimeError("BlockServer.address is known only after start()")
         return self._address
 
-    def start(self) -> None:
-        """Bind, listen and start the selector and worker threads; raises ``OSError`` if binding fails."""
-        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
-        listener = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind((self._host, self._port))
-            listener.listen(min(self.max_connections, socket.SOMAXCONN))
-            listener.setblocking(False)
-        except OSError:
-            listener.close()
-            raise
-        self._listener = listener
-        bound = listener.getsockname()
-        self._address = (str(bound[0]), int(bound[1]))
+    def start(self, listen: bool = True) -> None:
+        """Bind, listen and start the selector and worker threads; raises ``OSError`` if binding fails.
+
+        With ``listen=False`` nothing is bound: connections come only through
+        :meth:`serve_connection` (the socketpair tests).
+        """
+        listener = None
+        if listen:
+            family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
+            listener = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                listener.bind((self._host, self._port))
+                listener.listen(min(self.max_connections, socket.SOMAXCONN))
+                listener.setblocking(False)
+            except OSError:
+                listener.close()
+                raise
+            self._listener = listener
+            bound = listener.getsockname()
+            self._address = (str(bound[0]), int(bound[1]))
         self._debug = request_log.isEnabledFor(logging.DEBUG)
         self._wake_r.setblocking(False)
         ep = select.epoll()
-        ep.register(listener.fileno(), select.EPOLLIN)
+        if listener is not None:
+            ep.register(listener.fileno(), select.EPOLLIN)
         ep.register(self._wake_r.fileno(), select.EPOLLIN)
         self._epoll = ep
         threads = [threading.Thread(target=self._selector_loop, name="peer-selector", daemon=True)]
@@ -297,6 +305,19 @@ class BlockServer:
         self._threads = threads
         for t in threads:
             t.start()
+
+    def serve_connection(self, sock: socket.socket, host: str = "local", name: str = "") -> None:
+        """Serve ``sock``, already connected, exactly as if it had just been accepted.
+
+        The selector thread adopts it (limits and eviction included) and owns
+        it from then on: the caller must not use it again. ``host`` and
+        ``name`` label it in the logs and in the per-host eviction share.
+        Call after :meth:`start`; raises ``RuntimeError`` once stopping.
+        """
+        if self._stopping.is_set() or self._epoll is None:
+            raise RuntimeError("BlockServer.serve_connection needs a started, running server")
+        self._adopt.put((sock, host, name or f"{host}:fd{sock.fileno()}"))
+        self._wake_w.send(b"x")
 
     def stop(self, timeout: float = 1.5) -> None:
         """Stop accepting, drop every connection and join the threads (at most ``timeout`` s)."""
@@ -317,6 +338,8 @@ class BlockServer:
         deadline = time.monotonic() + timeout
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
+        while not self._adopt.empty():  # handed over too late to be adopted
+            self._adopt.get_nowait()[0].close()
         if self._listener is not None:
             self._listener.close()
         if self._epoll is not None and not any(t.is_alive() for t in self._threads):
@@ -345,21 +368,25 @@ class BlockServer:
                         elif fd == wake_fd:
                             with contextlib.suppress(OSError):
                                 self._wake_r.recv(64)
+                            self._adopt_handed_over()
                         else:
                             self._dispatch(fd)
                     except Exception:
                         # One broken connection must not take the server down with it.
                         log.exception("block server: error handling a connection event")
+                # The sweep runs on real time; the deadlines it checks are on the injectable clock.
                 now = time.monotonic()
                 if now >= next_sweep:
                     next_sweep = now + SWEEP_INTERVAL
-                    self._sweep(now)
+                    self._sweep(self._clock())
         except Exception:
             log.exception("block server selector failed; no longer accepting connections")
         finally:
             for conn in list(self._conns.values()):
                 if conn.idle:
                     self._close(conn)
+            while not self._adopt.empty():
+                self._adopt.get_nowait()[0].close()
 
     def _dispatch(self, fd: int) -> None:
         conn = self._conns.get(fd)
@@ -384,26 +411,34 @@ class BlockServer:
                 self._stopping.wait(0.05)
                 return
             host = str(addr[0])
-            name = f"{host}:{addr[1]}"
-            now = time.monotonic()
-            if len(self._conns) >= self.max_connections and not self._evict():
-                # Every slot is in a worker's hands right now: nothing idle to give up.
-                if self._debug:
-                    request_log.debug("%s: refused, %d connections open and busy", name, len(self._conns))
-                sock.close()
-                continue
-            sock.setblocking(False)
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = _Conn(sock, host, name, now, now + self.header_timeout)
-            self._conns[conn.fd] = conn
-            try:
-                self._epoll.register(conn.fd, _ONESHOT_IN)
-            except OSError:
-                self._close(conn)
-                continue
+            self._take(sock, host, f"{host}:{addr[1]}")
+
+    def _adopt_handed_over(self) -> None:
+        while not self._adopt.empty():
+            self._take(*self._adopt.get_nowait())
+
+    def _take(self, sock: socket.socket, host: str, name: str) -> None:
+        """Make a new connection ours (selector thread only): room at the cap, then its first deadline."""
+        assert self._epoll is not None
+        now = self._clock()
+        if len(self._conns) >= self.max_connections and not self._evict():
+            # Every slot is in a worker's hands right now: nothing idle to give up.
             if self._debug:
-                request_log.debug("%s: connected", name)
+                request_log.debug("%s: refused, %d connections open and busy", name, len(self._conns))
+            sock.close()
+            return
+        sock.setblocking(False)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = _Conn(sock, host, name, now, now + self.header_timeout)
+        self._conns[conn.fd] = conn
+        try:
+            self._epoll.register(conn.fd, _ONESHOT_IN)
+        except OSError:
+            self._close(conn)
+            return
+        if self._debug:
+            request_log.debug("%s: connected", name)
 
     def _drain(self, conn: _Conn) -> None:
         """Read and discard what a closing client still sends, until it closes too.
@@ -511,7 +546,7 @@ class BlockServer:
             sock.shutdown(socket.SHUT_WR)
         conn.draining = True
         conn.buf = b""
-        conn.deadline = time.monotonic() + LINGER_SECONDS
+        conn.deadline = self._clock() + LINGER_SECONDS
         self._rearm(conn)
 
     # --- workers ---------------------------------------------------------------
@@ -544,10 +579,11 @@ class BlockServer:
             if not conn.out_keep:
                 self._close_after_reply(conn)
                 return
-            conn.active = now = time.monotonic()
+            conn.active = now = self._clock()
             conn.deadline = now + self.idle_timeout
         sock = conn.sock
         buf = conn.buf
+        clock = self._clock
         answered = 0
         while True:
             pos = 0
@@ -561,7 +597,7 @@ class BlockServer:
                 if not conn.out_keep:
                     self._close_after_reply(conn)
                     return
-                conn.active = now = time.monotonic()
+                conn.active = now = clock()
                 conn.deadline = now + self.idle_timeout
                 conn.partial_since = 0.0
                 answered += 1
@@ -586,7 +622,7 @@ class BlockServer:
                 raise _Close
             buf = buf + data if buf else data
         conn.buf = buf
-        now = time.monotonic()
+        now = clock()
         if buf:
             # Half a request: the rest must come within header_timeout of its first byte.
             if not conn.partial_since:
@@ -725,7 +761,7 @@ class BlockServer:
             return True
         if self._stopping.is_set():
             raise _Close
-        conn.deadline = time.monotonic() + self.idle_timeout
+        conn.deadline = self._clock() + self.idle_timeout
         if self._debug:
             request_log.debug("%s: slow reader, %d bytes of the reply wait for room", conn.name, conn.out_left)
         self._rearm(conn, _ONESHOT_OUT)

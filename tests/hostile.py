@@ -25,7 +25,7 @@ from cascade.metafile import CascadeFile
 from cascade.wire import BLOCK_REQUEST_SIZE, BlockRequest, BlockResponseHeader, PeerList, PeerRecord
 from peer.fetcher import Fetcher, FetchPolicy, FetchResult, Progress
 from peer.localdata import check_data
-from peer.server import BlockServer
+from peer.server import BlockServer, BlockServerConfig
 from peer.storage import BlockStore
 
 # How a behaviour answers one request: (conn, index, the block's right bytes, stop event,
@@ -227,7 +227,7 @@ def fetch_beside(
     what :meth:`Fetcher.run` raises when the fetch fails.
     """
     seed_store = BlockStore.open_for_seeding(cf, data)
-    honest = BlockServer("127.0.0.1", 0, max_workers=2, upload_rate=honest_rate)
+    honest = BlockServer("127.0.0.1", 0, BlockServerConfig(max_workers=2, upload_rate=honest_rate))
     honest.add_store(seed_store)
     hostile = HostileServer(behaviour, cf, data, pace).start()
     try:

@@ -20,7 +20,7 @@ from cascade.errors import CascadeTimeout
 from cascade.metafile import CascadeFile
 from peer.fetcher import Fetcher, FetchPolicy, FetchResult, PeerInfo
 from peer.localdata import check_data
-from peer.server import BlockServer
+from peer.server import BlockServer, BlockServerConfig
 from peer.storage import BlockStore
 from tests.doubles import (
     DoubleServer,
@@ -41,7 +41,7 @@ BOUND = FetchPolicy(stall_timeout=20.0)
 @contextlib.contextmanager
 def honest_seeder(cf: CascadeFile, data: Path) -> Iterator[tuple[str, int]]:
     store = BlockStore.open_for_seeding(cf, data)
-    server = BlockServer("127.0.0.1", 0, max_workers=2)
+    server = BlockServer("127.0.0.1", 0, BlockServerConfig(max_workers=2))
     try:
         server.add_store(store)
         server.start()

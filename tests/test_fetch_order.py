@@ -13,7 +13,7 @@ import pytest
 from cascade.metafile import CascadeFile
 from peer.fetcher import Fetcher, FetchPolicy, _Peer, _Scheduler
 from peer.localdata import check_data
-from peer.server import BlockServer
+from peer.server import BlockServer, BlockServerConfig
 from peer.storage import BlockStore
 from tests.doubles import make_file, sha256_file
 
@@ -28,7 +28,7 @@ def seeders(cf: CascadeFile, data: Path, n: int) -> Iterator[list[tuple[str, int
         for _ in range(n):
             store = BlockStore.open_for_seeding(cf, data)
             stack.callback(store.close)
-            server = BlockServer("127.0.0.1", 0, max_workers=2)
+            server = BlockServer("127.0.0.1", 0, BlockServerConfig(max_workers=2))
             server.add_store(store)
             server.start()
             stack.callback(server.stop)

@@ -25,7 +25,7 @@ from cascade.errors import CascadeError
 from cascade.wire import BLOCK_MAGIC, BlockResponse
 from peer.fetcher import Fetcher, FetchPolicy
 from peer.localdata import check_data
-from peer.server import BlockServer
+from peer.server import BlockServer, BlockServerConfig
 from peer.storage import BlockStore
 from tests.doubles import make_file, sha256_file
 from tests.hostile import black_holes
@@ -38,7 +38,7 @@ TIMEOUT = 5.0  # seconds a real request may wait for its answer: far above what 
 def test_two_thousand_dead_peers_do_not_starve_a_fetch(tmp_path: Path) -> None:
     _, cf = make_file(tmp_path, "d.bin", 1 << 20, 64 << 10, seed=31)
     seed_store = BlockStore.open_for_seeding(cf, tmp_path / "d.bin")
-    honest = BlockServer("127.0.0.1", 0, max_workers=2)
+    honest = BlockServer("127.0.0.1", 0, BlockServerConfig(max_workers=2))
     honest.add_store(seed_store)
     out = tmp_path / "out.bin"
     rng = random.Random(31)

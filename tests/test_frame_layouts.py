@@ -85,7 +85,7 @@ def test_the_scan_sees_struct_calls_in_every_spelling() -> None:
 
 def test_the_exceptions_are_still_there() -> None:
     """An allowance that no longer matches anything is stale: drop it, so it cannot hide a new use."""
-    seen = set()
+    seen: set[tuple[str, str]] = set()
     for rel, _ in NOT_WIRE | KNOWN_OFFENDERS:
         path = ROOT / rel
         if path.exists():

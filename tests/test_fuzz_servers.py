@@ -39,7 +39,7 @@ from cascade.wire import (
     TrackerRequest,
     decode_tracker_reply,
 )
-from peer.server import BlockServer
+from peer.server import BlockServer, BlockServerConfig
 from peer.storage import BlockStore
 from tests.doubles import make_file
 from tracker.cascade_store import CascadeStore
@@ -127,7 +127,7 @@ def seeder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seeder]:
     data = (folder / "d.bin").read_bytes()
     blocks = [data[cf.block_offset(i) : cf.block_offset(i) + cf.block_length(i)] for i in range(cf.block_count)]
     store = BlockStore.open_for_seeding(cf, folder / "d.bin")
-    server = BlockServer("127.0.0.1", 0, max_workers=2, idle_timeout=2.0)
+    server = BlockServer("127.0.0.1", 0, BlockServerConfig(max_workers=2, idle_timeout=2.0))
     server.add_store(store)
     with errors_logged("peer.server") as errors:
         server.start()

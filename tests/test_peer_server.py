@@ -18,13 +18,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from cascade.metafile import CascadeFile, parse_cascade
 from cascade.wire import BLOCK_RESPONSE_HEADER_SIZE, BlockRequest, unpack_block_response_header_from
 from peer.localdata import check_data, create_metafile
-from peer.server import BlockServer
+from peer.server import BlockServer, BlockServerConfig
 from peer.storage import BlockStore
 from tests.procs import Proc
 
@@ -35,10 +36,13 @@ TIMEOUT = 10.0
 
 
 @contextlib.contextmanager
-def serving(store: BlockStore, **limits: int) -> Iterator[BlockServer]:
-    """An in-process BlockServer on 127.0.0.1 serving ``store``; stops it, then closes the store."""
+def serving(store: BlockStore, **limits: Any) -> Iterator[BlockServer]:
+    """An in-process BlockServer on 127.0.0.1 serving ``store``; stops it, then closes the store.
+
+    ``limits`` are :class:`BlockServerConfig` fields.
+    """
     try:
-        server = BlockServer("127.0.0.1", 0, **limits)
+        server = BlockServer("127.0.0.1", 0, BlockServerConfig(**limits))
         try:
             server.add_store(store)
             server.start()
@@ -479,7 +483,7 @@ def test_blocks_written_while_serving_become_available(tmp_path: Path) -> None:
 def test_stop_is_quick_with_a_client_that_does_not_read(tmp_path: Path) -> None:
     s = make_sample(tmp_path, "stall.bin", 4 << 20, 1 << 20, seed=7)
     store = BlockStore.open_for_seeding(s.cf, s.data_path)
-    server = BlockServer("127.0.0.1", 0, max_workers=2)
+    server = BlockServer("127.0.0.1", 0, BlockServerConfig(max_workers=2))
     server.add_store(store)
     server.start()
     try:

@@ -108,7 +108,7 @@ def test_a_kept_open_client_survives_a_flood_from_another_address(sample: Sample
 
 def test_a_request_trickled_byte_by_byte_is_cut_off_at_the_header_timeout(sample: Sample) -> None:
     store = BlockStore.open_for_seeding(sample.cf, sample.data_path)
-    with serving(store, max_workers=2, header_timeout=0.3) as server:  # type: ignore[arg-type]
+    with serving(store, max_workers=2, header_timeout=0.3) as server:
         port = server.address[1]
         raw = req(0, sample.cf.cascade_hash)
         closed = False
@@ -131,7 +131,7 @@ def test_a_request_trickled_byte_by_byte_is_cut_off_at_the_header_timeout(sample
 def test_a_kept_open_connection_may_idle_longer_than_the_header_timeout(sample: Sample) -> None:
     store = BlockStore.open_for_seeding(sample.cf, sample.data_path)
     with (
-        serving(store, max_workers=2, header_timeout=0.2) as server,  # type: ignore[arg-type]
+        serving(store, max_workers=2, header_timeout=0.2) as server,
         connect(server.address[1]) as sock,
     ):
         sock.sendall(req(0, sample.cf.cascade_hash, keep=True))

@@ -9,6 +9,9 @@ usually succeeds), answers and closes. A client that sends slowly is parked
 in the worker's epoll set with a read deadline, so an idle or slow client
 never holds a worker, and idle connections cost nothing but a file
 descriptor. ``max_connections`` caps the parked ones.
+:meth:`TrackerServer.serve_connection` hands an already-connected socket to a
+worker, which takes it exactly as an accepted one: the socketpair tests use it,
+with an injected clock for the read deadline.
 
 Why not ``socketserver.ThreadingTCPServer``: a thread per connection tops out
 well below 10,000 requests/s in CPython on two cores, and an idle client
@@ -26,11 +29,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import queue
 import select
 import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cascade.errors import ProtocolError
@@ -122,10 +127,22 @@ class _Loop:
 class TrackerServer:
     """Serves a :class:`~tracker.store.SwarmStore` over the binary protocol until :meth:`shutdown`."""
 
-    def __init__(self, registry: SwarmStore, config: ServerConfig | None = None) -> None:
+    def __init__(
+        self,
+        registry: SwarmStore,
+        config: ServerConfig | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``clock`` (monotonic seconds) times the read deadlines; tests pass a virtual one."""
         self.registry = registry
         self.config = config or ServerConfig()
+        self._clock = clock
         self._sock: socket.socket | None = None
+        # Sockets handed over by serve_connection; the wake socket tells a worker to take them.
+        self._handed: queue.SimpleQueue[tuple[socket.socket, str]] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
         self._held = 0
@@ -152,7 +169,7 @@ class TrackerServer:
         return cfg.host, sock.getsockname()[1]
 
     def start(self) -> None:
-        """Start the workers (after :meth:`bind`)."""
+        """Start the workers (after :meth:`bind`, or without it to serve only :meth:`serve_connection`)."""
         for i in range(max(1, self.config.workers)):
             t = threading.Thread(target=self._worker, args=(i,), name=f"tracker-worker-{i}", daemon=True)
             t.start()
@@ -163,6 +180,18 @@ class TrackerServer:
         """True while at least one worker runs (they only stop on shutdown, or on a logged bug)."""
         return any(t.is_alive() for t in self._threads)
 
+    def serve_connection(self, sock: socket.socket, ip: str = "127.0.0.1") -> None:
+        """Serve ``sock``, already connected, exactly as an accepted connection from ``ip``.
+
+        A worker takes it over (the caller must not use it again). ``ip`` is
+        the source address (it replaces an announced 0.0.0.0). Call after
+        :meth:`start`; raises ``RuntimeError`` once shutting down.
+        """
+        if self._stopping.is_set() or not self._threads:
+            raise RuntimeError("TrackerServer.serve_connection needs a started, running server")
+        self._handed.put((sock, ip))
+        self._wake_w.send(b"x")
+
     def shutdown(self, timeout: float = 1.5) -> None:
         """Stop accepting, let parked connections finish (briefly), then close everything."""
         self._stopping.set()
@@ -171,6 +200,11 @@ class TrackerServer:
             t.join(max(0.0, deadline - time.monotonic()))
         if self._sock is not None:
             self._sock.close()
+        while not self._handed.empty():  # handed over too late to be taken
+            self._handed.get_nowait()[0].close()
+        if not self.alive:
+            self._wake_r.close()
+            self._wake_w.close()
 
     # --- the request itself -----------------------------------------------
 
@@ -232,30 +266,40 @@ class TrackerServer:
     # --- the event loop -----------------------------------------------------
 
     def _worker(self, index: int) -> None:
-        assert self._sock is not None
         lsock = self._sock
-        lfd = lsock.fileno()
+        lfd = lsock.fileno() if lsock is not None else -1
+        wfd = self._wake_r.fileno()
+        clock = self._clock
         loop = _Loop()
         ep, conns, timeouts = loop.ep, loop.conns, loop.timeouts
-        ep.register(lfd, select.EPOLLIN | _EPOLLEXCLUSIVE)
+        if lsock is not None:
+            ep.register(lfd, select.EPOLLIN | _EPOLLEXCLUSIVE)
+        ep.register(wfd, select.EPOLLIN | _EPOLLEXCLUSIVE)
         listening = True
         stop_at = 0.0
+        # Shutdown and the registry sweep run on real time; read deadlines on ``clock``.
         next_sweep = time.monotonic() + 1.0
         try:
             while True:
-                now = time.monotonic()
+                real = time.monotonic()
                 if listening and self._stopping.is_set():
-                    ep.unregister(lfd)
+                    if lsock is not None:
+                        ep.unregister(lfd)
+                    ep.unregister(wfd)
                     listening = False
-                    stop_at = now + self.config.shutdown_grace
-                if not listening and (not conns or now >= stop_at):
+                    stop_at = real + self.config.shutdown_grace
+                if not listening and (not conns or real >= stop_at):
                     break
                 wait = _POLL_CAP
                 if timeouts:
-                    wait = min(wait, max(0.0, timeouts[0][0] - now))
+                    wait = min(wait, max(0.0, timeouts[0][0] - clock()))
                 for fd, events in ep.poll(wait, _MAX_EVENTS):
                     if fd == lfd:
+                        assert lsock is not None
                         self._accept(lsock, loop)
+                        continue
+                    if fd == wfd:
+                        self._take_handed(loop)
                         continue
                     conn = conns.get(fd)
                     if conn is None:
@@ -266,13 +310,14 @@ class TrackerServer:
                         self.registry.count_error("internal")
                         log.exception("tracker: request from %s failed", conn.ip)
                         self._close(conn, loop)
-                now = time.monotonic()
+                now = clock()
                 while timeouts and timeouts[0][0] <= now:
                     _, conn = timeouts.popleft()
                     if conns.get(conn.sock.fileno()) is conn:
                         self._expire(conn, loop)
-                if index == 0 and now >= next_sweep:
-                    next_sweep = now + 1.0
+                real = time.monotonic()
+                if index == 0 and real >= next_sweep:
+                    next_sweep = real + 1.0
                     self.registry.sweep()
         except Exception:  # a bug must not kill the process silently; log it and let the others serve
             log.exception("tracker worker %d crashed", index)
@@ -294,28 +339,42 @@ class TrackerServer:
                     time.sleep(0.05)  # let connections close instead of spinning on a full table
                     return
                 continue  # e.g. ECONNABORTED: that client is gone
-            ip = addr[0]
-            data: bytes | None
+            self._take(sock, addr[0], loop)
+
+    def _take_handed(self, loop: _Loop) -> None:
+        with contextlib.suppress(OSError):
+            self._wake_r.recv(64)
+        while True:
             try:
-                data = sock.recv(_PROBE_SIZE, _DONTWAIT)
-            except BlockingIOError:
-                data = None
-            except OSError:
-                sock.close()
-                continue
-            if data is None:
-                self._park(sock, ip, b"", loop)
-            elif len(data) >= TRACKER_REQUEST_SIZE:
-                trailing = len(data) > TRACKER_REQUEST_SIZE
-                self._send_and_close(sock, self._reply(data, ip), trailing, loop, ip)
-            elif not data:  # closed before sending anything
-                sock.close()
-            else:
-                conn = self._park(sock, ip, data, loop)
-                if conn is not None:
-                    bad = self._partial_header_error(data, ip)
-                    if bad is not None:
-                        self._fail(conn, bad, loop)
+                sock, ip = self._handed.get_nowait()
+            except queue.Empty:
+                return
+            sock.setblocking(False)
+            self._take(sock, ip, loop)
+
+    def _take(self, sock: socket.socket, ip: str, loop: _Loop) -> None:
+        """A new connection: answer at once if its request is already in, else park it."""
+        data: bytes | None
+        try:
+            data = sock.recv(_PROBE_SIZE, _DONTWAIT)
+        except BlockingIOError:
+            data = None
+        except OSError:
+            sock.close()
+            return
+        if data is None:
+            self._park(sock, ip, b"", loop)
+        elif len(data) >= TRACKER_REQUEST_SIZE:
+            trailing = len(data) > TRACKER_REQUEST_SIZE
+            self._send_and_close(sock, self._reply(data, ip), trailing, loop, ip)
+        elif not data:  # closed before sending anything
+            sock.close()
+        else:
+            conn = self._park(sock, ip, data, loop)
+            if conn is not None:
+                bad = self._partial_header_error(data, ip)
+                if bad is not None:
+                    self._fail(conn, bad, loop)
 
     def _park(self, sock: socket.socket, ip: str, data: bytes, loop: _Loop) -> _Conn | None:
         with self._held_lock:
@@ -328,7 +387,7 @@ class TrackerServer:
                 sock.send(error_reply(TrackerStatus.FULL, "too many connections, try again later"), _DONTWAIT)
             sock.close()
             return None
-        conn = _Conn(sock, ip, data, time.monotonic() + self.config.read_timeout)
+        conn = _Conn(sock, ip, data, self._clock() + self.config.read_timeout)
         loop.conns[sock.fileno()] = conn
         loop.timeouts.append((conn.deadline, conn))
         loop.ep.register(sock.fileno(), select.EPOLLIN)
