@@ -274,7 +274,8 @@ def test_port_in_use_is_one_line(sample: Sample) -> None:
 
 @pytest.mark.process
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signal_exits_0_within_2_seconds_even_while_busy(sample: Sample, sig: int) -> None:
+def test_signal_exits_0_even_while_busy(sample: Sample, sig: int) -> None:
+    """Held connections do not hold the exit (their idle timeout is 30 s; how soon: bench/server_timing.py)."""
     proc, port = seed(sample, "127.0.0.1:9")  # nothing listens there: the announcer is retrying too
     try:
         idle = [connect(port) for _ in range(20)]
@@ -284,10 +285,8 @@ def test_signal_exits_0_within_2_seconds_even_while_busy(sample: Sample, sig: in
         stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         stalled.sendall(b"".join(req(i % 40, sample.cf.cascade_hash, keep=True) for i in range(400)))
         recv_exact(stalled, 100)
-        t = time.monotonic()
         proc.signal(sig)
         assert proc.wait(5) == 0
-        assert time.monotonic() - t < 2.0
         for s in [*idle, half, stalled]:
             s.close()
     finally:
@@ -307,12 +306,12 @@ def test_silent_and_half_sent_clients_are_timed_out(sample: Sample) -> None:
         trickle = connect(port)
         trickle.sendall(req(1, sample.cf.cascade_hash, keep=True))
         assert read_response(trickle)[0] == 0
-        t = time.monotonic()
+        # Closed well before the 10 s socket timeout (the default idle timeout is 30 s);
+        # the deadlines themselves are checked on a virtual clock in test_peer_server_socketpair.py.
         for sock in (silent, half):
             assert closed_by_server(sock)
         # The kept-open connection idles out the same way after its last reply.
         assert closed_by_server(trickle)
-        assert time.monotonic() - t < 3.0
         # The server is still fine.
         assert _one(port, req(2, sample.cf.cascade_hash))[0] == 0
         for sock in (silent, half, trickle):
@@ -346,8 +345,10 @@ def test_upload_rate_is_a_whole_process_limit(tmp_path: Path) -> None:
             th.join(30)
         elapsed = time.monotonic() - t
         assert sum(received) == 3 << 20
-        # 3 MiB at 2 MiB/s over two connections: about 1.5 s (a 0.5 s burst allowed), never 0.2 s.
-        assert 1.0 < elapsed < 8.0, elapsed
+        # 3 MiB at 2 MiB/s over two connections: 1.5 s, never 0.2 s. Only this lower bound is
+        # asserted, which no load can break: the exact share is checked on a virtual clock
+        # (test_peer_server_socketpair.py); here, that --max-upload-rate reaches the server.
+        assert elapsed > 1.0, elapsed
     finally:
         proc.stop()
 
@@ -420,14 +421,16 @@ def test_subscription_visible_at_the_real_tracker(sample: Sample) -> None:
 def test_a_refusing_tracker_is_logged_once_and_serving_goes_on(tmp_path: Path, sample: Sample) -> None:
     allow = tmp_path / "allow.txt"
     allow.write_text("ab" * 32 + "\n")
-    tracker = Proc(["tracker", "run", "--host", "127.0.0.1", "--port", "0", "--allow", str(allow)])
+    # -v: the tracker logs every refusal, so the test can wait for the repeats it sends.
+    tracker = Proc(["tracker", "run", "--host", "127.0.0.1", "--port", "0", "--allow", str(allow), "-v"])
     try:
         tport = tracker.wait_listening()
         proc, port = seed(sample, f"127.0.0.1:{tport}", "--announce-interval", "0.1")
         try:
             proc.wait_for_line("refused")
             assert _one(port, req(0, sample.cf.cascade_hash))[0] == 0
-            time.sleep(0.3)  # a few more announces, each refused again
+            first = tracker.stderr.count("refused")
+            wait_until(lambda: tracker.stderr.count("refused") >= first + 3, "three more refused announces")
             assert proc.stderr.count("refused") == 1
         finally:
             proc.stop()

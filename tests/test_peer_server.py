@@ -329,10 +329,8 @@ def test_a_client_flooding_garbage_is_cut_off_and_holds_nothing(seeder: tuple[Pr
     th = threading.Thread(target=pour, daemon=True)
     th.start()
     try:
-        for i in range(5):  # everyone else is served meanwhile
-            t = time.monotonic()
+        for i in range(5):  # everyone else is served meanwhile (how soon: bench/server_timing.py)
             assert request(port, req(i, sample.cf.cascade_hash))[0] == 0
-            assert time.monotonic() - t < 1.0
         th.join(TIMEOUT + 1)
         assert outcome == ["cut off"]
     finally:
@@ -492,14 +490,14 @@ def test_stop_is_quick_with_a_client_that_does_not_read(tmp_path: Path) -> None:
             sock.sendall(b"".join(req(i, s.cf.cascade_hash, keep=True) for i in range(4)))
             recv_exact(sock, 100)
             idle = [connect(server.address[1]) for _ in range(5)]
-            t = time.monotonic()
             server.stop(timeout=1.5)
-            assert time.monotonic() - t < 1.8
+            # stop() joins its threads for at most 1.5 s: all gone means all ended within it,
+            # however loaded the machine (the time itself: bench/server_timing.py).
+            assert not any(th.is_alive() for th in threading.enumerate() if th.name.startswith("peer-worker"))
             for c in idle:
                 c.close()
     finally:
         store.close()
-    assert not any(th.is_alive() for th in threading.enumerate() if th.name.startswith("peer-worker"))
 
 
 @pytest.mark.loopback
@@ -507,7 +505,9 @@ def test_slow_readers_do_not_hold_the_workers(tmp_path: Path) -> None:
     s = make_sample(tmp_path, "slow.bin", 16 << 20, 4 << 20, seed=10)
     store = BlockStore.open_for_seeding(s.cf, s.data_path)
     stalled: list[socket.socket] = []
-    with serving(store, max_workers=2) as server:
+    # An hour of idle timeout: a worker pinned by a stalled reader would stay pinned,
+    # so the answer below (before any of them reads) shows they were parked instead.
+    with serving(store, max_workers=2, idle_timeout=3600.0) as server:
         try:
             port = server.address[1]
             order = [0, 1, 2, 3]
@@ -515,10 +515,8 @@ def test_slow_readers_do_not_hold_the_workers(tmp_path: Path) -> None:
                 sock = connect(port)
                 sock.sendall(b"".join(req(i, s.cf.cascade_hash, keep=True) for i in order))
                 stalled.append(sock)
-            t = time.monotonic()
             status, body, _ = request(port, req(3, s.cf.cascade_hash))
             assert (status, body) == (0, block(s.data, s.cf, 3))
-            assert time.monotonic() - t < 2.0
             # Parked responses resume intact once their readers wake up.
             for sock in stalled:
                 for i in order:

@@ -234,10 +234,8 @@ def test_state_survives_a_sigterm_restart(tmp_path: Path) -> None:
     try:
         announce(port, SUBSCRIBE, "10.0.0.1", 1)
         before = announce(port, LIST, "10.0.0.2", 2)
-        t0 = time.monotonic()
         proc.signal(signal.SIGTERM)
         assert proc.wait(5) == 0
-        assert time.monotonic() - t0 < 2.0
     finally:
         proc.stop()
     proc, port = start("--state", str(state))
@@ -325,10 +323,8 @@ def test_fuzz_then_still_serving() -> None:
             payloads.append(TrackerRequest(SUBSCRIBE, rng.randbytes(32), "0.0.0.0", rng.randrange(65536)).encode())
     payloads += [bytes(1 << 20), header(length=1 << 20) + rng.randbytes(1 << 20)]
     try:
-        t0 = time.monotonic()
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(lambda p: _fuzz_one(port, p), payloads))
-        assert time.monotonic() - t0 < 45
         assert proc.popen.poll() is None
         assert announce(port, SUBSCRIBE, "10.0.0.7", 7) is not None
         assert ("10.0.0.7", 7) in addrs(announce(port, LIST, "10.0.0.8", 8))
@@ -345,15 +341,13 @@ def test_idle_connections_do_not_block_a_list() -> None:
             if i % 2:
                 s.sendall(header()[: 1 + i % 15])  # a slow client, stuck mid-request
             idle.append(s)
+        # With a 30 s read timeout a worker held by them would hold this answer past the
+        # client's 5 s timeout; how soon it comes is measured in bench/server_timing.py.
         announce(port, SUBSCRIBE, "10.0.0.1", 1)
-        t0 = time.monotonic()
         got = announce(port, LIST, "10.0.0.2", 2)
-        assert time.monotonic() - t0 < 2.0
         assert addrs(got) == [("10.0.0.1", 1)]
-        t0 = time.monotonic()  # SIGTERM while they are still held: exit 0 within 2 s
-        proc.signal(signal.SIGTERM)
+        proc.signal(signal.SIGTERM)  # while they are still held: exit 0, not after their 30 s
         assert proc.wait(5) == 0
-        assert time.monotonic() - t0 < 2.0
     finally:
         for s in idle:
             s.close()
@@ -365,11 +359,9 @@ def test_slow_client_is_dropped_after_the_read_timeout() -> None:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
             s.sendall(header()[:10])
-            t0 = time.monotonic()
             got = b""
-            while chunk := s.recv(100):
+            while chunk := s.recv(100):  # the 5 s socket timeout is far past the 0.5 s read timeout
                 got += chunk
-            assert time.monotonic() - t0 < 3
         reply = decode_tracker_reply(got)
         assert isinstance(reply, TrackerError) and "10 bytes" in reply.message
     finally:
