@@ -408,6 +408,11 @@ def with_key_ip(key: bytes, packed_ip: bytes) -> bytes:
     return packed_ip + key[4:]
 
 
+def peer_record_recency(record: bytes) -> bytes:
+    """A sort key for packed peer records: last seen (big-endian, so bytes sort as numbers), then the address."""
+    return record[PEER_KEY_SIZE : PEER_KEY_SIZE + 4] + record[:PEER_KEY_SIZE]
+
+
 def unpack_tracker_request_body_from(
     buf: bytes | bytearray | memoryview, pos: int = TRACKER_HEADER_SIZE
 ) -> tuple[bytes, bytes, int]:

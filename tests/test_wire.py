@@ -310,6 +310,15 @@ def test_tracker_request_fast_paths_agree_with_the_dataclass() -> None:
         TrackerRequest.check_header(bad)
 
 
+def test_peer_record_recency_sorts_by_last_seen_then_address() -> None:
+    records = [
+        PeerRecord(ip, port, seen, False)
+        for ip, port, seen in [("10.0.0.9", 1, 5), ("10.0.0.1", 9, 300), ("10.0.0.1", 2, 5)]
+    ]
+    ordered = sorted((r.encode() for r in records), key=wire.peer_record_recency)
+    assert [PeerRecord.decode(r) for r in ordered] == [records[2], records[0], records[1]]
+
+
 def test_tracker_status_codes() -> None:
     assert [int(s) for s in wire.TrackerStatus] == [0, 1, 2, 3, 4]
     for status in list(wire.TrackerStatus)[1:]:

@@ -45,6 +45,7 @@ from cascade.wire import (
     TrackerStatus,
     pack_peer_key,
     pack_peer_record_tail,
+    peer_record_recency,
 )
 
 Clock = Callable[[], float]
@@ -111,11 +112,6 @@ def decode_record(record: bytes) -> PeerRecord:
 
 # One swarm copied under the lock: hash, good records, other records, last activity.
 _Raw = tuple[bytes, list[bytes], list[bytes], float]
-
-
-def _recency(record: bytes) -> bytes:
-    """Sort key: last seen (bytes 6..10, big-endian), then the address, so ties are stable."""
-    return record[6:10] + record[:6]
 
 
 class _Group:
@@ -415,8 +411,8 @@ class SwarmRegistry:
     def _cook(raw: _Raw) -> SwarmSummary:
         cascade_hash, good, plain, last_activity = raw
         # most recently seen first: a record holds last-seen at bytes 6..10, big-endian
-        good.sort(key=_recency, reverse=True)
-        plain.sort(key=_recency, reverse=True)
+        good.sort(key=peer_record_recency, reverse=True)
+        plain.sort(key=peer_record_recency, reverse=True)
         peers = tuple(decode_record(r) for r in good + plain)
         return SwarmSummary(cascade_hash, len(good), len(plain), last_activity, peers)
 
