@@ -313,8 +313,26 @@ def test_silent_and_half_sent_clients_are_closed_after_the_header_timeout(served
     # The sweep that closed them saw the same time: a connection quiet *between*
     # requests is held to the idle timeout, not the header timeout.
     assert still_open(kept)
-    served.clock.advance(IDLE)
+    # Its idle deadline counts from when the worker finished the reply, which may be
+    # just after the jump above: one more second covers both.
+    served.clock.advance(IDLE + 1)
     assert closed(kept)
+
+
+def test_a_trickled_request_keeps_the_deadline_of_its_first_byte(served: Harness, sample: Sample) -> None:
+    """Slowloris: each byte in time, the whole never. A byte must not buy a fresh header timeout."""
+    raw = req(1, sample.cf.cascade_hash)
+    trickle = served.connect()
+    # Sockets are adopted in the order handed over: once this answer is in, the
+    # trickling one is the server's, its deadline set before any jump below.
+    assert served.request(raw)[0] == 0
+    for i in range(20):
+        try:
+            trickle.sendall(raw[i : i + 1])
+        except (BrokenPipeError, ConnectionResetError):
+            return  # closed by the server already: what this test wants
+        served.clock.advance(HEADER / 8)  # 2.5 header timeouts in all, never more than 1/8 between bytes
+    assert closed(trickle)
 
 
 def test_upload_rate_is_one_bucket_for_every_connection(tmp_path: Path) -> None:
