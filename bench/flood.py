@@ -34,7 +34,7 @@ from pathlib import Path
 from bench.data import make_file
 from bench.procs import Child
 from cascade.metafile import parse_cascade
-from cascade.wire import BLOCK_RESPONSE_HEADER_SIZE, BlockRequest, unpack_block_response_header_from
+from cascade.wire import BLOCK_RESPONSE_HEADER_SIZE, BlockRequest, BlockStatus, unpack_block_response_header_from
 from peer.localdata import create_metafile
 
 REAL_REQUESTS = 20
@@ -163,7 +163,7 @@ def _real_request(port: int, request: bytes, expected_length: int) -> float:
     with socket.create_connection(("127.0.0.1", port), timeout=REAL_TIMEOUT) as sock:
         sock.sendall(request)
         status, length = unpack_block_response_header_from(_recv_exact(sock, BLOCK_RESPONSE_HEADER_SIZE))
-        if status != 0 or length != expected_length:
+        if status != BlockStatus.OK or length != expected_length:
             raise EOFError(f"status {status}")
         _recv_exact(sock, length)
     return time.perf_counter() - t

@@ -394,7 +394,7 @@ class TrackerServer:
         return conn
 
     def _send_and_close(self, sock: socket.socket, reply: bytes, trailing: bool, loop: _Loop, ip: str) -> None:
-        if reply[0] != 0 or trailing:
+        if reply[0] != TrackerStatus.OK or trailing:  # the status byte leads every reply
             conn = self._park(sock, ip, b"", loop)
             if conn is not None:
                 self._fail(conn, reply, loop)
