@@ -6,7 +6,6 @@ import hashlib
 import json
 import ntpath
 import posixpath
-import struct
 import unicodedata
 from pathlib import Path
 from types import ModuleType
@@ -42,18 +41,23 @@ pytestmark = pytest.mark.unit
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
+def be(n: int, size: int) -> bytes:
+    """An unsigned big-endian field of ``size`` bytes, as both formats write every integer."""
+    return n.to_bytes(size, "big")
+
+
 def reference_cascade(data: bytes, block_size: int) -> bytes:
     """PROTOCOL.md section 1, written out independently of the code under test."""
-    header = b"CASCADE1" + bytes(8) + struct.pack(">QQ", len(data), block_size) + hashlib.sha256(data).digest()
+    header = b"CASCADE1" + bytes(8) + be(len(data), 8) + be(block_size, 8) + hashlib.sha256(data).digest()
     blocks = b"".join(hashlib.sha256(data[i : i + block_size]).digest() for i in range(0, len(data), block_size))
     return header + blocks
 
 
 def reference_collection(entries: list[tuple[bytes, bytes]], count: int | None = None, version: int = 1) -> bytes:
     """docs/collection-format.md, written out independently: entries of (UTF-8 path, .cascade bytes), as given."""
-    out = b"CASCCOLL" + struct.pack(">II", version, len(entries) if count is None else count)
+    out = b"CASCCOLL" + be(version, 4) + be(len(entries) if count is None else count, 4)
     for path, cascade in entries:
-        out += struct.pack(">H", len(path)) + path + struct.pack(">I", len(cascade)) + cascade
+        out += be(len(path), 2) + path + be(len(cascade), 4) + cascade
     return out
 
 
@@ -320,15 +324,15 @@ def test_serialize_refuses() -> None:
 
 
 def header(count: int, version: int = 1, magic: bytes = b"CASCCOLL") -> bytes:
-    return magic + struct.pack(">II", version, count)
+    return magic + be(version, 4) + be(count, 4)
 
 
 def member(path: bytes, cascade: bytes, cascade_length: int | None = None) -> bytes:
     n = len(cascade) if cascade_length is None else cascade_length
-    return struct.pack(">H", len(path)) + path + struct.pack(">I", n) + cascade
+    return be(len(path), 2) + path + be(n, 4) + cascade
 
 
-BAD_CASCADE = HELLO[:24] + struct.pack(">Q", 0) + HELLO[32:]  # block size 0
+BAD_CASCADE = HELLO[:24] + be(0, 8) + HELLO[32:]  # block size 0
 
 # (name, bytes, a phrase the error must contain)
 MALFORMED = [
@@ -350,7 +354,7 @@ MALFORMED = [
     ("path not UTF-8", header(1) + member(b"\xff\xfe", HELLO), "path b'\\xff\\xfe' is not valid UTF-8"),
     ("overlong UTF-8 slash", header(1) + member(b"a\xc0\xafb", HELLO), "not valid UTF-8"),
     ("UTF-8 of a surrogate", header(1) + member(b"\xed\xb2\x80", HELLO), "not valid UTF-8"),
-    ("path cut", header(1) + struct.pack(">H", 4000) + bytes(100), "truncated in its path (100 of 4000 bytes)"),
+    ("path cut", header(1) + be(4000, 2) + bytes(100), "truncated in its path (100 of 4000 bytes)"),
     ("cascade shorter than a header", header(1) + member(b"a", HELLO[:63]) + bytes(8), "outside 64.."),
     ("cascade length absurd", header(1) + member(b"a", bytes(66), MAX_METAFILE_SIZE + 1), "outside 64.."),
     ("cascade cut", header(1) + member(b"a", HELLO, 200), "truncated in its .cascade (128 of 200 bytes)"),
@@ -399,7 +403,7 @@ def test_every_single_byte_change_is_refused_or_changes_the_hash() -> None:
 
 def test_the_total_length_is_limited() -> None:
     # Two members of 2**50 - 1 bytes each in blocks of 1 GiB: each .cascade holds 2**20 hashes (32 MiB).
-    big = struct.pack(">QQ", (1 << 50) - 1, 1 << 30)
+    big = be((1 << 50) - 1, 8) + be(1 << 30, 8)
     cascade = b"CASCADE1" + bytes(8) + big + bytes(32) + bytes(32 << 20)
     raw = reference_collection([(b"a", cascade), (b"b", cascade)])
     with pytest.raises(CollectionError, match="more than the limit of 1125899906842624 bytes"):
