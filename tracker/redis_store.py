@@ -49,7 +49,7 @@ from redis.retry import Retry
 
 from cascade.errors import BadRequest, MetafileError, StartError, StoreUnavailable, UsageError
 from cascade.metafile import parse_cascade
-from cascade.wire import HASH_SIZE, PeerRecord, TrackerStatus
+from cascade.wire import HASH_SIZE, PEER_RECORD_SIZE, PeerRecord, TrackerStatus
 from tracker.cascade_store import (
     DEFAULT_MAX_FILE_SIZE,
     DEFAULT_MAX_TOTAL_SIZE,
@@ -366,7 +366,7 @@ class RedisSwarmStore:
         if source_ip is not None and ip == "0.0.0.0":
             ip = source_ip
         body = self.announce_packed(cascade_hash, peer_key(ip, port), subscribe, protocol)
-        return [decode_record(body[i : i + 12]) for i in range(0, len(body), 12)]
+        return [decode_record(body[i : i + PEER_RECORD_SIZE]) for i in range(0, len(body), PEER_RECORD_SIZE)]
 
     def announce_packed(self, cascade_hash: bytes, key: bytes, subscribe: bool, protocol: str = "tcp") -> bytes:
         """One round trip: the Lua script enrols, expires, samples and counts. Raises AnnounceRefused."""
