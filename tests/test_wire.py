@@ -320,7 +320,7 @@ def test_peer_record_recency_sorts_by_last_seen_then_address() -> None:
 
 
 def test_tracker_status_codes() -> None:
-    assert [int(s) for s in wire.TrackerStatus] == [0, 1, 2, 3, 4]
+    assert [int(s) for s in wire.TrackerStatus] == [0, 1, 2, 3, 4, 5]
     for status in list(wire.TrackerStatus)[1:]:
         assert TrackerError(status, "x").encode()[:1] == bytes([status])
 
