@@ -10,11 +10,13 @@ The client side is written from the spec (raw requests, byte-level checks).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import random
 import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -102,8 +104,10 @@ def still_open(sock: socket.socket) -> bool:
 
 
 @contextlib.contextmanager
-def harness(*stores: BlockStore, upload_rate: int | None = None) -> Iterator[Harness]:
-    h = Harness(BlockServerConfig(max_workers=2, idle_timeout=IDLE, header_timeout=HEADER, upload_rate=upload_rate))
+def harness(*stores: BlockStore, **overrides: Any) -> Iterator[Harness]:
+    """A started harness serving ``stores``; ``overrides`` are other :class:`BlockServerConfig` fields."""
+    config = BlockServerConfig(max_workers=2, idle_timeout=IDLE, header_timeout=HEADER)
+    h = Harness(dataclasses.replace(config, **overrides))
     try:
         for store in stores:
             h.server.add_store(store)
@@ -292,6 +296,29 @@ def test_blocks_written_while_serving_become_available(tmp_path: Path) -> None:
             assert store.write_block(2, block(s.data, s.cf, 2))
             sock.sendall(req(2, s.cf.cascade_hash, keep=True))
             assert read_response(sock) == (0, block(s.data, s.cf, 2))
+    finally:
+        store.close()
+
+
+def test_a_handed_over_socket_counts_against_the_connection_limit(sample: Sample) -> None:
+    """serve_connection takes a socket as accept does: at the cap, the longest-quiet connection makes room."""
+    store = BlockStore.open_for_seeding(sample.cf, sample.data_path)
+    h0 = sample.cf.cascade_hash
+    try:
+        # One worker: it hands `first` back to the selector before it serves `second`,
+        # so `first` is idle (a candidate) when the newcomer comes, whatever the load.
+        with harness(store, max_connections=2, max_workers=1) as h:
+            first, second = h.connect(), h.connect()
+            for sock in (first, second):  # each answered in turn, a second apart on the clock
+                sock.sendall(req(0, h0, keep=True))
+                assert read_response(sock)[0] == 0
+                h.clock.advance(1.0)
+            newcomer = h.connect()
+            newcomer.sendall(req(1, h0, keep=True))
+            assert read_response(newcomer) == (0, block(sample.data, sample.cf, 1))
+            assert closed(first)
+            second.sendall(req(2, h0, keep=True))
+            assert read_response(second) == (0, block(sample.data, sample.cf, 2))
     finally:
         store.close()
 
