@@ -33,7 +33,6 @@ SEED_RATE = "2M"
 PROGRESS = re.compile(r"^progress (\d+) (\d+)")
 WAIT = 30.0  # seconds any single wait may take before the test fails; far above what loopback needs
 
-
 def partial_files(out: Path) -> list[Path]:
     """Files a fetch of ``out`` may have left: ``out`` itself, or ``out.part`` and the like beside it."""
     # Any name holding out's (``d.bin.part``, ``.d.bin.part``, ``d.bin.partial``...): the folder holds nothing else.
