@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-CASE_ORDER = ("transfer", "swarm", "small", "tracker", "verify", "memory")
+CASE_ORDER = ("transfer", "swarm", "small", "tracker", "verify", "memory", "wan")
 RESULTS = Path(__file__).resolve().parent / "results.json"
 
 

@@ -5,7 +5,8 @@
     python -m bench --only transfer swarm --no-write
 
 Each result prints as one JSON line; each target prints PASS or MISS.
-Cases: transfer, swarm, small, tracker, verify, memory (see BENCHMARKS.md for what each compares).
+Cases: transfer, swarm, small, tracker, verify, memory, wan (see BENCHMARKS.md for what each compares;
+wan needs root and builds emulated LAN hosts, see bench/wan.py).
 Data goes to a temporary folder (``--tmp``), removed at the end; every process is
 stopped by its PID; everything listens on 127.0.0.1 only.
 """
@@ -30,7 +31,7 @@ from bench import cascade_swarm as cs
 from bench.data import GiB, MiB, loadavg, machine, make_file, sha256_file, tmp_free_bytes
 from bench.procs import BenchError, Group, free_port
 
-CASES = ("transfer", "swarm", "small", "tracker", "verify", "memory")
+CASES = ("transfer", "swarm", "small", "tracker", "verify", "memory", "wan")
 FETCH_TIMEOUT = 600.0
 
 
@@ -463,6 +464,18 @@ class Bench:
         self.emit(r)
         if not self.plan.quick or size != self.plan.swarm_size:
             self.drop(size)
+
+    def wan(self) -> None:
+        """The swarm on emulated hosts with shaped uploads (bench/wan.py; skipped without root)."""
+        from bench import wan
+
+        opts = wan.Options.quick() if self.plan.quick else wan.Options(runs=self.plan.repeat)
+        for row in wan.run(opts, self.work / "wan"):
+            values = {k: v for k, v in row.items() if k not in ("scenario", "tool", "title", "errors", "plot")}
+            r = Result("wan", f"{row['scenario']} {row['tool']}", values, note="; ".join(row["errors"]))
+            for name, ok, detail in wan.targets(row):
+                r.target(f"wan {row['scenario']} {name}", ok, detail)
+            self.results.append(r)  # wan.run printed the row and its targets already
 
     def memory(self) -> None:
         size = self.plan.memory_fetch_size
