@@ -1,7 +1,7 @@
 """The swarm on emulated LAN hosts, where each host's upload is the limit (issue 11).
 
     python -m bench.wan                        # 4 scenarios x 3 runs, Cascade (256 KiB and 1 MiB), libtorrent, HTTP
-    python -m bench.wan --quick                # smoke test: scenario 8x40, 1 run, 8 MiB
+    python -m bench.wan --quick                # smoke test: scenario 8x40, 1 run, 8 MiB, no plot kept
     python -m bench.wan --scenario 8x40 --runs 1 --tools cascade,libtorrent --json out.json
     python -m bench --only wan                 # the same with the defaults, as a case of the whole bench
 
@@ -110,10 +110,11 @@ class Options:
     block_sizes: tuple[int, ...] = (256 * 1024, MiB)
     tools: tuple[str, ...] = TOOLS
     plot: bool = True
+    plot_to_docs: bool = True  # False: the plots go to the temporary folder (a smoke test keeps docs/ as is)
 
     @classmethod
     def quick(cls) -> Options:
-        return cls(runs=1, size=8 * MiB, scenarios=("8x40",))
+        return cls(runs=1, size=8 * MiB, scenarios=("8x40",), plot_to_docs=False)
 
 
 @dataclass
@@ -461,10 +462,11 @@ class Wan:
             if self.opts.plot and rounds:
                 from bench.wan_plot import plot_scenario
 
-                path = DOCS / f"wan-{sc.name}.svg"
+                path = (DOCS if self.opts.plot_to_docs else self.work) / f"wan-{sc.name}.svg"
                 plot_scenario(path, sc, self.opts.size, rounds[0])
-                for row in rows:
-                    row["plot"] = str(path.relative_to(REPO))
+                if self.opts.plot_to_docs:
+                    for row in rows:
+                        row["plot"] = str(path.relative_to(REPO))
             yield from rows
 
 
