@@ -1,12 +1,16 @@
-"""One libtorrent peer per process, on 127.0.0.1 only (the BitTorrent baseline).
+"""One libtorrent peer per process, on 127.0.0.1 unless told otherwise (the BitTorrent baseline).
 
-``mktorrent DATA OUT [TRACKER_URL]``: a v1 .torrent made by libtorrent itself (v1 so aria2 can use it too).
-``seed TORRENT DIR PORT``: check DATA in DIR, then print ``lt listening on 127.0.0.1:PORT`` and seed.
-``fetch TORRENT DIR PORT PEER_PORT,...``: download, connecting to every listed port on 127.0.0.1;
-prints ``done WALLTIME`` once every piece is downloaded and hash-checked, then keeps seeding to the
-others until stopped (SIGTERM), as BitTorrent peers do.
+``mktorrent DATA OUT [TRACKER_URL|-] [PIECE_BYTES]``: a v1 .torrent made by libtorrent itself (v1 so
+aria2 can use it too); piece length libtorrent's default unless given.
+``seed TORRENT DIR PORT [HOST]``: check DATA in DIR, then print ``lt listening on HOST:PORT`` and seed.
+``fetch TORRENT DIR PORT PEERS [HOST]``: download, connecting to every peer in PEERS (comma-separated
+``PORT`` on 127.0.0.1 or ``IP:PORT``); prints ``verified WALLTIME`` once every piece is hash-checked
+and ``done WALLTIME`` once written out, then keeps seeding to the others until stopped (SIGTERM),
+as BitTorrent peers do.
 
-DHT, LSD, UPnP, NAT-PMP and uTP are off: TCP over loopback, nothing leaves the machine.
+HOST (default 127.0.0.1) is the address to listen on and connect from: ``bench/wan.py`` runs each
+peer in its own network namespace with a private address. DHT, LSD, UPnP, NAT-PMP and uTP are off:
+plain TCP to the listed peers only.
 """
 
 from __future__ import annotations
@@ -26,11 +30,14 @@ TIMEOUT = 300.0  # bound on any one run
 POLL = 0.005
 
 
-def session(port: int) -> Any:
+LOCAL = "127.0.0.1"
+
+
+def session(port: int, host: str = LOCAL) -> Any:
     return lt.session(
         {
-            "listen_interfaces": f"127.0.0.1:{port}",
-            "outgoing_interfaces": "127.0.0.1",
+            "listen_interfaces": f"{host}:{port}",
+            "outgoing_interfaces": host,
             "enable_dht": False,
             "enable_lsd": False,
             "enable_upnp": False,
@@ -43,10 +50,10 @@ def session(port: int) -> Any:
     )
 
 
-def make_torrent(data: str, out: str, tracker: str | None) -> None:
+def make_torrent(data: str, out: str, tracker: str | None, piece: int = 0) -> None:
     fs = lt.file_storage()
     lt.add_files(fs, data)
-    t = lt.create_torrent(fs, 0, flags=lt.create_torrent.v1_only)
+    t = lt.create_torrent(fs, piece, flags=lt.create_torrent.v1_only)
     if tracker:
         t.add_tracker(tracker)
     lt.set_piece_hashes(t, os.path.dirname(os.path.abspath(data)))
@@ -70,21 +77,30 @@ def wait_flushed(ses: Any, deadline: float) -> None:
     raise SystemExit("lt fetch: the disk cache was not flushed in time")
 
 
-def seed(torrent: str, save: str, port: int) -> None:
-    ses = session(port)
+def seed(torrent: str, save: str, port: int, host: str = LOCAL) -> None:
+    ses = session(port, host)
     handle = add(ses, torrent, save)
     deadline = time.monotonic() + TIMEOUT
     while not handle.status().is_seeding:
         if time.monotonic() > deadline:
             raise SystemExit("lt seed: data did not check as complete")
         time.sleep(POLL)
-    print(f"lt listening on 127.0.0.1:{ses.listen_port()}", file=sys.stderr, flush=True)
+    print(f"lt listening on {host}:{ses.listen_port()}", file=sys.stderr, flush=True)
     while time.monotonic() < deadline:
         time.sleep(0.1)
 
 
-def fetch(torrent: str, save: str, port: int, peers: list[int]) -> None:
-    ses = session(port)
+def parse_peers(text: str) -> list[tuple[str, int]]:
+    """``PORT`` (on 127.0.0.1) or ``IP:PORT``, comma-separated."""
+    peers = []
+    for item in filter(None, text.split(",")):
+        host, _, port = item.rpartition(":")
+        peers.append((host or LOCAL, int(port)))
+    return peers
+
+
+def fetch(torrent: str, save: str, port: int, peers: list[tuple[str, int]], host: str = LOCAL) -> None:
+    ses = session(port, host)
     handle = add(ses, torrent, save)
     deadline = time.monotonic() + TIMEOUT
     next_connect = 0.0
@@ -94,8 +110,8 @@ def fetch(torrent: str, save: str, port: int, peers: list[int]) -> None:
         if not done and now >= next_connect:
             # Peers started together may not listen yet: retry; libtorrent ignores duplicates.
             for p in peers:
-                if p != port:
-                    handle.connect_peer(("127.0.0.1", p))
+                if p != (host, port):
+                    handle.connect_peer(p)
             next_connect = now + 0.2
         if not done and handle.status().is_seeding:
             # Every piece passed its hash; count the time until it is written out too.
@@ -110,15 +126,17 @@ def fetch(torrent: str, save: str, port: int, peers: list[int]) -> None:
 
 def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
-    if argv[:1] == ["mktorrent"] and len(argv) in (3, 4):
-        make_torrent(argv[1], argv[2], argv[3] if len(argv) == 4 else None)
-    elif argv[:1] == ["seed"] and len(argv) == 4:
-        seed(argv[1], argv[2], int(argv[3]))
-    elif argv[:1] == ["fetch"] and len(argv) == 5:
-        fetch(argv[1], argv[2], int(argv[3]), [int(p) for p in argv[4].split(",") if p])
+    if argv[:1] == ["mktorrent"] and len(argv) in (3, 4, 5):
+        tracker = argv[3] if len(argv) >= 4 and argv[3] != "-" else None
+        make_torrent(argv[1], argv[2], tracker, int(argv[4]) if len(argv) == 5 else 0)
+    elif argv[:1] == ["seed"] and len(argv) in (4, 5):
+        seed(argv[1], argv[2], int(argv[3]), *argv[4:])
+    elif argv[:1] == ["fetch"] and len(argv) in (5, 6):
+        fetch(argv[1], argv[2], int(argv[3]), parse_peers(argv[4]), *argv[5:])
     else:
         print(
-            "usage: lt_peer mktorrent DATA OUT [TRACKER] | seed TORRENT DIR PORT | fetch TORRENT DIR PORT PEERS",
+            "usage: lt_peer mktorrent DATA OUT [TRACKER|-] [PIECE] | seed TORRENT DIR PORT [HOST]"
+            " | fetch TORRENT DIR PORT PEERS [HOST]",
             file=sys.stderr,
         )
         return 2

@@ -53,8 +53,8 @@ class Child:
         self.pid = self.popen.pid
 
     @classmethod
-    def python(cls, name: str, args: Sequence[str], logdir: Path) -> Child:
-        return cls(name, [sys.executable, *args], logdir)
+    def python(cls, name: str, args: Sequence[str], logdir: Path, netns: str | None = None) -> Child:
+        return cls(name, in_netns(netns, [sys.executable, *args]), logdir)
 
     @property
     def stdout(self) -> str:
@@ -141,8 +141,9 @@ class Group:
         self.logdir = logdir
         self.children: list[Child] = []
 
-    def python(self, name: str, args: Sequence[str]) -> Child:
-        child = Child.python(name, args, self.logdir)
+    def python(self, name: str, args: Sequence[str], netns: str | None = None) -> Child:
+        """Start ``python ARGS``, inside network namespace ``netns`` when given."""
+        child = Child.python(name, args, self.logdir, netns)
         self.children.append(child)
         return child
 
@@ -155,6 +156,11 @@ class Group:
         for child in reversed(self.children):
             with contextlib.suppress(OSError, BenchError):  # already gone: nothing left to stop
                 child.stop()
+
+
+def in_netns(netns: str | None, argv: Sequence[str]) -> list[str]:
+    """``argv`` run inside the named network namespace (``ip netns exec`` execs it: same PID, same rusage)."""
+    return ["ip", "netns", "exec", netns, *argv] if netns else list(argv)
 
 
 def wait_all(children: Sequence[Child], timeout: float) -> float:

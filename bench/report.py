@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-CASE_ORDER = ("transfer", "swarm", "small", "tracker", "verify", "memory", "faults")
+CASE_ORDER = ("transfer", "swarm", "small", "tracker", "verify", "memory", "faults", "wan")
 RESULTS = Path(__file__).resolve().parent / "results.json"
 
 

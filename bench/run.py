@@ -6,7 +6,8 @@
 
 Each result prints as one JSON line; each target prints PASS or MISS.
 Cases: transfer, swarm, small, tracker, verify, memory, faults (see BENCHMARKS.md for what each compares;
-faults is bench/faults.py, also runnable alone as ``python -m bench.faults``).
+faults is bench/faults.py, also runnable alone as ``python -m bench.faults``), and wan, only when named
+(--only wan): it needs root, builds emulated LAN hosts and takes ~46 min (see bench/wan.py).
 Data goes to a temporary folder (``--tmp``), removed at the end; every process is
 stopped by its PID; everything listens on 127.0.0.1 only.
 """
@@ -31,7 +32,8 @@ from bench import cascade_swarm as cs
 from bench.data import GiB, MiB, loadavg, machine, make_file, sha256_file, tmp_free_bytes
 from bench.procs import BenchError, Group, free_port
 
-CASES = ("transfer", "swarm", "small", "tracker", "verify", "memory", "faults")
+CASES = ("transfer", "swarm", "small", "tracker", "verify", "memory", "faults", "wan")
+DEFAULT_CASES = CASES[:-1]  # wan runs only when named: it needs root and takes ~46 min
 FETCH_TIMEOUT = 600.0
 
 
@@ -503,6 +505,18 @@ class Bench:
         if not self.plan.quick or size != self.plan.swarm_size:
             self.drop(size)
 
+    def wan(self) -> None:
+        """The swarm on emulated hosts with shaped uploads (bench/wan.py; skipped without root)."""
+        from bench import wan
+
+        opts = wan.Options.quick() if self.plan.quick else wan.Options(runs=self.plan.repeat)
+        for row in wan.run(opts, self.work / "wan"):
+            values = {k: v for k, v in row.items() if k not in ("scenario", "tool", "title", "errors", "plot")}
+            r = Result("wan", f"{row['scenario']} {row['tool']}", values, note="; ".join(row["errors"]))
+            for name, ok, detail in wan.targets(row):
+                r.target(f"wan {row['scenario']} {name}", ok, detail)
+            self.results.append(r)  # wan.run printed the row and its targets already
+
     def memory(self) -> None:
         size = self.plan.memory_fetch_size
         if tmp_free_bytes(self.work) < 2 * size + GiB:
@@ -620,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
         from dataclasses import replace
 
         plan = replace(plan, repeat=args.repeat)
-    cases = args.only or list(CASES)
+    cases = args.only or list(DEFAULT_CASES)
     signal.signal(signal.SIGTERM, _interrupted)  # so a stopped bench still stops its children and cleans up
     work = Path(tempfile.mkdtemp(prefix="cascade-bench-", dir=args.tmp))
     work.chmod(0o755)  # opentracker drops to user nobody and must read its whitelist here

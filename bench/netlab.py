@@ -1,0 +1,196 @@
+"""Emulated hosts for ``bench/wan.py``: network namespaces on a bridge, each host's upload shaped.
+
+One run builds, under a prefix unique to it (``cwan<pid>-``):
+
+- a namespace ``<prefix>br`` holding a Linux bridge ``br0``;
+- one namespace per host, with a veth pair whose ``eth0`` end is in the host and whose
+  other end is a port of the bridge; the host gets 10.77.0.x/24 on ``eth0``;
+- on each shaped host's ``eth0``, an ``htb`` root qdisc with one class at the host's rate:
+  everything the host sends goes through it, so that class is the host's upload link.
+  Downloads are not shaped (the bridge side has no qdisc): a fetcher's download is limited
+  only by the uploads of the hosts it fetches from, as on a switched LAN.
+
+Nothing is created or changed in the root namespace: both veth ends are created inside
+namespaces of this run, and the addresses exist only there. ``close`` deletes every
+namespace the lab created, which removes their veths, qdiscs and bridge with them.
+
+Upload rates over time come from each host's ``eth0`` transmit counter, read every
+``period`` seconds by a thread that enters each namespace in turn (``setns`` on that thread
+only) and reads ``/proc/thread-self/net/dev``: no process per sample.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import re
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+
+from bench.procs import BenchError
+
+SUBNET = "10.77.0"  # private, and only ever configured inside this lab's namespaces
+CLONE_NEWNET = 0x40000000
+CMD_TIMEOUT = 20.0  # seconds for one ip/tc command: they take milliseconds
+SENT = re.compile(r"Sent (\d+) bytes")
+
+
+def have_root() -> bool:
+    """True when this process may create namespaces and qdiscs (it runs as root)."""
+    return os.geteuid() == 0
+
+
+def sh(*argv: str) -> str:
+    """Run one ip/tc command; its stdout. Raises BenchError with its stderr when it fails."""
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=CMD_TIMEOUT, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise BenchError(f"{' '.join(argv)}: {exc}") from exc
+    if done.returncode != 0:
+        raise BenchError(f"{' '.join(argv)}: {done.stderr.strip() or f'exit {done.returncode}'}")
+    return done.stdout
+
+
+@dataclass(frozen=True)
+class Host:
+    name: str  # short, e.g. "seed", "f3", "tracker"
+    netns: str
+    ip: str
+    mbit: float | None  # upload rate; None = not shaped
+
+
+@dataclass
+class Lab:
+    """The namespaces of one scenario; ``close`` (idempotent) deletes them all."""
+
+    prefix: str
+    hosts: list[Host] = field(default_factory=list)
+    created: list[str] = field(default_factory=list)
+
+    def netns(self, short: str) -> str:
+        return f"{self.prefix}{short}"
+
+    def build(self, uploads: list[tuple[str, float | None]]) -> None:
+        """Create the bridge and one host per ``(name, mbit)``; addresses .1, .2, ... in that order.
+
+        Raises BenchError (after deleting what it created) when a command fails.
+        """
+        if len(uploads) > 250:
+            raise BenchError("at most 250 hosts fit in the lab's /24")
+        try:
+            bridge = self._add_netns("br")
+            sh("ip", "-n", bridge, "link", "add", "br0", "type", "bridge")
+            sh("ip", "-n", bridge, "link", "set", "br0", "up")
+            for i, (name, mbit) in enumerate(uploads):
+                ns = self._add_netns(f"h{i}")
+                port = f"p{i}"
+                sh("ip", "-n", bridge, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns)
+                sh("ip", "-n", bridge, "link", "set", port, "master", "br0", "up")
+                ip = f"{SUBNET}.{i + 1}"
+                sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", "eth0")
+                sh("ip", "-n", ns, "link", "set", "eth0", "up")
+                sh("ip", "-n", ns, "link", "set", "lo", "up")
+                if mbit is not None:
+                    # One class, so quantum only silences htb's "quantum is big" warning (value arbitrary).
+                    sh("tc", "-n", ns, "qdisc", "add", "dev", "eth0", "root", "handle", "1:", "htb", "default", "10")
+                    rate = f"{mbit:g}mbit"
+                    sh(
+                        "tc",
+                        "-n",
+                        ns,
+                        "class",
+                        "add",
+                        "dev",
+                        "eth0",
+                        "parent",
+                        "1:",
+                        "classid",
+                        "1:10",
+                        "htb",
+                        "rate",
+                        rate,
+                        "ceil",
+                        rate,
+                        "quantum",
+                        "60000",
+                    )
+                self.hosts.append(Host(name, ns, ip, mbit))
+        except BaseException:
+            self.close()
+            raise
+
+    def _add_netns(self, short: str) -> str:
+        ns = self.netns(short)
+        sh("ip", "netns", "add", ns)
+        self.created.append(ns)
+        return ns
+
+    def host(self, name: str) -> Host:
+        for h in self.hosts:
+            if h.name == name:
+                return h
+        raise KeyError(name)
+
+    def sent_bytes(self, host: Host) -> int:
+        """Bytes the host's htb class has sent (``tc -s class show``), headers included."""
+        m = SENT.search(sh("tc", "-n", host.netns, "-s", "class", "show", "dev", "eth0"))
+        if not m:
+            raise BenchError(f"no htb class counter on {host.netns}")
+        return int(m.group(1))
+
+    def close(self) -> None:
+        """Delete every namespace this lab created (their veths, qdiscs and bridge go with them)."""
+        while self.created:
+            ns = self.created.pop()
+            with contextlib.suppress(BenchError):  # already gone: nothing left to delete
+                sh("ip", "netns", "del", ns)
+        self.hosts.clear()
+
+
+class Sampler(threading.Thread):
+    """Reads each host's ``eth0`` transmit bytes every ``period`` s until ``stop``."""
+
+    def __init__(self, hosts: list[Host], period: float) -> None:
+        super().__init__(name="wan-sampler", daemon=True)
+        self.hosts = hosts
+        self.period = period
+        self.samples: list[tuple[float, list[int]]] = []  # (time.time(), bytes per host)
+        self.error: str | None = None
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fds: list[int] = []
+        try:
+            fds = [os.open(f"/run/netns/{h.netns}", os.O_RDONLY) for h in self.hosts]
+            while True:
+                now = time.time()
+                row = []
+                for fd in fds:
+                    if libc.setns(fd, CLONE_NEWNET) != 0:
+                        raise OSError(ctypes.get_errno(), "setns failed")
+                    row.append(_tx_bytes())
+                self.samples.append((now, row))
+                if self._stop_event.wait(self.period):
+                    return
+        except (OSError, ValueError) as exc:  # a namespace vanished under us: keep what we have
+            self.error = str(exc)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(5.0)
+
+
+def _tx_bytes() -> int:
+    with open("/proc/thread-self/net/dev") as f:
+        for line in f:
+            name, _, rest = line.partition(":")
+            if name.strip() == "eth0":
+                return int(rest.split()[8])
+    raise ValueError("no eth0 in this namespace")

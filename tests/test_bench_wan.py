@@ -1,0 +1,61 @@
+"""The pure parts of ``bench/wan.py``: the bounds it divides by and the counts it parses."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.wan import NOT_PRESENT, SCENARIOS, Scenario, ToolRun, summarize, targets
+
+pytestmark = pytest.mark.unit
+
+MiB = 1 << 20
+
+
+@pytest.mark.parametrize(
+    ("name", "t_min", "http"),
+    [
+        ("8x40", 13.42, 107.37),  # the issue's table: 13.4 s
+        ("16x40", 13.42, 214.75),
+        ("8x100", 13.42, 107.37),
+        ("4x10+4x40", 17.90, 107.37),  # 8 x F over 40 + 4 x 10 + 4 x 40 = 240 Mbit/s: 17.9 s
+    ],
+)
+def test_bounds_match_the_issue(name: str, t_min: float, http: float) -> None:
+    sc = SCENARIOS[name]
+    assert round(sc.t_min(64 * MiB), 2) == t_min
+    assert round(sc.http_bound(64 * MiB), 2) == http
+
+
+def test_a_slow_seeder_alone_is_the_bound() -> None:
+    # One fetcher: the seeder must send the whole file, whatever the fetcher could upload.
+    assert Scenario("x", "", 10, (1000,)).t_min(10**6) == pytest.approx(0.8)
+
+
+def test_not_present_lines_are_parsed_from_the_fetch_log() -> None:
+    log = (
+        "peer listening on 10.77.0.2:6666\n"
+        "  10.77.0.1:6666: 35 blocks, 0 not present\n"
+        "  10.77.0.6:6666: 28 blocks, 1572 not present\n"
+        "peer fetch: x.bin complete: 64.0 MiB in 19.63 s\n"
+    )
+    assert NOT_PRESENT.findall(log) == [("35", "0"), ("28", "1572")]
+
+
+def test_summary_medians_ratios_and_targets() -> None:
+    sc = Scenario("s", "t", 40, (40, 40))
+    size = 5 * MiB  # T_min = max(1.05, 2 x 41.9 / 120 Mbit/s = 0.70) = 1.05 s
+    casc = ToolRun("cascade-256K", 2.1, [2.0, 2.1], {"seed": size * 2, "f0": size, "f1": 0}, 3.0, 40, 40)
+    lt = ToolRun("libtorrent", 4.2, [4.0, 4.2], {"seed": size, "f0": 0, "f1": size}, 2.0)
+    failed = ToolRun("cascade-256K", None, [None, 1.0], {}, 1.0, error="timeout")
+    rows = summarize(sc, size, ["cascade-256K", "libtorrent"], [[casc, lt], [failed, lt]])
+    c, t = rows
+    assert c["seconds"] == 2.1 and c["runs_s"] == [2.1, None] and c["errors"] == ["timeout"]
+    assert c["x_T_min"] == 2.0 and c["seeder_copies"] == 2.0 and c["status2_per_block"] == 1.0
+    assert c["vs_libtorrent"] == 0.5 and t["status2_per_block"] == "n/a"
+    assert {name: ok for name, ok, _ in targets(c)} == {
+        "<= 1.15 x T_min": False,
+        "seeder <= 1.10 copies": False,
+        "<= 0.70 x libtorrent": True,
+        "<= 1 status-2 reply per block": True,
+    }
+    assert targets(t) == []
