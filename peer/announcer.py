@@ -1,6 +1,7 @@
-"""Keeping this peer's subscriptions alive at the tracker.
+"""Keeping this peer's subscriptions alive at its trackers.
 
-A background thread subscribes (command 2) each added cascade hash at once,
+Each tracker (``--tracker`` may be given several times) has its own schedule:
+a background thread per tracker subscribes (command 2) each added cascade hash at once,
 then again every ``interval`` seconds, well within the tracker's TTL. When the
 tracker is unreachable the peer keeps serving: the thread retries with
 exponential backoff, logging one line when the tracker goes away and one when
@@ -9,6 +10,10 @@ failure like an unreachable tracker: one line, then retries with backoff. On
 :meth:`Announcer.stop` it tells an HTTP tracker that the peer stopped (the
 ``"stopped"`` action), so the tracker lists no ghost seeder; the binary
 protocol has no such command, and there the tracker's TTL decides.
+
+With several trackers, each has its own backoff and its own "unreachable" /
+"is back" lines; one tracker down costs the others nothing, and the peer
+serves on whatever they answer.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from cascade.addresses import TrackerAddress
@@ -53,7 +58,93 @@ AnnounceFn = Callable[[TrackerAddress, TrackerCommand, bytes, str, int, float], 
 
 
 class Announcer:
-    """Subscribes cascade hashes at a tracker from a background thread."""
+    """Subscribes cascade hashes at one or more trackers, each from its own background thread."""
+
+    def __init__(
+        self,
+        trackers: TrackerAddress | Sequence[TrackerAddress],
+        announce_ip: str,
+        port: int,
+        *,
+        interval: float = DEFAULT_INTERVAL,
+        backoff: Backoff = Backoff(),
+        timeout: float = ANNOUNCE_TIMEOUT,
+        announce_fn: AnnounceFn = announce,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if isinstance(trackers, TrackerAddress):
+            trackers = [trackers]
+        self._schedules = [
+            _Schedule(
+                t,
+                announce_ip,
+                port,
+                interval=interval,
+                backoff=backoff,
+                timeout=timeout,
+                announce_fn=announce_fn,
+                clock=clock,
+            )
+            for t in dict.fromkeys(trackers)  # each tracker once, in order
+        ]
+
+    def add(self, cascade_hash: bytes) -> None:
+        """Start subscribing ``cascade_hash`` at every tracker; the first subscribes go out at once."""
+        for s in self._schedules:
+            s.add(cascade_hash)
+
+    def discard(self, cascade_hash: bytes) -> None:
+        """Stop re-subscribing ``cascade_hash``; each tracker forgets this peer for it after its TTL."""
+        for s in self._schedules:
+            s.discard(cascade_hash)
+
+    def start(self) -> None:
+        for s in self._schedules:
+            s.start()
+
+    def stop(self, timeout: float = 1.0) -> None:
+        """Stop every thread, then say "stopped" to each HTTP tracker that answered, all at once.
+
+        An announce in progress is abandoned after ``timeout`` seconds; the
+        "stopped" announces take at most ``STOPPED_BUDGET`` seconds more.
+        """
+        deadline = time.monotonic() + timeout
+        for s in self._schedules:
+            s.signal_stop()
+        for s in self._schedules:
+            s.join(max(0.0, deadline - time.monotonic()))
+        if len(self._schedules) == 1:
+            self._schedules[0].say_stopped()
+            return
+        threads = [
+            threading.Thread(target=s.say_stopped, name="peer-stopped", daemon=True)
+            for s in self._schedules
+            if s.should_say_stopped
+        ]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + STOPPED_BUDGET
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+
+    @property
+    def alive(self) -> bool:
+        """True while every tracker's thread runs (a thread that died would stop its announces)."""
+        return all(s.alive for s in self._schedules)
+
+    @property
+    def successes(self) -> int:
+        """Announces that reached a tracker, all trackers together."""
+        return sum(s.successes for s in self._schedules)
+
+    @property
+    def tracker_down(self) -> bool:
+        """True when no tracker answers (the last announce to each failed)."""
+        return all(s.tracker_down for s in self._schedules)
+
+
+class _Schedule:
+    """Subscribes cascade hashes at one tracker from a background thread."""
 
     def __init__(
         self,
@@ -100,21 +191,26 @@ class Announcer:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self, timeout: float = 1.0) -> None:
-        """Stop the thread, then say "stopped" to an HTTP tracker for every hash.
-
-        An announce in progress is abandoned after ``timeout`` seconds; the
-        "stopped" announces take at most ``STOPPED_BUDGET`` seconds more.
-        """
+    def signal_stop(self) -> None:
         self._stop.set()
         self._wake.set()
+
+    def join(self, timeout: float) -> None:
         if self._thread.is_alive():
             self._thread.join(timeout)
-        self._say_stopped()
 
-    def _say_stopped(self) -> None:
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def should_say_stopped(self) -> bool:
         # Only a tracker that answered: a dead one would only cost timeouts.
-        if self.tracker.url is None or self.successes == 0 or self.tracker_down:
+        return self.tracker.url is not None and self.successes > 0 and not self.tracker_down
+
+    def say_stopped(self) -> None:
+        """Say "stopped" for every hash to an HTTP tracker that answered, within ``STOPPED_BUDGET``."""
+        if not self.should_say_stopped:
             return
         from peer.http_tracker import STOPPED_TIMEOUT, announce_stopped
 

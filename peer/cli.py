@@ -49,7 +49,11 @@ def _add_seed_parser(subparsers: Any) -> None:
     )
     p.add_argument("files", nargs="+", metavar="FILE.cascade", help="the .cascade files to seed")
     p.add_argument(
-        "--tracker", required=True, metavar="HOST:PORT", help="the tracker to subscribe at (or http://HOST:PORT)"
+        "--tracker",
+        required=True,
+        action="append",
+        metavar="HOST:PORT",
+        help="a tracker to subscribe at (or http://HOST:PORT); give it again to subscribe at several",
     )
     p.add_argument(
         "--listen",
@@ -108,8 +112,10 @@ def _add_fetch_parser(subparsers: Any) -> None:
     )
     p.add_argument(
         "--tracker",
+        action="append",
         metavar="HOST:PORT",
-        help="the tracker to ask for peers, or http://HOST:PORT (default for a URL: the tracker serving it)",
+        help="a tracker to ask for peers, or http://HOST:PORT; may be given several times "
+        "(for a URL, the tracker serving it is one of them)",
     )
     p.add_argument(
         "--listen",

@@ -24,19 +24,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cascade.addresses import TrackerAddress, parse_hostport
+from cascade.addresses import parse_hostport
 from cascade.command import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, exit_code
 from cascade.errors import CascadeError, DataError, DiskFullError, UsageError, from_os_error
 from cascade.metafile import CascadeFile, default_data_path, read_cascade
 from cascade.units import format_size
-from cascade.wire import PeerRecord, TrackerCommand
+from cascade.wire import PeerRecord
 from peer.common import DEFAULT_LISTEN, Interrupted, StopSignal, announce_ip, setup_logging
 from peer.fetcher import Fetcher, FetchPolicy, FetchResult, PeerInfo, Progress
 from peer.localdata import DataCheck, check_data
 from peer.ratelimit import parse_rate
 from peer.server import BlockServer, BlockServerConfig
 from peer.storage import BlockStore
-from peer.tracker_client import announce, parse_tracker
+from peer.trackers import TrackerSet, parse_trackers
 
 log = logging.getLogger("peer.fetch")
 
@@ -84,16 +84,17 @@ class _Failed(Exception):
 
 def _fetch(args: argparse.Namespace, stop: StopSignal) -> int:
     try:
-        cascade_file, tracker_text = args.cascade_file, args.tracker
+        cascade_file, tracker_texts = args.cascade_file, list(args.tracker or ())
+        trackers = parse_trackers(tracker_texts)  # a bad --tracker is refused before any download
         if cascade_file.startswith(("http://", "https://")):  # peer.http_client.is_url, without its import
             from peer.http_client import download_cascade
 
             saved, base = download_cascade(cascade_file, args.out)
             log.debug("downloaded %s", saved)
-            cascade_file, tracker_text = str(saved), tracker_text or base
-        if tracker_text is None:
+            # The tracker serving the URL is one more tracker of the swarm (unless already given).
+            cascade_file, trackers = str(saved), parse_trackers([*tracker_texts, base])
+        if not trackers:
             raise UsageError("--tracker is required unless FILE is a http://HOST:PORT/cascades/HASH.cascade URL")
-        tracker = parse_tracker(tracker_text, "--tracker")
         listen_given = args.listen is not None
         host, port = parse_hostport(args.listen or DEFAULT_LISTEN, "--listen", default_host="0.0.0.0")
         my_ip = announce_ip(host, args.announce_ip)
@@ -118,7 +119,7 @@ def _fetch(args: argparse.Namespace, stop: StopSignal) -> int:
         # The default port is taken (a seeder on this machine): any free port will do.
         server = BlockServer(host, 0, BlockServerConfig(upload_rate=upload_rate))
         server.start()
-    session = _Session(tracker, cf, my_ip)
+    session = _Session(TrackerSet(trackers), cf, my_ip)
     store: BlockStore | None = None
     done = False
     try:
@@ -162,7 +163,7 @@ def _fetch(args: argparse.Namespace, stop: StopSignal) -> int:
 
             # Subscribed (listed as a seeder) only while it serves; the announcer
             # says "stopped" to an HTTP tracker when it stops.
-            announcer = Announcer(tracker, my_ip, session.port)
+            announcer = Announcer(trackers, my_ip, session.port)
             announcer.add(cf.cascade_hash)
             announcer.start()
             session.listed = False  # the announcer speaks for this peer from now on
@@ -276,32 +277,36 @@ def _drop_empty_part(target: _Target, store: BlockStore | None) -> None:
 
 
 class _Session:
-    """This peer's standing at the tracker for one file: who it is, and whether it
-    has enrolled there (and so should say "stopped" when it leaves)."""
+    """This peer's standing at its trackers for one file: who it is, and where it
+    has enrolled (and so should say "stopped" when it leaves)."""
 
-    def __init__(self, tracker: TrackerAddress, cf: CascadeFile, my_ip: str) -> None:
-        self.tracker = tracker
+    def __init__(self, trackers: TrackerSet, cf: CascadeFile, my_ip: str) -> None:
+        self.trackers = trackers
         self.cf = cf
         self.my_ip = my_ip
         self.port = 0
         self.listed = False
 
     def list_peers(self) -> tuple[PeerRecord, ...]:
-        """One list request. Raises :class:`CascadeError`."""
-        records = announce(self.tracker, TrackerCommand.LIST, self.cf.cascade_hash, self.my_ip, self.port, LIST_TIMEOUT)
+        """One list request to every tracker, merged. Raises :class:`CascadeError` when none answered."""
+        records = self.trackers.list_peers(self.cf.cascade_hash, self.my_ip, self.port, LIST_TIMEOUT)
         self.listed = True
         return records
 
     def say_stopped(self) -> None:
-        """Tell an HTTP tracker this peer left the swarm (the binary protocol cannot: its TTL decides)."""
-        if not self.listed or self.tracker.url is None:
+        """Tell each HTTP tracker that listed this peer that it left the swarm (the binary
+        protocol cannot: its TTL decides)."""
+        if not self.listed:
             return
         from peer.http_tracker import announce_stopped
 
-        try:
-            announce_stopped(self.tracker, self.cf.cascade_hash, self.my_ip, self.port)
-        except CascadeError as exc:
-            log.debug("could not tell the tracker this peer stopped: %s", exc)
+        for tracker in self.trackers.trackers:
+            if tracker.url is None or tracker not in self.trackers.answered:
+                continue
+            try:
+                announce_stopped(tracker, self.cf.cascade_hash, self.my_ip, self.port)
+            except CascadeError as exc:
+                log.debug("could not tell the tracker this peer stopped: %s", exc)
 
 
 def _first_listing(session: _Session) -> list[PeerInfo]:

@@ -21,7 +21,7 @@ from peer.datawatch import DataWatcher
 from peer.localdata import check_data
 from peer.server import BlockServer, BlockServerConfig
 from peer.storage import BlockStore, disk_signature
-from peer.tracker_client import parse_tracker
+from peer.trackers import parse_trackers
 
 log = logging.getLogger("peer")
 
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     """``peer seed``: verify each data file, serve its verified blocks, subscribe it at the tracker."""
     setup_logging(args.verbose, timestamps=True)
     stop = StopSignal().install()
-    tracker = parse_tracker(args.tracker)
+    trackers = parse_trackers(args.tracker, "tracker address")
     rate = parse_rate(args.max_upload_rate)
     host, _ = parse_hostport(args.listen, "listen address", default_host="0.0.0.0")
     ip = announce_ip(host, args.announce_ip)
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     # listening line comes once every file is verified and served: a client that
     # waits for it never meets a seeder that does not know its files yet.
     server = bind_server(args.listen, BlockServerConfig(upload_rate=rate, idle_timeout=args.idle_timeout))
-    announcer = Announcer(tracker, ip, server.address[1], interval=args.announce_interval)
+    announcer = Announcer(trackers, ip, server.address[1], interval=args.announce_interval)
 
     def changed(store: BlockStore, before: int, after: int) -> None:
         # A file with no valid block left is not announced; one that has some again is.

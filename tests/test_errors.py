@@ -249,7 +249,7 @@ def test_announcer_keeps_retrying_through_bad_replies(caplog: pytest.LogCaptureF
             assert wait_until(lambda: len(fake.announces) >= 3)
             fake.body = json.dumps({"peers": []}).encode()  # the tracker recovers
             assert wait_until(lambda: announcer.successes >= 1)
-        assert announcer._thread.is_alive()
+        assert announcer.alive
         warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
         assert len(warnings) == 1 and warnings[0].exc_info is None  # one line, no traceback
         assert "nested too deeply" in warnings[0].getMessage()
