@@ -120,25 +120,29 @@ class TrackerSet:
         usable = [t for t in self.trackers if self._retry_at[t] <= now] or list(self.trackers)
         results = _call_all(usable, fn, timeout)
         replies: list[tuple[PeerRecord, ...]] = []
+        news: list[CascadeError] = []
         for tracker, result in zip(usable, results, strict=True):
             if isinstance(result, CascadeError):
-                self._failed(tracker, result)
+                if self._failed(tracker, result):
+                    news.append(result)
             else:
                 self._answered(tracker)
                 replies.append(result)
         if not replies:
-            failures = [(t, self._last_error[t]) for t in self.trackers if t in self._last_error]
-            raise all_failed(failures)
+            # One line for the whole listing (the caller's), not one per tracker as well.
+            raise all_failed([(t, self._last_error[t]) for t in self.trackers if t in self._last_error])
+        for exc in news:
+            log.warning("%s; asking the other trackers", exc)
         return merge_peers(replies)
 
-    def _failed(self, tracker: TrackerAddress, exc: CascadeError) -> None:
+    def _failed(self, tracker: TrackerAddress, exc: CascadeError) -> bool:
+        """Count a failure; True if it is news worth a line (another tracker answers meanwhile)."""
         self._failures[tracker] += 1
         self._retry_at[tracker] = self._clock() + self.backoff.delay(self._failures[tracker])
-        first = tracker not in self._last_error or str(exc) != str(self._last_error[tracker])
+        news = tracker not in self._last_error or str(exc) != str(self._last_error[tracker])
         self._last_error[tracker] = exc
         # With one tracker, its caller reports the failure (as it always has).
-        if len(self.trackers) > 1 and first:
-            log.warning("%s; asking the other trackers", exc)
+        return len(self.trackers) > 1 and news
 
     def _answered(self, tracker: TrackerAddress) -> None:
         if len(self.trackers) > 1 and tracker in self._last_error:

@@ -17,6 +17,7 @@ import tempfile
 import time
 import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 LISTENING = re.compile(r"listening on (\S+):(\d+)")
@@ -114,3 +115,28 @@ class Proc:
         if self.popen.poll() is None:
             os.kill(self.pid, signal.SIGKILL)
             self.popen.wait(10)
+
+
+@dataclass
+class TrackerProcess:
+    """A ``tracker run`` process with its binary port and its HTTP base URL."""
+
+    proc: Proc
+    port: int
+    http: str
+
+    @property
+    def addr(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+def start_tracker(*extra: str) -> TrackerProcess:
+    """``tracker run`` on free ports of 127.0.0.1 with an HTTP face; ``extra`` adds options (``--store URL``)."""
+    proc = Proc(["tracker", "run", "--host", "127.0.0.1", "--port", "0", "--http-port", "0", *extra])
+    try:
+        port = proc.wait_listening()
+        http_port = int(proc.wait_for_line(r"tracker http on \S+:(\d+)").group(1))
+    except BaseException:
+        proc.stop()
+        raise
+    return TrackerProcess(proc, port, f"http://127.0.0.1:{http_port}")

@@ -12,7 +12,6 @@ import hashlib
 import socket
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -29,7 +28,8 @@ from cascade.wire import (
     TrackerStatus,
     decode_tracker_reply,
 )
-from tests.procs import Proc
+from tests.procs import Proc, start_tracker
+from tests.procs import TrackerProcess as Tracker
 from tests.redisfix import RedisServer
 
 pytestmark = pytest.mark.process
@@ -41,29 +41,11 @@ H2 = bytes(range(7, 39))
 _RECOVERY_DEADLINE = 20.0  # seconds for a tracker to serve again once Redis is back; generous
 
 
-@dataclass
-class Tracker:
-    proc: Proc
-    port: int
-    http: str
-
-
-def start_tracker(url: str, *extra: str) -> Tracker:
-    proc = Proc(["tracker", "run", "--host", "127.0.0.1", "--port", "0", "--http-port", "0", "--store", url, *extra])
-    try:
-        port = proc.wait_listening()
-        http_port = int(proc.wait_for_line(r"tracker http on \S+:(\d+)").group(1))
-    except BaseException:
-        proc.stop()
-        raise
-    return Tracker(proc, port, f"http://127.0.0.1:{http_port}")
-
-
 @pytest.fixture
 def trackers(redis_url: str) -> Iterator[tuple[Tracker, Tracker]]:
-    a = start_tracker(redis_url)
+    a = start_tracker("--store", redis_url)
     try:
-        b = start_tracker(redis_url)
+        b = start_tracker("--store", redis_url)
         try:
             yield a, b
         finally:
@@ -131,10 +113,10 @@ def test_redis_going_away_costs_requests_not_trackers_and_service_resumes(redis_
     redis_server.start()  # fresh and empty, and it is this test's to stop
     allow = Path(redis_server.log_path).parent / "allow.txt"
     allow.write_text(H1.hex() + "\n")
-    a = start_tracker(redis_server.url, "--allow", str(allow))
+    a = start_tracker("--store", redis_server.url, "--allow", str(allow))
     b: Tracker | None = None
     try:
-        b = start_tracker(redis_server.url)  # no --allow: uses the list A wrote
+        b = start_tracker("--store", redis_server.url)  # no --allow: uses the list A wrote
         assert peers_of(ask(a.port, SUBSCRIBE, "10.0.0.1", 1)) == set()
         redis_server.stop()
         for _ in range(3):
