@@ -16,8 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from cascade.addresses import TrackerAddress
 from cascade.errors import TrackerRefused
 from cascade.metafile import CascadeFile
+from cascade.wire import TrackerCommand
+from peer.tracker_client import announce
 from tests.doubles import Swarm, make_file, sha256_file
 from tests.procs import Proc, TrackerProcess, start_tracker
 from tests.redisfix import RedisServer, free_port
@@ -160,3 +163,17 @@ def test_publish_at_a_and_fetch_by_url_from_b(swarm: Swarm, redis_url: str, tmp_
     out = here / "pub.bin"
     proc = swarm.start("peer", "fetch", b_url, "--out", str(out), "--listen", "127.0.0.1:0", cwd=here)
     assert_complete(proc, out, tmp_path / "pub.bin")
+
+
+def test_stopped_goes_to_every_http_tracker(swarm: Swarm, tmp_path: Path) -> None:
+    # Two trackers with stores of their own: each must hear the seeder's "stopped" itself.
+    a, b = start_tracker(), start_tracker()
+    swarm.procs[:0] = [a.proc, b.proc]
+    cascade, cf = make_file(tmp_path, "s.bin", 50_000, 16_384)
+    seeder, port = seed(swarm, cascade, cf, a, "--tracker", a.http, "--tracker", b.http)
+    swarm.tracker_port = b.port
+    swarm.wait_subscribed(cf, port, timeout=WAIT)
+    assert seeder.stop() == 0
+    for t in (a, b):
+        peers = announce(TrackerAddress("127.0.0.1", t.port), TrackerCommand.LIST, cf.cascade_hash, "127.0.0.1", 0)
+        assert all(p.port != port for p in peers), (t.http, peers)
