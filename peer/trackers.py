@@ -1,9 +1,10 @@
 """Several trackers for one swarm: ``--tracker`` given more than once (BEP 12's announce-list, flattened).
 
 A peer may name several trackers, binary and HTTP mixed. :class:`TrackerSet`
-asks all of them for peers at once, each with its own timeout, and merges the
-answers: one record per address, with the newest ``last_seen`` of any tracker
-and "good" if any tracker says so. A listing succeeds while any one tracker
+asks all of them for peers at once, each with its own timeout (once one has
+answered, the others get ``LATE_GRACE`` seconds more), and merges the
+answers: one record per address, with the newest ``last_seen`` of any
+tracker and "good" if any tracker says so. A listing succeeds while any one tracker
 answers; it fails only when every tracker failed, with one line naming each
 tracker's failure. A tracker that failed is left out of the next listings
 for a growing while (its own :class:`~peer.announcer.Backoff`), so a dead
@@ -31,6 +32,10 @@ log = logging.getLogger("peer.trackers")
 # An HTTP announce may make 1 + RETRIES attempts of ``timeout`` each; a thread
 # still busy after this many timeouts (plus a second) counts as not answering.
 _JOIN_FACTOR = 4
+
+# Once one tracker answered a listing, the others get this many seconds more (arbitrary:
+# a tracker on the LAN answers in milliseconds, and the fetcher waits while it lists).
+LATE_GRACE = 1.0
 
 ListFn = Callable[[TrackerAddress], tuple[PeerRecord, ...]]
 
@@ -87,12 +92,14 @@ class TrackerSet:
         trackers: Sequence[TrackerAddress],
         backoff: Backoff | None = None,
         clock: Callable[[], float] = time.monotonic,
+        late_grace: float = LATE_GRACE,
     ) -> None:
         """Raises :class:`ValueError` for no tracker at all."""
         if not trackers:
             raise ValueError("at least one tracker")
         self.trackers = tuple(trackers)
         self.backoff = backoff or Backoff()
+        self.late_grace = late_grace
         self._clock = clock
         self._failures = dict.fromkeys(self.trackers, 0)
         self._retry_at = dict.fromkeys(self.trackers, float("-inf"))
@@ -118,7 +125,7 @@ class TrackerSet:
         """Call ``fn`` for every usable tracker, concurrently; see :meth:`list_peers`."""
         now = self._clock()
         usable = [t for t in self.trackers if self._retry_at[t] <= now] or list(self.trackers)
-        results = _call_all(usable, fn, timeout)
+        results = _call_all(usable, fn, timeout, self.late_grace)
         replies: list[tuple[PeerRecord, ...]] = []
         news: list[CascadeError] = []
         for tracker, result in zip(usable, results, strict=True):
@@ -154,31 +161,51 @@ class TrackerSet:
 
 
 def _call_all(
-    trackers: Sequence[TrackerAddress], fn: ListFn, timeout: float
+    trackers: Sequence[TrackerAddress], fn: ListFn, timeout: float, late_grace: float
 ) -> list[tuple[PeerRecord, ...] | CascadeError]:
-    """``fn(tracker)`` for each tracker, in threads (the caller's own thread for just one)."""
+    """``fn(tracker)`` for each tracker, in threads (the caller's own thread for just one).
+
+    Once one tracker answered, the others get ``late_grace`` seconds more; one
+    still busy then counts as failed (its thread ends by its own timeout, its
+    answer unused), so a tracker that hangs holds up no listing for long.
+    """
     if len(trackers) == 1:
         try:
             return [fn(trackers[0])]
         except CascadeError as exc:
             return [exc]
     results: list[tuple[PeerRecord, ...] | CascadeError | None] = [None] * len(trackers)
+    done = threading.Condition()
+    first_answer: list[float] = []
 
     def run(i: int) -> None:
+        result: tuple[PeerRecord, ...] | CascadeError
         try:
-            results[i] = fn(trackers[i])
+            result = fn(trackers[i])
         except CascadeError as exc:
-            results[i] = exc
+            result = exc
         except Exception as exc:  # a bug or an unforeseen reply: this tracker failed, the others go on
-            results[i] = TrackerUnreachable(f"tracker {trackers[i]} failed: {exc!r}")
+            result = TrackerUnreachable(f"tracker {trackers[i]} failed: {exc!r}")
+        with done:
+            results[i] = result
+            if not isinstance(result, CascadeError) and not first_answer:
+                first_answer.append(time.monotonic())
+            done.notify_all()
 
-    threads = [threading.Thread(target=run, args=(i,), name="peer-list", daemon=True) for i in range(len(trackers))]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + _JOIN_FACTOR * timeout + 1.0
-    for t in threads:
-        t.join(max(0.0, deadline - time.monotonic()))
-    out: list[tuple[PeerRecord, ...] | CascadeError] = []
-    for tracker, result in zip(trackers, results, strict=True):
-        out.append(result if result is not None else TrackerUnreachable(f"tracker {tracker} did not answer"))
-    return out
+    started = time.monotonic()
+    for i in range(len(trackers)):
+        threading.Thread(target=run, args=(i,), name="peer-list", daemon=True).start()
+    deadline = started + _JOIN_FACTOR * timeout + 1.0
+    with done:
+        while any(r is None for r in results):
+            limit = min(deadline, first_answer[0] + late_grace) if first_answer else deadline
+            left = limit - time.monotonic()
+            if left <= 0:
+                break
+            done.wait(left)
+        snapshot = list(results)
+    waited = time.monotonic() - started
+    return [
+        r if r is not None else TrackerUnreachable(f"tracker {t} did not answer within {waited:.1f} s")
+        for t, r in zip(trackers, snapshot, strict=True)
+    ]

@@ -139,6 +139,27 @@ def test_a_single_tracker_keeps_its_own_error_and_is_never_skipped(caplog: pytes
     assert caplog.records == []
 
 
+def test_a_hanging_tracker_holds_a_listing_up_only_for_the_grace() -> None:
+    release = threading.Event()
+    trackers = Trackers()
+    trackers.answers[B] = (PeerRecord("10.0.0.9", 9, 5, True),)
+
+    def fn(t: TrackerAddress) -> tuple[PeerRecord, ...]:
+        if t == A:
+            release.wait(30)  # hangs (bounded) until the test ends
+        return trackers(t)
+
+    s = TrackerSet([A, B], clock=lambda: 0.0, late_grace=0.05)
+    try:
+        assert s.ask(fn, 30.0) == trackers.answers[B]  # returns long before A's 30 s
+        assert s.answered == {B}
+        trackers.asked.clear()
+        s.ask(fn, 30.0)  # A counted as failed: backed off, not waited for again
+        assert trackers.asked == [B]
+    finally:
+        release.set()
+
+
 def test_the_announcer_keeps_one_schedule_per_tracker(caplog: pytest.LogCaptureFixture) -> None:
     calls: list[TrackerAddress] = []
     a_up = threading.Event()
