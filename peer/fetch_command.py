@@ -300,8 +300,8 @@ class _Session:
             return
         from peer.http_tracker import announce_stopped
 
-        for tracker in self.trackers.trackers:
-            if tracker.url is None or tracker not in self.trackers.answered:
+        for tracker in self.trackers.live:  # a tracker that went away would only cost a timeout
+            if tracker.url is None:
                 continue
             try:
                 announce_stopped(tracker, self.cf.cascade_hash, self.my_ip, self.port)

@@ -107,6 +107,11 @@ class TrackerSet:
         # The trackers that answered at least once (a peer says "stopped" only to those).
         self.answered: set[TrackerAddress] = set()
 
+    @property
+    def live(self) -> list[TrackerAddress]:
+        """The trackers that answered, the last time asked (in order)."""
+        return [t for t in self.trackers if t in self.answered and t not in self._last_error]
+
     def __len__(self) -> int:
         return len(self.trackers)
 

@@ -83,6 +83,7 @@ def test_a_dead_tracker_is_backed_off_while_another_answers(caplog: pytest.LogCa
     with caplog.at_level(logging.INFO, logger="peer.trackers"):
         assert s.ask(trackers, 5.0) == trackers.answers[B]
         assert sorted(trackers.asked, key=str) == [A, B]
+        assert s.live == [B]
         trackers.asked.clear()
         now[0] = 0.5  # within A's first backoff (1 s): only B is asked
         s.ask(trackers, 5.0)
@@ -99,6 +100,7 @@ def test_a_dead_tracker_is_backed_off_while_another_answers(caplog: pytest.LogCa
         now[0] = 3.0
         trackers.answers[A] = (PeerRecord("10.0.0.8", 8, 6, True),)
         assert len(s.ask(trackers, 5.0)) == 2
+        assert s.live == [A, B]
     lines = [r.getMessage() for r in caplog.records]
     assert lines == [
         "tracker 127.0.0.1:7001 unreachable: Connection refused; asking the other trackers",
