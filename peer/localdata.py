@@ -54,7 +54,7 @@ def _chunk_size(block_size: int) -> int:
     return max(1, CHUNK_TARGET // block_size) * block_size
 
 
-def _read_into(fd: int, buf: memoryview, offset: int) -> int:
+def read_into(fd: int, buf: memoryview, offset: int) -> int:
     """Fill ``buf`` from ``offset`` (fewer bytes only at end of file); returns the count.
 
     Reading into a reused buffer, rather than ``os.pread`` returning fresh bytes,
@@ -81,7 +81,7 @@ def _hash_chunk(fd: int, offset: int, buf: memoryview, block_size: int) -> tuple
     A short read (file shorter than expected) hashes what is there; the caller
     decides what a missing tail means.
     """
-    n = _read_into(fd, buf, offset)
+    n = read_into(fd, buf, offset)
     data = buf[:n]
     sha = hashlib.sha256
     return n, b"".join(sha(data[i : i + block_size]).digest() for i in range(0, n, block_size))

@@ -121,16 +121,26 @@ class BlockStore:
         """
         if not 0 <= index < self._block_count:
             raise IndexError(f"block {index} out of range 0..{self._block_count - 1}")
-        offset = index * self._block_size
-        expected = min(self._block_size, self._data_length - offset)
+        expected = min(self._block_size, self._data_length - index * self._block_size)
         size = len(data)
         if size != expected:
             raise BlockHashMismatch(f"block {index} is {size} bytes, expected {expected}")
+        if self.valid[index]:
+            return False
+        return self.write_sized_block(index, data)
+
+    def write_sized_block(self, index: int, data: bytes | bytearray | memoryview) -> bool:
+        """:meth:`write_block` for a caller that checked the index and length and that the block is missing.
+
+        The downloader's path: it checks those once, where the response header
+        arrives. Returns False when another copy was marked verified meanwhile.
+        Raises :class:`BlockHashMismatch` (nothing written) or :class:`DataError`.
+        """
         start = index * HASH_SIZE
         if hashlib.sha256(data).digest() != self._hashes[start : start + HASH_SIZE]:
             raise BlockHashMismatch(f"block {index} does not match its SHA-256")
-        if self.valid[index]:
-            return False
+        offset = index * self._block_size
+        size = len(data)
         try:
             n = os.pwrite(self.fd, data, offset)
             if n < size:  # a short write: rare, finish it piece by piece
@@ -143,10 +153,22 @@ class BlockStore:
         except OSError as exc:
             raise from_os_error(exc, self.path, f"write block {index}") from exc
         with self._lock:
-            if not self.valid[index]:
-                self.valid[index] = 1
-                self._count += 1
+            if self.valid[index]:
+                return False
+            self.valid[index] = 1
+            self._count += 1
         return True
+
+    def fix_length(self) -> None:
+        """Make the data file exactly as long as the ``.cascade`` says (a reused file may be longer).
+
+        Raises :class:`DataError`.
+        """
+        try:
+            if os.fstat(self.fd).st_size != self._data_length:
+                os.ftruncate(self.fd, self._data_length)
+        except OSError as exc:
+            raise from_os_error(exc, self.path, "finish the output file") from exc
 
     def move_to(self, dest: Path) -> None:
         """Rename the data file to ``dest`` (atomically, replacing it), keeping it open.

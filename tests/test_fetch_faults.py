@@ -97,7 +97,7 @@ def test_a_huge_tracker_reply_is_sampled_and_memory_stays_bounded(tmp_path: Path
         fetcher = Fetcher(store, lambda: records, policy=policy)
         try:
             assert fetcher.run().complete
-            assert len(fetcher._peers) <= 1000 and len(fetcher._dead) <= 5000
+            assert len(fetcher.planner.peers) <= 1000 and len(fetcher.planner.dead) <= 5000
         finally:
             store.close()
     assert sha256_file(tmp_path / "out") == cf.file_hash

@@ -1,4 +1,4 @@
-"""Block order in the downloader: file order unless two peers really answer; the hash cursor's block first."""
+"""Block order in the downloader: file order unless two peers really answer (the head-of-file race: test_planner)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from cascade.metafile import CascadeFile
-from peer.fetcher import Fetcher, FetchPolicy, _Peer, _Scheduler
+from peer.fetcher import Fetcher, FetchPolicy
 from peer.localdata import check_data
 from peer.server import BlockServer, BlockServerConfig
 from peer.storage import BlockStore
@@ -67,7 +67,7 @@ def test_dead_peers_listed_beside_one_seeder_keep_file_order(tmp_path: Path, cap
     caplog.set_level(logging.DEBUG, logger="peer.fetch")
     with seeders(cf, data, 1) as live, dead_peers(3) as dead:
         fetcher = fetch(cf, tmp_path / "out", live + dead)
-    assert fetcher._sched.sequential
+    assert fetcher.planner.sequential
     assert "random order" not in caplog.text
 
 
@@ -80,33 +80,3 @@ def test_two_answering_seeders_switch_to_random_order(tmp_path: Path, caplog: py
         fetcher = fetch(cf, tmp_path / "out", live)
     assert "2 peers answer: blocks in random order" in caplog.text
     assert len(fetcher.partial_result(0).sources) == 2
-
-
-def _scheduler(tmp_path: Path) -> _Scheduler:
-    _, cf = make_file(tmp_path, "d.bin", 64 * 4096, 4096)
-    out = tmp_path / "out"
-    store = BlockStore.open_for_fetching(cf, out, check_data(out, cf))
-    return _Scheduler(store, lack_ttl=1.0, head_late=0.4)
-
-
-@pytest.mark.unit
-def test_a_late_hash_cursor_block_is_raced_once(tmp_path: Path) -> None:
-    sched = _scheduler(tmp_path)
-    try:
-        a, b, c = _Peer(("127.0.0.1", 1)), _Peer(("127.0.0.1", 2)), _Peer(("127.0.0.1", 3))
-        sched.sequential = True
-        assert sched.pick(a, 8, now=100.0) == list(range(8))
-        # Block 0 (where the whole-file hash waits) is in flight at a: not late yet...
-        assert sched.pick(b, 8, now=100.2) == list(range(8, 16))
-        # ...then one other peer is asked too, and only one.
-        assert sched.pick(c, 8, now=100.5) == [0, *range(16, 23)]
-        assert sched.inflight[0] == 2
-        assert 0 not in sched.pick(b, 8, now=101.0)
-        assert 0 not in sched.pick(a, 8, now=101.0)
-        # Once block 0 is in, block 1 becomes the head: late only 0.4 s after that.
-        sched.release(0)
-        sched.valid[0] = 1
-        assert 1 not in sched.pick(b, 4, now=101.1)
-        assert sched.pick(b, 4, now=101.6)[0] == 1
-    finally:
-        sched.store.close()

@@ -6,10 +6,10 @@ import random
 
 import pytest
 
-from peer.fetcher import (
+from peer.planner import (
     FetchPolicy,
-    _Peer,
-    _Session,
+    PeerState,
+    Session,
     banned_message,
     candidate_rank,
     connect_budget,
@@ -23,11 +23,11 @@ pytestmark = pytest.mark.unit
 
 def test_good_and_recently_seen_peers_are_tried_first() -> None:
     now = 1_800_000_000
-    stale_good = _Peer(("127.0.0.1", 1), good=True, last_seen=now - 3600)
-    fresh_good = _Peer(("127.0.0.1", 2), good=True, last_seen=now)
-    fresh_plain = _Peer(("127.0.0.1", 3), good=False, last_seen=now)
-    failed = _Peer(("127.0.0.1", 4), good=True, last_seen=now, failures=1)
-    answered = _Peer(("127.0.0.1", 5), good=False, last_seen=0, answered=True)
+    stale_good = PeerState(("127.0.0.1", 1), good=True, last_seen=now - 3600)
+    fresh_good = PeerState(("127.0.0.1", 2), good=True, last_seen=now)
+    fresh_plain = PeerState(("127.0.0.1", 3), good=False, last_seen=now)
+    failed = PeerState(("127.0.0.1", 4), good=True, last_seen=now, failures=1)
+    answered = PeerState(("127.0.0.1", 5), good=False, last_seen=0, answered=True)
     ranked = sorted([failed, fresh_plain, stale_good, fresh_good, answered], key=candidate_rank)
     assert ranked == [answered, fresh_good, stale_good, fresh_plain, failed]
 
@@ -59,8 +59,8 @@ def test_connect_budget(free: int, pending: int, streak: int, expected: int) -> 
     assert connect_budget(free, pending, streak, 64) == expected
 
 
-def _session(port: int, rate: float, started: float = 0.0) -> _Session:
-    s = _Session(_Peer(("127.0.0.1", port)), started=started)
+def _session(port: int, rate: float, started: float = 0.0) -> Session:
+    s = Session(PeerState(("127.0.0.1", port)), started=started)
     s.rate = rate
     return s
 
@@ -84,15 +84,15 @@ def test_no_eviction_among_equals_too_early_or_alone() -> None:
 
 
 def test_the_stall_message_blames_banned_peers_only_when_they_were_all_there_was() -> None:
-    bad = _Peer(("127.0.0.1", 7), banned=True, ban_reason="sent a corrupt block 3")
-    untried = _Peer(("127.0.0.1", 8))
+    bad = PeerState(("127.0.0.1", 7), banned=True, ban_reason="sent a corrupt block 3")
+    untried = PeerState(("127.0.0.1", 8))
     assert banned_message([bad, untried], "60 s") == (
         "no block arrived for 60 s: its only peer was banned: 127.0.0.1:7 sent a corrupt block 3"
     )
-    alive = _Peer(("127.0.0.1", 9), connected_once=True)
+    alive = PeerState(("127.0.0.1", 9), connected_once=True)
     assert banned_message([bad, alive], "60 s") is None
     assert banned_message([untried], "60 s") is None
-    many = [_Peer(("127.0.0.1", p), banned=True, ban_reason="sent garbage") for p in range(1, 6)]
+    many = [PeerState(("127.0.0.1", p), banned=True, ban_reason="sent garbage") for p in range(1, 6)]
     assert "all 5 peers it reached were banned" in (banned_message(many, "1 s") or "")
 
 

@@ -1,0 +1,424 @@
+"""Talking to one peer: non-blocking connects, and one connection's requests and responses.
+
+The decisions (which blocks, how many in flight, how long a response may
+take, what an answer means for the peer) belong to the planner
+(:mod:`peer.planner`), reached through the :class:`Shell` the coordinator
+passes in; this module does the socket I/O.
+
+A connection keeps several requests in flight (PROTOCOL.md section 5,
+``KEEPOPEN``). Whether a server does keep connections open is learnt on the
+first connection to it (the *probe*): a server that closes, resets or goes
+silent after exactly one response serves one request per connection, and is
+from then on asked one block per connection. A server that rejects the
+``KEEPOPEN`` marker with BAD_REQUEST gets plain requests.
+
+Responses are read through a small buffer, so many small blocks come in with
+one ``recv``; a large body is read straight into a per-connection block
+buffer. A response has a deadline as a whole, not per ``recv``: a byte a
+second cannot hold a slot.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import selectors
+import socket
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from cascade.metafile import CascadeFile
+from cascade.wire import BLOCK_RESPONSE_HEADER_SIZE, BlockStatus, pack_block_request, unpack_block_response_header_from
+from peer.planner import PeerAddr, Session
+
+# An error message longer than this is not a message: the peer is sending garbage.
+MAX_MESSAGE = 64 << 10
+# Responses are read through a buffer of this size: a recv brings in many
+# small blocks at once, while a large body goes straight to the block buffer.
+READ_BUFFER = 128 << 10
+# With blocks of up to half that size the buffer holds 16 blocks, up to this:
+# fewer recv calls (and buffer compactions) per block.
+READ_BUFFER_MAX = 1 << 20
+# While the planner has nothing for a peer, its connection looks again this often
+# (arbitrary: short next to a response timeout, long enough to stay idle).
+IDLE_WAIT = 0.05
+
+
+class Offence(Exception):
+    """The peer broke the protocol or sent bad data: drop it and count an offence."""
+
+
+class Drop(Exception):
+    """The peer cannot help right now (refused, timed out, closed): drop it with backoff."""
+
+
+class Downgrade(Exception):
+    """The peer needs a simpler way of asking: reconnect at once in that mode."""
+
+
+class Closed(Exception):
+    """The peer closed the connection; ``partial`` bytes of a frame had arrived."""
+
+    def __init__(self, partial: int) -> None:
+        super().__init__("closed the connection")
+        self.partial = partial
+
+
+def describe(exc: BaseException) -> str:
+    """A short text for a low-level error, for logs."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+class Shell(Protocol):
+    """What a connection asks of the coordinator (which asks the planner, under its lock)."""
+
+    def going(self, session: Session) -> bool:
+        """The session should go on: not stopping, not banned, not evicted."""
+        ...
+
+    def complete(self) -> bool: ...
+
+    def request(self, session: Session, want: int) -> list[int]:
+        """Blocks to ask for (appended to ``session.outstanding``)."""
+        ...
+
+    def idle(self, session: Session) -> None:
+        """Nothing to ask for now: wait a little."""
+        ...
+
+    def depth(self, session: Session) -> int: ...
+
+    def response_timeout(self, session: Session) -> float: ...
+
+    def answered(self, session: Session) -> None: ...
+
+    def arrived(self, session: Session, i: int, body: memoryview) -> None:
+        """The body of block ``i`` (its length checked): verify, write, count; raises :class:`Offence`."""
+        ...
+
+    def lacked(self, session: Session, i: int) -> None: ...
+
+    def throttle(self, length: int) -> None:
+        """Hold the download rate limit (may sleep)."""
+        ...
+
+    def adopt(self, session: Session, sock: socket.socket) -> None:
+        """Make a fresh connection the session's; raises :class:`Drop` for ourselves or when stopping."""
+        ...
+
+    def release_socket(self, session: Session) -> None:
+        """The session's connection is closed (nothing to evict any more)."""
+        ...
+
+
+class Reader:
+    """Buffered reads of block responses from one socket, without trusting one ``recv``."""
+
+    __slots__ = ("buf", "deadline", "hi", "lo", "mv", "scratch", "sock")
+
+    def __init__(self, sock: socket.socket | None, block_size: int) -> None:
+        self.sock: socket.socket = sock  # type: ignore[assignment]  # set by reset() before use
+        small = block_size <= READ_BUFFER // 2
+        self.buf = bytearray(max(READ_BUFFER, min(READ_BUFFER_MAX, 16 * block_size)) if small else READ_BUFFER)
+        self.mv = memoryview(self.buf)
+        self.lo = 0
+        self.hi = 0
+        # Bodies larger than half the read buffer are read straight into this.
+        self.scratch = None if small else memoryview(bytearray(block_size))
+        # time.monotonic() by which the current response must be complete: a
+        # socket timeout alone bounds one recv, and a byte a second never trips it.
+        # Real time, not the injected clock: it sets socket timeouts.
+        self.deadline = float("inf")
+
+    def _left(self) -> None:
+        """Give the next recv what is left of the response's deadline; raises TimeoutError when none is."""
+        if self.deadline != float("inf"):
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("response deadline passed")
+            self.sock.settimeout(left)
+
+    def reset(self, sock: socket.socket) -> None:
+        """Read from a new connection, keeping the buffers."""
+        self.sock = sock
+        self.lo = self.hi = 0
+
+    def _fill(self, n: int, exact: bool = False) -> None:
+        """Make at least ``n`` (<= the buffer's size) bytes available from ``lo``; ``exact`` reads no more."""
+        if self.hi - self.lo >= n:
+            return
+        if len(self.buf) - self.lo < n:
+            size = self.hi - self.lo
+            self.mv[:size] = self.mv[self.lo : self.hi]
+            self.lo, self.hi = 0, size
+        recv_into, mv = self.sock.recv_into, self.mv
+        while self.hi - self.lo < n:
+            self._left()
+            got = recv_into(mv[self.hi : self.lo + n] if exact else mv[self.hi :])
+            if not got:
+                raise Closed(self.hi - self.lo)
+            self.hi += got
+
+    def header(self) -> tuple[int, int]:
+        """The next response header: (status, the body length the peer claims)."""
+        # With large blocks, read just the header: the body then goes straight
+        # into the block buffer instead of through this one (one copy less).
+        self._fill(BLOCK_RESPONSE_HEADER_SIZE, exact=self.scratch is not None)
+        status, length = unpack_block_response_header_from(self.buf, self.lo)
+        self.lo += BLOCK_RESPONSE_HEADER_SIZE
+        return status, length
+
+    def body(self, n: int) -> memoryview:
+        """The next ``n`` bytes; the view is valid until the next read."""
+        if n <= len(self.buf) // 2 or self.scratch is None:
+            if n > len(self.buf):
+                raise Offence(f"sent a {n}-byte message")
+            self._fill(n)
+            view = self.mv[self.lo : self.lo + n]
+            self.lo += n
+            return view
+        scratch = self.scratch
+        have = min(self.hi - self.lo, n)
+        scratch[:have] = self.mv[self.lo : self.lo + have]
+        self.lo += have
+        if self.lo == self.hi:
+            self.lo = self.hi = 0
+        recv_into = self.sock.recv_into
+        while have < n:
+            self._left()
+            got = recv_into(scratch[have:n])
+            if not got:
+                raise Closed(have + 1)
+            have += got
+        return scratch[:n]
+
+
+class Connection:
+    """Runs one session: requests out, responses in, over one connection or one per request.
+
+    Raises :class:`Offence`, :class:`Drop`, :class:`Downgrade`, :class:`Closed`
+    or ``OSError`` when the session must end; returns when it ends normally
+    (the download is complete, or the peer turned out to serve one request
+    per connection: the coordinator reconnects in that mode).
+    """
+
+    def __init__(
+        self,
+        shell: Shell,
+        session: Session,
+        cf: CascadeFile,
+        connect_timeout: float,
+    ) -> None:
+        self.shell = shell
+        self.session = session
+        self.cf = cf
+        self.connect_timeout = connect_timeout
+        self.reader = Reader(None, cf.block_size)
+        self._hash = cf.cascade_hash
+        # Responses read on this connection (for the keep-open probe).
+        self.responses = 0
+
+    def run(self, first: socket.socket) -> None:
+        """Talk to the peer over ``first`` (already connected), then reconnecting as needed."""
+        self.shell.adopt(self.session, first)
+        if self.session.peer.keepopen is False:
+            self._one_per_connection(first)
+        else:
+            self._pipelined(first)
+
+    def _request(self, i: int) -> bytes:
+        return pack_block_request(i, self._hash, keep_open=not self.session.peer.plain)
+
+    def _closes_after_one(self) -> bool:
+        """The keep-open probe: a first connection that ends right after one response.
+
+        Such a server serves one request per connection: True (and so
+        recorded) when this failure is that, else False.
+        """
+        peer = self.session.peer
+        if self.responses == 1 and peer.keepopen is None:
+            peer.keepopen = False
+            return True
+        return False
+
+    def _pipelined(self, sock: socket.socket) -> None:
+        """Kept-open connection with requests in flight; switches the peer to one per connection if it closes."""
+        shell, session = self.shell, self.session
+        out, reader = session.outstanding, self.reader
+        reader.reset(sock)
+        while shell.going(session):
+            # The first request goes alone: a server that closes after each
+            # response then never has unread requests (which would make it reset).
+            depth = shell.depth(session) if self.responses else 1
+            if len(out) <= depth // 2:
+                batch = shell.request(session, depth - len(out))
+                if batch:
+                    try:
+                        sock.sendall(b"".join([self._request(i) for i in batch]))
+                    except OSError as exc:
+                        if self._closes_after_one():
+                            return
+                        raise Drop(f"send failed: {describe(exc)}") from exc
+            if not out:
+                if shell.complete():
+                    return
+                shell.idle(session)  # nothing this peer can give us right now
+                continue
+            timeout = shell.response_timeout(session)
+            reader.deadline = time.monotonic() + timeout
+            try:
+                self._read_response()
+            except (Closed, ConnectionResetError, TimeoutError) as exc:
+                clean = not isinstance(exc, Closed) or exc.partial == 0
+                if clean and self._closes_after_one():
+                    return
+                if isinstance(exc, Closed) and exc.partial == 0 and self.responses >= 2:
+                    return  # closed between responses (an idle or per-connection limit): reconnect at once
+                if isinstance(exc, TimeoutError):
+                    raise Drop(f"no whole response within {timeout:.1f} s") from exc
+                raise
+            self.responses += 1
+            if self.responses == 2:
+                session.peer.keepopen = True
+
+    def _one_per_connection(self, first: socket.socket | None) -> None:
+        """One connection per request, for servers that close after each response (``first``: already open)."""
+        shell, session, reader = self.shell, self.session, self.reader
+        while shell.going(session):
+            batch = shell.request(session, 1)
+            if not batch:
+                if shell.complete():
+                    return
+                shell.idle(session)
+                continue
+            sock = first or self._connect()
+            first = None
+            timeout = 0.0
+            try:
+                sock.sendall(self._request(batch[0]))
+                reader.reset(sock)
+                timeout = shell.response_timeout(session)
+                reader.deadline = time.monotonic() + timeout
+                self._read_response()
+            except TimeoutError as exc:
+                raise Drop(f"no whole response within {timeout:.1f} s") from exc
+            finally:
+                shell.release_socket(session)
+                sock.close()
+
+    def _connect(self) -> socket.socket:
+        """A blocking connect, for a peer known to be alive (one connection per request)."""
+        try:
+            sock = socket.create_connection(self.session.peer.addr, timeout=self.connect_timeout)
+        except OSError as exc:
+            raise Drop(f"cannot connect: {describe(exc)}") from exc
+        self.shell.adopt(self.session, sock)
+        return sock
+
+    def _read_response(self) -> None:
+        """Read the response to the oldest request in flight and act on it."""
+        shell, session, reader = self.shell, self.session, self.reader
+        peer = session.peer
+        i = session.outstanding[0]
+        status, length = reader.header()
+        if not peer.answered and status in (BlockStatus.OK, BlockStatus.NOT_PRESENT):
+            shell.answered(session)
+        if status == BlockStatus.OK:
+            # The one length check on a block's path: before its body is read.
+            expected = self.cf.block_length(i)
+            if length != expected:
+                raise Offence(f"announced {length} bytes for block {i}, which has {expected}")
+            shell.arrived(session, i, reader.body(length))
+            shell.throttle(length)
+        elif status == BlockStatus.NOT_PRESENT:
+            if length > MAX_MESSAGE:
+                raise Offence(f"sent a {length}-byte message")
+            reader.body(length)
+            shell.lacked(session, i)
+        elif status == BlockStatus.BAD_REQUEST and not peer.plain:
+            # Our request is well-formed, so the server must have choked on the KEEPOPEN
+            # marker in the reserved bytes: go on with plain requests, one per connection.
+            peer.plain = True
+            peer.keepopen = False
+            raise Downgrade("rejected a KEEPOPEN request; using plain requests")
+        elif status in (BlockStatus.INVALID_HASH, BlockStatus.OUT_OF_RANGE, BlockStatus.BAD_REQUEST):
+            message = bytes(reader.body(length)).decode("utf-8", "replace") if length <= MAX_MESSAGE else ""
+            raise Drop(f"answered status {status}: {message[:200]}")
+        else:
+            raise Offence(f"sent an unknown status {status}")
+
+
+ConnectDone = tuple[PeerAddr, socket.socket | None, str]
+
+
+class Connector:
+    """Non-blocking connects to many addresses at once, each with its own deadline.
+
+    A dead address costs a socket and a selector slot until it is refused
+    or its deadline passes, never a thread or a session slot. Deadlines are
+    real time (``now``, default ``time.monotonic``), like the sockets'.
+    """
+
+    def __init__(self, now: Callable[[], float] = time.monotonic) -> None:
+        self._sel = selectors.DefaultSelector()
+        self._pending: dict[socket.socket, tuple[PeerAddr, float]] = {}
+        self._now = now
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def start(self, addr: PeerAddr, timeout: float) -> str | None:
+        """Begin connecting to ``addr``; an error text when it failed at once, else None."""
+        try:
+            sock = socket.socket(socket.AF_INET6 if ":" in addr[0] else socket.AF_INET, socket.SOCK_STREAM)
+        except OSError as exc:
+            return describe(exc)
+        sock.setblocking(False)
+        try:
+            err = sock.connect_ex(addr)
+        except OSError as exc:  # a name that does not resolve, an address of the wrong family
+            sock.close()
+            return describe(exc)
+        if err not in (0, errno.EINPROGRESS, errno.EAGAIN):
+            sock.close()
+            return os.strerror(err)
+        self._pending[sock] = (addr, self._now() + timeout)
+        self._sel.register(sock, selectors.EVENT_WRITE)
+        return None
+
+    def poll(self, timeout: float) -> list[ConnectDone]:
+        """Wait up to ``timeout`` s; returns (addr, connected blocking socket or None, error) per finished connect."""
+        done: list[ConnectDone] = []
+        if not self._pending:
+            return done
+        for key, _events in self._sel.select(timeout):
+            sock = key.fileobj
+            assert isinstance(sock, socket.socket)
+            addr, _deadline = self._pending.pop(sock)
+            self._sel.unregister(sock)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                sock.close()
+                done.append((addr, None, os.strerror(err)))
+            else:
+                sock.setblocking(True)
+                done.append((addr, sock, ""))
+        now = self._now()
+        for sock, (addr, deadline) in list(self._pending.items()):
+            if deadline <= now:
+                del self._pending[sock]
+                self._sel.unregister(sock)
+                sock.close()
+                done.append((addr, None, "connect timed out"))
+        return done
+
+    def close(self) -> None:
+        """Abandon every pending connect."""
+        for sock in self._pending:
+            self._sel.unregister(sock)
+            sock.close()
+        self._pending.clear()
+        self._sel.close()

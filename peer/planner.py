@@ -1,0 +1,869 @@
+"""The fetch planner: every decision of a download, as a sans-IO state machine.
+
+Like h11's ``Connection``, a :class:`Planner` is told what happened and says
+what to do. It holds no socket, file, thread or clock; its randomness comes
+from a ``random.Random`` passed in, and the time from the ``now`` each event
+carries. The shell around it (:mod:`peer.fetcher`, :mod:`peer.connection`)
+does the connecting, reading, writing and waiting, and calls it under one lock.
+
+Events (methods) and the actions they return:
+
+- :meth:`Planner.listed` / :meth:`Planner.list_failed`: a tracker reply (or
+  none); :meth:`Planner.relist_due` says when to ask again.
+- :meth:`Planner.next_connect` -> an address to connect to, or None;
+  :meth:`Planner.connect_failed`; :meth:`Planner.connected` -> a
+  :class:`Session` to run, or None (close the socket); :meth:`Planner.found_self`.
+- :meth:`Planner.request` -> the blocks to ask a session's peer for
+  (chosen by a replaceable policy function, :func:`choose_blocks`).
+- :meth:`Planner.answered`, :meth:`Planner.verified`,
+  :meth:`Planner.not_present`, :meth:`Planner.released`: what a response was.
+- :meth:`Planner.offence` -> True when the peer is now banned;
+  :meth:`Planner.failed`: a connection broke, timed out or was refused.
+- :meth:`Planner.session_ended`.
+- :meth:`Planner.tick` -> the session to evict (a far-too-slow peer), if any;
+  it also switches between file order and random order.
+  :meth:`Planner.stall` -> the error line once no block came for too long.
+
+Blocks: a block is handed out at random from a *window*, the next
+``window_size`` missing blocks in file order, a quarter of the file
+(``SWARM_WINDOW``): wide enough that fetchers hold different blocks and trade
+them, narrow enough that the whole-file hash follows behind the download.
+While a single peer answers us, blocks go out strictly in file order
+(``sequential``). When none is left the endgame begins: a peer may be asked
+for blocks other peers are still sending, and the first verified copy wins.
+The lowest missing block holds up the whole-file hash: when it is late, a
+second peer is asked for it too (the head-of-file race).
+
+Peers: per peer the planner knows the blocks it lacks (answered "not present",
+forgotten after ``lack_ttl``) and, once peers exchange them, the blocks it
+holds (``PeerState.holds``); connect candidates are ranked (good, recently
+seen, never failed first), a huge tracker reply is sampled, unreachable
+addresses are set aside with a backoff, a far-too-slow peer gives its slot to
+an untried one, and a peer is banned after ``ban_after`` offences.
+"""
+
+from __future__ import annotations
+
+import random
+from array import array
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from cascade.backoff import Backoff
+
+PeerAddr = tuple[str, int]
+# What the tracker tells about a peer: (ip, port, good) or (ip, port, good, last_seen).
+PeerInfo = tuple[str, int, bool] | tuple[str, int, bool, int]
+
+# With several peers, blocks are picked at random among the next quarter of
+# the missing blocks: a trade-off between variety in the swarm and how much
+# whole-file hashing is left for the end.
+SWARM_WINDOW = 0.25
+# Peers whose last_seen falls in the same bucket of this many seconds count as
+# equally recent (arbitrary: finer ordering would only defeat the random spread).
+RECENT_BUCKET = 60
+# The ranking of candidates is rebuilt at least this often (arbitrary: backoffs of 0.2 s
+# and more expire about on time, while a ranking of thousands is not redone per connect).
+QUEUE_TTL = 0.25
+# A rate is measured over windows of at least this many seconds (arbitrary: long
+# enough to span several responses, short enough to follow a change).
+RATE_WINDOW = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class FetchPolicy:
+    """Limits and timeouts of one download; the defaults live here and nowhere else."""
+
+    max_peers: int = 8
+    # Give up when no block was verified for this long.
+    stall_timeout: float = 60.0
+    # Connects are non-blocking and run side by side (up to max_connecting), each
+    # with this deadline: a peer that does not answer a SYN in 1.5 s is not worth a slot.
+    connect_timeout: float = 1.5
+    max_connecting: int = 128
+    # Before a peer's throughput is known, its first whole response may take this long.
+    first_response_timeout: float = 4.0
+    # Once it is known, a whole response may take timeout_factor x its expected time, at least this.
+    min_response_timeout: float = 2.0
+    timeout_factor: float = 6.0
+    ban_after: int = 2
+    # A peer that failed is retried after backoff_min, doubling up to backoff_max, +-20 %.
+    backoff_min: float = 0.2
+    backoff_max: float = 10.0
+    # An address never reached (refused or ignored our connect) is left alone this long,
+    # doubling up to dead_retry_max: with thousands listed, retrying them soon crowds out
+    # the addresses not tried yet.
+    dead_retry: float = 5.0
+    dead_retry_max: float = 30.0
+    # Candidates kept at once (a huge tracker reply is sampled, best first), and
+    # addresses remembered as unreachable: memory stays bounded whatever the tracker sends.
+    max_candidates: int = 8192
+    max_dead: int = 65536
+    # Ask the tracker again after relist_min, doubling up to relist_max.
+    relist_min: float = 0.5
+    relist_max: float = 15.0
+    # With a free slot and no candidate left, ask again after relist_hungry; doubled
+    # while the lists bring no new address (see next_hungry_gap).
+    relist_hungry: float = 0.01
+    # A peer whose rate is below evict_ratio x the median of the others loses its
+    # slot to an untried candidate (judged after evict_after s, one per evict_every s).
+    evict_ratio: float = 0.125
+    evict_after: float = 2.0
+    evict_every: float = 1.0
+    evict_cooldown: float = 5.0
+    # Bytes per second over all connections; None for no limit.
+    max_download_rate: int | None = None
+    # A peer that answered "not present" is not asked for that block again for this long.
+    lack_ttl: float = 1.0
+    # The lowest missing block holds up the whole-file hash: when it has been in
+    # flight this long, a second peer is asked for it too (the head-of-file race).
+    # Twice target_latency: a healthy pipeline delivers it sooner.
+    head_late: float = 0.4
+    # Requests in flight per connection: enough for target_latency of data at the
+    # measured rate, within [2, max_depth] and at most inflight_bytes.
+    target_latency: float = 0.2
+    inflight_bytes: int = 8 << 20
+    max_depth: int = 128
+
+    @property
+    def peer_backoff(self) -> Backoff:
+        """When to retry a peer that failed: a connection refused, broken or timed out."""
+        return Backoff(self.backoff_min, 2.0, self.backoff_max, jitter=0.2)
+
+    @property
+    def dead_backoff(self) -> Backoff:
+        """When to retry an address that was never reached."""
+        return Backoff(self.dead_retry, 2.0, self.dead_retry_max)
+
+
+# --- per-peer state -----------------------------------------------------------
+
+
+@dataclass(eq=False, slots=True)
+class PeerState:
+    """What the planner knows about one peer across its connections."""
+
+    addr: PeerAddr
+    good: bool = False
+    # UNIX seconds the tracker last heard of it (0: unknown).
+    last_seen: int = 0
+    # A connect attempt is pending.
+    connecting: bool = False
+    # Why it was banned, for the final error line.
+    ban_reason: str = ""
+    # It answered a request (a block or "not present"): a live member of the swarm.
+    answered: bool = False
+    # Breaks ties between equal candidates at random (drawn from the planner's rng).
+    order: float = 0.0
+    sessions: int = 0
+    banned: bool = False
+    is_self: bool = False
+    offences: int = 0
+    failures: int = 0
+    next_try: float = 0.0
+    connected_once: bool = False
+    # How to talk to it, learnt by the connection layer and kept across connections:
+    # None until known, True once a connection answered twice, False for servers
+    # that close after each response; plain: send requests without the KEEPOPEN marker.
+    keepopen: bool | None = None
+    plain: bool = False
+    # Blocks and bytes delivered, folded in from its sessions.
+    blocks: int = 0
+    bytes: int = 0
+    not_present: int = 0
+    # Blocks in flight on any of its sessions (endgame never asks one peer twice).
+    own: set[int] = field(default_factory=set)
+    # Known to lack (answered "not present" since lacks_since) ...
+    lacks: set[int] = field(default_factory=set)
+    lacks_since: float = 0.0
+    # ... and known to hold: one byte per block, None while unknown (the peers'
+    # block maps will fill it in; a good peer, a seeder, holds every block).
+    holds: bytearray | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.addr[0]}:{self.addr[1]}"
+
+
+@dataclass(eq=False, slots=True)
+class Session:
+    """One connection's worth of talking to a peer: its requests in flight and its measured rate."""
+
+    peer: PeerState
+    outstanding: deque[int] = field(default_factory=deque)
+    started: float = 0.0
+    # Its slot was given to an untried peer (see pick_evictee): not a failure of the peer.
+    evicted: bool = False
+    # Throughput in bytes/s, 0 until measured over a window of at least RATE_WINDOW.
+    rate: float = 0.0
+    win_start: float = 0.0
+    win_bytes: int = 0
+    blocks: int = 0
+    bytes: int = 0
+    not_present: int = 0
+
+
+# --- blocks -------------------------------------------------------------------
+
+
+class Blocks:
+    """The block side of the plan: what is verified, missing, in flight; O(1) per block.
+
+    ``inflight`` counts the outstanding requests per block; ``rest`` holds the
+    blocks missing at the start in file order, ``cursor`` how far they were
+    handed out; ``window`` and ``rare`` the blocks to draw from at random
+    (``rare``: blocks some peer lacked, probably rare in the swarm).
+    """
+
+    def __init__(self, have: bytearray, head_late: float) -> None:
+        self.have = have
+        count = self.block_count = len(have)
+        self.verified = have.count(1)
+        self.rest = array("I" if count < 1 << 32 else "Q", [i for i, v in enumerate(have) if not v])
+        self.cursor = 0
+        self.window: list[int] = []
+        self.rare: list[int] = []
+        self.window_size = len(self.rest)
+        # In file order while a single peer serves us.
+        self.sequential = True
+        self.inflight: dict[int, int] = {}
+        # The lowest block not verified yet, where the whole-file hash waits; since when, and
+        # whether a second copy was asked for.
+        self.head = -1  # set by the first pick
+        self.head_since = 0.0
+        self.head_raced = -1
+        self.head_late = head_late
+        self.endgame = False
+
+    @property
+    def complete(self) -> bool:
+        return self.verified == self.block_count
+
+    def release(self, i: int, lacked: bool = False) -> None:
+        """A request for block ``i`` ended without a copy (``lacked``: the peer has none)."""
+        c = self.inflight.get(i)
+        if c is None:
+            return
+        if c > 1:
+            self.inflight[i] = c - 1
+            return
+        del self.inflight[i]
+        if not self.have[i]:
+            (self.rare if lacked else self.window).append(i)
+
+
+# The block choice: (blocks, peer, want, now, rng) -> the blocks to ask ``peer`` for, recorded
+# as in flight. One function, so that a rarest-first choice replaces it whole.
+ChooseBlocks = Callable[[Blocks, PeerState, int, float, random.Random], list[int]]
+
+
+def choose_blocks(blocks: Blocks, peer: PeerState, want: int, now: float, rng: random.Random) -> list[int]:
+    """Up to ``want`` blocks for ``peer``: the late head first, then at random from the window, then the endgame."""
+    got: list[int] = []
+    window, inflight, lacks, have = blocks.window, blocks.inflight, peer.lacks, blocks.have
+    if not blocks.sequential and len(window) < blocks.window_size and blocks.cursor < len(blocks.rest):
+        take = min(blocks.window_size - len(window), len(blocks.rest) - blocks.cursor)
+        window.extend(blocks.rest[blocks.cursor : blocks.cursor + take])
+        blocks.cursor += take
+    _race_head(blocks, peer, got, now)
+    # Blocks some peer lacked go preferably to declared seeders, which have
+    # them all; other peers first try the blocks nobody has refused yet.
+    # (In sequential mode the window holds only blocks to retry.)
+    first, second = (blocks.rare, window) if peer.good else (window, blocks.rare)
+    _draw(first, want, got, lacks, have, inflight, rng)
+    _draw(second, want, got, lacks, have, inflight, rng)
+    if blocks.sequential:
+        rest, cursor, skipped = blocks.rest, blocks.cursor, 0
+        while len(got) < want and cursor < len(rest) and skipped < 64:
+            i = rest[cursor]
+            cursor += 1
+            if have[i]:
+                continue
+            if i in lacks:
+                # This peer lacks it: keep it for a retry and look further on.
+                window.append(i)
+                skipped += 1
+                continue
+            inflight[i] = inflight.get(i, 0) + 1
+            got.append(i)
+        blocks.cursor = cursor
+    if not window and not blocks.rare and blocks.cursor >= len(blocks.rest) and len(got) < want and inflight:
+        # Endgame: duplicate requests other peers have in flight, least-asked first.
+        blocks.endgame = True
+        # Not from this peer twice: neither a block in flight at it nor one picked just now.
+        own = peer.own | set(got) if got else peer.own
+        candidates = [(c, rng.random(), i) for i, c in inflight.items() if i not in own and i not in lacks]
+        candidates.sort()
+        for _c, _r, i in candidates[: want - len(got)]:
+            inflight[i] += 1
+            got.append(i)
+    return got
+
+
+def _race_head(blocks: Blocks, peer: PeerState, got: list[int], now: float) -> None:
+    """Ask ``peer`` too for the lowest missing block when it is late.
+
+    The whole-file hash cannot pass this block: a peer that sits on it (until
+    its response timeout, seconds) would leave the rest of the file to hash
+    after the download. One extra copy at most; amortised O(1).
+    """
+    have, count, head = blocks.have, blocks.block_count, max(blocks.head, 0)
+    while head < count and have[head]:
+        head += 1
+    if head != blocks.head:
+        blocks.head, blocks.head_since = head, now
+    if head >= count or head in peer.lacks or head in peer.own:
+        return
+    if blocks.inflight.get(head) == 1 and blocks.head_raced != head and now - blocks.head_since > blocks.head_late:
+        blocks.head_raced = head
+        blocks.inflight[head] = 2
+        got.append(head)
+
+
+def _draw(
+    pool: list[int],
+    want: int,
+    got: list[int],
+    lacks: set[int],
+    have: bytearray,
+    inflight: dict[int, int],
+    rng: random.Random,
+) -> None:
+    """Move random blocks from ``pool`` to ``got`` (and in flight) until ``want``, skipping ``lacks``."""
+    misses = 0
+    while len(got) < want and pool and misses < 16:
+        j = rng.randrange(len(pool))
+        i = pool[j]
+        if i in lacks:
+            misses += 1
+            continue
+        last = pool.pop()
+        if j < len(pool):
+            pool[j] = last
+        if have[i]:
+            continue
+        inflight[i] = inflight.get(i, 0) + 1
+        got.append(i)
+
+
+# --- choosing peers: small pure decisions ------------------------------------
+
+
+def candidate_rank(p: PeerState) -> tuple[int, bool, bool, int, float]:
+    """Sort key for connecting: least failures, peers that answered before, good, recently seen, random."""
+    return (p.failures + p.offences, not p.answered, not p.good, -(p.last_seen // RECENT_BUCKET), p.order)
+
+
+# A candidate from a tracker reply: address, good flag, last_seen, connects failed so far.
+Candidate = tuple[PeerAddr, bool, int, int]
+
+
+def sample_best(infos: list[Candidate], k: int, rng: random.Random | None = None) -> list[Candidate]:
+    """The ``k`` best new addresses of a tracker reply, at random among equals.
+
+    Never-failed first, then good, then recently seen. At random, so that a
+    tracker reply larger than ``k`` yields a different sample each time it is
+    asked for again, and the addresses not tried yet come before those that
+    failed before. Without ``rng``, a fresh unseeded one.
+    """
+    if len(infos) <= k:
+        return infos
+    rng = rng or random.Random()
+    # Grouped by rank rather than sorted: O(n) for the 65,536 records a reply may hold.
+    groups: dict[tuple[int, bool, int], list[Candidate]] = {}
+    for info in infos:
+        _addr, good, seen, failures = info
+        groups.setdefault((-failures, good, seen // RECENT_BUCKET), []).append(info)
+    out: list[Candidate] = []
+    for rank in sorted(groups, reverse=True):
+        group = groups[rank]
+        left = k - len(out)
+        if len(group) > left:
+            out += rng.sample(group, left)
+            break
+        rng.shuffle(group)
+        out += group
+    return out
+
+
+def next_hungry_gap(gap: float, new: int, downloading: bool, policy: FetchPolicy) -> float:
+    """How soon to ask the tracker again while a slot is free and no candidate is left.
+
+    Lists that brought ``new`` addresses are worth asking again at once;
+    others less and less: up to ``relist_min / 2`` while nothing downloads
+    (as before any peer is found), up to ``relist_max`` while a peer does.
+    """
+    if new:
+        return policy.relist_hungry
+    return min(policy.relist_max if downloading else policy.relist_min / 2, 2 * gap)
+
+
+def connect_budget(free_slots: int, pending: int, failure_streak: int, limit: int) -> int:
+    """How many more connects to start: one per free slot, plus one per recent failure.
+
+    A swarm full of dead addresses widens the fan-out (up to ``limit``
+    pending); a healthy one opens about as many connections as it can use.
+    """
+    if free_slots <= 0:
+        return 0
+    return max(0, min(limit, free_slots + failure_streak) - pending)
+
+
+def pick_evictee(sessions: Iterable[Session], now: float, policy: FetchPolicy) -> Session | None:
+    """The session to give up for an untried peer: far slower than the median of the others, or None.
+
+    Only sessions older than ``evict_after`` are judged; the median is over
+    those with a measured rate, and one that has not delivered a block yet
+    counts as rate 0.
+    """
+    judged = [s for s in sessions if not s.evicted and now - s.started >= policy.evict_after]
+    measured = sorted(s.rate for s in judged if s.rate > 0)
+    if len(judged) < 2 or not measured:
+        return None
+    median = measured[len(measured) // 2]
+    slowest = min(judged, key=lambda s: s.rate)
+    if slowest.rate < policy.evict_ratio * median:
+        return slowest
+    return None
+
+
+def banned_message(peers: list[PeerState], waited: str) -> str | None:
+    """The stall message when every peer that could be reached was banned, saying why; else None."""
+    reached = [p for p in peers if p.connected_once or p.banned]
+    if not reached or not all(p.banned for p in reached):
+        return None
+    shown = "; ".join(f"{p.name} {p.ban_reason}" for p in reached[:3])
+    more = f" (and {len(reached) - 3} more)" if len(reached) > 3 else ""
+    which = "its only peer was" if len(reached) == 1 else f"all {len(reached)} peers it reached were"
+    return f"no block arrived for {waited}: {which} banned: {shown}{more}"
+
+
+def is_local(ip: str) -> bool:
+    """An address of this machine (where a peer listing our own port is ourselves)."""
+    return ip.startswith("127.") or ip == "0.0.0.0"
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """What to do as time passes: ``evict`` a session (shut its connection), log a new block ``order``."""
+
+    evict: Session | None
+    # "file" or "random" when the block order just changed, with the peers that answer; else None.
+    order: tuple[str, int] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Verified:
+    """What a verified block changed: ``first`` copy of it, and the download is now ``complete``."""
+
+    first: bool
+    complete: bool
+
+
+# --- the planner ----------------------------------------------------------------
+
+
+class Planner:
+    """The decisions of one download: which blocks to ask whom for, whom to connect to, drop, ban or evict.
+
+    ``have`` is one byte per block, 1 for the blocks already verified (the
+    planner keeps its own copy). ``max_sessions`` is how many connections may
+    download at once; ``max_depth`` how many requests one may keep in flight.
+    Not thread-safe: the shell calls it under one lock.
+    """
+
+    def __init__(
+        self,
+        have: bytearray,
+        block_size: int,
+        policy: FetchPolicy,
+        rng: random.Random,
+        *,
+        max_sessions: int,
+        max_depth: int,
+        start: float,
+        my_port: int | None = None,
+        choose: ChooseBlocks = choose_blocks,
+    ) -> None:
+        self.policy = policy
+        self.rng = rng
+        self.blocks = Blocks(bytearray(have), policy.head_late)
+        self.block_size = block_size
+        self.max_sessions = max_sessions
+        self.max_depth = max_depth
+        self.my_port = my_port
+        self.choose = choose
+        self.peers: dict[PeerAddr, PeerState] = {}
+        # Addresses that refused or ignored a connect: address -> (retry at, failures), oldest first.
+        self.dead: OrderedDict[PeerAddr, tuple[float, int]] = OrderedDict()
+        self.sessions: set[Session] = set()
+        # Connects started and not finished.
+        self.pending = 0
+        # Connects failed in a row: widens the fan-out (see connect_budget).
+        self.streak = 0
+        self.ever_connected = False
+        self.list_error: str | None = None
+        self.started = start
+        self.last_progress = start
+        self.hungry_gap = policy.relist_hungry
+        self.relist_every = policy.relist_min
+        self.next_list = start
+        self.last_list = start - policy.relist_min
+        self.last_evict = float("-inf")
+        # Candidates ranked best last (see candidates); rebuilt when stale or marked dirty.
+        self._queue: list[PeerState] = []
+        self._queue_until = float("-inf")
+        self._queue_dirty = True
+
+    # --- state --------------------------------------------------------------
+
+    @property
+    def complete(self) -> bool:
+        return self.blocks.complete
+
+    @property
+    def sequential(self) -> bool:
+        """Blocks go out in file order (fewer than two peers answer us)."""
+        return self.blocks.sequential
+
+    def free_slots(self) -> int:
+        return self.max_sessions - len(self.sessions)
+
+    def depth(self, session: Session) -> int:
+        """Requests to keep in flight on ``session``: target_latency of data at its rate."""
+        if session.rate <= 0:
+            return min(4, self.max_depth)
+        d = int(session.rate * self.policy.target_latency / self.block_size) + 1
+        return max(2, min(self.max_depth, d))
+
+    def response_timeout(self, session: Session) -> float:
+        """How long the next whole response on ``session`` may take."""
+        pol = self.policy
+        if session.rate <= 0:
+            return pol.first_response_timeout
+        expected = len(session.outstanding) * self.block_size / session.rate
+        return max(pol.min_response_timeout, pol.timeout_factor * expected)
+
+    # --- the tracker ------------------------------------------------------------
+
+    def listed(self, peers: Iterable[PeerInfo], now: float) -> int:
+        """A tracker reply; returns how many addresses were new.
+
+        At most ``max_candidates`` are kept (the best, see :func:`sample_best`);
+        an address that failed recently is skipped until its retry time.
+        """
+        known, dead = self.peers, self.dead
+        fresh: list[Candidate] = []
+        seen: set[PeerAddr] = set()
+        for info in peers:
+            ip, port, good = info[0], info[1], info[2]
+            last_seen = info[3] if len(info) == 4 else 0
+            addr = (ip, port)
+            if port == 0:
+                continue
+            p = known.get(addr)
+            if p is not None:
+                p.good = p.good or good
+                p.last_seen = max(p.last_seen, last_seen)
+                continue
+            gone = dead.get(addr)
+            if (gone is not None and gone[0] > now) or addr in seen:
+                continue
+            seen.add(addr)
+            fresh.append((addr, good, last_seen, 0 if gone is None else gone[1]))
+        room = max(0, self.policy.max_candidates - len(known))
+        self._queue_dirty = True
+        for addr, good, last_seen, failures in sample_best(fresh, room, self.rng):
+            p = known[addr] = PeerState(addr, good, last_seen, failures=failures, order=self.rng.random())
+            dead.pop(addr, None)
+            if self.my_port is not None and addr[1] == self.my_port and is_local(addr[0]):
+                p.is_self = True
+        if self.list_error is not None:
+            self.list_error = None
+        return len(fresh)
+
+    def list_failed(self, message: str) -> None:
+        """The tracker could not be asked; ``message`` goes into the stall line."""
+        self.list_error = message
+
+    def hungry(self, now: float) -> bool:
+        """A slot is free, no candidate is left to try and more connects could start."""
+        return self.free_slots() > 0 and self.pending < self.policy.max_connecting and not self.candidates(now)
+
+    def relist_due(self, now: float) -> bool:
+        """Time to ask the tracker: on the doubling schedule, or hungry for candidates."""
+        return now >= self.next_list or (self.hungry(now) and now - self.last_list >= self.hungry_gap)
+
+    def relisted(self, new: int, now: float) -> None:
+        """The tracker was asked (``new`` addresses came back; 0 on an error): schedule the next time."""
+        pol = self.policy
+        self.last_list = now
+        self.next_list = now + self.relist_every
+        self.relist_every = min(pol.relist_max, self.relist_every * 2)
+        self.hungry_gap = next_hungry_gap(self.hungry_gap, new, bool(self.sessions), pol)
+
+    def begin(self, now: float) -> None:
+        """The download starts now: ask the tracker at once, unless candidates were given already."""
+        self.started = self.last_progress = now
+        self.next_list = now + self.relist_every if self.peers else now
+        self.last_list = now if self.peers else now - self.policy.relist_min
+
+    def wait_time(self, now: float, tick: float) -> float:
+        """How long the shell may wait before calling again (a relist may be due sooner)."""
+        wait = tick
+        if self.hungry(now):  # wait only until the tracker may be asked again
+            wait = max(0.0, min(wait, self.last_list + self.hungry_gap - now))
+        if self._queue and self.budget() > 0:
+            wait = 0.0  # next_connect stopped at the shell's batch: go on at once
+        return wait
+
+    # --- connecting -------------------------------------------------------------
+
+    def budget(self) -> int:
+        return connect_budget(self.free_slots(), self.pending, self.streak, self.policy.max_connecting)
+
+    def _eligible(self, p: PeerState, now: float) -> bool:
+        return not p.sessions and not p.connecting and not p.banned and not p.is_self and p.next_try <= now
+
+    def candidates(self, now: float) -> list[PeerState]:
+        """The eligible candidates, best last; ranked once, then consumed by next_connect.
+
+        Re-ranking thousands of candidates for each handful of connects costs
+        more than the connects: the ranking is rebuilt only when peers were
+        added or a session ended, or after QUEUE_TTL (backoffs expire).
+        """
+        if self._queue_dirty or now >= self._queue_until:
+            self._queue_dirty = False
+            self._queue_until = now + QUEUE_TTL
+            eligible = [p for p in self.peers.values() if self._eligible(p, now)]
+            self._queue = sorted(eligible, key=candidate_rank, reverse=True)
+        queue = self._queue
+        while queue and (self.peers.get(queue[-1].addr) is not queue[-1] or not self._eligible(queue[-1], now)):
+            queue.pop()
+        return queue
+
+    def next_connect(self, now: float) -> PeerAddr | None:
+        """The next address to connect to, best first, while the budget allows (see connect_budget)."""
+        if self.budget() <= 0:
+            return None
+        queue = self.candidates(now)
+        while queue:
+            p = queue.pop()
+            if self.peers.get(p.addr) is not p or not self._eligible(p, now):  # gone, or re-added anew
+                continue
+            p.connecting = True
+            self.pending += 1
+            return p.addr
+        return None
+
+    def connect_failed(self, addr: PeerAddr, now: float) -> None:
+        """A connect was refused or timed out: back off a known peer, set aside one never reached."""
+        p = self.peers.get(addr)
+        if p is None:
+            return
+        if p.connecting:
+            p.connecting = False
+            self.pending -= 1
+        self.streak = min(self.streak + 1, self.policy.max_connecting)
+        if p.connected_once or p.blocks:
+            self._backoff(p, now)
+            return
+        # Never reached: it leaves the candidates (a tracker may list thousands like it) for a
+        # small record that keeps it from being tried again before its retry time.
+        failures = p.failures + 1
+        del self.peers[p.addr]
+        self.dead[p.addr] = (now + self.policy.dead_backoff.delay(failures), failures)
+        self.dead.move_to_end(p.addr)
+        if len(self.dead) > self.policy.max_dead:
+            self.dead.popitem(last=False)
+
+    def connected(self, addr: PeerAddr, now: float, stopping: bool = False) -> Session | None:
+        """A connect succeeded: the session to run on it, or None (close it; the peer stays a candidate)."""
+        p = self.peers.get(addr)
+        if p is None:  # cannot happen: a connecting peer stays known
+            return None
+        if p.connecting:
+            p.connecting = False
+            self.pending -= 1
+        self.streak = 0
+        if self.free_slots() <= 0 or stopping:
+            # Another connect filled the slot first: it stays a candidate, untouched.
+            self._queue_dirty = True
+            return None
+        session = Session(p, started=now, win_start=now)
+        p.sessions += 1
+        self.sessions.add(session)
+        return session
+
+    def reached(self, session: Session) -> None:
+        """The session's connection is up and it is not ourselves."""
+        if not session.peer.connected_once:
+            session.peer.connected_once = True
+            self.ever_connected = True
+
+    def found_self(self, session: Session) -> None:
+        """The session's connection turned out to be to ourselves: never use that address."""
+        session.peer.is_self = True
+
+    # --- blocks ---------------------------------------------------------------
+
+    def request(self, session: Session, want: int, now: float) -> list[int]:
+        """Up to ``want`` blocks to ask the session's peer for (recorded as in flight on it)."""
+        peer = session.peer
+        if peer.lacks and now - peer.lacks_since > self.policy.lack_ttl:
+            peer.lacks.clear()
+        got = self.choose(self.blocks, peer, want, now, self.rng)
+        peer.own.update(got)
+        session.outstanding.extend(got)
+        return got
+
+    def have(self, i: int) -> bool:
+        """Block ``i`` is verified already (another copy won the endgame): the body is not written."""
+        return bool(self.blocks.have[i])
+
+    def answered(self, session: Session) -> bool:
+        """The peer answered a request (a block or "not present"); True the first time."""
+        peer = session.peer
+        if peer.answered:
+            return False
+        peer.answered = True
+        return True
+
+    def _received(self, session: Session, length: int, now: float) -> None:
+        session.win_bytes += length
+        elapsed = now - session.win_start
+        if elapsed >= RATE_WINDOW:
+            measured = session.win_bytes / elapsed
+            session.rate = measured if session.rate <= 0 else 0.5 * session.rate + 0.5 * measured
+            session.win_start, session.win_bytes = now, 0
+
+    def verified(self, session: Session, i: int, length: int, now: float) -> Verified:
+        """The response to the oldest request of ``session``, block ``i``, was verified and written."""
+        peer, blocks = session.peer, self.blocks
+        session.outstanding.popleft()
+        peer.own.discard(i)
+        blocks.inflight.pop(i, None)
+        first = not blocks.have[i]
+        if first:
+            blocks.have[i] = 1
+            blocks.verified += 1
+            self.last_progress = now
+            session.blocks += 1
+            session.bytes += length
+            peer.failures = 0
+        self._received(session, length, now)
+        return Verified(first, blocks.complete)
+
+    def duplicate(self, session: Session, i: int, length: int, now: float) -> None:
+        """The oldest request of ``session``, block ``i``, came back after another copy won."""
+        session.outstanding.popleft()
+        session.peer.own.discard(i)
+        self.blocks.release(i)
+        self._received(session, length, now)
+
+    def not_present(self, session: Session, i: int, now: float) -> None:
+        """The peer answered "not present" for the oldest request of ``session``, block ``i``."""
+        peer = session.peer
+        session.outstanding.popleft()
+        peer.own.discard(i)
+        self.blocks.release(i, lacked=True)
+        if not peer.lacks:
+            peer.lacks_since = now
+        peer.lacks.add(i)
+        session.not_present += 1
+
+    def idle(self, session: Session, now: float) -> None:
+        """Nothing could be asked of the session's peer: its rate window restarts."""
+        session.win_start = now
+        session.win_bytes = 0
+
+    # --- offences and failures ----------------------------------------------------
+
+    def offence(self, session: Session, reason: str, now: float) -> bool:
+        """The peer broke the protocol or sent bad data: True when it is now banned, else it backs off."""
+        peer = session.peer
+        peer.offences += 1
+        if peer.offences >= self.policy.ban_after:
+            peer.ban_reason = reason
+            peer.banned = True
+            return True
+        self._backoff(peer, now)
+        return False
+
+    def failed(self, session: Session, now: float) -> None:
+        """The session's connection was refused, broke or timed out (not evicted): back off its peer."""
+        self._backoff(session.peer, now)
+
+    def _backoff(self, peer: PeerState, now: float) -> None:
+        peer.failures += 1
+        peer.next_try = now + self.policy.peer_backoff.delay(peer.failures, self.rng)
+
+    def session_ended(self, session: Session) -> None:
+        """The session's connection is closed: its requests in flight go back to the others."""
+        peer = session.peer
+        while session.outstanding:
+            i = session.outstanding.popleft()
+            peer.own.discard(i)
+            self.blocks.release(i)
+        peer.blocks += session.blocks
+        peer.bytes += session.bytes
+        peer.not_present += session.not_present
+        peer.sessions -= 1
+        self.sessions.discard(session)
+        self._queue_dirty = True  # this peer may be a candidate again
+
+    # --- the passing of time ----------------------------------------------------------
+
+    def tick(self, now: float) -> Tick:
+        """Reconsider the block order and the slots."""
+        order = self._update_mode()
+        return Tick(self._evictee(now), order)
+
+    def _update_mode(self) -> tuple[str, int] | None:
+        """Random order over a window while two or more peers answer us, else file order.
+
+        Counted are peers with a connection open that answered a request (a
+        block or "not present"), not peers the tracker lists: finished
+        fetchers stay listed long after they exit, and a fetch from one live
+        seeder must not scatter its blocks (and leave the whole-file hash
+        behind) because of them.
+        """
+        live = sum(1 for p in {s.peer for s in self.sessions} if p.answered and not p.banned)
+        blocks = self.blocks
+        sequential = live < 2
+        if blocks.sequential == sequential:
+            return None
+        if not sequential:
+            blocks.window_size = max(4 * self.max_depth, int(len(blocks.rest) * SWARM_WINDOW))
+        blocks.sequential = sequential
+        return ("file" if sequential else "random", live)
+
+    def _evictee(self, now: float) -> Session | None:
+        """A far-too-slow peer whose slot should go to an untried candidate (see pick_evictee)."""
+        pol = self.policy
+        if now - self.last_evict < pol.evict_every or self.free_slots() > 0:
+            return None
+        if not any(not p.connected_once and not p.failures for p in self.candidates(now)):
+            return None
+        victim = pick_evictee(self.sessions, now, pol)
+        if victim is None:
+            return None
+        self.last_evict = now
+        victim.evicted = True
+        victim.peer.next_try = now + pol.evict_cooldown
+        return victim
+
+    def stall(self, now: float) -> str | None:
+        """The error line when no block was verified for ``stall_timeout``; else None."""
+        if now - self.last_progress <= self.policy.stall_timeout:
+            return None
+        t = f"{self.policy.stall_timeout:g} s"
+        if self.list_error and not self.peers:
+            return f"{self.list_error} (for {t})"
+        usable = [p for p in self.peers.values() if not p.is_self]
+        if not usable and not self.dead:
+            return f"no peers for this file within {t}"
+        if not self.ever_connected:
+            return f"none of {len(usable) + len(self.dead)} peers could be reached within {t}"
+        return banned_message(usable, t) or f"no block arrived for {t} from {len(usable)} known peers"
