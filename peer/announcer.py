@@ -19,31 +19,25 @@ serves on whatever they answer.
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from cascade.addresses import TrackerAddress
+from cascade.backoff import Backoff
 from cascade.errors import CascadeError, TrackerRefused
 from cascade.wire import TrackerCommand
+from peer.clock import REAL_CLOCK, Clock
 from peer.common import DEFAULT_ANNOUNCE_INTERVAL
 from peer.tracker_client import announce
 
+__all__ = ["AnnounceFn", "Announcer", "Backoff"]
+
 log = logging.getLogger("peer.announcer")
 
-
-@dataclass(frozen=True, slots=True)
-class Backoff:
-    """Retry delays: ``initial`` seconds, times ``factor`` after each failure, at most ``cap``."""
-
-    initial: float = 1.0
-    factor: float = 2.0
-    cap: float = 30.0
-
-    def delay(self, failures: int) -> float:
-        """The wait after ``failures`` consecutive failures (``failures >= 1``)."""
-        return min(self.cap, self.initial * self.factor ** max(0, failures - 1))
+# Subscribes are retried after 1 s, doubling up to 30 s.
+DEFAULT_BACKOFF = Backoff(initial=1.0, factor=2.0, cap=30.0)
 
 
 DEFAULT_INTERVAL = DEFAULT_ANNOUNCE_INTERVAL
@@ -67,10 +61,11 @@ class Announcer:
         port: int,
         *,
         interval: float = DEFAULT_INTERVAL,
-        backoff: Backoff = Backoff(),
+        backoff: Backoff = DEFAULT_BACKOFF,
         timeout: float = ANNOUNCE_TIMEOUT,
         announce_fn: AnnounceFn = announce,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock = REAL_CLOCK,
+        rng: random.Random | None = None,
     ) -> None:
         if isinstance(trackers, TrackerAddress):
             trackers = [trackers]
@@ -84,6 +79,7 @@ class Announcer:
                 timeout=timeout,
                 announce_fn=announce_fn,
                 clock=clock,
+                rng=rng,
             )
             for t in dict.fromkeys(trackers)  # each tracker once, in order
         ]
@@ -153,10 +149,11 @@ class _Schedule:
         port: int,
         *,
         interval: float = DEFAULT_INTERVAL,
-        backoff: Backoff = Backoff(),
+        backoff: Backoff = DEFAULT_BACKOFF,
         timeout: float = ANNOUNCE_TIMEOUT,
         announce_fn: AnnounceFn = announce,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock = REAL_CLOCK,
+        rng: random.Random | None = None,
     ) -> None:
         self.tracker = tracker
         self.announce_ip = announce_ip
@@ -166,6 +163,8 @@ class _Schedule:
         self.timeout = timeout
         self._announce = announce_fn
         self._clock = clock
+        # Jitters the backoff when it asks for jitter.
+        self._rng = rng or random.Random()
         self._due: dict[bytes, float] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -217,7 +216,7 @@ class _Schedule:
         with self._lock:
             hashes = list(self._due)
             self._due.clear()
-        deadline = time.monotonic() + STOPPED_BUDGET
+        deadline = time.monotonic() + STOPPED_BUDGET  # real: it bounds real HTTP requests
         for done, cascade_hash in enumerate(hashes):
             left = deadline - time.monotonic()
             if left <= 0:
@@ -239,15 +238,15 @@ class _Schedule:
                 self._announce_due()
                 with self._lock:
                     next_due = min(self._due.values(), default=None)
-                wait = None if next_due is None else max(0.0, next_due - self._clock())
+                wait = None if next_due is None else max(0.0, next_due - self._clock.now())
                 if wait is None or wait > 0:
-                    self._wake.wait(wait)
+                    self._clock.wait(self._wake, wait)
                 self._wake.clear()
         except Exception:
             log.exception("announcer failed; the tracker will no longer be told about this peer")
 
     def _announce_due(self) -> None:
-        now = self._clock()
+        now = self._clock.now()
         with self._lock:
             due = [h for h, t in self._due.items() if t <= now]
         for cascade_hash in due:
@@ -264,13 +263,13 @@ class _Schedule:
                     log.warning("%s", exc)
             except Exception as exc:  # any bad reply (even a bug it hits): one line, retry; never stop
                 self._failures += 1
-                delay = self.backoff.delay(self._failures)
+                delay = self.backoff.delay(self._failures, self._rng)
                 message = str(exc) if isinstance(exc, CascadeError) else f"announce failed: {exc!r}"
                 if self._failures == 1 or message != self._last_failure:
                     log.warning("%s; still serving, retrying with backoff", message)
                 self._last_failure = message
                 # Every hash waits: one unreachable tracker is not worth a timeout per file.
-                retry_at = self._clock() + delay
+                retry_at = self._clock.now() + delay
                 with self._lock:
                     for h in due:
                         self._due[h] = retry_at
@@ -282,7 +281,7 @@ class _Schedule:
                 log.debug("subscribed %s at tracker %s", cascade_hash.hex()[:16], self.tracker)
             with self._lock:
                 if cascade_hash in self._due:
-                    self._due[cascade_hash] = self._clock() + self.interval
+                    self._due[cascade_hash] = self._clock.now() + self.interval
 
     def _tracker_answered(self) -> None:
         if self._failures:

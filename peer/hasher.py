@@ -15,9 +15,6 @@ log = logging.getLogger("peer.fetch")
 
 # Bytes re-read per step (arbitrary: large enough that syscalls vanish, the same as localdata's chunks).
 CHUNK = 4 << 20
-# While caught up, the thread looks again this often even when not woken (a safety net:
-# a wake-up is due once per ``batch`` blocks).
-IDLE_POLL = 0.05
 
 
 class PrefixHasher:
@@ -87,7 +84,9 @@ class PrefixHasher:
                     progress.clear()
                     self.wake_at = min(store.verified_count + self.batch, store.cf.block_count)
                     if not self._advance(buf):
-                        self.clock.wait(progress, IDLE_POLL)
+                        # No timeout: block_verified, abandon and finish all set the event, and
+                        # with a virtual clock a polling wait would move the time on by itself.
+                        self.clock.wait(progress, None)
         except OSError as exc:
             self.error = exc
 

@@ -593,7 +593,9 @@ class Planner:
 
     def relist_due(self, now: float) -> bool:
         """Time to ask the tracker: on the doubling schedule, or hungry for candidates."""
-        return now >= self.next_list or (self.hungry(now) and now - self.last_list >= self.hungry_gap)
+        # Written as the time it falls due, exactly as wait_time computes it (a difference
+        # of floats could stay a hair short of the gap however often the time is read).
+        return now >= self.next_list or (self.hungry(now) and now >= self.last_list + self.hungry_gap)
 
     def relisted(self, new: int, now: float) -> None:
         """The tracker was asked (``new`` addresses came back; 0 on an error): schedule the next time."""
