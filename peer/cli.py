@@ -15,7 +15,13 @@ from typing import Any
 
 from cascade import __version__
 from cascade.command import EXIT_OK, OneLineErrorParser, run_command
-from peer.common import DEFAULT_ANNOUNCE_INTERVAL, DEFAULT_FETCH_TIMEOUT, DEFAULT_LISTEN, BlockServerConfig
+from peer.common import (
+    DEFAULT_ANNOUNCE_INTERVAL,
+    DEFAULT_FETCH_TIMEOUT,
+    DEFAULT_LISTEN,
+    DEFAULT_MAX_PEERS,
+    BlockServerConfig,
+)
 
 _SERVER = BlockServerConfig()
 
@@ -124,7 +130,13 @@ def _add_fetch_parser(subparsers: Any) -> None:
     )
     p.add_argument("--announce-ip", metavar="IP", help="IPv4 address to announce to the tracker")
     p.add_argument("--seed", action="store_true", help="keep serving, as a seeder, after the download completes")
-    p.add_argument("--max-peers", type=int, default=8, metavar="N", help="peers to download from at once (8)")
+    p.add_argument(
+        "--max-peers",
+        type=int,
+        default=DEFAULT_MAX_PEERS,
+        metavar="N",
+        help=f"peers to download from at once ({DEFAULT_MAX_PEERS})",
+    )
     p.add_argument(
         "--timeout",
         type=float,

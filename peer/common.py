@@ -19,14 +19,16 @@ from types import FrameType
 from cascade.addresses import is_specific_ipv4
 from cascade.errors import Interrupted as Interrupted  # its old home; the class lives in the tree
 from cascade.errors import UsageError
+from peer.planner import FetchPolicy
 
 DEFAULT_LISTEN = "0.0.0.0:6666"
 # The tracker forgets a peer after 150 s by default (tracker/swarms.py): 60 s
 # lets one announce go missing before a live seeder drops out of the lists,
 # for about 17 announces/s per 1000 seeded files at the tracker. README "Tracker".
 DEFAULT_ANNOUNCE_INTERVAL = 60.0
-# peer fetch gives up when no block arrives for this long.
-DEFAULT_FETCH_TIMEOUT = 60.0
+# peer fetch's defaults are FetchPolicy's (written there only).
+DEFAULT_FETCH_TIMEOUT = FetchPolicy().stall_timeout
+DEFAULT_MAX_PEERS = FetchPolicy().max_peers
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import SplitResult, unquote, urlsplit
 
+from cascade.backoff import Backoff
 from cascade.errors import (
     DataError,
     MetafileError,
@@ -50,7 +51,9 @@ CONNECT_TIMEOUT = 5.0
 READ_TIMEOUT = 30.0
 # Retries of one HTTP call on connection errors and 502/503/504 (never on a 4xx).
 RETRIES = 2
-BACKOFF = 0.2  # seconds before the first retry, doubling after
+# urllib3 retries the first time at once, then after 0.2 s, doubling (its factor is fixed at 2);
+# the cap is urllib3's default, 120 s.
+HTTP_BACKOFF = Backoff(initial=0.2, factor=2.0, cap=120.0)
 
 _CASCADE_PATH = re.compile(r"^(.*)/cascades/([0-9a-fA-F]{64})\.cascade$")
 
@@ -82,7 +85,8 @@ def http_session(retries: int = RETRIES) -> requests.Session:
         connect=retries,
         read=1,
         status=retries,
-        backoff_factor=BACKOFF,
+        backoff_factor=HTTP_BACKOFF.initial,
+        backoff_max=HTTP_BACKOFF.cap,
         status_forcelist=(502, 503, 504),
         # An announce or an upload of the same bytes may safely be repeated.
         allowed_methods=frozenset({"GET", "HEAD", "PUT", "POST"}),

@@ -73,10 +73,13 @@ def test_one_connection_per_request_with_a_closing_server(tmp_path: Path) -> Non
 def test_server_that_answers_one_request_per_connection(tmp_path: Path) -> None:
     _, cf = make_file(tmp_path, "d.bin", 100_000, 4096)
     with doubles(cf, tmp_path / "d.bin", "once") as servers:
-        started = time.monotonic()
-        fetch_in_process(cf, tmp_path / "out", servers)
-    # One first-response timeout (1 s here) to learn it, then one connection per request.
-    assert time.monotonic() - started < 8
+        fetcher = fetch_in_process(cf, tmp_path / "out", servers)
+    # One first-response timeout (1 s here) to learn it, then one connection per request: the
+    # planner's record of the peer says so, and the peer was never dropped for being slow.
+    # (How long it takes is a bench matter, not a test's: see README "Tests".)
+    (peer,) = fetcher.planner.peers.values()
+    assert peer.keepopen is False and peer.failures == 0
+    assert fetcher.partial_result(0).blocks_downloaded == cf.block_count
 
 
 @pytest.mark.loopback
@@ -91,12 +94,13 @@ def test_server_that_rejects_the_keepopen_marker(tmp_path: Path) -> None:
 def test_silent_peer_holds_no_block_hostage(tmp_path: Path) -> None:
     _, cf = make_file(tmp_path, "d.bin", 200_000, 4096)
     with doubles(cf, tmp_path / "d.bin", "silent", "close") as servers:
-        started = time.monotonic()
         fetcher = fetch_in_process(cf, tmp_path / "out", servers, FetchPolicy(first_response_timeout=30.0))
-    # The endgame re-asks the blocks the silent peer sits on; nobody waits for its 30 s timeout.
-    assert time.monotonic() - started < 10
-    silent = f"127.0.0.1:{servers[0].address[1]}"
+    # The endgame re-asks the blocks the silent peer sits on; nobody waits for its 30 s timeout:
+    # the download completed with the silent peer never timed out (no failure counted).
+    silent_addr = servers[0].address[:2]
+    silent = f"127.0.0.1:{silent_addr[1]}"
     assert silent not in fetcher.partial_result(0).sources
+    assert fetcher.planner.peers[("127.0.0.1", silent_addr[1])].failures == 0
 
 
 @pytest.mark.loopback
