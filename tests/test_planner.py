@@ -230,3 +230,12 @@ def test_the_block_choice_is_one_replaceable_function() -> None:
     p.choose = last_first
     s = session(p, 1)
     assert p.request(s, 4, T0) == [63] and list(s.outstanding) == [63] and s.peer.own == {63}
+
+
+def test_peer_backoff_is_jittered_by_the_planners_seeded_random() -> None:
+    backoff = FetchPolicy().peer_backoff
+    delays = [backoff.delay(n, random.Random(3)) for n in (1, 2, 3, 12)]
+    assert delays == [backoff.delay(n, random.Random(3)) for n in (1, 2, 3, 12)]  # seeded: reproducible
+    for got, plain in zip(delays, (0.2, 0.4, 0.8, 10.0), strict=True):
+        assert 0.8 * plain <= got <= 1.2 * plain
+    assert backoff.delay(3) == pytest.approx(0.8)  # no random given: no jitter
