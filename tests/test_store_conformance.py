@@ -243,17 +243,31 @@ def test_swarm_cap_refuses_new_swarms_until_one_expires(store: Harness) -> None:
     assert s.counters().errors.get("swarms_full") == 1
 
 
-def test_a_full_swarm_drops_its_least_recently_seen_peer(store: Harness) -> None:
+def test_a_full_swarm_drops_a_stale_peer_first(store: Harness) -> None:
     s = store.open(max_peers_per_swarm=3)
-    for port in (1, 2, 3):
-        s.announce(H1, "10.0.0.1", port, subscribe=port == 2)
-        store.clock.now += 1
-    s.announce(H1, "10.0.0.1", 1, subscribe=False)  # 1 is seen again: 2 is now the oldest
-    store.clock.now += 1
+    s.announce(H1, "10.0.0.1", 1, subscribe=True)
+    store.clock.now += 100  # more than half the default TTL (150 s): peer 1 has most likely left
+    s.announce(H1, "10.0.0.1", 2, subscribe=True)
+    s.announce(H1, "10.0.0.1", 3, subscribe=False)
     s.announce(H1, "10.0.0.1", 4, subscribe=False)
     summary = s.swarm(H1)
-    assert summary is not None and {p.port for p in summary.peers} == {1, 3, 4}
+    assert summary is not None and {p.port for p in summary.peers} == {2, 3, 4}
     assert s.counters().errors.get("peers_evicted") == 1
+
+
+def test_a_full_swarm_of_fresh_peers_drops_a_listed_only_peer_then_a_random_one(store: Harness) -> None:
+    s = store.open(max_peers_per_swarm=4)
+    s.announce(H1, "10.0.0.1", 1, subscribe=True)  # the honest seeder, there first
+    s.announce(H1, "10.0.0.9", 2, subscribe=False)  # a fetcher that only listed
+    store.clock.now += 1
+    for port in range(10, 14):  # fresh fake subscriptions fill the swarm and overflow it
+        s.announce(H1, "10.0.0.66", port, subscribe=True)
+    summary = s.swarm(H1)
+    assert summary is not None and len(summary.peers) == 4
+    # Room was made from the listed-only peer, then at random among the fresh ones: never
+    # by dropping the oldest (the seeder) as the whole of the rule.
+    assert 2 not in {p.port for p in summary.peers}
+    assert s.counters().errors.get("peers_evicted") == 2
 
 
 def test_allow_list(store: Harness) -> None:

@@ -113,7 +113,7 @@ def test_memory_is_bounded_by_the_limits() -> None:
     for port in range(100):
         reg.announce(H1, "10.0.0.1", port, subscribe=False)
     peers = reg.peers(H1)
-    assert peers is not None and sorted(p.port for p in peers) == list(range(90, 100))  # oldest evicted
+    assert peers is not None and len(peers) == 10 and 99 in {p.port for p in peers}  # the newcomer got room
     reg.announce(H2, "10.0.0.1", 1, subscribe=False)
     reg.announce(bytes(32), "10.0.0.1", 1, subscribe=False)
     with pytest.raises(AnnounceRefused) as info:

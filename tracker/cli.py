@@ -99,7 +99,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         _int_at_least(1),
         _DEFAULT_LIMITS.max_peers_per_swarm,
         "N",
-        "peers kept per swarm; the least recently seen makes room (default %(default)s)",
+        "peers kept per swarm; a stale, else a random one makes room (default %(default)s)",
     )
     number(
         "--max-total-peers",

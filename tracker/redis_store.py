@@ -121,14 +121,20 @@ if ARGV[3] == '1' and not is_good then
   is_good = true
 end
 if not known and redis.call('ZCARD', good) + redis.call('ZCARD', plain) >= tonumber(ARGV[9]) then
-  -- the swarm is full: the least recently seen peer makes room
+  -- the swarm is full: the least recently seen peer makes room if it is stale (not seen for
+  -- half the TTL), else a random listed-only peer, else a random seeder (as SwarmRegistry does:
+  -- the oldest members are the honest seeders a flood of fake subscriptions would push out)
+  local stale = (tonumber(ARGV[4]) + cutoff) / 2
   local g = redis.call('ZRANGE', good, 0, 0, 'WITHSCORES')
   local p = redis.call('ZRANGE', plain, 0, 0, 'WITHSCORES')
-  if #p == 0 or (#g > 0 and tonumber(g[2]) <= tonumber(p[2])) then
-    redis.call('ZREM', good, g[1])
-  else
-    redis.call('ZREM', plain, p[1])
+  local zkey, victim = good, nil
+  if #p > 0 and (#g == 0 or tonumber(p[2]) < tonumber(g[2])) then zkey, victim = plain, p end
+  if victim == nil then victim = g end
+  if tonumber(victim[2]) >= stale then
+    if #p > 0 then zkey = plain else zkey = good end
+    victim = redis.call('ZRANDMEMBER', zkey, 1)
   end
+  redis.call('ZREM', zkey, victim[1])
   redis.call('HINCRBY', KEYS[7], 'peers_evicted', 1)
 end
 local mine = plain

@@ -19,7 +19,7 @@ How a swarm is kept, and why:
   swarms per request (swarms are ordered by last activity too). Expiry is
   O(1) amortized and never scans.
 * Memory is bounded by :class:`SwarmLimits`: swarms, peers per swarm (the
-  least recently seen peer makes room) and peers in total.
+  stale or else a random peer makes room) and peers in total.
 
 A peer is keyed by its 6 bytes "IPv4 + port", exactly the start of its wire
 record, so the hot path never converts addresses to text.
@@ -66,7 +66,7 @@ class SwarmLimits:
     peer_ttl: float = 150.0
     max_peers: int = 50  # records per reply
     max_swarms: int = 50_000
-    max_peers_per_swarm: int = 10_000  # beyond it the least recently seen peer makes room
+    max_peers_per_swarm: int = 10_000  # beyond it a stale, else a random peer makes room
     max_total_peers: int = 500_000  # beyond it new peers are refused until some expire
 
 
@@ -305,7 +305,7 @@ class SwarmRegistry:
                     is_good = False
             else:
                 if len(seen) >= limits.max_peers_per_swarm:
-                    self._evict_oldest(cascade_hash, sw)
+                    self._make_room(cascade_hash, sw, now)
                 elif self._peer_count >= limits.max_total_peers:
                     self._sweep(now, 16)
                     if self._peer_count >= limits.max_total_peers:
@@ -367,8 +367,17 @@ class SwarmRegistry:
         if self._track:
             self._changes[(cascade_hash, key)] = None
 
-    def _evict_oldest(self, cascade_hash: bytes, sw: _Swarm) -> None:
-        key, _ = sw.seen.popitem(last=False)
+    def _make_room(self, cascade_hash: bytes, sw: _Swarm, now: float) -> None:
+        """A full swarm drops one peer for a newcomer: the least recently seen one if it is stale
+        (not seen for half the TTL, so it has most likely left), else a random listed-only peer,
+        else a random seeder. Never simply the oldest: the oldest members are the honest seeders
+        that were there first, and a flood of fake subscriptions would push exactly them out.
+        """
+        key, last = next(iter(sw.seen.items()))
+        if last >= now - self.limits.peer_ttl / 2:
+            group = sw.plain if sw.plain.keys else sw.good
+            key = group.keys[int(self._rnd() * len(group.keys))]
+        del sw.seen[key]
         self._drop(cascade_hash, sw, key)
         self._errors["peers_evicted"] += 1
 
