@@ -1,11 +1,11 @@
 """The fault bench (issue 9, section 7): the fault suite of ``tests/`` at full size, as counts.
 
-    python -m bench.faults                   # full size (about a minute or two)
-    python -m bench.faults --quick           # reduced sizes, seconds
+    python -m bench.faults                   # full size (a few minutes)
+    python -m bench.faults --quick           # reduced sizes
     python -m bench.faults --only kill hostile
     python -m bench --only faults            # the same, as a case of the whole bench
 
-Parts, each printed as one JSON line with ``tried``, ``failed``,
+Parts, each printing one JSON line per scenario with ``tried``, ``failed``,
 ``blocks_lost`` and ``bytes_wrong`` (and what else it measured):
 
 - ``kill``: SIGKILL ``peer fetch`` at 20 seeded random moments of one
@@ -15,11 +15,21 @@ Parts, each printed as one JSON line with ``tried``, ``failed``,
 - ``hostile``: every row of :data:`tests.hostile.BEHAVIOURS` beside one
   honest seeder, with the default fetch policy. A row fails when the fetch
   does not complete with the right bytes or the hostile peer kept a block.
-- ``dead-peers``: one honest seeder listed among 10,000 dead peers (most
-  refuse the connection, some accept nothing and let it time out).
-- ``flood``: 1,000 idle and 200 slowloris connections held open against
-  ``peer seed``, then 20 real block requests; a request fails when it gets
-  no right answer within ``REQUEST_DEADLINE``.
+- ``dead-peers``: ``peer fetch`` processes beside one honest ``peer seed``:
+  ``dead-peers``, a real tracker with 10,000 subscribed addresses that refuse
+  (9,800) or never answer a SYN (200, listeners with a full backlog);
+  ``huge-reply``, a fake tracker whose every reply holds the same 65,535
+  records, all dead but the honest seeder's, last. Each run also times a
+  fetch from the seeder alone (``dead_peer_cost_seconds`` is the difference).
+  The target is completion with the right bytes within 15 s of the start.
+- ``tricklers``: 16 peers that send a valid header and then a byte a second,
+  subscribed after the honest seeder (so they look more recent).
+- ``flood``: against ``peer seed``, 520 idle connections (8 over its cap),
+  then 1,000 idle + 100 slowloris writers (a request sent one byte every
+  2 s) + 100 slowloris readers (four kept-open requests, then one byte read
+  every 2 s); each first reopening every connection the server closes, then
+  one-shot. Meanwhile 20 real block requests, each on a fresh connection
+  with a 5 s timeout, one every 0.25 s; one fails when it gets no right answer.
 
 Everything listens on 127.0.0.1; every process is stopped by its PID; the
 data lives in a temporary folder removed at the end.
@@ -32,33 +42,51 @@ import contextlib
 import json
 import random
 import re
+import selectors
 import shutil
 import socket
+import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bench.data import make_file
+from bench.procs import Child
 from cascade.errors import CascadeError
 from cascade.metafile import CascadeFile, parse_cascade
-from cascade.wire import BLOCK_MAGIC, BlockResponseReader
+from cascade.wire import (
+    BLOCK_RESPONSE_HEADER_SIZE,
+    BlockRequest,
+    BlockStatus,
+    PeerRecord,
+    unpack_block_response_header_from,
+)
 from peer.fetcher import Fetcher, FetchPolicy
 from peer.localdata import check_data, create_metafile
 from peer.server import BlockServer, BlockServerConfig
 from peer.storage import BlockStore
-from tests.doubles import Swarm, last_json
-from tests.hostile import BEHAVIOURS, PROTOCOL_BREAKERS, black_holes, fetch_beside
+from peer.tracker_client import TrackerAddress
+from tests.doubles import (
+    FakeTracker,
+    Swarm,
+    TrickleServer,
+    hanging_addresses,
+    last_json,
+    refused_addresses,
+    subscribe_all,
+)
+from tests.hostile import BEHAVIOURS, PROTOCOL_BREAKERS, fetch_beside
 
 MiB = 1 << 20
-PARTS = ("kill", "hostile", "dead-peers", "flood")
+PARTS = ("kill", "hostile", "dead-peers", "tricklers", "flood")
 PROGRESS = re.compile(r"^progress (\d+) (\d+)")
 WAIT = 120.0  # seconds any single wait may take before a part gives up
-REQUEST_DEADLINE = 10.0  # seconds a real block request may take during the flood
 
 
 @dataclass(frozen=True)
@@ -72,15 +100,17 @@ class Sizes:
     hostile_size: int
     hostile_block: int
     hostile_rate: int
-    dead_peers: int
+    dead_peers: int  # subscribed at a real tracker (which holds 10,000 per swarm at most)
+    huge_reply: int  # records in every reply of the fake tracker (65,535: the most a reply can hold)
     dead_size: int
+    dead_runs: int  # runs of each dead-peer and trickler scenario
     flood_idle: int
     flood_slowloris: int
     flood_requests: int
 
 
-FULL = Sizes(128 * MiB, 256 << 10, 20, "32M", 64 * MiB, 256 << 10, 64 * MiB, 10_000, 16 * MiB, 1000, 200, 20)
-QUICK = Sizes(16 * MiB, 64 << 10, 5, "8M", 8 * MiB, 64 << 10, 16 * MiB, 1000, 4 * MiB, 100, 20, 5)
+FULL = Sizes(128 * MiB, 256 << 10, 20, "32M", 64 * MiB, 256 << 10, 64 * MiB, 10_000, 65_535, 8 * MiB, 2, 1000, 200, 20)
+QUICK = Sizes(16 * MiB, 64 << 10, 5, "8M", 8 * MiB, 64 << 10, 16 * MiB, 1000, 5000, 4 * MiB, 1, 100, 20, 5)
 
 
 def data_file(folder: Path, name: str, size: int, block: int) -> tuple[Path, Path, CascadeFile]:
@@ -277,152 +307,366 @@ def _honest_only(data: Path, cf: CascadeFile, out: Path, policy: FetchPolicy, ra
     return seconds
 
 
-# --- dead peers: one honest seeder among thousands that are gone ---------------------------------
+# --- dead peers and tricklers: real processes, one honest seeder among peers that cannot help ------
 
 
-# One in this many dead peers accepts nothing and lets the connection time out
-# (a machine that vanished); the others refuse at once (a process that exited).
-# Arbitrary: both kinds exist in real swarms.
-BLACK_HOLE_EVERY = 100
+# Dead peers that let a connect hang (listeners with a full backlog, like a machine that
+# vanished); the others refuse at once (a process that exited). Arbitrary: both kinds exist.
+HANGING = 200
+FETCH_TIMEOUT = 60.0  # the fetch's own --timeout: far above the 15 s target, so a slow fetch is measured
+TRICKLERS = 16
 
 
-def part_dead_peers(work: Path, sizes: Sizes) -> dict[str, Any]:
-    data, _, cf = data_file(work / "dead", "d.bin", sizes.dead_size, 256 << 10)
-    out = work / "dead-out.bin"
-    policy = FetchPolicy()
-    holes = sizes.dead_peers // BLACK_HOLE_EVERY
-    rng = random.Random(5)
-    with black_holes(holes) as hole_addrs, honest_seeder(data, cf, None) as server:
-        # Refusing peers: port 1 on addresses all over 127.0.0.0/8, where nothing listens.
-        refused = {
-            (f"127.{rng.randrange(1, 255)}.{rng.randrange(256)}.{rng.randrange(1, 255)}", 1)
-            for _ in range(sizes.dead_peers * 2)
-        }
-        dead = [(ip, port, True) for ip, port in hole_addrs]
-        dead += [(ip, port, True) for ip, port in sorted(refused)[: sizes.dead_peers - holes]]
-        rng.shuffle(dead)
-        peers = [*dead, (*server.address, True)]
-        complete, seconds, error = _fetch(cf, out, peers, policy)
-        _, baseline, _ = _fetch(cf, work / "dead-baseline.bin", [(*server.address, True)], policy)
+def _fetch_process(swarm: Swarm, cascade: Path, data: Path, out: Path, tracker: str) -> dict[str, Any]:
+    """One ``peer fetch`` process asking ``tracker``: wall time, its own seconds, and what went wrong."""
+    start = time.monotonic()
+    proc = swarm.start(
+        "peer", "fetch", str(cascade), "--out", str(out), "--tracker", tracker,
+        "--listen", "127.0.0.1:0", "--json", "--timeout", f"{FETCH_TIMEOUT:g}",
+    )  # fmt: skip
+    try:
+        rc: int | None = proc.wait(FETCH_TIMEOUT + 30)
+    except subprocess.TimeoutExpired:
+        rc = None
+    wall = time.monotonic() - start
+    proc.stop()
+    doc = last_json(proc) if rc == 0 else {}
+    errors = [line for line in proc.stderr.splitlines() if "error" in line]
+    return {
+        "wall_s": round(wall, 3),
+        "fetch_s": doc.get("seconds"),
+        "ok": rc == 0 and doc.get("complete") is True,
+        "bytes_wrong": bytes_wrong(data, out),
+        "error": errors[-1] if errors else None,
+    }
+
+
+def _runs_doc(variant: str, runs: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    """The counts of several fetch runs of one scenario (a run fails when incomplete or wrong)."""
+    failed = [r for r in runs if not r["ok"] or r["bytes_wrong"]]
     doc: dict[str, Any] = {
         "case": "faults",
-        "variant": "dead-peers",
-        "tried": 1,
-        "failed": int(not complete),
-        "blocks_lost": 0,
-        "bytes_wrong": bytes_wrong(data, out),
-        "dead_peers": len(dead),
-        "black_holes": holes,
-        "seconds": round(seconds, 2),
-        "honest_only_seconds": round(baseline, 2),
-        "dead_peer_cost_seconds": round(seconds - baseline, 2),
-        "size_MiB": cf.data_length // MiB,
+        "variant": variant,
+        "tried": len(runs),
+        "failed": len(failed),
+        "blocks_lost": 0,  # nothing verified exists before these fetches
+        "bytes_wrong": sum(r["bytes_wrong"] for r in runs),
+        "max_wall_s": max(r["wall_s"] for r in runs),
+        **extra,
+        "runs": runs,
     }
-    if error:
-        doc["error"] = error
+    if "baseline_wall_s" in runs[0]:
+        doc["honest_only_seconds"] = max(r["baseline_wall_s"] for r in runs)
+        doc["dead_peer_cost_seconds"] = round(max(r["wall_s"] - r["baseline_wall_s"] for r in runs), 2)
     return doc
+
+
+def _dead_at_tracker(work: Path, sizes: Sizes) -> dict[str, Any]:
+    """A real tracker with ``dead_peers`` subscribed addresses that refuse or hang, then one honest seeder.
+
+    The tracker holds 10,000 peers per swarm at most, so the seeder's address
+    is announced again last, as its periodic announce would.
+    """
+    runs = []
+    for run in range(sizes.dead_runs):
+        folder = work / f"tracker{run}"
+        data, cascade, cf = data_file(folder, "d.bin", sizes.dead_size, 256 << 10)
+        swarm = Swarm(folder)
+        with contextlib.ExitStack() as stack:
+            stack.callback(swarm.stop)
+            swarm.start_tracker()
+            _, seeder_port = swarm.seeder(cascade, cf)
+            baseline = _fetch_process(swarm, cascade, data, folder / "baseline", swarm.tracker)
+            tracker = TrackerAddress("127.0.0.1", swarm.tracker_port)
+            dead = refused_addresses(stack, sizes.dead_peers - HANGING, ports=40) + hanging_addresses(stack, HANGING)
+            subscribe_all(tracker, cf.cascade_hash, dead)
+            subscribe_all(tracker, cf.cascade_hash, [("127.0.0.1", seeder_port)])
+            r = _fetch_process(swarm, cascade, data, folder / "out", swarm.tracker)
+            r["baseline_wall_s"] = baseline["wall_s"]
+            runs.append(r)
+    return _runs_doc("dead-peers", runs, dead_peers=sizes.dead_peers, hanging=HANGING, size_MiB=sizes.dead_size // MiB)
+
+
+def _huge_reply(work: Path, sizes: Sizes) -> dict[str, Any]:
+    """A fake tracker whose every reply holds the same ``huge_reply`` records, the honest seeder last."""
+    runs = []
+    for run in range(sizes.dead_runs):
+        folder = work / f"huge{run}"
+        data, cascade, cf = data_file(folder, "d.bin", sizes.dead_size, 256 << 10)
+        swarm = Swarm(folder)
+        with contextlib.ExitStack() as stack:
+            stack.callback(swarm.stop)
+            swarm.start_tracker()  # the seeder needs a tracker to start; the fetch asks the fake one
+            _, seeder_port = swarm.seeder(cascade, cf)
+            baseline = _fetch_process(swarm, cascade, data, folder / "baseline", swarm.tracker)
+            hanging = hanging_addresses(stack, HANGING)
+            dead = refused_addresses(stack, sizes.huge_reply - 1 - HANGING, ports=256) + hanging
+            now = int(time.time())
+            records = [PeerRecord(ip, port, now, True) for ip, port in dead]
+            records.append(PeerRecord("127.0.0.1", seeder_port, now, True))
+            fake = FakeTracker(records).start()
+            stack.callback(fake.stop)
+            r = _fetch_process(swarm, cascade, data, folder / "out", f"127.0.0.1:{fake.address[1]}")
+            r["baseline_wall_s"] = baseline["wall_s"]
+            r["tracker_requests"] = fake.requests
+            runs.append(r)
+    return _runs_doc("huge-reply", runs, records=sizes.huge_reply, size_MiB=sizes.dead_size // MiB)
+
+
+def part_dead_peers(work: Path, sizes: Sizes) -> list[dict[str, Any]]:
+    return [_dead_at_tracker(work, sizes), _huge_reply(work, sizes)]
+
+
+def part_tricklers(work: Path, sizes: Sizes) -> list[dict[str, Any]]:
+    """16 peers that send a valid header and then a byte a second, subscribed after the honest seeder."""
+    runs = []
+    for run in range(sizes.dead_runs):
+        folder = work / f"trickle{run}"
+        data, cascade, cf = data_file(folder, "d.bin", sizes.dead_size, 256 << 10)
+        swarm = Swarm(folder)
+        with contextlib.ExitStack() as stack:
+            stack.callback(swarm.stop)
+            swarm.start_tracker()
+            swarm.seeder(cascade, cf)
+            tricklers = []
+            for _ in range(TRICKLERS):
+                t = TrickleServer(cf).start()
+                stack.callback(t.stop)
+                tricklers.append(t)
+            # Subscribed after the seeder, so they look more recent and are tried first.
+            tracker = TrackerAddress("127.0.0.1", swarm.tracker_port)
+            subscribe_all(tracker, cf.cascade_hash, [t.address for t in tricklers])
+            r = _fetch_process(swarm, cascade, data, folder / "out", swarm.tracker)
+            r["trickler_connections"] = sum(t.connections for t in tricklers)
+            runs.append(r)
+    return [_runs_doc("tricklers", runs, tricklers=TRICKLERS, size_MiB=sizes.dead_size // MiB)]
 
 
 # --- flood: idle and slowloris connections against peer seed, then real requests ---------------
 
 
-def _connect_many(port: int, n: int) -> list[socket.socket]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        s.settimeout(5)
+REAL_INTERVAL = 0.25  # seconds between real requests, so they meet the flood in every state
+REAL_TIMEOUT = 5.0  # seconds a real block request may take during the flood
+TRICKLE_INTERVAL = 2.0  # seconds between slowloris bytes (sent or read)
+RECONNECT_RATE = 2000  # reconnects per second at most: enough to hold the count, not to run out of ports
+
+
+@dataclass
+class FloodStats:
+    opened: int = 0
+    closed_by_server: int = 0
+    connect_failures: int = 0
+
+
+@dataclass
+class Flooder:
+    """Holds idle, slowloris-writer and slowloris-reader connections open in one thread until ``stop``.
+
+    A writer sends a 64-byte request one byte every ``TRICKLE_INTERVAL`` and
+    never its last byte; a reader sends four kept-open block requests, then
+    reads one byte every ``TRICKLE_INTERVAL`` through a 4 KiB receive buffer.
+    With ``reconnect``, every connection the server closes is reopened (at most
+    ``RECONNECT_RATE`` a second): the hardest case for a server that evicts.
+    """
+
+    port: int
+    request: bytes
+    keep_requests: bytes
+    reconnect: bool
+    stats: FloodStats = field(default_factory=FloodStats)
+    stop: threading.Event = field(default_factory=threading.Event)
+    sel: selectors.DefaultSelector = field(default_factory=selectors.DefaultSelector)
+    # socket -> (kind, bytes of the partial request sent so far)
+    socks: dict[socket.socket, list[object]] = field(default_factory=dict)
+    pending: list[str] = field(default_factory=list)
+
+    def open(self, kind: str) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if kind == "reader":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         try:
-            s.connect(("127.0.0.1", port))
+            sock.settimeout(2.0)
+            sock.connect(("127.0.0.1", self.port))
+            if kind == "writer":
+                sock.sendall(self.request[:1])
+            elif kind == "reader":
+                sock.sendall(self.keep_requests)
+            sock.setblocking(False)
         except OSError:
-            s.close()
-            continue
-        socks.append(s)
-    return socks
+            sock.close()
+            self.stats.connect_failures += 1
+            self.pending.append(kind)
+            return
+        self.stats.opened += 1
+        self.socks[sock] = [kind, 1]
+        if kind == "idle":
+            self.sel.register(sock, selectors.EVENT_READ)
+
+    def lost(self, sock: socket.socket) -> None:
+        kind = str(self.socks.pop(sock)[0])
+        if kind == "idle":
+            self.sel.unregister(sock)
+        sock.close()
+        self.stats.closed_by_server += 1
+        if self.reconnect:
+            self.pending.append(kind)
+
+    def run(self) -> None:
+        next_trickle = time.monotonic() + TRICKLE_INTERVAL
+        budget_at = time.monotonic()
+        budget = 0.0
+        while not self.stop.is_set():
+            for key, _ in self.sel.select(0.01):
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                try:
+                    if sock.recv(4096):
+                        continue
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    pass
+                self.lost(sock)
+            now = time.monotonic()
+            budget = min(RECONNECT_RATE / 10, budget + (now - budget_at) * RECONNECT_RATE)
+            budget_at = now
+            while self.pending and budget >= 1 and not self.stop.is_set():
+                budget -= 1
+                self.open(self.pending.pop())
+            if now >= next_trickle:
+                next_trickle = now + TRICKLE_INTERVAL
+                self.trickle()
+
+    def trickle(self) -> None:
+        for sock, state in list(self.socks.items()):
+            kind = state[0]
+            try:
+                if kind == "writer":
+                    sent = int(str(state[1]))
+                    sock.send(self.request[sent : sent + 1] if sent < len(self.request) - 1 else b"")
+                    state[1] = min(sent + 1, len(self.request) - 1)  # never the last byte
+                    if sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
+                        self.lost(sock)
+                elif kind == "reader" and sock.recv(1) == b"":
+                    self.lost(sock)
+            except BlockingIOError:
+                continue
+            except OSError:
+                if sock in self.socks:
+                    self.lost(sock)
+
+    def close(self) -> None:
+        for sock in self.socks:
+            sock.close()
+        self.sel.close()
 
 
-def _real_request(port: int, cf: CascadeFile, index: int, expected: bytes) -> tuple[bool, float]:
-    """One plain block request on a new connection: (right answer within the deadline, seconds)."""
-    started = time.monotonic()
-    request = BLOCK_MAGIC + bytes(16) + index.to_bytes(8, "big") + cf.cascade_hash
-    reader = BlockResponseReader(cf.block_size)
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise EOFError("closed without a full reply")
+        buf += chunk
+    return bytes(buf)
+
+
+def _real_request(port: int, index: int, cascade_hash: bytes, expected_length: int) -> tuple[float, bytes]:
+    """One block request on a fresh connection: (latency in seconds, body). Raises OSError or EOFError."""
+    t = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port), timeout=REAL_TIMEOUT) as sock:
+        sock.sendall(BlockRequest(index, cascade_hash, False).encode())
+        status, length = unpack_block_response_header_from(_recv_exact(sock, BLOCK_RESPONSE_HEADER_SIZE))
+        if status != BlockStatus.OK or length != expected_length:
+            raise EOFError(f"status {status}")
+        body = _recv_exact(sock, length)
+    return time.perf_counter() - t, body
+
+
+def _flood_scenario(work: Path, name: str, counts: dict[str, int], reconnect: bool, requests: int) -> dict[str, Any]:
+    data, cascade, cf = data_file(work, "d.bin", 8 * MiB, 256 << 10)
+    # Nothing listens at the tracker's address: the seeder serves all the same, and nothing else talks to it.
+    seed_args = ["seed", str(cascade), "--tracker", "127.0.0.1:9", "--listen", "127.0.0.1:0"]
+    seeder = Child.python(f"seed-{name}", ["-m", "peer", *seed_args], work)
+    flooder: Flooder | None = None
+    thread: threading.Thread | None = None
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=REQUEST_DEADLINE) as s:
-            s.sendall(request)
-            while time.monotonic() - started < REQUEST_DEADLINE:
-                chunk = s.recv(1 << 16)
-                if not chunk:
-                    break
-                reader.feed(chunk)
-                reply = reader.next()
-                if reply is not None:
-                    return reply.status == 0 and reply.body == expected, time.monotonic() - started
-    except (OSError, CascadeError):
-        pass
-    return False, time.monotonic() - started
-
-
-def part_flood(work: Path, sizes: Sizes) -> dict[str, Any]:
-    data, cascade, cf = data_file(work / "flood", "d.bin", 16 * MiB, 256 << 10)
-    swarm = Swarm(work)
-    stop = threading.Event()
-    idle: list[socket.socket] = []
-    slow: list[socket.socket] = []
-    results: list[tuple[bool, float]] = []
-    trickler: threading.Thread | None = None
-    try:
-        swarm.start_tracker()
-        seeder, port = swarm.seeder(cascade, cf)
-        idle = _connect_many(port, sizes.flood_idle)
-        slow = _connect_many(port, sizes.flood_slowloris)
-
-        def trickle() -> None:
-            # Each slowloris connection sends one byte of a valid request every half second.
-            request = BLOCK_MAGIC + bytes(16) + (0).to_bytes(8, "big") + cf.cascade_hash
-            for b in request:
-                for s in slow:
-                    with contextlib.suppress(OSError):
-                        s.send(bytes([b]))
-                if stop.wait(0.5):
-                    return
-
-        trickler = threading.Thread(target=trickle, daemon=True)
-        trickler.start()
-        rng = random.Random(3)
+        port = seeder.wait_listening()
+        keep = b"".join(BlockRequest(i, cf.cascade_hash, True).encode() for i in range(4))
+        flooder = Flooder(port, BlockRequest(0, cf.cascade_hash, False).encode(), keep, reconnect)
+        for kind, n in counts.items():
+            for _ in range(n):
+                flooder.open(kind)
+        thread = threading.Thread(target=flooder.run, daemon=True)
+        thread.start()
+        latencies: list[float] = []
+        failures: list[str] = []
+        wrong = 0
         with data.open("rb") as f:
-            for _ in range(sizes.flood_requests):
-                i = rng.randrange(cf.block_count)
-                f.seek(cf.block_offset(i))
-                results.append(_real_request(port, cf, i, f.read(cf.block_length(i))))
-        alive = seeder.popen.poll() is None
+            for i in range(requests):
+                index = i % cf.block_count
+                f.seek(cf.block_offset(index))
+                expected = f.read(cf.block_length(index))
+                try:
+                    latency, body = _real_request(port, index, cf.cascade_hash, len(expected))
+                except (OSError, EOFError) as exc:
+                    failures.append(type(exc).__name__)
+                else:
+                    latencies.append(latency)
+                    if body != expected:
+                        wrong += sum(1 for a, b in zip(body, expected, strict=True) if a != b)
+                        failures.append("wrong bytes")
+                time.sleep(REAL_INTERVAL)  # pacing the client, not waiting for the server
+        return {
+            "case": "faults",
+            "variant": f"flood-{name}" + ("" if reconnect else "-oneshot"),
+            "tried": requests,
+            "failed": len(failures),
+            "blocks_lost": 0,
+            "bytes_wrong": wrong,
+            "flood": counts,
+            "reconnect": reconnect,
+            "failures": sorted(set(failures)),
+            "max_latency_s": round(max(latencies), 4) if latencies else None,
+            "median_latency_s": round(statistics.median(latencies), 4) if latencies else None,
+            "within_1s": sum(1 for x in latencies if x <= 1.0),
+            "flood_held": len(flooder.socks),
+            "flood_opened": flooder.stats.opened,
+            "flood_closed_by_server": flooder.stats.closed_by_server,
+            "seeder_alive": seeder.poll() is None,
+        }
     finally:
-        stop.set()
-        if trickler is not None:
-            trickler.join(2)
-        for s in idle + slow:
-            s.close()
-        swarm.stop()
-    latencies = sorted(t for ok, t in results if ok)
-    return {
-        "case": "faults",
-        "variant": "flood",
-        "tried": len(results),
-        "failed": sum(not ok for ok, _ in results),
-        "blocks_lost": 0,
-        "bytes_wrong": 0,  # a wrong body counts as failed above
-        "idle_connected": len(idle),
-        "slowloris_connected": len(slow),
-        "seeder_alive": alive,
-        "max_request_seconds": round(latencies[-1], 3) if latencies else None,
-    }
+        if flooder is not None:
+            flooder.stop.set()
+        if thread is not None:
+            thread.join(5.0)
+        if flooder is not None:
+            flooder.close()
+        seeder.stop()
+
+
+def part_flood(work: Path, sizes: Sizes) -> list[dict[str, Any]]:
+    """Each flood scenario reconnecting, then one-shot (the flood does not reopen what the server closes)."""
+    # 520: 8 over the seeder's cap of 512 connections. Slowloris clients: half writers, half readers.
+    slow = sizes.flood_slowloris // 2
+    scenarios = {"idle520": {"idle": 520}, "full": {"idle": sizes.flood_idle, "writer": slow, "reader": slow}}
+    docs = []
+    for reconnect in (True, False):
+        for name, counts in scenarios.items():
+            folder = work / f"{name}-{'re' if reconnect else 'one'}"
+            folder.mkdir()
+            docs.append(_flood_scenario(folder, name, counts, reconnect, sizes.flood_requests))
+    return docs
 
 
 # --- entry points -------------------------------------------------------------------------
 
 
-RUNNERS: dict[str, Callable[[Path, Sizes], dict[str, Any]]] = {
-    "kill": part_kill,
-    "hostile": part_hostile,
+RUNNERS: dict[str, Callable[[Path, Sizes], list[dict[str, Any]]]] = {
+    "kill": lambda work, sizes: [part_kill(work, sizes)],
+    "hostile": lambda work, sizes: [part_hostile(work, sizes)],
     "dead-peers": part_dead_peers,
+    "tricklers": part_tricklers,
     "flood": part_flood,
 }
 
@@ -435,12 +679,13 @@ def run(work: Path, quick: bool, parts: tuple[str, ...] = PARTS, echo: bool = Tr
         folder = work / name
         folder.mkdir(parents=True, exist_ok=True)
         try:
-            doc = RUNNERS[name](folder, sizes)
+            found = RUNNERS[name](folder, sizes)
         except (OSError, CascadeError, TimeoutError, RuntimeError) as exc:
-            doc = {"case": "faults", "variant": name, "error": str(exc).splitlines()[0]}
-        docs.append(doc)
+            found = [{"case": "faults", "variant": name, "error": str(exc).splitlines()[0]}]
+        docs += found
         if echo:
-            print(json.dumps(doc), flush=True)
+            for doc in found:
+                print(json.dumps(doc), flush=True)
     return docs
 
 
@@ -448,7 +693,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m bench.faults", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--quick", action="store_true", help="reduced sizes, seconds")
+    p.add_argument("--quick", action="store_true", help="reduced sizes")
     p.add_argument("--only", nargs="+", choices=PARTS, metavar="PART", help=f"run only these: {', '.join(PARTS)}")
     p.add_argument("--tmp", default=tempfile.gettempdir(), help="folder for the temporary data")
     args = p.parse_args(argv)

@@ -1,8 +1,8 @@
 """A seeder under attack or losing its data: connection floods, slowloris, data files changed under it.
 
 In-process :class:`BlockServer` on 127.0.0.1 with small limits, so a flood of a
-few dozen connections shows what 1,000 would (``python -m bench.flood`` runs
-the full-size one against ``peer seed``).
+few dozen connections shows what 1,000 would (``python -m bench.faults --only flood``
+runs the full-size one against ``peer seed``).
 """
 
 from __future__ import annotations
