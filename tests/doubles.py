@@ -35,7 +35,7 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Self
 
 from cascade.metafile import CascadeFile, default_data_path, parse_cascade, read_cascade
 from cascade.wire import (
@@ -57,15 +57,14 @@ REPO = Path(__file__).resolve().parent.parent
 MODES = ("corrupt", "close", "silent", "once", "strict")
 
 
-class DoubleServer:
-    """A block server double on 127.0.0.1; ``start`` binds, ``stop`` closes everything."""
+class LoopbackServer:
+    """A listener on 127.0.0.1 (port 0) serving each connection in a thread; ``stop`` closes everything.
 
-    def __init__(self, mode: str, cf: CascadeFile, data_path: Path) -> None:
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}")
-        self.mode = mode
-        self.cf = cf
-        self.data_path = data_path
+    Subclasses write :meth:`_serve` for one connection; an ``OSError`` there
+    ends that connection, which is closed for them.
+    """
+
+    def __init__(self) -> None:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.listener.settimeout(0.2)
         self.address: tuple[str, int] = self.listener.getsockname()[:2]
@@ -73,9 +72,9 @@ class DoubleServer:
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._accept_loop, daemon=True)
-        self.requests = 0
+        self.connections = 0
 
-    def start(self) -> DoubleServer:
+    def start(self) -> Self:
         self._thread.start()
         return self
 
@@ -96,9 +95,39 @@ class DoubleServer:
                 continue
             except OSError:
                 return
-            with self._lock:
-                self._conns.append(conn)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+            self._accepted(conn)
+
+    def _accepted(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._conns.append(conn)
+            self.connections += 1
+        threading.Thread(target=self._connection, args=(conn,), daemon=True).start()
+
+    def _connection(self, conn: socket.socket) -> None:
+        try:
+            self._serve(conn)
+        except OSError:
+            return
+        finally:
+            with self._lock, contextlib.suppress(ValueError):
+                self._conns.remove(conn)
+            conn.close()
+
+    def _serve(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+
+class DoubleServer(LoopbackServer):
+    """A block server double on 127.0.0.1; ``start`` binds, ``stop`` closes everything."""
+
+    def __init__(self, mode: str, cf: CascadeFile, data_path: Path) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}")
+        super().__init__()
+        self.mode = mode
+        self.cf = cf
+        self.data_path = data_path
+        self.requests = 0
 
     def _serve(self, conn: socket.socket) -> None:
         conn.settimeout(10)
@@ -129,14 +158,9 @@ class DoubleServer:
                 conn.sendall(ok + body)
                 if self.mode in ("close", "strict"):
                     return  # close after every response
-        except OSError:
-            return
         finally:
             if fd >= 0:
                 os.close(fd)
-            with self._lock, contextlib.suppress(ValueError):
-                self._conns.remove(conn)
-            conn.close()
 
 
 # --- peers that cannot help: dead addresses and tricklers ------------------------
@@ -194,68 +218,28 @@ def hanging_addresses(stack: contextlib.ExitStack, n: int) -> list[tuple[str, in
     raise RuntimeError(f"could not fill the backlog of {unfilled}")
 
 
-class TrickleServer:
+class TrickleServer(LoopbackServer):
     """Accepts block requests and answers each with a valid header, then one body byte per ``interval`` s."""
 
     def __init__(self, cf: CascadeFile, interval: float = 1.0, data_path: Path | None = None) -> None:
+        super().__init__()
         self.cf = cf
         self.interval = interval
         self.data_path = data_path or Path(os.devnull)
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listener.settimeout(0.2)
-        self.address: tuple[str, int] = self.listener.getsockname()[:2]
-        self._stop = threading.Event()
-        self._conns: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._accept_loop, daemon=True)
-        self.connections = 0
-
-    def start(self) -> TrickleServer:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        with self._lock:
-            for c in self._conns:
-                with contextlib.suppress(OSError):
-                    c.shutdown(socket.SHUT_RDWR)
-        self._thread.join(2)
-        self.listener.close()
-
-    def _accept_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with self._lock:
-                self._conns.append(conn)
-                self.connections += 1
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
         conn.settimeout(10)
-        try:
-            request = _read_exact(conn, BLOCK_REQUEST_SIZE)
-            if request is None:
-                return
-            _magic, _marker, _rest, index, _hash = unpack_block_request_from(request)
-            length = self.cf.block_length(index) if index < self.cf.block_count else 1
-            conn.sendall(pack_block_response_header(BlockStatus.OK, length))
-            # Stop two bytes short, so that the block never completes (bounded by ``length``).
-            for _ in range(max(0, length - 2)):
-                if self._stop.wait(self.interval):
-                    return
-                conn.sendall(b"x")
-        except OSError:
+        request = _read_exact(conn, BLOCK_REQUEST_SIZE)
+        if request is None:
             return
-        finally:
-            with self._lock, contextlib.suppress(ValueError):
-                self._conns.remove(conn)
-            conn.close()
+        _magic, _marker, _rest, index, _hash = unpack_block_request_from(request)
+        length = self.cf.block_length(index) if index < self.cf.block_count else 1
+        conn.sendall(pack_block_response_header(BlockStatus.OK, length))
+        # Stop two bytes short, so that the block never completes (bounded by ``length``).
+        for _ in range(max(0, length - 2)):
+            if self._stop.wait(self.interval):
+                return
+            conn.sendall(b"x")
 
 
 class SlowServer(TrickleServer):
@@ -277,52 +261,28 @@ class SlowServer(TrickleServer):
                     pack_block_response_header(BlockStatus.OK, length)
                     + os.pread(fd, length, self.cf.block_offset(index))
                 )
-        except OSError:
-            return
         finally:
             os.close(fd)
-            with self._lock, contextlib.suppress(ValueError):
-                self._conns.remove(conn)
-            conn.close()
 
 
-class FakeTracker:
-    """A binary-protocol tracker that answers every request with the same ``records``, in their order."""
+class FakeTracker(LoopbackServer):
+    """A binary-protocol tracker that answers every request with the same ``records``, in their order.
+
+    It serves one connection at a time, in its accepting thread.
+    """
 
     def __init__(self, records: list[PeerRecord]) -> None:
+        super().__init__()
         self.reply = PeerList(tuple(records)).encode()
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listener.settimeout(0.2)
-        self.address: tuple[str, int] = self.listener.getsockname()[:2]
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
         self.requests = 0
 
-    def start(self) -> FakeTracker:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(2)
-        self.listener.close()
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with conn:
-                conn.settimeout(5)
-                try:
-                    if _read_exact(conn, TRACKER_REQUEST_SIZE) is not None:
-                        self.requests += 1
-                        conn.sendall(self.reply)
-                except OSError:
-                    continue
+    def _accepted(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(5)
+            with contextlib.suppress(OSError):
+                if _read_exact(conn, TRACKER_REQUEST_SIZE) is not None:
+                    self.requests += 1
+                    conn.sendall(self.reply)
 
 
 def subscribe_all(tracker: TrackerAddress, cascade_hash: bytes, addresses: list[tuple[str, int]]) -> None:

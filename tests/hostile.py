@@ -10,13 +10,12 @@ each response, answers once per connection, rejects ``KEEPOPEN``) live in
 
 from __future__ import annotations
 
-import contextlib
 import random
 import select
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from peer.fetcher import Fetcher, FetchPolicy, FetchResult, Progress
 from peer.localdata import check_data
 from peer.server import BlockServer, BlockServerConfig
 from peer.storage import BlockStore
+from tests.doubles import LoopbackServer
 
 # How a behaviour answers one request: (conn, index, the block's right bytes, stop event,
 # seconds between bytes for the trickling one).
@@ -122,54 +122,31 @@ class HostileStats:
     first_close: float | None = None
 
 
-class HostileServer:
+class HostileServer(LoopbackServer):
     """A block server on 127.0.0.1 that answers every request with ``BEHAVIOURS[behaviour]``."""
 
     def __init__(self, behaviour: str, cf: CascadeFile, data_path: Path, pace: float = 1.0) -> None:
+        super().__init__()
         self.answer = BEHAVIOURS[behaviour]
         self.pace = pace
         self.cf = cf
         self.data_path = data_path
         self.stats = HostileStats()
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._conns: list[socket.socket] = []
         self._threads: list[threading.Thread] = []
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.address: tuple[str, int] = self.listener.getsockname()[:2]
-        self._accepter = threading.Thread(target=self._accept_loop, name=f"hostile {behaviour}", daemon=True)
-
-    def start(self) -> HostileServer:
-        self._accepter.start()
-        return self
 
     def stop(self) -> None:
         """Close the listener and every connection; join the threads (bounded)."""
-        self._stop.set()
-        with contextlib.suppress(OSError):
-            self.listener.shutdown(socket.SHUT_RDWR)
-        self.listener.close()
-        with self._lock:
-            conns = list(self._conns)
-        for c in conns:
-            with contextlib.suppress(OSError):
-                c.shutdown(socket.SHUT_RDWR)
-        self._accepter.join(2)
+        super().stop()
         for t in self._threads:
             t.join(2)
 
-    def _accept_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            with self._lock:
-                self._conns.append(conn)
-                self.stats.connections += 1
-            t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
-            self._threads.append(t)
-            t.start()
+    def _accepted(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._conns.append(conn)
+            self.stats.connections += 1
+        t = threading.Thread(target=self._connection, args=(conn,), daemon=True)
+        self._threads.append(t)
+        t.start()
 
     def _serve(self, conn: socket.socket) -> None:
         with open(self.data_path, "rb") as data, conn:
@@ -256,27 +233,3 @@ def fetch_beside(
     first_close = hostile.stats.first_close
     dropped = first_close is not None and first_close < last_incomplete[0]
     return Outcome(result, hostile, f"{host}:{port}", dropped)
-
-
-@contextlib.contextmanager
-def black_holes(count: int) -> Iterator[list[tuple[str, int]]]:
-    """``count`` listeners whose backlog is full and never accepted: a connect to them times out."""
-    listeners: list[socket.socket] = []
-    fillers: list[socket.socket] = []
-    try:
-        for _ in range(count):
-            lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            lst.bind(("127.0.0.1", 0))
-            lst.listen(0)
-            listeners.append(lst)
-            # Linux queues backlog + 1 connections; fill them so further SYNs are dropped.
-            for _ in range(2):
-                f = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                f.setblocking(False)
-                with contextlib.suppress(BlockingIOError):
-                    f.connect(lst.getsockname())
-                fillers.append(f)
-        yield [lst.getsockname()[:2] for lst in listeners]
-    finally:
-        for s in fillers + listeners:
-            s.close()

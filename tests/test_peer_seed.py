@@ -35,6 +35,7 @@ from tests.test_peer_server import (
     read_response,
     recv_exact,
     req,
+    wait_until,
 )
 
 
@@ -42,14 +43,6 @@ def run_peer(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "peer", *args], capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL
     )
-
-
-def wait_until(predicate: object, what: str, timeout: float = TIMEOUT) -> None:
-    assert callable(predicate)
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 class FakeTracker:

@@ -31,7 +31,9 @@ from tests.test_peer_server import (
     make_sample,
     read_response,
     req,
+    request,
     serving,
+    wait_until,
 )
 
 pytestmark = pytest.mark.loopback
@@ -44,14 +46,6 @@ def connect_from(source: str, port: int) -> socket.socket:
     sock.bind((source, 0))
     sock.connect(("127.0.0.1", port))
     return sock
-
-
-def wait_until(predicate: object, what: str) -> None:
-    assert callable(predicate)
-    deadline = time.monotonic() + TIMEOUT
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 @pytest.fixture
@@ -81,6 +75,26 @@ def test_idle_and_slowloris_flood_does_not_lock_out_real_requests(sample: Sample
             assert closed_by_server(flood[0])
             assert server.evicted >= 48 - 16
             assert len(server._conns) <= 16
+        finally:
+            for sock in flood:
+                sock.close()
+
+
+def test_a_flood_beyond_the_default_limits_does_not_lock_out_real_requests(sample: Sample) -> None:
+    """600 idle and 50 slowloris connections against the limits ``peer seed`` runs with (512 at once)."""
+    store = BlockStore.open_for_seeding(sample.cf, sample.data_path)
+    flood: list[socket.socket] = []
+    with serving(store) as server:
+        try:
+            port = server.address[1]
+            for n in range(650):
+                sock = connect(port)
+                if n >= 600:
+                    sock.sendall(req(0, sample.cf.cascade_hash)[:3])  # a request begun and never finished
+                flood.append(sock)
+            for i in (0, 5, 15):
+                status, body, _ = request(port, req(i, sample.cf.cascade_hash))
+                assert (status, body) == (0, block(sample.data, sample.cf, i)), f"block {i} was not served"
         finally:
             for sock in flood:
                 sock.close()
