@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import random
 import re
@@ -51,7 +52,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,6 @@ from cascade.wire import (
 )
 from peer.fetcher import Fetcher, FetchPolicy
 from peer.localdata import check_data, create_metafile
-from peer.server import BlockServer, BlockServerConfig
 from peer.storage import BlockStore
 from peer.tracker_client import TrackerAddress
 from tests.doubles import (
@@ -77,9 +77,11 @@ from tests.doubles import (
     Swarm,
     TrickleServer,
     hanging_addresses,
+    honest_seeder,
     last_json,
     refused_addresses,
     subscribe_all,
+    verified_blocks,
 )
 from tests.hostile import BEHAVIOURS, PROTOCOL_BREAKERS, fetch_beside
 
@@ -138,21 +140,6 @@ def bytes_wrong(a: Path, b: Path) -> int:
                 wrong += sum(1 for i, j in zip(x, y, strict=False) if i != j)
 
 
-def partial_files(out: Path) -> list[Path]:
-    """``out`` and anything a fetch leaves beside it (``out.part`` once issue 9 section 1 is in)."""
-    # Any name holding out's (``d.bin.part``, ``.d.bin.part``, ``d.bin.partial``...): the folder holds nothing else.
-    beside = sorted(p for p in out.parent.glob(f"*{out.name}*") if p != out and not p.name.endswith(".cascade"))
-    return [p for p in (*beside, out) if p.is_file()]
-
-
-def verified(out: Path, cf: CascadeFile) -> set[int]:
-    found: set[int] = set()
-    for p in partial_files(out):
-        check = check_data(p, cf, whole_file=False)
-        found |= {i for i, ok in enumerate(check.valid) if ok}
-    return found
-
-
 # --- kill: SIGKILL at random moments, rerun ------------------------------------------------
 
 
@@ -190,7 +177,7 @@ def part_kill(work: Path, sizes: Sizes, seed: int = 9) -> dict[str, Any]:
                 finished_early += 1
                 failed += proc.popen.returncode != 0
                 break
-            now = verified(out, cf)
+            now = verified_blocks(out, cf)
             gone = len(before - now)
             lost += gone
             failed += gone > 0
@@ -271,19 +258,6 @@ def part_hostile(work: Path, sizes: Sizes) -> dict[str, Any]:
     }
 
 
-@contextlib.contextmanager
-def honest_seeder(data: Path, cf: CascadeFile, rate: int | None) -> Iterator[BlockServer]:
-    store = BlockStore.open_for_seeding(cf, data)
-    server = BlockServer("127.0.0.1", 0, BlockServerConfig(upload_rate=rate))
-    server.add_store(store)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-        store.close()
-
-
 def _fetch(
     cf: CascadeFile, out: Path, peers: list[tuple[str, int, bool]], policy: FetchPolicy
 ) -> tuple[bool, float, str]:
@@ -301,7 +275,7 @@ def _fetch(
 
 
 def _honest_only(data: Path, cf: CascadeFile, out: Path, policy: FetchPolicy, rate: int | None) -> float:
-    with honest_seeder(data, cf, rate) as server:
+    with honest_seeder(cf, data, upload_rate=rate) as server:
         _, seconds, _ = _fetch(cf, out, [(*server.address, True)], policy)
     out.unlink(missing_ok=True)
     return seconds
@@ -361,84 +335,90 @@ def _runs_doc(variant: str, runs: list[dict[str, Any]], **extra: Any) -> dict[st
     return doc
 
 
-def _dead_at_tracker(work: Path, sizes: Sizes) -> dict[str, Any]:
-    """A real tracker with ``dead_peers`` subscribed addresses that refuse or hang, then one honest seeder.
+# What a scenario adds beside the tracker and the honest seeder, given (stack, swarm, cf, seeder
+# port): the tracker address the fetch asks, and what to add to the run's figures once it is done.
+Setup = Callable[[contextlib.ExitStack, Swarm, CascadeFile, int], tuple[str, Callable[[], dict[str, Any]]]]
+
+
+def _fetch_runs(work: Path, sizes: Sizes, name: str, setup: Setup, baseline: bool) -> list[dict[str, Any]]:
+    """``sizes.dead_runs`` runs of one scenario: a tracker, an honest ``peer seed``, ``setup``, one ``peer fetch``.
+
+    With ``baseline``, each run first times a fetch from the seeder alone.
+    """
+    runs = []
+    for run in range(sizes.dead_runs):
+        folder = work / f"{name}{run}"
+        data, cascade, cf = data_file(folder, "d.bin", sizes.dead_size, 256 << 10)
+        swarm = Swarm(folder)
+        with contextlib.ExitStack() as stack:
+            stack.callback(swarm.stop)
+            swarm.start_tracker()
+            _, seeder_port = swarm.seeder(cascade, cf)
+            alone = _fetch_process(swarm, cascade, data, folder / "baseline", swarm.tracker) if baseline else None
+            tracker, figures = setup(stack, swarm, cf, seeder_port)
+            r = _fetch_process(swarm, cascade, data, folder / "out", tracker)
+            if alone is not None:
+                r["baseline_wall_s"] = alone["wall_s"]
+            r.update(figures())
+            runs.append(r)
+    return runs
+
+
+def _dead_at_tracker(
+    stack: contextlib.ExitStack, swarm: Swarm, cf: CascadeFile, seeder_port: int, count: int
+) -> tuple[str, Callable[[], dict[str, Any]]]:
+    """A real tracker with ``count`` subscribed addresses that refuse or hang, then the honest seeder.
 
     The tracker holds 10,000 peers per swarm at most, so the seeder's address
     is announced again last, as its periodic announce would.
     """
-    runs = []
-    for run in range(sizes.dead_runs):
-        folder = work / f"tracker{run}"
-        data, cascade, cf = data_file(folder, "d.bin", sizes.dead_size, 256 << 10)
-        swarm = Swarm(folder)
-        with contextlib.ExitStack() as stack:
-            stack.callback(swarm.stop)
-            swarm.start_tracker()
-            _, seeder_port = swarm.seeder(cascade, cf)
-            baseline = _fetch_process(swarm, cascade, data, folder / "baseline", swarm.tracker)
-            tracker = TrackerAddress("127.0.0.1", swarm.tracker_port)
-            dead = refused_addresses(stack, sizes.dead_peers - HANGING, ports=40) + hanging_addresses(stack, HANGING)
-            subscribe_all(tracker, cf.cascade_hash, dead)
-            subscribe_all(tracker, cf.cascade_hash, [("127.0.0.1", seeder_port)])
-            r = _fetch_process(swarm, cascade, data, folder / "out", swarm.tracker)
-            r["baseline_wall_s"] = baseline["wall_s"]
-            runs.append(r)
-    return _runs_doc("dead-peers", runs, dead_peers=sizes.dead_peers, hanging=HANGING, size_MiB=sizes.dead_size // MiB)
+    tracker = TrackerAddress("127.0.0.1", swarm.tracker_port)
+    dead = refused_addresses(stack, count - HANGING, ports=40) + hanging_addresses(stack, HANGING)
+    subscribe_all(tracker, cf.cascade_hash, dead)
+    subscribe_all(tracker, cf.cascade_hash, [("127.0.0.1", seeder_port)])
+    return swarm.tracker, dict
 
 
-def _huge_reply(work: Path, sizes: Sizes) -> dict[str, Any]:
-    """A fake tracker whose every reply holds the same ``huge_reply`` records, the honest seeder last."""
-    runs = []
-    for run in range(sizes.dead_runs):
-        folder = work / f"huge{run}"
-        data, cascade, cf = data_file(folder, "d.bin", sizes.dead_size, 256 << 10)
-        swarm = Swarm(folder)
-        with contextlib.ExitStack() as stack:
-            stack.callback(swarm.stop)
-            swarm.start_tracker()  # the seeder needs a tracker to start; the fetch asks the fake one
-            _, seeder_port = swarm.seeder(cascade, cf)
-            baseline = _fetch_process(swarm, cascade, data, folder / "baseline", swarm.tracker)
-            hanging = hanging_addresses(stack, HANGING)
-            dead = refused_addresses(stack, sizes.huge_reply - 1 - HANGING, ports=256) + hanging
-            now = int(time.time())
-            records = [PeerRecord(ip, port, now, True) for ip, port in dead]
-            records.append(PeerRecord("127.0.0.1", seeder_port, now, True))
-            fake = FakeTracker(records).start()
-            stack.callback(fake.stop)
-            r = _fetch_process(swarm, cascade, data, folder / "out", f"127.0.0.1:{fake.address[1]}")
-            r["baseline_wall_s"] = baseline["wall_s"]
-            r["tracker_requests"] = fake.requests
-            runs.append(r)
-    return _runs_doc("huge-reply", runs, records=sizes.huge_reply, size_MiB=sizes.dead_size // MiB)
+def _huge_reply(
+    stack: contextlib.ExitStack, swarm: Swarm, cf: CascadeFile, seeder_port: int, count: int
+) -> tuple[str, Callable[[], dict[str, Any]]]:
+    """A fake tracker whose every reply holds the same ``count`` records, the honest seeder last."""
+    hanging = hanging_addresses(stack, HANGING)
+    dead = refused_addresses(stack, count - 1 - HANGING, ports=256) + hanging
+    now = int(time.time())
+    records = [PeerRecord(ip, port, now, True) for ip, port in dead]
+    records.append(PeerRecord("127.0.0.1", seeder_port, now, True))
+    fake = FakeTracker(records).start()
+    stack.callback(fake.stop)
+    return f"127.0.0.1:{fake.address[1]}", lambda: {"tracker_requests": fake.requests}
+
+
+def _tricklers(
+    stack: contextlib.ExitStack, swarm: Swarm, cf: CascadeFile, seeder_port: int
+) -> tuple[str, Callable[[], dict[str, Any]]]:
+    """Peers that send a valid header and then a byte a second, subscribed after the honest seeder."""
+    tricklers = []
+    for _ in range(TRICKLERS):
+        t = TrickleServer(cf).start()
+        stack.callback(t.stop)
+        tricklers.append(t)
+    # Subscribed after the seeder, so they look more recent and are tried first.
+    subscribe_all(TrackerAddress("127.0.0.1", swarm.tracker_port), cf.cascade_hash, [t.address for t in tricklers])
+    return swarm.tracker, lambda: {"trickler_connections": sum(t.connections for t in tricklers)}
 
 
 def part_dead_peers(work: Path, sizes: Sizes) -> list[dict[str, Any]]:
-    return [_dead_at_tracker(work, sizes), _huge_reply(work, sizes)]
+    dead = functools.partial(_dead_at_tracker, count=sizes.dead_peers)
+    huge = functools.partial(_huge_reply, count=sizes.huge_reply)
+    common = {"hanging": HANGING, "size_MiB": sizes.dead_size // MiB}
+    return [
+        _runs_doc("dead-peers", _fetch_runs(work, sizes, "tracker", dead, True), dead_peers=sizes.dead_peers, **common),
+        _runs_doc("huge-reply", _fetch_runs(work, sizes, "huge", huge, True), records=sizes.huge_reply, **common),
+    ]
 
 
 def part_tricklers(work: Path, sizes: Sizes) -> list[dict[str, Any]]:
-    """16 peers that send a valid header and then a byte a second, subscribed after the honest seeder."""
-    runs = []
-    for run in range(sizes.dead_runs):
-        folder = work / f"trickle{run}"
-        data, cascade, cf = data_file(folder, "d.bin", sizes.dead_size, 256 << 10)
-        swarm = Swarm(folder)
-        with contextlib.ExitStack() as stack:
-            stack.callback(swarm.stop)
-            swarm.start_tracker()
-            swarm.seeder(cascade, cf)
-            tricklers = []
-            for _ in range(TRICKLERS):
-                t = TrickleServer(cf).start()
-                stack.callback(t.stop)
-                tricklers.append(t)
-            # Subscribed after the seeder, so they look more recent and are tried first.
-            tracker = TrackerAddress("127.0.0.1", swarm.tracker_port)
-            subscribe_all(tracker, cf.cascade_hash, [t.address for t in tricklers])
-            r = _fetch_process(swarm, cascade, data, folder / "out", swarm.tracker)
-            r["trickler_connections"] = sum(t.connections for t in tricklers)
-            runs.append(r)
+    runs = _fetch_runs(work, sizes, "trickle", _tricklers, False)
     return [_runs_doc("tricklers", runs, tricklers=TRICKLERS, size_MiB=sizes.dead_size // MiB)]
 
 

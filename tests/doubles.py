@@ -33,6 +33,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any, Self
@@ -48,7 +49,9 @@ from cascade.wire import (
     pack_block_response_header,
     unpack_block_request_from,
 )
-from peer.localdata import create_metafile
+from peer.localdata import check_data, create_metafile
+from peer.server import BlockServer, BlockServerConfig
+from peer.storage import BlockStore
 from peer.tracker_client import TrackerAddress, announce
 from tests.procs import Proc
 
@@ -161,6 +164,25 @@ class DoubleServer(LoopbackServer):
         finally:
             if fd >= 0:
                 os.close(fd)
+
+
+@contextlib.contextmanager
+def honest_seeder(cf: CascadeFile, data: Path, **limits: Any) -> Iterator[BlockServer]:
+    """A real :class:`BlockServer` on 127.0.0.1 seeding ``data``, stopped (and its store closed) on leaving.
+
+    ``limits`` are :class:`BlockServerConfig` fields.
+    """
+    store = BlockStore.open_for_seeding(cf, data)
+    try:
+        server = BlockServer("127.0.0.1", 0, BlockServerConfig(**limits))
+        server.add_store(store)
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop()
+    finally:
+        store.close()
 
 
 # --- peers that cannot help: dead addresses and tricklers ------------------------
@@ -317,6 +339,22 @@ def make_file(folder: Path, name: str, size: int, block_size: int, seed: int = 1
 def sha256_file(path: Path) -> bytes:
     with path.open("rb") as f:
         return hashlib.file_digest(f, "sha256").digest()
+
+
+def partial_files(out: Path) -> list[Path]:
+    """Files a fetch of ``out`` may have left: ``out`` itself, or ``out.part`` and the like beside it."""
+    # Any name holding out's (``d.bin.part``, ``.d.bin.part``, ``d.bin.partial``...): the folder holds nothing else.
+    beside = sorted(p for p in out.parent.glob(f"*{out.name}*") if p != out and not p.name.endswith(".cascade"))
+    return [p for p in (*beside, out) if p.is_file()]
+
+
+def verified_blocks(out: Path, cf: CascadeFile) -> set[int]:
+    """The blocks that verify in whatever partial file the fetch left (empty if there is none)."""
+    found: set[int] = set()
+    for p in partial_files(out):
+        check = check_data(p, cf, whole_file=False)
+        found |= {i for i, ok in enumerate(check.valid) if ok}
+    return found
 
 
 def last_json(proc: Proc) -> dict[str, Any]:

@@ -24,9 +24,8 @@ from cascade.metafile import CascadeFile
 from cascade.wire import BLOCK_REQUEST_SIZE, BlockRequest, BlockResponseHeader, PeerList, PeerRecord
 from peer.fetcher import Fetcher, FetchPolicy, FetchResult, Progress
 from peer.localdata import check_data
-from peer.server import BlockServer, BlockServerConfig
 from peer.storage import BlockStore
-from tests.doubles import LoopbackServer
+from tests.doubles import LoopbackServer, honest_seeder
 
 # How a behaviour answers one request: (conn, index, the block's right bytes, stop event,
 # seconds between bytes for the trickling one).
@@ -203,32 +202,27 @@ def fetch_beside(
     this process on 127.0.0.1 and are stopped before this returns. Raises
     what :meth:`Fetcher.run` raises when the fetch fails.
     """
-    seed_store = BlockStore.open_for_seeding(cf, data)
-    honest = BlockServer("127.0.0.1", 0, BlockServerConfig(max_workers=2, upload_rate=honest_rate))
-    honest.add_store(seed_store)
-    hostile = HostileServer(behaviour, cf, data, pace).start()
-    try:
-        store = BlockStore.open_for_fetching(cf, out, check_data(out, cf))
+    with honest_seeder(cf, data, max_workers=2, upload_rate=honest_rate) as honest:
+        hostile = HostileServer(behaviour, cf, data, pace).start()
         try:
-            honest.start()
-            # The hostile peer first, so it is asked before the honest one has delivered everything.
-            peers = [(*hostile.address, True), (*honest.address, True)]
-            fetcher = Fetcher(store, lambda: peers, policy=policy)
-            fetcher.add_peers(peers)
-            # The last moment the fetch was seen still missing blocks (ticks come every 0.1 s).
-            last_incomplete = [time.monotonic()]
+            store = BlockStore.open_for_fetching(cf, out, check_data(out, cf))
+            try:
+                # The hostile peer first, so it is asked before the honest one has delivered everything.
+                peers = [(*hostile.address, True), (*honest.address, True)]
+                fetcher = Fetcher(store, lambda: peers, policy=policy)
+                fetcher.add_peers(peers)
+                # The last moment the fetch was seen still missing blocks (ticks come every 0.1 s).
+                last_incomplete = [time.monotonic()]
 
-            def on_tick(p: Progress) -> None:
-                if p.verified_bytes < p.total_bytes:
-                    last_incomplete[0] = time.monotonic()
+                def on_tick(p: Progress) -> None:
+                    if p.verified_bytes < p.total_bytes:
+                        last_incomplete[0] = time.monotonic()
 
-            result = fetcher.run(on_tick=on_tick)
+                result = fetcher.run(on_tick=on_tick)
+            finally:
+                store.close()
         finally:
-            store.close()
-    finally:
-        hostile.stop()
-        honest.stop()
-        seed_store.close()
+            hostile.stop()
     host, port = hostile.address
     first_close = hostile.stats.first_close
     dropped = first_close is not None and first_close < last_incomplete[0]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,13 +20,13 @@ from cascade.errors import CascadeTimeout
 from cascade.metafile import CascadeFile
 from peer.fetcher import Fetcher, FetchPolicy, FetchResult, PeerInfo
 from peer.localdata import check_data
-from peer.server import BlockServer, BlockServerConfig
 from peer.storage import BlockStore
 from tests.doubles import (
     DoubleServer,
     SlowServer,
     TrickleServer,
     hanging_addresses,
+    honest_seeder,
     make_file,
     refused_addresses,
     sha256_file,
@@ -36,19 +36,6 @@ pytestmark = pytest.mark.loopback
 
 # The bound of every fetch here: far above what a fetch needs, so only a fetch that gives up fails.
 BOUND = FetchPolicy(stall_timeout=20.0)
-
-
-@contextlib.contextmanager
-def honest_seeder(cf: CascadeFile, data: Path) -> Iterator[tuple[str, int]]:
-    store = BlockStore.open_for_seeding(cf, data)
-    server = BlockServer("127.0.0.1", 0, BlockServerConfig(max_workers=2))
-    try:
-        server.add_store(store)
-        server.start()
-        yield server.address[0], server.address[1]
-    finally:
-        server.stop()
-        store.close()
 
 
 def fetch(cf: CascadeFile, out: Path, list_peers: Callable[[], list[PeerInfo]], policy: FetchPolicy) -> FetchResult:
@@ -79,7 +66,7 @@ def test_thousands_of_dead_peers_listed_by_a_tracker(tmp_path: Path) -> None:
     _, cf = make_file(tmp_path, "d.bin", 300_000, 16 << 10)
     with contextlib.ExitStack() as stack:
         dead = refused_addresses(stack, 1960) + hanging_addresses(stack, 40)
-        honest = stack.enter_context(honest_seeder(cf, tmp_path / "d.bin"))
+        honest = stack.enter_context(honest_seeder(cf, tmp_path / "d.bin", max_workers=2)).address
         records: list[PeerInfo] = [(ip, port, True, 1000) for ip, port in [*dead, honest]]
         result = fetch(cf, tmp_path / "out", like_a_tracker(records), BOUND)
     assert result.sources == {f"{honest[0]}:{honest[1]}": cf.block_count}
@@ -89,7 +76,7 @@ def test_a_huge_tracker_reply_is_sampled_and_memory_stays_bounded(tmp_path: Path
     _, cf = make_file(tmp_path, "d.bin", 300_000, 16 << 10)
     with contextlib.ExitStack() as stack:
         dead = refused_addresses(stack, 12_000, ports=16) + hanging_addresses(stack, 20)
-        honest = stack.enter_context(honest_seeder(cf, tmp_path / "d.bin"))
+        honest = stack.enter_context(honest_seeder(cf, tmp_path / "d.bin", max_workers=2)).address
         # The same reply every time, the honest peer last: only sampling at random finds it.
         records: list[PeerInfo] = [(ip, port, True, 1000) for ip, port in [*dead, honest]]
         policy = FetchPolicy(stall_timeout=20.0, max_candidates=1000, max_dead=5000)
@@ -111,7 +98,7 @@ def test_tricklers_cannot_hold_every_slot(tmp_path: Path) -> None:
             t = TrickleServer(cf).start()
             stack.callback(t.stop)
             tricklers.append(t)
-        honest = stack.enter_context(honest_seeder(cf, tmp_path / "d.bin"))
+        honest = stack.enter_context(honest_seeder(cf, tmp_path / "d.bin", max_workers=2)).address
         # The tricklers were seen last: they are tried first and take every slot.
         peers: list[PeerInfo] = [(*t.address, True, 5000) for t in tricklers]
         peers.append((*honest, True, 1000))
@@ -125,8 +112,8 @@ def test_a_far_slower_peer_gives_its_slot_to_an_untried_one(tmp_path: Path, capl
     with contextlib.ExitStack() as stack:
         slow = SlowServer(cf, 0.5, tmp_path / "d.bin").start()  # a block each half second
         stack.callback(slow.stop)
-        fast = stack.enter_context(honest_seeder(cf, tmp_path / "d.bin"))
-        spare = stack.enter_context(honest_seeder(cf, tmp_path / "d.bin"))
+        fast = stack.enter_context(honest_seeder(cf, tmp_path / "d.bin", max_workers=2)).address
+        spare = stack.enter_context(honest_seeder(cf, tmp_path / "d.bin", max_workers=2)).address
         # Two slots, taken by the recently seen slow and fast peers; the spare one waits untried.
         peers: list[PeerInfo] = [(*slow.address, True, 5000), (*fast, True, 5000), (*spare, True, 1000)]
         # The rate limit makes the download last long enough (about 4 s) to judge the slow peer.
@@ -149,7 +136,7 @@ def test_recently_seen_peers_are_tried_first(tmp_path: Path) -> None:
             silent = DoubleServer("silent", cf, tmp_path / "d.bin").start()
             stack.callback(silent.stop)
             stale.append(silent)
-        honest = stack.enter_context(honest_seeder(cf, tmp_path / "d.bin"))
+        honest = stack.enter_context(honest_seeder(cf, tmp_path / "d.bin", max_workers=2)).address
         peers: list[PeerInfo] = [(*s.address, True, 1000) for s in stale]
         peers.append((*honest, True, 5000))
         result = fetch(cf, tmp_path / "out", lambda: peers, FetchPolicy(stall_timeout=20.0, max_peers=1))
@@ -172,8 +159,8 @@ def test_when_the_only_peer_is_banned_the_error_says_why(tmp_path: Path) -> None
 
 def test_download_rate_limit(tmp_path: Path) -> None:
     _, cf = make_file(tmp_path, "d.bin", 320 << 10, 16 << 10)
-    with honest_seeder(cf, tmp_path / "d.bin") as honest:
-        peers: list[PeerInfo] = [(*honest, True)]
+    with honest_seeder(cf, tmp_path / "d.bin", max_workers=2) as server:
+        peers: list[PeerInfo] = [(*server.address, True)]
         policy = FetchPolicy(stall_timeout=20.0, max_download_rate=128 << 10)
         result = fetch(cf, tmp_path / "out", lambda: peers, policy)
     # A lower bound only (a slow machine cannot fail it): 320 KiB less a 64 KiB burst at 128 KiB/s.

@@ -20,8 +20,7 @@ from pathlib import Path
 import pytest
 
 from cascade.metafile import CascadeFile
-from peer.localdata import check_data
-from tests.doubles import Swarm, last_json, make_file, sha256_file
+from tests.doubles import Swarm, last_json, make_file, partial_files, sha256_file, verified_blocks
 from tests.procs import Proc
 
 pytestmark = pytest.mark.process
@@ -32,21 +31,6 @@ BLOCK = 64 << 10
 SEED_RATE = "2M"
 PROGRESS = re.compile(r"^progress (\d+) (\d+)")
 WAIT = 30.0  # seconds any single wait may take before the test fails; far above what loopback needs
-
-def partial_files(out: Path) -> list[Path]:
-    """Files a fetch of ``out`` may have left: ``out`` itself, or ``out.part`` and the like beside it."""
-    # Any name holding out's (``d.bin.part``, ``.d.bin.part``, ``d.bin.partial``...): the folder holds nothing else.
-    beside = sorted(p for p in out.parent.glob(f"*{out.name}*") if p != out and not p.name.endswith(".cascade"))
-    return [p for p in (*beside, out) if p.is_file()]
-
-
-def verified_blocks(out: Path, cf: CascadeFile) -> set[int]:
-    """The blocks that verify in whatever partial file the fetch left (empty if there is none)."""
-    found: set[int] = set()
-    for p in partial_files(out):
-        check = check_data(p, cf, whole_file=False)
-        found |= {i for i, ok in enumerate(check.valid) if ok}
-    return found
 
 
 def verified_bytes_seen(proc: Proc) -> int:
