@@ -33,7 +33,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any, Self
@@ -49,6 +49,7 @@ from cascade.wire import (
     pack_block_response_header,
     unpack_block_request_from,
 )
+from peer.fetcher import Fetcher, FetchPolicy, FetchResult, PeerInfo
 from peer.localdata import check_data, create_metafile
 from peer.server import BlockServer, BlockServerConfig
 from peer.storage import BlockStore
@@ -355,6 +356,29 @@ def verified_blocks(out: Path, cf: CascadeFile) -> set[int]:
         check = check_data(p, cf, whole_file=False)
         found |= {i for i, ok in enumerate(check.valid) if ok}
     return found
+
+
+def fetch_complete(
+    cf: CascadeFile,
+    out: Path,
+    list_peers: Callable[[], Iterable[PeerInfo]],
+    policy: FetchPolicy,
+    add: Iterable[PeerInfo] = (),
+) -> tuple[Fetcher, FetchResult]:
+    """Fetch ``cf`` into ``out`` in this process (``add``: peers given before the first listing).
+
+    Asserts that the fetch completed with the right bytes; raises what :meth:`Fetcher.run` raises.
+    """
+    store = BlockStore.open_for_fetching(cf, out, check_data(out, cf))
+    try:
+        fetcher = Fetcher(store, list_peers, policy=policy)
+        fetcher.add_peers(add)
+        result = fetcher.run()
+    finally:
+        store.close()
+    assert result.complete
+    assert sha256_file(out) == cf.file_hash
+    return fetcher, result
 
 
 def last_json(proc: Proc) -> dict[str, Any]:

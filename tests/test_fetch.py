@@ -24,24 +24,15 @@ from peer.fetcher import Fetcher, FetchPolicy
 from peer.localdata import DataCheck, check_data
 from peer.server import BlockServer
 from peer.storage import BlockStore
-from tests.doubles import REPO, DoubleServer, Swarm, last_json, make_file, sha256_file
+from tests.doubles import REPO, DoubleServer, Swarm, fetch_complete, last_json, make_file, sha256_file
 from tests.procs import command_line
 
 FAST = FetchPolicy(first_response_timeout=1.0, stall_timeout=10.0, backoff_min=0.05)
 
 
 def fetch_in_process(cf: CascadeFile, out: Path, servers: list[DoubleServer], policy: FetchPolicy = FAST) -> Fetcher:
-    store = BlockStore.open_for_fetching(cf, out, check_data(out, cf))
     peers = [(s.address[0], s.address[1], True) for s in servers]
-    fetcher = Fetcher(store, lambda: peers, policy=policy)
-    try:
-        fetcher.add_peers(peers)
-        result = fetcher.run()
-    finally:
-        store.close()
-    assert result.complete
-    assert sha256_file(out) == cf.file_hash
-    return fetcher
+    return fetch_complete(cf, out, lambda: peers, policy, add=peers)[0]
 
 
 @contextlib.contextmanager

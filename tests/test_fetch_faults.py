@@ -17,14 +17,14 @@ from pathlib import Path
 import pytest
 
 from cascade.errors import CascadeTimeout
-from cascade.metafile import CascadeFile
-from peer.fetcher import Fetcher, FetchPolicy, FetchResult, PeerInfo
+from peer.fetcher import Fetcher, FetchPolicy, PeerInfo
 from peer.localdata import check_data
 from peer.storage import BlockStore
 from tests.doubles import (
     DoubleServer,
     SlowServer,
     TrickleServer,
+    fetch_complete,
     hanging_addresses,
     honest_seeder,
     make_file,
@@ -36,18 +36,6 @@ pytestmark = pytest.mark.loopback
 
 # The bound of every fetch here: far above what a fetch needs, so only a fetch that gives up fails.
 BOUND = FetchPolicy(stall_timeout=20.0)
-
-
-def fetch(cf: CascadeFile, out: Path, list_peers: Callable[[], list[PeerInfo]], policy: FetchPolicy) -> FetchResult:
-    store = BlockStore.open_for_fetching(cf, out, check_data(out, cf))
-    fetcher = Fetcher(store, list_peers, policy=policy)
-    try:
-        result = fetcher.run()
-    finally:
-        store.close()
-    assert result.complete
-    assert sha256_file(out) == cf.file_hash
-    return result
 
 
 def like_a_tracker(records: list[PeerInfo], per_reply: int = 50) -> Callable[[], list[PeerInfo]]:
@@ -68,7 +56,7 @@ def test_thousands_of_dead_peers_listed_by_a_tracker(tmp_path: Path) -> None:
         dead = refused_addresses(stack, 1960) + hanging_addresses(stack, 40)
         honest = stack.enter_context(honest_seeder(cf, tmp_path / "d.bin", max_workers=2)).address
         records: list[PeerInfo] = [(ip, port, True, 1000) for ip, port in [*dead, honest]]
-        result = fetch(cf, tmp_path / "out", like_a_tracker(records), BOUND)
+        _, result = fetch_complete(cf, tmp_path / "out", like_a_tracker(records), BOUND)
     assert result.sources == {f"{honest[0]}:{honest[1]}": cf.block_count}
 
 
@@ -102,7 +90,7 @@ def test_tricklers_cannot_hold_every_slot(tmp_path: Path) -> None:
         # The tricklers were seen last: they are tried first and take every slot.
         peers: list[PeerInfo] = [(*t.address, True, 5000) for t in tricklers]
         peers.append((*honest, True, 1000))
-        result = fetch(cf, tmp_path / "out", lambda: peers, FetchPolicy(stall_timeout=20.0, max_peers=8))
+        _, result = fetch_complete(cf, tmp_path / "out", lambda: peers, FetchPolicy(stall_timeout=20.0, max_peers=8))
     assert result.sources == {f"{honest[0]}:{honest[1]}": cf.block_count}
     assert sum(t.connections for t in tricklers) >= 1  # they were in the game
 
@@ -119,7 +107,7 @@ def test_a_far_slower_peer_gives_its_slot_to_an_untried_one(tmp_path: Path, capl
         # The rate limit makes the download last long enough (about 4 s) to judge the slow peer.
         policy = FetchPolicy(stall_timeout=20.0, max_peers=2, max_download_rate=256 << 10)
         caplog.set_level(logging.DEBUG, logger="peer.fetch")
-        result = fetch(cf, tmp_path / "out", lambda: peers, policy)
+        _, result = fetch_complete(cf, tmp_path / "out", lambda: peers, policy)
     assert any(
         f"peer {slow.address[0]}:{slow.address[1]}" in r.getMessage() and "untried" in r.getMessage()
         for r in caplog.records
@@ -139,7 +127,7 @@ def test_recently_seen_peers_are_tried_first(tmp_path: Path) -> None:
         honest = stack.enter_context(honest_seeder(cf, tmp_path / "d.bin", max_workers=2)).address
         peers: list[PeerInfo] = [(*s.address, True, 1000) for s in stale]
         peers.append((*honest, True, 5000))
-        result = fetch(cf, tmp_path / "out", lambda: peers, FetchPolicy(stall_timeout=20.0, max_peers=1))
+        _, result = fetch_complete(cf, tmp_path / "out", lambda: peers, FetchPolicy(stall_timeout=20.0, max_peers=1))
     assert result.sources == {f"{honest[0]}:{honest[1]}": cf.block_count}
     assert [s.requests for s in stale] == [0, 0, 0, 0]
 
@@ -162,6 +150,6 @@ def test_download_rate_limit(tmp_path: Path) -> None:
     with honest_seeder(cf, tmp_path / "d.bin", max_workers=2) as server:
         peers: list[PeerInfo] = [(*server.address, True)]
         policy = FetchPolicy(stall_timeout=20.0, max_download_rate=128 << 10)
-        result = fetch(cf, tmp_path / "out", lambda: peers, policy)
+        _, result = fetch_complete(cf, tmp_path / "out", lambda: peers, policy)
     # A lower bound only (a slow machine cannot fail it): 320 KiB less a 64 KiB burst at 128 KiB/s.
     assert result.seconds >= 1.9

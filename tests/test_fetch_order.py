@@ -12,10 +12,7 @@ import pytest
 
 from cascade.metafile import CascadeFile
 from peer.fetcher import Fetcher, FetchPolicy
-from peer.localdata import check_data
-from peer.server import BlockServer, BlockServerConfig
-from peer.storage import BlockStore
-from tests.doubles import make_file, sha256_file
+from tests.doubles import fetch_complete, honest_seeder, make_file
 
 FAST = FetchPolicy(first_response_timeout=1.0, stall_timeout=10.0, backoff_min=0.05)
 
@@ -24,16 +21,8 @@ FAST = FetchPolicy(first_response_timeout=1.0, stall_timeout=10.0, backoff_min=0
 def seeders(cf: CascadeFile, data: Path, n: int) -> Iterator[list[tuple[str, int, bool]]]:
     """``n`` real block servers of ``data`` on 127.0.0.1, as tracker records; stopped on leaving."""
     with contextlib.ExitStack() as stack:
-        peers = []
-        for _ in range(n):
-            store = BlockStore.open_for_seeding(cf, data)
-            stack.callback(store.close)
-            server = BlockServer("127.0.0.1", 0, BlockServerConfig(max_workers=2))
-            server.add_store(store)
-            server.start()
-            stack.callback(server.stop)
-            peers.append(("127.0.0.1", server.address[1], True))
-        yield peers
+        servers = [stack.enter_context(honest_seeder(cf, data, max_workers=2)) for _ in range(n)]
+        yield [("127.0.0.1", server.address[1], True) for server in servers]
 
 
 @contextlib.contextmanager
@@ -49,15 +38,7 @@ def dead_peers(n: int) -> Iterator[list[tuple[str, int, bool]]]:
 
 
 def fetch(cf: CascadeFile, out: Path, peers: list[tuple[str, int, bool]]) -> Fetcher:
-    store = BlockStore.open_for_fetching(cf, out, check_data(out, cf))
-    fetcher = Fetcher(store, lambda: peers, policy=FAST)
-    try:
-        fetcher.add_peers(peers)
-        assert fetcher.run().complete
-    finally:
-        store.close()
-    assert sha256_file(out) == cf.file_hash
-    return fetcher
+    return fetch_complete(cf, out, lambda: peers, FAST, add=peers)[0]
 
 
 @pytest.mark.loopback
