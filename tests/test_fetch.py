@@ -194,29 +194,6 @@ def test_unreachable_tracker_is_one_line_and_non_zero(swarm: Swarm, tmp_path: Pa
 
 
 @pytest.mark.process
-def test_no_peers_within_timeout(swarm: Swarm, tmp_path: Path) -> None:
-    cascade, _ = make_file(tmp_path, "d.bin", 10_000, 1024)
-    proc = swarm.fetcher(cascade, tmp_path / "o", "--timeout", "0.5")
-    assert proc.wait(20) == 1
-    assert "no peers" in proc.stderr and "Traceback" not in proc.stderr
-
-
-@pytest.mark.process
-def test_foreign_file_is_not_touched_without_force(swarm: Swarm, tmp_path: Path) -> None:
-    cascade, cf = make_file(tmp_path, "d.bin", 100_000, 4096)
-    swarm.seeder(cascade, cf)
-    out = tmp_path / "precious.txt"
-    out.write_bytes(b"my thesis\n" * 100)
-    proc = swarm.fetcher(cascade, out)
-    assert proc.wait(20) == 1
-    assert "--force" in proc.stderr and "Traceback" not in proc.stderr
-    assert out.read_bytes() == b"my thesis\n" * 100
-    forced = swarm.fetcher(cascade, out, "--force")
-    assert forced.wait(20) == 0, forced.stderr
-    assert sha256_file(out) == cf.file_hash
-
-
-@pytest.mark.process
 def test_complete_file_downloads_nothing(swarm: Swarm, tmp_path: Path) -> None:
     cascade, _ = make_file(tmp_path, "d.bin", 100_000, 4096)
     proc = swarm.fetcher(cascade, tmp_path / "d.bin")
