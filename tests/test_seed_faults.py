@@ -56,68 +56,66 @@ def sample(tmp_path: Path) -> Sample:
 # --- connection floods ------------------------------------------------------------------
 
 
-def test_idle_and_slowloris_flood_does_not_lock_out_real_requests(sample: Sample) -> None:
+@pytest.fixture
+def flood() -> Iterator[list[socket.socket]]:
+    """The flood's client sockets, which a test appends to; all closed at the end."""
+    socks: list[socket.socket] = []
+    try:
+        yield socks
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_idle_and_slowloris_flood_does_not_lock_out_real_requests(sample: Sample, flood: list[socket.socket]) -> None:
     store = BlockStore.open_for_seeding(sample.cf, sample.data_path)
-    flood: list[socket.socket] = []
     with serving(store, max_workers=2, max_connections=16) as server:
-        try:
-            port = server.address[1]
-            for n in range(48):  # three times the limit: idle ones and half-sent requests
-                sock = connect(port)
-                if n % 3 == 0:
-                    sock.sendall(req(1, sample.cf.cascade_hash)[:20])
-                flood.append(sock)
-            for i in range(sample.cf.block_count):
-                with connect(port) as sock:
-                    sock.sendall(req(i, sample.cf.cascade_hash))
-                    assert read_response(sock) == (0, block(sample.data, sample.cf, i))
-            # The oldest flood connections made room; the server stayed within its limit.
-            assert closed_by_server(flood[0])
-            assert server.evicted >= 48 - 16
-            assert len(server._conns) <= 16
-        finally:
-            for sock in flood:
-                sock.close()
+        port = server.address[1]
+        for n in range(48):  # three times the limit: idle ones and half-sent requests
+            sock = connect(port)
+            if n % 3 == 0:
+                sock.sendall(req(1, sample.cf.cascade_hash)[:20])
+            flood.append(sock)
+        for i in range(sample.cf.block_count):
+            with connect(port) as sock:
+                sock.sendall(req(i, sample.cf.cascade_hash))
+                assert read_response(sock) == (0, block(sample.data, sample.cf, i))
+        # The oldest flood connections made room; the server stayed within its limit.
+        assert closed_by_server(flood[0])
+        assert server.evicted >= 48 - 16
+        assert len(server._conns) <= 16
 
 
-def test_a_flood_beyond_the_default_limits_does_not_lock_out_real_requests(sample: Sample) -> None:
+def test_a_flood_beyond_the_default_limits_does_not_lock_out_real_requests(
+    sample: Sample, flood: list[socket.socket]
+) -> None:
     """600 idle and 50 slowloris connections against the limits ``peer seed`` runs with (512 at once)."""
     store = BlockStore.open_for_seeding(sample.cf, sample.data_path)
-    flood: list[socket.socket] = []
     with serving(store) as server:
-        try:
-            port = server.address[1]
-            for n in range(650):
-                sock = connect(port)
-                if n >= 600:
-                    sock.sendall(req(0, sample.cf.cascade_hash)[:3])  # a request begun and never finished
-                flood.append(sock)
-            for i in (0, 5, 15):
-                status, body, _ = request(port, req(i, sample.cf.cascade_hash))
-                assert (status, body) == (0, block(sample.data, sample.cf, i)), f"block {i} was not served"
-        finally:
-            for sock in flood:
-                sock.close()
+        port = server.address[1]
+        for n in range(650):
+            sock = connect(port)
+            if n >= 600:
+                sock.sendall(req(0, sample.cf.cascade_hash)[:3])  # a request begun and never finished
+            flood.append(sock)
+        for i in (0, 5, 15):
+            status, body, _ = request(port, req(i, sample.cf.cascade_hash))
+            assert (status, body) == (0, block(sample.data, sample.cf, i)), f"block {i} was not served"
 
 
-def test_a_kept_open_client_survives_a_flood_from_another_address(sample: Sample) -> None:
+def test_a_kept_open_client_survives_a_flood_from_another_address(sample: Sample, flood: list[socket.socket]) -> None:
     """A host holding more than half the slots loses its own connections first."""
     store = BlockStore.open_for_seeding(sample.cf, sample.data_path)
-    flood: list[socket.socket] = []
     with serving(store, max_workers=2, max_connections=8) as server:
-        try:
-            port = server.address[1]
-            with connect(port) as user:  # from 127.0.0.1, and older than every flood connection
-                user.sendall(req(0, sample.cf.cascade_hash, keep=True))
-                assert read_response(user)[0] == 0
-                for _ in range(30):
-                    flood.append(connect_from("127.0.0.2", port))
-                wait_until(lambda: server.evicted >= 30 - 7, "the flood to be accepted")
-                user.sendall(req(1, sample.cf.cascade_hash, keep=True))
-                assert read_response(user) == (0, block(sample.data, sample.cf, 1))
-        finally:
-            for sock in flood:
-                sock.close()
+        port = server.address[1]
+        with connect(port) as user:  # from 127.0.0.1, and older than every flood connection
+            user.sendall(req(0, sample.cf.cascade_hash, keep=True))
+            assert read_response(user)[0] == 0
+            for _ in range(30):
+                flood.append(connect_from("127.0.0.2", port))
+            wait_until(lambda: server.evicted >= 30 - 7, "the flood to be accepted")
+            user.sendall(req(1, sample.cf.cascade_hash, keep=True))
+            assert read_response(user) == (0, block(sample.data, sample.cf, 1))
 
 
 def test_a_request_trickled_byte_by_byte_is_cut_off_at_the_header_timeout(sample: Sample) -> None:
