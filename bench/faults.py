@@ -43,21 +43,20 @@ import functools
 import json
 import random
 import re
-import selectors
 import shutil
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bench.data import make_file
+from bench.flooder import Flooder
 from bench.procs import Child
 from cascade.errors import CascadeError
 from cascade.metafile import CascadeFile, parse_cascade
@@ -431,116 +430,6 @@ TRICKLE_INTERVAL = 2.0  # seconds between slowloris bytes (sent or read)
 RECONNECT_RATE = 2000  # reconnects per second at most: enough to hold the count, not to run out of ports
 
 
-@dataclass
-class FloodStats:
-    opened: int = 0
-    closed_by_server: int = 0
-    connect_failures: int = 0
-
-
-@dataclass
-class Flooder:
-    """Holds idle, slowloris-writer and slowloris-reader connections open in one thread until ``stop``.
-
-    A writer sends a 64-byte request one byte every ``TRICKLE_INTERVAL`` and
-    never its last byte; a reader sends four kept-open block requests, then
-    reads one byte every ``TRICKLE_INTERVAL`` through a 4 KiB receive buffer.
-    With ``reconnect``, every connection the server closes is reopened (at most
-    ``RECONNECT_RATE`` a second): the hardest case for a server that evicts.
-    """
-
-    port: int
-    request: bytes
-    keep_requests: bytes
-    reconnect: bool
-    stats: FloodStats = field(default_factory=FloodStats)
-    stop: threading.Event = field(default_factory=threading.Event)
-    sel: selectors.DefaultSelector = field(default_factory=selectors.DefaultSelector)
-    # socket -> (kind, bytes of the partial request sent so far)
-    socks: dict[socket.socket, list[object]] = field(default_factory=dict)
-    pending: list[str] = field(default_factory=list)
-
-    def open(self, kind: str) -> None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        if kind == "reader":
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        try:
-            sock.settimeout(2.0)
-            sock.connect(("127.0.0.1", self.port))
-            if kind == "writer":
-                sock.sendall(self.request[:1])
-            elif kind == "reader":
-                sock.sendall(self.keep_requests)
-            sock.setblocking(False)
-        except OSError:
-            sock.close()
-            self.stats.connect_failures += 1
-            self.pending.append(kind)
-            return
-        self.stats.opened += 1
-        self.socks[sock] = [kind, 1]
-        if kind == "idle":
-            self.sel.register(sock, selectors.EVENT_READ)
-
-    def lost(self, sock: socket.socket) -> None:
-        kind = str(self.socks.pop(sock)[0])
-        if kind == "idle":
-            self.sel.unregister(sock)
-        sock.close()
-        self.stats.closed_by_server += 1
-        if self.reconnect:
-            self.pending.append(kind)
-
-    def run(self) -> None:
-        next_trickle = time.monotonic() + TRICKLE_INTERVAL
-        budget_at = time.monotonic()
-        budget = 0.0
-        while not self.stop.is_set():
-            for key, _ in self.sel.select(0.01):
-                sock = key.fileobj
-                assert isinstance(sock, socket.socket)
-                try:
-                    if sock.recv(4096):
-                        continue
-                except BlockingIOError:
-                    continue
-                except OSError:
-                    pass
-                self.lost(sock)
-            now = time.monotonic()
-            budget = min(RECONNECT_RATE / 10, budget + (now - budget_at) * RECONNECT_RATE)
-            budget_at = now
-            while self.pending and budget >= 1 and not self.stop.is_set():
-                budget -= 1
-                self.open(self.pending.pop())
-            if now >= next_trickle:
-                next_trickle = now + TRICKLE_INTERVAL
-                self.trickle()
-
-    def trickle(self) -> None:
-        for sock, state in list(self.socks.items()):
-            kind = state[0]
-            try:
-                if kind == "writer":
-                    sent = int(str(state[1]))
-                    sock.send(self.request[sent : sent + 1] if sent < len(self.request) - 1 else b"")
-                    state[1] = min(sent + 1, len(self.request) - 1)  # never the last byte
-                    if sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
-                        self.lost(sock)
-                elif kind == "reader" and sock.recv(1) == b"":
-                    self.lost(sock)
-            except BlockingIOError:
-                continue
-            except OSError:
-                if sock in self.socks:
-                    self.lost(sock)
-
-    def close(self) -> None:
-        for sock in self.socks:
-            sock.close()
-        self.sel.close()
-
-
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
     buf = bytearray()
     while len(buf) < n:
@@ -569,16 +458,19 @@ def _flood_scenario(work: Path, name: str, counts: dict[str, int], reconnect: bo
     seed_args = ["seed", str(cascade), "--tracker", "127.0.0.1:9", "--listen", "127.0.0.1:0"]
     seeder = Child.python(f"seed-{name}", ["-m", "peer", *seed_args], work)
     flooder: Flooder | None = None
-    thread: threading.Thread | None = None
     try:
         port = seeder.wait_listening()
         keep = b"".join(BlockRequest(i, cf.cascade_hash, True).encode() for i in range(4))
-        flooder = Flooder(port, BlockRequest(0, cf.cascade_hash, False).encode(), keep, reconnect)
-        for kind, n in counts.items():
-            for _ in range(n):
-                flooder.open(kind)
-        thread = threading.Thread(target=flooder.run, daemon=True)
-        thread.start()
+        flooder = Flooder(
+            port,
+            counts,
+            partial=BlockRequest(0, cf.cascade_hash, False).encode(),
+            keep_requests=keep,
+            interval=TRICKLE_INTERVAL,
+            reconnect=reconnect,
+            reconnect_rate=RECONNECT_RATE,
+        )
+        flooder.start()
         latencies: list[float] = []
         failures: list[str] = []
         wrong = 0
@@ -610,18 +502,14 @@ def _flood_scenario(work: Path, name: str, counts: dict[str, int], reconnect: bo
             "max_latency_s": round(max(latencies), 4) if latencies else None,
             "median_latency_s": round(statistics.median(latencies), 4) if latencies else None,
             "within_1s": sum(1 for x in latencies if x <= 1.0),
-            "flood_held": len(flooder.socks),
-            "flood_opened": flooder.stats.opened,
-            "flood_closed_by_server": flooder.stats.closed_by_server,
+            "flood_held": sum(flooder.held().values()),
+            "flood_opened": flooder.opened,
+            "flood_closed_by_server": flooder.closed_by_server,
             "seeder_alive": seeder.poll() is None,
         }
     finally:
         if flooder is not None:
-            flooder.stop.set()
-        if thread is not None:
-            thread.join(5.0)
-        if flooder is not None:
-            flooder.close()
+            flooder.stop()
         seeder.stop()
 
 
