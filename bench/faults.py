@@ -79,6 +79,7 @@ from tests.doubles import (
     honest_seeder,
     last_json,
     refused_addresses,
+    started,
     subscribe_all,
     verified_blocks,
 )
@@ -396,11 +397,7 @@ def _tricklers(
     stack: contextlib.ExitStack, swarm: Swarm, cf: CascadeFile, seeder_port: int
 ) -> tuple[str, Callable[[], dict[str, Any]]]:
     """Peers that send a valid header and then a byte a second, subscribed after the honest seeder."""
-    tricklers = []
-    for _ in range(TRICKLERS):
-        t = TrickleServer(cf).start()
-        stack.callback(t.stop)
-        tricklers.append(t)
+    tricklers = started(stack, (TrickleServer(cf) for _ in range(TRICKLERS)))
     # Subscribed after the seeder, so they look more recent and are tried first.
     subscribe_all(TrackerAddress("127.0.0.1", swarm.tracker_port), cf.cascade_hash, [t.address for t in tricklers])
     return swarm.tracker, lambda: {"trickler_connections": sum(t.connections for t in tricklers)}

@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import FrameType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 from cascade.metafile import CascadeFile, default_data_path, parse_cascade, read_cascade
 from cascade.wire import (
@@ -59,6 +59,9 @@ from tests.procs import Proc
 REPO = Path(__file__).resolve().parent.parent
 
 MODES = ("corrupt", "close", "silent", "once", "strict")
+
+
+ServerT = TypeVar("ServerT", bound="LoopbackServer")
 
 
 class LoopbackServer:
@@ -119,6 +122,15 @@ class LoopbackServer:
 
     def _serve(self, conn: socket.socket) -> None:
         raise NotImplementedError
+
+
+def started(stack: contextlib.ExitStack, servers: Iterable[ServerT]) -> list[ServerT]:
+    """Start each of ``servers`` (made one at a time), every one stopped when ``stack`` closes."""
+    out = []
+    for server in servers:
+        out.append(server.start())
+        stack.callback(server.stop)
+    return out
 
 
 class DoubleServer(LoopbackServer):

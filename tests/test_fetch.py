@@ -24,7 +24,7 @@ from peer.fetcher import Fetcher, FetchPolicy
 from peer.localdata import DataCheck, check_data
 from peer.server import BlockServer
 from peer.storage import BlockStore
-from tests.doubles import REPO, DoubleServer, Swarm, fetch_complete, last_json, make_file, sha256_file
+from tests.doubles import REPO, DoubleServer, Swarm, fetch_complete, last_json, make_file, sha256_file, started
 from tests.procs import command_line
 
 FAST = FetchPolicy(first_response_timeout=1.0, stall_timeout=10.0, backoff_min=0.05)
@@ -39,12 +39,7 @@ def fetch_in_process(cf: CascadeFile, out: Path, servers: list[DoubleServer], po
 def doubles(cf: CascadeFile, data: Path, *modes: str) -> Iterator[list[DoubleServer]]:
     """One started DoubleServer per mode, serving ``data``; every one is stopped on leaving."""
     with contextlib.ExitStack() as stack:
-        servers = []
-        for mode in modes:
-            server = DoubleServer(mode, cf, data).start()
-            stack.callback(server.stop)
-            servers.append(server)
-        yield servers
+        yield started(stack, (DoubleServer(mode, cf, data) for mode in modes))
 
 
 # --- the engine, in-process ---------------------------------------------------------

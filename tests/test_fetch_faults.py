@@ -30,6 +30,7 @@ from tests.doubles import (
     make_file,
     refused_addresses,
     sha256_file,
+    started,
 )
 
 pytestmark = pytest.mark.loopback
@@ -81,11 +82,7 @@ def test_a_huge_tracker_reply_is_sampled_and_memory_stays_bounded(tmp_path: Path
 def test_tricklers_cannot_hold_every_slot(tmp_path: Path) -> None:
     _, cf = make_file(tmp_path, "d.bin", 300_000, 16 << 10)
     with contextlib.ExitStack() as stack:
-        tricklers = []
-        for _ in range(8):
-            t = TrickleServer(cf).start()
-            stack.callback(t.stop)
-            tricklers.append(t)
+        tricklers = started(stack, (TrickleServer(cf) for _ in range(8)))
         honest = stack.enter_context(honest_seeder(cf, tmp_path / "d.bin", max_workers=2)).address
         # The tricklers were seen last: they are tried first and take every slot.
         peers: list[PeerInfo] = [(*t.address, True, 5000) for t in tricklers]
@@ -119,11 +116,7 @@ def test_recently_seen_peers_are_tried_first(tmp_path: Path) -> None:
     """With a single slot, the peer seen last is the first one tried: the stale silent ones never are."""
     _, cf = make_file(tmp_path, "d.bin", 100_000, 16 << 10)
     with contextlib.ExitStack() as stack:
-        stale = []
-        for _ in range(4):
-            silent = DoubleServer("silent", cf, tmp_path / "d.bin").start()
-            stack.callback(silent.stop)
-            stale.append(silent)
+        stale = started(stack, (DoubleServer("silent", cf, tmp_path / "d.bin") for _ in range(4)))
         honest = stack.enter_context(honest_seeder(cf, tmp_path / "d.bin", max_workers=2)).address
         peers: list[PeerInfo] = [(*s.address, True, 1000) for s in stale]
         peers.append((*honest, True, 5000))

@@ -63,6 +63,16 @@ def ask(port: int, command: TrackerCommand, ip: str, peer_port: int, h: bytes = 
     return decode_tracker_reply(out)
 
 
+def ask_until_served(port: int, command: TrackerCommand, ip: str, peer_port: int) -> TrackerReply:
+    """Ask until the tracker answers with a peer list (it serves again), or ``_RECOVERY_DEADLINE`` passes."""
+    deadline = time.monotonic() + _RECOVERY_DEADLINE
+    while True:
+        reply = ask(port, command, ip, peer_port)
+        if isinstance(reply, PeerList) or time.monotonic() > deadline:
+            return reply
+        time.sleep(0.05)
+
+
 def peers_of(reply: TrackerReply) -> set[tuple[str, int, bool]]:
     assert isinstance(reply, PeerList), reply
     return {(p.ip, p.port, p.good) for p in reply.peers}
@@ -134,22 +144,10 @@ def test_redis_going_away_costs_requests_not_trackers_and_service_resumes(redis_
             assert "Traceback" not in t.proc.stderr
 
         redis_server.start()  # same port, empty: no persistence
-        deadline = time.monotonic() + _RECOVERY_DEADLINE
-        while True:
-            reply = ask(a.port, SUBSCRIBE, "10.0.0.1", 1)
-            if isinstance(reply, PeerList) or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        assert peers_of(reply) == set()
+        assert peers_of(ask_until_served(a.port, SUBSCRIBE, "10.0.0.1", 1)) == set()
         a.proc.wait_for_line("is back")
         # B recovers too (its breaker lets a probe through within PROBE_INTERVAL) and shares the swarm again.
-        deadline = time.monotonic() + _RECOVERY_DEADLINE
-        while True:
-            reply = ask(b.port, LIST, "10.0.0.2", 2)
-            if isinstance(reply, PeerList) or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        assert peers_of(reply) == {("10.0.0.1", 1, True)}
+        assert peers_of(ask_until_served(b.port, LIST, "10.0.0.2", 2)) == {("10.0.0.1", 1, True)}
         b.proc.wait_for_line("is back")
         # The allow list came back with the tracker that holds it, not "every hash allowed".
         for t in (a, b):
