@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from cascade import __version__
+from cascade.collection import Collection, parse_collection
 from cascade.command import EXIT_FAILED, EXIT_OK, OneLineErrorParser, run_command
 from cascade.errors import DataError, UsageError, from_os_error
 from cascade.metafile import (
@@ -29,9 +30,9 @@ from cascade.metafile import (
     default_cascade_path,
     default_data_path,
     parse_cascade,
-    read_cascade,
 )
 from cascade.units import format_size, parse_size
+from peer.collection_local import check_members, create_collection, read_metafile, walk_tree
 from peer.localdata import Progress, check_data, create_metafile
 from peer.publish_command import register_publish
 
@@ -146,6 +147,8 @@ def _write_new(path: Path, data: bytes, force: bool) -> None:
 def cmd_create(args: argparse.Namespace) -> int:
     block_size = parse_block_size(args.block_size)
     data_path = Path(args.file)
+    if data_path.is_dir():
+        return _create_collection(args, data_path, block_size)
     out = Path(args.output) if args.output else default_cascade_path(data_path)
     if out.exists() and not args.force:
         raise UsageError(f"{out} already exists; use --force to overwrite it")
@@ -165,16 +168,67 @@ def cmd_create(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _create_collection(args: argparse.Namespace, folder: Path, block_size: int) -> int:
+    """``cascade create DIR``: write ``DIR.cascade``, a collection of every regular file under DIR."""
+    name = folder.resolve().name
+    if not name:
+        raise UsageError(f"{folder}: cannot name a collection after the root folder; give -o OUT")
+    # "ds" and "ds/" give ds.cascade; "." and ".." are named after the folder they are.
+    default = (
+        default_cascade_path(folder) if folder.name not in ("", "..") else folder.resolve().with_name(name + ".cascade")
+    )
+    out = Path(args.output) if args.output else default
+    if out.exists() and not args.force:
+        raise UsageError(f"{out} already exists; use --force to overwrite it")
+    if out.is_dir():
+        raise UsageError(f"{out} is a directory; give a file name with -o")
+    if out.resolve().is_relative_to(folder.resolve()):
+        raise UsageError(f"{out} is inside {folder}; write the collection outside the folder it describes")
+    tree = walk_tree(folder)  # every path checked, no clash, before anything is hashed
+    for line in tree.skipped[:SKIPPED_SHOWN]:
+        print(f"cascade create: warning: {folder}: {line}", file=sys.stderr)
+    if len(tree.skipped) > SKIPPED_SHOWN:
+        print(
+            f"cascade create: warning: {folder}: {len(tree.skipped) - SKIPPED_SHOWN} more links or special files"
+            " skipped",
+            file=sys.stderr,
+        )
+    if not args.force:
+        for f in tree.files:
+            try:
+                check_block_size(f.size, block_size)
+            except UsageError as exc:
+                raise UsageError(f"{folder / f.on_disk}: {exc}") from exc
+    with progress_bar(tree.total, f"hashing {name}") as progress:
+        raw = create_collection(folder, tree, block_size, progress=progress)
+    _write_new(out, raw, args.force)
+    coll = parse_collection(raw, str(out))
+    files = f"{len(coll.members)} file{'s' if len(coll.members) != 1 else ''}"
+    print(f"wrote {out}: {files}, {coll.total_length} bytes in blocks of {format_size(block_size)}")
+    print(f"collection hash {coll.collection_hash.hex()}")
+    return EXIT_OK
+
+
+# Warnings for skipped links and special files beyond this many are counted, not listed (arbitrary).
+SKIPPED_SHOWN = 20
+
+
 def register_create(sub: Any) -> None:
-    p = sub.add_parser("create", help="write FILE.cascade describing FILE", description="Hash FILE into a .cascade.")
-    p.add_argument("file", metavar="FILE", help="the data file to describe")
+    p = sub.add_parser(
+        "create",
+        help="write FILE.cascade describing FILE (or DIR.cascade, a collection, describing a folder)",
+        description="Hash FILE into a .cascade, or every regular file under DIR into the collection DIR.cascade.",
+    )
+    p.add_argument("file", metavar="FILE|DIR", help="the data file, or the folder, to describe")
     p.add_argument(
         "--block-size",
         metavar="SIZE",
         default=str(DEFAULT_BLOCK_SIZE),
         help="bytes per block, with an optional K, M, G, KiB, MiB or GiB suffix (default: 1MiB)",
     )
-    p.add_argument("-o", "--output", metavar="OUT", help="where to write the .cascade (default: FILE.cascade)")
+    p.add_argument(
+        "-o", "--output", metavar="OUT", help="where to write the .cascade (default: FILE.cascade or DIR.cascade)"
+    )
     p.add_argument(
         "--force", action="store_true", help="overwrite OUT if it exists; accept a block size absurd for FILE"
     )
@@ -200,9 +254,61 @@ def describe(cf: CascadeFile, cascade_path: Path) -> dict[str, Any]:
     }
 
 
+def describe_collection(coll: Collection, path: Path) -> dict[str, Any]:
+    """The fields of ``cascade info --json`` for a collection (hashes in lowercase hex)."""
+    return {
+        "collection_file": str(path),
+        "folder": default_data_path(path).name,
+        "collection_hash": coll.collection_hash.hex(),
+        "count": len(coll.members),
+        "total_length": coll.total_length,
+        "members": [
+            {
+                "path": m.path,
+                "length": m.data_length,
+                "block_size": m.block_size,
+                "cascade_hash": m.cascade_hash.hex(),
+            }
+            for m in coll.members
+        ],
+    }
+
+
+def tree_lines(coll: Collection) -> Iterator[str]:
+    """The members as an indented tree: each folder once, then its files with their sizes."""
+    shown: list[str] = []  # the folders of the previous path
+    for m in coll.members:
+        *dirs, name = m.path.split("/")
+        common = 0
+        while common < min(len(dirs), len(shown)) and dirs[common] == shown[common]:
+            common += 1
+        for depth in range(common, len(dirs)):
+            yield f"{'  ' * (depth + 1)}{dirs[depth]}/"
+        shown = dirs
+        yield f"{'  ' * (len(dirs) + 1)}{name}  {format_size(m.data_length)}"
+
+
+def _info_collection(args: argparse.Namespace, path: Path, coll: Collection) -> int:
+    info = describe_collection(coll, path)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return EXIT_OK
+    count = len(coll.members)
+    size = format_size(coll.total_length)
+    print(f"collection:     {info['folder']}/, {count} file{'s' if count != 1 else ''}, {size}")
+    print(f"collection hash {info['collection_hash']}")
+    print(f"{info['folder']}/")
+    for line in tree_lines(coll):
+        print(line)
+    return EXIT_OK
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     path = Path(args.cascade)
-    cf = read_cascade(path)
+    read = read_metafile(path)
+    if isinstance(read, Collection):
+        return _info_collection(args, path, read)
+    cf = read
     info = describe(cf, path)
     if args.json:
         print(json.dumps(info, indent=2))
@@ -245,9 +351,72 @@ def format_ranges(indices: Sequence[int], limit: int = 20) -> str:
     return shown + (f", ... ({len(ranges) - limit} more ranges)" if len(ranges) > limit else "")
 
 
+def _verify_collection(args: argparse.Namespace, path: Path, coll: Collection) -> int:
+    folder = Path(args.data) if args.data else default_data_path(path)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such folder (give the collection's folder with --data)")
+    files: list[dict[str, Any]] = []
+    complete = 0
+    with progress_bar(coll.total_length, f"verifying {folder.name}") as progress:
+        for mc, _fd in check_members(folder, coll, whole_file=True, progress=progress):
+            ok = mc.check.complete and mc.present
+            complete += ok
+            if args.json:
+                files.append(
+                    {
+                        "path": mc.member.path,
+                        "complete": ok,
+                        "present": mc.present,
+                        "valid_blocks": mc.check.valid_count,
+                        "block_count": mc.cf.block_count,
+                        "data_length": mc.check.size,
+                        "expected_length": mc.cf.data_length,
+                        "file_hash_ok": bool(mc.check.file_hash_ok),
+                        "problem": mc.problem,
+                    }
+                )
+            elif mc.problem is not None:
+                print(f"{mc.problem}: counted as missing")
+            elif not mc.present:
+                print(f"{folder / mc.member.path}: missing")
+            else:
+                check = mc.check
+                print(
+                    _verdict(
+                        folder / mc.member.path,
+                        mc.cf,
+                        check.valid_count,
+                        check.size,
+                        bool(check.file_hash_ok),
+                        check.missing(),
+                    )
+                )
+    count = len(coll.members)
+    all_ok = complete == count
+    if args.json:
+        doc = {
+            "data_folder": str(folder),
+            "collection_hash": coll.collection_hash.hex(),
+            "complete": all_ok,
+            "complete_files": complete,
+            "count": count,
+            "total_length": coll.total_length,
+            "files": files,
+        }
+        print(json.dumps(doc, indent=2))
+    elif all_ok:
+        print(f"{folder}: complete, all {count} files valid ({format_size(coll.total_length)})")
+    else:
+        print(f"{folder}: incomplete, {complete} of {count} files complete")
+    return EXIT_OK if all_ok else EXIT_INCOMPLETE
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     cascade_path = Path(args.cascade)
-    cf = read_cascade(cascade_path)
+    read = read_metafile(cascade_path)
+    if isinstance(read, Collection):
+        return _verify_collection(args, cascade_path, read)
+    cf = read
     data_path = Path(args.data) if args.data else default_data_path(cascade_path)
     if not data_path.exists():
         raise DataError(f"{data_path}: no such data file (give its path with --data)")
@@ -290,7 +459,11 @@ def register_verify(sub: Any) -> None:
         "2 for bad usage.",
     )
     p.add_argument("cascade", metavar="FILE.cascade")
-    p.add_argument("--data", metavar="PATH", help="the data file (default: FILE beside FILE.cascade)")
+    p.add_argument(
+        "--data",
+        metavar="PATH",
+        help="the data file, or a collection's folder (default: FILE or DIR beside FILE.cascade or DIR.cascade)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=cmd_verify)
 

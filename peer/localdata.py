@@ -95,6 +95,14 @@ def _chunks(fd: int, length: int, block_size: int, workers: int) -> Iterator[tup
     """
     # Never larger than the file: a 1 GiB block size on a small file must not allocate 1 GiB.
     chunk = min(_chunk_size(block_size), max(1, length))
+    if length <= chunk:
+        # One chunk: hash it here. A pool per small file would cost a thread start
+        # per file, which dominates a collection of thousands of small files.
+        if length:
+            whole = memoryview(bytearray(length))
+            n, digests = _hash_chunk(fd, 0, whole, block_size)
+            yield 0, whole[:n], digests
+        return
     limit = max(1, min(2 * workers, MAX_IN_FLIGHT // chunk))
     free: list[bytearray] = []
     pending: deque[tuple[int, bytearray, Future[tuple[int, bytes]]]] = deque()
@@ -144,16 +152,21 @@ def create_metafile(
     *,
     workers: int | None = None,
     progress: Progress | None = None,
+    fd: int | None = None,
 ) -> bytes:
     """Hash a data file and return the bytes of its ``.cascade`` file.
 
-    Raises :class:`UsageError` for a block size outside 1..MAX_BLOCK_SIZE and
-    :class:`DataError` when the file cannot be read or changes size.
+    With ``fd`` (a regular file open for reading, left open) the file is read
+    from it and ``path`` only names it in messages. Raises :class:`UsageError`
+    for a block size outside 1..MAX_BLOCK_SIZE and :class:`DataError` when the
+    file cannot be read or changes size.
     """
     if not 1 <= block_size <= MAX_BLOCK_SIZE:
         raise UsageError(f"block size must be between 1 byte and {MAX_BLOCK_SIZE // (1 << 20)} MiB, not {block_size}")
     p = Path(path)
-    fd = _open(p)
+    owned = fd is None
+    if fd is None:
+        fd = _open(p)
     try:
         try:
             length = os.fstat(fd).st_size
@@ -177,7 +190,8 @@ def create_metafile(
         except OSError as exc:
             raise from_os_error(exc, p, "read") from exc
     finally:
-        os.close(fd)
+        if owned:
+            os.close(fd)
     return encode_cascade(length, block_size, whole.digest(), bytes(hashes))
 
 
@@ -209,19 +223,24 @@ def check_data(
     whole_file: bool = True,
     workers: int | None = None,
     progress: Progress | None = None,
+    fd: int | None = None,
 ) -> DataCheck:
     """Check which blocks of ``cf`` the data file at ``path`` holds.
 
     A missing file holds no blocks. With ``whole_file`` the whole-file SHA-256
     is checked too (only when every block is valid and the size is exact).
-    Raises :class:`DataError` when the file exists but cannot be read.
+    With ``fd`` (a regular file open for reading, left open) the file is read
+    from it and ``path`` only names it in messages. Raises :class:`DataError`
+    when the file exists but cannot be read.
     """
     p = Path(path)
     count = cf.block_count
     valid = bytearray(count)
-    if not p.exists():
-        return DataCheck(valid, 0, 0, False if whole_file else None)
-    fd = _open(p)
+    owned = fd is None
+    if fd is None:
+        if not p.exists():
+            return DataCheck(valid, 0, 0, False if whole_file else None)
+        fd = _open(p)
     try:
         try:
             size = os.fstat(fd).st_size
@@ -262,7 +281,8 @@ def check_data(
         except OSError as exc:
             raise from_os_error(exc, p, "read") from exc
     finally:
-        os.close(fd)
+        if owned:
+            os.close(fd)
     n = valid.count(1)
     file_ok: bool | None = None
     if whole_file:

@@ -1,0 +1,365 @@
+"""Collections on the local disk: read one, make one from a folder, open its members safely.
+
+The format itself is pure code in :mod:`cascade.collection`; this module is the
+file I/O around it, shared by ``cascade create/info/verify`` and ``peer seed``.
+
+Safety: a member path comes from a stranger, and a folder on disk can hold
+symbolic links. Every member is opened by :func:`open_member`, which walks the
+path one component at a time from a descriptor of the folder, with
+``O_NOFOLLOW`` on each component, so no symlink anywhere on the way is followed
+(not even one that points back inside the folder), and only a regular file is
+accepted. :func:`walk_tree` lists a folder without following symlinks either.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import unicodedata
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+from cascade.collection import (
+    MAX_COLLECTION_SIZE,
+    MAX_DEPTH,
+    MAX_MEMBERS,
+    Collection,
+    Member,
+    check_tree,
+    looks_like_collection,
+    member_size,
+    parse_collection,
+    serialize_collection,
+)
+from cascade.errors import CollectionError, DataError, MetafileError, from_os_error
+from cascade.metafile import MAX_METAFILE_SIZE, CascadeFile, parse_cascade
+from peer.localdata import DataCheck, Progress, check_data, create_metafile, default_workers
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+# Files at least this large are hashed one at a time with every core on their
+# blocks; smaller ones are hashed side by side, one core each, so a tree of
+# thousands of small files keeps every core busy too. Arbitrary: a few chunks
+# of peer.localdata (4 MiB each).
+BIG_FILE = 16 << 20
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+# O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused just after.
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+
+
+def read_metafile(path: str | os.PathLike[str]) -> CascadeFile | Collection:
+    """Read a ``.cascade`` or a collection file, told apart by its magic (never by its name).
+
+    Raises :class:`MetafileError` (:class:`CollectionError` for a bad collection).
+    """
+    p = Path(path)
+    try:
+        with p.open("rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise MetafileError(f"{p}: not a regular file")
+            head = f.read(8)
+            limit = MAX_COLLECTION_SIZE if looks_like_collection(head) else MAX_METAFILE_SIZE
+            # Checked before reading on, so a huge file is refused without allocating for it.
+            if st.st_size > limit:
+                raise MetafileError(f"{p}: larger than any valid .cascade or collection file ({limit} bytes)")
+            data = head + f.read(limit + 1 - len(head))
+    except FileNotFoundError as exc:
+        raise MetafileError(f"{p}: no such file") from exc
+    except IsADirectoryError as exc:
+        raise MetafileError(f"{p}: is a directory, not a .cascade file") from exc
+    except OSError as exc:
+        raise MetafileError(f"{p}: cannot read: {exc.strerror or exc}") from exc
+    if looks_like_collection(data):
+        return parse_collection(data, str(p))
+    return parse_cascade(data, str(p))
+
+
+# --- opening members without following symlinks ---------------------------------
+
+
+def open_root(folder: Path, what: str = "the collection's folder") -> int:
+    """A descriptor of ``folder`` (which may itself be a symlink the user named). Raises :class:`DataError`."""
+    try:
+        return os.open(folder, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError as exc:
+        raise DataError(f"{folder}: no such folder ({what})") from exc
+    except NotADirectoryError as exc:
+        raise DataError(f"{folder}: not a folder ({what})") from exc
+    except OSError as exc:
+        raise from_os_error(exc, folder, "open the folder") from exc
+
+
+class MemberMissing(DataError):
+    """A member's file is not there (or a folder on its way is not)."""
+
+
+def open_member(root_fd: int, path: str, shown: Path) -> int:
+    """Open member ``path`` ('/'-separated, checked) under ``root_fd`` for reading; returns a descriptor.
+
+    No component is followed if it is a symlink, and only a regular file is
+    accepted. ``shown`` names the file in messages. Raises :class:`MemberMissing`
+    when it is not there, :class:`DataError` for a symlink, a special file or
+    another error.
+    """
+    parts = path.split("/")
+    fd = root_fd
+    try:
+        for i, comp in enumerate(parts):
+            last = i == len(parts) - 1
+            try:
+                nfd = os.open(comp, _FILE_FLAGS if last else _DIR_FLAGS, dir_fd=fd)
+            except FileNotFoundError as exc:
+                raise MemberMissing(f"{shown}: no such file") from exc
+            except OSError as exc:
+                where = "/".join(parts[: i + 1])
+                if exc.errno in (errno.ELOOP, errno.EMLINK):  # EMLINK: FreeBSD's answer to O_NOFOLLOW
+                    raise DataError(f"{shown}: {where!r} is a symbolic link; Cascade does not follow it") from exc
+                if exc.errno == errno.ENOTDIR:
+                    raise DataError(f"{shown}: {where!r} is not a folder") from exc
+                raise from_os_error(exc, shown, "open") from exc
+            if fd != root_fd:
+                os.close(fd)
+            fd = nfd
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise DataError(f"{shown}: not a regular file")
+        os.set_blocking(fd, True)
+        result, fd = fd, root_fd
+        return result
+    finally:
+        if fd != root_fd:
+            os.close(fd)
+
+
+# --- making a collection from a folder ---------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TreeFile:
+    """A regular file found under the folder: its member path (NFC) and its path as on disk."""
+
+    path: str
+    on_disk: str
+    size: int
+
+
+@dataclass(slots=True)
+class Tree:
+    """What :func:`walk_tree` found: the files, in collection order, and what it skipped (one line each)."""
+
+    files: list[TreeFile]
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+def walk_tree(folder: Path) -> Tree:
+    """List the regular files under ``folder``, following no symlink; check their paths as members.
+
+    Symlinks and special files (FIFOs, sockets, devices) are skipped, each with
+    a line in ``skipped``; empty folders hold no file and so are not in the
+    result. Raises :class:`CollectionError` for a path no collection may hold
+    (as :func:`cascade.collection.check_tree`), too many files or too deep a
+    tree, and :class:`DataError` when a folder cannot be read.
+    """
+    found: list[tuple[str, int]] = []
+    skipped: list[str] = []
+    stack: list[tuple[str, int]] = [("", 0)]
+    while stack:
+        rel, depth = stack.pop()
+        where = folder / rel if rel else folder
+        try:
+            with os.scandir(where) as it:
+                entries = list(it)
+        except OSError as exc:
+            raise from_os_error(exc, where, "list the folder") from exc
+        for entry in entries:
+            child = f"{rel}/{entry.name}" if rel else entry.name
+            try:
+                if entry.is_symlink():
+                    skipped.append(f"{child!r} is a symbolic link: skipped (collections hold no links)")
+                elif entry.is_dir(follow_symlinks=False):
+                    if depth + 1 >= MAX_DEPTH:
+                        raise CollectionError(f"{folder / child}: deeper than {MAX_DEPTH} folders")
+                    stack.append((child, depth + 1))
+                elif entry.is_file(follow_symlinks=False):
+                    found.append((child, entry.stat(follow_symlinks=False).st_size))
+                    if len(found) > MAX_MEMBERS:
+                        raise CollectionError(f"{folder}: more than {MAX_MEMBERS} files, the limit of one collection")
+                else:
+                    skipped.append(f"{child!r} is not a regular file (a FIFO, socket or device): skipped")
+            except OSError as exc:
+                raise from_os_error(exc, folder / child, "look at") from exc
+    try:
+        paths = check_tree(p for p, _ in found)
+    except CollectionError as exc:
+        raise CollectionError(f"{folder}: {exc}") from exc
+    # check_tree refused duplicates after NFC, so each member path has one name on disk.
+    by_member = {_nfc(p): (p, size) for p, size in found}
+    files = [TreeFile(m, *by_member[m]) for m in paths]
+    return Tree(files, skipped)
+
+
+def _nfc(text: str) -> str:
+    return unicodedata.normalize("NFC", text)
+
+
+def collection_size(tree: Tree, block_size: int) -> int:
+    """The bytes the collection of ``tree`` will take (to refuse a too-big one before hashing)."""
+    return 16 + sum(member_size(f.path, f.size, block_size) for f in tree.files)
+
+
+def create_collection(
+    folder: Path,
+    tree: Tree,
+    block_size: int,
+    *,
+    progress: Progress | None = None,
+    workers: int | None = None,
+) -> bytes:
+    """Hash every file of ``tree`` (found under ``folder``) and return the collection's bytes.
+
+    Each file is opened with :func:`open_member` (a file swapped for a symlink
+    since the walk is refused). Memory is bounded by the hashing chunks in
+    flight, not by the files' sizes. Raises :class:`DataError` (a file changed,
+    vanished or became a link) and :class:`CollectionError`.
+    """
+    size = collection_size(tree, block_size)
+    if size > MAX_COLLECTION_SIZE:
+        raise CollectionError(
+            f"{folder}: the collection would take {size} bytes, more than the limit of {MAX_COLLECTION_SIZE};"
+            " use a larger --block-size"
+        )
+    root = open_root(folder, "the folder to describe")
+    try:
+
+        def one(f: TreeFile, pool_workers: int) -> Member:
+            shown = folder / f.on_disk
+            try:
+                fd = open_member(root, f.on_disk, shown)
+            except MemberMissing as exc:
+                raise DataError(f"{shown}: vanished while the folder was being hashed") from exc
+            try:
+                raw = create_metafile(shown, block_size, workers=pool_workers, progress=progress, fd=fd)
+            finally:
+                os.close(fd)
+            return Member(f.path, raw)
+
+        small = [f for f in tree.files if f.size < BIG_FILE]
+        big = [f for f in tree.files if f.size >= BIG_FILE]
+        members: list[Member] = []
+        n = workers or default_workers()
+        with ThreadPoolExecutor(max_workers=n, thread_name_prefix="hash-tree") as pool:
+            try:
+                members.extend(_bounded_map(pool, lambda f: one(f, 1), small, 4 * n))
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+        for f in big:
+            members.append(one(f, n))
+    finally:
+        os.close(root)
+    return serialize_collection(members)
+
+
+def _bounded_map(pool: ThreadPoolExecutor, fn: Callable[[_T], _R], items: list[_T], ahead: int) -> Iterator[_R]:
+    """``pool.map`` in order with at most ``ahead`` calls queued (``map`` would queue every item at once)."""
+    pending: deque[Future[_R]] = deque()
+    it = iter(items)
+    for item in it:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= ahead:
+            break
+    while pending:
+        result = pending.popleft().result()
+        for item in it:
+            pending.append(pool.submit(fn, item))
+            break
+        yield result
+
+
+# --- checking a folder against a collection ------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MemberCheck:
+    """What the folder holds of one member; ``check`` is ``None`` when its file is missing."""
+
+    member: Member
+    cf: CascadeFile
+    check: DataCheck
+    present: bool
+    problem: str | None  # why the file could not be checked (a symlink, a special file), else None
+
+
+def check_members(
+    folder: Path,
+    collection: Collection,
+    *,
+    whole_file: bool,
+    progress: Progress | None = None,
+    keep_open: bool = False,
+) -> Iterator[tuple[MemberCheck, int | None]]:
+    """Check every member's file under ``folder``, several at a time, yielding in collection order.
+
+    With ``keep_open`` each present member's descriptor is yielded too (the
+    caller closes it); else ``None``. A missing file, a symlink or a special
+    file holds no block (``problem`` says why for the last two). Raises
+    :class:`DataError` when ``folder`` cannot be opened or a file not read.
+    """
+    root = open_root(folder)
+    n = default_workers()
+
+    def one(m: Member) -> tuple[MemberCheck, int | None]:
+        cf = m.cascade_file()
+        shown = folder / m.path
+        empty = DataCheck(bytearray(cf.block_count), 0, 0, False if whole_file else None)
+        try:
+            fd = open_member(root, m.path, shown)
+        except MemberMissing:
+            return MemberCheck(m, cf, empty, False, None), None
+        except DataError as exc:
+            return MemberCheck(m, cf, empty, False, str(exc)), None
+        try:
+            big = cf.data_length >= BIG_FILE
+            check = check_data(shown, cf, whole_file=whole_file, workers=n if big else 1, progress=progress, fd=fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        if not keep_open:
+            os.close(fd)
+            return MemberCheck(m, cf, check, True, None), None
+        return MemberCheck(m, cf, check, True, None), fd
+
+    try:
+        with ThreadPoolExecutor(max_workers=n, thread_name_prefix="check-tree") as pool:
+            try:
+                yield from _bounded_map(pool, one, list(collection.members), 4 * n)
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+    finally:
+        os.close(root)
+
+
+def member_opener(folder: Path, path: str) -> Callable[[], int]:
+    """A function that opens member ``path`` under ``folder`` as :func:`open_member` does (for re-verifying)."""
+
+    def opener() -> int:
+        root = open_root(folder)
+        try:
+            return open_member(root, path, folder / path)
+        finally:
+            os.close(root)
+
+    return opener
