@@ -39,6 +39,7 @@ from cascade.collection import (
 from cascade.errors import CollectionError, DataError, MetafileError, from_os_error
 from cascade.metafile import MAX_METAFILE_SIZE, CascadeFile, parse_cascade
 from peer.localdata import DataCheck, Progress, check_data, create_metafile, default_workers
+from peer.storage import DiskSignature
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
@@ -300,6 +301,8 @@ class MemberCheck:
     check: DataCheck
     present: bool
     problem: str | None  # why the file could not be checked (a symlink, a special file), else None
+    # The file as opened, before it was hashed, as peer.storage.disk_signature gives it; None when absent.
+    seen: DiskSignature | None = None
 
 
 def check_members(
@@ -331,6 +334,8 @@ def check_members(
         except DataError as exc:
             return MemberCheck(m, cf, empty, False, str(exc)), None
         try:
+            st = os.fstat(fd)
+            seen = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
             big = cf.data_length >= BIG_FILE
             check = check_data(shown, cf, whole_file=whole_file, workers=n if big else 1, progress=progress, fd=fd)
         except BaseException:
@@ -338,8 +343,8 @@ def check_members(
             raise
         if not keep_open:
             os.close(fd)
-            return MemberCheck(m, cf, check, True, None), None
-        return MemberCheck(m, cf, check, True, None), fd
+            return MemberCheck(m, cf, check, True, None, seen), None
+        return MemberCheck(m, cf, check, True, None, seen), fd
 
     try:
         with ThreadPoolExecutor(max_workers=n, thread_name_prefix="check-tree") as pool:

@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from cascade.addresses import parse_hostport
+from cascade.collection import Collection
 from cascade.errors import DataError, StartError, UsageError
-from cascade.metafile import CascadeFile, default_data_path, read_cascade
+from cascade.metafile import CascadeFile, default_data_path
 from cascade.units import format_size, parse_size
 from peer.announcer import Announcer
+from peer.collection_local import check_members, member_opener, read_metafile
 from peer.common import Interrupted, StopSignal, announce_ip, setup_logging
 from peer.datawatch import DataWatcher
 from peer.localdata import check_data
@@ -62,14 +65,29 @@ def log_listening(server: BlockServer) -> None:
     log.info("peer listening on %s:%d", shown, bound_port)
 
 
-def _seed_files(paths: Sequence[str], data: str | None) -> list[_SeedFile]:
+@dataclass(frozen=True, slots=True)
+class _SeedCollection:
+    cascade_path: Path
+    folder: Path
+    collection: Collection
+
+
+def _seed_files(paths: Sequence[str], data: str | None) -> list[_SeedFile | _SeedCollection]:
     if data is not None and len(paths) != 1:
         raise UsageError("--data works only with a single .cascade file")
-    files: list[_SeedFile] = []
+    files: list[_SeedFile | _SeedCollection] = []
     seen: set[bytes] = set()
     for raw in paths:
         path = Path(raw)
-        cf = read_cascade(path)
+        read = read_metafile(path)
+        if isinstance(read, Collection):
+            folder = Path(data) if data is not None else default_data_path(path)
+            if not folder.is_dir():
+                what = "no such folder" if not folder.exists() else "not a folder"
+                raise DataError(f"{folder}: {what} (the files of {path}; use --data to point elsewhere)")
+            files.append(_SeedCollection(path, folder, read))
+            continue
+        cf = read
         data_path = Path(data) if data is not None else default_data_path(path)
         if not data_path.is_file():
             what = "no such data file" if not data_path.exists() else "not a regular file"
@@ -78,6 +96,91 @@ def _seed_files(paths: Sequence[str], data: str | None) -> list[_SeedFile]:
             seen.add(cf.cascade_hash)
             files.append(_SeedFile(path, data_path, cf))
     return files
+
+
+# Descriptors kept free for connections, the listener and the trackers beyond one per
+# seeded member (arbitrary; the server caps its connections at 512 by default).
+_SPARE_DESCRIPTORS = 1024
+# Members that are partial or missing are named one line each up to this many (arbitrary).
+_MEMBER_LINES = 20
+
+
+def _raise_file_limit(members: int) -> None:
+    """Raise the soft limit of open files to serve ``members`` files, each from its own descriptor.
+
+    Raises :class:`StartError` when even the hard limit is too low.
+    """
+    if not members:
+        return
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = members + _SPARE_DESCRIPTORS
+    if soft != resource.RLIM_INFINITY and soft < need:
+        target = need if hard == resource.RLIM_INFINITY else min(hard, need)
+        if target > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        if target < need:
+            raise StartError(
+                f"seeding {members} files needs about {need} open files; this system allows {hard} (ulimit -n)"
+            )
+
+
+def _seed_collection(
+    f: _SeedCollection,
+    server: BlockServer,
+    watcher: DataWatcher,
+    announcer: Announcer,
+    stores: list[BlockStore],
+    served: set[bytes],
+    stop: StopSignal,
+) -> list[str]:
+    """Verify every member of a collection (several at a time), serve and announce those with blocks.
+
+    Returns the log lines to print once listening: one for the collection, one
+    per member that is partial or missing (the first few).
+    """
+    lines: list[str] = []
+    complete = blocks = have_blocks = 0
+    problems = 0
+    for mc, fd in check_members(
+        f.folder, f.collection, whole_file=False, progress=lambda _n: stop.check(), keep_open=True
+    ):
+        cf, check = mc.cf, mc.check
+        blocks += cf.block_count
+        have_blocks += check.valid_count
+        if fd is None or cf.cascade_hash in served:  # missing; or the same file twice, served once
+            if fd is not None:
+                os.close(fd)
+            elif cf.block_count:
+                problems += 1
+                if problems <= _MEMBER_LINES:
+                    lines.append(f"{mc.problem or f'{f.folder / mc.member.path}: missing'}: not served")
+            complete += fd is not None and check.valid_count == cf.block_count
+            continue
+        served.add(cf.cascade_hash)
+        store = BlockStore(cf, f.folder / mc.member.path, os.fdopen(fd, "rb", buffering=0), check.valid, False)
+        store.opener = member_opener(f.folder, mc.member.path)
+        stores.append(store)
+        server.add_store(store, watcher.wake)
+        watcher.add(store, mc.seen)
+        if check.valid_count == cf.block_count:
+            complete += 1
+        else:
+            problems += 1
+            if problems <= _MEMBER_LINES:
+                lines.append(f"{f.folder / mc.member.path}: {check.valid_count}/{cf.block_count} blocks verified")
+        if check.valid_count or not cf.block_count:
+            announcer.add(cf.cascade_hash)
+    if problems > _MEMBER_LINES:
+        lines.append(f"... and {problems - _MEMBER_LINES} more files partial or missing")
+    count = len(f.collection.members)
+    size = format_size(f.collection.total_length)
+    lines.insert(
+        0,
+        f"{f.cascade_path.name}: {complete}/{count} files complete, {have_blocks}/{blocks} blocks verified ({size})",
+    )
+    return lines
 
 
 def run(args: argparse.Namespace) -> int:
@@ -107,7 +210,15 @@ def run(args: argparse.Namespace) -> int:
     stores: list[BlockStore] = []
     try:
         lines: list[str] = []
+        _raise_file_limit(sum(len(f.collection.members) for f in files if isinstance(f, _SeedCollection)))
+        served: set[bytes] = set()
         for f in files:
+            if isinstance(f, _SeedCollection):
+                lines += _seed_collection(f, server, watcher, announcer, stores, served, stop)
+                continue
+            if f.cf.cascade_hash in served:
+                continue
+            served.add(f.cf.cascade_hash)
             seen = disk_signature(f.data_path)
             check = check_data(f.data_path, f.cf, whole_file=False, progress=lambda _n: stop.check())
             store = BlockStore.open_for_seeding(f.cf, f.data_path, check)

@@ -44,6 +44,10 @@ class BlockStore:
         self._block_size = cf.block_size
         self._block_count = cf.block_count
         self._data_length = cf.data_length
+        # Set for a collection's member (peer seed): opens the file again without following
+        # any symlink on its path (peer.collection_local.open_member); the path is then
+        # looked at with lstat, and re-verification reads only what this opens.
+        self.opener: Callable[[], int] | None = None
 
     # --- opening -----------------------------------------------------------
 
@@ -189,7 +193,7 @@ class BlockStore:
 
     def disk_signature(self) -> DiskSignature | None:
         """What the data file's path looks like now: identity, size and times; ``None`` when it is gone."""
-        return disk_signature(self.path)
+        return disk_signature(self.path, follow_symlinks=self.opener is None)
 
     def reverify(self, seen: DiskSignature | None, progress: Callable[[int], None] | None = None) -> int:
         """Check the data file again and serve only the blocks that still match; returns the verified count.
@@ -210,19 +214,24 @@ class BlockStore:
                 current = os.fstat(self.fd)
                 if (current.st_dev, current.st_ino) != seen[:2]:
                     # Open it before hashing, and check below that the path still names what we hashed.
-                    replacement = os.open(self.path, os.O_RDONLY)
+                    replacement = self.opener() if self.opener is not None else os.open(self.path, os.O_RDONLY)
                     opened = os.fstat(replacement)
                     if (opened.st_dev, opened.st_ino) != seen[:2]:
                         return self._count  # replaced again meanwhile: the next look sees it
             except OSError as exc:
                 self._forget_all()
                 raise from_os_error(exc, self.path, "read the data file") from exc
+            except DataError:  # the opener refused it: a symlink, not a regular file
+                self._forget_all()
+                raise
+            # A member is read only through what its opener opened, never by its path.
+            fd = None if self.opener is None else replacement if replacement >= 0 else self.fd
             try:
-                check = check_data(self.path, self.cf, whole_file=False, progress=progress)
+                check = check_data(self.path, self.cf, whole_file=False, progress=progress, fd=fd)
             except DataError:
                 self._forget_all()
                 raise
-            if replacement >= 0 and (disk_signature(self.path) or (0, 0))[:2] != seen[:2]:
+            if replacement >= 0 and (self.disk_signature() or (0, 0))[:2] != seen[:2]:
                 return self._count
             with self._lock:
                 if self.file.closed:  # closed meanwhile: its descriptor number may belong to another file now
@@ -251,10 +260,10 @@ class BlockStore:
 DiskSignature = tuple[int, int, int, int, int]
 
 
-def disk_signature(path: Path) -> DiskSignature | None:
+def disk_signature(path: Path, follow_symlinks: bool = True) -> DiskSignature | None:
     """The :data:`DiskSignature` of the file at ``path`` now; ``None`` when it cannot be seen."""
     try:
-        st = os.stat(path)
+        st = os.stat(path, follow_symlinks=follow_symlinks)
     except OSError:
         return None
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
