@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import SplitResult, unquote, urlsplit
 
 from cascade.backoff import Backoff
+from cascade.collection import serialize_collection
 from cascade.errors import (
     DataError,
     MetafileError,
@@ -40,8 +41,9 @@ from cascade.errors import (
     UsageError,
     from_os_error,
 )
-from cascade.metafile import MAX_METAFILE_SIZE, CascadeFile, read_cascade
+from cascade.metafile import MAX_METAFILE_SIZE, CascadeFile
 from cascade.wire import parse_hex_hash
+from peer.collection_local import read_metafile
 
 if TYPE_CHECKING:
     import requests
@@ -290,7 +292,7 @@ def _check_and_place(tmp: Path, target: Path, want: bytes, url: str) -> None:
         raise MetafileError(
             f"{url}: the downloaded file's SHA-256 is {got.hex()}, not the hash in the URL; refusing to use it"
         )
-    read_cascade(tmp)  # the right bytes, and also a valid .cascade
+    read_metafile(tmp)  # the right bytes, and also a valid .cascade or collection
     try:
         os.chmod(tmp, 0o644)  # mkstemp made it private; a .cascade file is public by nature
         if target.exists():
@@ -313,7 +315,12 @@ def upload_cascade(path: str | os.PathLike[str], tracker: str, token: str | None
     """
     import requests
 
-    cf: CascadeFile = read_cascade(path)
+    read = read_metafile(path)
+    if isinstance(read, CascadeFile):
+        raw, cascade_hash = read.raw, read.cascade_hash
+    else:
+        # Encoding is canonical: these are the very bytes that were read and parsed.
+        raw, cascade_hash = serialize_collection(read.members), read.collection_hash
     base = tracker_base_url(tracker)
     headers = {"Content-Type": "application/octet-stream"}
     if token:
@@ -323,7 +330,7 @@ def upload_cascade(path: str | os.PathLike[str], tracker: str, token: str | None
         with http_session() as session:
             r = session.put(
                 f"{base}/api/v1/cascades",
-                data=cf.raw,
+                data=raw,
                 params=params,
                 headers=headers,
                 timeout=(CONNECT_TIMEOUT, READ_TIMEOUT),
@@ -339,6 +346,6 @@ def upload_cascade(path: str | os.PathLike[str], tracker: str, token: str | None
         returned = parse_hex_hash(doc["cascade_hash"])
     except (ProtocolError, ValueError, KeyError, TypeError) as exc:
         raise PublishRefused(f"tracker {base} answered the upload with something that is not its API") from exc
-    if returned != cf.cascade_hash:
+    if returned != cascade_hash:
         raise PublishRefused(f"tracker {base} stored the file under another hash ({returned.hex()})")
-    return Published(cf.cascade_hash, f"{base}/cascades/{cf.cascade_hash.hex()}.cascade", r.status_code == 201)
+    return Published(cascade_hash, f"{base}/cascades/{cascade_hash.hex()}.cascade", r.status_code == 201)

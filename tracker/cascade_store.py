@@ -1,5 +1,8 @@
 """Uploaded ``.cascade`` files, kept on disk under their cascade hash.
 
+A collection (docs/collection-format.md) is stored the same way, under its
+collection hash (the SHA-256 of its bytes, as for a ``.cascade``).
+
 Layout of the storage folder (nothing else is ever written, and every path
 is built from a hash in hex, never from a client's text)::
 
@@ -15,6 +18,7 @@ so a crash never leaves half a file under a real name.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -24,9 +28,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from cascade.collection import looks_like_collection, parse_collection
 from cascade.errors import BadRequest, MetafileError, ProtocolError
 from cascade.errors import StoreFull as StoreFull  # its old home; the class lives in the tree
-from cascade.metafile import parse_cascade
+from cascade.metafile import block_count_for, parse_cascade
 from cascade.wire import parse_hex_hash
 
 log = logging.getLogger(__name__)
@@ -52,6 +57,43 @@ class StoredCascade:
     block_size: int
     block_count: int
     stored_at: float  # UNIX seconds
+    # A collection (docs/collection-format.md): how many members; 0 for a plain .cascade.
+    # A collection's block_size is 0 (each member has its own) and block_count their sum.
+    members: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Upload:
+    """What an uploaded file describes: a ``.cascade``, or a collection named by its collection hash."""
+
+    cascade_hash: bytes
+    data_length: int
+    block_size: int
+    block_count: int
+    member_hashes: tuple[bytes, ...]  # a collection's members' cascade hashes; () for a .cascade
+
+    def entry(self, name: str | None, size: int, stored_at: float) -> StoredCascade:
+        return StoredCascade(
+            self.cascade_hash,
+            name,
+            size,
+            self.data_length,
+            self.block_size,
+            self.block_count,
+            stored_at,
+            len(self.member_hashes),
+        )
+
+
+def parse_upload(data: bytes, source: str = "upload") -> Upload:
+    """Parse a ``.cascade`` or a collection (told apart by the magic). Raises :class:`MetafileError`."""
+    if looks_like_collection(data):
+        coll = parse_collection(data, source)
+        blocks = sum(block_count_for(m.data_length, m.block_size) for m in coll.members)
+        hashes = tuple(m.cascade_hash for m in coll.members)
+        return Upload(coll.collection_hash, coll.total_length, 0, blocks, hashes)
+    cf = parse_cascade(data, source)
+    return Upload(cf.cascade_hash, cf.data_length, cf.block_size, cf.block_count, ())
 
 
 def check_name(name: str) -> str:
@@ -108,16 +150,14 @@ class CascadeStore:
                     data = f.read(self.max_file_size + 1)
                 if len(data) > self.max_file_size:
                     raise MetafileError("larger than the size cap")
-                cf = parse_cascade(data, path.name)
-                if cf.cascade_hash != cascade_hash:
+                up = parse_upload(data, path.name)
+                if up.cascade_hash != cascade_hash:
                     raise MetafileError("its bytes do not hash to its name")
             except (ProtocolError, OSError, MetafileError) as exc:
                 log.warning("skipping stored file %s: %s", path.name, exc)
                 continue
             name = self._read_name(cascade_hash)
-            entry = StoredCascade(
-                cascade_hash, name, len(data), cf.data_length, cf.block_size, cf.block_count, path.stat().st_mtime
-            )
+            entry = up.entry(name, len(data), path.stat().st_mtime)
             self._entries[cascade_hash] = entry
             self._total += entry.size
 
@@ -151,7 +191,7 @@ class CascadeStore:
     # --- the interface ------------------------------------------------------
 
     def put(self, data: bytes, name: str | None = None) -> tuple[StoredCascade, bool]:
-        """Validate and store one ``.cascade``; returns (its entry, True if it is new).
+        """Validate and store one ``.cascade`` or collection; returns (its entry, True if it is new).
 
         A name is recorded when the file has none yet (the first name given
         stays). Raises :class:`MetafileError` for a malformed file,
@@ -162,17 +202,15 @@ class CascadeStore:
             raise BadRequest(f".cascade file is {len(data)} bytes, the limit is {self.max_file_size}")
         if name is not None:
             check_name(name)
-        cf = parse_cascade(data, "upload")
-        h = cf.cascade_hash
+        up = parse_upload(data, "upload")
+        h = up.cascade_hash
         with self._lock:
             old = self._entries.get(h)
             if old is not None:
                 if name is None or old.name is not None:
                     return old, False
                 self._write(self._path(h, _NAME_SUFFIX), name.encode("utf-8"))
-                entry = StoredCascade(
-                    h, name, old.size, old.data_length, old.block_size, old.block_count, old.stored_at
-                )
+                entry = dataclasses.replace(old, name=name)
                 self._entries[h] = entry
                 return entry, False
             if self._total + len(data) > self.max_total_size:
@@ -180,7 +218,7 @@ class CascadeStore:
             if name is not None:
                 self._write(self._path(h, _NAME_SUFFIX), name.encode("utf-8"))
             self._write(self._path(h, _SUFFIX), data)
-            entry = StoredCascade(h, name, len(data), cf.data_length, cf.block_size, cf.block_count, time.time())
+            entry = up.entry(name, len(data), time.time())
             self._entries[h] = entry
             self._total += entry.size
             return entry, True

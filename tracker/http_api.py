@@ -55,10 +55,9 @@ from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
 from cascade.errors import BadRequest, MetafileError, ProtocolError, StartError, UsageError, from_os_error
-from cascade.metafile import parse_cascade
 from cascade.wire import PeerRecord, TrackerStatus, parse_hex_hash
 from tracker import metrics
-from tracker.cascade_store import CascadeStore, StoredCascade, StoreFull, check_name
+from tracker.cascade_store import CascadeStore, StoredCascade, StoreFull, check_name, parse_upload
 from tracker.store import CascadeFiles, StoreUnavailable, SwarmStore
 from tracker.swarms import AnnounceRefused, SwarmSummary
 
@@ -586,9 +585,13 @@ class TrackerHttpServer:
         name = _upload_name(call)
         data = call.body
         try:
-            cascade_hash = parse_cascade(data, "upload").cascade_hash
-            if not self.registry.is_allowed(cascade_hash):
-                raise _HttpError(403, f"cascade hash {cascade_hash.hex()} is not tracked here")
+            up = parse_upload(data, "upload")
+            # A collection is never announced, only its members are: with an allow list,
+            # it is taken when every member is allowed (an upload does not extend the list).
+            for h in up.member_hashes or (up.cascade_hash,):
+                if not self.registry.is_allowed(h):
+                    what = "a member's cascade hash" if up.member_hashes else "cascade hash"
+                    raise _HttpError(403, f"{what} {h.hex()} is not tracked here")
             entry, new = self.store.put(data, name)
         except MetafileError as exc:
             raise _HttpError(400, f"not a valid .cascade file: {exc}") from exc
@@ -715,6 +718,7 @@ def _stored_json(e: StoredCascade) -> dict[str, object]:
         "block_size": e.block_size,
         "block_count": e.block_count,
         "size": e.size,
+        "members": e.members,
         "stored_at": round(e.stored_at, 3),
         "path": f"/cascades/{e.cascade_hash.hex()}.cascade",
     }

@@ -48,7 +48,6 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from cascade.errors import BadRequest, MetafileError, StartError, StoreUnavailable, UsageError
-from cascade.metafile import parse_cascade
 from cascade.wire import HASH_SIZE, PEER_RECORD_SIZE, PeerRecord, TrackerStatus
 from tracker.cascade_store import (
     DEFAULT_MAX_FILE_SIZE,
@@ -56,6 +55,7 @@ from tracker.cascade_store import (
     StoredCascade,
     StoreFull,
     check_name,
+    parse_upload,
 )
 from tracker.swarms import (
     AnnounceRefused,
@@ -587,7 +587,7 @@ class RedisCascadeFiles:
             raise BadRequest(f".cascade file is {len(data)} bytes, the limit is {self.max_file_size}")
         if name is not None:
             check_name(name)
-        cf = parse_cascade(data, "upload")
+        cf = parse_upload(data, "upload")
         hx = cf.cascade_hash.hex()
         meta = json.dumps(
             {
@@ -596,6 +596,7 @@ class RedisCascadeFiles:
                 "block_size": cf.block_size,
                 "block_count": cf.block_count,
                 "stored_at": self._clock(),
+                "members": len(cf.member_hashes),
             }
         )
         k = self._keys
@@ -624,6 +625,7 @@ class RedisCascadeFiles:
                 int(doc["block_size"]),
                 int(doc["block_count"]),
                 float(doc["stored_at"]),
+                int(doc.get("members", 0)),
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise MetafileError(f"redis holds malformed metadata for {cascade_hash.hex()}: {exc}") from exc

@@ -1,0 +1,343 @@
+"""The commands on collections: ``cascade create DIR``, ``info``, ``verify``, ``peer seed``, publish and download.
+
+Real processes on 127.0.0.1. The hostile collections are built with the
+encoder of ``cascade/collection.py`` where it allows, and as raw bytes where
+it refuses (that is the point).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cascade.collection import MAGIC, Member, parse_collection, serialize_collection
+from cascade.metafile import encode_cascade, parse_cascade
+from cascade.wire import TrackerCommand
+from peer.tracker_client import TrackerAddress, announce
+from tests.doubles import Swarm, sha256_file
+from tests.procs import start_tracker
+
+pytestmark = pytest.mark.process
+
+TIMEOUT = 60.0
+# The .cascade of the 6 bytes "hello\n" in blocks of 4 (docs/collection-format.md section 10).
+HELLO = encode_cascade(
+    6,
+    4,
+    hashlib.sha256(b"hello\n").digest(),
+    hashlib.sha256(b"hell").digest() + hashlib.sha256(b"o\n").digest(),
+)
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    module = {"cascade": "peer.cascade_command", "peer": "peer"}[args[0]]
+    return subprocess.run(
+        [sys.executable, "-m", module, *args[1:]],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        stdin=subprocess.DEVNULL,
+        cwd=cwd,
+    )
+
+
+def make_tree(root: Path, outside: Path) -> dict[str, bytes]:
+    """The awkward small tree of the issue; returns member path -> bytes (what a collection must hold)."""
+    files = {
+        "a/b/c/deep.txt": b"deep\n",
+        "a/b/sibling.bin": bytes(range(256)) * 300,  # 76,800 bytes: several blocks of 16 KiB
+        "empty": b"",
+        "zeros.d/nul-bytes": b"\0" * 5000 + b"x\0y",
+        "caf\u00e9/r\u00e9sum\u00e9 \u65e5\u672c.txt": b"non-ASCII name\n",
+        "top.txt": b"top\n",
+    }
+    for rel, data in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    (root / "empty-dir" / "inner").mkdir(parents=True)
+    outside.write_bytes(b"secret outside the tree\n")
+    (root / "link-out").symlink_to(outside)
+    (root / "a" / "link-dir").symlink_to(root / "a" / "b", target_is_directory=True)
+    os.mkfifo(root / "fifo")
+    return files
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
+    root = tmp_path / "my-dataset"
+    root.mkdir()
+    return root, make_tree(root, tmp_path / "outside.txt")
+
+
+def create(root: Path, *extra: str) -> Path:
+    r = run("cascade", "create", str(root), "--block-size", "16K", *extra)
+    assert r.returncode == 0, r.stderr
+    return root.with_name(root.name + ".cascade")
+
+
+# --- create, info, verify -----------------------------------------------------------
+
+
+def test_create_holds_every_regular_file_and_skips_links_fifos_and_empty_folders(
+    tree: tuple[Path, dict[str, bytes]],
+) -> None:
+    root, files = tree
+    r = run("cascade", "create", str(root), "--block-size", "16K")
+    assert r.returncode == 0, r.stderr
+    out = root.with_name("my-dataset.cascade")
+    coll = parse_collection(out.read_bytes())
+    assert [m.path for m in coll.members] == sorted(files)
+    for m in coll.members:
+        assert m.block_size == 16 << 10
+        assert parse_cascade(m.cascade).data_length == len(files[m.path])
+    warnings = [line for line in r.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 3, r.stderr  # two links and the FIFO, one line each
+    assert any("'link-out' is a symbolic link" in w for w in warnings)
+    assert any("'a/link-dir' is a symbolic link" in w for w in warnings)
+    assert any("'fifo' is not a regular file" in w for w in warnings)
+    assert f"collection hash {coll.collection_hash.hex()}" in r.stdout
+    # The same tree gives the same bytes: the hash names the tree.
+    again = run("cascade", "create", str(root), "--block-size", "16K", "-o", str(root.parent / "again.cascade"))
+    assert again.returncode == 0, again.stderr
+    assert (root.parent / "again.cascade").read_bytes() == out.read_bytes()
+
+
+def test_create_refuses_a_clash_or_a_windows_name_before_writing(tmp_path: Path) -> None:
+    for names, fault in [
+        (["README", "readme"], "would be the same file"),
+        (["a/x", "A/x"], "would be the same file"),
+        (["nul.txt"], "device name"),
+        (["ok", "bad:name"], "':'"),
+    ]:
+        root = tmp_path / f"t{len(list(tmp_path.iterdir()))}"
+        for name in names:
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_bytes(b"x")
+        r = run("cascade", "create", str(root))
+        assert r.returncode == 1, (names, r.stdout, r.stderr)
+        assert len(r.stderr.splitlines()) == 1, r.stderr
+        assert "Traceback" not in r.stderr
+        if fault:
+            assert fault in r.stderr
+        assert not root.with_name(root.name + ".cascade").exists()
+
+
+def test_create_refuses_an_absurd_block_size_for_a_member(tmp_path: Path) -> None:
+    root = tmp_path / "d"
+    root.mkdir()
+    (root / "big").write_bytes(b"x" * 2_000_000)
+    r = run("cascade", "create", str(root), "--block-size", "1")
+    assert r.returncode == 2, r.stderr
+    assert "--force" in r.stderr and "big" in r.stderr
+    assert not (tmp_path / "d.cascade").exists()
+
+
+def test_info_shows_a_tree_and_json_every_member(tree: tuple[Path, dict[str, bytes]]) -> None:
+    root, files = tree
+    out = create(root)
+    coll = parse_collection(out.read_bytes())
+    r = run("cascade", "info", str(out))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("collection:") and "6 files" in lines[0]
+    assert f"collection hash {coll.collection_hash.hex()}" in lines[1]
+    assert "  a/" in lines and "      c/" in lines and "  caf\u00e9/" in lines
+    assert any(line.strip().startswith("empty  0 B") for line in lines)
+    doc = json.loads(run("cascade", "info", "--json", str(out)).stdout)
+    assert doc["collection_hash"] == coll.collection_hash.hex()
+    assert doc["count"] == len(files) and doc["total_length"] == sum(map(len, files.values()))
+    assert {m["path"]: m["length"] for m in doc["members"]} == {p: len(d) for p, d in files.items()}
+    assert all(m["cascade_hash"] == c.cascade_hash.hex() for m, c in zip(doc["members"], coll.members, strict=True))
+
+
+def test_verify_checks_every_file_and_the_whole(tree: tuple[Path, dict[str, bytes]]) -> None:
+    root, files = tree
+    out = create(root)
+    r = run("cascade", "verify", str(out))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1].startswith(f"{root}: complete, all 6 files valid")
+    # One block damaged, one file gone, one file swapped for a symlink to an identical copy.
+    with (root / "a/b/sibling.bin").open("r+b") as f:
+        f.seek(20000)
+        f.write(b"!")
+    (root / "top.txt").unlink()
+    copy = root.parent / "deep-copy.txt"
+    copy.write_bytes(files["a/b/c/deep.txt"])
+    (root / "a/b/c/deep.txt").unlink()
+    (root / "a/b/c/deep.txt").symlink_to(copy)
+    r = run("cascade", "verify", str(out))
+    assert r.returncode == 1, r.stderr
+    assert "sibling.bin: incomplete, 4 of 5 blocks valid; missing or corrupt: 1" in r.stdout
+    assert "top.txt: missing" in r.stdout
+    assert "deep.txt' is a symbolic link; Cascade does not follow it" in r.stdout
+    assert r.stdout.splitlines()[-1] == f"{root}: incomplete, 3 of 6 files complete"
+    doc = json.loads(run("cascade", "verify", "--json", str(out)).stdout)
+    assert doc["complete"] is False and doc["complete_files"] == 3 and doc["count"] == 6
+    by_path = {f["path"]: f for f in doc["files"]}
+    assert by_path["top.txt"]["present"] is False
+    assert by_path["a/b/sibling.bin"]["valid_blocks"] == 4
+    assert by_path["empty"]["complete"] is True
+
+
+# --- hostile collections --------------------------------------------------------------
+
+
+def raw_collection(members: list[tuple[bytes, bytes]], count: int | None = None) -> bytes:
+    """Collection bytes as a stranger could write them: no check, no sorting."""
+    out = [MAGIC, struct.pack(">II", 1, len(members) if count is None else count)]
+    for path, cascade in members:
+        out += [struct.pack(">H", len(path)), path, struct.pack(">I", len(cascade)), cascade]
+    return b"".join(out)
+
+
+HOSTILE = {
+    "traversal": raw_collection([(b"../evil.txt", HELLO)]),
+    "absolute": raw_collection([(b"/tmp/evil.txt", HELLO)]),
+    "case clash": raw_collection([(b"README", HELLO), (b"readme", HELLO)]),
+    "file and folder": raw_collection([(b"a", HELLO), (b"a/b", HELLO)]),
+    "huge count": raw_collection([(b"a", HELLO)], count=1 << 20),
+    "too many": raw_collection([(b"a", HELLO)], count=(1 << 20) + 1),
+    "backslash": raw_collection([(b"..\\evil", HELLO)]),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE))
+def test_hostile_collections_are_refused_with_one_line_before_anything_is_written(tmp_path: Path, kind: str) -> None:
+    bad = tmp_path / "x.cascade"
+    bad.write_bytes(HOSTILE[kind])
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for args in (
+        ["cascade", "info", str(bad)],
+        ["cascade", "verify", str(bad)],
+        ["peer", "seed", str(bad), "--tracker", "127.0.0.1:9", "--listen", "127.0.0.1:0"],
+        ["cascade", "publish", str(bad), "--tracker", "http://127.0.0.1:9"],
+    ):
+        r = run(*args, cwd=tmp_path)
+        assert r.returncode == 1, (args, r.stdout, r.stderr)
+        assert len(r.stderr.splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+        assert str(bad) in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert not (tmp_path.parent / "evil.txt").exists()
+
+
+# --- seed, publish, download ------------------------------------------------------------
+
+
+def wait_subscribed(tracker_port: int, cascade_hash: bytes, port: int) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    address = TrackerAddress("127.0.0.1", tracker_port)
+    while time.monotonic() < deadline:
+        peers = announce(address, TrackerCommand.LIST, cascade_hash, "127.0.0.1", 0, 5.0)
+        if any(p.port == port and p.good for p in peers):
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"port {port} never subscribed {cascade_hash.hex()[:16]}")
+
+
+def test_seed_serves_every_member_from_one_port(tmp_path: Path, tree: tuple[Path, dict[str, bytes]]) -> None:
+    root, files = tree
+    out = create(root)
+    coll = parse_collection(out.read_bytes())
+    swarm = Swarm(tmp_path)
+    try:
+        swarm.start_tracker()
+        seeder = swarm.start("peer", "seed", str(out), "--tracker", swarm.tracker, "--listen", "127.0.0.1:0")
+        port = seeder.wait_listening()
+        seeder.wait_for_line(r"my-dataset.cascade: 6/6 files complete")
+        for m in coll.members:
+            if m.data_length:  # an empty file needs no peer
+                wait_subscribed(swarm.tracker_port, m.cascade_hash, port)
+        # Any member is a plain .cascade: an old client fetches it alone from the collection's seeder.
+        fetched = tmp_path / "fetched"
+        fetched.mkdir()
+        for i, m in enumerate(coll.members):
+            single = fetched / f"{i}.cascade"
+            single.write_bytes(m.cascade)
+            proc = swarm.fetcher(single, fetched / str(i))
+            assert proc.wait(TIMEOUT) == 0, proc.stderr
+            assert (fetched / str(i)).read_bytes() == files[m.path]
+    finally:
+        for p in swarm.procs:
+            p.stop()
+
+
+def test_seed_never_follows_a_symlink_out_of_the_folder(tmp_path: Path, tree: tuple[Path, dict[str, bytes]]) -> None:
+    root, files = tree
+    out = create(root)
+    # The same bytes, but reached through a link out of the tree: not served.
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "top.txt").write_bytes(files["top.txt"])
+    (root / "top.txt").unlink()
+    (root / "top.txt").symlink_to(outside / "top.txt")
+    swarm = Swarm(tmp_path)
+    try:
+        swarm.start_tracker()
+        seeder = swarm.start("peer", "seed", str(out), "--tracker", swarm.tracker, "--listen", "127.0.0.1:0")
+        seeder.wait_listening()
+        seeder.wait_for_line(r"5/6 files complete")
+        seeder.wait_for_line(r"'top.txt' is a symbolic link; Cascade does not follow it: not served")
+    finally:
+        for p in swarm.procs:
+            p.stop()
+
+
+def test_publish_a_collection_and_download_it_by_url(tmp_path: Path, tree: tuple[Path, dict[str, bytes]]) -> None:
+    root, _files = tree
+    out = create(root)
+    coll = parse_collection(out.read_bytes())
+    tracker = start_tracker()
+    try:
+        r = run("cascade", "publish", str(out), "--tracker", tracker.http)
+        assert r.returncode == 0, r.stderr
+        url = r.stdout.strip()
+        assert url == f"{tracker.http}/cascades/{coll.collection_hash.hex()}.cascade"
+        assert "uploaded" in r.stderr
+        from peer.http_client import download_cascade
+
+        (tmp_path / "downloaded").mkdir()
+        saved, _base = download_cascade(url, tmp_path / "downloaded" / "ds")
+        assert saved == tmp_path / "downloaded" / "ds.cascade"
+        assert sha256_file(saved) == coll.collection_hash
+        # A hostile collection is refused by the tracker with one reason.
+        import requests
+
+        resp = requests.put(f"{tracker.http}/api/v1/cascades", data=HOSTILE["traversal"], timeout=10)
+        assert resp.status_code == 400 and "'..'" in resp.text
+    finally:
+        tracker.proc.stop()
+
+
+def test_collection_upload_is_allowed_only_when_every_member_is(tmp_path: Path) -> None:
+    a = Member("a", HELLO)
+    b = Member("b", encode_cascade(0, 1 << 20, bytes(32), b""))
+    data = serialize_collection([a, b])
+    allow = tmp_path / "allow.txt"
+    allow.write_text(a.cascade_hash.hex() + "\n")
+    tracker = start_tracker("--allow", str(allow))
+    try:
+        import requests
+
+        resp = requests.put(f"{tracker.http}/api/v1/cascades", data=data, timeout=10)
+        assert resp.status_code == 403 and b.cascade_hash.hex() in resp.text
+        allow.write_text(a.cascade_hash.hex() + "\n" + b.cascade_hash.hex() + "\n")
+    finally:
+        tracker.proc.stop()
+    tracker = start_tracker("--allow", str(allow))
+    try:
+        import requests
+
+        resp = requests.put(f"{tracker.http}/api/v1/cascades", data=data, timeout=10)
+        assert resp.status_code == 201, resp.text
+        assert resp.json()["members"] == 2 and resp.json()["block_size"] == 0
+    finally:
+        tracker.proc.stop()
