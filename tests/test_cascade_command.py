@@ -263,7 +263,7 @@ def test_create_refuses_to_overwrite_its_input(notes: Path) -> None:
     ("args", "phrase"),
     [
         (["create", "{dir}/missing.bin"], "no such data file"),
-        (["create", "{dir}"], "directory"),
+        (["create", "{dir}", "-o", "{dir}/x.cascade"], "inside"),
         (["create", "{dir}/notes.txt", "-o", "{dir}/no/such/dir/x.cascade"], "No such file or directory"),
         (["create", "{dir}/notes.txt", "-o", "{dir}", "--force"], "directory"),
         (["verify", "{dir}/notes.txt.cascade", "--data", "{dir}/missing.bin"], "no such data file"),
@@ -275,7 +275,7 @@ def test_create_refuses_to_overwrite_its_input(notes: Path) -> None:
     ],
     ids=[
         "create-missing",
-        "create-directory",
+        "create-collection-inside-its-folder",
         "create-out-in-missing-dir",
         "create-out-is-directory",
         "verify-missing-data",

@@ -711,17 +711,19 @@ def _swarm_json(s: SwarmSummary, name: str | None) -> dict[str, object]:
 
 
 def _stored_json(e: StoredCascade) -> dict[str, object]:
-    return {
+    doc: dict[str, object] = {
         "cascade_hash": e.cascade_hash.hex(),
         "name": e.name,
         "data_length": e.data_length,
         "block_size": e.block_size,
         "block_count": e.block_count,
         "size": e.size,
-        "members": e.members,
         "stored_at": round(e.stored_at, 3),
         "path": f"/cascades/{e.cascade_hash.hex()}.cascade",
     }
+    if e.members:  # a collection: its hash is a collection hash, block_size 0 (docs/collection-format.md)
+        doc["members"] = e.members
+    return doc
 
 
 def _hash_param(text: str) -> bytes:
