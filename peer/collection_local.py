@@ -36,7 +36,7 @@ from cascade.collection import (
     parse_collection,
     serialize_collection,
 )
-from cascade.errors import CollectionError, DataError, MetafileError, from_os_error
+from cascade.errors import CollectionError, DataError, MetafileError, StartError, from_os_error
 from cascade.metafile import MAX_METAFILE_SIZE, CascadeFile, parse_cascade
 from peer.localdata import DataCheck, Progress, check_data, create_metafile, default_workers
 from peer.storage import DiskSignature
@@ -368,3 +368,32 @@ def member_opener(folder: Path, path: str) -> Callable[[], int]:
             os.close(root)
 
     return opener
+
+
+# Descriptors kept free for connections, the listener and the trackers beyond one per
+# served member (arbitrary; the server caps its connections at 512 by default).
+_SPARE_DESCRIPTORS = 1024
+
+
+def raise_file_limit(members: int) -> None:
+    """Raise the soft limit of open files to serve ``members`` files, each from its own descriptor.
+
+    For ``peer seed`` and ``peer fetch`` of a collection: the block server serves each
+    member from its own open descriptor.
+
+    Raises :class:`StartError` when even the hard limit is too low.
+    """
+    if not members:
+        return
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = members + _SPARE_DESCRIPTORS
+    if soft != resource.RLIM_INFINITY and soft < need:
+        target = need if hard == resource.RLIM_INFINITY else min(hard, need)
+        if target > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        if target < need:
+            raise StartError(
+                f"seeding {members} files needs about {need} open files; this system allows {hard} (ulimit -n)"
+            )

@@ -24,12 +24,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cascade.addresses import parse_hostport
+from cascade.addresses import TrackerAddress, parse_hostport
+from cascade.collection import Collection
 from cascade.command import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, exit_code
 from cascade.errors import CascadeError, DataError, DiskFullError, UsageError, from_os_error
-from cascade.metafile import CascadeFile, default_data_path, read_cascade
+from cascade.metafile import CascadeFile, default_data_path
 from cascade.units import format_size
 from cascade.wire import PeerRecord
+from peer.collection_local import read_metafile
 from peer.common import DEFAULT_LISTEN, Interrupted, StopSignal, announce_ip, setup_logging
 from peer.fetcher import Fetcher, FetchPolicy, FetchResult, PeerInfo, Progress
 from peer.localdata import DataCheck, check_data
@@ -104,8 +106,11 @@ def _fetch(args: argparse.Namespace, stop: StopSignal) -> int:
             raise UsageError(f"--timeout must be positive, not {args.timeout:g}")
         download_rate = parse_rate(args.max_download_rate, "--max-download-rate")
         upload_rate = parse_rate(args.max_upload_rate, "--max-upload-rate")
-        cf = read_cascade(cascade_file)
+        read = read_metafile(cascade_file)
         out = Path(args.out) if args.out else default_data_path(cascade_file)
+        if isinstance(read, Collection):
+            return _fetch_collection(args, stop, read, out, trackers, host, port, my_ip, download_rate, upload_rate)
+        cf = read
         target = _plan_output(cf, out, args.force)
     except CascadeError as exc:
         raise _Failed(str(exc), code=exit_code(exc)) from exc
@@ -182,6 +187,44 @@ def _fetch(args: argparse.Namespace, stop: StopSignal) -> int:
         if not done:
             _drop_empty_part(target, store)
         session.say_stopped()
+
+
+def _fetch_collection(
+    args: argparse.Namespace,
+    stop: StopSignal,
+    coll: Collection,
+    out: Path,
+    trackers: tuple[TrackerAddress, ...],
+    host: str,
+    port: int,
+    my_ip: str,
+    download_rate: int | None,
+    upload_rate: int | None,
+) -> int:
+    """``peer fetch DIR.cascade``: every member into the folder ``out`` (:mod:`peer.collection_fetch`)."""
+    from peer.collection_fetch import run_collection
+
+    server = BlockServer(host, port, BlockServerConfig(upload_rate=upload_rate))
+    try:
+        server.start()
+    except OSError as exc:
+        if args.listen is not None or exc.errno != errno.EADDRINUSE:
+            raise _Failed(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+        server = BlockServer(host, 0, BlockServerConfig(upload_rate=upload_rate))
+        server.start()
+    log.info("peer listening on %s:%d", *server.address)
+    policy = FetchPolicy(max_peers=args.max_peers, stall_timeout=args.timeout, max_download_rate=download_rate)
+    stores: list[BlockStore] = []
+    try:
+        return run_collection(
+            args, coll, out, TrackerSet(trackers), list(trackers), server, my_ip, policy, stop.event, stop.wait, stores
+        )
+    except CascadeError as exc:
+        raise _Failed(str(exc), code=exit_code(exc)) from exc
+    finally:
+        server.stop()
+        for store in stores:
+            store.close()
 
 
 class _Target:

@@ -18,7 +18,7 @@ from cascade.errors import DataError, StartError, UsageError
 from cascade.metafile import CascadeFile, default_data_path
 from cascade.units import format_size, parse_size
 from peer.announcer import Announcer
-from peer.collection_local import check_members, member_opener, read_metafile
+from peer.collection_local import check_members, member_opener, raise_file_limit, read_metafile
 from peer.common import Interrupted, StopSignal, announce_ip, setup_logging
 from peer.datawatch import DataWatcher
 from peer.localdata import check_data
@@ -98,32 +98,8 @@ def _seed_files(paths: Sequence[str], data: str | None) -> list[_SeedFile | _See
     return files
 
 
-# Descriptors kept free for connections, the listener and the trackers beyond one per
-# seeded member (arbitrary; the server caps its connections at 512 by default).
-_SPARE_DESCRIPTORS = 1024
 # Members that are partial or missing are named one line each up to this many (arbitrary).
 _MEMBER_LINES = 20
-
-
-def _raise_file_limit(members: int) -> None:
-    """Raise the soft limit of open files to serve ``members`` files, each from its own descriptor.
-
-    Raises :class:`StartError` when even the hard limit is too low.
-    """
-    if not members:
-        return
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    need = members + _SPARE_DESCRIPTORS
-    if soft != resource.RLIM_INFINITY and soft < need:
-        target = need if hard == resource.RLIM_INFINITY else min(hard, need)
-        if target > soft:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        if target < need:
-            raise StartError(
-                f"seeding {members} files needs about {need} open files; this system allows {hard} (ulimit -n)"
-            )
 
 
 def _seed_collection(
@@ -210,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
     stores: list[BlockStore] = []
     try:
         lines: list[str] = []
-        _raise_file_limit(sum(len(f.collection.members) for f in files if isinstance(f, _SeedCollection)))
+        raise_file_limit(sum(len(f.collection.members) for f in files if isinstance(f, _SeedCollection)))
         served: set[bytes] = set()
         for f in files:
             if isinstance(f, _SeedCollection):
