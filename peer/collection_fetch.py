@@ -125,7 +125,7 @@ class OutFolder:
 
 
 def _refusal(exc: OSError, shown: Path) -> CascadeError:
-    if exc.errno in (errno.ELOOP, errno.EMLINK):
+    if exc.errno in (errno.ELOOP, errno.EMLINK) or (exc.errno == errno.ENOTDIR and shown.is_symlink()):
         return MemberRefused(f"{shown}: is a symbolic link; Cascade writes nothing through it")
     if exc.errno == errno.ENOTDIR:
         return MemberRefused(f"{shown}: exists and is not a folder; not touching it")
@@ -398,7 +398,7 @@ def run_collection(
     failed = [j for j in jobs if j.error is not None or (j.result is not None and not j.result.complete)]
     downloaded = sum(j.result.bytes_downloaded for j in jobs if j.result is not None)
     for j in failed[:20]:
-        print(f"peer fetch: {j.member.path}: {j.error or 'incomplete'}", file=sys.stderr, flush=True)
+        print(f"peer fetch: {j.error or f'{out_path / j.member.path}: incomplete'}", file=sys.stderr, flush=True)
     if len(failed) > 20:
         print(f"peer fetch: ... and {len(failed) - 20} more files failed", file=sys.stderr, flush=True)
     count = len(jobs)

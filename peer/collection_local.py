@@ -121,6 +121,8 @@ def open_member(root_fd: int, path: str, shown: Path) -> int:
                 raise MemberMissing(f"{shown}: no such file") from exc
             except OSError as exc:
                 where = "/".join(parts[: i + 1])
+                if exc.errno == errno.ENOTDIR and _is_link(comp, fd):  # O_DIRECTORY met the link first
+                    exc.errno = errno.ELOOP
                 if exc.errno in (errno.ELOOP, errno.EMLINK):  # EMLINK: FreeBSD's answer to O_NOFOLLOW
                     raise DataError(f"{shown}: {where!r} is a symbolic link; Cascade does not follow it") from exc
                 if exc.errno == errno.ENOTDIR:
@@ -138,6 +140,13 @@ def open_member(root_fd: int, path: str, shown: Path) -> int:
     finally:
         if fd != root_fd:
             os.close(fd)
+
+
+def _is_link(name: str, dir_fd: int) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
 
 
 # --- making a collection from a folder ---------------------------------------------

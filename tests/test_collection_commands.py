@@ -23,7 +23,7 @@ from cascade.metafile import encode_cascade, parse_cascade
 from cascade.wire import TrackerCommand
 from peer.tracker_client import TrackerAddress, announce
 from tests.doubles import Swarm, sha256_file
-from tests.procs import start_tracker
+from tests.procs import Proc, start_tracker
 
 pytestmark = pytest.mark.process
 
@@ -220,6 +220,17 @@ def test_hostile_collections_are_refused_with_one_line_before_anything_is_writte
         ["cascade", "verify", str(bad)],
         ["peer", "seed", str(bad), "--tracker", "127.0.0.1:9", "--listen", "127.0.0.1:0"],
         ["cascade", "publish", str(bad), "--tracker", "http://127.0.0.1:9"],
+        [
+            "peer",
+            "fetch",
+            str(bad),
+            "--tracker",
+            "127.0.0.1:9",
+            "--out",
+            str(tmp_path / "out"),
+            "--listen",
+            "127.0.0.1:0",
+        ],
     ):
         r = run(*args, cwd=tmp_path)
         assert r.returncode == 1, (args, r.stdout, r.stderr)
@@ -341,3 +352,146 @@ def test_collection_upload_is_allowed_only_when_every_member_is(tmp_path: Path) 
         assert resp.json()["members"] == 2 and resp.json()["block_size"] == 0
     finally:
         tracker.proc.stop()
+
+
+# --- fetch ----------------------------------------------------------------------------------
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    """Every regular file under ``root`` (no link followed) by its '/'-separated path."""
+    found: dict[str, bytes] = {}
+    for dirpath, _dirs, names in os.walk(root):
+        for name in names:
+            path = Path(dirpath) / name
+            if path.is_file() and not path.is_symlink():
+                found[path.relative_to(root).as_posix()] = path.read_bytes()
+    return found
+
+
+def seed_tree(swarm: Swarm, out: Path) -> Proc:
+    coll = parse_collection(out.read_bytes())
+    seeder = swarm.start("peer", "seed", str(out), "--tracker", swarm.tracker, "--listen", "127.0.0.1:0")
+    port = seeder.wait_listening()
+    for m in coll.members:
+        if m.data_length:
+            wait_subscribed(swarm.tracker_port, m.cascade_hash, port)
+    return seeder
+
+
+def fetch_args(swarm: Swarm, cascade: Path | str, out: Path, *extra: str) -> list[str]:
+    return [
+        "peer",
+        "fetch",
+        str(cascade),
+        "--out",
+        str(out),
+        "--tracker",
+        swarm.tracker,
+        "--listen",
+        "127.0.0.1:0",
+        "--json",
+        *extra,
+    ]
+
+
+def test_swarm_of_fetchers_one_killed_and_resumed(tmp_path: Path, tree: tuple[Path, dict[str, bytes]]) -> None:
+    root, files = tree
+    big = bytes(range(251)) * 8000  # 2,008,000 bytes: 123 blocks of 16 KiB
+    (root / "a" / "big.bin").write_bytes(big)
+    files = {**files, "a/big.bin": big}
+    out = create(root)
+    swarm = Swarm(tmp_path)
+    try:
+        swarm.start_tracker()
+        seed_tree(swarm, out)
+        # One fetcher slowed down, to be killed half-way; two others at full speed meanwhile.
+        slow = swarm.start(
+            *fetch_args(swarm, out, tmp_path / "killed", "--max-download-rate", "200K", "--progress-lines")
+        )
+        slow.wait_for_line(r"progress [1-9]\d* ")
+        fast = [swarm.start(*fetch_args(swarm, out, tmp_path / f"fast{i}")) for i in range(2)]
+        slow.kill()
+        partial = tmp_path / "killed" / ".cascade-partial"
+        assert partial.is_dir() and any(partial.iterdir()), "a killed fetch keeps its .part files"
+        for proc in fast:
+            assert proc.wait(TIMEOUT) == 0, proc.stderr
+            doc = json.loads(proc.stdout.strip().splitlines()[-1])
+            assert doc["complete"] is True and doc["count"] == len(files) and len(doc["files"]) == len(files)
+        for i in range(2):
+            assert tree_bytes(tmp_path / f"fast{i}") == files
+        resumed = swarm.start(*fetch_args(swarm, out, tmp_path / "killed"))
+        assert resumed.wait(TIMEOUT) == 0, resumed.stderr
+        doc = json.loads(resumed.stdout.strip().splitlines()[-1])
+        by_path = {f["path"]: f for f in doc["files"]}
+        assert by_path["a/big.bin"]["blocks_resumed"] > 0 or by_path["a/big.bin"]["bytes_downloaded"] == 0
+        assert tree_bytes(tmp_path / "killed") == files
+        assert not partial.exists(), "a finished fetch leaves only the members"
+        assert not (tmp_path / "killed" / "link-out").exists() and not (tmp_path / "killed" / "fifo").exists()
+    finally:
+        for p in swarm.procs:
+            p.stop()
+
+
+def test_fetch_never_writes_through_a_symlink_nor_over_a_foreign_file(
+    tmp_path: Path, tree: tuple[Path, dict[str, bytes]]
+) -> None:
+    root, files = tree
+    out = create(root)
+    dest = tmp_path / "dest"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    dest.mkdir()
+    (dest / "a").symlink_to(elsewhere, target_is_directory=True)  # a folder of the tree is a link here
+    (dest / "top.txt").write_bytes(b"the user's own file\n")  # a member's name holds a foreign file
+    swarm = Swarm(tmp_path)
+    try:
+        swarm.start_tracker()
+        seed_tree(swarm, out)
+        proc = swarm.start(*fetch_args(swarm, out, dest))
+        assert proc.wait(TIMEOUT) == 1, proc.stderr
+        assert "'a' is a symbolic link" in proc.stderr
+        assert "top.txt: exists and is not this file; not touching it" in proc.stderr
+        assert list(elsewhere.iterdir()) == []
+        assert (dest / "top.txt").read_bytes() == b"the user's own file\n"
+        got = tree_bytes(dest)
+        assert got["empty"] == b"" and got["zeros.d/nul-bytes"] == files["zeros.d/nul-bytes"]
+        assert (
+            got["caf\u00e9/r\u00e9sum\u00e9 \u65e5\u672c.txt"] == files["caf\u00e9/r\u00e9sum\u00e9 \u65e5\u672c.txt"]
+        )
+        doc = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert doc["complete"] is False and doc["complete_files"] == len(files) - 3
+    finally:
+        for p in swarm.procs:
+            p.stop()
+
+
+def test_fetch_a_collection_by_url(tmp_path: Path, tree: tuple[Path, dict[str, bytes]]) -> None:
+    root, files = tree
+    out = create(root)
+    tracker = start_tracker()
+    seeder = None
+    try:
+        url = run("cascade", "publish", str(out), "--tracker", tracker.http).stdout.strip()
+        seeder = Proc(["peer", "seed", str(out), "--tracker", tracker.addr, "--listen", "127.0.0.1:0"])
+        port = seeder.wait_listening()
+        for m in parse_collection(out.read_bytes()).members:
+            if m.data_length:
+                wait_subscribed(tracker.port, m.cascade_hash, port)
+        r = run("peer", "fetch", url, "--out", str(tmp_path / "by-url"), "--listen", "127.0.0.1:0")
+        assert r.returncode == 0, r.stderr
+        assert tree_bytes(tmp_path / "by-url") == files
+        assert (tmp_path / "by-url.cascade").read_bytes() == out.read_bytes()
+    finally:
+        if seeder is not None:
+            seeder.stop()
+        tracker.proc.stop()
+
+
+def test_fetch_refuses_a_member_in_the_partial_folder_before_writing(tmp_path: Path) -> None:
+    bad = tmp_path / "x.cascade"
+    bad.write_bytes(serialize_collection([Member(".cascade-partial/0-x.part", HELLO)]))
+    r = run(
+        "peer", "fetch", str(bad), "--tracker", "127.0.0.1:9", "--out", str(tmp_path / "o"), "--listen", "127.0.0.1:0"
+    )
+    assert r.returncode == 1 and "partial downloads" in r.stderr, r.stderr
+    assert not (tmp_path / "o").exists()
