@@ -30,13 +30,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import hashlib
 import io
 import logging
 import os
+import socket
 import stat
 import sys
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,9 +48,15 @@ from typing import Any
 from cascade.addresses import TrackerAddress
 from cascade.collection import Collection, Member
 from cascade.command import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
-from cascade.errors import CascadeError, DataError, from_os_error
+from cascade.errors import CascadeError, DataError, ProtocolError, from_os_error
 from cascade.metafile import CascadeFile
 from cascade.units import format_size
+from cascade.wire import (
+    BLOCK_RESPONSE_HEADER_SIZE,
+    BlockStatus,
+    pack_block_request,
+    unpack_block_response_header_from,
+)
 from peer.announcer import Announcer
 from peer.collection_local import MemberMissing, open_member, raise_file_limit
 from peer.fetcher import Fetcher, FetchPolicy, FetchResult, PeerInfo, Progress
@@ -140,6 +149,7 @@ class _Job:
     result: FetchResult | None = None
     error: str | None = None
     already: bool = False  # complete before this run
+    fast: bool = False  # fetched whole over a shared connection (_FastSmall)
     store: BlockStore | None = None
     verified: int = 0  # bytes verified so far (for the one progress bar)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -331,9 +341,28 @@ def fetch_collection(
             job.error = str(exc)
 
     try:
+        small = [j for j in jobs if j.cf.block_count == 1] if policy.max_download_rate is None else []
+        if small and not stop_event.is_set():
+            try:
+                peers = list_for(small[0].cf)
+            except CascadeError as exc:
+                log.debug("no listing for the small files: %s", exc)
+                peers = []
+            fast = _FastSmall(out, bar, stop_event, port, args.max_peers)
+            fast.run([j for j in small if fast.eligible(j)], peers)
+            if fast.done:
+                log.debug("%d small files over shared connections", fast.done)
         with ThreadPoolExecutor(max_workers=CONCURRENT_MEMBERS, thread_name_prefix="member") as pool:
-            for _ in pool.map(one, jobs):
+            for _ in pool.map(one, [j for j in jobs if not j.fast]):
                 pass
+        if args.seed:  # the small files fetched above are served (and announced) too
+            for j in jobs:
+                if j.fast:
+                    done = _final_state(out, j)
+                    if done is not None:
+                        j.store = done
+                        stores.append(done)
+                        server.add_store(done)
     finally:
         bar.close()
         seconds = time.monotonic() - started
@@ -343,6 +372,147 @@ def fetch_collection(
         os.close(partial_fd)
         os.close(out_fd)
     return jobs, seconds
+
+
+# Requests in flight on one shared connection (arbitrary: 64 small files a round trip).
+FAST_DEPTH = 64
+FAST_TIMEOUT = 10.0  # a peer silent this long on a shared connection is left to the regular path
+
+
+class _FastSmall:
+    """Members of one block, fetched whole over one kept-open, pipelined connection per peer.
+
+    A request names its cascade hash (PROTOCOL.md section 3), so one connection carries
+    requests for any number of members; this is what makes a folder of thousands of
+    small files cost about what one file of the same size does. Each body is checked
+    against its block hash (which, for one block, is the whole-file check too) and
+    written to a new ``.part`` (``O_EXCL``), then linked into place as any member.
+    Anything that goes wrong (a peer lacking the file, a bad block, a closed or silent
+    connection, a ``.part`` already there) leaves the member to the regular path.
+    """
+
+    def __init__(self, out: OutFolder, bar: _Bar, stop: threading.Event, my_port: int, max_peers: int) -> None:
+        self.out = out
+        self.bar = bar
+        self.stop = stop
+        self.my_port = my_port
+        self.max_peers = max(1, max_peers)
+        self.done = 0
+        self._queue: deque[_Job] = deque()
+        self._lock = threading.Lock()
+
+    def eligible(self, job: _Job) -> bool:
+        """Not at its final name and no ``.part`` (a resumed member takes the regular path)."""
+        try:
+            os.stat(_part_name(job), dir_fd=self.out.partial_fd, follow_symlinks=False)
+            return False
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return False
+        try:
+            os.stat(job.member.path, dir_fd=self.out.fd, follow_symlinks=False)
+            return False
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+
+    def run(self, jobs: list[_Job], peers: list[PeerInfo]) -> None:
+        addrs = [(p[0], p[1]) for p in sorted(peers, key=lambda p: not p[2])]
+        addrs = [a for a in addrs if a[1] != 0 and not (a[1] == self.my_port and a[0].startswith("127."))]
+        if not jobs or not addrs:
+            return
+        self._queue.extend(jobs)
+        threads = [
+            threading.Thread(target=self._connection, args=(a,), name="fast-small", daemon=True)
+            for a in addrs[: self.max_peers]
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    def _connection(self, addr: tuple[str, int]) -> None:
+        try:
+            sock = socket.create_connection(addr, timeout=FAST_TIMEOUT)
+        except OSError as exc:
+            log.debug("fast path: cannot connect to %s:%d: %s", *addr, exc)
+            return
+        inflight: deque[_Job] = deque()
+        try:
+            with sock:
+                while not self.stop.is_set():
+                    batch: list[bytes] = []
+                    with self._lock:
+                        while self._queue and len(inflight) < FAST_DEPTH:
+                            job = self._queue.popleft()
+                            inflight.append(job)
+                            batch.append(pack_block_request(0, job.cf.cascade_hash, keep_open=True))
+                    if batch:
+                        sock.sendall(b"".join(batch))
+                    if not inflight:
+                        return
+                    job = inflight.popleft()
+                    status, length = unpack_block_response_header_from(_recv_exact(sock, BLOCK_RESPONSE_HEADER_SIZE))
+                    if status != BlockStatus.OK:
+                        if status != BlockStatus.NOT_PRESENT:
+                            return  # the server closes after any other status
+                        continue
+                    if length != job.cf.data_length:
+                        return  # not what we asked for: leave this peer to the regular path
+                    body = _recv_exact(sock, length)
+                    if hashlib.sha256(body).digest() != job.cf.block_hash(0):
+                        return
+                    try:
+                        self._write(job, body)
+                    except CascadeError as exc:
+                        job.error = str(exc)
+                        job.fast = True  # failed for good (a foreign file, a symlink): not retried
+                        continue
+                    job.fast = True
+                    self.done += 1
+                    self.bar.add(length)
+        except (OSError, ProtocolError) as exc:
+            log.debug("fast path: %s:%d: %s", *addr, exc)
+        finally:
+            # Requests not answered go back for another connection (or the regular path).
+            with self._lock:
+                self._queue.extendleft(reversed(inflight))
+
+    def _write(self, job: _Job, body: bytes) -> None:
+        name = _part_name(job)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+        shown = self.out.path / PARTIAL_DIR / name
+        try:
+            fd = os.open(name, flags, 0o644, dir_fd=self.out.partial_fd)
+        except OSError as exc:
+            raise from_os_error(exc, shown, "create the partial file") from exc
+        try:
+            view = memoryview(body)
+            while view:
+                view = view[os.write(fd, view) :]
+        except OSError as exc:
+            os.close(fd)
+            os.unlink(name, dir_fd=self.out.partial_fd)
+            raise from_os_error(exc, shown, "write") from exc
+        os.close(fd)
+        try:
+            _place(self.out, job)
+        except CascadeError:
+            os.unlink(name, dir_fd=self.out.partial_fd)
+            raise
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    """Exactly ``n`` bytes; raises :class:`ProtocolError` when the peer closes first."""
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(min(n - len(buf), 1 << 20))
+        if not chunk:
+            raise ProtocolError(f"connection closed after {len(buf)} of {n} bytes")
+        buf += chunk
+    return bytes(buf)
 
 
 class _Bar:

@@ -1,0 +1,143 @@
+"""Fetching a collection vs one file of the same total size (issue 13), on loopback.
+
+Run ``python -m bench.collection_fetch [--small N] [--big-files N] [--big-size MiB]``.
+For each case it writes a tree and one file of the same total size, starts a
+tracker and one seeder serving both, then times ``peer fetch`` of the collection
+and of the file (the command's own wall time, start-up included, and the
+``seconds`` its ``--json`` reports), and prints one JSON line with the ratio.
+Defaults: 10,000 files of 4 KiB, and 10 files of 40 MiB (a tenth of the issue's
+400 MiB, to keep the bench within a few minutes and the disk use under 2 GB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+KIB, MIB = 1 << 10, 1 << 20
+_LISTENING = re.compile(r"listening on \S+:(\d+)")
+
+
+def _cmd(module: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", module, *args]
+
+
+def _start(log: Path, *argv: str) -> tuple[subprocess.Popen[bytes], int]:
+    """Start a server and return it with the port of its first ``listening on`` line (60 s at most)."""
+    err = log.open("wb")
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        m = _LISTENING.search(log.read_text(errors="replace"))
+        if m:
+            return proc, int(m.group(1))
+        if proc.poll() is not None:
+            raise RuntimeError(f"{argv[2]} exited: {log.read_text(errors='replace')}")
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError(f"{argv[2]} did not start")
+
+
+def _wait_line(log: Path, pattern: str, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while not re.search(pattern, log.read_text(errors="replace")):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no {pattern!r} in {log}")
+        time.sleep(0.05)
+
+
+def _fetch(target: Path, out: Path, tracker: str) -> tuple[float, float]:
+    start = time.perf_counter()
+    r = subprocess.run(
+        _cmd(
+            "peer", "fetch", str(target), "--out", str(out), "--tracker", tracker, "--listen", "127.0.0.1:0", "--json"
+        ),
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    wall = time.perf_counter() - start
+    if r.returncode != 0:
+        raise RuntimeError(f"fetch of {target} failed: {r.stderr}")
+    doc = json.loads(r.stdout.strip().splitlines()[-1])
+    return wall, float(doc["seconds"])
+
+
+def measure(folder: Path, count: int, size: int) -> dict[str, object]:
+    tree = folder / "tree"
+    for i in range(count):
+        sub = tree / f"part-{i // 1000:03d}"
+        sub.mkdir(parents=True, exist_ok=True)
+        (sub / f"file-{i:06d}.bin").write_bytes(os.urandom(size))
+    single = folder / "single.bin"
+    with single.open("wb") as f:
+        for _ in range(count):
+            f.write(os.urandom(size))
+    for target in (tree, single):
+        subprocess.run(_cmd("peer.cascade_command", "create", str(target)), check=True, capture_output=True)
+    tracker, tport = _start(folder / "tracker.log", *_cmd("tracker", "run", "--host", "127.0.0.1", "--port", "0"))
+    seeder = None
+    try:
+        addr = f"127.0.0.1:{tport}"
+        seeder, _ = _start(
+            folder / "seed.log",
+            *_cmd(
+                "peer",
+                "seed",
+                str(folder / "tree.cascade"),
+                str(folder / "single.bin.cascade"),
+                "--tracker",
+                addr,
+                "--listen",
+                "127.0.0.1:0",
+            ),
+        )
+        _wait_line(folder / "seed.log", r"single\.bin\.cascade: ")
+        time.sleep(1.0)  # let the first announces of every member reach the tracker (a bench, not a test)
+        one_wall, one_s = _fetch(folder / "single.bin.cascade", folder / "got.bin", addr)
+        coll_wall, coll_s = _fetch(folder / "tree.cascade", folder / "got-tree", addr)
+    finally:
+        for proc in (seeder, tracker):
+            if proc is not None:
+                proc.terminate()
+                proc.wait(10)
+    total = count * size
+    return {
+        "files": count,
+        "file_size": size,
+        "total_bytes": total,
+        "collection_wall_s": round(coll_wall, 3),
+        "collection_fetch_s": round(coll_s, 3),
+        "one_file_wall_s": round(one_wall, 3),
+        "one_file_fetch_s": round(one_s, 3),
+        "ratio_wall": round(coll_wall / one_wall, 2),
+        "collection_MiB_s": round(total / MIB / coll_wall, 1),
+        "one_file_MiB_s": round(total / MIB / one_wall, 1),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", type=int, default=10_000, help="files of 4 KiB (default 10000)")
+    parser.add_argument("--big-files", type=int, default=10, help="large files (default 10)")
+    parser.add_argument("--big-size", type=int, default=40, help="MiB per large file (default 40)")
+    args = parser.parse_args()
+    for count, size in [(args.small, 4 * KIB), (args.big_files, args.big_size * MIB)]:
+        folder = Path(tempfile.mkdtemp(prefix="cascade-collbench-"))
+        try:
+            print(json.dumps(measure(folder, count, size)), flush=True)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
