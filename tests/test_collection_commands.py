@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
 import subprocess
 import sys
 import time
@@ -193,9 +192,10 @@ def test_verify_checks_every_file_and_the_whole(tree: tuple[Path, dict[str, byte
 
 def raw_collection(members: list[tuple[bytes, bytes]], count: int | None = None) -> bytes:
     """Collection bytes as a stranger could write them: no check, no sorting."""
-    out = [MAGIC, struct.pack(">II", 1, len(members) if count is None else count)]
+    n = len(members) if count is None else count
+    out = [MAGIC, (1).to_bytes(4, "big"), n.to_bytes(4, "big")]
     for path, cascade in members:
-        out += [struct.pack(">H", len(path)), path, struct.pack(">I", len(cascade)), cascade]
+        out += [len(path).to_bytes(2, "big"), path, len(cascade).to_bytes(4, "big"), cascade]
     return b"".join(out)
 
 
