@@ -362,3 +362,21 @@ def test_files_refuse_bad_input_and_respect_the_caps(store: Harness) -> None:
     with pytest.raises(StoreFull):
         files.put(cascade_bytes(2))
     assert len(files) == 1
+
+
+def test_files_take_a_collection_under_its_collection_hash(store: Harness) -> None:
+    from cascade.collection import Member, parse_collection, serialize_collection
+    from cascade.errors import CollectionError
+
+    files = store.files()
+    raw = serialize_collection([Member("a/x.bin", cascade_bytes(1)), Member("b", cascade_bytes(2, length=3000))])
+    coll = parse_collection(raw)
+    entry, new = files.put(raw, "my-dataset")
+    assert new and entry.cascade_hash == coll.collection_hash and entry.members == 2
+    blocks = sum(m.cascade_file().block_count for m in coll.members)
+    assert entry.data_length == 4000 and entry.block_size == 0 and entry.block_count == blocks
+    assert files.read(coll.collection_hash) == raw
+    assert files.get(coll.collection_hash) == entry
+    with pytest.raises(CollectionError):  # the same bytes with a path that climbs out
+        files.put(raw.replace(b"a/x.bin", b"../xbin"))
+    assert len(files) == 1
