@@ -302,6 +302,28 @@ def test_seed_never_follows_a_symlink_out_of_the_folder(tmp_path: Path, tree: tu
             p.stop()
 
 
+def test_a_member_swapped_for_a_symlink_while_seeding_is_no_longer_served(
+    tmp_path: Path, tree: tuple[Path, dict[str, bytes]]
+) -> None:
+    root, files = tree
+    out = create(root)
+    swarm = Swarm(tmp_path)
+    try:
+        swarm.start_tracker()
+        seeder = swarm.start("peer", "seed", str(out), "--tracker", swarm.tracker, "--listen", "127.0.0.1:0")
+        seeder.wait_listening()
+        seeder.wait_for_line(r"6/6 files complete")
+        copy = tmp_path / "same-bytes.txt"
+        copy.write_bytes(files["top.txt"])
+        link = root / "top.txt.new"
+        link.symlink_to(copy)
+        os.replace(link, root / "top.txt")  # atomically: the path now names a link to identical bytes
+        seeder.wait_for_line(r"'top.txt' is a symbolic link; Cascade does not follow it; no longer serving")
+    finally:
+        for p in swarm.procs:
+            p.stop()
+
+
 def test_publish_a_collection_and_download_it_by_url(tmp_path: Path, tree: tuple[Path, dict[str, bytes]]) -> None:
     root, _files = tree
     out = create(root)
