@@ -399,7 +399,11 @@ class _FastSmall:
         self.max_peers = max(1, max_peers)
         self.done = 0
         self._queue: deque[_Job] = deque()
-        self._lock = threading.Lock()
+        # Guards the queue and _busy; notified when requests go back to the queue.
+        self._cond = threading.Condition()
+        # Connections with requests in flight: while any has, an idle one waits for what
+        # it may give back (a liar can take the whole queue and then fail).
+        self._busy = 0
 
     def eligible(self, job: _Job) -> bool:
         """Not at its final name and no ``.part`` (a resumed member takes the regular path)."""
@@ -432,6 +436,7 @@ class _FastSmall:
             t.start()
         for t in threads:
             t.join()
+        self._queue.clear()  # what no connection could take is left to the regular path
 
     def _connection(self, addr: tuple[str, int]) -> None:
         try:
@@ -440,15 +445,24 @@ class _FastSmall:
             log.debug("fast path: cannot connect to %s:%d: %s", *addr, exc)
             return
         inflight: deque[_Job] = deque()
+        busy = False
         try:
             with sock:
                 while not self.stop.is_set():
                     batch: list[bytes] = []
-                    with self._lock:
+                    with self._cond:
+                        if busy and not inflight:  # idle now: others must not wait for this one
+                            busy = False
+                            self._busy -= 1
+                        while not inflight and not self._queue and self._busy and not self.stop.is_set():
+                            self._cond.wait(0.1)  # bounded: the busy ones time out within FAST_TIMEOUT
                         while self._queue and len(inflight) < FAST_DEPTH:
                             job = self._queue.popleft()
                             inflight.append(job)
                             batch.append(pack_block_request(0, job.cf.cascade_hash, keep_open=True))
+                        if bool(inflight) != busy:
+                            busy = bool(inflight)
+                            self._busy += 1 if busy else -1
                     if batch:
                         sock.sendall(b"".join(batch))
                     if not inflight:
@@ -477,8 +491,11 @@ class _FastSmall:
             log.debug("fast path: %s:%d: %s", *addr, exc)
         finally:
             # Requests not answered go back for another connection (or the regular path).
-            with self._lock:
+            with self._cond:
                 self._queue.extendleft(reversed(inflight))
+                if busy:
+                    self._busy -= 1
+                self._cond.notify_all()
 
     def _write(self, job: _Job, body: bytes) -> None:
         name = _part_name(job)
