@@ -32,6 +32,7 @@ class Features:
     fallocate: bool  # os.posix_fallocate; else the file is extended with ftruncate
     poll: bool  # select.poll for one socket's writability; else select.select
     defer_accept: bool  # TCP_DEFER_ACCEPT on the tracker's listener
+    rename_open: bool  # an open file can be renamed (POSIX); else it is closed, renamed and reopened
     msg_more: int  # socket.MSG_MORE, or 0
     dontwait: int  # socket.MSG_DONTWAIT, or 0 (then sockets are made non-blocking instead)
 
@@ -74,6 +75,7 @@ def decide(has: Mapping[str, bool], portable: bool, msg_more: int = 0, dontwait:
         fallocate=use("fallocate"),
         poll=use("poll"),
         defer_accept=use("defer_accept"),
+        rename_open=use("rename_open"),
         msg_more=0 if portable else msg_more,
         dontwait=0 if portable else dontwait,
     )
@@ -94,6 +96,8 @@ def detect(environ: Mapping[str, str] | None = None) -> Features:
         "positional_io": hasattr(os, "preadv") and hasattr(os, "pwrite"),
         "fallocate": hasattr(os, "posix_fallocate"),
         "defer_accept": hasattr(socket, "TCP_DEFER_ACCEPT"),
+        # Windows refuses to rename a file that Python has open (no FILE_SHARE_DELETE).
+        "rename_open": sys.platform != "win32",
     }
     return decide(has, portable, getattr(socket, "MSG_MORE", 0), getattr(socket, "MSG_DONTWAIT", 0))
 

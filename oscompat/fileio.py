@@ -41,6 +41,8 @@ class PositionalFile:
         n = 0
         size = len(buf)
         while n < size:
+            if self.fd < 0:
+                raise OSError(errno.EBADF, "the file was closed")
             if self._file is None:
                 got = os.preadv(self.fd, [buf[n:]], offset + n)
             else:
@@ -56,6 +58,8 @@ class PositionalFile:
         """Write all of ``data`` at ``offset``. Raises ``OSError``."""
         view = memoryview(data)
         while view:
+            if self.fd < 0:
+                raise OSError(errno.EBADF, "the file was closed")
             if self._file is None:
                 n = os.pwrite(self.fd, view, offset)
             else:
@@ -66,6 +70,13 @@ class PositionalFile:
                 raise OSError(errno.EIO, "a write made no progress")
             view = view[n:]
             offset += n
+
+
+    def detach(self) -> None:
+        """Stop using the descriptor (its owner is closing it): later reads and writes raise ``OSError``."""
+        with self._lock:
+            self.fd = -1
+            self._file = None
 
 
 def reserve(fd: int, path: str | os.PathLike[str], length: int, features: Features) -> None:

@@ -155,6 +155,11 @@ def make_poller(features: Features) -> Poller:
     return SelectorsPoller(selectors.DefaultSelector())
 
 
+def make_selector(features: Features) -> selectors.BaseSelector:
+    """A plain ``selectors`` selector for a client's own loop: ``SelectSelector`` when select is what there is."""
+    return selectors.SelectSelector() if features.select_only else selectors.DefaultSelector()
+
+
 def wait_writable(fd: int, timeout_ms: int, features: Features) -> bool:
     """True when ``fd`` (a socket) has room to write within ``timeout_ms``."""
     if features.poll:

@@ -48,7 +48,8 @@ class BlockStore:
         self.file = fileobj
         self.fd = fileobj.fileno()
         # Positional reads and writes: pread/pwrite, or seek+read/write under its lock (oscompat.fileio).
-        self.pfile = PositionalFile(self.fd, features or detect(), writable)
+        self.features = features or detect()
+        self.pfile = PositionalFile(self.fd, self.features, writable)
         self.valid = valid
         self.writable = writable
         self._count = valid.count(1)
@@ -176,13 +177,37 @@ class BlockStore:
         """Rename the data file to ``dest`` (atomically, replacing it), keeping it open.
 
         The block server goes on serving from the same file descriptor: on
-        POSIX an open file can be renamed. Raises :class:`DataError`.
+        POSIX an open file can be renamed. Where it cannot (Windows, and forced
+        portable mode, which tests that path) the file is closed, renamed and
+        reopened: requests in that instant fail and are retried by the client,
+        and the block server must be given the store again
+        (:meth:`BlockServer.add_store`) for its new descriptor. Raises :class:`DataError`.
         """
-        try:
-            os.replace(self.path, dest)
-        except OSError as exc:
-            raise from_os_error(exc, dest, f"rename {self.path.name} to {dest.name}") from exc
-        self.path = dest
+        if self.features.rename_open:
+            try:
+                os.replace(self.path, dest)
+            except OSError as exc:
+                raise from_os_error(exc, dest, f"rename {self.path.name} to {dest.name}") from exc
+            self.path = dest
+            return
+        with self._lock:
+            self.pfile.detach()
+            self.file.close()
+            try:
+                os.replace(self.path, dest)
+                self.path = dest
+            except OSError as exc:
+                error: OSError | None = exc
+            else:
+                error = None
+            try:
+                f = open(self.path, "r+b" if self.writable else "rb", buffering=0)  # noqa: SIM115 - owned, closed in close()
+            except OSError as exc:
+                raise from_os_error(exc, self.path, "reopen the data file") from exc
+            self.file, self.fd = f, f.fileno()
+            self.pfile = PositionalFile(self.fd, self.features, self.writable)
+        if error is not None:
+            raise from_os_error(error, dest, f"rename {self.path.name} to {dest.name}") from error
 
     def close(self) -> None:
         self.file.close()

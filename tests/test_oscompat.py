@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from cascade.metafile import default_data_path, has_cascade_suffix
 from oscompat.features import SELECT_CONNECTION_CAP, Features, decide, detect, stop_signals
 from oscompat.fileio import PositionalFile, reserve
 
@@ -44,6 +45,7 @@ def test_forced_portable_turns_every_fast_path_off() -> None:
         fallocate=False,
         poll=False,
         defer_accept=False,
+        rename_open=False,
         msg_more=0,
         dontwait=0,
     )
@@ -90,3 +92,9 @@ def test_positional_reads_and_writes_agree_with_the_file(tmp_path: Path, portabl
         assert pf.readinto(memoryview(buf), 6000) == 4000  # short only at end of file
         assert bytes(buf[:4000]) == bytes(1000) + b"abc" * 1000
     assert path.read_bytes()[:3] == b"xyz"
+
+
+def test_cascade_names_compare_as_the_os_compares_them() -> None:
+    assert has_cascade_suffix("a.CASCADE", caseless=True) and not has_cascade_suffix("a.CASCADE", caseless=False)
+    assert has_cascade_suffix("a.cascade", caseless=False) and not has_cascade_suffix("a.cascades", caseless=True)
+    assert default_data_path("dir/a.cascade").name == "a"
