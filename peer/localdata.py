@@ -1,10 +1,11 @@
 """Hashing data files: build a ``.cascade`` and check which blocks are present.
 
 This is the one place in ``cascade/`` that reads data files. It reads with
-``os.pread`` in chunks of whole blocks, so memory stays bounded by the chunks in
-flight, and hashes the chunks on a small thread pool: ``hashlib`` releases the
-GIL, so block hashing runs on every core. The whole-file SHA-256 is inherently
-sequential; it is fed in order from the same chunks while the pool hashes
+positional reads (:class:`oscompat.fileio.PositionalFile`) in chunks of whole
+blocks, so memory stays bounded by the chunks in flight, and hashes the chunks
+on a small thread pool: ``hashlib`` releases the GIL, so block hashing runs on
+every core. The whole-file SHA-256 is inherently sequential; it is fed in order
+from the same chunks while the pool hashes
 blocks, so the file is read once.
 """
 
