@@ -5,8 +5,7 @@ positional reads (:class:`oscompat.fileio.PositionalFile`) in chunks of whole
 blocks, so memory stays bounded by the chunks in flight, and hashes the chunks
 on a small thread pool: ``hashlib`` releases the GIL, so block hashing runs on
 every core. The whole-file SHA-256 is inherently sequential; it is fed in order
-from the same chunks while the pool hashes
-blocks, so the file is read once.
+from the same chunks while the pool hashes blocks, so the file is read once.
 """
 
 from __future__ import annotations
