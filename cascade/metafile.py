@@ -10,6 +10,7 @@ import hashlib
 import os
 import stat
 import struct
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,8 +164,18 @@ def read_cascade(path: str | os.PathLike[str]) -> CascadeFile:
 def default_data_path(cascade_path: str | os.PathLike[str]) -> Path:
     """The conventional data path: ``NAME`` beside ``NAME.cascade``."""
     p = Path(cascade_path)
-    name = p.name[: -len(SUFFIX)] if p.name.endswith(SUFFIX) and len(p.name) > len(SUFFIX) else p.name + ".data"
+    name = p.name[: -len(SUFFIX)] if has_cascade_suffix(p.name) and len(p.name) > len(SUFFIX) else p.name + ".data"
     return p.with_name(name)
+
+
+# Windows and macOS (by default) compare file names without regard to case, so
+# there ``NAME.CASCADE`` is as much a .cascade file as ``NAME.cascade``.
+_CASELESS_NAMES = sys.platform in ("win32", "darwin")
+
+
+def has_cascade_suffix(name: str, caseless: bool = _CASELESS_NAMES) -> bool:
+    """Whether the file name ``name`` ends in ``.cascade``, compared as this OS compares names."""
+    return (name.lower() if caseless else name).endswith(SUFFIX)
 
 
 def default_cascade_path(data_path: str | os.PathLike[str]) -> Path:

@@ -58,7 +58,14 @@ from cascade.wire import (
     unpack_block_response_header_from,
 )
 from peer.announcer import Announcer
-from peer.collection_local import MemberMissing, open_member, raise_file_limit
+from peer.collection_local import (
+    O_DIRECTORY,
+    O_NOFOLLOW,
+    MemberMissing,
+    open_member,
+    raise_file_limit,
+    require_safe_tree_io,
+)
 from peer.fetcher import Fetcher, FetchPolicy, FetchResult, PeerInfo, Progress
 from peer.localdata import DataCheck, check_data
 from peer.server import BlockServer
@@ -74,7 +81,7 @@ PARTIAL_DIR = ".cascade-partial"
 CONCURRENT_MEMBERS = 4
 LIST_TIMEOUT = 5.0
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+_DIR_FLAGS = os.O_RDONLY | O_DIRECTORY | O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
 
 class MemberRefused(DataError):
@@ -87,8 +94,9 @@ class OutFolder:
     def __init__(self, out: Path) -> None:
         self.path = out
         try:
+            require_safe_tree_io()
             out.mkdir(mode=0o755, exist_ok=True)
-            self.fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+            self.fd = os.open(out, os.O_RDONLY | O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
         except FileExistsError as exc:
             raise DataError(f"{out}: exists and is not a folder; give --out a folder for a collection") from exc
         except NotADirectoryError as exc:
@@ -186,7 +194,7 @@ def _open_part(out: OutFolder, job: _Job) -> tuple[BlockStore, bool]:
     """The member's ``.part`` as a writable store (created if needed); and whether this run created it."""
     name = _part_name(job)
     shown = out.path / PARTIAL_DIR / name
-    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    flags = os.O_RDWR | os.O_CREAT | O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
     try:
         created = False
         try:
@@ -241,7 +249,7 @@ def _empty(out: OutFolder, job: _Job) -> None:
     """An empty member: created exclusively (no peer needed), never through a symlink."""
     parent, name = out.parent_of(job.member.path)
     try:
-        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=parent)
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW, 0o644, dir_fd=parent)
         os.close(fd)
     except OSError as exc:
         raise from_os_error(exc, out.path / job.member.path, "create the empty file") from exc
@@ -499,7 +507,7 @@ class _FastSmall:
 
     def _write(self, job: _Job, body: bytes) -> None:
         name = _part_name(job)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
         shown = self.out.path / PARTIAL_DIR / name
         try:
             fd = os.open(name, flags, 0o644, dir_fd=self.out.partial_fd)

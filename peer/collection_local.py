@@ -36,7 +36,7 @@ from cascade.collection import (
     parse_collection,
     serialize_collection,
 )
-from cascade.errors import CollectionError, DataError, MetafileError, StartError, from_os_error
+from cascade.errors import CollectionError, DataError, MetafileError, StartError, UsageError, from_os_error
 from cascade.metafile import MAX_METAFILE_SIZE, CascadeFile, parse_cascade
 from peer.localdata import DataCheck, Progress, check_data, create_metafile, default_workers
 from peer.storage import DiskSignature
@@ -50,9 +50,15 @@ _R = TypeVar("_R")
 # of peer.localdata (4 MiB each).
 BIG_FILE = 16 << 20
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+# Folders are walked relative to directory descriptors with O_NOFOLLOW on every component.
+# Windows has neither (nor dir_fd): there a folder cannot be shared safely, and
+# require_safe_tree_io() refuses it in one line rather than following links.
+O_DIRECTORY: int = getattr(os, "O_DIRECTORY", 0)
+O_NOFOLLOW: int = getattr(os, "O_NOFOLLOW", 0)
+SAFE_TREE_IO = bool(O_DIRECTORY and O_NOFOLLOW) and os.open in os.supports_dir_fd
+_DIR_FLAGS = os.O_RDONLY | O_DIRECTORY | O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused just after.
-_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+_FILE_FLAGS = os.O_RDONLY | O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
 def read_metafile(path: str | os.PathLike[str]) -> CascadeFile | Collection:
@@ -86,10 +92,20 @@ def read_metafile(path: str | os.PathLike[str]) -> CascadeFile | Collection:
 # --- opening members without following symlinks ---------------------------------
 
 
+def require_safe_tree_io() -> None:
+    """Raise :class:`UsageError` where folders cannot be walked without following symlinks (Windows)."""
+    if not SAFE_TREE_IO:
+        raise UsageError(
+            "sharing a folder needs O_NOFOLLOW and directory-relative opens, which this system lacks "
+            "(Windows); share single files here, or create and fetch the folder on Linux or macOS"
+        )
+
+
 def open_root(folder: Path, what: str = "the collection's folder") -> int:
     """A descriptor of ``folder`` (which may itself be a symlink the user named). Raises :class:`DataError`."""
+    require_safe_tree_io()
     try:
-        return os.open(folder, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+        return os.open(folder, os.O_RDONLY | O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError as exc:
         raise DataError(f"{folder}: no such folder ({what})") from exc
     except NotADirectoryError as exc:

@@ -19,6 +19,7 @@ from types import FrameType
 from cascade.addresses import is_specific_ipv4
 from cascade.errors import Interrupted as Interrupted  # its old home; the class lives in the tree
 from cascade.errors import UsageError
+from oscompat import stop_signals
 from peer.planner import FetchPolicy
 
 DEFAULT_LISTEN = "0.0.0.0:6666"
@@ -115,7 +116,7 @@ def announce_ip(listen_host: str, explicit: str | None = None) -> str:
 
 
 class StopSignal:
-    """SIGINT and SIGTERM set :attr:`event` instead of killing the process.
+    """SIGINT and SIGTERM (Ctrl-C and Ctrl-Break on Windows) set :attr:`event` instead of killing the process.
 
     Long loops call :meth:`check` (raises :class:`Interrupted`) or wait on
     :attr:`event`; the command then stops its threads and exits 0. A second
@@ -128,8 +129,8 @@ class StopSignal:
 
     def install(self) -> StopSignal:
         """Install the handlers (main thread only) and return self."""
-        signal.signal(signal.SIGINT, self._handle)
-        signal.signal(signal.SIGTERM, self._handle)
+        for signum in stop_signals():  # SIGINT and SIGTERM; Ctrl-C and Ctrl-Break on Windows
+            signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:

@@ -30,6 +30,8 @@ from typing import Protocol
 
 from cascade.metafile import CascadeFile
 from cascade.wire import BLOCK_RESPONSE_HEADER_SIZE, BlockStatus, pack_block_request, unpack_block_response_header_from
+from oscompat import detect
+from oscompat.poller import make_selector
 from peer.planner import PeerAddr, Session
 
 # An error message longer than this is not a message: the peer is sending garbage.
@@ -354,6 +356,10 @@ class Connection:
 ConnectDone = tuple[PeerAddr, socket.socket | None, str]
 
 
+# connect_ex on a non-blocking socket: under way (Windows says WSAEWOULDBLOCK).
+_CONNECT_STARTED = frozenset({0, errno.EINPROGRESS, errno.EAGAIN, getattr(errno, "WSAEWOULDBLOCK", errno.EAGAIN)})
+
+
 class Connector:
     """Non-blocking connects to many addresses at once, each with its own deadline.
 
@@ -363,7 +369,7 @@ class Connector:
     """
 
     def __init__(self, now: Callable[[], float] = time.monotonic) -> None:
-        self._sel = selectors.DefaultSelector()
+        self._sel = make_selector(detect())
         self._pending: dict[socket.socket, tuple[PeerAddr, float]] = {}
         self._now = now
 
@@ -382,7 +388,7 @@ class Connector:
         except OSError as exc:  # a name that does not resolve, an address of the wrong family
             sock.close()
             return describe(exc)
-        if err not in (0, errno.EINPROGRESS, errno.EAGAIN):
+        if err not in _CONNECT_STARTED:
             sock.close()
             return os.strerror(err)
         self._pending[sock] = (addr, self._now() + timeout)

@@ -151,6 +151,7 @@ def _fetch(args: argparse.Namespace, stop: StopSignal) -> int:
             result = _download(args, session, store, first, stop, download_rate)
             # The whole-file hash matched: only now does the data take its final name.
             store.move_to(out)
+            server.add_store(store)  # where the OS cannot rename an open file, it was reopened
         done = True
         name = out.name
         rate = result.bytes_downloaded / result.seconds if result.seconds > 0 else 0.0

@@ -8,7 +8,6 @@ import logging
 import threading
 
 from peer.clock import REAL_CLOCK, Clock
-from peer.localdata import read_into
 from peer.storage import BlockStore
 
 log = logging.getLogger("peer.fetch")
@@ -66,7 +65,7 @@ class PrefixHasher:
             stop = min(end * bs, cf.data_length)
             while offset < stop:  # blocks larger than the buffer are read in pieces
                 view = mv[: min(len(buf), stop - offset)]
-                if read_into(store.fd, view, offset) < len(view):
+                if store.pfile.readinto(view, offset) < len(view):
                     raise OSError(errno.EIO, "the data file is shorter than expected")
                 self.sha.update(view)
                 offset += len(view)

@@ -1,11 +1,11 @@
 """Hashing data files: build a ``.cascade`` and check which blocks are present.
 
 This is the one place in ``cascade/`` that reads data files. It reads with
-``os.pread`` in chunks of whole blocks, so memory stays bounded by the chunks in
-flight, and hashes the chunks on a small thread pool: ``hashlib`` releases the
-GIL, so block hashing runs on every core. The whole-file SHA-256 is inherently
-sequential; it is fed in order from the same chunks while the pool hashes
-blocks, so the file is read once.
+positional reads (:class:`oscompat.fileio.PositionalFile`) in chunks of whole
+blocks, so memory stays bounded by the chunks in flight, and hashes the chunks
+on a small thread pool: ``hashlib`` releases the GIL, so block hashing runs on
+every core. The whole-file SHA-256 is inherently sequential; it is fed in order
+from the same chunks while the pool hashes blocks, so the file is read once.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from cascade.metafile import (
     block_count_for,
     encode_cascade,
 )
+from oscompat import detect
+from oscompat.fileio import PositionalFile
 
 # About 4 MiB per read: large enough that syscall and pool overhead vanish,
 # small enough that memory stays bounded (chunks in flight = 2 x workers).
@@ -39,7 +41,8 @@ MAX_IN_FLIGHT = 64 << 20
 
 Progress = Callable[[int], None]
 
-_HAVE_PREADV = hasattr(os, "preadv")
+# Windows opens files in text mode unless told otherwise; 0 elsewhere.
+_O_BINARY: int = getattr(os, "O_BINARY", 0)
 
 
 def default_workers(main_thread_hashes: bool = False) -> int:
@@ -54,34 +57,16 @@ def _chunk_size(block_size: int) -> int:
     return max(1, CHUNK_TARGET // block_size) * block_size
 
 
-def read_into(fd: int, buf: memoryview, offset: int) -> int:
-    """Fill ``buf`` from ``offset`` (fewer bytes only at end of file); returns the count.
-
-    Reading into a reused buffer, rather than ``os.pread`` returning fresh bytes,
-    spares the page faults and unmaps of a new multi-MiB allocation per chunk,
-    which cost about a third of the hashing time when threads run side by side.
-    """
-    n = 0
-    while n < len(buf):
-        if _HAVE_PREADV:
-            got = os.preadv(fd, [buf[n:]], offset + n)
-        else:  # pragma: no cover - platforms without preadv
-            data = os.pread(fd, len(buf) - n, offset + n)
-            got = len(data)
-            buf[n : n + got] = data
-        if got == 0:
-            break
-        n += got
-    return n
-
-
-def _hash_chunk(fd: int, offset: int, buf: memoryview, block_size: int) -> tuple[int, bytes]:
+def _hash_chunk(src: PositionalFile, offset: int, buf: memoryview, block_size: int) -> tuple[int, bytes]:
     """Read ``len(buf)`` bytes at ``offset`` into ``buf``; return (bytes read, concatenated block digests).
 
     A short read (file shorter than expected) hashes what is there; the caller
-    decides what a missing tail means.
+    decides what a missing tail means. Reading into a reused buffer, rather
+    than ``os.pread`` returning fresh bytes, spares the page faults and unmaps
+    of a new multi-MiB allocation per chunk, which cost about a third of the
+    hashing time when threads run side by side.
     """
-    n = read_into(fd, buf, offset)
+    n = src.readinto(buf, offset)
     data = buf[:n]
     sha = hashlib.sha256
     return n, b"".join(sha(data[i : i + block_size]).digest() for i in range(0, n, block_size))
@@ -95,12 +80,13 @@ def _chunks(fd: int, length: int, block_size: int, workers: int) -> Iterator[tup
     """
     # Never larger than the file: a 1 GiB block size on a small file must not allocate 1 GiB.
     chunk = min(_chunk_size(block_size), max(1, length))
+    src = PositionalFile(fd, detect())  # the pool's threads share the descriptor
     if length <= chunk:
         # One chunk: hash it here. A pool per small file would cost a thread start
         # per file, which dominates a collection of thousands of small files.
         if length:
             whole = memoryview(bytearray(length))
-            n, digests = _hash_chunk(fd, 0, whole, block_size)
+            n, digests = _hash_chunk(src, 0, whole, block_size)
             yield 0, whole[:n], digests
         return
     limit = max(1, min(2 * workers, MAX_IN_FLIGHT // chunk))
@@ -113,7 +99,7 @@ def _chunks(fd: int, length: int, block_size: int, workers: int) -> Iterator[tup
                 for off in offsets:
                     buf = free.pop() if free else bytearray(chunk)
                     view = memoryview(buf)[: min(chunk, length - off)]
-                    pending.append((off, buf, pool.submit(_hash_chunk, fd, off, view, block_size)))
+                    pending.append((off, buf, pool.submit(_hash_chunk, src, off, view, block_size)))
                     if len(pending) >= limit:
                         break
                 if not pending:
@@ -139,7 +125,7 @@ def _open(path: Path) -> int:
             raise DataError(f"{path}: is a directory, not a data file")
         if not stat.S_ISREG(st.st_mode):
             raise DataError(f"{path}: not a regular file")
-        return os.open(path, os.O_RDONLY)
+        return os.open(path, os.O_RDONLY | _O_BINARY)
     except FileNotFoundError as exc:
         raise DataError(f"{path}: no such data file") from exc
     except OSError as exc:

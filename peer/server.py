@@ -3,7 +3,8 @@
 Shape: one selector thread and a bounded pool of worker threads.
 
 - The selector thread owns the listening socket and every *idle* connection.
-  It waits on epoll, accepts new connections (or adopts one handed over by
+  It waits on epoll (or, off Linux, the ``selectors`` module: see
+  :mod:`oscompat.poller`), accepts new connections (or adopts one handed over by
   :meth:`BlockServer.serve_connection`, the same way), and hands a connection
   that has bytes to read to the pool. Holding hundreds of idle kept-open connections
   costs a file descriptor each, not a thread. It also closes connections that
@@ -25,7 +26,9 @@ Shape: one selector thread and a bounded pool of worker threads.
   sent nothing, half a request, or takes its reply slowly. Connections of an
   address holding more than half the slots go first, so one flooding host
   loses its own connections before anyone else's.
-- Block data goes out with sendfile(2), zero-copy from the data file. We call
+- Block data goes out with sendfile(2), zero-copy from the data file (where
+  the OS lacks it, or ``CASCADE_PORTABLE`` is set, by a bounded read-and-send
+  loop from a reused buffer, :func:`oscompat.fileio.send_from_file`). We call
   :func:`os.sendfile` (the system call behind ``socket.sendfile``) on the
   non-blocking socket ourselves: when a reader is slow and its socket stays
   full, the worker parks the half-sent response on the selector (EPOLLOUT)
@@ -45,7 +48,6 @@ import heapq
 import logging
 import os
 import queue
-import select
 import socket
 import threading
 import time
@@ -61,6 +63,9 @@ from cascade.wire import (
     pack_block_response_header,
     unpack_block_request_from,
 )
+from oscompat import detect
+from oscompat.fileio import SEND_CHUNK, PositionalFile, send_from_file
+from oscompat.poller import IN, OUT, Poller, make_poller, wait_writable
 from peer.common import REQUEST_LOGGER
 from peer.common import BlockServerConfig as BlockServerConfig  # the policy is passed with the server
 from peer.ratelimit import TokenBucket
@@ -94,8 +99,6 @@ EVICT_BATCH = 32
 # 1 us each, so 1 KiB blocks lose well under 1 % of their rate. Arbitrary.
 FSTAT_EVERY = 8
 
-_ONESHOT_IN = select.EPOLLIN | select.EPOLLONESHOT
-_ONESHOT_OUT = select.EPOLLOUT | select.EPOLLONESHOT
 # How long a worker waits for a full socket to drain before parking the
 # connection on the selector: far longer than a fast reader needs, short
 # enough that slow readers cannot hold the pool.
@@ -146,6 +149,7 @@ class _Conn:
         "out_keep",
         "out_left",
         "out_offset",
+        "out_src",
         "partial_since",
         "sock",
     )
@@ -165,6 +169,7 @@ class _Conn:
         self.draining = False
         self.out_head = b""
         self.out_fd = -1
+        self.out_src: PositionalFile | None = None  # out_fd for the read-and-send fallback
         self.out_offset = 0
         self.out_left = 0
         self.out_credit = 0  # bytes already taken from the rate limiter
@@ -206,17 +211,19 @@ class BlockServer:
         self._host = host
         self._port = port
         self._clock = clock
+        self.features = detect()
         self.max_workers = cfg.max_workers
-        self.max_connections = cfg.max_connections
+        # select() cannot watch more than FD_SETSIZE sockets: the cap is lowered where it is the selector.
+        self.max_connections = self.features.connection_cap(cfg.max_connections)
         self.idle_timeout = cfg.idle_timeout
         self.header_timeout = min(cfg.header_timeout, cfg.idle_timeout)
         self._limiter = TokenBucket(cfg.upload_rate, clock=clock, sleep=sleep) if cfg.upload_rate else None
         self._served: dict[bytes, _Served] = {}
         self._conns: dict[int, _Conn] = {}
         # Held while a worker hands a connection back to the selector (``idle``
-        # set, then epoll re-armed) and while the selector closes an idle one,
+        # set, then the poller re-armed) and while the selector closes an idle one,
         # so a connection is never closed between the two and its descriptor
-        # number reused under the worker's epoll.modify.
+        # number reused under the worker's poller.modify.
         self._handover = threading.Lock()
         # Eviction candidates, oldest last (selector thread only).
         self._victims: list[tuple[float, _Conn]] = []
@@ -226,10 +233,13 @@ class BlockServer:
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
         self._listener: socket.socket | None = None
-        self._epoll: select.epoll | None = None
+        self._poller: Poller | None = None
+        # Each worker's buffer for the read-and-send fallback (no sendfile).
+        self._local = threading.local()
         self._wake_r, self._wake_w = socket.socketpair()
         self._address: tuple[str, int] | None = None
         self._debug = False
+        self._msg_more = self.features.msg_more
         # Counters for logs and tests; updated without a lock, so approximate.
         self.blocks_sent = 0
         self.bytes_sent = 0
@@ -292,11 +302,13 @@ class BlockServer:
             self._address = (str(bound[0]), int(bound[1]))
         self._debug = request_log.isEnabledFor(logging.DEBUG)
         self._wake_r.setblocking(False)
-        ep = select.epoll()
+        # A full wake socket already holds a pending wake-up: senders never block on it.
+        self._wake_w.setblocking(False)
+        ep = make_poller(self.features)
         if listener is not None:
-            ep.register(listener.fileno(), select.EPOLLIN)
-        ep.register(self._wake_r.fileno(), select.EPOLLIN)
-        self._epoll = ep
+            ep.register(listener.fileno(), IN)
+        ep.register(self._wake_r.fileno(), IN)
+        self._poller = ep
         threads = [threading.Thread(target=self._selector_loop, name="peer-selector", daemon=True)]
         threads += [
             threading.Thread(target=self._worker_loop, name=f"peer-worker-{i}", daemon=True)
@@ -314,10 +326,11 @@ class BlockServer:
         ``name`` label it in the logs and in the per-host eviction share.
         Call after :meth:`start`; raises ``RuntimeError`` once stopping.
         """
-        if self._stopping.is_set() or self._epoll is None:
+        if self._stopping.is_set() or self._poller is None:
             raise RuntimeError("BlockServer.serve_connection needs a started, running server")
         self._adopt.put((sock, host, name or f"{host}:fd{sock.fileno()}"))
-        self._wake_w.send(b"x")
+        with contextlib.suppress(BlockingIOError):
+            self._wake_w.send(b"x")
 
     def stop(self, timeout: float = 1.5) -> None:
         """Stop accepting, drop every connection and join the threads (at most ``timeout`` s)."""
@@ -342,15 +355,15 @@ class BlockServer:
             self._adopt.get_nowait()[0].close()
         if self._listener is not None:
             self._listener.close()
-        if self._epoll is not None and not any(t.is_alive() for t in self._threads):
-            self._epoll.close()
+        if self._poller is not None and not any(t.is_alive() for t in self._threads):
+            self._poller.close()
         self._wake_r.close()
         self._wake_w.close()
 
     # --- selector thread -----------------------------------------------------
 
     def _selector_loop(self) -> None:
-        ep = self._epoll
+        ep = self._poller
         assert ep is not None
         listen_fd = self._listener.fileno() if self._listener else -1
         wake_fd = self._wake_r.fileno()
@@ -367,7 +380,7 @@ class BlockServer:
                             self._accept()
                         elif fd == wake_fd:
                             with contextlib.suppress(OSError):
-                                self._wake_r.recv(64)
+                                self._wake_r.recv(4096)
                             self._adopt_handed_over()
                         else:
                             self._dispatch(fd)
@@ -399,7 +412,7 @@ class BlockServer:
             self._jobs.put(conn)
 
     def _accept(self) -> None:
-        assert self._listener is not None and self._epoll is not None
+        assert self._listener is not None and self._poller is not None
         for _ in range(64):  # bounded; the listener stays readable if more are waiting
             try:
                 sock, addr = self._listener.accept()
@@ -419,8 +432,13 @@ class BlockServer:
 
     def _take(self, sock: socket.socket, host: str, name: str) -> None:
         """Make a new connection ours (selector thread only): room at the cap, then its first deadline."""
-        assert self._epoll is not None
+        assert self._poller is not None
         now = self._clock()
+        if not self.features.watchable(sock.fileno()):
+            if self._debug:
+                request_log.debug("%s: refused, descriptor %d is beyond what select() can watch", name, sock.fileno())
+            sock.close()
+            return
         if len(self._conns) >= self.max_connections and not self._evict():
             # Every slot is in a worker's hands right now: nothing idle to give up.
             if self._debug:
@@ -433,7 +451,7 @@ class BlockServer:
         conn = _Conn(sock, host, name, now, now + self.header_timeout)
         self._conns[conn.fd] = conn
         try:
-            self._epoll.register(conn.fd, _ONESHOT_IN)
+            self._poller.register(conn.fd, IN, oneshot=True)
         except OSError:
             self._close(conn)
             return
@@ -515,19 +533,26 @@ class BlockServer:
         # Forget the descriptor before closing it, so a reused number is never confused.
         if self._conns.get(conn.fd) is conn:
             del self._conns[conn.fd]
+        if self._poller is not None and conn.sock.fileno() >= 0:
+            self._poller.forget(conn.fd)
         conn.sock.close()
 
-    def _rearm(self, conn: _Conn, mask: int = _ONESHOT_IN) -> None:
+    def _rearm(self, conn: _Conn, mask: int = IN) -> None:
         """Give the connection back to the selector thread (the caller must not touch it after)."""
         with self._handover:
             conn.idle = True
             try:
-                assert self._epoll is not None
-                self._epoll.modify(conn.fd, mask)
+                assert self._poller is not None
+                self._poller.modify(conn.fd, mask, oneshot=True)
             except (OSError, ValueError):
                 # Closed meanwhile by stop().
                 conn.idle = False
                 self._close(conn)
+                return
+        # select() sees a re-armed descriptor only on its next call.
+        if self._poller is not None and self._poller.needs_wake:
+            with contextlib.suppress(OSError):
+                self._wake_w.send(b"x")
 
     def _close_after_reply(self, conn: _Conn) -> None:
         """Close without losing the reply: with unread client bytes, close would send a reset."""
@@ -682,6 +707,7 @@ class BlockServer:
         else:
             conn.out_head, conn.out_left = served.full_header, served.block_size
         conn.out_fd = served.fd
+        conn.out_src = served.store.pfile
         conn.out_offset = index * served.block_size
         conn.out_keep = keep
         self.blocks_sent += 1
@@ -708,7 +734,7 @@ class BlockServer:
         sock = conn.sock
         while conn.out_head:
             # MSG_MORE holds a data header back so it leaves in one segment with the data.
-            flags = socket.MSG_MORE if conn.out_left else 0
+            flags = self._msg_more if conn.out_left else 0
             try:
                 n = sock.send(conn.out_head, flags)
             except (BlockingIOError, InterruptedError):
@@ -718,6 +744,7 @@ class BlockServer:
             conn.out_head = conn.out_head[n:]
         limiter = self._limiter
         out = conn.fd
+        zero_copy = self.features.sendfile
         while conn.out_left:
             if limiter is None:
                 count = conn.out_left
@@ -729,7 +756,11 @@ class BlockServer:
                     conn.out_credit = credit
                 count = conn.out_credit
             try:
-                sent = os.sendfile(out, conn.out_fd, conn.out_offset, count)
+                if zero_copy:
+                    sent = os.sendfile(out, conn.out_fd, conn.out_offset, count)
+                else:
+                    assert conn.out_src is not None
+                    sent = send_from_file(sock, conn.out_src, conn.out_offset, count, self._send_buffer())
             except (BlockingIOError, InterruptedError):
                 if not self._writable_soon(conn):
                     return False
@@ -755,17 +786,21 @@ class BlockServer:
         """
         if self._stopping.is_set():
             raise _Close
-        poller = select.poll()
-        poller.register(conn.fd, select.POLLOUT)
-        if poller.poll(WRITE_WAIT_MS):
+        if wait_writable(conn.fd, WRITE_WAIT_MS, self.features):
             return True
         if self._stopping.is_set():
             raise _Close
         conn.deadline = self._clock() + self.idle_timeout
         if self._debug:
             request_log.debug("%s: slow reader, %d bytes of the reply wait for room", conn.name, conn.out_left)
-        self._rearm(conn, _ONESHOT_OUT)
+        self._rearm(conn, OUT)
         return False
+
+    def _send_buffer(self) -> bytearray:
+        buf: bytearray | None = getattr(self._local, "buf", None)
+        if buf is None:
+            buf = self._local.buf = bytearray(SEND_CHUNK)
+        return buf
 
 
 def _fstat_signature(fd: int) -> tuple[int, int, int]:

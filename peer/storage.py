@@ -9,7 +9,6 @@ was ever written intact.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import os
@@ -19,7 +18,12 @@ from pathlib import Path
 
 from cascade.errors import BlockHashMismatch, DataError, from_os_error
 from cascade.metafile import HASH_SIZE, CascadeFile
+from oscompat import Features, detect
+from oscompat.fileio import PositionalFile, reserve
 from peer.localdata import DataCheck, check_data
+
+# Windows opens files in text mode unless told otherwise; 0 elsewhere.
+O_BINARY: int = getattr(os, "O_BINARY", 0)
 
 
 class BlockStore:
@@ -29,12 +33,23 @@ class BlockStore:
     the lock (the GIL makes them atomic); changes happen under ``_lock``.
     """
 
-    def __init__(self, cf: CascadeFile, path: Path, fileobj: io.FileIO, valid: bytearray, writable: bool) -> None:
+    def __init__(
+        self,
+        cf: CascadeFile,
+        path: Path,
+        fileobj: io.FileIO,
+        valid: bytearray,
+        writable: bool,
+        features: Features | None = None,
+    ) -> None:
         self.cf = cf
         self.cascade_hash = cf.cascade_hash
         self.path = path
         self.file = fileobj
         self.fd = fileobj.fileno()
+        # Positional reads and writes: pread/pwrite, or seek+read/write under its lock (oscompat.fileio).
+        self.features = features or detect()
+        self.pfile = PositionalFile(self.fd, self.features, writable)
         self.valid = valid
         self.writable = writable
         self._count = valid.count(1)
@@ -80,24 +95,20 @@ class BlockStore:
         """
         p = Path(path)
         try:
-            fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(p, os.O_RDWR | os.O_CREAT | O_BINARY, 0o644)
         except OSError as exc:
             raise from_os_error(exc, p, "open the output file") from exc
         f = os.fdopen(fd, "r+b", buffering=0)
+        features = detect()
         try:
             size = os.fstat(fd).st_size
             if size < cf.data_length:
-                try:
-                    os.posix_fallocate(fd, 0, cf.data_length)
-                except OSError as exc:
-                    if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-                        raise
-                    os.ftruncate(fd, cf.data_length)
+                reserve(fd, p, cf.data_length, features)
         except OSError as exc:
             f.close()
             raise from_os_error(exc, p, "reserve space for the output file") from exc
         assert isinstance(f, io.FileIO)
-        return cls(cf, p, f, bytearray(check.valid), writable=True)
+        return cls(cf, p, f, bytearray(check.valid), writable=True, features=features)
 
     # --- state -------------------------------------------------------------
 
@@ -144,16 +155,8 @@ class BlockStore:
         if hashlib.sha256(data).digest() != self._hashes[start : start + HASH_SIZE]:
             raise BlockHashMismatch(f"block {index} does not match its SHA-256")
         offset = index * self._block_size
-        size = len(data)
         try:
-            n = os.pwrite(self.fd, data, offset)
-            if n < size:  # a short write: rare, finish it piece by piece
-                view = memoryview(data)[n:]
-                offset += n
-                while view:
-                    n = os.pwrite(self.fd, view, offset)
-                    view = view[n:]
-                    offset += n
+            self.pfile.write_all(data, offset)
         except OSError as exc:
             raise from_os_error(exc, self.path, f"write block {index}") from exc
         with self._lock:
@@ -178,13 +181,37 @@ class BlockStore:
         """Rename the data file to ``dest`` (atomically, replacing it), keeping it open.
 
         The block server goes on serving from the same file descriptor: on
-        POSIX an open file can be renamed. Raises :class:`DataError`.
+        POSIX an open file can be renamed. Where it cannot (Windows, and forced
+        portable mode, which tests that path) the file is closed, renamed and
+        reopened: requests in that instant fail and are retried by the client,
+        and the block server must be given the store again
+        (:meth:`BlockServer.add_store`) for its new descriptor. Raises :class:`DataError`.
         """
-        try:
-            os.replace(self.path, dest)
-        except OSError as exc:
-            raise from_os_error(exc, dest, f"rename {self.path.name} to {dest.name}") from exc
-        self.path = dest
+        if self.features.rename_open:
+            try:
+                os.replace(self.path, dest)
+            except OSError as exc:
+                raise from_os_error(exc, dest, f"rename {self.path.name} to {dest.name}") from exc
+            self.path = dest
+            return
+        with self._lock:
+            self.pfile.detach()
+            self.file.close()
+            try:
+                os.replace(self.path, dest)
+                self.path = dest
+            except OSError as exc:
+                error: OSError | None = exc
+            else:
+                error = None
+            try:
+                f = open(self.path, "r+b" if self.writable else "rb", buffering=0)  # noqa: SIM115 - owned, closed in close()
+            except OSError as exc:
+                raise from_os_error(exc, self.path, "reopen the data file") from exc
+            self.file, self.fd = f, f.fileno()
+            self.pfile = PositionalFile(self.fd, self.features, self.writable)
+        if error is not None:
+            raise from_os_error(error, dest, f"rename {self.path.name} to {dest.name}") from error
 
     def close(self) -> None:
         self.file.close()
@@ -214,7 +241,9 @@ class BlockStore:
                 current = os.fstat(self.fd)
                 if (current.st_dev, current.st_ino) != seen[:2]:
                     # Open it before hashing, and check below that the path still names what we hashed.
-                    replacement = self.opener() if self.opener is not None else os.open(self.path, os.O_RDONLY)
+                    replacement = (
+                        self.opener() if self.opener is not None else os.open(self.path, os.O_RDONLY | O_BINARY)
+                    )
                     opened = os.fstat(replacement)
                     if (opened.st_dev, opened.st_ino) != seen[:2]:
                         return self._count  # replaced again meanwhile: the next look sees it

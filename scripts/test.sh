@@ -36,3 +36,6 @@ fi
 "$PYTHON" -m ruff check .
 "$PYTHON" -m mypy
 "$PYTHON" -m pytest "$@"
+# Every server and fetcher test once more with the portable fallbacks forced (select(), no
+# sendfile/pwrite/preadv/posix_fallocate): the code a macOS or Windows user runs (README, "Platforms").
+CASCADE_PORTABLE=1 "$PYTHON" -m pytest -m "socketpair or loopback or process" "$@"

@@ -16,9 +16,15 @@ import pytest
 pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parent.parent
-PACKAGES = ("cascade", "peer", "tracker")
+PACKAGES = ("cascade", "oscompat", "peer", "tracker")
 # Who may import whom: each package itself and what lies below it.
-ALLOWED = {"cascade": {"cascade"}, "peer": {"peer", "cascade"}, "tracker": {"tracker", "cascade"}}
+# oscompat/ (the OS probe and I/O fallbacks) sits beside cascade/, below both processes.
+ALLOWED = {
+    "cascade": {"cascade"},
+    "oscompat": {"oscompat"},
+    "peer": {"peer", "cascade", "oscompat"},
+    "tracker": {"tracker", "cascade", "oscompat"},
+}
 
 
 def module_files() -> dict[str, Path]:

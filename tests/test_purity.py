@@ -37,6 +37,7 @@ FORBIDDEN = {
     "shutil",
     "peer",  # upward: the core never imports the processes built on it
     "tracker",
+    "oscompat",  # OS probing and I/O fallbacks live beside the core, for the processes
 }
 # Calls that read or write files. ``read_cascade`` is the one allowed reader.
 FILE_CALLS = {"open", "read_bytes", "read_text", "write_bytes", "write_text", "pread", "pwrite", "sendfile", "mkdir"}

@@ -93,9 +93,12 @@ def test_a_flood_beyond_the_default_limits_does_not_lock_out_real_requests(
     store = BlockStore.open_for_seeding(sample.cf, sample.data_path)
     with serving(store) as server:
         port = server.address[1]
-        for n in range(650):
+        # With select() (CASCADE_PORTABLE) the cap is lower and this process must keep its
+        # descriptor numbers, client and server side, below 1024: fewer idle ones, still over the cap.
+        idle = 600 if not server.features.select_only else server.max_connections - 20
+        for n in range(idle + 50):
             sock = connect(port)
-            if n >= 600:
+            if n >= idle:
                 sock.sendall(req(0, sample.cf.cascade_hash)[:3])  # a request begun and never finished
             flood.append(sock)
         for i in (0, 5, 15):

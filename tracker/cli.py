@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import resource
 import signal
 import sys
 import threading
@@ -19,6 +18,7 @@ from types import FrameType
 from cascade import __version__
 from cascade.command import EXIT_FAILED, EXIT_OK, OneLineErrorParser, run_command
 from cascade.errors import StartError, UsageError
+from oscompat import stop_signals
 from tracker.allowlist import load_allow_file
 from tracker.server import ServerConfig, TrackerServer
 from tracker.store import StoreSpec, open_backend, parse_store_spec
@@ -154,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _raise_fd_limit() -> None:
     """Let the tracker hold as many sockets as the hard limit allows."""
     try:
+        import resource  # POSIX only: Windows has no descriptor limit to raise
+    except ImportError:
+        return
+    try:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft != hard:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -217,8 +221,8 @@ def run(args: argparse.Namespace) -> int:
     def on_signal(signum: int, frame: FrameType | None) -> None:
         stop.set()
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    for signum in stop_signals():  # SIGINT and SIGTERM; Ctrl-C and Ctrl-Break on Windows
+        signal.signal(signum, on_signal)
     backend.start()
     log.info("tracker listening on %s:%d", host, port)
     if args.verbose and backend.spec.kind != "memory":

@@ -1,6 +1,7 @@
 """The binary tracker protocol (PROTOCOL.md section 2) over TCP.
 
-Shape: a fixed set of worker threads, each running its own epoll loop over
+Shape: a fixed set of worker threads, each running its own event loop (epoll
+on Linux, else the ``selectors`` module: see :mod:`oscompat.poller`) over
 non-blocking sockets. Every worker watches the one listening socket
 (``EPOLLEXCLUSIVE``, so a new connection wakes one worker, not all). A worker
 accepts, tries to read the 54-byte request at once (``TCP_DEFER_ACCEPT``
@@ -8,7 +9,11 @@ makes the kernel hand over connections only once data has arrived, so this
 usually succeeds), answers and closes. A client that sends slowly is parked
 in the worker's epoll set with a read deadline, so an idle or slow client
 never holds a worker, and idle connections cost nothing but a file
-descriptor. ``max_connections`` caps the parked ones.
+descriptor. ``max_connections`` caps the parked ones (lowered under
+select()'s FD_SETSIZE where select is the event loop). Without
+``EPOLLEXCLUSIVE`` every worker wakes for a new connection and the losers'
+non-blocking accept finds nothing; without ``TCP_DEFER_ACCEPT`` more
+connections are parked before their request arrives. Both are only slower.
 :meth:`TrackerServer.serve_connection` hands an already-connected socket to a
 worker, which takes it exactly as an accepted one: the socketpair tests use it,
 with an injected clock for the read deadline.
@@ -30,7 +35,6 @@ import contextlib
 import errno
 import logging
 import queue
-import select
 import socket
 import threading
 import time
@@ -52,6 +56,8 @@ from cascade.wire import (
     tracker_request_header,
     with_key_ip,
 )
+from oscompat import Features, detect
+from oscompat.poller import IN, OUT, Poller, make_poller
 from tracker.store import StoreUnavailable, SwarmStore
 from tracker.swarms import AnnounceRefused
 
@@ -59,10 +65,8 @@ log = logging.getLogger(__name__)
 
 _LIST_HEADER = tracker_request_header(TrackerCommand.LIST)
 _SUBSCRIBE_HEADER = tracker_request_header(TrackerCommand.SUBSCRIBE)
-_EPOLLEXCLUSIVE = getattr(select, "EPOLLEXCLUSIVE", 0)
-_DONTWAIT = socket.MSG_DONTWAIT
 _ACCEPT_BATCH = 64  # connections taken per wake-up; arbitrary, keeps other events flowing
-_MAX_EVENTS = 64  # epoll events handled per wake-up
+_MAX_EVENTS = 64  # epoll events handled per wake-up (the selectors path returns all)
 _POLL_CAP = 0.2  # seconds; how often an idle worker looks at the stop flag
 # One byte more than a request is asked of recv, never parsed: it tells that the
 # client sent more than 54 bytes, and then the reply ends in a lingering close.
@@ -93,7 +97,7 @@ def error_reply(status: int, message: str) -> bytes:
 
 
 class _Conn:
-    """A connection parked in a worker's epoll set."""
+    """A connection parked in a worker's poller."""
 
     __slots__ = ("buf", "deadline", "drained", "ip", "linger", "out", "sock", "state")
 
@@ -113,12 +117,12 @@ class _Conn:
 
 
 class _Loop:
-    """One worker's event loop: its epoll set, its connections by fd, their read deadlines."""
+    """One worker's event loop: its poller, its connections by fd, their read deadlines."""
 
     __slots__ = ("conns", "ep", "timeouts")
 
-    def __init__(self) -> None:
-        self.ep = select.epoll()
+    def __init__(self, features: Features) -> None:
+        self.ep: Poller = make_poller(features)
         self.conns: dict[int, _Conn] = {}
         # Every deadline is "registration + read_timeout", so appending keeps this sorted.
         self.timeouts: deque[tuple[float, _Conn]] = deque()
@@ -138,6 +142,11 @@ class TrackerServer:
         self.registry = registry
         self.config = config or ServerConfig()
         self._clock = clock
+        self.features = detect()
+        # select() cannot watch more than FD_SETSIZE sockets: the cap is lowered where it is the selector.
+        self.max_connections = self.features.connection_cap(self.config.max_connections)
+        # Without MSG_DONTWAIT (Windows, portable mode) accepted sockets are made non-blocking instead.
+        self._dontwait = self.features.dontwait
         self._sock: socket.socket | None = None
         # Sockets handed over by serve_connection; the wake socket tells a worker to take them.
         self._handed: queue.SimpleQueue[tuple[socket.socket, str]] = queue.SimpleQueue()
@@ -157,7 +166,7 @@ class TrackerServer:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if hasattr(socket, "TCP_DEFER_ACCEPT"):
+            if self.features.defer_accept:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
             sock.bind((cfg.host, cfg.port))
             sock.listen(cfg.backlog)
@@ -270,11 +279,11 @@ class TrackerServer:
         lfd = lsock.fileno() if lsock is not None else -1
         wfd = self._wake_r.fileno()
         clock = self._clock
-        loop = _Loop()
+        loop = _Loop(self.features)
         ep, conns, timeouts = loop.ep, loop.conns, loop.timeouts
         if lsock is not None:
-            ep.register(lfd, select.EPOLLIN | _EPOLLEXCLUSIVE)
-        ep.register(wfd, select.EPOLLIN | _EPOLLEXCLUSIVE)
+            ep.register(lfd, IN, exclusive=True)
+        ep.register(wfd, IN, exclusive=True)
         listening = True
         stop_at = 0.0
         # Shutdown and the registry sweep run on real time; read deadlines on ``clock``.
@@ -330,6 +339,8 @@ class TrackerServer:
         for _ in range(_ACCEPT_BATCH):
             try:
                 sock, addr = lsock.accept()
+                if not self._dontwait:
+                    sock.setblocking(False)
             except BlockingIOError:
                 return
             except OSError as exc:
@@ -356,7 +367,7 @@ class TrackerServer:
         """A new connection: answer at once if its request is already in, else park it."""
         data: bytes | None
         try:
-            data = sock.recv(_PROBE_SIZE, _DONTWAIT)
+            data = sock.recv(_PROBE_SIZE, self._dontwait)
         except BlockingIOError:
             data = None
         except OSError:
@@ -378,19 +389,19 @@ class TrackerServer:
 
     def _park(self, sock: socket.socket, ip: str, data: bytes, loop: _Loop) -> _Conn | None:
         with self._held_lock:
-            full = self._held >= self.config.max_connections
+            full = self._held >= self.max_connections or not self.features.watchable(sock.fileno())
             if not full:
                 self._held += 1
         if full:
             self.registry.count_error("too_many_connections")
             with contextlib.suppress(OSError):
-                sock.send(error_reply(TrackerStatus.FULL, "too many connections, try again later"), _DONTWAIT)
+                sock.send(error_reply(TrackerStatus.FULL, "too many connections, try again later"), self._dontwait)
             sock.close()
             return None
         conn = _Conn(sock, ip, data, self._clock() + self.config.read_timeout)
         loop.conns[sock.fileno()] = conn
         loop.timeouts.append((conn.deadline, conn))
-        loop.ep.register(sock.fileno(), select.EPOLLIN)
+        loop.ep.register(sock.fileno(), IN)
         return conn
 
     def _send_and_close(self, sock: socket.socket, reply: bytes, trailing: bool, loop: _Loop, ip: str) -> None:
@@ -400,7 +411,7 @@ class TrackerServer:
                 self._fail(conn, reply, loop)
             return
         try:
-            sent = sock.send(reply, _DONTWAIT)
+            sent = sock.send(reply, self._dontwait)
         except BlockingIOError:
             sent = 0
         except OSError:
@@ -413,7 +424,7 @@ class TrackerServer:
         if conn is not None:
             conn.state = _Conn.WRITING
             conn.out = reply[sent:]
-            loop.ep.modify(sock.fileno(), select.EPOLLOUT)
+            loop.ep.modify(sock.fileno(), OUT)
 
     def _close(self, conn: _Conn, loop: _Loop) -> None:
         fd = conn.sock.fileno()
@@ -421,7 +432,8 @@ class TrackerServer:
             del loop.conns[fd]
             with self._held_lock:
                 self._held -= 1
-        conn.sock.close()  # closing also removes it from the epoll set
+            loop.ep.forget(fd)  # epoll drops it on close; select() must not see a closed descriptor
+        conn.sock.close()
 
     def _fail(self, conn: _Conn, reply: bytes, loop: _Loop) -> None:
         """Send a (small) reply and half-close, then wait for the client to close (a lingering close).
@@ -435,7 +447,7 @@ class TrackerServer:
         closes or the read deadline passes.
         """
         try:
-            sent = conn.sock.send(reply, _DONTWAIT)
+            sent = conn.sock.send(reply, self._dontwait)
         except BlockingIOError:
             sent = 0
         except OSError:
@@ -445,7 +457,7 @@ class TrackerServer:
             conn.state = _Conn.WRITING
             conn.out = reply[sent:]
             conn.linger = True
-            loop.ep.modify(conn.sock.fileno(), select.EPOLLOUT)
+            loop.ep.modify(conn.sock.fileno(), OUT)
             return
         self._linger(conn, loop)
 
@@ -462,7 +474,7 @@ class TrackerServer:
         sock = conn.sock
         if conn.state == _Conn.WRITING:
             try:
-                sent = sock.send(conn.out, _DONTWAIT)
+                sent = sock.send(conn.out, self._dontwait)
             except BlockingIOError:
                 return
             except OSError:
@@ -472,14 +484,14 @@ class TrackerServer:
             if conn.out:
                 return
             if conn.linger:
-                loop.ep.modify(sock.fileno(), select.EPOLLIN)
+                loop.ep.modify(sock.fileno(), IN)
                 self._linger(conn, loop)
             else:
                 self._close(conn, loop)
             return
         if conn.state == _Conn.DRAINING:
             try:
-                dropped = len(sock.recv(_DRAIN_LIMIT, _DONTWAIT))
+                dropped = len(sock.recv(_DRAIN_LIMIT, self._dontwait))
             except BlockingIOError:
                 return
             except OSError:
@@ -489,7 +501,7 @@ class TrackerServer:
                 self._close(conn, loop)
             return
         try:
-            data = sock.recv(_PROBE_SIZE - len(conn.buf), _DONTWAIT)
+            data = sock.recv(_PROBE_SIZE - len(conn.buf), self._dontwait)
         except BlockingIOError:
             return
         except OSError:
@@ -523,5 +535,5 @@ class TrackerServer:
                 log.info("%s timed out after %d bytes", conn.ip, len(conn.buf))
             if conn.buf:
                 with contextlib.suppress(OSError):
-                    conn.sock.send(self._short(conn), _DONTWAIT)
+                    conn.sock.send(self._short(conn), self._dontwait)
         self._close(conn, loop)
