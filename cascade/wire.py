@@ -327,6 +327,150 @@ class BlockResponse:
         return self.body.decode("utf-8", errors="replace")
 
 
+# --- our extension: have maps (docs/protocol-extensions.md) ------------------
+#
+# A have-map request is a block request whose block number is 2^64-1 (no file
+# can have that block, so an old server answers status 3) and whose reserved
+# bytes 16-23 hold ``HAVEMAP1``. The block number is the trigger and the marker
+# the confirmation: a client that garbles the reserved bytes of a request for a
+# real block still gets that block.
+
+HAVEMAP = b"HAVEMAP1"
+HAVEMAP_INDEX = (1 << 64) - 1
+# One byte per block (0 or 1) <-> one bit per block, most significant bit first.
+_TO_ASCII_BITS = bytes([0x30] + [0x31] * 255)  # 0 -> "0", anything else -> "1"
+_BYTE_BITS = tuple(bytes((v >> (7 - k)) & 1 for k in range(8)) for v in range(256))
+
+
+def have_map_size(block_count: int) -> int:
+    """Bytes of one bitmap for a file of ``block_count`` blocks: ceil(n / 8)."""
+    return (block_count + 7) >> 3
+
+
+def pack_have_bits(flags: bytes | bytearray | memoryview) -> bytes:
+    """One byte per block (zero: absent, anything else: held) -> the bitmap, MSB first, spare bits zero."""
+    count = len(flags)
+    size = have_map_size(count)
+    if not size:
+        return b""
+    digits = bytes(flags).translate(_TO_ASCII_BITS) + b"0" * (size * 8 - count)
+    # int() of a base-2 string and to_bytes are linear: ~1 ms per million blocks.
+    return int(digits, 2).to_bytes(size, "big")
+
+
+def unpack_have_bits(bits: bytes | bytearray | memoryview, block_count: int) -> bytes:
+    """The bitmap of a file of ``block_count`` blocks -> one byte (0 or 1) per block; spare bits ignored.
+
+    Raises :class:`ProtocolError` when ``bits`` is not exactly ``ceil(block_count / 8)`` bytes.
+    """
+    size = have_map_size(block_count)
+    if len(bits) != size:
+        raise ProtocolError(f"have map is {len(bits)} bytes, a file of {block_count} blocks needs {size}")
+    return b"".join(map(_BYTE_BITS.__getitem__, bytes(bits)))[:block_count]
+
+
+def have_map_forms(length: int, block_count: int) -> bool:
+    """Check a have-map reply's announced body length before reading it; True when it carries an offer.
+
+    The body is one bitmap (``ceil(n/8)`` bytes: what the server holds) or two
+    (held, then offered). Raises :class:`ProtocolError` for any other length.
+    """
+    size = have_map_size(block_count)
+    if length == size:
+        return False
+    if length == 2 * size and size:
+        return True
+    raise ProtocolError(
+        f"have map reply body is {length} bytes, a file of {block_count} blocks needs {size} or {2 * size}"
+    )
+
+
+def is_have_map_request(reserved: bytes, index: int) -> bool:
+    """True when a request's block number and last 8 reserved bytes ask for a have map."""
+    return index == HAVEMAP_INDEX and reserved == HAVEMAP
+
+
+def pack_have_map_request(cascade_hash: bytes, keep_open: bool = True) -> bytes:
+    """The 64-byte have-map request (fast path of :class:`HaveMapRequest`)."""
+    return _BLOCK_REQUEST.pack(BLOCK_MAGIC, KEEPOPEN if keep_open else bytes(8), HAVEMAP, HAVEMAP_INDEX, cascade_hash)
+
+
+@dataclass(frozen=True, slots=True)
+class HaveMapRequest:
+    """ "Which blocks do you hold?": our have-map extension, a 64-byte block request for block 2^64-1."""
+
+    cascade_hash: bytes
+    keep_open: bool = False
+
+    def __post_init__(self) -> None:
+        _check_hash(self.cascade_hash, "cascade hash")
+
+    def encode(self) -> bytes:
+        return pack_have_map_request(self.cascade_hash, self.keep_open)
+
+    @classmethod
+    def decode(cls, data: bytes) -> HaveMapRequest:
+        """Decode exactly 64 bytes; raises :class:`ProtocolError` if they are not a have-map request."""
+        request = BlockRequest.decode(data)
+        _magic, _marker, reserved, index, _hash = _BLOCK_REQUEST.unpack(data)
+        if not is_have_map_request(reserved, index):
+            raise ProtocolError("not a have-map request: needs block number 2^64-1 and HAVEMAP1 in bytes 16-23")
+        return cls(request.cascade_hash, request.keep_open)
+
+
+def decode_peer_request(data: bytes) -> BlockRequest | HaveMapRequest:
+    """A 64-byte request as a server reads it: a have-map request, else a block request.
+
+    Raises :class:`ProtocolError` (wrong size or magic).
+    """
+    request = BlockRequest.decode(data)
+    if request.index == HAVEMAP_INDEX and data[16:24] == HAVEMAP:
+        return HaveMapRequest(request.cascade_hash, request.keep_open)
+    return request
+
+
+@dataclass(frozen=True, slots=True)
+class HaveMap:
+    """A have-map reply: ``held`` has one byte (0 or 1) per block; ``offer`` likewise, or None.
+
+    ``offer`` (the blocks a super-seeding server asks to be asked for) is sent
+    only when it differs from ``held``; it never names a block not held.
+    """
+
+    held: bytes
+    offer: bytes | None = None
+
+    def __post_init__(self) -> None:
+        if self.offer is not None and len(self.offer) != len(self.held):
+            raise ProtocolError(f"offer covers {len(self.offer)} blocks, held covers {len(self.held)}")
+
+    def encode(self) -> bytes:
+        """The whole response: status 0, body length, then the bitmap(s)."""
+        body = pack_have_bits(self.held)
+        if self.offer is not None and body:
+            body += _and_bits(body, pack_have_bits(self.offer))
+        return _BLOCK_RESPONSE_HEADER.pack(BlockStatus.OK, len(body)) + body
+
+    @classmethod
+    def decode_body(cls, body: bytes | bytearray | memoryview, block_count: int) -> HaveMap:
+        """The body of a status-0 reply to a have-map request, for a file of ``block_count`` blocks.
+
+        An offered block the server does not claim to hold is dropped (a lie
+        costs nothing then). Raises :class:`ProtocolError` for a wrong length.
+        """
+        size = have_map_size(block_count)
+        if not have_map_forms(len(body), block_count):
+            return cls(unpack_have_bits(body, block_count))
+        held_bits = bytes(body[:size])
+        offer_bits = _and_bits(held_bits, bytes(body[size:]))
+        return cls(unpack_have_bits(held_bits, block_count), unpack_have_bits(offer_bits, block_count))
+
+
+def _and_bits(a: bytes, b: bytes) -> bytes:
+    """Bitwise AND of two bitmaps of the same length, at C speed."""
+    return (int.from_bytes(a, "big") & int.from_bytes(b, "big")).to_bytes(len(a), "big")
+
+
 # --- fast paths for the hot loops ----------------------------------------
 #
 # The servers and the fetcher handle tens of thousands of frames a second, where

@@ -37,8 +37,14 @@ Shape: one selector thread and a bounded pool of worker threads.
 
 Keep-open (section 5): a request with ``KEEPOPEN`` in bytes 8-15 keeps the
 connection after a status 0 or 2 reply; anything else is answered and closed,
-which is what old clients that read until EOF need. The other reserved bytes
-are never looked at.
+which is what old clients that read until EOF need.
+
+Have maps (docs/protocol-extensions.md): a request for block 2^64-1 with
+``HAVEMAP1`` in bytes 16-23 is answered with status 0 and the bitmap of the
+blocks verified so far; a complete file asked by several downloaders adds an
+offer per downloader (:mod:`peer.superseed`), so each is steered to blocks
+the others are not getting from us. Bytes 16-23 of any other request are
+never looked at: clients fill them with garbage.
 """
 
 from __future__ import annotations
@@ -58,8 +64,11 @@ from dataclasses import dataclass
 from cascade.wire import (
     BLOCK_MAGIC,
     BLOCK_REQUEST_SIZE,
+    HAVEMAP,
+    HAVEMAP_INDEX,
     KEEPOPEN,
     BlockStatus,
+    HaveMap,
     pack_block_response_header,
     unpack_block_request_from,
 )
@@ -70,6 +79,7 @@ from peer.common import REQUEST_LOGGER
 from peer.common import BlockServerConfig as BlockServerConfig  # the policy is passed with the server
 from peer.ratelimit import TokenBucket
 from peer.storage import BlockStore
+from peer.superseed import SuperSeeder, SuperSeedPolicy
 
 log = logging.getLogger("peer.server")
 # Lines about single connections and requests (one or more per block served)
@@ -120,6 +130,8 @@ class _Served:
     full_header: bytes
     last_length: int
     last_header: bytes
+    # Sends per block and the offers made to have-map askers (docs/protocol-extensions.md).
+    seeder: SuperSeeder
     # For a watched file (see add_store): called when an fstat shows it changed.
     changed: Callable[[BlockStore], None] | None = None
     seen: tuple[int, int, int] = (0, 0, 0)
@@ -194,7 +206,8 @@ class BlockServer:
     ``config`` holds the limits and timeouts. ``clock`` (seconds, monotonic)
     times the connections' deadlines and, with ``sleep``, the upload limit:
     tests pass virtual ones. :meth:`serve_connection` serves an
-    already-connected socket, so a test needs no port.
+    already-connected socket, so a test needs no port. ``superseed`` is the
+    offer policy for have maps (:class:`SuperSeedPolicy`, defaults if None).
     """
 
     def __init__(
@@ -205,6 +218,7 @@ class BlockServer:
         *,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], bool] | None = None,
+        superseed: SuperSeedPolicy | None = None,
     ) -> None:
         cfg = config or BlockServerConfig()
         self.config = cfg
@@ -219,6 +233,7 @@ class BlockServer:
         self.header_timeout = min(cfg.header_timeout, cfg.idle_timeout)
         self._limiter = TokenBucket(cfg.upload_rate, clock=clock, sleep=sleep) if cfg.upload_rate else None
         self._served: dict[bytes, _Served] = {}
+        self._superseed = superseed
         self._conns: dict[int, _Conn] = {}
         # Held while a worker hands a connection back to the selector (``idle``
         # set, then the poller re-armed) and while the selector closes an idle one,
@@ -242,6 +257,7 @@ class BlockServer:
         self._msg_more = self.features.msg_more
         # Counters for logs and tests; updated without a lock, so approximate.
         self.blocks_sent = 0
+        self.have_maps_sent = 0
         self.bytes_sent = 0
         self.evicted = 0
 
@@ -266,6 +282,7 @@ class BlockServer:
             full_header=pack_block_response_header(BlockStatus.OK, cf.block_size),
             last_length=last,
             last_header=pack_block_response_header(BlockStatus.OK, last),
+            seeder=SuperSeeder(cf.block_count, self._superseed),
             changed=changed,
             seen=seen,
         )
@@ -671,8 +688,8 @@ class BlockServer:
 
     def _answer(self, conn: _Conn, buf: bytes, pos: int) -> None:
         """Decide the reply to the request at ``buf[pos:pos+64]`` and queue it in ``conn.out_*``."""
-        # The other 8 reserved bytes are never looked at: clients fill them with garbage.
-        magic, marker, _reserved, index, cascade_hash = unpack_block_request_from(buf, pos)
+        # The other 8 reserved bytes are looked at only for block number 2^64-1 (a have-map request).
+        magic, marker, reserved, index, cascade_hash = unpack_block_request_from(buf, pos)
         if magic != BLOCK_MAGIC:
             if self._debug:
                 request_log.debug("%s: unparseable request (magic %r), closing", conn.name, magic)
@@ -686,6 +703,9 @@ class BlockServer:
             conn.out_head, conn.out_keep = _UNKNOWN_HASH, False
             return
         count = served.count
+        if index == HAVEMAP_INDEX and reserved == HAVEMAP:
+            self._answer_have_map(conn, served, keep)
+            return
         if index >= count:
             if self._debug:
                 request_log.debug("%s: block %d past the end", conn.name, index)
@@ -710,10 +730,28 @@ class BlockServer:
         conn.out_src = served.store.pfile
         conn.out_offset = index * served.block_size
         conn.out_keep = keep
+        served.seeder.sent_block(index)
         self.blocks_sent += 1
         self.bytes_sent += conn.out_left
         if self._debug:
             request_log.debug("%s: sending block %d (%d bytes)", conn.name, index, conn.out_left)
+
+    def _answer_have_map(self, conn: _Conn, served: _Served, keep: bool) -> None:
+        """Queue the have map of ``served`` (docs/protocol-extensions.md): what it holds, and maybe an offer."""
+        store = served.store
+        held = bytes(store.valid)
+        offer = served.seeder.offer(id(conn), self._clock(), store.complete)
+        conn.out_head = HaveMap(held, offer).encode()
+        conn.out_keep = keep
+        self.have_maps_sent += 1
+        if self._debug:
+            request_log.debug(
+                "%s: have map, %d of %d blocks held%s",
+                conn.name,
+                store.verified_count,
+                served.count,
+                "" if offer is None else f", {offer.count(1)} offered",
+            )
 
     def _check_file(self, served: _Served) -> None:
         try:

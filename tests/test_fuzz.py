@@ -32,6 +32,8 @@ from cascade.wire import (
     BlockResponse,
     BlockResponseHeader,
     BlockResponseReader,
+    HaveMap,
+    HaveMapRequest,
     PeerList,
     PeerRecord,
     TrackerCommand,
@@ -39,9 +41,13 @@ from cascade.wire import (
     TrackerReplyReader,
     TrackerRequest,
     block_request_reader,
+    decode_peer_request,
     decode_tracker_reply,
     decode_tracker_reply_header,
+    have_map_forms,
+    have_map_size,
     tracker_request_reader,
+    unpack_have_bits,
 )
 from peer.http_client import safe_file_name, split_cascade_url, tracker_base_url
 
@@ -167,6 +173,60 @@ def test_block_response_decode(data: bytes) -> None:
     resp = project_errors_only(lambda: BlockResponse.decode(data))
     if resp is not None:
         assert resp.encode() == data
+
+
+have_map_requests = st.builds(HaveMapRequest, hashes, st.booleans())
+
+
+@FUZZ
+@given(frames(st.one_of(have_map_requests, block_requests).map(lambda r: r.encode())))
+def test_peer_request_decode(data: bytes) -> None:
+    req = project_errors_only(lambda: decode_peer_request(data))
+    if isinstance(req, HaveMapRequest):
+        assert data[16:24] == b"HAVEMAP1" and data[24:32] == b"\xff" * 8
+        assert req.encode()[16:] == data[16:]
+    elif req is not None:
+        assert req.encode()[24:] == data[24:]
+
+
+@st.composite
+def have_map_bodies(draw: st.DrawFn) -> tuple[int, bytes]:
+    """(block count, reply body): well-formed ones, and bodies of any length."""
+    count = draw(st.integers(0, 80))
+    size = have_map_size(count)
+    body = draw(
+        st.one_of(
+            st.binary(min_size=size, max_size=size),
+            st.binary(min_size=2 * size, max_size=2 * size),
+            st.binary(max_size=2 * size + 3),
+        )
+    )
+    return count, body
+
+
+@FUZZ
+@given(have_map_bodies())
+def test_have_map_decode(case: tuple[int, bytes]) -> None:
+    count, body = case
+    checked = project_errors_only(lambda: have_map_forms(len(body), count))
+    decoded = project_errors_only(lambda: HaveMap.decode_body(body, count))
+    # The length check alone decides, before any body byte is read.
+    assert (checked is None) == (decoded is None)
+    if decoded is not None:
+        assert len(decoded.held) == count and set(decoded.held) <= {0, 1}
+        if decoded.offer is not None:
+            # An offer never names a block the map does not say is held.
+            assert all(h or not o for h, o in zip(decoded.held, decoded.offer, strict=True))
+        # Re-encoding gives the same bits, less any spare bits and offers of blocks not held.
+        assert HaveMap.decode_body(decoded.encode()[BLOCK_RESPONSE_HEADER_SIZE:], count) == decoded
+
+
+@FUZZ
+@given(st.binary(max_size=20), st.integers(0, 200))
+def test_have_bits_decode(bits: bytes, count: int) -> None:
+    flags = project_errors_only(lambda: unpack_have_bits(bits, count))
+    if flags is not None:
+        assert len(flags) == count
 
 
 # --- stream readers: any chunking of any bytes --------------------------------------

@@ -23,6 +23,8 @@ from cascade.wire import (
     BlockResponseHeader,
     BlockResponseReader,
     BlockStatus,
+    HaveMap,
+    HaveMapRequest,
     PeerList,
     PeerRecord,
     TrackerCommand,
@@ -30,9 +32,14 @@ from cascade.wire import (
     TrackerReplyReader,
     TrackerRequest,
     block_request_reader,
+    decode_peer_request,
     decode_tracker_reply,
+    have_map_forms,
+    pack_have_bits,
     tracker_request_reader,
+    unpack_have_bits,
 )
+from cascade.wire import FrameReader as _FrameReader
 
 pytestmark = pytest.mark.unit
 
@@ -122,6 +129,20 @@ FRAMES: list[tuple[str, bytes, Any, Callable[[bytes], Any], Callable[[], Reader]
         lambda: BlockResponseReader(max_body=1024),
     ),
     (
+        "have-map request, KEEPOPEN",
+        b"CASCADE1" + b"KEEPOPEN" + b"HAVEMAP1" + b("ffffffffffffffff") + H,
+        HaveMapRequest(H, keep_open=True),
+        HaveMapRequest.decode,
+        lambda: _FrameReader(BLOCK_REQUEST_SIZE, HaveMapRequest.decode),
+    ),
+    (
+        "have-map request, plain",
+        b"CASCADE1" + bytes(8) + b"HAVEMAP1" + b("ffffffffffffffff") + H,
+        HaveMapRequest(H, keep_open=False),
+        HaveMapRequest.decode,
+        lambda: _FrameReader(BLOCK_REQUEST_SIZE, HaveMapRequest.decode),
+    ),
+    (
         "block response, empty body",
         b("00 0000000000000000"),
         BlockResponse(0, b""),
@@ -179,6 +200,7 @@ def test_whole_decode_rejects_trailing_bytes(name: str, wire: bytes, value: Any,
 
 TRACKER_OK = b"CASC" + b("00000001 00000001 00000026") + H + b("7f000001 1a0a")
 BLOCK_OK = b"CASCADE1" + bytes(16) + b("0000000000000007") + H
+HAVE_OK = b"CASCADE1" + bytes(8) + b"HAVEMAP1" + b"\xff" * 8 + H
 
 # (name, decoder, bytes, a word the error message must contain)
 BAD: list[tuple[str, Callable[[bytes], Any], bytes, str]] = [
@@ -193,6 +215,9 @@ BAD: list[tuple[str, Callable[[bytes], Any], bytes, str]] = [
     ("block request too short", BlockRequest.decode, BLOCK_OK[:63], "63 bytes"),
     ("block request too long", BlockRequest.decode, BLOCK_OK + b"\x00", "65 bytes"),
     ("block request bad magic", BlockRequest.decode, b"CASCADE2" + BLOCK_OK[8:], "magic"),
+    ("have-map request, real block number", HaveMapRequest.decode, HAVE_OK[:24] + BLOCK_OK[24:], "block number"),
+    ("have-map request, no marker", HaveMapRequest.decode, BLOCK_OK[:24] + HAVE_OK[24:], "HAVEMAP1"),
+    ("have-map request, bad magic", HaveMapRequest.decode, b"CASCADE2" + HAVE_OK[8:], "magic"),
     ("tracker reply header cut", decode_tracker_reply, b("00 0000"), "header"),
     ("tracker reply ragged peer list", decode_tracker_reply, b("00 0000000d") + bytes(13), "multiple of 12"),
     ("tracker reply body short", decode_tracker_reply, b("00 0000000c") + bytes(11), "header says 12"),
@@ -336,3 +361,100 @@ def test_parse_hex_hash_accepts_64_hex_digits(text: str) -> None:
 def test_parse_hex_hash_rejects_anything_else(text: object) -> None:
     with pytest.raises(ProtocolError, match="64 hex digits"):
         wire.parse_hex_hash(text)
+
+
+# --- have maps (docs/protocol-extensions.md) ---------------------------------
+
+# (one byte per block, the bitmap on the wire): MSB first, spare bits zero.
+HAVE_BITS = [
+    (b"", b""),
+    (b"\x01", b("80")),
+    (b"\x00", b("00")),
+    (b"\x01\x00\x01", b("a0")),
+    (b"\x01" * 8, b("ff")),
+    (b"\x01" * 9, b("ff80")),
+    (b"\x00" * 7 + b"\x01" + b"\x01" + b"\x00" * 6 + b"\x01", b("0181")),
+    (b"\x00\x01" * 10, b("5555 50")),
+]
+
+
+@pytest.mark.parametrize(("flags", "bits"), HAVE_BITS, ids=[f"{len(f)} blocks {bits.hex()}" for f, bits in HAVE_BITS])
+def test_have_bits_table(flags: bytes, bits: bytes) -> None:
+    assert pack_have_bits(flags) == bits
+    assert unpack_have_bits(bits, len(flags)) == flags
+
+
+def test_have_bits_spare_bits_are_ignored_when_read() -> None:
+    assert unpack_have_bits(b("a7"), 3) == b"\x01\x00\x01"
+
+
+def test_have_bits_any_nonzero_flag_counts_as_held() -> None:
+    assert pack_have_bits(b"\x02\x00\xff") == b("a0")
+
+
+@pytest.mark.parametrize(("size", "count"), [(0, 1), (1, 0), (1, 9), (2, 8), (3, 9)])
+def test_have_bits_wrong_length_is_refused(size: int, count: int) -> None:
+    with pytest.raises(ProtocolError, match="have map"):
+        unpack_have_bits(bytes(size), count)
+
+
+# (blocks, body length, carries an offer?) ; None: refused before reading the body.
+HAVE_FORMS: list[tuple[int, int, bool | None]] = [
+    (0, 0, False),
+    (1, 1, False),
+    (1, 2, True),
+    (8, 1, False),
+    (9, 2, False),
+    (9, 4, True),
+    (9, 3, None),
+    (9, 0, None),
+    (0, 1, None),
+    (64, 1 << 60, None),
+]
+
+
+@pytest.mark.parametrize(("count", "length", "offer"), HAVE_FORMS)
+def test_have_map_reply_length_is_checked_against_the_block_count(count: int, length: int, offer: bool | None) -> None:
+    if offer is None:
+        with pytest.raises(ProtocolError, match="have map reply body"):
+            have_map_forms(length, count)
+    else:
+        assert have_map_forms(length, count) is offer
+
+
+def test_have_map_reply_wire_bytes() -> None:
+    # 3 blocks held: 1 and 3; no offer.
+    assert HaveMap(b"\x01\x00\x01").encode() == b("00 0000000000000001 a0")
+    # 10 blocks all held, blocks 0 and 9 offered: two bitmaps of 2 bytes.
+    held = b"\x01" * 10
+    offer = b"\x01" + bytes(8) + b"\x01"
+    assert HaveMap(held, offer).encode() == b("00 0000000000000004 ffc0 8040")
+    assert HaveMap.decode_body(b("ffc0 8040"), 10) == HaveMap(held, offer)
+    assert HaveMap.decode_body(b("ffc0"), 10) == HaveMap(held)
+
+
+def test_have_map_offer_of_a_block_not_held_is_dropped() -> None:
+    # Held: blocks 0-3; offered: 0 and 7 (not held). A lie costs nothing: 7 is not offered.
+    assert HaveMap.decode_body(b("f0 81"), 8) == HaveMap(b"\x01" * 4 + bytes(4), b"\x01" + bytes(7))
+
+
+def test_have_map_offer_must_cover_every_block() -> None:
+    with pytest.raises(ProtocolError, match="offer covers"):
+        HaveMap(b"\x01\x01", b"\x01")
+
+
+@pytest.mark.parametrize(
+    ("reserved", "index", "expected"),
+    [
+        (b"KEEPOPEN" + b"HAVEMAP1", (1 << 64) - 1, HaveMapRequest(H, keep_open=True)),
+        (bytes(8) + b"HAVEMAP1", (1 << 64) - 1, HaveMapRequest(H)),
+        # The marker alone (a garbling client, or a real block) is a normal block request.
+        (b"KEEPOPEN" + b"HAVEMAP1", 5, BlockRequest(5, H, keep_open=True)),
+        # The block number alone is a normal request, for a block no file has (status 3).
+        (b"KEEPOPEN" + bytes(8), (1 << 64) - 1, BlockRequest((1 << 64) - 1, H, keep_open=True)),
+        (bytes(8) + b"HAVEMAP2", (1 << 64) - 1, BlockRequest((1 << 64) - 1, H)),
+        (bytes(8) + b"havemap1", (1 << 64) - 1, BlockRequest((1 << 64) - 1, H)),
+    ],
+)
+def test_a_server_tells_have_map_requests_from_block_requests(reserved: bytes, index: int, expected: object) -> None:
+    assert decode_peer_request(b"CASCADE1" + reserved + index.to_bytes(8, "big") + H) == expected
