@@ -21,6 +21,7 @@ from cascade.errors import Interrupted as Interrupted  # its old home; the class
 from cascade.errors import UsageError
 from oscompat import stop_signals
 from peer.planner import FetchPolicy
+from peer.superseed import SuperSeedPolicy
 
 DEFAULT_LISTEN = "0.0.0.0:6666"
 # The tracker forgets a peer after 150 s by default (tracker/swarms.py): 60 s
@@ -53,6 +54,8 @@ class BlockServerConfig:
     # Arbitrary, in the range haproxy and nginx deployments use (5-60 s): a real client
     # sends its 64 bytes in one segment, so only a slowloris client ever needs more.
     header_timeout: float = 10.0
+    # How a complete file steers have-map askers to different blocks (docs/protocol-extensions.md).
+    superseed: SuperSeedPolicy = SuperSeedPolicy()  # noqa: RUF009 - frozen, so one shared default is safe
 
     def __post_init__(self) -> None:
         if self.max_workers < 1 or self.max_connections < 1:

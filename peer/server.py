@@ -79,7 +79,7 @@ from peer.common import REQUEST_LOGGER
 from peer.common import BlockServerConfig as BlockServerConfig  # the policy is passed with the server
 from peer.ratelimit import TokenBucket
 from peer.storage import BlockStore
-from peer.superseed import SuperSeeder, SuperSeedPolicy
+from peer.superseed import SuperSeeder
 
 log = logging.getLogger("peer.server")
 # Lines about single connections and requests (one or more per block served)
@@ -206,8 +206,7 @@ class BlockServer:
     ``config`` holds the limits and timeouts. ``clock`` (seconds, monotonic)
     times the connections' deadlines and, with ``sleep``, the upload limit:
     tests pass virtual ones. :meth:`serve_connection` serves an
-    already-connected socket, so a test needs no port. ``superseed`` is the
-    offer policy for have maps (:class:`SuperSeedPolicy`, defaults if None).
+    already-connected socket, so a test needs no port.
     """
 
     def __init__(
@@ -218,7 +217,6 @@ class BlockServer:
         *,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], bool] | None = None,
-        superseed: SuperSeedPolicy | None = None,
     ) -> None:
         cfg = config or BlockServerConfig()
         self.config = cfg
@@ -233,7 +231,6 @@ class BlockServer:
         self.header_timeout = min(cfg.header_timeout, cfg.idle_timeout)
         self._limiter = TokenBucket(cfg.upload_rate, clock=clock, sleep=sleep) if cfg.upload_rate else None
         self._served: dict[bytes, _Served] = {}
-        self._superseed = superseed
         self._conns: dict[int, _Conn] = {}
         # Held while a worker hands a connection back to the selector (``idle``
         # set, then the poller re-armed) and while the selector closes an idle one,
@@ -282,7 +279,7 @@ class BlockServer:
             full_header=pack_block_response_header(BlockStatus.OK, cf.block_size),
             last_length=last,
             last_header=pack_block_response_header(BlockStatus.OK, last),
-            seeder=SuperSeeder(cf.block_count, self._superseed),
+            seeder=SuperSeeder(cf.block_count, self.config.superseed),
             changed=changed,
             seen=seen,
         )

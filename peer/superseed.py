@@ -46,8 +46,9 @@ def choose_offer(sent: Sequence[int], claims: Mapping[int, Claim], who: int, now
     sent least (``sent[i]`` counts the sends of block ``i`` to anyone), then
     the ones ``who`` already claims (an offer stays stable between refreshes),
     then the lowest block number (the downloader's whole-file hash follows
-    the file order). Blocks claimed by others come last, so an offer is never
-    empty while the file has blocks: a downloader is never left idle.
+    the file order). Blocks claimed by others are offered only when no other
+    block is left, so an offer is never empty while the file has blocks: a
+    downloader is never left idle.
     """
 
     def rank(i: int) -> tuple[bool, int, bool, int]:
@@ -59,7 +60,9 @@ def choose_offer(sent: Sequence[int], claims: Mapping[int, Claim], who: int, now
 
     if share <= 0:
         return []
-    return sorted(sorted(range(len(sent)), key=rank)[:share])
+    ranked = sorted(range(len(sent)), key=rank)
+    free = [i for i in ranked if not rank(i)[0]]
+    return sorted((free or ranked)[:share])
 
 
 def offer_share(sent: Sequence[int], askers: int, policy: SuperSeedPolicy) -> int:
@@ -111,7 +114,9 @@ class SuperSeeder:
                 if until <= now:
                     del claims[i]
             sent = self.sent
-            chosen = choose_offer(sent, claims, who, now, offer_share(sent, len(self._askers), policy))
+            share = offer_share(sent, len(self._askers), policy)
+            _trim_claims(claims, share)
+            chosen = choose_offer(sent, claims, who, now, share)
             keep = set(chosen)
             for i, (owner, _until) in list(claims.items()):
                 if owner == who and i not in keep:
@@ -123,3 +128,19 @@ class SuperSeeder:
                 if claims.get(i, (who, 0.0))[0] == who:
                     claims[i] = (who, until)
             return bytes(flags)
+
+
+def _trim_claims(claims: dict[int, Claim], share: int) -> None:
+    """Cut every connection's claims down to ``share`` (its lowest blocks kept).
+
+    When a downloader arrives, the shares shrink; without this the earlier
+    askers would hold their bigger shares until their next refresh, and the
+    newcomer would be offered what they claim.
+    """
+    owned: dict[int, list[int]] = {}
+    for i, (owner, _until) in claims.items():
+        owned.setdefault(owner, []).append(i)
+    for blocks in owned.values():
+        if len(blocks) > share:
+            for i in sorted(blocks)[share:]:
+                del claims[i]

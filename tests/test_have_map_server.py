@@ -1,0 +1,232 @@
+"""The block server's side of have maps (docs/protocol-extensions.md), over ``socket.socketpair()``.
+
+Requests are written out byte for byte from the extension's document, not
+with the codec, and the replies are checked bit by bit. The same harness as
+test_peer_server_socketpair.py: one in-process server on a virtual clock.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from peer.localdata import check_data
+from peer.storage import BlockStore
+from peer.superseed import SuperSeedPolicy
+from tests.test_peer_server import Sample, block, make_sample, read_response, req
+from tests.test_peer_server_socketpair import Harness, closed, harness, still_open
+
+pytestmark = pytest.mark.socketpair
+
+LAST = b"\xff" * 8  # block number 2^64-1
+
+
+def have_req(cascade_hash: bytes, keep: bool = True, marker: bytes = b"HAVEMAP1", index: bytes = LAST) -> bytes:
+    return b"CASCADE1" + (b"KEEPOPEN" if keep else bytes(8)) + marker + index + cascade_hash
+
+
+def bits(flags: list[int]) -> bytes:
+    """One flag per block -> bitmap, MSB first, written out independently of the codec."""
+    out = bytearray((len(flags) + 7) // 8)
+    for i, f in enumerate(flags):
+        if f:
+            out[i // 8] |= 0x80 >> (i % 8)
+    return bytes(out)
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory: pytest.TempPathFactory) -> Sample:
+    # 13 blocks of 1 KiB, the last 5 bytes: a map of 2 bytes with 3 spare bits.
+    return make_sample(tmp_path_factory.mktemp("have"), "have.bin", 12 * 1024 + 5, 1024, seed=4)
+
+
+@pytest.fixture
+def complete(sample: Sample) -> Iterator[BlockStore]:
+    store = BlockStore.open_for_seeding(sample.cf, sample.data_path)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+@pytest.fixture
+def served(complete: BlockStore) -> Iterator[Harness]:
+    with harness(complete) as h:
+        yield h
+
+
+def test_complete_store_answers_every_bit_set_and_keeps_the_connection(served: Harness, sample: Sample) -> None:
+    sock = served.connect()
+    sock.sendall(have_req(sample.cf.cascade_hash))
+    assert read_response(sock) == (0, bits([1] * 13))
+    assert still_open(sock)
+    assert served.server.have_maps_sent == 1
+
+
+def test_without_keepopen_the_map_is_sent_and_the_connection_closed(served: Harness, sample: Sample) -> None:
+    status, body, was_closed = served.request(have_req(sample.cf.cascade_hash, keep=False))
+    assert (status, body, was_closed) == (0, bits([1] * 13), True)
+
+
+def test_partial_store_answers_what_it_holds_and_learns_new_blocks(tmp_path: Path, sample: Sample) -> None:
+    """A fetcher that serves while it downloads: the map follows its verified blocks."""
+    out = tmp_path / "partial.bin"
+    store = BlockStore.open_for_fetching(sample.cf, out, check_data(out, sample.cf, whole_file=False))
+    try:
+        with harness(store) as h:
+            sock = h.connect()
+            sock.sendall(have_req(sample.cf.cascade_hash))
+            assert read_response(sock) == (0, bits([0] * 13))
+            for i in (0, 7, 12):
+                assert store.write_block(i, block(sample.data, sample.cf, i))
+            sock.sendall(have_req(sample.cf.cascade_hash))
+            expected = [1 if i in (0, 7, 12) else 0 for i in range(13)]
+            assert read_response(sock) == (0, bits(expected))
+    finally:
+        store.close()
+
+
+def test_store_with_bad_blocks_leaves_them_out(tmp_path: Path) -> None:
+    s = make_sample(tmp_path, "bad.bin", 10 * 512, 512, seed=8)
+    data = bytearray(s.data)
+    data[3 * 512] ^= 1
+    s.data_path.write_bytes(data)
+    store = BlockStore.open_for_seeding(s.cf, s.data_path, check_data(s.data_path, s.cf))
+    try:
+        with harness(store) as h:
+            status, body, _ = h.request(have_req(s.cf.cascade_hash, keep=False))
+            assert (status, body) == (0, bits([0 if i == 3 else 1 for i in range(10)]))
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize(
+    "marker",
+    [b"HAVEMAP1", b"HAVEMAP2", b"\xde\xad\xbe\xef" * 2],
+    ids=["marker", "other-version", "garbage"],
+)
+def test_marker_with_a_real_block_number_is_a_normal_request(served: Harness, sample: Sample, marker: bytes) -> None:
+    """A client that garbles reserved bytes, even into our marker, still gets the block it asked for."""
+    sock = served.connect()
+    sock.sendall(have_req(sample.cf.cascade_hash, marker=marker, index=(5).to_bytes(8, "big")))
+    assert read_response(sock) == (0, block(sample.data, sample.cf, 5))
+    assert still_open(sock)
+
+
+@pytest.mark.parametrize("marker", [bytes(8), b"HAVEMAP2", b"havemap1"], ids=["zeros", "other-version", "lowercase"])
+def test_the_magic_block_number_without_the_marker_is_status_3_as_today(
+    served: Harness, sample: Sample, marker: bytes
+) -> None:
+    status, body, was_closed = served.request(have_req(sample.cf.cascade_hash, marker=marker))
+    assert (status, was_closed) == (3, True)
+    assert b"too large" in body
+
+
+def test_have_map_for_an_unknown_file_is_status_1(served: Harness) -> None:
+    status, _, was_closed = served.request(have_req(b"\x07" * 32))
+    assert (status, was_closed) == (1, True)
+
+
+def test_have_maps_pipelined_with_block_requests_are_answered_in_order(served: Harness, sample: Sample) -> None:
+    cf = sample.cf
+    h = cf.cascade_hash
+    sock = served.connect()
+    sock.sendall(req(2, h, True) + have_req(h) + req(12, h, True) + have_req(h) + have_req(h) + req(0, h, True))
+    assert read_response(sock) == (0, block(sample.data, cf, 2))
+    assert read_response(sock) == (0, bits([1] * 13))
+    assert read_response(sock) == (0, block(sample.data, cf, 12))
+    assert read_response(sock) == (0, bits([1] * 13))
+    assert read_response(sock) == (0, bits([1] * 13))
+    assert read_response(sock) == (0, block(sample.data, cf, 0))
+    assert still_open(sock)
+
+
+def test_a_map_asked_without_keepopen_in_a_pipeline_ends_it(served: Harness, sample: Sample) -> None:
+    h = sample.cf.cascade_hash
+    sock = served.connect()
+    sock.sendall(req(1, h, True) + have_req(h, keep=False) + req(3, h, True))
+    assert read_response(sock) == (0, block(sample.data, sample.cf, 1))
+    assert read_response(sock) == (0, bits([1] * 13))
+    assert closed(sock)
+
+
+def test_have_map_request_in_7_byte_pieces(served: Harness, sample: Sample) -> None:
+    raw = have_req(sample.cf.cascade_hash)
+    sock = served.connect()
+    for i in range(0, len(raw), 7):
+        sock.sendall(raw[i : i + 7])
+    assert read_response(sock) == (0, bits([1] * 13))
+
+
+def test_empty_file_has_an_empty_map(tmp_path: Path) -> None:
+    s = make_sample(tmp_path, "empty.bin", 0, 1024)
+    store = BlockStore.open_for_seeding(s.cf, s.data_path)
+    try:
+        with harness(store) as h:
+            status, body, _ = h.request(have_req(s.cf.cascade_hash, keep=False))
+            assert (status, body) == (0, b"")
+    finally:
+        store.close()
+
+
+# --- super-seeding: a complete peer offers each downloader different blocks ----------
+
+
+def offered(body: bytes, count: int) -> set[int]:
+    """The offer half of a two-bitmap reply, as block numbers (the held half must be all ones)."""
+    size = (count + 7) // 8
+    assert len(body) == 2 * size, "expected held + offer"
+    assert body[:size] == bits([1] * count)
+    return {i for i in range(count) if body[size + i // 8] & (0x80 >> (i % 8))}
+
+
+def ask(sock: socket.socket, cascade_hash: bytes) -> bytes:
+    sock.sendall(have_req(cascade_hash))
+    status, body = read_response(sock)
+    assert status == 0
+    return body
+
+
+def test_one_downloader_gets_the_plain_map(served: Harness, sample: Sample) -> None:
+    sock = served.connect()
+    assert ask(sock, sample.cf.cascade_hash) == bits([1] * 13)
+    assert ask(sock, sample.cf.cascade_hash) == bits([1] * 13)
+
+
+def test_downloaders_are_offered_disjoint_blocks_and_old_clients_still_get_everything(
+    served: Harness, sample: Sample
+) -> None:
+    h = sample.cf.cascade_hash
+    a, b, c = served.connect(), served.connect(), served.connect()
+    assert ask(a, h) == bits([1] * 13)  # alone so far: the plain map
+    for s in (b, c, a):
+        offered(ask(s, h), 13)
+    # Each newcomer shrank the shares; one refresh later nobody's offer overlaps another's.
+    offers = [offered(ask(s, h), 13) for s in (b, c, a)]
+    assert all(offers)
+    assert not offers[0] & offers[1] and not offers[1] & offers[2] and not offers[0] & offers[2]
+    # An old client (and a downloader asking outside its offer) gets every block it asks for.
+    outside = min(set(range(13)) - offers[0])
+    for i in (outside, *range(13)):
+        status, body, _ = served.request(req(i, h))
+        assert (status, body) == (0, block(sample.data, sample.cf, i))
+
+
+def test_blocks_sent_move_to_the_back_of_the_offers(sample: Sample, complete: BlockStore) -> None:
+    policy = SuperSeedPolicy(claim_seconds=5.0, min_askers=2, min_offer=2)
+    with harness(complete, superseed=policy) as h:
+        cf = sample.cf
+        a, b = h.connect(), h.connect()
+        ask(a, cf.cascade_hash)
+        first = offered(ask(b, cf.cascade_hash), 13)
+        for i in first:  # b takes its offer
+            b.sendall(req(i, cf.cascade_hash, True))
+            assert read_response(b)[0] == 0
+        again = offered(ask(b, cf.cascade_hash), 13)
+        assert not again & first, "blocks already sent once are offered only when nothing else is left"
+        # A downloader that stops asking lets its claims lapse: past claim_seconds, b is the only asker.
+        h.clock.advance(6.0)
+        assert ask(b, cf.cascade_hash) == bits([1] * 13)
