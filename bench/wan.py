@@ -176,7 +176,7 @@ class Wan:
                         f"create-{block_label(block)}",
                         [
                             "-m",
-                            "cascade",
+                            "peer.cascade_command",  # the `cascade` command (moved out of the pure core)
                             "create",
                             str(self.data),
                             "--block-size",
