@@ -63,7 +63,8 @@ POLL = 0.02  # seconds between completion checks: small against the >= 3 s runs 
 TIMEOUT_FACTOR = 6.0  # a swarm run longer than this x T_min is killed and reported as a timeout
 READY_TIMEOUT = 60.0
 LT_PIECE = 256 * 1024  # as in the libtorrent column
-NOT_PRESENT = re.compile(r"^\s+\S+: (\d+) blocks, (\d+) not present$", re.M)
+# A --seed fetcher's log lines start with a timestamp (peer/common.py TIMESTAMP_FORMAT).
+NOT_PRESENT = re.compile(r"^(?:\S+ )?\s+\S+: (\d+) blocks, (\d+) not present$", re.M)
 DONE = re.compile(r"^done (\S+)$", re.M)
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs"
