@@ -154,6 +154,7 @@ class _Conn:
         "fd",
         "host",
         "idle",
+        "maps",
         "name",
         "out_credit",
         "out_fd",
@@ -178,6 +179,7 @@ class _Conn:
         # When the first byte of a still incomplete request arrived (0.0: none pending).
         self.partial_since = 0.0
         self.idle = True  # True while the selector thread owns it
+        self.maps = False  # it asked for a have map (see BlockServer._close)
         self.draining = False
         self.out_head = b""
         self.out_fd = -1
@@ -549,6 +551,10 @@ class BlockServer:
             del self._conns[conn.fd]
         if self._poller is not None and conn.sock.fileno() >= 0:
             self._poller.forget(conn.fd)
+        if conn.maps:
+            # Its super-seeding claims go back to the other downloaders now.
+            for served in list(self._served.values()):
+                served.seeder.forget(id(conn))
         conn.sock.close()
 
     def _rearm(self, conn: _Conn, mask: int = IN) -> None:
@@ -727,7 +733,7 @@ class BlockServer:
         conn.out_src = served.store.pfile
         conn.out_offset = index * served.block_size
         conn.out_keep = keep
-        served.seeder.sent_block(index)
+        served.seeder.sent_block(index, id(conn), self._clock())
         self.blocks_sent += 1
         self.bytes_sent += conn.out_left
         if self._debug:
@@ -737,6 +743,7 @@ class BlockServer:
         """Queue the have map of ``served`` (docs/protocol-extensions.md): what it holds, and maybe an offer."""
         store = served.store
         held = bytes(store.valid)
+        conn.maps = True
         offer = served.seeder.offer(id(conn), self._clock(), store.complete)
         conn.out_head = HaveMap(held, offer).encode()
         conn.out_keep = keep

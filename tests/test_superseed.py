@@ -6,34 +6,36 @@ from array import array
 
 import pytest
 
-from peer.superseed import Claim, SuperSeeder, SuperSeedPolicy, choose_offer, offer_share
+from peer.superseed import SuperSeeder, SuperSeedPolicy, choose_offer, offer_share
 
 pytestmark = pytest.mark.unit
 
 NOW = 100.0
 A, B, C = 1, 2, 3
 
-# (name, sends per block, claims, asker, share, offered)
-CASES: list[tuple[str, list[int], dict[int, Claim], int, int, list[int]]] = [
-    ("nothing sent, nothing claimed: the lowest blocks", [0] * 6, {}, A, 3, [0, 1, 2]),
-    ("least sent first", [2, 0, 1, 0, 0, 3], {}, A, 3, [1, 3, 4]),
-    ("blocks others claim are left out", [0] * 6, {0: (B, NOW + 1), 1: (C, NOW + 1)}, A, 2, [2, 3]),
-    ("an expired claim counts for nothing", [0] * 4, {0: (B, NOW - 0.1)}, A, 1, [0]),
-    ("the asker's own claims come first (a stable offer)", [0] * 6, {4: (A, NOW + 1), 5: (A, NOW + 1)}, A, 2, [4, 5]),
-    ("a block sent less beats one the asker claims", [1, 1, 0, 1], {0: (A, NOW + 1)}, A, 1, [2]),
-    ("unclaimed blocks sent more beat blocks others claim", [0, 0, 5], {0: (B, NOW + 1), 1: (B, NOW + 1)}, A, 2, [2]),
-    ("all claimed by others: still never empty", [0, 0, 1], {i: (B, NOW + 1) for i in range(3)}, A, 2, [0, 1]),
-    ("share larger than the file", [0, 0], {}, A, 5, [0, 1]),
-    ("share zero", [0, 0], {}, A, 0, []),
-    ("empty file", [], {}, A, 2, []),
+# (name, sends per block, claims (block -> connection), live connections, asker, share, offered)
+CASES: list[tuple[str, list[int], dict[int, int], set[int], int, int, list[int]]] = [
+    ("nothing sent, nothing claimed: the lowest blocks", [0] * 6, {}, {A}, A, 3, [0, 1, 2]),
+    ("least sent first", [2, 0, 1, 0, 0, 3], {}, {A}, A, 3, [1, 3, 4]),
+    ("blocks others claim are left out", [0] * 6, {0: B, 1: C}, {A, B, C}, A, 2, [2, 3]),
+    ("a claim of a connection no longer live counts for nothing", [0] * 4, {0: B}, {A}, A, 1, [0]),
+    ("the asker's own claims come first (a stable offer)", [0] * 6, {4: A, 5: A}, {A}, A, 2, [4, 5]),
+    ("a block sent less beats one the asker claims", [1, 1, 0, 1], {0: A}, {A}, A, 1, [2]),
+    ("unclaimed blocks sent more beat blocks others claim", [0, 0, 5], {0: B, 1: B}, {A, B}, A, 2, [2]),
+    ("all claimed by others: still never empty", [0, 0, 1], {0: B, 1: B, 2: B}, {A, B}, A, 2, [0, 1]),
+    ("share larger than the file", [0, 0], {}, {A}, A, 5, [0, 1]),
+    ("share zero", [0, 0], {}, {A}, A, 0, []),
+    ("empty file", [], {}, {A}, A, 2, []),
 ]
 
 
-@pytest.mark.parametrize(("name", "sent", "claims", "who", "share", "expected"), CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(
+    ("name", "sent", "claims", "live", "who", "share", "expected"), CASES, ids=[c[0] for c in CASES]
+)
 def test_choose_offer(
-    name: str, sent: list[int], claims: dict[int, Claim], who: int, share: int, expected: list[int]
+    name: str, sent: list[int], claims: dict[int, int], live: set[int], who: int, share: int, expected: list[int]
 ) -> None:
-    assert choose_offer(sent, claims, who, NOW, share) == expected
+    assert choose_offer(sent, claims, who, live, share) == expected
 
 
 @pytest.mark.parametrize(
@@ -65,7 +67,7 @@ def test_a_partial_file_or_a_single_asker_gets_no_offer() -> None:
 
 
 def test_eight_askers_split_the_file_then_follow_the_sends() -> None:
-    seeder = SuperSeeder(64, SuperSeedPolicy(claim_seconds=1.5, min_askers=2, min_offer=2))
+    seeder = SuperSeeder(64, SuperSeedPolicy(claim_seconds=10.0, min_askers=2, min_offer=2))
     askers = list(range(1, 9))
     for _ in range(2):  # the second round sees every asker: equal shares
         offers = {who: seeder.offer(who, NOW, complete=True) for who in askers}
@@ -74,23 +76,38 @@ def test_eight_askers_split_the_file_then_follow_the_sends() -> None:
     assert set().union(*sets) == set(range(64))
     # Asker 1 receives its blocks; its next offer holds none of them while unsent blocks remain.
     for i in sets[0]:
-        seeder.sent_block(i)
+        seeder.sent_block(i, 1, NOW + 0.1)
     again = offered(seeder.offer(1, NOW + 0.5, complete=True))
     assert again and not again & sets[0]
 
 
-def test_an_asker_that_goes_quiet_leaves_and_its_claims_lapse() -> None:
+def test_an_asker_being_sent_blocks_stays_live_without_asking_for_maps() -> None:
+    """Its next map request may wait seconds behind the blocks it asked for: its claims must hold meanwhile."""
+    seeder = SuperSeeder(8, SuperSeedPolicy(claim_seconds=1.0, min_askers=2, min_offer=1))
+    seeder.offer(A, NOW, complete=True)
+    first_b = offered(seeder.offer(B, NOW, complete=True))
+    mine = offered(seeder.offer(A, NOW, complete=True))
+    for t in (0.8, 1.6, 2.4):
+        seeder.sent_block(min(mine), A, NOW + t)  # A is being served, not asking
+        seeder.offer(B, NOW + t, complete=True)
+    later_b = offered(seeder.offer(B, NOW + 2.5, complete=True))
+    assert first_b and not later_b & (mine - {min(mine)})
+
+
+def test_an_asker_that_goes_quiet_or_closes_leaves_and_its_claims_lapse() -> None:
     seeder = SuperSeeder(4, SuperSeedPolicy(claim_seconds=1.0, min_askers=2, min_offer=1))
     seeder.offer(A, NOW, complete=True)
-    first = offered(seeder.offer(B, NOW, complete=True))
-    offered(seeder.offer(A, NOW, complete=True))
+    assert offered(seeder.offer(B, NOW, complete=True))
     # B stops asking; after claim_seconds A is alone again and gets the plain map.
     assert seeder.offer(A, NOW + 2.0, complete=True) is None
-    assert first  # B was offered something while it asked
+    seeder.offer(C, NOW + 2.0, complete=True)
+    assert seeder.offer(A, NOW + 2.0, complete=True) is not None
+    seeder.forget(C)  # C's connection closed
+    assert seeder.offer(A, NOW + 2.0, complete=True) is None
 
 
 def test_send_counts_saturate_instead_of_overflowing() -> None:
     seeder = SuperSeeder(1)
     seeder.sent[0] = 0xFFFFFFFF
-    seeder.sent_block(0)
+    seeder.sent_block(0, A, NOW)
     assert seeder.sent[0] == 0xFFFFFFFF
