@@ -744,7 +744,10 @@ class BlockServer:
         store = served.store
         held = bytes(store.valid)
         conn.maps = True
-        offer = served.seeder.offer(id(conn), self._clock(), store.complete)
+        # Only a seeder proper (its file read-only, complete from the start) super-seeds: a
+        # downloader that just finished has nothing the swarm lacks, and its offers would
+        # only steer the last downloaders away from the blocks they still need.
+        offer = served.seeder.offer(id(conn), self._clock(), store.complete and not store.writable)
         conn.out_head = HaveMap(held, offer).encode()
         conn.out_keep = keep
         self.have_maps_sent += 1

@@ -17,6 +17,7 @@ under a lock, for the block server's worker threads.
 
 from __future__ import annotations
 
+import math
 import threading
 from array import array
 from collections.abc import Container, Mapping, Sequence
@@ -25,51 +26,74 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class SuperSeedPolicy:
-    """When a complete peer super-seeds, and how long a downloader keeps the blocks offered to it."""
+    """When a complete peer super-seeds, and how many blocks it offers to whom."""
 
     # A downloader counts as an asker, and keeps its claims, while it asked for a map
     # or was sent a block this recently. Its map requests wait in its pipeline behind
     # the blocks it asked for first, seconds on a shared upload: well above that.
     claim_seconds: float = 10.0
     # Fewer downloaders asking for maps than this: no offers, the plain map only.
-    min_askers: int = 2
-    # An offer names at least this many blocks (arbitrary: enough to keep one pipeline busy).
+    min_askers: int = 1
+    # An offer names at least this many blocks (arbitrary: enough to keep one pipeline busy) ...
     min_offer: int = 2
+    # ... and at most what this downloader was sent in this many seconds (at its rate
+    # since its last map): offers stay small and so disjoint, yet last until its next
+    # map, which waits behind the blocks it asked for. Arbitrary: twice that wait.
+    offer_seconds: float = 4.0
+    # A block sent this recently is not offered again: its first copy is still on
+    # its way, or not yet in its new holder's map (arbitrary: a few map refreshes).
+    resend_after: float = 5.0
 
 
 def choose_offer(
-    sent: Sequence[int], claims: Mapping[int, int], who: int, live: Container[int], share: int
+    sent: Sequence[int],
+    claims: Mapping[int, int],
+    who: int,
+    live: Container[int],
+    share: int,
+    recent: Container[int] = (),
 ) -> list[int]:
-    """The ``share`` blocks to offer connection ``who``, in block order.
+    """The ``share`` blocks to offer connection ``who``, in block order; maybe fewer, or none.
 
     ``claims`` maps a block to the connection it was offered to; a claim
-    counts while its connection is in ``live``. Best first: blocks no other
-    live connection claims, then the ones sent least (``sent[i]`` counts the
-    sends of block ``i`` to anyone), then the ones ``who`` already claims (an
-    offer stays stable between refreshes), then the lowest block number (the
-    downloader's whole-file hash follows the file order). Blocks claimed by
-    others are offered only when no other block is left, so an offer is never
-    empty while the file has blocks: a downloader is never left idle.
+    counts while its connection is in ``live``. Left out: blocks another live
+    connection claims, and blocks sent ``recent``-ly (their first copy is
+    still spreading). Best first among the rest: the ones sent least
+    (``sent[i]`` counts the sends of block ``i`` to anyone), then the ones
+    ``who`` already claims (an offer stays stable between refreshes), then the
+    lowest block number (the downloader's whole-file hash follows the file
+    order). An empty offer is fine: the other downloaders keep this peer's
+    upload busy, and this one takes blocks from them.
     """
     if share <= 0:
         return []
     ranks = []
     for i in range(len(sent)):
         owner = claims.get(i)
-        taken = owner is not None and owner != who and owner in live
-        ranks.append((taken, sent[i], owner != who, i))
+        if (owner is not None and owner != who and owner in live) or i in recent:
+            continue
+        ranks.append((sent[i], owner != who, i))
     ranks.sort()
-    free = [r[-1] for r in ranks if not r[0]]
-    return sorted((free or [r[-1] for r in ranks])[:share])
+    return sorted(r[-1] for r in ranks[:share])
 
 
-def offer_share(sent: Sequence[int], askers: int, policy: SuperSeedPolicy) -> int:
-    """How many blocks one of ``askers`` downloaders is offered: an equal part of the least-sent blocks."""
+def equal_part(sent: Sequence[int], askers: int, policy: SuperSeedPolicy) -> int:
+    """An equal part for each of ``askers`` downloaders of the least-sent blocks, at least ``min_offer``."""
     if not sent:
         return 0
     least = min(sent)
     level = sent.count(least) if isinstance(sent, array | list) else sum(1 for s in sent if s == least)
     return max(policy.min_offer, -(-level // max(askers, 1)))
+
+
+def offer_share(sent: Sequence[int], askers: int, policy: SuperSeedPolicy, rate: float | None = None) -> int:
+    """How many blocks one of ``askers`` downloaders is offered.
+
+    Its :func:`equal_part`, but at most what ``rate`` (blocks per second sent
+    to it lately; None: not known yet, ``min_offer``) takes in ``offer_seconds``.
+    """
+    cap = policy.min_offer if rate is None else max(policy.min_offer, math.ceil(rate * policy.offer_seconds))
+    return min(equal_part(sent, askers, policy), cap)
 
 
 class SuperSeeder:
@@ -82,10 +106,14 @@ class SuperSeeder:
     def __init__(self, block_count: int, policy: SuperSeedPolicy | None = None) -> None:
         self.policy = policy or SuperSeedPolicy()
         self.sent = array("I", bytes(4 * block_count))
+        # Block -> when it was last sent (only blocks sent within resend_after matter).
+        self._last_sent: dict[int, float] = {}
         # Block -> the connection it was last offered to.
         self._claims: dict[int, int] = {}
         # Connection -> when it last asked for a map or was sent a block.
         self._askers: dict[int, float] = {}
+        # Connection -> (when its last offer was made, blocks sent to it since).
+        self._since: dict[int, tuple[float, int]] = {}
         self._lock = threading.Lock()
 
     def sent_block(self, index: int, who: int, now: float) -> None:
@@ -96,12 +124,17 @@ class SuperSeeder:
         sent = self.sent
         if sent[index] < 0xFFFFFFFF:
             sent[index] += 1
+        self._last_sent[index] = now
         if who in self._askers:
             self._askers[who] = now
+            since = self._since.get(who)
+            if since is not None:
+                self._since[who] = (since[0], since[1] + 1)
 
     def forget(self, who: int) -> None:
         """Connection ``who`` is closed: it is no asker any more, and its claims lapse at once."""
         self._askers.pop(who, None)
+        self._since.pop(who, None)
 
     def offer(self, who: int, now: float, complete: bool) -> bytes | None:
         """The offer for connection ``who`` (one byte per block, 1 = offered), or None for "offer all held".
@@ -117,16 +150,27 @@ class SuperSeeder:
             for conn, seen in list(askers.items()):
                 if seen < horizon:
                     askers.pop(conn, None)
+                    self._since.pop(conn, None)
             if not complete or len(askers) < policy.min_askers:
                 return None
             claims = self._claims
             for i, owner in list(claims.items()):
                 if owner not in askers:
                     del claims[i]
+            recent_horizon = now - policy.resend_after
+            recent = set()
+            for i, t in list(self._last_sent.items()):
+                if t < recent_horizon:
+                    del self._last_sent[i]
+                else:
+                    recent.add(i)
+            since = self._since.get(who)
+            rate = None if since is None or now <= since[0] else since[1] / (now - since[0])
+            self._since[who] = (now, 0)
             sent = self.sent
-            share = offer_share(sent, len(askers), policy)
-            _trim_claims(claims, share)
-            chosen = choose_offer(sent, claims, who, askers, share)
+            share = offer_share(sent, len(askers), policy, rate)
+            _trim_claims(claims, equal_part(sent, len(askers), policy))
+            chosen = choose_offer(sent, claims, who, askers, share, recent)
             keep = set(chosen)
             for i, owner in list(claims.items()):
                 if owner == who and i not in keep:
@@ -139,7 +183,7 @@ class SuperSeeder:
 
 
 def _trim_claims(claims: dict[int, int], share: int) -> None:
-    """Cut every connection's claims down to ``share`` (its lowest blocks kept).
+    """Cut every connection's claims down to ``share``, the equal part (its lowest blocks kept).
 
     When a downloader arrives, the shares shrink; without this the earlier
     askers would hold their bigger shares until their next refresh, and the

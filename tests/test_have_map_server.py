@@ -52,9 +52,13 @@ def complete(sample: Sample) -> Iterator[BlockStore]:
         store.close()
 
 
+# Never enough askers to super-seed: these tests look at the held map alone.
+PLAIN = SuperSeedPolicy(min_askers=1 << 30)
+
+
 @pytest.fixture
 def served(complete: BlockStore) -> Iterator[Harness]:
-    with harness(complete) as h:
+    with harness(complete, superseed=PLAIN) as h:
         yield h
 
 
@@ -190,43 +194,45 @@ def ask(sock: socket.socket, cascade_hash: bytes) -> bytes:
     return body
 
 
-def test_one_downloader_gets_the_plain_map(served: Harness, sample: Sample) -> None:
-    sock = served.connect()
-    assert ask(sock, sample.cf.cascade_hash) == bits([1] * 13)
-    assert ask(sock, sample.cf.cascade_hash) == bits([1] * 13)
-
-
-def test_downloaders_are_offered_disjoint_blocks_and_old_clients_still_get_everything(
-    served: Harness, sample: Sample
+def test_a_seeder_offers_each_downloader_different_blocks_and_old_clients_still_get_everything(
+    complete: BlockStore, sample: Sample
 ) -> None:
     h = sample.cf.cascade_hash
-    a, b, c = served.connect(), served.connect(), served.connect()
-    assert ask(a, h) == bits([1] * 13)  # alone so far: the plain map
-    for s in (b, c, a):
-        offered(ask(s, h), 13)
-    # Each newcomer shrank the shares; one refresh later nobody's offer overlaps another's.
-    offers = [offered(ask(s, h), 13) for s in (b, c, a)]
-    assert all(offers)
-    assert not offers[0] & offers[1] and not offers[1] & offers[2] and not offers[0] & offers[2]
-    # An old client (and a downloader asking outside its offer) gets every block it asks for.
-    outside = min(set(range(13)) - offers[0])
-    for i in (outside, *range(13)):
-        status, body, _ = served.request(req(i, h))
-        assert (status, body) == (0, block(sample.data, sample.cf, i))
+    with harness(complete) as served:
+        a, b, c = served.connect(), served.connect(), served.connect()
+        offers = [offered(ask(s, h), 13) for s in (a, b, c)]
+        assert all(len(o) == 2 for o in offers)  # min_offer: nothing sent to them yet
+        assert not offers[0] & offers[1] and not offers[1] & offers[2] and not offers[0] & offers[2]
+        # An old client (and a downloader asking outside its offer) gets every block it asks for.
+        for i in range(13):
+            status, body, _ = served.request(req(i, h))
+            assert (status, body) == (0, block(sample.data, sample.cf, i))
 
 
-def test_blocks_sent_move_to_the_back_of_the_offers(sample: Sample, complete: BlockStore) -> None:
-    policy = SuperSeedPolicy(claim_seconds=5.0, min_askers=2, min_offer=2)
-    with harness(complete, superseed=policy) as h:
-        cf = sample.cf
+def test_blocks_just_sent_leave_the_offers(complete: BlockStore, sample: Sample) -> None:
+    cf = sample.cf
+    with harness(complete) as h:
         a, b = h.connect(), h.connect()
-        ask(a, cf.cascade_hash)
-        first = offered(ask(b, cf.cascade_hash), 13)
-        for i in first:  # b takes its offer
-            b.sendall(req(i, cf.cascade_hash, True))
-            assert read_response(b)[0] == 0
-        again = offered(ask(b, cf.cascade_hash), 13)
-        assert not again & first, "blocks already sent once are offered only when nothing else is left"
-        # A downloader that stops asking lets its claims lapse: past claim_seconds, b is the only asker.
-        h.clock.advance(6.0)
-        assert ask(b, cf.cascade_hash) == bits([1] * 13)
+        first = offered(ask(a, cf.cascade_hash), 13)
+        theirs = offered(ask(b, cf.cascade_hash), 13)
+        for i in first:  # a takes its offer
+            a.sendall(req(i, cf.cascade_hash, True))
+            assert read_response(a)[0] == 0
+        again = offered(ask(a, cf.cascade_hash), 13)
+        assert again and not again & (first | theirs), "neither blocks still spreading nor b's claims"
+
+
+def test_a_downloader_that_finished_offers_nothing(tmp_path: Path, sample: Sample) -> None:
+    """Only a seeder proper super-seeds: a finished downloader's blocks are in the swarm already."""
+    out = tmp_path / "done.bin"
+    store = BlockStore.open_for_fetching(sample.cf, out, check_data(out, sample.cf, whole_file=False))
+    try:
+        for i in range(13):
+            store.write_block(i, block(sample.data, sample.cf, i))
+        assert store.complete
+        with harness(store) as h:
+            a, b = h.connect(), h.connect()
+            assert ask(a, sample.cf.cascade_hash) == bits([1] * 13)
+            assert ask(b, sample.cf.cascade_hash) == bits([1] * 13)
+    finally:
+        store.close()

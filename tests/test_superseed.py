@@ -6,40 +6,51 @@ from array import array
 
 import pytest
 
-from peer.superseed import SuperSeeder, SuperSeedPolicy, choose_offer, offer_share
+from peer.superseed import SuperSeeder, SuperSeedPolicy, choose_offer, equal_part, offer_share
 
 pytestmark = pytest.mark.unit
 
 NOW = 100.0
 A, B, C = 1, 2, 3
 
-# (name, sends per block, claims (block -> connection), live connections, asker, share, offered)
-CASES: list[tuple[str, list[int], dict[int, int], set[int], int, int, list[int]]] = [
-    ("nothing sent, nothing claimed: the lowest blocks", [0] * 6, {}, {A}, A, 3, [0, 1, 2]),
-    ("least sent first", [2, 0, 1, 0, 0, 3], {}, {A}, A, 3, [1, 3, 4]),
-    ("blocks others claim are left out", [0] * 6, {0: B, 1: C}, {A, B, C}, A, 2, [2, 3]),
-    ("a claim of a connection no longer live counts for nothing", [0] * 4, {0: B}, {A}, A, 1, [0]),
-    ("the asker's own claims come first (a stable offer)", [0] * 6, {4: A, 5: A}, {A}, A, 2, [4, 5]),
-    ("a block sent less beats one the asker claims", [1, 1, 0, 1], {0: A}, {A}, A, 1, [2]),
-    ("unclaimed blocks sent more beat blocks others claim", [0, 0, 5], {0: B, 1: B}, {A, B}, A, 2, [2]),
-    ("all claimed by others: still never empty", [0, 0, 1], {0: B, 1: B, 2: B}, {A, B}, A, 2, [0, 1]),
-    ("share larger than the file", [0, 0], {}, {A}, A, 5, [0, 1]),
-    ("share zero", [0, 0], {}, {A}, A, 0, []),
-    ("empty file", [], {}, {A}, A, 2, []),
+# (name, sends per block, claims (block -> connection), live connections, recently sent, asker, share, offered)
+CASES: list[tuple[str, list[int], dict[int, int], set[int], set[int], int, int, list[int]]] = [
+    ("nothing sent, nothing claimed: the lowest blocks", [0] * 6, {}, {A}, set(), A, 3, [0, 1, 2]),
+    ("least sent first", [2, 0, 1, 0, 0, 3], {}, {A}, set(), A, 3, [1, 3, 4]),
+    ("blocks others claim are left out", [0] * 6, {0: B, 1: C}, {A, B, C}, set(), A, 2, [2, 3]),
+    ("a claim of a connection no longer live counts for nothing", [0] * 4, {0: B}, {A}, set(), A, 1, [0]),
+    ("the asker's own claims come first (a stable offer)", [0] * 6, {4: A, 5: A}, {A}, set(), A, 2, [4, 5]),
+    ("a block sent less beats one the asker claims", [1, 1, 0, 1], {0: A}, {A}, set(), A, 1, [2]),
+    ("unclaimed blocks sent more beat blocks others claim", [0, 0, 5], {0: B, 1: B}, {A, B}, set(), A, 2, [2]),
+    ("blocks sent recently are still spreading: left out", [1, 1, 1, 1], {}, {A}, {0, 1}, A, 2, [2, 3]),
+    ("all claimed by others: an empty offer", [0, 0, 1], {0: B, 1: B, 2: B}, {A, B}, set(), A, 2, []),
+    ("share larger than the file", [0, 0], {}, {A}, set(), A, 5, [0, 1]),
+    ("share zero", [0, 0], {}, {A}, set(), A, 0, []),
+    ("empty file", [], {}, {A}, set(), A, 2, []),
 ]
 
 
 @pytest.mark.parametrize(
-    ("name", "sent", "claims", "live", "who", "share", "expected"), CASES, ids=[c[0] for c in CASES]
+    ("name", "sent", "claims", "live", "recent", "who", "share", "expected"), CASES, ids=[c[0] for c in CASES]
 )
 def test_choose_offer(
-    name: str, sent: list[int], claims: dict[int, int], live: set[int], who: int, share: int, expected: list[int]
+    name: str,
+    sent: list[int],
+    claims: dict[int, int],
+    live: set[int],
+    recent: set[int],
+    who: int,
+    share: int,
+    expected: list[int],
 ) -> None:
-    assert choose_offer(sent, claims, who, live, share) == expected
+    assert choose_offer(sent, claims, who, live, share, recent) == expected
+
+
+POLICY = SuperSeedPolicy(min_offer=2, offer_seconds=4.0)
 
 
 @pytest.mark.parametrize(
-    ("sent", "askers", "share"),
+    ("sent", "askers", "part"),
     [
         ([0] * 64, 8, 8),
         ([0] * 64, 3, 22),
@@ -49,9 +60,23 @@ def test_choose_offer(
         ([], 4, 0),
     ],
 )
-def test_offer_share_is_an_equal_part_of_the_least_sent(sent: list[int], askers: int, share: int) -> None:
-    assert offer_share(sent, askers, SuperSeedPolicy(min_offer=2)) == share
-    assert offer_share(array("I", sent), askers, SuperSeedPolicy(min_offer=2)) == share
+def test_equal_part_of_the_least_sent(sent: list[int], askers: int, part: int) -> None:
+    assert equal_part(sent, askers, POLICY) == part
+    assert equal_part(array("I", sent), askers, POLICY) == part
+
+
+@pytest.mark.parametrize(
+    ("rate", "share"),
+    [
+        (None, 2),  # rate not known yet: min_offer
+        (0.1, 2),  # slow: at least min_offer
+        (1.0, 4),  # 1 block/s for offer_seconds
+        (1.1, 5),
+        (100.0, 8),  # fast: the equal part at most
+    ],
+)
+def test_offer_share_follows_the_rate_within_the_equal_part(rate: float | None, share: int) -> None:
+    assert offer_share([0] * 64, 8, POLICY, rate) == share
 
 
 def offered(flags: bytes | None) -> set[int]:
@@ -59,51 +84,52 @@ def offered(flags: bytes | None) -> set[int]:
     return {i for i, f in enumerate(flags) if f}
 
 
-def test_a_partial_file_or_a_single_asker_gets_no_offer() -> None:
+def test_a_partial_file_gets_no_offer() -> None:
     seeder = SuperSeeder(8)
-    assert seeder.offer(A, NOW, complete=True) is None  # alone
-    assert seeder.offer(B, NOW, complete=False) is None  # not complete: a plain map
+    assert seeder.offer(A, NOW, complete=False) is None  # a plain map
+    assert offered(seeder.offer(A, NOW, complete=True)) == {0, 1}
+    assert seeder.offer(B, NOW, complete=False) is None
+
+
+def test_fewer_askers_than_min_askers_get_no_offer() -> None:
+    seeder = SuperSeeder(8, SuperSeedPolicy(min_askers=2))
+    assert seeder.offer(A, NOW, complete=True) is None
     assert seeder.offer(B, NOW, complete=True) is not None
 
 
-def test_eight_askers_split_the_file_then_follow_the_sends() -> None:
-    seeder = SuperSeeder(64, SuperSeedPolicy(claim_seconds=10.0, min_askers=2, min_offer=2))
+def test_eight_askers_are_offered_disjoint_blocks_that_follow_the_sends() -> None:
+    seeder = SuperSeeder(64, SuperSeedPolicy(claim_seconds=10.0, min_offer=2, offer_seconds=4.0, resend_after=5.0))
     askers = list(range(1, 9))
-    for _ in range(2):  # the second round sees every asker: equal shares
-        offers = {who: seeder.offer(who, NOW, complete=True) for who in askers}
-    sets = [offered(f) for f in offers.values()]
-    assert all(len(s) == 8 for s in sets)
-    assert set().union(*sets) == set(range(64))
-    # Asker 1 receives its blocks; its next offer holds none of them while unsent blocks remain.
+    sets = [offered(seeder.offer(who, NOW, complete=True)) for who in askers]
+    assert all(len(s) == 2 for s in sets)  # rate unknown: min_offer each
+    assert len(set().union(*sets)) == 16  # disjoint
+    # Asker 1 is sent its two blocks in one second: 2 blocks/s, so 8 blocks (its equal part) next.
     for i in sets[0]:
-        seeder.sent_block(i, 1, NOW + 0.1)
-    again = offered(seeder.offer(1, NOW + 0.5, complete=True))
-    assert again and not again & sets[0]
+        seeder.sent_block(i, 1, NOW + 0.5)
+    again = offered(seeder.offer(1, NOW + 1.0, complete=True))
+    assert len(again) == 8
+    assert not again & set().union(*sets), "neither its own blocks just sent nor the others' claims"
 
 
 def test_an_asker_being_sent_blocks_stays_live_without_asking_for_maps() -> None:
     """Its next map request may wait seconds behind the blocks it asked for: its claims must hold meanwhile."""
-    seeder = SuperSeeder(8, SuperSeedPolicy(claim_seconds=1.0, min_askers=2, min_offer=1))
-    seeder.offer(A, NOW, complete=True)
-    first_b = offered(seeder.offer(B, NOW, complete=True))
+    seeder = SuperSeeder(8, SuperSeedPolicy(claim_seconds=1.0, min_offer=2))
     mine = offered(seeder.offer(A, NOW, complete=True))
     for t in (0.8, 1.6, 2.4):
-        seeder.sent_block(min(mine), A, NOW + t)  # A is being served, not asking
-        seeder.offer(B, NOW + t, complete=True)
-    later_b = offered(seeder.offer(B, NOW + 2.5, complete=True))
-    assert first_b and not later_b & (mine - {min(mine)})
+        seeder.sent_block(7, A, NOW + t)  # A is being served (block 7, say), not asking
+        assert not offered(seeder.offer(B, NOW + t, complete=True)) & mine
 
 
 def test_an_asker_that_goes_quiet_or_closes_leaves_and_its_claims_lapse() -> None:
-    seeder = SuperSeeder(4, SuperSeedPolicy(claim_seconds=1.0, min_askers=2, min_offer=1))
-    seeder.offer(A, NOW, complete=True)
-    assert offered(seeder.offer(B, NOW, complete=True))
-    # B stops asking; after claim_seconds A is alone again and gets the plain map.
-    assert seeder.offer(A, NOW + 2.0, complete=True) is None
-    seeder.offer(C, NOW + 2.0, complete=True)
-    assert seeder.offer(A, NOW + 2.0, complete=True) is not None
-    seeder.forget(C)  # C's connection closed
-    assert seeder.offer(A, NOW + 2.0, complete=True) is None
+    seeder = SuperSeeder(4, SuperSeedPolicy(claim_seconds=1.0, min_offer=2))
+    first = offered(seeder.offer(A, NOW, complete=True))
+    assert offered(seeder.offer(B, NOW, complete=True)) == {0, 1, 2, 3} - first
+    assert not offered(seeder.offer(C, NOW, complete=True))  # everything claimed
+    # A stops asking: after claim_seconds its blocks are free for C.
+    seeder.offer(B, NOW + 2.0, complete=True)
+    assert offered(seeder.offer(C, NOW + 2.0, complete=True)) == first
+    seeder.forget(C)  # C's connection closed: its claims are free at once
+    assert offered(seeder.offer(A, NOW + 2.0, complete=True)) == first
 
 
 def test_send_counts_saturate_instead_of_overflowing() -> None:
