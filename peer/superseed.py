@@ -168,8 +168,10 @@ class SuperSeeder:
             rate = None if since is None or now <= since[0] else since[1] / (now - since[0])
             self._since[who] = (now, 0)
             sent = self.sent
-            share = offer_share(sent, len(askers), policy, rate)
-            _trim_claims(claims, equal_part(sent, len(askers), policy))
+            part = equal_part(sent, len(askers), policy)
+            # A lone downloader has nobody to be kept apart from: no cap on its offer.
+            share = offer_share(sent, len(askers), policy, rate) if len(askers) > 1 else part
+            _trim_claims(claims, part)
             chosen = choose_offer(sent, claims, who, askers, share, recent)
             keep = set(chosen)
             for i, owner in list(claims.items()):

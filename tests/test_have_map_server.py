@@ -200,8 +200,12 @@ def test_a_seeder_offers_each_downloader_different_blocks_and_old_clients_still_
     h = sample.cf.cascade_hash
     with harness(complete) as served:
         a, b, c = served.connect(), served.connect(), served.connect()
+        assert offered(ask(a, h), 13) == set(range(13))  # alone so far: everything
+        for s in (b, c):
+            offered(ask(s, h), 13)
+        # One refresh later, small offers (nothing sent to them yet: min_offer), none overlapping.
         offers = [offered(ask(s, h), 13) for s in (a, b, c)]
-        assert all(len(o) == 2 for o in offers)  # min_offer: nothing sent to them yet
+        assert all(len(o) == 2 for o in offers)
         assert not offers[0] & offers[1] and not offers[1] & offers[2] and not offers[0] & offers[2]
         # An old client (and a downloader asking outside its offer) gets every block it asks for.
         for i in range(13):
@@ -213,6 +217,8 @@ def test_blocks_just_sent_leave_the_offers(complete: BlockStore, sample: Sample)
     cf = sample.cf
     with harness(complete) as h:
         a, b = h.connect(), h.connect()
+        ask(a, cf.cascade_hash)
+        ask(b, cf.cascade_hash)
         first = offered(ask(a, cf.cascade_hash), 13)
         theirs = offered(ask(b, cf.cascade_hash), 13)
         for i in first:  # a takes its offer

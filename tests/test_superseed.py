@@ -87,7 +87,7 @@ def offered(flags: bytes | None) -> set[int]:
 def test_a_partial_file_gets_no_offer() -> None:
     seeder = SuperSeeder(8)
     assert seeder.offer(A, NOW, complete=False) is None  # a plain map
-    assert offered(seeder.offer(A, NOW, complete=True)) == {0, 1}
+    assert offered(seeder.offer(A, NOW, complete=True)) == set(range(8))  # alone: everything
     assert seeder.offer(B, NOW, complete=False) is None
 
 
@@ -100,13 +100,17 @@ def test_fewer_askers_than_min_askers_get_no_offer() -> None:
 def test_eight_askers_are_offered_disjoint_blocks_that_follow_the_sends() -> None:
     seeder = SuperSeeder(64, SuperSeedPolicy(claim_seconds=10.0, min_offer=2, offer_seconds=4.0, resend_after=5.0))
     askers = list(range(1, 9))
-    sets = [offered(seeder.offer(who, NOW, complete=True)) for who in askers]
-    assert all(len(s) == 2 for s in sets)  # rate unknown: min_offer each
-    assert len(set().union(*sets)) == 16  # disjoint
-    # Asker 1 is sent its two blocks in one second: 2 blocks/s, so 8 blocks (its equal part) next.
+    assert len(offered(seeder.offer(1, NOW, complete=True))) == 64  # alone so far: everything
+    for who in askers[1:]:
+        seeder.offer(who, NOW, complete=True)
+    # One refresh later every offer is small (no rate known: min_offer) and none overlaps another.
+    sets = [offered(seeder.offer(who, NOW + 0.1, complete=True)) for who in askers]
+    assert all(len(s) == 2 for s in sets)
+    assert len(set().union(*sets)) == 16
+    # Asker 1 is sent its two blocks in half a second: 4 blocks/s, so its equal part (8) next.
     for i in sets[0]:
-        seeder.sent_block(i, 1, NOW + 0.5)
-    again = offered(seeder.offer(1, NOW + 1.0, complete=True))
+        seeder.sent_block(i, 1, NOW + 0.3)
+    again = offered(seeder.offer(1, NOW + 0.6, complete=True))
     assert len(again) == 8
     assert not again & set().union(*sets), "neither its own blocks just sent nor the others' claims"
 
@@ -114,22 +118,24 @@ def test_eight_askers_are_offered_disjoint_blocks_that_follow_the_sends() -> Non
 def test_an_asker_being_sent_blocks_stays_live_without_asking_for_maps() -> None:
     """Its next map request may wait seconds behind the blocks it asked for: its claims must hold meanwhile."""
     seeder = SuperSeeder(8, SuperSeedPolicy(claim_seconds=1.0, min_offer=2))
+    seeder.offer(A, NOW, complete=True)
+    seeder.offer(B, NOW, complete=True)
     mine = offered(seeder.offer(A, NOW, complete=True))
+    assert mine
     for t in (0.8, 1.6, 2.4):
         seeder.sent_block(7, A, NOW + t)  # A is being served (block 7, say), not asking
         assert not offered(seeder.offer(B, NOW + t, complete=True)) & mine
 
 
-def test_an_asker_that_goes_quiet_or_closes_leaves_and_its_claims_lapse() -> None:
-    seeder = SuperSeeder(4, SuperSeedPolicy(claim_seconds=1.0, min_offer=2))
-    first = offered(seeder.offer(A, NOW, complete=True))
-    assert offered(seeder.offer(B, NOW, complete=True)) == {0, 1, 2, 3} - first
-    assert not offered(seeder.offer(C, NOW, complete=True))  # everything claimed
-    # A stops asking: after claim_seconds its blocks are free for C.
-    seeder.offer(B, NOW + 2.0, complete=True)
-    assert offered(seeder.offer(C, NOW + 2.0, complete=True)) == first
-    seeder.forget(C)  # C's connection closed: its claims are free at once
-    assert offered(seeder.offer(A, NOW + 2.0, complete=True)) == first
+def test_an_asker_that_goes_quiet_or_closes_no_longer_counts() -> None:
+    seeder = SuperSeeder(4, SuperSeedPolicy(claim_seconds=1.0, min_askers=2, min_offer=2))
+    assert seeder.offer(A, NOW, complete=True) is None  # alone, below min_askers
+    assert offered(seeder.offer(B, NOW, complete=True))
+    # A stops asking: after claim_seconds B is alone again.
+    assert seeder.offer(B, NOW + 2.0, complete=True) is None
+    assert seeder.offer(C, NOW + 2.0, complete=True) is not None
+    seeder.forget(C)  # C's connection closed: it leaves at once
+    assert seeder.offer(B, NOW + 2.0, complete=True) is None
 
 
 def test_send_counts_saturate_instead_of_overflowing() -> None:
