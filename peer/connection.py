@@ -12,6 +12,15 @@ silent after exactly one response serves one request per connection, and is
 from then on asked one block per connection. A server that rejects the
 ``KEEPOPEN`` marker with BAD_REQUEST gets plain requests.
 
+Have maps (docs/protocol-extensions.md): the first request on a connection
+is a have-map request, alone; a peer that answers it is asked again every
+``MAP_REFRESH`` s (pipelined between block requests, answered in order), or
+every ``MAP_IDLE_REFRESH`` s while the planner has nothing to ask it. A peer
+that answers status 3, closes or breaks off instead is asked for blocks as
+before, on a new connection, and never for a map again; a status 1 gets one
+more try once the peer is seen to serve the file (a fetcher that had not
+opened its file yet).
+
 Responses are read through a small buffer, so many small blocks come in with
 one ``recv``; a large body is read straight into a per-connection block
 buffer. A response has a deadline as a whole, not per ``recv``: a byte a
@@ -28,8 +37,18 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+from cascade.errors import ProtocolError
 from cascade.metafile import CascadeFile
-from cascade.wire import BLOCK_RESPONSE_HEADER_SIZE, BlockStatus, pack_block_request, unpack_block_response_header_from
+from cascade.wire import (
+    BLOCK_RESPONSE_HEADER_SIZE,
+    BlockStatus,
+    HaveMap,
+    have_map_forms,
+    have_map_size,
+    pack_block_request,
+    pack_have_map_request,
+    unpack_block_response_header_from,
+)
 from oscompat import detect
 from oscompat.poller import make_selector
 from peer.planner import PeerAddr, Session
@@ -45,6 +64,13 @@ READ_BUFFER_MAX = 1 << 20
 # While the planner has nothing for a peer, its connection looks again this often
 # (arbitrary: short next to a response timeout, long enough to stay idle).
 IDLE_WAIT = 0.05
+# In a session's requests in flight, a have-map request (docs/protocol-extensions.md).
+MAP = -1
+# A peer that answers have maps is asked again this often on a busy connection, and
+# after MAP_IDLE_REFRESH when the planner has nothing to ask it: fresh enough that
+# rarest-first follows the swarm, for n/8 bytes per map. Arbitrary.
+MAP_REFRESH = 0.5
+MAP_IDLE_REFRESH = 0.15
 
 
 class Offence(Exception):
@@ -102,6 +128,10 @@ class Shell(Protocol):
         ...
 
     def lacked(self, session: Session, i: int) -> None: ...
+
+    def have_map(self, session: Session, have: HaveMap) -> None:
+        """The peer's have map (its length checked against the file)."""
+        ...
 
     def throttle(self, length: int) -> None:
         """Hold the download rate limit (may sleep)."""
@@ -222,6 +252,15 @@ class Connection:
         self._hash = cf.cascade_hash
         # Responses read on this connection (for the keep-open probe).
         self.responses = 0
+        # When the last have-map request went out (time.monotonic), and whether one is in flight.
+        self.map_asked = float("-inf")
+        self.map_pending = False
+        # Maps are read through the read buffer: a file whose maps do not fit is fetched without them.
+        self.maps_fit = 2 * have_map_size(cf.block_count) <= READ_BUFFER // 2
+        # Not on the connection right after a status 1 to a map request (see _read_map).
+        self.blind_probe = session.peer.map_refused
+        self.ask_maps = self.maps_fit and not self.blind_probe
+        session.peer.map_refused = False
 
     def run(self, first: socket.socket) -> None:
         """Talk to the peer over ``first`` (already connected), then reconnecting as needed."""
@@ -251,29 +290,52 @@ class Connection:
         shell, session = self.shell, self.session
         out, reader = session.outstanding, self.reader
         reader.reset(sock)
+        peer = session.peer
+        idle_since = float("inf")
         while shell.going(session):
-            # The first request goes alone: a server that closes after each
-            # response then never has unread requests (which would make it reset).
-            depth = shell.depth(session) if self.responses else 1
-            if len(out) <= depth // 2:
-                batch = shell.request(session, depth - len(out))
-                if batch:
-                    try:
-                        sock.sendall(b"".join([self._request(i) for i in batch]))
-                    except OSError as exc:
-                        if self._closes_after_one():
-                            return
-                        raise Drop(f"send failed: {describe(exc)}") from exc
+            frames: list[bytes] = []
+            now = time.monotonic()
+            if peer.maps is not False and self.ask_maps and not self.map_pending:
+                # The first map request goes alone (an old server answers status 3 and may
+                # close); later ones ride along with block requests, answered in order.
+                due = self.map_asked + (MAP_REFRESH if idle_since > now else MAP_IDLE_REFRESH)
+                if not self.responses or (peer.maps and now >= due):
+                    frames.append(pack_have_map_request(self._hash, keep_open=not peer.plain))
+                    out.append(MAP)
+                    self.map_asked = now
+                    self.map_pending = True
+            if peer.maps is not None or not self.ask_maps:
+                # The first request goes alone: a server that closes after each
+                # response then never has unread requests (which would make it reset).
+                depth = shell.depth(session) if self.responses else 1
+                if len(out) <= depth // 2:
+                    batch = shell.request(session, depth - len(out))
+                    frames += [self._request(i) for i in batch]
+            if frames:
+                try:
+                    sock.sendall(b"".join(frames))
+                except OSError as exc:
+                    if self._closes_after_one():
+                        return
+                    raise Drop(f"send failed: {describe(exc)}") from exc
             if not out:
                 if shell.complete():
                     return
+                if idle_since > now:
+                    idle_since = now
                 shell.idle(session)  # nothing this peer can give us right now
                 continue
+            idle_since = float("inf")
             timeout = shell.response_timeout(session)
             reader.deadline = time.monotonic() + timeout
             try:
                 self._read_response()
             except (Closed, ConnectionResetError, TimeoutError) as exc:
+                if out and out[0] == MAP and peer.maps is None:
+                    # It broke off (or never answered) our first map request: an old server
+                    # that chokes on block 2^64-1. Ask it for blocks, on a new connection.
+                    peer.maps = False
+                    raise Downgrade("no answer to a have-map request") from exc
                 clean = not isinstance(exc, Closed) or exc.partial == 0
                 if clean and self._closes_after_one():
                     return
@@ -285,6 +347,8 @@ class Connection:
             self.responses += 1
             if self.responses == 2:
                 session.peer.keepopen = True
+            if self.blind_probe and peer.maps is None:
+                raise Downgrade("it serves the file now: ask for its map again")
 
     def _one_per_connection(self, first: socket.socket | None) -> None:
         """One connection per request, for servers that close after each response (``first``: already open)."""
@@ -326,6 +390,9 @@ class Connection:
         peer = session.peer
         i = session.outstanding[0]
         status, length = reader.header()
+        if i == MAP:
+            self._read_map(status, length)
+            return
         if not peer.answered and status in (BlockStatus.OK, BlockStatus.NOT_PRESENT):
             shell.answered(session)
         if status == BlockStatus.OK:
@@ -351,6 +418,45 @@ class Connection:
             raise Drop(f"answered status {status}: {message[:200]}")
         else:
             raise Offence(f"sent an unknown status {status}")
+
+    def _read_map(self, status: int, length: int) -> None:
+        """The reply to a have-map request: the map, or the news that the peer has no maps."""
+        session, reader = self.session, self.reader
+        peer = session.peer
+        session.outstanding.popleft()
+        self.map_pending = False
+        if status == BlockStatus.OK:
+            try:
+                have_map_forms(length, self.cf.block_count)  # before a byte of the body is read
+            except ProtocolError as exc:
+                # An old server that answers any block number with data, or a broken one:
+                # it does not speak have maps; start over without them.
+                peer.maps = False
+                raise Downgrade(f"no have maps ({exc})") from exc
+            have = HaveMap.decode_body(reader.body(length), self.cf.block_count)
+            if not peer.answered:
+                self.shell.answered(session)
+            self.shell.have_map(session, have)
+            return
+        if status == BlockStatus.INVALID_HASH:
+            # It does not serve this file yet (a fetcher that just started), or it answers
+            # status 1 for a block number past the end (then it closes). The next connection
+            # asks for one block without a map: if that is answered (the file is served), the
+            # one after tries a map again, and a second refusal means "no maps".
+            peer.map_strikes += 1
+            if peer.map_strikes >= 2:
+                peer.maps = False
+            else:
+                peer.map_refused = True
+            raise Downgrade("answered status 1 to a have-map request")
+        peer.maps = False
+        if status == BlockStatus.NOT_PRESENT:
+            if length > MAX_MESSAGE:
+                raise Offence(f"sent a {length}-byte message")
+            reader.body(length)
+            return
+        # Status 3 (or 4): a version-1 server, which closes now; reconnect without maps.
+        raise Downgrade("the peer does not answer have maps")
 
 
 ConnectDone = tuple[PeerAddr, socket.socket | None, str]

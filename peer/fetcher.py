@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from cascade.errors import BlockHashMismatch, CascadeError, CascadeTimeout, DataError, from_os_error
+from cascade.wire import HaveMap
 from peer.clock import REAL_CLOCK, Clock
 from peer.connection import (
     IDLE_WAIT,
@@ -241,9 +242,15 @@ class Fetcher:
             )
         log.debug("whole-file hash checked in %.3f s", clock.now() - finishing)
         peers = planner.peers.values()
+        # Sessions still open have not folded their counts into their peers yet.
+        live: dict[str, tuple[int, int]] = {}
+        for s in planner.sessions:
+            b, n = live.get(s.peer.name, (0, 0))
+            live[s.peer.name] = (b + s.blocks, n + s.not_present)
         for p in peers:
-            if p.blocks or p.not_present:
-                log.debug("  %s: %d blocks, %d not present", p.name, p.blocks, p.not_present)
+            b, n = live.get(p.name, (0, 0))
+            if p.blocks + b or p.not_present + n:
+                log.debug("  %s: %d blocks, %d not present", p.name, p.blocks + b, p.not_present + n)
         return FetchResult(
             complete=True,
             bytes_downloaded=sum(p.bytes for p in peers),
@@ -446,6 +453,10 @@ class Fetcher:
             if done.complete:
                 self._complete.set()
                 self._wake.set()
+
+    def have_map(self, session: Session, have: HaveMap) -> None:
+        with self._lock:
+            self.planner.have_map(session, have.held, have.offer, self._clock.now())
 
     def lacked(self, session: Session, i: int) -> None:
         with self._lock:

@@ -14,9 +14,12 @@ Events (methods) and the actions they return:
   :meth:`Planner.connect_failed`; :meth:`Planner.connected` -> a
   :class:`Session` to run, or None (close the socket); :meth:`Planner.found_self`.
 - :meth:`Planner.request` -> the blocks to ask a session's peer for
-  (chosen by a replaceable policy function, :func:`choose_blocks`).
+  (chosen by a replaceable policy function: :func:`choose_rarest`, which
+  falls back to :func:`choose_blocks` for peers without maps).
 - :meth:`Planner.answered`, :meth:`Planner.verified`,
-  :meth:`Planner.not_present`, :meth:`Planner.released`: what a response was.
+  :meth:`Planner.not_present`, :meth:`Planner.released`: what a response was;
+  :meth:`Planner.have_map`: a peer's have map (docs/protocol-extensions.md),
+  which the block choice (:func:`choose_rarest`) follows.
 - :meth:`Planner.offence` -> True when the peer is now banned;
   :meth:`Planner.failed`: a connection broke, timed out or was refused.
 - :meth:`Planner.session_ended`.
@@ -177,9 +180,20 @@ class PeerState:
     # Known to lack (answered "not present" since lacks_since) ...
     lacks: set[int] = field(default_factory=set)
     lacks_since: float = 0.0
-    # ... and known to hold: one byte per block, None while unknown (the peers'
-    # block maps will fill it in; a good peer, a seeder, holds every block).
+    # ... and known to hold: one byte per block, None while unknown (filled in by
+    # its have maps, docs/protocol-extensions.md, while a connection to it is open).
     holds: bytearray | None = None
+    # How many blocks ``holds`` names; a complete peer (a seeder) holds them all.
+    held: int = 0
+    # The blocks a super-seeding peer asks us to request from it (None: all it holds).
+    offer: bytearray | None = None
+    # It answers have-map requests: None until asked, False for a server without them.
+    maps: bool | None = None
+    # It answered our last have-map request with status 1, and how often (see peer.connection).
+    map_refused: bool = False
+    map_strikes: int = 0
+    # Since when its offer names no block we still need (None: it does, or no offer).
+    offer_stale: float | None = None
 
     @property
     def name(self) -> str:
@@ -235,6 +249,10 @@ class Blocks:
         self.head_raced = -1
         self.head_late = head_late
         self.endgame = False
+        # Per block, how many connected peers with a have map hold it without holding
+        # the whole file: the rarity for rarest-first. Complete peers are not counted,
+        # so "0" means "only the seeders have it".
+        self.avail = array("I", bytes(4 * count))
 
     @property
     def complete(self) -> bool:
@@ -341,10 +359,101 @@ def _draw(
         last = pool.pop()
         if j < len(pool):
             pool[j] = last
-        if have[i]:
+        if have[i] or i in inflight:
+            # Verified, or handed out by the have-map choice (choose_rarest): release() puts it back.
             continue
         inflight[i] = inflight.get(i, 0) + 1
         got.append(i)
+
+
+# With have maps, a choice looks at most this many missing blocks (from a random
+# start), so that a file of millions of blocks costs the same per request as one
+# of thousands. Arbitrary.
+SCAN_LIMIT = 4096
+# How long a seeder's offer that names no block we need is waited out (for a fresh
+# map) before we ask it for blocks it did not offer us. Arbitrary: a few refreshes,
+# behind a pipeline of blocks on a shared upload.
+OFFER_PATIENCE = 5.0
+
+
+def choose_rarest(blocks: Blocks, peer: PeerState, want: int, now: float, rng: random.Random) -> list[int]:
+    """Up to ``want`` blocks for ``peer``, using what the peers' have maps say.
+
+    A peer without a map (an old server, or before its first map) gets
+    :func:`choose_blocks`. A peer with one is asked only for blocks it holds:
+
+    - a complete peer (a seeder) only for blocks no partial peer we know of
+      holds, and among those only the ones it offers us when it super-seeds
+      (unless it offers nothing we still need): each block then leaves the
+      seeder about once, and the rest comes from the other fetchers;
+    - a partial peer for the rarest of the blocks it holds (fewest holders),
+      at random among equals, so the swarm's blocks spread evenly;
+    - in file order while a single peer answers us (the whole-file hash follows);
+    - when every missing block is in flight: the endgame, as :func:`choose_blocks`.
+    """
+    holds = peer.holds
+    if holds is None:
+        # Its map is on its way (a new connection to a peer that has them): wait for it.
+        return [] if peer.maps else choose_blocks(blocks, peer, want, now, rng)
+    have, inflight, lacks, avail = blocks.have, blocks.inflight, peer.lacks, blocks.avail
+    count = blocks.block_count
+    complete = peer.held >= count
+    offer = peer.offer if complete else None
+    if offer is not None:
+        # Follow the offer while it names a block we still need (in flight or not). One that
+        # names nothing we need is waited out until the next map (it was used up), but after
+        # OFFER_PATIENCE it is no guide: we got its blocks elsewhere, which the seeder cannot know.
+        o, h = int.from_bytes(offer, "big"), int.from_bytes(have, "big")
+        if o & (o ^ h):
+            peer.offer_stale = None
+        elif peer.offer_stale is None:
+            peer.offer_stale = now
+            return []
+        elif now - peer.offer_stale < OFFER_PATIENCE:
+            return []
+        else:
+            offer = None
+    # File order while one peer serves us, unless it super-seeds: then other fetchers are
+    # taking its blocks too, and the offer already keeps us apart from them.
+    sequential = blocks.sequential and offer is None
+    start = 0 if sequential or count <= SCAN_LIMIT else rng.randrange(count)
+    picks: list[tuple[int, float, int]] = []
+    scanned = 0
+    for k in range(count):
+        i = start + k
+        if i >= count:
+            i -= count
+        if have[i] or i in inflight or not holds[i] or i in lacks:
+            continue
+        if complete and (avail[i] or (offer is not None and not offer[i])):
+            continue
+        picks.append((0 if sequential else avail[i], rng.random(), i))
+        scanned += 1
+        if scanned >= SCAN_LIMIT or (sequential and scanned >= want):
+            break
+    got: list[int] = []
+    if picks:
+        ordered = picks if sequential else sorted(picks)
+        for _a, _r, i in ordered[:want]:
+            inflight[i] = 1
+            got.append(i)
+        return got
+    if count - blocks.verified <= len(inflight) and inflight:
+        # Endgame: every missing block is in flight somewhere. Ask this peer too for the
+        # least-asked ones it holds (never one already in flight at it).
+        blocks.endgame = True
+        own = peer.own
+        # A seeder's upload is the swarm's bottleneck: it duplicates only blocks no partial peer holds.
+        candidates = [
+            (c, rng.random(), i)
+            for i, c in inflight.items()
+            if holds[i] and i not in own and i not in lacks and not (complete and avail[i])
+        ]
+        candidates.sort()
+        for _c, _r, i in candidates[:want]:
+            inflight[i] += 1
+            got.append(i)
+    return got
 
 
 # --- choosing peers: small pure decisions ------------------------------------
@@ -484,7 +593,7 @@ class Planner:
         max_depth: int,
         start: float,
         my_port: int | None = None,
-        choose: ChooseBlocks = choose_blocks,
+        choose: ChooseBlocks = choose_rarest,
     ) -> None:
         self.policy = policy
         self.rng = rng
@@ -774,6 +883,42 @@ class Planner:
             peer.lacks_since = now
         peer.lacks.add(i)
         session.not_present += 1
+        holds = peer.holds
+        if holds is not None and holds[i]:
+            # Its map was out of date (or lied): it holds one block less (recounted; rare).
+            fixed = bytes(holds[:i]) + b"\x00" + bytes(holds[i + 1 :])
+            self.have_map(session, fixed, None if peer.offer is None else bytes(peer.offer), now)
+
+    def have_map(self, session: Session, held: bytes, offer: bytes | None, now: float) -> None:
+        """The session's peer sent its have map (one byte per block) and maybe its offer to us."""
+        peer = session.peer
+        self._forget_map(peer)
+        count = self.blocks.block_count
+        peer.maps = True
+        peer.holds = holds = bytearray(held)
+        peer.held = n = holds.count(1)
+        peer.offer = bytearray(offer) if offer is not None else None
+        if n < count:
+            avail = self.blocks.avail
+            i = holds.find(1)
+            while i >= 0:
+                avail[i] += 1
+                i = holds.find(1, i + 1)
+
+    def _forget_map(self, peer: PeerState) -> None:
+        """Take a peer's map out of the block counts (it is replaced, or the peer is gone)."""
+        holds = peer.holds
+        if holds is None:
+            return
+        if peer.held < self.blocks.block_count:
+            avail = self.blocks.avail
+            i = holds.find(1)
+            while i >= 0:
+                avail[i] -= 1
+                i = holds.find(1, i + 1)
+        peer.holds = None
+        peer.offer = None
+        peer.held = 0
 
     def idle(self, session: Session, now: float) -> None:
         """Nothing could be asked of the session's peer: its rate window restarts."""
@@ -812,6 +957,8 @@ class Planner:
         peer.bytes += session.bytes
         peer.not_present += session.not_present
         peer.sessions -= 1
+        if not peer.sessions:
+            self._forget_map(peer)  # a peer we cannot ask holds nothing for us
         self.sessions.discard(session)
         self._queue_dirty = True  # this peer may be a candidate again
 

@@ -1,0 +1,186 @@
+"""The fetcher with have maps, against real block servers and version-1 doubles on 127.0.0.1.
+
+A peer with a map is never asked for a block it lacks (no status 2); a server
+that knows nothing of maps (status 3 and a close, a close without a reply, a
+status 1) costs at most a reconnect or two and then serves as before; a lying
+map costs wasted requests, never a wrong byte.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cascade.metafile import CascadeFile
+from cascade.wire import (
+    BLOCK_REQUEST_SIZE,
+    HAVEMAP_INDEX,
+    BlockStatus,
+    HaveMap,
+    pack_block_response_header,
+    unpack_block_request_from,
+)
+from peer.fetcher import Fetcher
+from peer.localdata import check_data
+from peer.planner import FetchPolicy
+from peer.server import BlockServer, BlockServerConfig
+from peer.storage import BlockStore
+from tests.doubles import make_file, sha256_file
+
+pytestmark = pytest.mark.loopback
+
+FAST = FetchPolicy(stall_timeout=20.0)
+
+
+@contextlib.contextmanager
+def real_server(store: BlockStore) -> Iterator[tuple[str, int]]:
+    server = BlockServer("127.0.0.1", 0, BlockServerConfig(max_workers=2))
+    try:
+        server.add_store(store)
+        server.start()
+        yield server.address
+    finally:
+        server.stop()
+
+
+def fetch(cf: CascadeFile, out: Path, peers: list[tuple[str, int]]) -> Fetcher:
+    store = BlockStore.open_for_fetching(cf, out, check_data(out, cf))
+    infos = [(host, port, True) for host, port in peers]
+    fetcher = Fetcher(store, lambda: infos, policy=FAST)
+    try:
+        fetcher.add_peers(infos)
+        result = fetcher.run()
+    finally:
+        store.close()
+    assert result.complete
+    assert sha256_file(out) == cf.file_hash
+    return fetcher
+
+
+class V1Server:
+    """A version-1 server that keeps connections open; ``on_map`` says what it does with block 2^64-1.
+
+    "status3": answers status 3 and closes (what PROTOCOL.md says); "close": closes without a
+    word; "lie": answers a map saying it holds every block, though it holds only ``held``.
+    """
+
+    def __init__(self, cf: CascadeFile, data: Path, on_map: str, held: set[int] | None = None) -> None:
+        self.cf, self.data, self.on_map = cf, data, on_map
+        self.held = set(range(cf.block_count)) if held is None else held
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.2)
+        self.address: tuple[str, int] = self.listener.getsockname()[:2]
+        self.map_requests = 0
+        self.not_present = 0
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._conns: list[socket.socket] = []
+
+    def __enter__(self) -> V1Server:
+        t = threading.Thread(target=self._accept, daemon=True)
+        t.start()
+        self._threads.append(t)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for c in list(self._conns):
+            with contextlib.suppress(OSError):
+                c.shutdown(socket.SHUT_RDWR)
+        for t in self._threads:
+            t.join(5)
+        self.listener.close()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self._conns.append(conn)
+            t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def _serve(self, conn: socket.socket) -> None:
+        fd = os.open(self.data, os.O_RDONLY)
+        try:
+            conn.settimeout(5)
+            while not self._stop.is_set():
+                request = b""
+                while len(request) < BLOCK_REQUEST_SIZE:
+                    chunk = conn.recv(BLOCK_REQUEST_SIZE - len(request))
+                    if not chunk:
+                        return
+                    request += chunk
+                _magic, _marker, _rest, index, _hash = unpack_block_request_from(request)
+                if index == HAVEMAP_INDEX:
+                    self.map_requests += 1
+                    if self.on_map == "close":
+                        return
+                    if self.on_map == "lie":
+                        conn.sendall(HaveMap(b"\1" * self.cf.block_count).encode())
+                        continue
+                if index >= self.cf.block_count:
+                    conn.sendall(pack_block_response_header(BlockStatus.OUT_OF_RANGE, 0))
+                    return
+                if index not in self.held:
+                    self.not_present += 1
+                    conn.sendall(pack_block_response_header(BlockStatus.NOT_PRESENT, 0))
+                    continue
+                length = self.cf.block_length(index)
+                body = os.pread(fd, length, self.cf.block_offset(index))
+                conn.sendall(pack_block_response_header(BlockStatus.OK, length) + body)
+        except OSError:
+            return
+        finally:
+            os.close(fd)
+            conn.close()
+
+
+def test_no_status_2_from_peers_with_maps(tmp_path: Path) -> None:
+    """A partial peer and a seeder: every block is asked of a peer that holds it."""
+    _, cf = make_file(tmp_path, "d.bin", 64 * 4096, 4096)
+    half = tmp_path / "half.bin"
+    half_store = BlockStore.open_for_fetching(cf, half, check_data(half, cf, whole_file=False))
+    seed_store = BlockStore.open_for_seeding(cf, tmp_path / "d.bin")
+    data = (tmp_path / "d.bin").read_bytes()
+    try:
+        for i in range(0, 64, 2):
+            half_store.write_block(i, data[i * 4096 : (i + 1) * 4096])
+        with real_server(half_store) as partial, real_server(seed_store) as seeder:
+            fetcher = fetch(cf, tmp_path / "out", [partial, seeder])
+        peers = fetcher.planner.peers.values()
+        assert all(p.maps for p in peers)
+        assert sum(p.not_present for p in peers) == 0
+    finally:
+        half_store.close()
+        seed_store.close()
+
+
+@pytest.mark.parametrize("on_map", ["status3", "close"])
+def test_a_version_1_server_is_asked_for_a_map_once_then_serves_as_before(tmp_path: Path, on_map: str) -> None:
+    _, cf = make_file(tmp_path, "d.bin", 40 * 4096, 4096)
+    with V1Server(cf, tmp_path / "d.bin", on_map) as old:
+        fetcher = fetch(cf, tmp_path / "out", [old.address])
+    (peer,) = fetcher.planner.peers.values()
+    assert peer.maps is False and peer.failures == 0
+    assert old.map_requests == 1
+
+
+def test_a_lying_map_costs_requests_not_bytes(tmp_path: Path) -> None:
+    _, cf = make_file(tmp_path, "d.bin", 40 * 4096, 4096)
+    seed_store = BlockStore.open_for_seeding(cf, tmp_path / "d.bin")
+    try:
+        with V1Server(cf, tmp_path / "d.bin", "lie", held=set(range(10))) as liar, real_server(seed_store) as seeder:
+            fetch(cf, tmp_path / "out", [liar.address, seeder])
+    finally:
+        seed_store.close()
