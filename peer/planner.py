@@ -382,12 +382,15 @@ def choose_rarest(blocks: Blocks, peer: PeerState, want: int, now: float, rng: r
     A peer without a map (an old server, or before its first map) gets
     :func:`choose_blocks`. A peer with one is asked only for blocks it holds:
 
-    - a complete peer (a seeder) only for blocks no partial peer we know of
-      holds, and among those only the ones it offers us when it super-seeds
-      (unless it offers nothing we still need): each block then leaves the
-      seeder about once, and the rest comes from the other fetchers;
-    - a partial peer for the rarest of the blocks it holds (fewest holders),
-      at random among equals, so the swarm's blocks spread evenly;
+    - a seeder (complete, and sending offers) only for the blocks it offers
+      us, rarest first: the seeder offers each fetcher different blocks, the
+      ones it sent least, so each block leaves it about once and the rest
+      comes from the other fetchers. An offer that names nothing we still
+      need is waited out for ``OFFER_PATIENCE``, then ignored: the seeder is
+      then asked only for blocks no other peer holds;
+    - any other peer (a finished fetcher too) for the rarest of the blocks it
+      holds (fewest holders), at random among equals, so the swarm's blocks
+      spread evenly;
     - in file order while a single peer answers us (the whole-file hash follows);
     - when every missing block is in flight: the endgame, as :func:`choose_blocks`.
     """
@@ -397,8 +400,9 @@ def choose_rarest(blocks: Blocks, peer: PeerState, want: int, now: float, rng: r
         return [] if peer.maps else choose_blocks(blocks, peer, want, now, rng)
     have, inflight, lacks, avail = blocks.have, blocks.inflight, peer.lacks, blocks.avail
     count = blocks.block_count
-    complete = peer.held >= count
-    offer = peer.offer if complete else None
+    # A seeder proper: complete, and super-seeding (a fetcher that finished sends no offer).
+    seeder = peer.held >= count and peer.offer is not None
+    offer = peer.offer if seeder else None
     if offer is not None:
         # Follow the offer while it names a block we still need (in flight or not). One that
         # names nothing we need is waited out until the next map (it was used up), but after
@@ -425,7 +429,8 @@ def choose_rarest(blocks: Blocks, peer: PeerState, want: int, now: float, rng: r
             i -= count
         if have[i] or i in inflight or not holds[i] or i in lacks:
             continue
-        if complete and (avail[i] or (offer is not None and not offer[i])):
+        if seeder and (not offer[i] if offer is not None else avail[i]):
+            # Only what it offers us; or, its offer being no guide, only what nobody else holds.
             continue
         picks.append((0 if sequential else avail[i], rng.random(), i))
         scanned += 1
@@ -447,7 +452,7 @@ def choose_rarest(blocks: Blocks, peer: PeerState, want: int, now: float, rng: r
         candidates = [
             (c, rng.random(), i)
             for i, c in inflight.items()
-            if holds[i] and i not in own and i not in lacks and not (complete and avail[i])
+            if holds[i] and i not in own and i not in lacks and not (seeder and avail[i])
         ]
         candidates.sort()
         for _c, _r, i in candidates[:want]:

@@ -46,12 +46,20 @@ def test_rarest_first_among_what_a_peer_holds() -> None:
     assert sorted(p.request(a, 2, T0)) == [4, 5]
 
 
-def test_the_seeder_is_asked_only_for_what_no_partial_peer_holds() -> None:
+def test_the_seeder_is_asked_first_for_what_no_partial_peer_holds() -> None:
     p = planner(N)
-    seeder = with_map(p, 1, range(N))
+    seeder = with_map(p, 1, range(N), offer=set(range(N)))
     with_map(p, 2, range(10))
     p.tick(T0)
-    assert sorted(p.request(seeder, N, T0)) == list(range(10, N))
+    assert sorted(p.request(seeder, 6, T0)) == list(range(10, N))
+
+
+def test_a_fetcher_that_finished_is_asked_like_any_peer() -> None:
+    p = planner(N)
+    done = with_map(p, 1, range(N))  # complete, no offer: a finished fetcher
+    with_map(p, 2, range(10))
+    p.tick(T0)
+    assert len(p.request(done, N, T0)) == N
 
 
 def test_the_seeder_is_asked_only_for_its_offer_while_it_names_a_block_we_need() -> None:
@@ -108,7 +116,7 @@ def test_a_closed_peer_leaves_the_block_counts() -> None:
 
 def test_endgame_never_asks_the_seeder_for_a_block_a_partial_peer_holds() -> None:
     p = planner(N, have=b"\1" * (N - 1))  # only the last block is missing
-    seeder = with_map(p, 1, range(N))
+    seeder = with_map(p, 1, range(N), offer=set(range(N)))
     b = with_map(p, 2, range(N - 1, N))
     p.tick(T0)
     assert p.request(b, 2, T0) == [N - 1]
