@@ -169,8 +169,11 @@ class SuperSeeder:
             self._since[who] = (now, 0)
             sent = self.sent
             part = equal_part(sent, len(askers), policy)
-            # A lone downloader has nobody to be kept apart from: no cap on its offer.
-            share = offer_share(sent, len(askers), policy, rate) if len(askers) > 1 else part
+            # A lone downloader has nobody to be kept apart from: no cap, except on its first
+            # offer (rate not known): the rest of a swarm arrives a moment later, and a big
+            # first offer would steer it into their blocks until its next map.
+            alone = len(askers) == 1 and rate is not None
+            share = part if alone else offer_share(sent, len(askers), policy, rate)
             _trim_claims(claims, part)
             chosen = choose_offer(sent, claims, who, askers, share, recent)
             keep = set(chosen)

@@ -87,7 +87,8 @@ def offered(flags: bytes | None) -> set[int]:
 def test_a_partial_file_gets_no_offer() -> None:
     seeder = SuperSeeder(8)
     assert seeder.offer(A, NOW, complete=False) is None  # a plain map
-    assert offered(seeder.offer(A, NOW, complete=True)) == set(range(8))  # alone: everything
+    assert offered(seeder.offer(A, NOW, complete=True)) == {0, 1}  # rate not known yet: min_offer
+    assert offered(seeder.offer(A, NOW + 0.5, complete=True)) == set(range(8))  # still alone: everything
     assert seeder.offer(B, NOW, complete=False) is None
 
 
@@ -100,7 +101,7 @@ def test_fewer_askers_than_min_askers_get_no_offer() -> None:
 def test_eight_askers_are_offered_disjoint_blocks_that_follow_the_sends() -> None:
     seeder = SuperSeeder(64, SuperSeedPolicy(claim_seconds=10.0, min_offer=2, offer_seconds=4.0, resend_after=5.0))
     askers = list(range(1, 9))
-    assert len(offered(seeder.offer(1, NOW, complete=True))) == 64  # alone so far: everything
+    assert len(offered(seeder.offer(1, NOW, complete=True))) == 2  # alone so far, rate not known: min_offer
     for who in askers[1:]:
         seeder.offer(who, NOW, complete=True)
     # One refresh later every offer is small (no rate known: min_offer) and none overlaps another.
