@@ -20,8 +20,9 @@ hash tag keeps a swarm's keys in one Redis Cluster slot)::
 An announce is ONE round trip: a Lua script that checks the allow list,
 drops the swarm's expired members (``ZREMRANGEBYSCORE``), enrols the peer,
 refreshes the keys' ``EXPIRE`` (an idle swarm vanishes by itself, so Python
-never sweeps), samples the reply with ``ZRANDMEMBER`` (Redis >= 6.2), packs
-the 12-byte records and counts the request. The time comes from the
+never sweeps), samples the reply with ``ZRANDMEMBER`` (Redis >= 6.2) and counts the
+request; it returns the sampled keys with their last-seen times, and the
+12-byte records are packed here by the codec, the only place that knows them. The time comes from the
 tracker's clock as an argument, not Redis ``TIME``, so a test clock works.
 
 Redis going away: every call translates redis-py's ConnectionError and
@@ -48,7 +49,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from cascade.errors import BadRequest, MetafileError, StartError, StoreUnavailable, UsageError
-from cascade.wire import HASH_SIZE, PEER_RECORD_SIZE, PeerRecord, TrackerStatus
+from cascade.wire import HASH_SIZE, PEER_RECORD_SIZE, PeerRecord, TrackerStatus, pack_peer_record_tail
 from tracker.cascade_store import (
     DEFAULT_MAX_FILE_SIZE,
     DEFAULT_MAX_TOTAL_SIZE,
@@ -144,7 +145,7 @@ redis.call('EXPIRE', good, ARGV[6])
 redis.call('EXPIRE', plain, ARGV[6])
 redis.call('ZADD', swarms, ARGV[4], h)
 local out = {}
-local function take(zkey, want, flag, mine_here)
+local function take(zkey, want, mine_here)
   if want <= 0 then return end
   local ask = want
   if mine_here then ask = want + 1 end
@@ -153,17 +154,19 @@ local function take(zkey, want, flag, mine_here)
   for i = 1, #res, 2 do
     if got >= want then break end
     if res[i] ~= key then
-      local seen = math.floor(tonumber(res[i + 1])) % 4294967296
-      out[#out + 1] = res[i] .. struct.pack('>I4BB', seen, flag, 0)
+      out[#out + 1] = res[i]
+      out[#out + 1] = math.floor(tonumber(res[i + 1]))
       got = got + 1
     end
   end
 end
 local k = tonumber(ARGV[7])
-take(good, k, 1, is_good)
-take(plain, k - #out, 0, not is_good)
+take(good, k, is_good)
+local goods = #out / 2
+take(plain, k - goods, not is_good)
 redis.call('HINCRBY', KEYS[6], field .. '0', 1)
-return {0, table.concat(out)}
+-- keys and last-seen seconds; the caller packs the records with the codec (cascade/wire.py)
+return {0, goods, out}
 """
 
 _PUT_FILE_LUA = """
@@ -270,6 +273,12 @@ def _as_bytes(value: object) -> bytes:
     if not isinstance(value, bytes):
         raise TypeError(f"expected bytes from redis, got {type(value).__name__}")
     return value
+
+
+def _pack_records(goods: int, flat: list[Any]) -> bytes:
+    """The reply body from the script's ``[key, last seen, key, last seen, ...]``, good peers first."""
+    tail = pack_peer_record_tail
+    return b"".join(flat[i] + tail(flat[i + 1], i < 2 * goods) for i in range(0, len(flat), 2))
 
 
 def _record(key: bytes, score: float, good: bool) -> PeerRecord:
@@ -396,16 +405,17 @@ class RedisSwarmStore:
         ]
         self._health.check()
         try:
-            status, value = self._evalsha(keys, args)
+            reply = self._evalsha(keys, args)
         except _DOWN_ERRORS as exc:
             raise self._health.failed(exc) from exc
         if self._health.down:
             self._health.ok()
-        if status == _ALLOW_LIST_LOST and self._allowed is not None:
+        if reply[0] == _ALLOW_LIST_LOST and self._allowed is not None:
             self.set_allowed(self._allowed)
-            status, value = self._call(lambda: self._evalsha(keys, args))
+            reply = self._call(lambda: self._evalsha(keys, args))
+        status, value = reply[0], reply[1]
         if status == 0:
-            return bytes(value)
+            return _pack_records(value, reply[2])
         if status == TrackerStatus.NOT_ALLOWED:
             raise AnnounceRefused(TrackerStatus.NOT_ALLOWED, f"cascade hash {cascade_hash.hex()} is not tracked here")
         if status == TrackerStatus.FULL:
