@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from peer.localdata import check_data
 from peer.planner import FetchPolicy
 from peer.server import BlockServer, BlockServerConfig
 from peer.storage import BlockStore
-from tests.doubles import make_file, sha256_file
+from tests.doubles import LoopbackServer, make_file, sha256_file
 
 pytestmark = pytest.mark.loopback
 
@@ -63,7 +62,7 @@ def fetch(cf: CascadeFile, out: Path, peers: list[tuple[str, int]]) -> Fetcher:
     return fetcher
 
 
-class V1Server:
+class V1Server(LoopbackServer):
     """A version-1 server that keeps connections open; ``on_map`` says what it does with block 2^64-1.
 
     "status3": answers status 3 and closes (what PROTOCOL.md says); "close": closes without a
@@ -71,44 +70,17 @@ class V1Server:
     """
 
     def __init__(self, cf: CascadeFile, data: Path, on_map: str, held: set[int] | None = None) -> None:
+        super().__init__()
         self.cf, self.data, self.on_map = cf, data, on_map
         self.held = set(range(cf.block_count)) if held is None else held
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listener.settimeout(0.2)
-        self.address: tuple[str, int] = self.listener.getsockname()[:2]
         self.map_requests = 0
         self.not_present = 0
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._conns: list[socket.socket] = []
 
     def __enter__(self) -> V1Server:
-        t = threading.Thread(target=self._accept, daemon=True)
-        t.start()
-        self._threads.append(t)
-        return self
+        return self.start()
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for c in list(self._conns):
-            with contextlib.suppress(OSError):
-                c.shutdown(socket.SHUT_RDWR)
-        for t in self._threads:
-            t.join(5)
-        self.listener.close()
-
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self._conns.append(conn)
-            t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
-            t.start()
-            self._threads.append(t)
+        self.stop()
 
     def _serve(self, conn: socket.socket) -> None:
         fd = os.open(self.data, os.O_RDONLY)
@@ -139,11 +111,8 @@ class V1Server:
                 length = self.cf.block_length(index)
                 body = os.pread(fd, length, self.cf.block_offset(index))
                 conn.sendall(pack_block_response_header(BlockStatus.OK, length) + body)
-        except OSError:
-            return
         finally:
             os.close(fd)
-            conn.close()
 
 
 def test_no_status_2_from_peers_with_maps(tmp_path: Path) -> None:
