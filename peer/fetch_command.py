@@ -27,7 +27,7 @@ from typing import Any
 from cascade.addresses import TrackerAddress, parse_hostport
 from cascade.collection import Collection
 from cascade.command import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, exit_code
-from cascade.errors import CascadeError, DataError, DiskFullError, UsageError, from_os_error
+from cascade.errors import CascadeError, DataError, UsageError, from_os_error
 from cascade.metafile import CascadeFile, default_data_path
 from cascade.units import format_size
 from cascade.wire import PeerRecord
@@ -391,22 +391,13 @@ def _download(
         return fetcher.run(on_tick=on_tick)
     except CascadeError as exc:
         stop.check()
-        raise _Failed(_disk_message(exc), fetcher) from exc
+        raise _Failed(str(exc), fetcher) from exc  # a full disk is a DiskFullError that says so
     finally:
         bar.close()
 
 
 def _peers(n: int) -> str:
     return "1 peer" if n == 1 else f"{n} peers"
-
-
-def _disk_message(exc: CascadeError) -> str:
-    cause = exc.__cause__
-    if isinstance(exc, DiskFullError):  # says "disk full" already
-        return str(exc)
-    if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
-        return f"disk full: {exc}"
-    return str(exc)
 
 
 class _StopWatch:
