@@ -20,7 +20,7 @@ import pytest
 pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parent.parent
-SCANNED = ("peer", "tracker", "tests", "bench")
+SCANNED = ("peer", "tracker", "oscompat", "tests", "bench")
 STRUCT_CALLS = {"Struct", "pack", "pack_into", "unpack", "unpack_from", "iter_unpack", "calcsize"}
 # (file, format) pairs that are not wire frames: native-order C structs for the kernel.
 NOT_WIRE = {
