@@ -97,9 +97,7 @@ class OutFolder:
             require_safe_tree_io()
             out.mkdir(mode=0o755, exist_ok=True)
             self.fd = os.open(out, os.O_RDONLY | O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
-        except FileExistsError as exc:
-            raise DataError(f"{out}: exists and is not a folder; give --out a folder for a collection") from exc
-        except NotADirectoryError as exc:
+        except (FileExistsError, NotADirectoryError) as exc:
             raise DataError(f"{out}: exists and is not a folder; give --out a folder for a collection") from exc
         except OSError as exc:
             raise from_os_error(exc, out, "create the output folder") from exc
