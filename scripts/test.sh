@@ -36,6 +36,9 @@ fi
 "$PYTHON" -m ruff check .
 "$PYTHON" -m mypy
 "$PYTHON" -m pytest "$@"
-# Every server and fetcher test once more with the portable fallbacks forced (select(), no
+# The server and fetcher tests once more with the portable fallbacks forced (select(), no
 # sendfile/pwrite/preadv/posix_fallocate): the code a macOS or Windows user runs (README, "Platforms").
-CASCADE_PORTABLE=1 "$PYTHON" -m pytest -m "socketpair or loopback or process" "$@"
+# Every in-process server test (socketpair, loopback) and a few whole-process swarms marked
+# `portable`: the other process tests run the same server and fetcher code through the same
+# oscompat calls, and repeating all of them would double the suite's time (~4.5 of its 10 minutes).
+CASCADE_PORTABLE=1 "$PYTHON" -m pytest -m "socketpair or loopback or portable" "$@"

@@ -254,6 +254,7 @@ def wait_subscribed(tracker_port: int, cascade_hash: bytes, port: int) -> None:
     raise TimeoutError(f"port {port} never subscribed {cascade_hash.hex()[:16]}")
 
 
+@pytest.mark.portable
 def test_seed_serves_every_member_from_one_port(tmp_path: Path, tree: tuple[Path, dict[str, bytes]]) -> None:
     root, files = tree
     out = create(root)

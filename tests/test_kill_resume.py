@@ -75,7 +75,7 @@ def finish_and_check(swarm: Swarm, cascade: Path, cf: CascadeFile, out: Path, be
     assert partial_files(out) == [out], "a partial file was left beside the complete one"
 
 
-@pytest.mark.parametrize("seed", [7, 1234])
+@pytest.mark.parametrize("seed", [pytest.param(7, marks=pytest.mark.portable), 1234])
 def test_sigkill_at_random_moments_then_rerun_keeps_every_verified_block(
     swarm: Swarm, tmp_path: Path, seed: int
 ) -> None:

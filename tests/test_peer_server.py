@@ -407,6 +407,7 @@ def test_partial_file_gives_status_2_and_keeps_the_connection(seeder: tuple[Proc
 
 
 @pytest.mark.process
+@pytest.mark.portable
 def test_two_hundred_concurrent_downloads_with_bounded_threads(seeder: tuple[Proc, int], sample: Sample) -> None:
     proc, port = seeder
     cf = sample.cf

@@ -34,6 +34,7 @@ def finish_all(fetchers: list[Proc], cf: CascadeFile, outs: list[Path], timeout:
     return results
 
 
+@pytest.mark.portable
 def test_one_seeder_six_fetchers_all_finish(swarm: Swarm, tmp_path: Path) -> None:
     cascade, cf = make_file(tmp_path, "six.bin", 3 << 20, 16 << 10)
     swarm.seeder(cascade, cf)
@@ -57,6 +58,7 @@ def test_limited_seeder_fetchers_share_blocks(swarm: Swarm, tmp_path: Path) -> N
     assert total - from_seeder >= total // 4, results
 
 
+@pytest.mark.portable
 def test_killing_one_of_two_seeders_mid_transfer(swarm: Swarm, tmp_path: Path) -> None:
     cascade, cf = make_file(tmp_path, "two.bin", 2 << 20, 8 << 10)
     first, _ = swarm.seeder(cascade, cf, "--max-upload-rate", "512K")
