@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +43,14 @@ def command_line(args: Sequence[str]) -> list[str]:
 class Proc:
     """A child process with its stderr captured in a file."""
 
-    def __init__(self, args: Sequence[str], cwd: str | os.PathLike[str] | None = None, stdout_to_file: bool = True):
+    def __init__(
+        self,
+        args: Sequence[str],
+        cwd: str | os.PathLike[str] | None = None,
+        stdout_to_file: bool = True,
+        env: Mapping[str, str] | None = None,
+    ):
+        """Start ``args`` (see :func:`command_line`); ``env`` adds to (not replaces) this environment."""
         self.args = list(args)
         self._dir = tempfile.mkdtemp(prefix="cascade-proc-")
         # The logs outlive stop() (tests read them afterwards) but not this object.
@@ -52,14 +59,14 @@ class Proc:
         self.out_path = Path(self._dir) / "stdout"
         self._err = open(self.err_path, "wb")  # noqa: SIM115 - closed in stop()
         self._out = open(self.out_path, "wb")  # noqa: SIM115
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        child_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         self.popen = subprocess.Popen(
             command_line(self.args),
             stdout=self._out if stdout_to_file else subprocess.DEVNULL,
             stderr=self._err,
             stdin=subprocess.DEVNULL,
             cwd=cwd,
-            env=env,
+            env=child_env,
         )
         self.pid = self.popen.pid
 

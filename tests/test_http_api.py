@@ -7,7 +7,6 @@ import json
 import re
 import socket
 import struct
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,8 +40,8 @@ class Tracker:
         return f"http://127.0.0.1:{self.http}"
 
 
-def start(*extra: str) -> Tracker:
-    proc = Proc(["tracker", "run", "--host", "127.0.0.1", "--port", "0", "--http-port", "0", *extra])
+def start(*extra: str, env: dict[str, str] | None = None) -> Tracker:
+    proc = Proc(["tracker", "run", "--host", "127.0.0.1", "--port", "0", "--http-port", "0", *extra], env=env)
     try:
         port = proc.wait_listening()
         http = int(proc.wait_for_line(HTTP_LINE).group(2))
@@ -519,10 +518,11 @@ def test_allow_list_and_uploads_survive_a_restart(tmp_path: Path) -> None:
 
 
 @pytest.mark.process
-def test_without_state_the_upload_folder_is_removed() -> None:
-    tmp = Path(tempfile.gettempdir())
+def test_without_state_the_upload_folder_is_removed(tmp_path: Path) -> None:
+    # The tracker's own TMPDIR: other test runs on this machine create such folders in /tmp too.
+    tmp = tmp_path
     before = set(tmp.glob("cascade-tracker-files-*"))
-    t = start()
+    t = start(env={"TMPDIR": str(tmp_path)})
     try:
         assert upload(t, cascade_bytes(12), token=None).status_code == 201  # no --api-token: uploads are open
         created = set(tmp.glob("cascade-tracker-files-*")) - before
