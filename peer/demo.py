@@ -11,20 +11,23 @@ page, runs until Ctrl-C; the folder with the files and logs is kept too.
 The processes are the real commands, started as ``python -m tracker|peer``
 with the current interpreter, so the demo works after a plain ``pip install .``
 from any folder. This module only starts and watches processes: it imports
-no ``peer`` or ``tracker`` code, and no sockets or threads.
+no server or fetcher code and opens no socket. The fetchers' pipes are read by
+one small thread per pipe into a queue (as :meth:`subprocess.Popen.communicate`
+does on Windows), because select() on pipes is POSIX only.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import queue
 import re
-import selectors
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +46,9 @@ DEFAULT_FETCHERS = 4
 DEFAULT_SEED_RATE = "4M"
 START_TIMEOUT = 15.0
 RUN_TIMEOUT = 120.0
+# How long a wait for output may block before Ctrl-C is looked at again (a blocked
+# queue wait is not interrupted by Ctrl-C on every platform). Arbitrary, well below a second.
+POLL = 0.2
 LISTENING = re.compile(r"listening on (\S+):(\d+)")
 HTTP_LISTENING = re.compile(r"tracker http on (\S+):(\d+)")
 
@@ -56,6 +62,7 @@ class _Child:
     lines: list[str] = field(default_factory=list)
     partial: bytes = b""
     stdout: bytes = b""
+    readers: list[threading.Thread] = field(default_factory=list)
 
     def stderr_text(self) -> str:
         if self.err_path is not None:
@@ -118,6 +125,9 @@ class _Demo:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(3)
+            # The process is gone, so its pipes are at end of file and their readers end.
+            for reader in child.readers:
+                reader.join(3)
             for stream in (p.stdout, p.stderr):
                 if stream is not None:
                     stream.close()
@@ -181,7 +191,7 @@ def run(
             args += ["--listen", "127.0.0.1:0", "--json", "--progress-lines"] + (["--seed"] if keep else [])
             workers.append(demo.spawn(f"fetcher {n}", args, pipe=True))
         print(f"started {fetchers} fetchers together", file=say, flush=True)
-        sel = _watch(workers, length, seeding=keep)
+        output = _watch(workers, length, seeding=keep)
         elapsed = time.monotonic() - started
 
         names = {seeder.port: "seeder"} | {w.port: w.name for w in workers if w.port}
@@ -191,13 +201,13 @@ def run(
             ok &= _report(w, folder / f"fetcher{n}" / "sample.bin", cf, names, say)
         verdict = "every fetcher has a verified copy" if ok else "FAILED"
         print(f"\n{verdict}; all {fetchers} done in {elapsed:.2f} s", file=say, flush=True)
-        if sel is not None:
+        if output is not None:
             print(
                 f"the swarm keeps running; status page: http://127.0.0.1:{http_port}/ (Ctrl-C stops it)",
                 file=say,
                 flush=True,
             )
-            _serve_until_interrupted(sel, workers)
+            _serve_until_interrupted(output, workers)
         return 0 if ok else 1
     finally:
         demo.stop_all()
@@ -207,12 +217,54 @@ def run(
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def _watch(workers: list[_Child], total: int, seeding: bool = False) -> selectors.BaseSelector | None:
+# What a pipe reader hands over: (fetcher index, "out" or "err", bytes; b"" at end of file).
+_Chunk = tuple[int, str, bytes]
+
+
+class _Output:
+    """The fetchers' stdout and stderr, read by one thread per pipe into one queue."""
+
+    def __init__(self, workers: list[_Child]) -> None:
+        self.chunks: queue.SimpleQueue[_Chunk] = queue.SimpleQueue()
+        self.open_pipes = 0
+        for i, w in enumerate(workers):
+            for kind, stream in (("err", w.popen.stderr), ("out", w.popen.stdout)):
+                assert stream is not None
+                t = threading.Thread(target=self._read, args=(i, kind, stream), name=f"demo-{kind}-{i}", daemon=True)
+                w.readers.append(t)
+                self.open_pipes += 1
+                t.start()
+
+    def _read(self, i: int, kind: str, stream: IO[bytes]) -> None:
+        # Ends at end of file, which comes when the fetcher exits or is stopped.
+        while True:
+            try:
+                chunk = os.read(stream.fileno(), 65536)
+            except (OSError, ValueError):  # closed under us at shutdown
+                chunk = b""
+            self.chunks.put((i, kind, chunk))
+            if not chunk:
+                return
+
+    def get(self, timeout: float) -> list[_Chunk]:
+        """What arrived within ``timeout`` seconds (waiting for the first chunk only)."""
+        try:
+            got = [self.chunks.get(timeout=timeout)]
+        except queue.Empty:
+            return []
+        while True:
+            try:
+                got.append(self.chunks.get_nowait())
+            except queue.Empty:
+                return got
+
+
+def _watch(workers: list[_Child], total: int, seeding: bool = False) -> _Output | None:
     """Read every fetcher's stderr and stdout until they finish, drawing one bar each.
 
     A fetcher finishes when it exits or, when ``seeding``, once it printed its
-    JSON summary; the selector is then returned still open, to keep draining
-    the seeding fetchers' output.
+    JSON summary; the readers are then returned, to keep draining the seeding
+    fetchers' output.
     """
     from tqdm import tqdm
 
@@ -231,11 +283,7 @@ def _watch(workers: list[_Child], total: int, seeding: bool = False) -> selector
         )
         for i, w in enumerate(workers)
     ]
-    sel = selectors.DefaultSelector()
-    for i, w in enumerate(workers):
-        assert w.popen.stderr is not None and w.popen.stdout is not None
-        sel.register(w.popen.stderr, selectors.EVENT_READ, (i, "err"))
-        sel.register(w.popen.stdout, selectors.EVENT_READ, (i, "out"))
+    output = _Output(workers)
     closed = [0] * len(workers)
 
     def finished(i: int) -> bool:
@@ -244,17 +292,13 @@ def _watch(workers: list[_Child], total: int, seeding: bool = False) -> selector
     deadline = time.monotonic() + RUN_TIMEOUT
     try:
         while not all(finished(i) for i in range(len(workers))) and time.monotonic() < deadline:
-            for i in _pump(sel, workers, bars, 0.2):
+            for i in _pump(output, workers, bars, POLL):
                 closed[i] += 1
-    except BaseException:
-        sel.close()
-        raise
     finally:
         for bar in bars:
             bar.close()
     if seeding:
-        return sel
-    sel.close()
+        return output
     for w in workers:
         try:
             w.popen.wait(max(0.1, deadline - time.monotonic()))
@@ -264,15 +308,13 @@ def _watch(workers: list[_Child], total: int, seeding: bool = False) -> selector
     return None
 
 
-def _pump(sel: selectors.BaseSelector, workers: list[_Child], bars: list[Any], timeout: float) -> list[int]:
+def _pump(output: _Output, workers: list[_Child], bars: list[Any], timeout: float) -> list[int]:
     """One round of reading the fetchers' output; returns the index of each stream that closed."""
     closed: list[int] = []
-    for key, _ in sel.select(timeout=timeout):
-        i, kind = key.data
+    for i, kind, chunk in output.get(timeout):
         w = workers[i]
-        chunk = os.read(key.fd, 65536)
         if not chunk:
-            sel.unregister(key.fileobj)
+            output.open_pipes -= 1
             closed.append(i)
             continue
         if kind == "out":
@@ -296,7 +338,7 @@ def _pump(sel: selectors.BaseSelector, workers: list[_Child], bars: list[Any], t
     return closed
 
 
-def _serve_until_interrupted(sel: selectors.BaseSelector, workers: list[_Child]) -> None:
+def _serve_until_interrupted(output: _Output, workers: list[_Child]) -> None:
     """Keep draining the seeding fetchers' output (a full pipe would stall them) until Ctrl-C.
 
     SIGTERM ends the wait the same way, so the caller still stops every process by PID.
@@ -307,16 +349,15 @@ def _serve_until_interrupted(sel: selectors.BaseSelector, workers: list[_Child])
 
     previous = signal.signal(signal.SIGTERM, on_term)
     try:
-        while sel.get_map():
-            _pump(sel, workers, [], 0.5)
+        while output.open_pipes:
+            _pump(output, workers, [], POLL)
         # Every fetcher exited (killed from outside?); the tracker and seeder still serve.
         while True:
-            signal.pause()  # returns after any handled signal; only Ctrl-C (SIGINT) ends the wait
+            time.sleep(POLL)  # only Ctrl-C (SIGINT) or SIGTERM ends the wait
     except KeyboardInterrupt:
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
-        sel.close()
 
 
 def _report(w: _Child, path: Path, cf: Any, names: dict[int, str], say: IO[str]) -> bool:
