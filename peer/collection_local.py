@@ -337,15 +337,17 @@ def check_members(
     whole_file: bool,
     progress: Progress | None = None,
     keep_open: bool = False,
+    root_fd: int | None = None,
 ) -> Iterator[tuple[MemberCheck, int | None]]:
     """Check every member's file under ``folder``, several at a time, yielding in collection order.
 
     With ``keep_open`` each present member's descriptor is yielded too (the
-    caller closes it); else ``None``. A missing file, a symlink or a special
-    file holds no block (``problem`` says why for the last two). Raises
-    :class:`DataError` when ``folder`` cannot be opened or a file not read.
+    caller closes it); else ``None``. With ``root_fd`` (``folder`` held open,
+    left open) the members are opened relative to it. A missing file, a
+    symlink or a special file holds no block (``problem`` says why for the
+    last two). Raises :class:`DataError` when ``folder`` cannot be opened or a file not read.
     """
-    root = open_root(folder)
+    root = open_root(folder) if root_fd is None else root_fd
     n = default_workers()
 
     def one(m: Member) -> tuple[MemberCheck, int | None]:
@@ -379,46 +381,71 @@ def check_members(
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
     finally:
-        os.close(root)
-
-
-def member_opener(folder: Path, path: str) -> Callable[[], int]:
-    """A function that opens member ``path`` under ``folder`` as :func:`open_member` does (for re-verifying)."""
-
-    def opener() -> int:
-        root = open_root(folder)
-        try:
-            return open_member(root, path, folder / path)
-        finally:
+        if root_fd is None:
             os.close(root)
 
-    return opener
+
+class HeldFolder:
+    """A collection's folder held open while it is seeded: its members are opened relative to it.
+
+    Renaming the folder, or swapping it for a link, does not change what is
+    served. Raises :class:`DataError` when the folder cannot be opened.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder
+        self.fd = open_root(folder)
+
+    def opener(self, path: str) -> Callable[[], int]:
+        """A function that opens member ``path`` as :func:`open_member` does (raises as it does)."""
+        shown = self.path / path
+
+        def opener() -> int:
+            return open_member(self.fd, path, shown)
+
+        return opener
+
+    def look(self, path: str) -> Callable[[], DiskSignature | None]:
+        """A function that gives member ``path``'s signature (its last component not followed); ``None`` when gone."""
+
+        def look() -> DiskSignature | None:
+            try:
+                st = os.stat(path, dir_fd=self.fd, follow_symlinks=False)
+            except OSError:
+                return None
+            return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+        return look
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
-# Descriptors kept free for connections, the listener and the trackers beyond one per
-# served member (arbitrary; the server caps its connections at 512 by default).
+# Descriptors kept free for connections (a socket and at most one file being sent
+# each), the listener and the trackers beyond the files held open (arbitrary; the
+# server caps its connections at 512 by default).
 _SPARE_DESCRIPTORS = 1024
 
 
-def raise_file_limit(members: int) -> None:
-    """Raise the soft limit of open files to serve ``members`` files, each from its own descriptor.
+def raise_file_limit(files: int) -> None:
+    """Raise the soft limit of open files to hold ``files`` data files open at once besides the connections.
 
-    For ``peer seed`` and ``peer fetch`` of a collection: the block server serves each
-    member from its own open descriptor.
+    ``peer fetch`` of a collection passes its member count (each member is
+    served from its own descriptor); ``peer seed`` its cap of files held open.
 
     Raises :class:`StartError` when even the hard limit is too low.
     """
-    if not members:
+    if not files:
         return
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    need = members + _SPARE_DESCRIPTORS
+    need = files + _SPARE_DESCRIPTORS
     if soft != resource.RLIM_INFINITY and soft < need:
         target = need if hard == resource.RLIM_INFINITY else min(hard, need)
         if target > soft:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         if target < need:
             raise StartError(
-                f"seeding {members} files needs about {need} open files; this system allows {hard} (ulimit -n)"
+                f"serving {files} files at once needs about {need} open files; this system allows {hard} (ulimit -n)"
             )

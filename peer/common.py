@@ -46,6 +46,13 @@ class BlockServerConfig:
     # Open connections; at the cap the longest-quiet one makes room. Arbitrary, far
     # below the default 1024 descriptors.
     max_connections: int = 512
+    # Collection members held open at once while no request holds more (peer/openfiles.py).
+    # 256: with a sending descriptor per connection at most (512) and a socket per
+    # connection (512), seeding stays near the usual 1,024-descriptor limit that
+    # peer seed raises to 1,280 (peer.collection_local.raise_file_limit); and it is
+    # far more than the members a few fetchers ask for at once, so their requests
+    # hit. A miss costs one open walk and fstat, a few microseconds (BENCHMARKS.md).
+    max_open_files: int = 256
     # Whole-process upload limit in bytes per second; None (or 0, as ``--max-upload-rate 0`` says): no limit.
     upload_rate: int | None = None
     # A connection quiet between requests (or not taking its reply) is closed after this long.
@@ -58,8 +65,8 @@ class BlockServerConfig:
     superseed: SuperSeedPolicy = SuperSeedPolicy()  # noqa: RUF009 - frozen, so one shared default is safe
 
     def __post_init__(self) -> None:
-        if self.max_workers < 1 or self.max_connections < 1:
-            raise ValueError("max_workers and max_connections must be positive")
+        if self.max_workers < 1 or self.max_connections < 1 or self.max_open_files < 1:
+            raise ValueError("max_workers, max_connections and max_open_files must be positive")
         if not (self.idle_timeout > 0 and self.header_timeout > 0):
             raise ValueError("idle_timeout and header_timeout must be above 0")
         if self.upload_rate is not None and self.upload_rate < 0:

@@ -8,7 +8,10 @@ stops sending blocks that no longer match, and logs one line. A file that is
 gone or unreadable is no longer served, also with one line; if it comes back,
 it is verified and served again. While a changed file is re-verified, none
 of its blocks are served. The block server also ``fstat``-s a watched file
-every few requests and wakes the watcher when it moved (:meth:`wake`).
+every few requests and wakes the watcher when it moved (:meth:`wake`), and so
+does a collection member that could not be reopened as the file verified: the
+watcher then re-verifies that store if it still cannot be opened as verified,
+even though its path looks the same (a folder on its way swapped for a link).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import threading
 from collections.abc import Callable
 
 from cascade.errors import DataError
-from peer.storage import BlockStore, DiskSignature
+from peer.storage import DiskSignature, VerifiedBlocks
 
 log = logging.getLogger("peer")
 
@@ -27,7 +30,7 @@ log = logging.getLogger("peer")
 DEFAULT_INTERVAL = 2.0
 
 # Called after each re-verification with the store and its verified count before and after.
-ChangeFn = Callable[[BlockStore, int, int], None]
+ChangeFn = Callable[[VerifiedBlocks, int, int], None]
 
 
 class _Stopped(Exception):
@@ -41,20 +44,29 @@ class DataWatcher:
         self.interval = interval
         self._on_change = on_change
         # Each store with its file's signature as of its last verification.
-        self._seen: list[tuple[BlockStore, DiskSignature | None]] = []
+        self._seen: list[tuple[VerifiedBlocks, DiskSignature | None]] = []
+        # Stores the server woke us about: looked at again even if their path looks the same.
+        self._suspects: set[VerifiedBlocks] = set()
+        self._suspects_lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="peer-datawatch", daemon=True)
 
-    def add(self, store: BlockStore, seen: DiskSignature | None) -> None:
+    def add(self, store: VerifiedBlocks, seen: DiskSignature | None) -> None:
         """Watch ``store``, whose file was verified as it was at ``seen`` (taken before verifying); before start."""
         self._seen.append((store, seen))
 
     def start(self) -> None:
         self._thread.start()
 
-    def wake(self, _store: BlockStore | None = None) -> None:
-        """Look at the files now rather than at the next interval (the server calls it on a changed fstat)."""
+    def wake(self, store: VerifiedBlocks | None = None) -> None:
+        """Look at the files now rather than at the next interval, and re-verify ``store`` even if it looks the same.
+
+        The server calls it on a changed ``fstat`` and on a member that could not be reopened as verified.
+        """
+        if store is not None:
+            with self._suspects_lock:
+                self._suspects.add(store)
         self._wake.set()
 
     def stop(self, timeout: float = 1.0) -> None:
@@ -78,14 +90,16 @@ class DataWatcher:
 
     def check_once(self) -> None:
         """Look at every file once and re-verify those that changed (raises nothing but ``_Stopped``)."""
+        with self._suspects_lock:
+            suspects, self._suspects = self._suspects, set()
         for n, (store, seen) in enumerate(self._seen):
             now = store.disk_signature()
-            if now == seen:
+            if now == seen and (store not in suspects or store.as_verified()):
                 continue
             self._seen[n] = (store, now)
             self._recheck(store, seen, now)
 
-    def _recheck(self, store: BlockStore, seen: DiskSignature | None, now: DiskSignature | None) -> None:
+    def _recheck(self, store: VerifiedBlocks, seen: DiskSignature | None, now: DiskSignature | None) -> None:
         before = store.verified_count
         count = store.cf.block_count
 
@@ -99,9 +113,12 @@ class DataWatcher:
         try:
             after = store.reverify(now, progress)
         except DataError as exc:
-            log.warning("%s; no longer serving its blocks", exc)
+            if seen != now or before:  # else said already, when it stopped being served
+                log.warning("%s; no longer serving its blocks", exc)
             after = 0
         else:
+            if seen == now and after == before:
+                return  # woken for nothing: the file is as verified (no line, no change to announce)
             if seen is not None and now is not None and seen[:2] != now[:2]:
                 what = "was replaced"
             elif seen is not None and now is not None and seen[2] != now[2]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +17,12 @@ from cascade.errors import DataError, StartError, UsageError
 from cascade.metafile import CascadeFile, default_data_path
 from cascade.units import format_size, parse_size
 from peer.announcer import Announcer
-from peer.collection_local import check_members, member_opener, raise_file_limit, read_metafile
+from peer.collection_local import HeldFolder, check_members, raise_file_limit, read_metafile
 from peer.common import Interrupted, StopSignal, announce_ip, setup_logging
 from peer.datawatch import DataWatcher
 from peer.localdata import check_data
 from peer.server import BlockServer, BlockServerConfig
-from peer.storage import BlockStore, disk_signature
+from peer.storage import BlockStore, MemberStore, VerifiedBlocks, disk_signature
 from peer.trackers import parse_trackers
 
 log = logging.getLogger("peer")
@@ -107,37 +106,38 @@ def _seed_collection(
     server: BlockServer,
     watcher: DataWatcher,
     announcer: Announcer,
-    stores: list[BlockStore],
+    folders: list[HeldFolder],
     served: set[bytes],
     stop: StopSignal,
 ) -> list[str]:
     """Verify every member of a collection (several at a time), serve and announce those with blocks.
 
-    Returns the log lines to print once listening: one for the collection, one
-    per member that is partial or missing (the first few).
+    No member stays open: the server opens one when a request needs it, relative
+    to the folder held open here (added to ``folders``, for the caller to close),
+    and checks it is still the file verified. Returns the log lines to print once
+    listening: one for the collection, one per member that is partial or missing (the first few).
     """
     lines: list[str] = []
     complete = blocks = have_blocks = 0
     problems = 0
-    for mc, fd in check_members(
-        f.folder, f.collection, whole_file=False, progress=lambda _n: stop.check(), keep_open=True
+    held = HeldFolder(f.folder)
+    folders.append(held)
+    for mc, _ in check_members(
+        f.folder, f.collection, whole_file=False, progress=lambda _n: stop.check(), root_fd=held.fd
     ):
         cf, check = mc.cf, mc.check
         blocks += cf.block_count
         have_blocks += check.valid_count
-        if fd is None or cf.cascade_hash in served:  # missing; or the same file twice, served once
-            if fd is not None:
-                os.close(fd)
-            elif cf.block_count:
+        if mc.seen is None or cf.cascade_hash in served:  # missing; or the same file twice, served once
+            if mc.seen is None and cf.block_count:
                 problems += 1
                 if problems <= _MEMBER_LINES:
                     lines.append(f"{mc.problem or f'{f.folder / mc.member.path}: missing'}: not served")
-            complete += fd is not None and check.valid_count == cf.block_count
+            complete += mc.seen is not None and check.valid_count == cf.block_count
             continue
         served.add(cf.cascade_hash)
-        store = BlockStore(cf, f.folder / mc.member.path, os.fdopen(fd, "rb", buffering=0), check.valid, False)
-        store.opener = member_opener(f.folder, mc.member.path)
-        stores.append(store)
+        path = mc.member.path
+        store = MemberStore(cf, f.folder / path, check.valid, held.opener(path), held.look(path), verified=mc.seen)
         server.add_store(store, watcher.wake)
         watcher.add(store, mc.seen)
         if check.valid_count == cf.block_count:
@@ -175,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
     server = bind_server(args.listen, BlockServerConfig(upload_rate=rate, idle_timeout=args.idle_timeout))
     announcer = Announcer(trackers, ip, server.address[1], interval=args.announce_interval)
 
-    def changed(store: BlockStore, before: int, after: int) -> None:
+    def changed(store: VerifiedBlocks, before: int, after: int) -> None:
         # A file with no valid block left is not announced; one that has some again is.
         if before and not after:
             announcer.discard(store.cascade_hash)
@@ -184,13 +184,16 @@ def run(args: argparse.Namespace) -> int:
 
     watcher = DataWatcher(on_change=changed)
     stores: list[BlockStore] = []
+    folders: list[HeldFolder] = []
     try:
         lines: list[str] = []
-        raise_file_limit(sum(len(f.collection.members) for f in files if isinstance(f, _SeedCollection)))
+        if any(isinstance(f, _SeedCollection) for f in files):
+            # Members are opened on demand, at most max_open_files while no reply holds more.
+            raise_file_limit(server.config.max_open_files)
         served: set[bytes] = set()
         for f in files:
             if isinstance(f, _SeedCollection):
-                lines += _seed_collection(f, server, watcher, announcer, stores, served, stop)
+                lines += _seed_collection(f, server, watcher, announcer, folders, served, stop)
                 continue
             if f.cf.cascade_hash in served:
                 continue
@@ -226,5 +229,7 @@ def run(args: argparse.Namespace) -> int:
         server.stop(1.0)
         for store in stores:
             store.close()
+        for held in folders:
+            held.close()
     log.info("peer stopped")
     return 0

@@ -61,6 +61,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from cascade.errors import DataError
 from cascade.wire import (
     BLOCK_MAGIC,
     BLOCK_REQUEST_SIZE,
@@ -77,8 +78,9 @@ from oscompat.fileio import SEND_CHUNK, PositionalFile, send_from_file
 from oscompat.poller import IN, OUT, Poller, make_poller, wait_writable
 from peer.common import REQUEST_LOGGER
 from peer.common import BlockServerConfig as BlockServerConfig  # the policy is passed with the server
+from peer.openfiles import OpenFile, OpenFiles
 from peer.ratelimit import TokenBucket
-from peer.storage import BlockStore
+from peer.storage import BlockStore, MemberStore, NotAsVerified, VerifiedBlocks, signature_of
 from peer.superseed import SuperSeeder
 
 log = logging.getLogger("peer.server")
@@ -123,7 +125,9 @@ class _Close(Exception):
 class _Served:
     """What a request needs to know about one served file, computed once."""
 
-    store: BlockStore
+    # A BlockStore holds its file open (``fd``); a MemberStore is opened on demand
+    # through the server's OpenFiles, and ``fd`` is -1.
+    store: BlockStore | MemberStore
     fd: int
     count: int
     block_size: int
@@ -132,8 +136,9 @@ class _Served:
     last_header: bytes
     # Sends per block and the offers made to have-map askers (docs/protocol-extensions.md).
     seeder: SuperSeeder
-    # For a watched file (see add_store): called when an fstat shows it changed.
-    changed: Callable[[BlockStore], None] | None = None
+    # For a watched file (see add_store): called when an fstat shows it changed, or
+    # (a member) when it could not be reopened as verified.
+    changed: Callable[[VerifiedBlocks], None] | None = None
     seen: tuple[int, int, int] = (0, 0, 0)
     tick: int = 0
 
@@ -162,6 +167,7 @@ class _Conn:
         "out_keep",
         "out_left",
         "out_offset",
+        "out_open",
         "out_src",
         "partial_since",
         "sock",
@@ -184,6 +190,8 @@ class _Conn:
         self.out_head = b""
         self.out_fd = -1
         self.out_src: PositionalFile | None = None  # out_fd for the read-and-send fallback
+        # A member's descriptor held from the server's OpenFiles until the reply is sent whole.
+        self.out_open: OpenFile | None = None
         self.out_offset = 0
         self.out_left = 0
         self.out_credit = 0  # bytes already taken from the rate limiter
@@ -233,6 +241,8 @@ class BlockServer:
         self.header_timeout = min(cfg.header_timeout, cfg.idle_timeout)
         self._limiter = TokenBucket(cfg.upload_rate, clock=clock, sleep=sleep) if cfg.upload_rate else None
         self._served: dict[bytes, _Served] = {}
+        # The collection members open now, at most cfg.max_open_files that no reply holds.
+        self.open_files = OpenFiles(cfg.max_open_files, self.features)
         self._conns: dict[int, _Conn] = {}
         # Held while a worker hands a connection back to the selector (``idle``
         # set, then the poller re-armed) and while the selector closes an idle one,
@@ -262,20 +272,25 @@ class BlockServer:
 
     # --- files ---------------------------------------------------------------
 
-    def add_store(self, store: BlockStore, changed: Callable[[BlockStore], None] | None = None) -> None:
+    def add_store(
+        self, store: BlockStore | MemberStore, changed: Callable[[VerifiedBlocks], None] | None = None
+    ) -> None:
         """Serve ``store`` under its cascade hash (replacing an earlier store for the same hash).
 
-        With ``changed``, requests now and then ``fstat`` the data file and
-        call ``changed(store)`` (from a worker thread: it must be quick) when
-        its size or times moved, so a re-verification need not wait for the
-        next periodic look. Raises ``OSError`` if the file cannot be ``fstat``-ed.
+        A :class:`MemberStore` is opened when a request needs it, through
+        :attr:`open_files`. With ``changed``, requests now and then ``fstat``
+        the data file and call ``changed(store)`` (from a worker thread: it
+        must be quick) when its size or times moved, or when a member could not
+        be reopened as the file verified, so a re-verification need not wait
+        for the next periodic look. Raises ``OSError`` if an open file cannot be ``fstat``-ed.
         """
         cf = store.cf
         last = cf.last_block_length
-        seen = _fstat_signature(store.fd) if changed is not None else (0, 0, 0)
+        fd = store.fd if isinstance(store, BlockStore) else -1
+        seen = _fstat_signature(fd) if changed is not None and fd >= 0 else (0, 0, 0)
         self._served[store.cascade_hash] = _Served(
             store=store,
-            fd=store.fd,
+            fd=fd,
             count=cf.block_count,
             block_size=cf.block_size,
             full_header=pack_block_response_header(BlockStatus.OK, cf.block_size),
@@ -375,6 +390,8 @@ class BlockServer:
             self._poller.close()
         self._wake_r.close()
         self._wake_w.close()
+        # Files a reply still holds (a worker that outlived the timeout) close on release.
+        self.open_files.close()
 
     # --- selector thread -----------------------------------------------------
 
@@ -556,6 +573,16 @@ class BlockServer:
             for served in list(self._served.values()):
                 served.seeder.forget(id(conn))
         conn.sock.close()
+        self._release(conn)
+
+    def _release(self, conn: _Conn) -> None:
+        """Give back the member file the finished (or abandoned) reply was sent from."""
+        held = conn.out_open
+        if held is not None:
+            conn.out_open = None
+            conn.out_fd = -1
+            conn.out_src = None
+            self.open_files.release(held)
 
     def _rearm(self, conn: _Conn, mask: int = IN) -> None:
         """Give the connection back to the selector thread (the caller must not touch it after)."""
@@ -621,6 +648,7 @@ class BlockServer:
             # A response to a slow reader, resumed now that its socket is writable.
             if not self._pump(conn):
                 return
+            self._release(conn)
             if not conn.out_keep:
                 self._close_after_reply(conn)
                 return
@@ -639,6 +667,7 @@ class BlockServer:
                 if not self._pump(conn):
                     conn.buf = buf[pos:]
                     return
+                self._release(conn)
                 if not conn.out_keep:
                     self._close_after_reply(conn)
                     return
@@ -715,22 +744,24 @@ class BlockServer:
             message = f"block number too large: block {index} requested, the file has {count} blocks"
             conn.out_head, conn.out_keep = _error_reply(BlockStatus.OUT_OF_RANGE, message), False
             return
+        store = served.store
+        if not store.has(index):
+            self._not_present(conn, index, keep)
+            return
+        if isinstance(store, BlockStore):
+            conn.out_fd = served.fd
+            conn.out_src = store.pfile
+        elif not self._open_member(conn, served, store, index):
+            self._not_present(conn, index, keep)
+            return
         if served.changed is not None:
             served.tick += 1  # unlocked: a lost increment only delays a check
             if not served.tick & (FSTAT_EVERY - 1):
-                self._check_file(served)
-        if not served.store.has(index):
-            if self._debug:
-                request_log.debug("%s: block %d not present", conn.name, index)
-            conn.out_head = _error_reply(BlockStatus.NOT_PRESENT, f"block not present: block {index}")
-            conn.out_keep = keep
-            return
+                self._check_file(served, conn.out_fd)
         if index == count - 1:
             conn.out_head, conn.out_left = served.last_header, served.last_length
         else:
             conn.out_head, conn.out_left = served.full_header, served.block_size
-        conn.out_fd = served.fd
-        conn.out_src = served.store.pfile
         conn.out_offset = index * served.block_size
         conn.out_keep = keep
         served.seeder.sent_block(index, id(conn), self._clock())
@@ -738,6 +769,38 @@ class BlockServer:
         self.bytes_sent += conn.out_left
         if self._debug:
             request_log.debug("%s: sending block %d (%d bytes)", conn.name, index, conn.out_left)
+
+    def _not_present(self, conn: _Conn, index: int, keep: bool) -> None:
+        if self._debug:
+            request_log.debug("%s: block %d not present", conn.name, index)
+        conn.out_head = _error_reply(BlockStatus.NOT_PRESENT, f"block not present: block {index}")
+        conn.out_keep = keep
+
+    def _open_member(self, conn: _Conn, served: _Served, store: MemberStore, index: int) -> bool:
+        """Hold a descriptor of the member for this reply; False (reply status 2) when it cannot be had.
+
+        A file that is no longer the one verified wakes the watcher, which
+        re-verifies it and logs one line; it is never served under the old hash.
+        """
+        try:
+            held = self.open_files.acquire(store)
+        except NotAsVerified as exc:
+            if self._debug:
+                request_log.debug("%s: block %d: %s", conn.name, index, exc)
+            if served.changed is not None:
+                served.changed(store)
+            return False
+        except DataError as exc:  # out of descriptors, say: try again later, the file is fine
+            if self._debug:
+                request_log.debug("%s: block %d: %s", conn.name, index, exc)
+            return False
+        if not store.has(index):  # re-verified meanwhile, and this block did not survive
+            self.open_files.release(held)
+            return False
+        conn.out_open = held
+        conn.out_fd = held.fd
+        conn.out_src = held.src
+        return True
 
     def _answer_have_map(self, conn: _Conn, served: _Served, keep: bool) -> None:
         """Queue the have map of ``served`` (docs/protocol-extensions.md): what it holds, and maybe an offer."""
@@ -760,14 +823,20 @@ class BlockServer:
                 "" if offer is None else f", {offer.count(1)} offered",
             )
 
-    def _check_file(self, served: _Served) -> None:
+    def _check_file(self, served: _Served, fd: int) -> None:
+        store = served.store
         try:
-            now = _fstat_signature(served.fd)
+            if isinstance(store, MemberStore):
+                # Against what was verified: the descriptor may be newer than the last look.
+                if signature_of(os.fstat(fd)) != store.verified and served.changed is not None:
+                    served.changed(store)
+                return
+            now = _fstat_signature(fd)
         except OSError:
             return  # closed meanwhile by stop(); the watcher's own look covers the rest
         if now != served.seen and served.changed is not None:
             served.seen = now
-            served.changed(served.store)
+            served.changed(store)
 
     # --- sending: zero-copy, rate-limited, never pinned by a slow reader ----------
 

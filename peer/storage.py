@@ -4,11 +4,14 @@ A :class:`BlockStore` is shared by the block server (which reads verified
 blocks with ``sendfile``) and the downloader (which writes blocks only after
 their SHA-256 matched). Unverified bytes never reach the data file, so after a
 crash a rescan with :func:`peer.localdata.check_data` finds every block that
-was ever written intact.
+was ever written intact. A :class:`MemberStore` is a collection's member
+seeded without a descriptor of its own: the block server opens it on demand
+and checks that it is still the file that was verified.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
@@ -26,12 +29,68 @@ from peer.localdata import DataCheck, check_data
 O_BINARY: int = getattr(os, "O_BINARY", 0)
 
 
-class BlockStore:
-    """One ``.cascade``'s data file on disk, with a map of its verified blocks.
+class VerifiedBlocks:
+    """Which blocks of one ``.cascade`` are verified: what the block server and the data watcher share.
 
     ``valid`` holds one byte per block. Reads of single bytes are safe without
-    the lock (the GIL makes them atomic); changes happen under ``_lock``.
+    the lock (the GIL makes them atomic); changes happen under ``_lock``. The
+    data itself is in a :class:`BlockStore` (a file held open) or a
+    :class:`MemberStore` (a collection's member, opened on demand).
     """
+
+    def __init__(self, cf: CascadeFile, path: Path, valid: bytearray, writable: bool) -> None:
+        self.cf = cf
+        self.cascade_hash = cf.cascade_hash
+        self.path = path
+        self.valid = valid
+        self.writable = writable
+        self._count = valid.count(1)
+        self._lock = threading.Lock()
+
+    def has(self, index: int) -> bool:
+        return 0 <= index < len(self.valid) and self.valid[index] == 1
+
+    @property
+    def verified_count(self) -> int:
+        return self._count
+
+    @property
+    def complete(self) -> bool:
+        return self._count == self.cf.block_count
+
+    def missing(self) -> list[int]:
+        return [i for i, v in enumerate(self.valid) if not v]
+
+    def disk_signature(self) -> DiskSignature | None:
+        """What the data file's path looks like now: identity, size and times; ``None`` when it is gone."""
+        raise NotImplementedError
+
+    def reverify(self, seen: DiskSignature | None, progress: Callable[[int], None] | None = None) -> int:
+        """Check the data file again and serve only the blocks that still match; returns the verified count.
+
+        Raises :class:`DataError`, after marking every block absent, when the file is gone or unreadable.
+        """
+        raise NotImplementedError
+
+    def as_verified(self) -> bool:
+        """False when the data file can be seen not to be the one verified, though its path looks the same."""
+        return True
+
+    def suspend(self) -> None:
+        """Mark every block absent (until :meth:`reverify` finds them again)."""
+        self._forget_all()
+
+    def _forget_all(self) -> None:
+        with self._lock:
+            self.valid[:] = bytes(len(self.valid))
+            self._count = 0
+
+    def close(self) -> None:
+        """Close what the store holds open (nothing for a :class:`MemberStore`)."""
+
+
+class BlockStore(VerifiedBlocks):
+    """One ``.cascade``'s data file on disk, held open, with a map of its verified blocks."""
 
     def __init__(
         self,
@@ -42,27 +101,17 @@ class BlockStore:
         writable: bool,
         features: Features | None = None,
     ) -> None:
-        self.cf = cf
-        self.cascade_hash = cf.cascade_hash
-        self.path = path
+        super().__init__(cf, path, valid, writable)
         self.file = fileobj
         self.fd = fileobj.fileno()
         # Positional reads and writes: pread/pwrite, or seek+read/write under its lock (oscompat.fileio).
         self.features = features or detect()
         self.pfile = PositionalFile(self.fd, self.features, writable)
-        self.valid = valid
-        self.writable = writable
-        self._count = valid.count(1)
-        self._lock = threading.Lock()
         # For write_block, which runs once per block: no property calls on the hot path.
         self._hashes = cf.block_hashes
         self._block_size = cf.block_size
         self._block_count = cf.block_count
         self._data_length = cf.data_length
-        # Set for a collection's member (peer seed): opens the file again without following
-        # any symlink on its path (peer.collection_local.open_member); the path is then
-        # looked at with lstat, and re-verification reads only what this opens.
-        self.opener: Callable[[], int] | None = None
 
     # --- opening -----------------------------------------------------------
 
@@ -109,22 +158,6 @@ class BlockStore:
             raise from_os_error(exc, p, "reserve space for the output file") from exc
         assert isinstance(f, io.FileIO)
         return cls(cf, p, f, bytearray(check.valid), writable=True, features=features)
-
-    # --- state -------------------------------------------------------------
-
-    def has(self, index: int) -> bool:
-        return 0 <= index < len(self.valid) and self.valid[index] == 1
-
-    @property
-    def verified_count(self) -> int:
-        return self._count
-
-    @property
-    def complete(self) -> bool:
-        return self._count == self.cf.block_count
-
-    def missing(self) -> list[int]:
-        return [i for i, v in enumerate(self.valid) if not v]
 
     # --- writing -----------------------------------------------------------
 
@@ -220,7 +253,7 @@ class BlockStore:
 
     def disk_signature(self) -> DiskSignature | None:
         """What the data file's path looks like now: identity, size and times; ``None`` when it is gone."""
-        return disk_signature(self.path, follow_symlinks=self.opener is None)
+        return disk_signature(self.path)
 
     def reverify(self, seen: DiskSignature | None, progress: Callable[[int], None] | None = None) -> int:
         """Check the data file again and serve only the blocks that still match; returns the verified count.
@@ -241,22 +274,15 @@ class BlockStore:
                 current = os.fstat(self.fd)
                 if (current.st_dev, current.st_ino) != seen[:2]:
                     # Open it before hashing, and check below that the path still names what we hashed.
-                    replacement = (
-                        self.opener() if self.opener is not None else os.open(self.path, os.O_RDONLY | O_BINARY)
-                    )
+                    replacement = os.open(self.path, os.O_RDONLY | O_BINARY)
                     opened = os.fstat(replacement)
                     if (opened.st_dev, opened.st_ino) != seen[:2]:
                         return self._count  # replaced again meanwhile: the next look sees it
             except OSError as exc:
                 self._forget_all()
                 raise from_os_error(exc, self.path, "read the data file") from exc
-            except DataError:  # the opener refused it: a symlink, not a regular file
-                self._forget_all()
-                raise
-            # A member is read only through what its opener opened, never by its path.
-            fd = None if self.opener is None else replacement if replacement >= 0 else self.fd
             try:
-                check = check_data(self.path, self.cf, whole_file=False, progress=progress, fd=fd)
+                check = check_data(self.path, self.cf, whole_file=False, progress=progress)
             except DataError:
                 self._forget_all()
                 raise
@@ -274,14 +300,123 @@ class BlockStore:
             if replacement >= 0:
                 os.close(replacement)
 
-    def suspend(self) -> None:
-        """Mark every block absent (until :meth:`reverify` finds them again)."""
-        self._forget_all()
 
-    def _forget_all(self) -> None:
-        with self._lock:
-            self.valid[:] = bytes(len(self.valid))
-            self._count = 0
+class NotAsVerified(DataError):
+    """A member's file on disk is no longer the one that was verified (changed, replaced, gone, or a link now)."""
+
+
+class MemberStore(VerifiedBlocks):
+    """A collection member served by ``peer seed`` without a descriptor of its own.
+
+    A 10,000-file collection must not need 10,000 open files: the block server
+    opens a member when a request needs it (:meth:`open`, through its bounded
+    :class:`peer.openfiles.OpenFiles`) and closes it when others need the room.
+    ``opener`` opens the file relative to the collection's folder, held open,
+    following no symlink on the way (:func:`peer.collection_local.open_member`);
+    ``look`` is the path's :data:`DiskSignature` taken the same way, for the
+    data watcher. Each opening is checked against ``verified``, the signature
+    of the file as it was when hashed, so a file changed or replaced while it
+    was closed is never served under the old hash: :meth:`open` refuses it and
+    the watcher re-verifies it (:meth:`reverify`), which moves ``generation`` on
+    so that descriptors opened before are not used again.
+    """
+
+    def __init__(
+        self,
+        cf: CascadeFile,
+        path: Path,
+        valid: bytearray,
+        opener: Callable[[], int],
+        look: Callable[[], DiskSignature | None],
+        verified: DiskSignature,
+    ) -> None:
+        super().__init__(cf, path, valid, writable=False)
+        self._opener = opener
+        self._look = look
+        self.verified = verified
+        self.generation = 0
+
+    def open(self) -> int:
+        """Open the data file and check it is the one verified; returns a descriptor the caller closes.
+
+        Raises :class:`NotAsVerified` when the file changed, was replaced, is
+        gone or reached through a link, and :class:`DataError` for any other
+        failure (out of descriptors, say), which says nothing about the file.
+        """
+        expected = self.verified
+        try:
+            fd = self._opener()
+        except DataError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, OSError) and cause.errno not in _GONE_ERRNOS:
+                raise  # EMFILE, EIO, ...: nothing is known about the file itself
+            raise NotAsVerified(str(exc)) from exc
+        try:
+            now = signature_of(os.fstat(fd))
+        except OSError as exc:
+            os.close(fd)
+            raise from_os_error(exc, self.path, "read the data file") from exc
+        if now != expected:
+            os.close(fd)
+            raise NotAsVerified(f"{self.path}: changed since it was verified")
+        return fd
+
+    def as_verified(self) -> bool:
+        """False when :meth:`open` refuses the file as not the one verified."""
+        try:
+            os.close(self.open())
+        except NotAsVerified:
+            return False
+        except DataError:
+            return True  # out of descriptors, say: nothing known against the file
+        return True
+
+    def disk_signature(self) -> DiskSignature | None:
+        """What the member's path looks like now (no symlink followed at its end); ``None`` when it is gone."""
+        return self._look()
+
+    def reverify(self, seen: DiskSignature | None, progress: Callable[[int], None] | None = None) -> int:
+        """Check the member again, through a descriptor its opener gives; returns the verified count.
+
+        ``seen`` is :meth:`disk_signature` taken before the call. What is hashed
+        becomes what :meth:`open` accepts from now on. Raises :class:`DataError`,
+        after marking every block absent, when the file is gone, a link or unreadable.
+        """
+        if seen is None:
+            self._forget_all()
+            raise DataError(f"{self.path}: the data file is gone")
+        try:
+            fd = self._opener()
+        except DataError:
+            self._forget_all()
+            raise
+        try:
+            try:
+                now = signature_of(os.fstat(fd))
+            except OSError as exc:
+                self._forget_all()
+                raise from_os_error(exc, self.path, "read the data file") from exc
+            if now[:2] != seen[:2]:
+                return self._count  # replaced again meanwhile: the next look sees it
+            try:
+                check = check_data(self.path, self.cf, whole_file=False, progress=progress, fd=fd)
+            except DataError:
+                self._forget_all()
+                raise
+            with self._lock:
+                # The signature taken before hashing: a change made while hashing makes open() refuse.
+                self.verified = now
+                self.generation += 1
+                self.valid[:] = check.valid
+                self._count = check.valid_count
+            return self._count
+        finally:
+            os.close(fd)
+
+
+# Errors of the opener that mean the member's path no longer leads to the verified
+# file: gone, a link on the way, a folder where a file was or the reverse.
+_GONE_ERRNOS = frozenset({errno.ENOENT, errno.ELOOP, errno.EMLINK, errno.ENOTDIR, errno.EISDIR})
 
 
 # (device, inode, size, mtime, ctime) of a data file's path: a changed inode is
@@ -295,4 +430,9 @@ def disk_signature(path: Path, follow_symlinks: bool = True) -> DiskSignature | 
         st = os.stat(path, follow_symlinks=follow_symlinks)
     except OSError:
         return None
+    return signature_of(st)
+
+
+def signature_of(st: os.stat_result) -> DiskSignature:
+    """The :data:`DiskSignature` of a ``stat`` or ``fstat`` result."""
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
