@@ -396,26 +396,17 @@ class HeldFolder:
         self.path = folder
         self.fd = open_root(folder)
 
-    def opener(self, path: str) -> Callable[[], int]:
-        """A function that opens member ``path`` as :func:`open_member` does (raises as it does)."""
-        shown = self.path / path
+    def open_member(self, path: str) -> int:
+        """Open member ``path`` as :func:`open_member` does (and raises as it does)."""
+        return open_member(self.fd, path, self.path / path)
 
-        def opener() -> int:
-            return open_member(self.fd, path, shown)
-
-        return opener
-
-    def look(self, path: str) -> Callable[[], DiskSignature | None]:
-        """A function that gives member ``path``'s signature (its last component not followed); ``None`` when gone."""
-
-        def look() -> DiskSignature | None:
-            try:
-                st = os.stat(path, dir_fd=self.fd, follow_symlinks=False)
-            except OSError:
-                return None
-            return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-        return look
+    def look(self, path: str) -> DiskSignature | None:
+        """Member ``path``'s signature (its last component not followed); ``None`` when it is gone."""
+        try:
+            st = os.stat(path, dir_fd=self.fd, follow_symlinks=False)
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
     def close(self) -> None:
         os.close(self.fd)

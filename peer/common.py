@@ -51,7 +51,7 @@ class BlockServerConfig:
     # connection (512), seeding stays near the usual 1,024-descriptor limit that
     # peer seed raises to 1,280 (peer.collection_local.raise_file_limit); and it is
     # far more than the members a few fetchers ask for at once, so their requests
-    # hit. A miss costs about 13 us (open walk, fstat, close), a hit 1 us (BENCHMARKS.md).
+    # hit. A miss costs 13-18 us (open walk, fstat, close), a hit 1 us (BENCHMARKS.md).
     max_open_files: int = 256
     # Whole-process upload limit in bytes per second; None (or 0, as ``--max-upload-rate 0`` says): no limit.
     upload_rate: int | None = None

@@ -18,6 +18,7 @@ import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from cascade.errors import BlockHashMismatch, DataError, from_os_error
 from cascade.metafile import HASH_SIZE, CascadeFile
@@ -37,6 +38,9 @@ class VerifiedBlocks:
     data itself is in a :class:`BlockStore` (a file held open) or a
     :class:`MemberStore` (a collection's member, opened on demand).
     """
+
+    # Slots: a collection has a store per member, and ``peer seed`` holds them all.
+    __slots__ = ("_count", "_lock", "cascade_hash", "cf", "path", "valid", "writable")
 
     def __init__(self, cf: CascadeFile, path: Path, valid: bytearray, writable: bool) -> None:
         self.cf = cf
@@ -305,34 +309,48 @@ class NotAsVerified(DataError):
     """A member's file on disk is no longer the one that was verified (changed, replaced, gone, or a link now)."""
 
 
+class MemberFolder(Protocol):
+    """Where a :class:`MemberStore`'s file lives: a collection's folder, held open while it is seeded."""
+
+    def open_member(self, path: str) -> int:
+        """Open member ``path`` following no symlink; raises :class:`DataError` (a link, missing, unreadable)."""
+        ...
+
+    def look(self, path: str) -> DiskSignature | None:
+        """Member ``path``'s signature now (its last component not followed); ``None`` when it is gone."""
+        ...
+
+
 class MemberStore(VerifiedBlocks):
     """A collection member served by ``peer seed`` without a descriptor of its own.
 
     A 10,000-file collection must not need 10,000 open files: the block server
     opens a member when a request needs it (:meth:`open`, through its bounded
     :class:`peer.openfiles.OpenFiles`) and closes it when others need the room.
-    ``opener`` opens the file relative to the collection's folder, held open,
-    following no symlink on the way (:func:`peer.collection_local.open_member`);
-    ``look`` is the path's :data:`DiskSignature` taken the same way, for the
-    data watcher. Each opening is checked against ``verified``, the signature
-    of the file as it was when hashed, so a file changed or replaced while it
-    was closed is never served under the old hash: :meth:`open` refuses it and
-    the watcher re-verifies it (:meth:`reverify`), which moves ``generation`` on
-    so that descriptors opened before are not used again.
+    ``folder`` opens member ``member`` relative to the collection's folder, held
+    open, following no symlink on the way (:func:`peer.collection_local.open_member`),
+    and gives its path's :data:`DiskSignature` for the data watcher. Each
+    opening is checked against ``verified``, the signature of the file as it
+    was when hashed, so a file changed or replaced while it was closed is never
+    served under the old hash: :meth:`open` refuses it and the watcher
+    re-verifies it (:meth:`reverify`), which moves ``generation`` on so that
+    descriptors opened before are not used again.
     """
+
+    __slots__ = ("_folder", "_member", "generation", "verified")
 
     def __init__(
         self,
         cf: CascadeFile,
         path: Path,
         valid: bytearray,
-        opener: Callable[[], int],
-        look: Callable[[], DiskSignature | None],
+        folder: MemberFolder,
+        member: str,
         verified: DiskSignature,
     ) -> None:
         super().__init__(cf, path, valid, writable=False)
-        self._opener = opener
-        self._look = look
+        self._folder = folder
+        self._member = member
         self.verified = verified
         self.generation = 0
 
@@ -345,7 +363,7 @@ class MemberStore(VerifiedBlocks):
         """
         expected = self.verified
         try:
-            fd = self._opener()
+            fd = self._folder.open_member(self._member)
         except DataError as exc:
             cause = exc.__cause__
             if isinstance(cause, OSError) and cause.errno not in _GONE_ERRNOS:
@@ -373,7 +391,7 @@ class MemberStore(VerifiedBlocks):
 
     def disk_signature(self) -> DiskSignature | None:
         """What the member's path looks like now (no symlink followed at its end); ``None`` when it is gone."""
-        return self._look()
+        return self._folder.look(self._member)
 
     def reverify(self, seen: DiskSignature | None, progress: Callable[[int], None] | None = None) -> int:
         """Check the member again, through a descriptor its opener gives; returns the verified count.
@@ -386,7 +404,7 @@ class MemberStore(VerifiedBlocks):
             self._forget_all()
             raise DataError(f"{self.path}: the data file is gone")
         try:
-            fd = self._opener()
+            fd = self._folder.open_member(self._member)
         except DataError:
             self._forget_all()
             raise
