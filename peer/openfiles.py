@@ -7,8 +7,9 @@ holds none: the server asks :class:`OpenFiles` for a descriptor when a request
 needs one. Each handed-out :class:`OpenFile` is counted until it is released
 (a ``sendfile`` to a slow reader may hold it for a while), and only files no
 request holds are closed, least recently used first, when more than ``cap``
-are open. So the descriptors are at most ``max(cap, responses in flight)``:
-bounded by the connections, never by the number of files.
+are open. So the descriptors are at most ``max(cap, responses in flight)``, plus
+for an instant one per worker thread opening a file before the least recently
+used one is closed: bounded by the connections, never by the number of files.
 
 A file is opened by :meth:`MemberStore.open`, which refuses one that is not
 the file verified. An open file belongs to the store's ``generation``; once the
@@ -67,6 +68,10 @@ class OpenFiles:
     def open_count(self) -> int:
         """Descriptors open now (held or idle)."""
         return self._count
+
+    def is_open(self, store: MemberStore) -> bool:
+        """Whether a descriptor of ``store``'s file is in the table now (held or idle)."""
+        return store in self._files
 
     def acquire(self, store: MemberStore) -> OpenFile:
         """A descriptor of ``store``'s file, held until :meth:`release`.

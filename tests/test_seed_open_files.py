@@ -10,6 +10,7 @@ one line, as a single file is. In-process servers on 127.0.0.1 and socketpairs.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import random
@@ -31,7 +32,7 @@ from peer.localdata import check_data
 from peer.planner import FetchPolicy
 from peer.server import BlockServer, BlockServerConfig
 from peer.storage import BlockStore, MemberStore
-from tests.test_peer_server import TIMEOUT, connect, read_response, recv_exact, req
+from tests.test_peer_server import TIMEOUT, connect, read_response, recv_exact, req, wait_until
 
 pytestmark = pytest.mark.loopback
 
@@ -161,9 +162,11 @@ def test_twenty_members_reach_fetchers_with_at_most_the_cap_open(tmp_path: Path)
         assert not any(t.is_alive() for t in threads)
         for path in paths:
             assert (out / path.replace("/", "_")).read_bytes() == data[path], path
-        # Replies are held only by the 2 workers, never parked here: the cap is never passed.
+        # Replies are held only by the 2 workers, never parked here: the table never passes the cap.
         assert s.server.open_files.peak <= CAP
-        assert most[0] <= CAP
+        # On the disk side a miss opens its file before the least recently used one is closed,
+        # so each worker may add one for an instant.
+        assert most[0] <= CAP + 2
         assert member_fds(root) <= CAP
         assert s.server.open_files.opened >= len(paths) - 1  # every member with data was opened
     assert member_fds(root) == 0  # stopping closes them
@@ -201,9 +204,17 @@ def test_a_member_changed_while_closed_is_not_served_under_the_old_hash(
         port = s.server.address[1]
         store = s.stores[target]
         assert get(port, store, 1) == (0, expected_block(s, target, 1))
-        for path in sorted(sizes)[6:12]:  # more than CAP others: the target's file is closed
-            assert get(port, s.stores[path], 0)[0] == 0
-        assert str((root / target).resolve()) not in open_under(root), "the member should be closed by now"
+        others = itertools.cycle(sorted(sizes)[6:12])
+
+        def closed() -> bool:
+            # Others asked for, one more each time: the target's file goes once it is the least
+            # recently used one that no reply holds (its worker may release it a moment late).
+            assert get(port, s.stores[next(others)], 0)[0] == 0
+            return not s.server.open_files.is_open(store)
+
+        wait_until(closed, "the member's file to be closed")
+        if os.path.isdir("/proc/self/fd"):
+            assert str((root / target).resolve()) not in open_under(root)
         on_disk = root / target
         old = data[target]
         if how == "replaced":
