@@ -5,6 +5,14 @@ take, what an answer means for the peer) belong to the planner
 (:mod:`peer.planner`), reached through the :class:`Shell` the coordinator
 passes in; this module does the socket I/O.
 
+For a collection (:class:`Members`), block numbers are those of one block
+space over every member (:class:`peer.planner.Spans`): each request names the
+member's cascade hash and its own block number, so one connection carries
+requests for any member. A status 1 for a member means the peer does not
+serve that one: the planner stops asking it for that member, and the
+connection (which the server closes) is made again. Have maps are per file
+and not asked for a collection.
+
 A connection keeps several requests in flight (PROTOCOL.md section 5,
 ``KEEPOPEN``). Whether a server does keep connections open is learnt on the
 first connection to it (the *probe*): a server that closes, resets or goes
@@ -100,6 +108,21 @@ def describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+class Members(Protocol):
+    """A collection's members as one block space, as a connection sees them."""
+
+    @property
+    def max_block_size(self) -> int: ...
+
+    def block_length(self, i: int) -> int:
+        """The length of block ``i`` of the space."""
+        ...
+
+    def request(self, i: int, keep_open: bool) -> bytes:
+        """The block request for block ``i`` of the space (its member's hash and own block number)."""
+        ...
+
+
 class Shell(Protocol):
     """What a connection asks of the coordinator (which asks the planner, under its lock)."""
 
@@ -128,6 +151,10 @@ class Shell(Protocol):
         ...
 
     def lacked(self, session: Session, i: int) -> None: ...
+
+    def lacks_member(self, session: Session, i: int) -> None:
+        """The peer does not serve the collection member of block ``i`` (status 1)."""
+        ...
 
     def have_map(self, session: Session, have: HaveMap) -> None:
         """The peer's have map (its length checked against the file)."""
@@ -243,20 +270,24 @@ class Connection:
         session: Session,
         cf: CascadeFile,
         connect_timeout: float,
+        members: Members | None = None,
     ) -> None:
         self.shell = shell
         self.session = session
         self.cf = cf
         self.connect_timeout = connect_timeout
-        self.reader = Reader(None, cf.block_size)
+        # A collection: block numbers are of its block space, ``cf`` names no file.
+        self.members = members
+        self.reader = Reader(None, cf.block_size if members is None else members.max_block_size)
         self._hash = cf.cascade_hash
+        self._length = cf.block_length if members is None else members.block_length
         # Responses read on this connection (for the keep-open probe).
         self.responses = 0
         # When the last have-map request went out (time.monotonic), and whether one is in flight.
         self.map_asked = float("-inf")
         self.map_pending = False
         # Maps are read through the read buffer: a file whose maps do not fit is fetched without them.
-        self.maps_fit = 2 * have_map_size(cf.block_count) <= READ_BUFFER // 2
+        self.maps_fit = members is None and 2 * have_map_size(cf.block_count) <= READ_BUFFER // 2
         # Not on the connection right after a status 1 to a map request (see _read_map).
         self.blind_probe = session.peer.map_refused
         self.ask_maps = self.maps_fit and not self.blind_probe
@@ -271,6 +302,8 @@ class Connection:
             self._pipelined(first)
 
     def _request(self, i: int) -> bytes:
+        if self.members is not None:
+            return self.members.request(i, not self.session.peer.plain)
         return pack_block_request(i, self._hash, keep_open=not self.session.peer.plain)
 
     def _closes_after_one(self) -> bool:
@@ -397,7 +430,7 @@ class Connection:
             shell.answered(session)
         if status == BlockStatus.OK:
             # The one length check on a block's path: before its body is read.
-            expected = self.cf.block_length(i)
+            expected = self._length(i)
             if length != expected:
                 raise Offence(f"announced {length} bytes for block {i}, which has {expected}")
             shell.arrived(session, i, reader.body(length))
@@ -413,6 +446,12 @@ class Connection:
             peer.plain = True
             peer.keepopen = False
             raise Downgrade("rejected a KEEPOPEN request; using plain requests")
+        elif status == BlockStatus.INVALID_HASH and self.members is not None:
+            # It does not serve this member (a fetcher that has not started it): it closes now.
+            if length <= MAX_MESSAGE:
+                reader.body(length)
+            shell.lacks_member(session, i)
+            raise Downgrade(f"does not serve the member of block {i}")
         elif status in (BlockStatus.INVALID_HASH, BlockStatus.OUT_OF_RANGE, BlockStatus.BAD_REQUEST):
             message = bytes(reader.body(length)).decode("utf-8", "replace") if length <= MAX_MESSAGE else ""
             raise Drop(f"answered status {status}: {message[:200]}")

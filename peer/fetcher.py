@@ -48,7 +48,7 @@ from peer.connection import (
     describe,
 )
 from peer.hasher import PrefixHasher
-from peer.planner import FetchPolicy, PeerAddr, PeerInfo, Planner, Session
+from peer.planner import FetchPolicy, PeerAddr, PeerInfo, Planner, Session, Spans
 from peer.ratelimit import TokenBucket
 from peer.storage import BlockStore
 
@@ -127,21 +127,45 @@ class Fetcher:
     ) -> None:
         self.store = store
         self.cf = store.cf
-        self.policy = policy or FetchPolicy()
+        self._setup(
+            store.valid, self.cf.block_size, self.cf.block_size, list_peers, policy, my_port, clock, rng, spans=None
+        )
+        self._hasher = PrefixHasher(store, clock)
+        if store.complete:
+            self._complete.set()
+
+    def _setup(
+        self,
+        valid: bytearray,
+        block_size: int,
+        max_block_size: int,
+        list_peers: Callable[[], Iterable[PeerInfo]],
+        policy: FetchPolicy | None,
+        my_port: int | None,
+        clock: Clock,
+        rng: random.Random | None,
+        spans: Spans | None,
+    ) -> None:
+        """The state every download has: its planner and the coordinator's locks, events and connects.
+
+        ``block_size`` is the typical block length (the planner's depth and timeouts follow it),
+        ``max_block_size`` the largest (buffers are sized for it).
+        """
+        self.policy = pol = policy or FetchPolicy()
         self._list_peers = list_peers
         self._my_port = my_port
         self._clock = clock
-        bs = max(self.cf.block_size, 1)
-        pol = self.policy
+        bs = max(max_block_size, 1)
         self.planner = Planner(
-            bytearray(store.valid),
-            self.cf.block_size,
+            bytearray(valid),
+            max(block_size, 1),
             pol,
             rng or random.Random(),
             max_sessions=max(1, min(pol.max_peers, BLOCK_BUFFERS_LIMIT // bs)),
             max_depth=max(2, min(pol.max_depth, pol.inflight_bytes // bs)),
             start=clock.now(),
             my_port=my_port,
+            spans=spans,
         )
         # Every call into the planner holds this lock.
         self._lock = threading.Lock()
@@ -154,13 +178,10 @@ class Fetcher:
         self._threads: list[threading.Thread] = []
         # The open connection of each session, to shut it down on eviction or stop.
         self._socks: dict[Session, socket.socket] = {}
-        self._hasher = PrefixHasher(store, clock)
         self._connector = Connector()
         self._last_peers = 0
-        rate = self.policy.max_download_rate
+        rate = pol.max_download_rate
         self._bucket = TokenBucket(rate) if rate else None
-        if store.complete:
-            self._complete.set()
 
     # --- public -------------------------------------------------------------
 
@@ -182,11 +203,10 @@ class Fetcher:
         :class:`DataError` (e.g. disk full) and :class:`CascadeError` for a
         whole-file hash mismatch.
         """
-        store, clock, planner, lock = self.store, self._clock, self.planner, self._lock
+        clock, planner, lock = self._clock, self.planner, self._lock
         start = clock.now()
-        resumed = store.verified_count
-        hasher = self._hasher
-        hasher.start()
+        resumed = self._verified_count()
+        self._begin()
         with lock:
             planner.begin(start)
         try:
@@ -221,14 +241,49 @@ class Fetcher:
             self._stop.set()
             self._complete.set()
             self._shutdown()
-            if not store.complete or self._fatal is not None:
-                hasher.abandon()
+            if not self._all_verified() or self._fatal is not None:
+                self._abandon()
         if self._fatal is not None:
             raise self._fatal
-        if not store.complete:
+        if not self._all_verified():
             raise CascadeError("interrupted before the download completed")
         if on_tick is not None:
             on_tick(self._progress())
+        return self._finish(start, resumed)
+
+    # --- what differs for a collection (peer.collection_fetch.CollectionFetcher) -----------
+
+    def _verified_count(self) -> int:
+        return self.store.verified_count
+
+    def _all_verified(self) -> bool:
+        return self.store.complete
+
+    def _begin(self) -> None:
+        self._hasher.start()
+
+    def _abandon(self) -> None:
+        self._hasher.abandon()
+
+    def _write(self, i: int, body: memoryview) -> bool:
+        """Verify and write block ``i``; False when another copy was verified first.
+
+        Raises :class:`BlockHashMismatch` and :class:`DataError`.
+        """
+        if self.store.write_sized_block(i, body):
+            self._hasher.block_verified()
+            return True
+        return False
+
+    def _connection(self, session: Session) -> Connection:
+        return Connection(self, session, self.cf, self.policy.connect_timeout)
+
+    def _finish(self, start: float, resumed: int) -> FetchResult:
+        """Every block is verified: check the whole-file hash; the figures of the download.
+
+        Raises :class:`DataError` on a mismatch or a failed write.
+        """
+        clock, planner, store, hasher = self._clock, self.planner, self.store, self._hasher
         finishing = clock.now()
         log.debug("all blocks verified in %.3f s", finishing - start)
         store.fix_length()
@@ -374,7 +429,7 @@ class Fetcher:
     def _worker(self, session: Session, sock: socket.socket) -> None:
         peer, planner = session.peer, self.planner
         try:
-            Connection(self, session, self.cf, self.policy.connect_timeout).run(sock)
+            self._connection(session).run(sock)
         except Offence as exc:
             with self._lock:
                 banned = planner.offence(session, str(exc), self._clock.now())
@@ -439,7 +494,7 @@ class Fetcher:
             wrote = False
         else:
             try:
-                wrote = self.store.write_sized_block(i, body)
+                wrote = self._write(i, body)
             except BlockHashMismatch as exc:
                 raise Offence(f"sent a corrupt block {i}") from exc
         now = self._clock.now()
@@ -448,11 +503,9 @@ class Fetcher:
                 done = self.planner.verified(session, i, len(body), now)
             else:
                 self.planner.duplicate(session, i, len(body), now)
-        if wrote:
-            self._hasher.block_verified()
-            if done.complete:
-                self._complete.set()
-                self._wake.set()
+        if wrote and done.complete:
+            self._complete.set()
+            self._wake.set()
 
     def have_map(self, session: Session, have: HaveMap) -> None:
         with self._lock:
@@ -461,6 +514,10 @@ class Fetcher:
     def lacked(self, session: Session, i: int) -> None:
         with self._lock:
             self.planner.not_present(session, i, self._clock.now())
+
+    def lacks_member(self, session: Session, i: int) -> None:
+        with self._lock:
+            self.planner.lacks_member(session, i, self._clock.now())
 
     def throttle(self, length: int) -> None:
         if self._bucket is not None:

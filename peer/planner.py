@@ -23,6 +23,9 @@ Events (methods) and the actions they return:
 - :meth:`Planner.offence` -> True when the peer is now banned;
   :meth:`Planner.failed`: a connection broke, timed out or was refused.
 - :meth:`Planner.session_ended`.
+- :meth:`Planner.lacks_member`: a peer does not serve one member of a
+  collection (status 1); it is not asked for that member's blocks for
+  ``member_lack_ttl``.
 - :meth:`Planner.tick` -> the session to evict (a far-too-slow peer), if any;
   it also switches between file order and random order.
   :meth:`Planner.stall` -> the error line once no block came for too long.
@@ -43,12 +46,19 @@ holds (``PeerState.holds``); connect candidates are ranked (good, recently
 seen, never failed first), a huge tracker reply is sampled, unreachable
 addresses are set aside with a backoff, a far-too-slow peer gives its slot to
 an untried one, and a peer is banned after ``ban_after`` offences.
+
+Collections: the members of a collection are one block space, their blocks
+concatenated in member order (:class:`Spans` maps a block back to its member
+and the member's own block number, for the request). The same planner then
+runs over every member at once, so one connection per peer carries requests
+for any member.
 """
 
 from __future__ import annotations
 
 import random
 from array import array
+from bisect import bisect_right
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -119,6 +129,9 @@ class FetchPolicy:
     max_download_rate: int | None = None
     # A peer that answered "not present" is not asked for that block again for this long.
     lack_ttl: float = 1.0
+    # A peer that does not serve a collection's member (status 1) is not asked for its blocks
+    # for this long (arbitrary: a fetcher that lacked it may have started it since).
+    member_lack_ttl: float = 10.0
     # The lowest missing block holds up the whole-file hash: when it has been in
     # flight this long, a second peer is asked for it too (the head-of-file race).
     # Twice target_latency: a healthy pipeline delivers it sooner.
@@ -180,6 +193,9 @@ class PeerState:
     # Known to lack (answered "not present" since lacks_since) ...
     lacks: set[int] = field(default_factory=set)
     lacks_since: float = 0.0
+    # Members of a collection it does not serve (status 1): member -> until when. Their
+    # blocks are in ``lacks`` too, put back each time ``lacks`` is cleared.
+    lacks_members: dict[int, float] = field(default_factory=dict)
     # ... and known to hold: one byte per block, None while unknown (filled in by
     # its have maps, docs/protocol-extensions.md, while a connection to it is open).
     holds: bytearray | None = None
@@ -219,6 +235,40 @@ class Session:
 
 
 # --- blocks -------------------------------------------------------------------
+
+
+class Spans:
+    """A collection's members as one block space: member ``m`` holds blocks ``starts[m]`` to ``starts[m + 1] - 1``.
+
+    ``counts`` are the members' block counts, in member order (0 for a member with no block).
+    """
+
+    def __init__(self, counts: Iterable[int]) -> None:
+        starts = array("Q", [0])
+        for c in counts:
+            starts.append(starts[-1] + c)
+        self.starts = starts
+        self.block_count = starts[-1]
+
+    def __len__(self) -> int:
+        return len(self.starts) - 1
+
+    def member(self, i: int) -> int:
+        """The member that holds block ``i`` (of the whole space); raises IndexError outside it."""
+        if not 0 <= i < self.block_count:
+            raise IndexError(f"block {i} is outside 0..{self.block_count - 1}")
+        # The last start <= i; a member with no block shares its start with the next one.
+        return bisect_right(self.starts, i) - 1
+
+    def locate(self, i: int) -> tuple[int, int]:
+        """(member, the member's own block number) of block ``i``."""
+        m = self.member(i)
+        return m, i - self.starts[m]
+
+    def blocks(self, m: int) -> range:
+        """The blocks of member ``m`` in the whole space."""
+        return range(self.starts[m], self.starts[m + 1])
+
 
 
 class Blocks:
@@ -599,8 +649,11 @@ class Planner:
         start: float,
         my_port: int | None = None,
         choose: ChooseBlocks = choose_rarest,
+        spans: Spans | None = None,
     ) -> None:
         self.policy = policy
+        # A collection's members (``have`` then covers them all, see Spans); None for one file.
+        self.spans = spans
         self.rng = rng
         self.blocks = Blocks(bytearray(have), policy.head_late)
         self.block_size = block_size
@@ -829,10 +882,43 @@ class Planner:
         peer = session.peer
         if peer.lacks and now - peer.lacks_since > self.policy.lack_ttl:
             peer.lacks.clear()
+            if peer.lacks_members:
+                peer.lacks_since = now
+                self._relack_members(peer, now)
         got = self.choose(self.blocks, peer, want, now, self.rng)
         peer.own.update(got)
         session.outstanding.extend(got)
         return got
+
+    def lacks_member(self, session: Session, i: int, now: float) -> bool:
+        """The session's peer does not serve the member of block ``i`` (status 1; the server closes).
+
+        It is not asked for that member's blocks for ``member_lack_ttl``. Returns True
+        when the peer should back off before the next connection: it delivered no block
+        on this one (a peer that serves nothing we need must not cost a connect per member).
+        """
+        spans = self.spans
+        if spans is None or not 0 <= i < spans.block_count:
+            return True
+        peer = session.peer
+        peer.lacks_members[spans.member(i)] = now + self.policy.member_lack_ttl
+        if not peer.lacks:
+            peer.lacks_since = now
+        self._relack_members(peer, now)
+        if session.blocks:
+            return False
+        self._backoff(peer, now)
+        return True
+
+    def _relack_members(self, peer: PeerState, now: float) -> None:
+        """Put the blocks of the members ``peer`` lacks back into its lacks; forget those expired."""
+        spans = self.spans
+        assert spans is not None  # lacks_members is filled only for a collection
+        for m, until in list(peer.lacks_members.items()):
+            if until <= now:
+                del peer.lacks_members[m]
+            else:
+                peer.lacks.update(spans.blocks(m))
 
     def have(self, i: int) -> bool:
         """Block ``i`` is verified already (another copy won the endgame): the body is not written."""
