@@ -31,33 +31,29 @@ import argparse
 import contextlib
 import errno
 import hashlib
-import io
 import logging
 import os
-import socket
+import queue
 import stat
 import sys
 import threading
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from array import array
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cascade.addresses import TrackerAddress
 from cascade.collection import Collection, Member
 from cascade.command import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
-from cascade.errors import CascadeError, DataError, ProtocolError, from_os_error
-from cascade.metafile import CascadeFile
+from cascade.errors import BlockHashMismatch, CascadeError, DataError, from_os_error
+from cascade.metafile import HASH_SIZE, CascadeFile
 from cascade.units import format_size
-from cascade.wire import (
-    BLOCK_RESPONSE_HEADER_SIZE,
-    BlockStatus,
-    pack_block_request,
-    unpack_block_response_header_from,
-)
+from cascade.wire import pack_block_request
 from peer.announcer import Announcer
+from peer.clock import REAL_CLOCK, Clock
 from peer.collection_local import (
     O_DIRECTORY,
     O_NOFOLLOW,
@@ -66,8 +62,10 @@ from peer.collection_local import (
     raise_file_limit,
     require_safe_tree_io,
 )
+from peer.connection import Connection
 from peer.fetcher import Fetcher, FetchPolicy, FetchResult, PeerInfo, Progress
 from peer.localdata import DataCheck, check_data
+from peer.planner import Session, Spans
 from peer.server import BlockServer
 from peer.storage import BlockStore
 from peer.trackers import TrackerSet
@@ -76,11 +74,9 @@ log = logging.getLogger("peer.fetch")
 
 # The folder under --out that holds the incomplete members (a member path may not use it).
 PARTIAL_DIR = ".cascade-partial"
-# Members downloading at once. Arbitrary: enough that a folder of small files keeps
-# the connections busy between one member's end and the next one's start.
-CONCURRENT_MEMBERS = 4
 LIST_TIMEOUT = 5.0
 
+O_NONBLOCK: int = getattr(os, "O_NONBLOCK", 0)  # opening a FIFO must not wait for a writer
 _DIR_FLAGS = os.O_RDONLY | O_DIRECTORY | O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
 
@@ -155,19 +151,19 @@ class _Job:
     result: FetchResult | None = None
     error: str | None = None
     already: bool = False  # complete before this run
-    fast: bool = False  # fetched whole over a shared connection (_FastSmall)
-    store: BlockStore | None = None
-    verified: int = 0  # bytes verified so far (for the one progress bar)
-    extra: dict[str, Any] = field(default_factory=dict)
+    store: BlockStore | None = None  # served after the fetch (--seed)
+    # Its place in the block space of the members to fetch (-1: not fetched, see fetch_collection).
+    slot: int = -1
 
 
 def _part_name(job: _Job) -> str:
     return f"{job.index}-{job.cf.cascade_hash.hex()[:16]}.part"
 
 
-def _final_state(out: OutFolder, job: _Job) -> BlockStore | None:
+def _final_state(out: OutFolder, job: _Job, keep: bool) -> BlockStore | None:
     """The member at its final name, complete, as a store to serve; ``None`` when the name is free.
 
+    With ``keep`` False the store's file is closed again (only whether it is complete matters).
     Raises :class:`MemberRefused` when something else is there (never overwritten).
     """
     shown = out.path / job.member.path
@@ -183,49 +179,39 @@ def _final_state(out: OutFolder, job: _Job) -> BlockStore | None:
         os.close(fd)
         raise
     if check.complete:
-        return BlockStore(job.cf, shown, os.fdopen(fd, "rb", buffering=0), check.valid, writable=False)
+        store = BlockStore(job.cf, shown, os.fdopen(fd, "rb", buffering=0), check.valid, writable=False)
+        if not keep:
+            store.close()
+        return store
     os.close(fd)
     raise MemberRefused(f"{shown}: exists and is not this file; not touching it")
 
 
-def _open_part(out: OutFolder, job: _Job) -> tuple[BlockStore, bool]:
-    """The member's ``.part`` as a writable store (created if needed); and whether this run created it."""
+def _check_part(out: OutFolder, job: _Job) -> DataCheck | None:
+    """The verified blocks of the ``.part`` a killed run left for this member; ``None`` when there is none.
+
+    Raises :class:`MemberRefused` for a symlink or a special file there, :class:`DataError` when unreadable.
+    """
     name = _part_name(job)
     shown = out.path / PARTIAL_DIR / name
-    flags = os.O_RDWR | os.O_CREAT | O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
     try:
-        created = False
-        try:
-            fd = os.open(name, flags | os.O_EXCL, 0o644, dir_fd=out.partial_fd)
-            created = True
-        except FileExistsError:
-            fd = os.open(name, flags, 0o644, dir_fd=out.partial_fd)
+        fd = os.open(name, os.O_RDONLY | O_NOFOLLOW | O_NONBLOCK | getattr(os, "O_CLOEXEC", 0), dir_fd=out.partial_fd)
+    except FileNotFoundError:
+        return None
     except OSError as exc:
         raise (
             _refusal(exc, shown)
             if exc.errno in (errno.ELOOP, errno.EMLINK)
             else from_os_error(exc, shown, "open the partial file")
         ) from exc
-    f = os.fdopen(fd, "r+b", buffering=0)
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise DataError(f"{shown}: not a regular file")
-        check = (
-            DataCheck(bytearray(job.cf.block_count), 0, 0, False)
-            if created
-            else check_data(shown, job.cf, whole_file=False, fd=fd, workers=1)
-        )
-        if st.st_size < job.cf.data_length:
-            os.ftruncate(fd, job.cf.data_length)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise MemberRefused(f"{shown}: not a regular file; not touching it")
+        return check_data(shown, job.cf, whole_file=False, fd=fd, workers=1)
     except OSError as exc:
-        f.close()
-        raise from_os_error(exc, shown, "reserve space for the partial file") from exc
-    except BaseException:
-        f.close()
-        raise
-    assert isinstance(f, io.FileIO)
-    return BlockStore(job.cf, shown, f, bytearray(check.valid), writable=True), created
+        raise from_os_error(exc, shown, "read the partial file") from exc
+    finally:
+        os.close(fd)
 
 
 def _place(out: OutFolder, job: _Job) -> None:
@@ -255,6 +241,364 @@ def _empty(out: OutFolder, job: _Job) -> None:
         os.close(parent)
 
 
+# .part files open for writing at once (arbitrary: a few more than the members a swarm
+# window spans; the least recently written is closed first, and reopened when needed).
+PART_FDS = 64
+
+
+class _Part:
+    """An open ``.part``: its descriptor and the writes under way on it (it is closed only without any)."""
+
+    __slots__ = ("closing", "fd", "pins")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.pins = 0
+        self.closing = False
+
+
+class MemberSet:
+    """The members left to fetch as one block space (:class:`peer.planner.Spans`): verified writes to their ``.part``.
+
+    Block ``i`` of the space is block ``j`` of member ``m`` (``spans.locate``); a
+    request names that member's cascade hash and ``j``. A block is written only once
+    its SHA-256 matched, to its member's ``.part`` through a descriptor from a small
+    LRU (``PART_FDS``): members not being written hold no descriptor. A member whose
+    blocks are all verified goes to the finisher thread, which checks its whole-file
+    hash (not again for a member of one block: that block's hash is the file's) and
+    gives it its final name (:func:`_place`). Thread-safe.
+    """
+
+    def __init__(self, out: OutFolder, jobs: list[_Job], started: float) -> None:
+        self.out = out
+        self.jobs = jobs
+        self.started = started
+        self.spans = Spans(j.cf.block_count for j in jobs)
+        for slot, job in enumerate(jobs):
+            job.slot = slot
+        self.valid = bytearray(self.spans.block_count)
+        self.total_bytes = sum(j.cf.data_length for j in jobs)
+        self.max_block_size = max((j.cf.block_size for j in jobs), default=1)
+        # The planner's depth and timeouts follow the mean block length.
+        self.block_size = max(1, self.total_bytes // max(1, self.spans.block_count))
+        self.verified = 0
+        self.verified_bytes = 0
+        n = len(jobs)
+        self._left = array("Q", (j.cf.block_count for j in jobs))
+        # Per member, what this run downloaded: blocks, bytes and from whom (for --json).
+        self.got_blocks = array("Q", bytes(8 * n))
+        self.got_bytes = array("Q", bytes(8 * n))
+        self.resumed = array("Q", bytes(8 * n))
+        self.sources: dict[int, dict[str, int]] = {}
+        self.done_at: dict[int, float] = {}
+        self._lock = threading.Lock()
+        self._parts: OrderedDict[int, _Part] = OrderedDict()
+        self._finish_q: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        self._finisher: threading.Thread | None = None
+        self._list_next = 0
+
+    # --- the connection's view (peer.connection.Members) -----------------------------
+
+    def block_length(self, i: int) -> int:
+        m, j = self.spans.locate(i)
+        return self.jobs[m].cf.block_length(j)
+
+    def request(self, i: int, keep_open: bool) -> bytes:
+        m, j = self.spans.locate(i)
+        return pack_block_request(j, self.jobs[m].cf.cascade_hash, keep_open=keep_open)
+
+    # --- state -------------------------------------------------------------------------
+
+    @property
+    def complete(self) -> bool:
+        return self.verified == self.spans.block_count
+
+    def next_to_list(self) -> _Job | None:
+        """The next member with blocks missing, round robin: whose peers the tracker is asked for next."""
+        n = len(self.jobs)
+        for k in range(n):
+            m = (self._list_next + k) % n
+            if self._left[m]:
+                self._list_next = m + 1
+                return self.jobs[m]
+        return None
+
+    # --- resuming ------------------------------------------------------------------------
+
+    def resume(self, checks: dict[int, DataCheck]) -> None:
+        """Take the verified blocks of the ``.part`` files a killed run left (``checks``, by member slot).
+
+        Members found whole go to the finisher first.
+        """
+        for m, check in checks.items():
+            job = self.jobs[m]
+            base, cf = self.spans.starts[m], job.cf
+            for j, v in enumerate(check.valid):
+                if v:
+                    self.valid[base + j] = 1
+                    self.verified += 1
+                    self.verified_bytes += cf.block_length(j)
+            self.resumed[m] = check.valid_count
+            self._left[m] = cf.block_count - check.valid_count
+            if not self._left[m]:
+                self._finish_q.put(m)
+
+    # --- writing -------------------------------------------------------------------------
+
+    def write(self, i: int, body: memoryview, source: str) -> bool:
+        """Verify block ``i`` and write it to its member's ``.part``; False when a copy was verified first.
+
+        Raises :class:`BlockHashMismatch` (nothing written) and :class:`DataError`.
+        """
+        m, j = self.spans.locate(i)
+        job = self.jobs[m]
+        cf = job.cf
+        start = j * HASH_SIZE
+        if hashlib.sha256(body).digest() != cf.block_hashes[start : start + HASH_SIZE]:
+            raise BlockHashMismatch(f"block {j} of {job.member.path} does not match its SHA-256")
+        part = self._pin(m)
+        try:
+            offset, view = j * cf.block_size, body
+            while view:
+                n = os.pwrite(part.fd, view, offset)
+                view, offset = view[n:], offset + n
+        except OSError as exc:
+            raise from_os_error(exc, self.out.path / PARTIAL_DIR / _part_name(job), f"write block {j}") from exc
+        finally:
+            self._unpin(m, part)
+        with self._lock:
+            if self.valid[i]:
+                return False
+            self.valid[i] = 1
+            self.verified += 1
+            n = len(body)
+            self.verified_bytes += n
+            self.got_blocks[m] += 1
+            self.got_bytes[m] += n
+            by = self.sources.setdefault(m, {})
+            by[source] = by.get(source, 0) + 1
+            self._left[m] -= 1
+            whole = not self._left[m]
+        if whole:
+            self._finish_q.put(m)
+        return True
+
+    def _pin(self, m: int) -> _Part:
+        """The open ``.part`` of member ``m`` (opened, or created at its full length, as needed), pinned."""
+        with self._lock:
+            part = self._parts.get(m)
+            if part is not None and not part.closing:
+                self._parts.move_to_end(m)
+                part.pins += 1
+                return part
+        fd = self._open(self.jobs[m])
+        with self._lock:
+            part = self._parts.get(m)
+            if part is not None and not part.closing:  # opened meanwhile by another connection
+                os.close(fd)
+            else:
+                part = self._parts[m] = _Part(fd)
+            self._parts.move_to_end(m)
+            part.pins += 1
+            # Over the cap: the least recently written members with no write under way lose their descriptor.
+            if len(self._parts) > PART_FDS:
+                for old in [k for k, p in self._parts.items() if not p.pins][: len(self._parts) - PART_FDS]:
+                    os.close(self._parts.pop(old).fd)
+            return part
+
+    def _unpin(self, m: int, part: _Part) -> None:
+        with self._lock:
+            part.pins -= 1
+            if part.closing and not part.pins:
+                os.close(part.fd)
+
+    def _close(self, m: int) -> None:
+        """Member ``m`` is written: its descriptor is closed (once the writes under way on it ended)."""
+        with self._lock:
+            part = self._parts.pop(m, None)
+            if part is None:
+                return
+            if part.pins:
+                part.closing = True  # a late duplicate is being written: its writer closes it
+            else:
+                os.close(part.fd)
+
+    def _open(self, job: _Job) -> int:
+        """Open (creating at its full length) the member's ``.part``; never through a symlink. Raises DataError."""
+        name = _part_name(job)
+        shown = self.out.path / PARTIAL_DIR / name
+        flags = os.O_RDWR | os.O_CREAT | O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(name, flags, 0o644, dir_fd=self.out.partial_fd)
+        except OSError as exc:
+            raise (
+                _refusal(exc, shown)
+                if exc.errno in (errno.ELOOP, errno.EMLINK)
+                else from_os_error(exc, shown, "open the partial file")
+            ) from exc
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise DataError(f"{shown}: not a regular file")
+            # Its full length up front (a full disk shows now), except for one block: its write does it.
+            if job.cf.block_count > 1 and st.st_size < job.cf.data_length:
+                os.ftruncate(fd, job.cf.data_length)
+        except OSError as exc:
+            os.close(fd)
+            raise from_os_error(exc, shown, "reserve space for the partial file") from exc
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    # --- finishing members -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the finisher thread (members complete before the first block arrives go first)."""
+        if self._finisher is None:
+            self._finisher = threading.Thread(target=self._finish_loop, name="member-finish", daemon=True)
+            self._finisher.start()
+
+    def drain(self) -> None:
+        """Wait until every member queued so far is finished (placed, or failed with an error line)."""
+        self.start()
+        self._finish_q.put(None)
+        assert self._finisher is not None
+        self._finisher.join()
+        self._finisher = None
+
+    def _finish_loop(self) -> None:
+        while True:
+            m = self._finish_q.get()
+            if m is None:
+                return
+            job = self.jobs[m]
+            try:
+                self._close(m)
+                self._check_whole(job)
+                _place(self.out, job)
+            except CascadeError as exc:
+                job.error = str(exc)
+                continue
+            self.done_at[m] = time.monotonic()
+
+    def _check_whole(self, job: _Job) -> None:
+        """The whole-file SHA-256 of a member whose blocks are all verified; raises DataError on a mismatch."""
+        cf = job.cf
+        if cf.block_count == 1 and cf.file_hash == cf.block_hash(0):
+            return  # the block's hash, checked on arrival, is the file's
+        shown = self.out.path / PARTIAL_DIR / _part_name(job)
+        try:
+            flags = os.O_RDWR | O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+            fd = os.open(_part_name(job), flags, dir_fd=self.out.partial_fd)
+        except OSError as exc:
+            raise from_os_error(exc, shown, "open the partial file") from exc
+        try:
+            if os.fstat(fd).st_size != cf.data_length:
+                os.ftruncate(fd, cf.data_length)
+            check = check_data(shown, cf, whole_file=True, fd=fd, workers=1)
+        except OSError as exc:
+            raise from_os_error(exc, shown, "check the downloaded file") from exc
+        finally:
+            os.close(fd)
+        if not check.complete:
+            raise DataError(
+                f"{self.out.path / job.member.path}: every block verified but the whole-file SHA-256 "
+                "does not match the .cascade file"
+            )
+
+    # --- results -----------------------------------------------------------------------------
+
+    def result(self, m: int) -> FetchResult:
+        """What this run did for member ``m`` (``complete`` once it has its final name)."""
+        job = self.jobs[m]
+        done = self.done_at.get(m)
+        return FetchResult(
+            complete=done is not None and job.error is None,
+            bytes_downloaded=self.got_bytes[m],
+            blocks_downloaded=self.got_blocks[m],
+            blocks_total=job.cf.block_count,
+            blocks_resumed=self.resumed[m],
+            seconds=(done if done is not None else time.monotonic()) - self.started,
+            sources=dict(self.sources.get(m, {})),
+            banned=[],
+        )
+
+
+class CollectionFetcher(Fetcher):
+    """The downloader (:class:`peer.fetcher.Fetcher`) over every member of a :class:`MemberSet` at once.
+
+    One planner for all the members' blocks, so one connection per peer carries
+    requests for any member, the block order and the peers are decided once for
+    the whole set, and ``max_peers`` bounds the connections whatever the number of files.
+    """
+
+    def __init__(
+        self,
+        members: MemberSet,
+        list_peers: Callable[[], Iterable[PeerInfo]],
+        *,
+        policy: FetchPolicy | None = None,
+        my_port: int | None = None,
+        clock: Clock = REAL_CLOCK,
+    ) -> None:
+        self.members = members
+        self._setup(
+            members.valid,
+            members.block_size,
+            members.max_block_size,
+            list_peers,
+            policy,
+            my_port,
+            clock,
+            None,
+            spans=members.spans,
+        )
+        # For the connections' sake only: a collection's requests name each member (MemberSet.request).
+        self.cf = members.jobs[0].cf
+        if members.complete:
+            self._complete.set()
+
+    def _verified_count(self) -> int:
+        return self.members.verified
+
+    def _all_verified(self) -> bool:
+        return self.members.complete
+
+    def _begin(self) -> None:
+        self.members.start()
+
+    def _abandon(self) -> None:
+        pass  # the members already whole are still given their names (drain, by the caller)
+
+    def _write(self, session: Session, i: int, body: memoryview) -> bool:
+        return self.members.write(i, body, session.peer.name)
+
+    def _connection(self, session: Session) -> Connection:
+        return Connection(self, session, self.cf, self.policy.connect_timeout, members=self.members)
+
+    def _progress(self) -> Progress:
+        with self._lock:
+            peers = len({s.peer for s in self.planner.sessions})
+        if peers or not self._stop.is_set():
+            self._last_peers = peers
+        return Progress(self.members.verified_bytes, self.members.total_bytes, self._last_peers)
+
+    def _finish(self, start: float, resumed: int) -> FetchResult:
+        self.members.drain()
+        peers = self.planner.peers.values()
+        return FetchResult(
+            complete=True,
+            bytes_downloaded=sum(p.bytes for p in peers) + sum(s.bytes for s in self.planner.sessions),
+            blocks_downloaded=self.members.verified - resumed,
+            blocks_total=self.members.spans.block_count,
+            blocks_resumed=resumed,
+            seconds=self._clock.now() - start,
+            sources={},
+            banned=sorted(p.name for p in peers if p.banned),
+        )
+
+
 def fetch_collection(
     args: argparse.Namespace,
     coll: Collection,
@@ -265,106 +609,53 @@ def fetch_collection(
     policy: FetchPolicy,
     stop_event: threading.Event,
     stores: list[BlockStore],
-) -> tuple[list[_Job], float]:
-    """Fetch every member of ``coll`` into ``out_path``; returns the jobs (each with its result or error).
+) -> tuple[list[_Job], float, str | None]:
+    """Fetch every member of ``coll`` into ``out_path``: the jobs (each with its result or error), the seconds.
 
-    Every store opened (and served by ``server``) is appended to ``stores``, for the
-    caller to close once the server stopped. Raises :class:`DataError` when ``out_path``
-    cannot be used at all; a member's failure is in its job.
+    And the error line of the whole download, if it failed as a whole (no peer, a stall).
+    With ``--seed``, every complete member is served by ``server`` and its store appended to
+    ``stores``, for the caller to close once the server stopped. Raises :class:`DataError`
+    when ``out_path`` cannot be used at all (or a disk write failed); a member's failure is in its job.
     """
     for m in coll.members:
         if m.path.split("/", 1)[0].casefold() == PARTIAL_DIR:
             raise DataError(f"the collection holds {m.path!r}, a name Cascade keeps for partial downloads")
-    raise_file_limit(len(coll.members))
+    if args.seed:
+        raise_file_limit(len(coll.members))  # each member is served from its own descriptor
     out = OutFolder(out_path)
     started = time.monotonic()
     jobs = [_Job(i, m, m.cascade_file()) for i, m in enumerate(coll.members)]
-    known: dict[tuple[str, int], PeerInfo] = {}
-    known_lock = threading.Lock()
     bar = _Bar(coll.total_length, out_path.name, args.progress_lines)
     port = server.address[1]
-    per_member = max(1, args.max_peers // CONCURRENT_MEMBERS)
-
-    def list_for(cf: CascadeFile) -> list[PeerInfo]:
-        records = trackers.list_peers(cf.cascade_hash, my_ip, port, LIST_TIMEOUT)
-        infos: list[PeerInfo] = [(r.ip, r.port, r.good, r.last_seen) for r in records]
-        with known_lock:
-            for info in infos:
-                known[(info[0], info[1])] = info
-        return infos
-
-    def one(job: _Job) -> None:
-        if stop_event.is_set():
-            return
-        try:
-            done = _final_state(out, job)
-            if done is not None:
-                job.already, job.store = True, done
-                stores.append(done)
-                server.add_store(done)
-                job.verified = job.cf.data_length
-                bar.add(job.cf.data_length)
-                return
-            if job.cf.block_count == 0:
-                _empty(out, job)
-                return
-            store, created = _open_part(out, job)
-            job.store = store
-            stores.append(store)
-            job.verified = store.verified_count * job.cf.block_size
-            bar.add(min(job.verified, job.cf.data_length))
-            server.add_store(store)
-            fetcher = Fetcher(
-                store,
-                lambda: list_for(job.cf),
-                policy=FetchPolicy(
-                    max_peers=per_member,
-                    stall_timeout=policy.stall_timeout,
-                    max_download_rate=policy.max_download_rate,
-                ),
-                my_port=port,
-            )
-            with known_lock:
-                shared = list(known.values())
-            if shared:
-                fetcher.add_peers(shared)  # peers of the members before: they likely hold this one too
-            else:
-                fetcher.add_peers(list_for(job.cf))
-
-            def tick(p: Progress) -> None:
-                if stop_event.is_set():
-                    fetcher.stop()
-                bar.add(p.verified_bytes - job.verified)
-                job.verified = p.verified_bytes
-
-            result = fetcher.run(on_tick=tick)
-            job.result = result
-            if result.complete:
-                _place(out, job)
-            elif created and store.verified_count == 0:
-                os.unlink(_part_name(job), dir_fd=out.partial_fd)
-        except CascadeError as exc:
-            job.error = str(exc)
-
+    error: str | None = None
     try:
-        small = [j for j in jobs if j.cf.block_count == 1] if policy.max_download_rate is None else []
-        if small and not stop_event.is_set():
+        todo: list[_Job] = []
+        parts: list[DataCheck | None] = []
+        for job in jobs:
             try:
-                peers = list_for(small[0].cf)
+                if _final_state(out, job, keep=False) is not None:
+                    job.already = True
+                    bar.add(job.cf.data_length)
+                elif job.cf.block_count == 0:
+                    _empty(out, job)
+                else:
+                    parts.append(_check_part(out, job))
+                    todo.append(job)
             except CascadeError as exc:
-                log.debug("no listing for the small files: %s", exc)
-                peers = []
-            fast = _FastSmall(out, bar, stop_event, port, args.max_peers)
-            fast.run([j for j in small if fast.eligible(j)], peers)
-            if fast.done:
-                log.debug("%d small files over shared connections", fast.done)
-        with ThreadPoolExecutor(max_workers=CONCURRENT_MEMBERS, thread_name_prefix="member") as pool:
-            for _ in pool.map(one, [j for j in jobs if not j.fast]):
-                pass
-        if args.seed:  # the small files fetched above are served (and announced) too
+                job.error = str(exc)
+        members = MemberSet(out, todo, started)
+        members.resume({m: check for m, check in enumerate(parts) if check is not None})
+        if todo and not stop_event.is_set():
+            error = _download(members, trackers, my_ip, port, policy, stop_event, bar)
+        members.drain()
+        for job in todo:
+            job.result = members.result(job.slot)
+            if error is not None and not job.result.complete and job.error is None:
+                job.error = f"{out_path / job.member.path}: incomplete"
+        if args.seed:
             for j in jobs:
-                if j.fast:
-                    done = _final_state(out, j)
+                if j.error is None and (j.already or (j.result is not None and j.result.complete)):
+                    done = _final_state(out, j, keep=True)
                     if done is not None:
                         j.store = done
                         stores.append(done)
@@ -377,165 +668,50 @@ def fetch_collection(
         out_fd, partial_fd = out.fd, out.partial_fd
         os.close(partial_fd)
         os.close(out_fd)
-    return jobs, seconds
+    return jobs, seconds, error
 
 
-# Requests in flight on one shared connection (arbitrary: 64 small files a round trip).
-FAST_DEPTH = 64
-FAST_TIMEOUT = 10.0  # a peer silent this long on a shared connection is left to the regular path
+def _download(
+    members: MemberSet,
+    trackers: TrackerSet,
+    my_ip: str,
+    port: int,
+    policy: FetchPolicy,
+    stop_event: threading.Event,
+    bar: _Bar,
+) -> str | None:
+    """Run one :class:`CollectionFetcher` over the members; the error line when it failed as a whole.
 
-
-class _FastSmall:
-    """Members of one block, fetched whole over one kept-open, pipelined connection per peer.
-
-    A request names its cascade hash (PROTOCOL.md section 3), so one connection carries
-    requests for any number of members; this is what makes a folder of thousands of
-    small files cost about what one file of the same size does. Each body is checked
-    against its block hash (which, for one block, is the whole-file check too) and
-    written to a new ``.part`` (``O_EXCL``), then linked into place as any member.
-    Anything that goes wrong (a peer lacking the file, a bad block, a closed or silent
-    connection, a ``.part`` already there) leaves the member to the regular path.
+    Raises :class:`DataError` (a full disk, a ``.part`` that became a symlink).
     """
 
-    def __init__(self, out: OutFolder, bar: _Bar, stop: threading.Event, my_port: int, max_peers: int) -> None:
-        self.out = out
-        self.bar = bar
-        self.stop = stop
-        self.my_port = my_port
-        self.max_peers = max(1, max_peers)
-        self.done = 0
-        self._queue: deque[_Job] = deque()
-        # Guards the queue and _busy; notified when requests go back to the queue.
-        self._cond = threading.Condition()
-        # Connections with requests in flight: while any has, an idle one waits for what
-        # it may give back (a liar can take the whole queue and then fail).
-        self._busy = 0
+    def list_peers() -> list[PeerInfo]:
+        # The tracker is asked for one member at a time, in turn: the peers of one member
+        # likely hold the others too, and are asked for any of them over the same connection.
+        job = members.next_to_list()
+        if job is None:
+            return []
+        records = trackers.list_peers(job.cf.cascade_hash, my_ip, port, LIST_TIMEOUT)
+        return [(r.ip, r.port, r.good, r.last_seen) for r in records]
 
-    def eligible(self, job: _Job) -> bool:
-        """Not at its final name and no ``.part`` (a resumed member takes the regular path)."""
-        try:
-            os.stat(_part_name(job), dir_fd=self.out.partial_fd, follow_symlinks=False)
-            return False
-        except FileNotFoundError:
-            pass
-        except OSError:
-            return False
-        try:
-            os.stat(job.member.path, dir_fd=self.out.fd, follow_symlinks=False)
-            return False
-        except FileNotFoundError:
-            return True
-        except OSError:
-            return False
+    fetcher = CollectionFetcher(members, list_peers, policy=policy, my_port=port)
+    shown = members.verified_bytes
+    bar.add(shown)
 
-    def run(self, jobs: list[_Job], peers: list[PeerInfo]) -> None:
-        addrs = [(p[0], p[1]) for p in sorted(peers, key=lambda p: not p[2])]
-        addrs = [a for a in addrs if a[1] != 0 and not (a[1] == self.my_port and a[0].startswith("127."))]
-        if not jobs or not addrs:
-            return
-        self._queue.extend(jobs)
-        threads = [
-            threading.Thread(target=self._connection, args=(a,), name="fast-small", daemon=True)
-            for a in addrs[: self.max_peers]
-        ]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        self._queue.clear()  # what no connection could take is left to the regular path
+    def tick(p: Progress) -> None:
+        nonlocal shown
+        if stop_event.is_set():
+            fetcher.stop()
+        bar.add(p.verified_bytes - shown)
+        shown = p.verified_bytes
 
-    def _connection(self, addr: tuple[str, int]) -> None:
-        try:
-            sock = socket.create_connection(addr, timeout=FAST_TIMEOUT)
-        except OSError as exc:
-            log.debug("fast path: cannot connect to %s:%d: %s", *addr, exc)
-            return
-        inflight: deque[_Job] = deque()
-        busy = False
-        try:
-            with sock:
-                while not self.stop.is_set():
-                    batch: list[bytes] = []
-                    with self._cond:
-                        if busy and not inflight:  # idle now: others must not wait for this one
-                            busy = False
-                            self._busy -= 1
-                        while not inflight and not self._queue and self._busy and not self.stop.is_set():
-                            self._cond.wait(0.1)  # bounded: the busy ones time out within FAST_TIMEOUT
-                        while self._queue and len(inflight) < FAST_DEPTH:
-                            job = self._queue.popleft()
-                            inflight.append(job)
-                            batch.append(pack_block_request(0, job.cf.cascade_hash, keep_open=True))
-                        if bool(inflight) != busy:
-                            busy = bool(inflight)
-                            self._busy += 1 if busy else -1
-                    if batch:
-                        sock.sendall(b"".join(batch))
-                    if not inflight:
-                        return
-                    job = inflight.popleft()
-                    status, length = unpack_block_response_header_from(_recv_exact(sock, BLOCK_RESPONSE_HEADER_SIZE))
-                    if status != BlockStatus.OK:
-                        if status != BlockStatus.NOT_PRESENT:
-                            return  # the server closes after any other status
-                        continue
-                    if length != job.cf.data_length:
-                        return  # not what we asked for: leave this peer to the regular path
-                    body = _recv_exact(sock, length)
-                    if hashlib.sha256(body).digest() != job.cf.block_hash(0):
-                        return
-                    try:
-                        self._write(job, body)
-                    except CascadeError as exc:
-                        job.error = str(exc)
-                        job.fast = True  # failed for good (a foreign file, a symlink): not retried
-                        continue
-                    job.fast = True
-                    self.done += 1
-                    self.bar.add(length)
-        except (OSError, ProtocolError) as exc:
-            log.debug("fast path: %s:%d: %s", *addr, exc)
-        finally:
-            # Requests not answered go back for another connection (or the regular path).
-            with self._cond:
-                self._queue.extendleft(reversed(inflight))
-                if busy:
-                    self._busy -= 1
-                self._cond.notify_all()
-
-    def _write(self, job: _Job, body: bytes) -> None:
-        name = _part_name(job)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
-        shown = self.out.path / PARTIAL_DIR / name
-        try:
-            fd = os.open(name, flags, 0o644, dir_fd=self.out.partial_fd)
-        except OSError as exc:
-            raise from_os_error(exc, shown, "create the partial file") from exc
-        try:
-            view = memoryview(body)
-            while view:
-                view = view[os.write(fd, view) :]
-        except OSError as exc:
-            os.close(fd)
-            os.unlink(name, dir_fd=self.out.partial_fd)
-            raise from_os_error(exc, shown, "write") from exc
-        os.close(fd)
-        try:
-            _place(self.out, job)
-        except CascadeError:
-            os.unlink(name, dir_fd=self.out.partial_fd)
-            raise
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    """Exactly ``n`` bytes; raises :class:`ProtocolError` when the peer closes first."""
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(min(n - len(buf), 1 << 20))
-        if not chunk:
-            raise ProtocolError(f"connection closed after {len(buf)} of {n} bytes")
-        buf += chunk
-    return bytes(buf)
+    try:
+        fetcher.run(on_tick=tick)
+    except DataError:
+        raise
+    except CascadeError as exc:
+        return str(exc)
+    return None
 
 
 class _Bar:
@@ -587,9 +763,11 @@ def run_collection(
     stores: list[BlockStore],
 ) -> int:
     """Fetch, report (one line per failed member, one for the whole; ``--json`` per file and overall), seed."""
-    jobs, seconds = fetch_collection(args, coll, out_path, trackers, server, my_ip, policy, stop_event, stores)
+    jobs, seconds, error = fetch_collection(args, coll, out_path, trackers, server, my_ip, policy, stop_event, stores)
     failed = [j for j in jobs if j.error is not None or (j.result is not None and not j.result.complete)]
     downloaded = sum(j.result.bytes_downloaded for j in jobs if j.result is not None)
+    if error is not None and not stop_event.is_set():
+        print(f"peer fetch: error: {error}", file=sys.stderr, flush=True)
     for j in failed[:20]:
         print(f"peer fetch: {j.error or f'{out_path / j.member.path}: incomplete'}", file=sys.stderr, flush=True)
     if len(failed) > 20:

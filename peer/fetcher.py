@@ -265,7 +265,7 @@ class Fetcher:
     def _abandon(self) -> None:
         self._hasher.abandon()
 
-    def _write(self, i: int, body: memoryview) -> bool:
+    def _write(self, session: Session, i: int, body: memoryview) -> bool:
         """Verify and write block ``i``; False when another copy was verified first.
 
         Raises :class:`BlockHashMismatch` and :class:`DataError`.
@@ -494,7 +494,7 @@ class Fetcher:
             wrote = False
         else:
             try:
-                wrote = self._write(i, body)
+                wrote = self._write(session, i, body)
             except BlockHashMismatch as exc:
                 raise Offence(f"sent a corrupt block {i}") from exc
         now = self._clock.now()
