@@ -270,7 +270,6 @@ class Spans:
         return range(self.starts[m], self.starts[m + 1])
 
 
-
 class Blocks:
     """The block side of the plan: what is verified, missing, in flight; O(1) per block.
 

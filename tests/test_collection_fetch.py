@@ -1,68 +1,171 @@
-"""The shared-connection path of a collection fetch, beside a peer that lies (in-process servers).
+"""A collection fetched by one planner over shared connections (in-process servers on 127.0.0.1).
 
-One-block members are fetched over one pipelined connection per peer
-(:class:`peer.collection_fetch._FastSmall`); a peer that sends wrong bytes must
-cost only its connection: nothing wrong is ever written, and what it held up
-goes to an honest peer or back to the regular path.
+:class:`peer.collection_fetch.CollectionFetcher` runs every member's blocks as
+one block space: one connection per peer carries requests for any member; a
+peer that lacks a member is asked for the others; a peer that lies costs only
+its connection, and nothing wrong is ever written.
 """
 
 from __future__ import annotations
 
 import os
-import threading
+import socket
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from cascade.collection import parse_collection
-from peer.collection_fetch import PARTIAL_DIR, OutFolder, _Bar, _FastSmall, _Job
+from cascade.collection import Collection, parse_collection
+from cascade.errors import CascadeError
+from peer.collection_fetch import PARTIAL_DIR, CollectionFetcher, MemberSet, OutFolder, _Job
 from peer.collection_local import create_collection, walk_tree
+from peer.fetcher import FetchPolicy, PeerInfo
 from peer.server import BlockServer
 from peer.storage import BlockStore
+from tests.doubles import LoopbackServer
 from tests.hostile import PROTOCOL_BREAKERS, HostileServer
 
 pytestmark = pytest.mark.loopback
 
-SIZE = 100  # every member the same length, so a liar's answer has the length asked for
+SIZE = 100  # the small members' length, so a liar's answer has the length asked for
+BLOCK = 16 << 10
 
 
-@pytest.mark.parametrize("behaviour", sorted(PROTOCOL_BREAKERS))
-def test_a_lying_peer_costs_its_connection_and_never_a_wrong_byte(tmp_path: Path, behaviour: str) -> None:
-    src = tmp_path / "src"
-    files = {f"d{i % 3}/f{i:03d}.bin": os.urandom(SIZE) for i in range(60)}
+class CountingSeeder(LoopbackServer):
+    """A real :class:`BlockServer` behind a listener that counts the connections it accepts."""
+
+    def __init__(self, stores: list[BlockStore]) -> None:
+        super().__init__()
+        self.server = BlockServer("127.0.0.1", 0)
+        for store in stores:
+            self.server.add_store(store)
+        self.server.start(listen=False)
+
+    def _accepted(self, conn: socket.socket) -> None:
+        with self._lock:
+            self.connections += 1
+        self.server.serve_connection(conn, "127.0.0.1")  # the block server owns it from here on
+
+    def stop(self) -> None:
+        super().stop()
+        self.server.stop()
+
+
+def make_tree(src: Path, small: int, big: int) -> tuple[dict[str, bytes], Collection]:
+    """``small`` members of one block and ``big`` of several, in nested folders."""
+    files = {f"d{i % 3}/s{i:03d}.bin": os.urandom(SIZE) for i in range(small)}
+    files |= {f"big/b{i}.bin": os.urandom(3 * BLOCK + 7 * i + 1) for i in range(big)}
     for rel, data in files.items():
         (src / rel).parent.mkdir(parents=True, exist_ok=True)
         (src / rel).write_bytes(data)
-    coll = parse_collection(create_collection(src, walk_tree(src), 1 << 20))
+    return files, parse_collection(create_collection(src, walk_tree(src), BLOCK))
+
+
+@pytest.fixture
+def stores(tmp_path: Path) -> Iterator[list[BlockStore]]:
+    opened: list[BlockStore] = []
+    yield opened
+    for store in opened:
+        store.close()
+
+
+def seeding(src: Path, coll: Collection, stores: list[BlockStore], skip: str = "", only: str = "") -> list[BlockStore]:
+    """Stores serving the members of ``coll`` from ``src`` (all, all but ``skip``, or ``only`` one).
+
+    They are kept in ``stores`` too, to be closed.
+    """
+    mine = [
+        BlockStore.open_for_seeding(m.cascade_file(), src / m.path)
+        for m in coll.members
+        if m.path != skip and (not only or m.path == only)
+    ]
+    stores.extend(mine)
+    return mine
+
+
+def fetch(out_path: Path, coll: Collection, peers: list[PeerInfo], **policy: float) -> tuple[list[_Job], str | None]:
+    """Fetch every member from ``peers``; the jobs (with their results) and the error line of the whole."""
+    out = OutFolder(out_path)
     jobs = [_Job(i, m, m.cascade_file()) for i, m in enumerate(coll.members)]
-    honest = BlockServer("127.0.0.1", 0)
-    stores = [BlockStore.open_for_seeding(j.cf, src / j.member.path) for j in jobs]
-    for store in stores:
-        honest.add_store(store)
-    honest.start()
-    liar = HostileServer(behaviour, jobs[0].cf, src / jobs[0].member.path).start()
-    out = OutFolder(tmp_path / "out")
+    members = MemberSet(out, jobs, time.monotonic())
+    error = None
     try:
-        fast = _FastSmall(out, _Bar(coll.total_length, "out", False), threading.Event(), 0, 8)
-        assert all(fast.eligible(j) for j in jobs)
-        fast.run(jobs, [(*liar.address, True)])  # the liar alone: nothing it sends is taken
-        assert liar.stats.requests > 0 and not any(j.fast for j in jobs)
-        # Then side by side with an honest peer: the liar costs at most what it answered.
-        fast.run([j for j in jobs if fast.eligible(j)], [(*liar.address, True), (*honest.address, True)])
+        fetcher = CollectionFetcher(members, lambda: peers, policy=FetchPolicy(**policy))  # type: ignore[arg-type]
+        try:
+            fetcher.run()
+        except CascadeError as exc:
+            error = str(exc)
+        members.drain()
+        for job in jobs:
+            job.result = members.result(job.slot)
+    finally:
+        os.close(out.partial_fd)
+        os.close(out.fd)
+    return jobs, error
+
+
+def got(root: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in root.rglob("*")
+        if p.is_file() and PARTIAL_DIR not in p.parts
+    }
+
+
+def test_members_share_one_connection_per_peer(tmp_path: Path, stores: list[BlockStore]) -> None:
+    src = tmp_path / "src"
+    files, coll = make_tree(src, small=40, big=5)
+    seeder = CountingSeeder(seeding(src, coll, stores)).start()
+    try:
+        jobs, error = fetch(tmp_path / "out", coll, [(*seeder.address, True)])
+    finally:
+        seeder.stop()
+    assert error is None and all(j.result is not None and j.result.complete for j in jobs)
+    assert got(tmp_path / "out") == files
+    # 45 members, every request over the one connection the fetcher opened (not one per member).
+    assert seeder.connections == 1
+    assert not (tmp_path / "out" / PARTIAL_DIR).exists() or not any((tmp_path / "out" / PARTIAL_DIR).iterdir())
+
+
+def test_a_peer_lacking_a_member_is_asked_for_the_others(tmp_path: Path, stores: list[BlockStore]) -> None:
+    src = tmp_path / "src"
+    files, coll = make_tree(src, small=20, big=3)
+    lacking = "big/b1.bin"
+    partial = CountingSeeder(seeding(src, coll, stores, skip=lacking)).start()
+    other = CountingSeeder(seeding(src, coll, stores, only=lacking)).start()
+    try:
+        jobs, error = fetch(tmp_path / "out", coll, [(*partial.address, True), (*other.address, True)])
+    finally:
+        partial.stop()
+        other.stop()
+    assert error is None and got(tmp_path / "out") == files
+    by_path = {j.member.path: j for j in jobs}
+    result = by_path[lacking].result
+    assert result is not None and set(result.sources) == {f"127.0.0.1:{other.address[1]}"}
+    # The status 1 for the member it lacks closes that connection; it is not asked for it again.
+    assert partial.connections <= 3
+
+
+@pytest.mark.parametrize("behaviour", sorted(PROTOCOL_BREAKERS))
+def test_a_lying_peer_costs_its_connection_and_never_a_wrong_byte(
+    tmp_path: Path, stores: list[BlockStore], behaviour: str
+) -> None:
+    src = tmp_path / "src"
+    files, coll = make_tree(src, small=60, big=2)
+    first = coll.members[0]
+    liar = HostileServer(behaviour, first.cascade_file(), src / first.path).start()
+    honest = CountingSeeder(seeding(src, coll, stores)).start()
+    try:
+        # The liar alone: nothing it sends is taken, and the download stops with one line.
+        jobs, error = fetch(tmp_path / "alone", coll, [(*liar.address, True)], stall_timeout=0.5)
+        assert error is not None and liar.stats.requests > 0
+        assert got(tmp_path / "alone") == {}
+        assert not any((tmp_path / "alone" / PARTIAL_DIR).iterdir()), "no unverified byte reaches a .part"
+        # Beside an honest peer: every member arrives, with the right bytes.
+        jobs, error = fetch(tmp_path / "out", coll, [(*liar.address, True), (*honest.address, True)])
     finally:
         liar.stop()
         honest.stop()
-        for store in stores:
-            store.close()
-        os.close(out.partial_fd)
-        os.close(out.fd)
-    done = [j for j in jobs if j.fast]
-    # The request each liar's connection died on is left to the regular path; the honest peer did the rest.
-    assert len(done) >= len(jobs) - 2
-    for j in jobs:
-        final = tmp_path / "out" / j.member.path
-        if j.fast:
-            assert j.error is None and final.read_bytes() == files[j.member.path]
-        else:
-            assert not final.exists()
-    assert not any((tmp_path / "out" / PARTIAL_DIR).iterdir()), "no .part left behind by a finished member"
+    assert error is None and all(j.result is not None and j.result.complete for j in jobs)
+    assert got(tmp_path / "out") == files
