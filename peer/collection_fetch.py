@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import functools
 import hashlib
 import logging
 import os
@@ -98,27 +99,33 @@ class OutFolder:
         except OSError as exc:
             raise from_os_error(exc, out, "create the output folder") from exc
         self._lock = threading.Lock()  # folder creation by several members at once
-        self.partial_fd = self._folder(self.fd, PARTIAL_DIR, out / PARTIAL_DIR)
+        self.partial_fd = self._folder(self.fd, PARTIAL_DIR, lambda: out / PARTIAL_DIR)
 
-    def _folder(self, parent: int, name: str, shown: Path) -> int:
-        """Open (creating if needed) folder ``name`` under ``parent``; never through a symlink."""
+    def _folder(self, parent: int, name: str, shown: Callable[[], Path]) -> int:
+        """Open (creating if needed) folder ``name`` under ``parent``; never through a symlink.
+
+        ``shown`` names it in messages (made only for one: a path per member costs).
+        """
         with self._lock:
             try:
                 return os.open(name, _DIR_FLAGS, dir_fd=parent)
             except FileNotFoundError:
                 pass
             except OSError as exc:
-                raise _refusal(exc, shown) from exc
+                raise _refusal(exc, shown()) from exc
             try:
                 os.mkdir(name, 0o755, dir_fd=parent)
             except FileExistsError:
                 pass  # made meanwhile; opened below like any other
             except OSError as exc:
-                raise from_os_error(exc, shown, "create the folder") from exc
+                raise from_os_error(exc, shown(), "create the folder") from exc
             try:
                 return os.open(name, _DIR_FLAGS, dir_fd=parent)
             except OSError as exc:
-                raise _refusal(exc, shown) from exc
+                raise _refusal(exc, shown()) from exc
+
+    def _shown(self, dirs: list[str]) -> Path:
+        return self.path / "/".join(dirs)
 
     def parent_of(self, path: str) -> tuple[int, str]:
         """A descriptor of member ``path``'s folder (created as needed) and its last component."""
@@ -126,7 +133,7 @@ class OutFolder:
         fd = os.dup(self.fd)
         try:
             for i, comp in enumerate(dirs):
-                nfd = self._folder(fd, comp, self.path / "/".join(dirs[: i + 1]))
+                nfd = self._folder(fd, comp, functools.partial(self._shown, dirs[: i + 1]))
                 os.close(fd)
                 fd = nfd
         except BaseException:
@@ -154,10 +161,13 @@ class _Job:
     store: BlockStore | None = None  # served after the fetch (--seed)
     # Its place in the block space of the members to fetch (-1: not fetched, see fetch_collection).
     slot: int = -1
+    part: str = ""  # the name of its .part, once made (see _part_name)
 
 
 def _part_name(job: _Job) -> str:
-    return f"{job.index}-{job.cf.cascade_hash.hex()[:16]}.part"
+    if not job.part:
+        job.part = f"{job.index}-{job.cf.cascade_hash.hex()[:16]}.part"
+    return job.part
 
 
 def _final_state(out: OutFolder, job: _Job, keep: bool) -> BlockStore | None:
@@ -166,6 +176,13 @@ def _final_state(out: OutFolder, job: _Job, keep: bool) -> BlockStore | None:
     With ``keep`` False the store's file is closed again (only whether it is complete matters).
     Raises :class:`MemberRefused` when something else is there (never overwritten).
     """
+    try:
+        # The common case (nothing there yet) in one call; anything there is opened safely below.
+        os.stat(job.member.path, dir_fd=out.fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        pass  # open_member says what it is
     shown = out.path / job.member.path
     try:
         fd = open_member(out.fd, job.member.path, shown)
@@ -193,17 +210,18 @@ def _check_part(out: OutFolder, job: _Job) -> DataCheck | None:
     Raises :class:`MemberRefused` for a symlink or a special file there, :class:`DataError` when unreadable.
     """
     name = _part_name(job)
-    shown = out.path / PARTIAL_DIR / name
     try:
         fd = os.open(name, os.O_RDONLY | O_NOFOLLOW | O_NONBLOCK | getattr(os, "O_CLOEXEC", 0), dir_fd=out.partial_fd)
     except FileNotFoundError:
         return None
     except OSError as exc:
+        shown = out.path / PARTIAL_DIR / name
         raise (
             _refusal(exc, shown)
             if exc.errno in (errno.ELOOP, errno.EMLINK)
             else from_os_error(exc, shown, "open the partial file")
         ) from exc
+    shown = out.path / PARTIAL_DIR / name
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise MemberRefused(f"{shown}: not a regular file; not touching it")
@@ -246,6 +264,11 @@ def _empty(out: OutFolder, job: _Job) -> None:
 PART_FDS = 64
 
 
+def _one_block(cf: CascadeFile) -> bool:
+    """A file of one block, whose block hash is its whole-file hash (so checked once, on arrival)."""
+    return cf.block_count == 1 and cf.file_hash == cf.block_hash(0)
+
+
 class _Part:
     """An open ``.part``: its descriptor and the writes under way on it (it is closed only without any)."""
 
@@ -278,13 +301,15 @@ class MemberSet:
             job.slot = slot
         self.valid = bytearray(self.spans.block_count)
         self.total_bytes = sum(j.cf.data_length for j in jobs)
-        self.max_block_size = max((j.cf.block_size for j in jobs), default=1)
+        # The longest block (not the block size: a small file's one block is as long as the file).
+        self.max_block_size = max((min(j.cf.block_size, j.cf.data_length) for j in jobs), default=1)
         # The planner's depth and timeouts follow the mean block length.
         self.block_size = max(1, self.total_bytes // max(1, self.spans.block_count))
         self.verified = 0
         self.verified_bytes = 0
         n = len(jobs)
         self._left = array("Q", (j.cf.block_count for j in jobs))
+        self._single = bytes(_one_block(j.cf) for j in jobs)
         # Per member, what this run downloaded: blocks, bytes and from whom (for --json).
         self.got_blocks = array("Q", bytes(8 * n))
         self.got_bytes = array("Q", bytes(8 * n))
@@ -301,7 +326,8 @@ class MemberSet:
 
     def block_length(self, i: int) -> int:
         m, j = self.spans.locate(i)
-        return self.jobs[m].cf.block_length(j)
+        cf = self.jobs[m].cf
+        return min(cf.block_size, cf.data_length - j * cf.block_size)
 
     def request(self, i: int, keep_open: bool) -> bytes:
         m, j = self.spans.locate(i)
@@ -348,8 +374,12 @@ class MemberSet:
     def write(self, i: int, body: memoryview, source: str) -> bool:
         """Verify block ``i`` and write it to its member's ``.part``; False when a copy was verified first.
 
-        Raises :class:`BlockHashMismatch` (nothing written) and :class:`DataError`.
+        A member of one block is given its final name here and now (its block's hash is
+        the file's); a larger one goes to the finisher. Raises :class:`BlockHashMismatch`
+        (nothing written) and :class:`DataError`.
         """
+        if self.valid[i]:
+            return False  # another copy won (the endgame)
         m, j = self.spans.locate(i)
         job = self.jobs[m]
         cf = job.cf
@@ -357,15 +387,17 @@ class MemberSet:
         if hashlib.sha256(body).digest() != cf.block_hashes[start : start + HASH_SIZE]:
             raise BlockHashMismatch(f"block {j} of {job.member.path} does not match its SHA-256")
         part = self._pin(m)
+        if part is None:
+            return False  # the member is whole already (a late copy)
         try:
             offset, view = j * cf.block_size, body
             while view:
                 n = os.pwrite(part.fd, view, offset)
                 view, offset = view[n:], offset + n
         except OSError as exc:
-            raise from_os_error(exc, self.out.path / PARTIAL_DIR / _part_name(job), f"write block {j}") from exc
+            raise from_os_error(exc, self._shown(job), f"write block {j}") from exc
         finally:
-            self._unpin(m, part)
+            self._unpin(part)
         with self._lock:
             if self.valid[i]:
                 return False
@@ -380,33 +412,40 @@ class MemberSet:
             self._left[m] -= 1
             whole = not self._left[m]
         if whole:
-            self._finish_q.put(m)
+            if self._single[m]:
+                # On this thread: a hand-off per small file costs more than the link itself.
+                self._finish(m)
+            else:
+                self._finish_q.put(m)
         return True
 
-    def _pin(self, m: int) -> _Part:
-        """The open ``.part`` of member ``m`` (opened, or created at its full length, as needed), pinned."""
+    def _shown(self, job: _Job) -> Path:
+        """The ``.part`` of ``job`` as shown in messages."""
+        return self.out.path / PARTIAL_DIR / _part_name(job)
+
+    def _pin(self, m: int) -> _Part | None:
+        """The open ``.part`` of member ``m`` (opened, or created, as needed), pinned; None once it is whole.
+
+        Opened under the lock and only while blocks are missing: a late copy never
+        creates a ``.part`` again after the member got its name.
+        """
         with self._lock:
+            if not self._left[m]:
+                return None
             part = self._parts.get(m)
-            if part is not None and not part.closing:
-                self._parts.move_to_end(m)
-                part.pins += 1
-                return part
-        fd = self._open(self.jobs[m])
-        with self._lock:
-            part = self._parts.get(m)
-            if part is not None and not part.closing:  # opened meanwhile by another connection
-                os.close(fd)
+            if part is None:
+                part = self._parts[m] = _Part(self._open(self.jobs[m]))
+                if len(self._parts) > PART_FDS:
+                    # The least recently written members with no write under way lose their descriptor.
+                    idle = [k for k, p in self._parts.items() if not p.pins][: len(self._parts) - PART_FDS]
+                    for k in idle:
+                        os.close(self._parts.pop(k).fd)
             else:
-                part = self._parts[m] = _Part(fd)
-            self._parts.move_to_end(m)
+                self._parts.move_to_end(m)
             part.pins += 1
-            # Over the cap: the least recently written members with no write under way lose their descriptor.
-            if len(self._parts) > PART_FDS:
-                for old in [k for k, p in self._parts.items() if not p.pins][: len(self._parts) - PART_FDS]:
-                    os.close(self._parts.pop(old).fd)
             return part
 
-    def _unpin(self, m: int, part: _Part) -> None:
+    def _unpin(self, part: _Part) -> None:
         with self._lock:
             part.pins -= 1
             if part.closing and not part.pins:
@@ -424,28 +463,36 @@ class MemberSet:
                 os.close(part.fd)
 
     def _open(self, job: _Job) -> int:
-        """Open (creating at its full length) the member's ``.part``; never through a symlink. Raises DataError."""
+        """Open (or create, at its full length) the member's ``.part``; never through a symlink. Raises DataError."""
         name = _part_name(job)
-        shown = self.out.path / PARTIAL_DIR / name
         flags = os.O_RDWR | os.O_CREAT | O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+        cf = job.cf
         try:
-            fd = os.open(name, flags, 0o644, dir_fd=self.out.partial_fd)
+            try:
+                fd = os.open(name, flags | os.O_EXCL, 0o644, dir_fd=self.out.partial_fd)
+                size = 0  # new, so a regular file
+            except FileExistsError:
+                fd = os.open(name, flags | O_NONBLOCK, 0o644, dir_fd=self.out.partial_fd)
+                size = -1
         except OSError as exc:
+            shown = self._shown(job)
             raise (
                 _refusal(exc, shown)
                 if exc.errno in (errno.ELOOP, errno.EMLINK)
                 else from_os_error(exc, shown, "open the partial file")
             ) from exc
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise DataError(f"{shown}: not a regular file")
+            if size < 0:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise DataError(f"{self._shown(job)}: not a regular file")
+                size = st.st_size
             # Its full length up front (a full disk shows now), except for one block: its write does it.
-            if job.cf.block_count > 1 and st.st_size < job.cf.data_length:
-                os.ftruncate(fd, job.cf.data_length)
+            if size < cf.data_length and not self._single[job.slot]:
+                os.ftruncate(fd, cf.data_length)
         except OSError as exc:
             os.close(fd)
-            raise from_os_error(exc, shown, "reserve space for the partial file") from exc
+            raise from_os_error(exc, self._shown(job), "reserve space for the partial file") from exc
         except BaseException:
             os.close(fd)
             raise
@@ -472,20 +519,24 @@ class MemberSet:
             m = self._finish_q.get()
             if m is None:
                 return
-            job = self.jobs[m]
-            try:
-                self._close(m)
-                self._check_whole(job)
-                _place(self.out, job)
-            except CascadeError as exc:
-                job.error = str(exc)
-                continue
-            self.done_at[m] = time.monotonic()
+            self._finish(m)
+
+    def _finish(self, m: int) -> None:
+        """Member ``m`` is whole: close it, check its whole-file hash, give it its name (or its job an error)."""
+        job = self.jobs[m]
+        try:
+            self._close(m)
+            self._check_whole(job)
+            _place(self.out, job)
+        except CascadeError as exc:
+            job.error = str(exc)
+            return
+        self.done_at[m] = time.monotonic()
 
     def _check_whole(self, job: _Job) -> None:
         """The whole-file SHA-256 of a member whose blocks are all verified; raises DataError on a mismatch."""
         cf = job.cf
-        if cf.block_count == 1 and cf.file_hash == cf.block_hash(0):
+        if self._single[job.slot]:
             return  # the block's hash, checked on arrival, is the file's
         shown = self.out.path / PARTIAL_DIR / _part_name(job)
         try:
