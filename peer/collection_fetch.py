@@ -53,6 +53,8 @@ from cascade.errors import BlockHashMismatch, CascadeError, DataError, from_os_e
 from cascade.metafile import HASH_SIZE, CascadeFile
 from cascade.units import format_size
 from cascade.wire import pack_block_request
+from oscompat import detect
+from oscompat.fileio import reserve
 from peer.announcer import Announcer
 from peer.clock import REAL_CLOCK, Clock
 from peer.collection_local import (
@@ -176,13 +178,6 @@ def _final_state(out: OutFolder, job: _Job, keep: bool) -> BlockStore | None:
     With ``keep`` False the store's file is closed again (only whether it is complete matters).
     Raises :class:`MemberRefused` when something else is there (never overwritten).
     """
-    try:
-        # The common case (nothing there yet) in one call; anything there is opened safely below.
-        os.stat(job.member.path, dir_fd=out.fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return None
-    except OSError:
-        pass  # open_member says what it is
     shown = out.path / job.member.path
     try:
         fd = open_member(out.fd, job.member.path, shown)
@@ -269,6 +264,21 @@ def _one_block(cf: CascadeFile) -> bool:
     return cf.block_count == 1 and cf.file_hash == cf.block_hash(0)
 
 
+# The whole-file hash of a member is fed in reads of up to this many bytes
+# (arbitrary, the same as peer.hasher's: syscalls vanish, memory stays small).
+HASH_CHUNK = 4 << 20
+
+
+class _Prefix:
+    """The whole-file SHA-256 of a member, fed with its blocks ``0..next-1``."""
+
+    __slots__ = ("next", "sha")
+
+    def __init__(self) -> None:
+        self.sha = hashlib.sha256()
+        self.next = 0
+
+
 class _Part:
     """An open ``.part``: its descriptor and the writes under way on it (it is closed only without any)."""
 
@@ -310,6 +320,15 @@ class MemberSet:
         n = len(jobs)
         self._left = array("Q", (j.cf.block_count for j in jobs))
         self._single = bytes(_one_block(j.cf) for j in jobs)
+        # Members handed to _finish (later notes about them are dropped), and the whole-file
+        # hashes of the members being written, as far as their verified prefix goes.
+        self._finished = bytearray(n)
+        self._prefix: dict[int, _Prefix] = {}
+        # Blocks verified per member since the finisher was last told; it is told every
+        # _batch blocks (about HASH_CHUNK), not per block: a hand-off per block costs more than it hashes.
+        self._since = array("I", bytes(4 * n))
+        self._batch = array("I", (max(1, HASH_CHUNK // max(1, j.cf.block_size)) for j in jobs))
+        self._features = detect()
         # Per member, what this run downloaded: blocks, bytes and from whom (for --json).
         self.got_blocks = array("Q", bytes(8 * n))
         self.got_bytes = array("Q", bytes(8 * n))
@@ -411,7 +430,15 @@ class MemberSet:
             by[source] = by.get(source, 0) + 1
             self._left[m] -= 1
             whole = not self._left[m]
-        if whole:
+            note = False
+            if not whole:
+                self._since[m] += 1
+                if self._since[m] >= self._batch[m]:
+                    self._since[m] = 0
+                    note = True
+        if note:
+            self._finish_q.put(m)
+        elif whole:
             if self._single[m]:
                 # On this thread: a hand-off per small file costs more than the link itself.
                 self._finish(m)
@@ -487,9 +514,10 @@ class MemberSet:
                 if not stat.S_ISREG(st.st_mode):
                     raise DataError(f"{self._shown(job)}: not a regular file")
                 size = st.st_size
-            # Its full length up front (a full disk shows now), except for one block: its write does it.
+            # Its full length up front, allocated (a full disk shows now), except for one block:
+            # its write does it.
             if size < cf.data_length and not self._single[job.slot]:
-                os.ftruncate(fd, cf.data_length)
+                reserve(fd, self._shown(job), cf.data_length, self._features)
         except OSError as exc:
             os.close(fd)
             raise from_os_error(exc, self._shown(job), "reserve space for the partial file") from exc
@@ -515,44 +543,90 @@ class MemberSet:
         self._finisher = None
 
     def _finish_loop(self) -> None:
+        buf = memoryview(bytearray(HASH_CHUNK))
         while True:
             m = self._finish_q.get()
             if m is None:
                 return
-            self._finish(m)
+            if self._finished[m]:
+                continue  # a progress note behind its end
+            if self._left[m]:
+                self._advance(m, buf)
+            else:
+                self._finish(m, buf)
 
-    def _finish(self, m: int) -> None:
+    def _advance(self, m: int, buf: memoryview) -> None:
+        """Hash member ``m``'s verified prefix so far (read back from the page cache), while it downloads.
+
+        The whole-file SHA-256 is sequential: done as blocks arrive, only the part after
+        the last gap is left once the member is whole (as peer.hasher does for one file).
+        """
+        part = self._pin(m)
+        if part is None:
+            return  # whole meanwhile: _finish hashes the rest
+        try:
+            self._hash_prefix(m, part.fd, buf)
+        except OSError as exc:
+            log.debug("%s: hashing put off: %s", self._shown(self.jobs[m]), exc)  # _finish reads it again
+            self._prefix.pop(m, None)
+        finally:
+            self._unpin(part)
+
+    def _hash_prefix(self, m: int, fd: int, buf: memoryview) -> None:
+        """Feed the blocks verified from where member ``m``'s hash stopped into it; raises ``OSError``."""
+        cf = self.jobs[m].cf
+        state = self._prefix.get(m)
+        if state is None:
+            state = self._prefix[m] = _Prefix()
+        valid, base, count, bs = self.valid, self.spans.starts[m], cf.block_count, cf.block_size
+        while state.next < count and valid[base + state.next]:
+            end = state.next + 1
+            while end < count and (end - state.next) * bs < len(buf) and valid[base + end]:
+                end += 1
+            offset, stop = state.next * bs, min(end * bs, cf.data_length)
+            while offset < stop:  # blocks larger than the buffer are read in pieces
+                view = buf[: min(len(buf), stop - offset)]
+                n = os.preadv(fd, [view], offset)
+                if n <= 0:
+                    raise OSError(errno.EIO, "the partial file is shorter than expected")
+                state.sha.update(view[:n])
+                offset += n
+            state.next = end
+
+    def _finish(self, m: int, buf: memoryview | None = None) -> None:
         """Member ``m`` is whole: close it, check its whole-file hash, give it its name (or its job an error)."""
         job = self.jobs[m]
+        self._finished[m] = 1
         try:
             self._close(m)
-            self._check_whole(job)
+            if not self._single[m]:
+                self._check_whole(m, buf if buf is not None else memoryview(bytearray(HASH_CHUNK)))
             _place(self.out, job)
         except CascadeError as exc:
             job.error = str(exc)
             return
+        finally:
+            self._prefix.pop(m, None)
         self.done_at[m] = time.monotonic()
 
-    def _check_whole(self, job: _Job) -> None:
-        """The whole-file SHA-256 of a member whose blocks are all verified; raises DataError on a mismatch."""
+    def _check_whole(self, m: int, buf: memoryview) -> None:
+        """The whole-file SHA-256 of member ``m``, whose blocks are all verified; raises DataError on a mismatch."""
+        job = self.jobs[m]
         cf = job.cf
-        if self._single[job.slot]:
-            return  # the block's hash, checked on arrival, is the file's
-        shown = self.out.path / PARTIAL_DIR / _part_name(job)
         try:
             flags = os.O_RDWR | O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
             fd = os.open(_part_name(job), flags, dir_fd=self.out.partial_fd)
         except OSError as exc:
-            raise from_os_error(exc, shown, "open the partial file") from exc
+            raise from_os_error(exc, self._shown(job), "open the partial file") from exc
         try:
-            if os.fstat(fd).st_size != cf.data_length:
+            if os.fstat(fd).st_size != cf.data_length:  # a .part left longer by an older run
                 os.ftruncate(fd, cf.data_length)
-            check = check_data(shown, cf, whole_file=True, fd=fd, workers=1)
+            self._hash_prefix(m, fd, buf)
         except OSError as exc:
-            raise from_os_error(exc, shown, "check the downloaded file") from exc
+            raise from_os_error(exc, self._shown(job), "check the downloaded file") from exc
         finally:
             os.close(fd)
-        if not check.complete:
+        if self._prefix[m].sha.digest() != cf.file_hash:
             raise DataError(
                 f"{self.out.path / job.member.path}: every block verified but the whole-file SHA-256 "
                 "does not match the .cascade file"
