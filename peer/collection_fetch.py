@@ -489,6 +489,16 @@ class MemberSet:
             else:
                 os.close(part.fd)
 
+    def close(self) -> None:
+        """Close every ``.part`` still open (the fetch ended); one being written is closed by its writer."""
+        with self._lock:
+            for part in self._parts.values():
+                if part.pins:
+                    part.closing = True
+                else:
+                    os.close(part.fd)
+            self._parts.clear()
+
     def _open(self, job: _Job) -> int:
         """Open (or create, at its full length) the member's ``.part``; never through a symlink. Raises DataError."""
         name = _part_name(job)
@@ -753,6 +763,7 @@ def fetch_collection(
     bar = _Bar(coll.total_length, out_path.name, args.progress_lines)
     port = server.address[1]
     error: str | None = None
+    members: MemberSet | None = None
     try:
         todo: list[_Job] = []
         parts: list[DataCheck | None] = []
@@ -786,6 +797,9 @@ def fetch_collection(
                         stores.append(done)
                         server.add_store(done)
     finally:
+        if members is not None:  # nothing may use the folder's descriptors once they are closed
+            members.drain()
+            members.close()
         bar.close()
         seconds = time.monotonic() - started
         with contextlib.suppress(OSError):  # ENOTEMPTY: a partial member keeps it for the rerun

@@ -18,6 +18,7 @@ import pytest
 
 from cascade.collection import Collection, parse_collection
 from cascade.errors import CascadeError
+from peer import collection_fetch
 from peer.collection_fetch import PARTIAL_DIR, CollectionFetcher, MemberSet, OutFolder, _Job
 from peer.collection_local import create_collection, walk_tree
 from peer.fetcher import FetchPolicy, PeerInfo
@@ -168,4 +169,32 @@ def test_a_lying_peer_costs_its_connection_and_never_a_wrong_byte(
         liar.stop()
         honest.stop()
     assert error is None and all(j.result is not None and j.result.complete for j in jobs)
+    assert got(tmp_path / "out") == files
+
+
+def test_part_files_stay_open_only_while_written_within_the_cap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = tmp_path / "src"
+    files, coll = make_tree(src, small=0, big=6)
+    monkeypatch.setattr(collection_fetch, "PART_FDS", 2)
+    out = OutFolder(tmp_path / "out")
+    jobs = [_Job(i, m, m.cascade_file()) for i, m in enumerate(coll.members)]
+    members = MemberSet(out, jobs, time.monotonic())
+    members.start()
+    try:
+        # Every member's blocks in turn (as a random order over several peers would), never more than 2 open.
+        for j in range(4):
+            for job in jobs:
+                if j < job.cf.block_count:
+                    i = members.spans.starts[job.slot] + j
+                    body = (src / job.member.path).read_bytes()[j * BLOCK : (j + 1) * BLOCK]
+                    assert members.write(i, memoryview(body), "test")
+                    assert len(members._parts) <= 2
+        members.drain()
+    finally:
+        os.close(out.partial_fd)
+        os.close(out.fd)
+    assert members.complete and not members._parts
+    assert all(members.result(j.slot).complete for j in jobs)
     assert got(tmp_path / "out") == files
