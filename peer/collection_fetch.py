@@ -1,13 +1,14 @@
 """``peer fetch DIR.cascade``: download every member of a collection into ``--out``, safely.
 
-The simple form, stated as such: each member is fetched by its own
-:class:`peer.fetcher.Fetcher` (the single-file downloader), several at a time
-(``CONCURRENT_MEMBERS``), sharing one connection budget (``--max-peers`` split
-between them), one block server, one tracker set and what the tracker said:
-peers found for one member are offered to the next, so a folder of many small
-files asks the tracker once per member only when those peers lack it. Members
-do not yet share a connection to a peer (a request names its cascade hash, so
-they could; that is the fetch planner's to do).
+One downloader for the whole set (:class:`CollectionFetcher`, the single-file
+:class:`peer.fetcher.Fetcher` over a :class:`MemberSet`): the members' blocks
+form one block space (:class:`peer.planner.Spans`), so one planner decides
+peers and blocks for every member at once and one connection per peer carries
+requests for any member (a request names its member's cascade hash). Memory
+and descriptors follow the connections, not the number of files: no thread,
+socket or open file per member, and at most ``PART_FDS`` ``.part`` files
+open (an LRU). A member whose blocks are all verified is checked whole (its
+hash follows its verified prefix on one finisher thread) and given its name.
 
 Writing is where a hostile collection could hurt, so everything is written
 relative to a descriptor of ``--out``:
