@@ -61,6 +61,7 @@ from peer.clock import REAL_CLOCK, Clock
 from peer.collection_local import (
     O_DIRECTORY,
     O_NOFOLLOW,
+    HeldFolder,
     MemberMissing,
     open_member,
     raise_file_limit,
@@ -71,7 +72,7 @@ from peer.fetcher import Fetcher, FetchPolicy, FetchResult, PeerInfo, Progress
 from peer.localdata import DataCheck, check_data
 from peer.planner import Session, Spans
 from peer.server import BlockServer
-from peer.storage import BlockStore
+from peer.storage import DiskSignature, MemberStore, signature_of
 from peer.trackers import TrackerSet
 
 log = logging.getLogger("peer.fetch")
@@ -161,7 +162,6 @@ class _Job:
     result: FetchResult | None = None
     error: str | None = None
     already: bool = False  # complete before this run
-    store: BlockStore | None = None  # served after the fetch (--seed)
     # Its place in the block space of the members to fetch (-1: not fetched, see fetch_collection).
     slot: int = -1
     part: str = ""  # the name of its .part, once made (see _part_name)
@@ -173,10 +173,9 @@ def _part_name(job: _Job) -> str:
     return job.part
 
 
-def _final_state(out: OutFolder, job: _Job, keep: bool) -> BlockStore | None:
-    """The member at its final name, complete, as a store to serve; ``None`` when the name is free.
+def _final_state(out: OutFolder, job: _Job) -> DiskSignature | None:
+    """The member at its final name, complete: its signature as verified (to serve it); ``None`` when the name is free.
 
-    With ``keep`` False the store's file is closed again (only whether it is complete matters).
     Raises :class:`MemberRefused` when something else is there (never overwritten).
     """
     shown = out.path / job.member.path
@@ -187,16 +186,14 @@ def _final_state(out: OutFolder, job: _Job, keep: bool) -> BlockStore | None:
     except DataError as exc:
         raise MemberRefused(f"{exc}; not touching it") from exc
     try:
+        seen = signature_of(os.fstat(fd))  # before hashing: a change meanwhile is then not served
         check = check_data(shown, job.cf, whole_file=True, fd=fd, workers=1)
-    except BaseException:
+    except OSError as exc:
+        raise from_os_error(exc, shown, "read the file") from exc
+    finally:
         os.close(fd)
-        raise
     if check.complete:
-        store = BlockStore(job.cf, shown, os.fdopen(fd, "rb", buffering=0), check.valid, writable=False)
-        if not keep:
-            store.close()
-        return store
-    os.close(fd)
+        return seen
     raise MemberRefused(f"{shown}: exists and is not this file; not touching it")
 
 
@@ -303,8 +300,12 @@ class MemberSet:
     gives it its final name (:func:`_place`). Thread-safe.
     """
 
-    def __init__(self, out: OutFolder, jobs: list[_Job], started: float) -> None:
+    def __init__(
+        self, out: OutFolder, jobs: list[_Job], started: float, on_placed: Callable[[_Job], None] | None = None
+    ) -> None:
         self.out = out
+        # Called (from a connection's thread or the finisher) once a member has its final name.
+        self.on_placed = on_placed
         self.jobs = jobs
         self.started = started
         self.spans = Spans(j.cf.block_count for j in jobs)
@@ -619,6 +620,8 @@ class MemberSet:
         finally:
             self._prefix.pop(m, None)
         self.done_at[m] = time.monotonic()
+        if self.on_placed is not None:
+            self.on_placed(job)
 
     def _check_whole(self, m: int, buf: memoryview) -> None:
         """The whole-file SHA-256 of member ``m``, whose blocks are all verified; raises DataError on a mismatch."""
@@ -744,21 +747,38 @@ def fetch_collection(
     my_ip: str,
     policy: FetchPolicy,
     stop_event: threading.Event,
-    stores: list[BlockStore],
+    cleanup: contextlib.ExitStack,
 ) -> tuple[list[_Job], float, str | None]:
     """Fetch every member of ``coll`` into ``out_path``: the jobs (each with its result or error), the seconds.
 
     And the error line of the whole download, if it failed as a whole (no peer, a stall).
-    With ``--seed``, every complete member is served by ``server`` and its store appended to
-    ``stores``, for the caller to close once the server stopped. Raises :class:`DataError`
-    when ``out_path`` cannot be used at all (or a disk write failed); a member's failure is in its job.
+    Every member complete at its final name is served by ``server`` from then on, opened
+    on demand (:class:`peer.storage.MemberStore`): what they need closed once the server
+    stopped goes on ``cleanup``. Raises :class:`DataError` when ``out_path`` cannot be used
+    at all (or a disk write failed); a member's failure is in its job.
     """
     for m in coll.members:
         if m.path.split("/", 1)[0].casefold() == PARTIAL_DIR:
             raise DataError(f"the collection holds {m.path!r}, a name Cascade keeps for partial downloads")
-    if args.seed:
-        raise_file_limit(len(coll.members))  # each member is served from its own descriptor
+    # Members are served opened on demand, at most max_open_files at once, as by peer seed.
+    raise_file_limit(server.config.max_open_files)
     out = OutFolder(out_path)
+    try:
+        held = HeldFolder(out_path)
+    except BaseException:
+        os.close(out.partial_fd)
+        os.close(out.fd)
+        raise
+    cleanup.callback(held.close)  # after the server stopped: it opens the members relative to it
+
+    def serve(job: _Job, seen: DiskSignature | None = None) -> None:
+        """Serve a member that has its final name (and announce it, with --seed)."""
+        path = job.member.path
+        seen = seen if seen is not None else held.look(path)
+        if seen is not None:
+            full = bytearray(b"\x01") * job.cf.block_count
+            server.add_store(MemberStore(job.cf, out_path / path, full, held, path, verified=seen))
+
     started = time.monotonic()
     jobs = [_Job(i, m, m.cascade_file()) for i, m in enumerate(coll.members)]
     bar = _Bar(coll.total_length, out_path.name, args.progress_lines)
@@ -770,17 +790,20 @@ def fetch_collection(
         parts: list[DataCheck | None] = []
         for job in jobs:
             try:
-                if _final_state(out, job, keep=False) is not None:
+                seen = _final_state(out, job)
+                if seen is not None:
                     job.already = True
                     bar.add(job.cf.data_length)
+                    serve(job, seen)
                 elif job.cf.block_count == 0:
                     _empty(out, job)
+                    serve(job)
                 else:
                     parts.append(_check_part(out, job))
                     todo.append(job)
             except CascadeError as exc:
                 job.error = str(exc)
-        members = MemberSet(out, todo, started)
+        members = MemberSet(out, todo, started, on_placed=serve)
         members.resume({m: check for m, check in enumerate(parts) if check is not None})
         if todo and not stop_event.is_set():
             error = _download(members, trackers, my_ip, port, policy, stop_event, bar)
@@ -789,14 +812,6 @@ def fetch_collection(
             job.result = members.result(job.slot)
             if error is not None and not job.result.complete and job.error is None:
                 job.error = f"{out_path / job.member.path}: incomplete"
-        if args.seed:
-            for j in jobs:
-                if j.error is None and (j.already or (j.result is not None and j.result.complete)):
-                    done = _final_state(out, j, keep=True)
-                    if done is not None:
-                        j.store = done
-                        stores.append(done)
-                        server.add_store(done)
     finally:
         if members is not None:  # nothing may use the folder's descriptors once they are closed
             members.drain()
@@ -900,10 +915,13 @@ def run_collection(
     policy: FetchPolicy,
     stop_event: threading.Event,
     stop_wait: Any,
-    stores: list[BlockStore],
+    cleanup: contextlib.ExitStack,
 ) -> int:
-    """Fetch, report (one line per failed member, one for the whole; ``--json`` per file and overall), seed."""
-    jobs, seconds, error = fetch_collection(args, coll, out_path, trackers, server, my_ip, policy, stop_event, stores)
+    """Fetch, report (one line per failed member, one for the whole; ``--json`` per file and overall), seed.
+
+    ``cleanup`` is closed by the caller once ``server`` stopped (see :func:`fetch_collection`).
+    """
+    jobs, seconds, error = fetch_collection(args, coll, out_path, trackers, server, my_ip, policy, stop_event, cleanup)
     failed = [j for j in jobs if j.error is not None or (j.result is not None and not j.result.complete)]
     downloaded = sum(j.result.bytes_downloaded for j in jobs if j.result is not None)
     if error is not None and not stop_event.is_set():

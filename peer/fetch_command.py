@@ -16,6 +16,7 @@ imported where it is used: every fetch pays for its start-up.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import logging
 import os
@@ -215,17 +216,26 @@ def _fetch_collection(
         server.start()
     log.info("peer listening on %s:%d", *server.address)
     policy = FetchPolicy(max_peers=args.max_peers, stall_timeout=args.timeout, max_download_rate=download_rate)
-    stores: list[BlockStore] = []
-    try:
-        return run_collection(
-            args, coll, out, TrackerSet(trackers), list(trackers), server, my_ip, policy, stop.event, stop.wait, stores
-        )
-    except CascadeError as exc:
-        raise _Failed(str(exc), code=exit_code(exc)) from exc
-    finally:
-        server.stop()
-        for store in stores:
-            store.close()
+    # What the served members need (their folder, held open) is let go once the server stopped.
+    with contextlib.ExitStack() as cleanup:
+        try:
+            return run_collection(
+                args,
+                coll,
+                out,
+                TrackerSet(trackers),
+                list(trackers),
+                server,
+                my_ip,
+                policy,
+                stop.event,
+                stop.wait,
+                cleanup,
+            )
+        except CascadeError as exc:
+            raise _Failed(str(exc), code=exit_code(exc)) from exc
+        finally:
+            server.stop()
 
 
 class _Target:
