@@ -40,9 +40,13 @@ class SuperSeedPolicy:
     # since its last map): offers stay small and so disjoint, yet last until its next
     # map, which waits behind the blocks it asked for. Arbitrary: twice that wait.
     offer_seconds: float = 4.0
-    # A block sent this recently is not offered again: its first copy is still on
-    # its way, or not yet in its new holder's map (arbitrary: a few map refreshes).
-    resend_after: float = 5.0
+    # A block is not offered again while a send of it is under way, nor for this long
+    # after the send completed (handed whole to the kernel): the last of it may still sit
+    # in the socket's queue (about half a second on the emulated 40 Mbit/s links), then
+    # its holder's next map must show it and the others ask for it. Arbitrary: a few map
+    # refreshes. Counted from the queueing instead, a 1 MiB block that took 3.3 s to cross
+    # a shared link was offered again before its first copy had landed.
+    resend_after: float = 3.0
 
 
 def choose_offer(
@@ -99,15 +103,21 @@ def offer_share(sent: Sequence[int], askers: int, policy: SuperSeedPolicy, rate:
 class SuperSeeder:
     """The super-seeding state of one served file: sends per block, claims, who asks for maps.
 
-    Thread-safe: the block server's workers call :meth:`sent_block` for every
-    block sent and :meth:`offer` for every have-map request.
+    Thread-safe: the block server's workers call :meth:`sending` when a block's
+    response is queued, :meth:`sent_block` when it was handed whole to the
+    kernel (or :meth:`abandoned` when its connection closed first), and
+    :meth:`offer` for every have-map request. A send counts when it completes:
+    one cut short by a closed connection left no copy anywhere.
     """
 
     def __init__(self, block_count: int, policy: SuperSeedPolicy | None = None) -> None:
         self.policy = policy or SuperSeedPolicy()
         self.sent = array("I", bytes(4 * block_count))
-        # Block -> when it was last sent (only blocks sent within resend_after matter).
+        # Block -> when a send of it last completed (only those within resend_after matter).
         self._last_sent: dict[int, float] = {}
+        # Connection -> the block it is being sent now (a connection sends one response at a
+        # time; only the thread that owns it writes its entry).
+        self._sending: dict[int, int] = {}
         # Block -> the connection it was last offered to.
         self._claims: dict[int, int] = {}
         # Connection -> when it last asked for a map or was sent a block.
@@ -116,8 +126,21 @@ class SuperSeeder:
         self._since: dict[int, tuple[float, int]] = {}
         self._lock = threading.Lock()
 
+    def sending(self, index: int, who: int, now: float) -> None:
+        """A send of block ``index`` to connection ``who`` starts: no other downloader is offered it meanwhile.
+
+        Unlocked, like :meth:`sent_block`: a dict store is atomic.
+        """
+        self._sending[who] = index
+        if who in self._askers:
+            self._askers[who] = now
+
+    def abandoned(self, who: int) -> None:
+        """The send under way to connection ``who`` will not complete (it closed): not counted."""
+        self._sending.pop(who, None)
+
     def sent_block(self, index: int, who: int, now: float) -> None:
-        """Count one send of block ``index``, to connection ``who`` (which stays an asker, if it is one).
+        """Count one completed send of block ``index``, to connection ``who`` (which stays an asker, if it is one).
 
         Unlocked: a lost increment only blurs the ranking, and a dict store is atomic.
         """
@@ -125,6 +148,7 @@ class SuperSeeder:
         if sent[index] < 0xFFFFFFFF:
             sent[index] += 1
         self._last_sent[index] = now
+        self._sending.pop(who, None)
         if who in self._askers:
             self._askers[who] = now
             since = self._since.get(who)
@@ -135,6 +159,7 @@ class SuperSeeder:
         """Connection ``who`` is closed: it is no asker any more, and its claims lapse at once."""
         self._askers.pop(who, None)
         self._since.pop(who, None)
+        self._sending.pop(who, None)
 
     def offer(self, who: int, now: float, complete: bool) -> bytes | None:
         """The offer for connection ``who`` (one byte per block, 1 = offered), or None for "offer all held".
@@ -158,7 +183,7 @@ class SuperSeeder:
                 if owner not in askers:
                     del claims[i]
             recent_horizon = now - policy.resend_after
-            recent = set()
+            recent = set(self._sending.values())
             for i, t in list(self._last_sent.items()):
                 if t < recent_horizon:
                     del self._last_sent[i]

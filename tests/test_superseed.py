@@ -144,3 +144,31 @@ def test_send_counts_saturate_instead_of_overflowing() -> None:
     seeder.sent[0] = 0xFFFFFFFF
     seeder.sent_block(0, A, NOW)
     assert seeder.sent[0] == 0xFFFFFFFF
+
+
+def test_a_block_under_way_is_offered_to_nobody_else_and_counts_once_it_is_sent() -> None:
+    """The re-offer window starts when a send completes: a block on a slow link is seconds under way."""
+    seeder = SuperSeeder(4, SuperSeedPolicy(min_offer=1, offer_seconds=4.0, resend_after=3.0))
+    seeder.offer(A, NOW, complete=True)
+    seeder.offer(B, NOW, complete=True)
+    seeder.sending(0, A, NOW)
+    # Ten seconds under way (a claim long lapsed, far past resend_after): still A's.
+    for t in (1.0, 10.0):
+        assert 0 not in offered(seeder.offer(B, NOW + t, complete=True))
+    assert seeder.sent[0] == 0
+    seeder.sent_block(0, A, NOW + 10.0)
+    assert seeder.sent[0] == 1
+    assert 0 not in offered(seeder.offer(B, NOW + 12.9, complete=True))  # resend_after from the completion
+    seeder.forget(B)
+    seeder.sending(1, A, NOW + 13.0)
+    assert offered(seeder.offer(C, NOW + 13.0, complete=True)) == {2}
+
+
+def test_a_send_cut_short_by_a_closed_connection_is_not_counted() -> None:
+    seeder = SuperSeeder(2, SuperSeedPolicy(min_offer=1))
+    seeder.offer(B, NOW, complete=True)
+    seeder.sending(0, A, NOW)  # A: an old client, no maps
+    assert offered(seeder.offer(B, NOW + 0.1, complete=True)) == {1}
+    seeder.abandoned(A)  # A closed mid-block: nobody holds block 0
+    assert list(seeder.sent) == [0, 0]
+    assert 0 in offered(seeder.offer(B, NOW + 0.2, complete=True))
