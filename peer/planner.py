@@ -410,6 +410,11 @@ def choose_rarest(blocks: Blocks, peer: PeerState, want: int, now: float, rng: r
         o, h = int.from_bytes(offer, "big"), int.from_bytes(have, "big")
         if o & (o ^ h):
             peer.offer_stale = None
+        elif not o:
+            # An empty offer: the seeder has nothing for us right now (others are being
+            # sent new blocks, or it waits for its blocks to spread); ask again, never around it.
+            peer.offer_stale = None
+            return []
         elif peer.offer_stale is None:
             peer.offer_stale = now
             return []

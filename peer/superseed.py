@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import threading
 from array import array
-from collections.abc import Container, Mapping, Sequence
+from collections.abc import Collection, Container, Mapping, Sequence
 from dataclasses import dataclass
 
 
@@ -47,6 +47,13 @@ class SuperSeedPolicy:
     # refreshes. Counted from the queueing instead, a 1 MiB block that took 3.3 s to cross
     # a shared link was offered again before its first copy had landed.
     resend_after: float = 3.0
+    # At most this many downloaders are being sent new blocks at once; the others are
+    # offered nothing until one of them is done (first come, first served). Sixteen
+    # streams sharing a 40 Mbit/s upload take 3.3 s each to land a 1 MiB block, and
+    # the whole swarm waits for its first blocks that long (and for its last ones at
+    # the end); four land one in 0.8 s, and the fetchers start passing blocks on.
+    # Arbitrary: enough streams to keep the upload busy across the gaps between turns.
+    max_streams: int = 4
 
 
 def choose_offer(
@@ -56,6 +63,7 @@ def choose_offer(
     live: Container[int],
     share: int,
     recent: Container[int] = (),
+    done_at: Sequence[float] = (),
 ) -> list[int]:
     """The ``share`` blocks to offer connection ``who``, in block order; maybe fewer, or none.
 
@@ -65,8 +73,10 @@ def choose_offer(
     still spreading). Best first among the rest: the ones sent least
     (``sent[i]`` counts the sends of block ``i`` to anyone), then the ones
     ``who`` already claims (an offer stays stable between refreshes), then the
-    lowest block number (the downloader's whole-file hash follows the file
-    order). An empty offer is fine: the other downloaders keep this peer's
+    block whose last send completed latest (``done_at[i]``, if given: among
+    blocks sent as often, the one that has had the least time to spread),
+    then the lowest block number (the downloader's whole-file hash follows
+    the file order). An empty offer is fine: the other downloaders keep this peer's
     upload busy, and this one takes blocks from them.
     """
     if share <= 0:
@@ -76,9 +86,24 @@ def choose_offer(
         owner = claims.get(i)
         if (owner is not None and owner != who and owner in live) or i in recent:
             continue
-        ranks.append((sent[i], owner != who, i))
+        ranks.append((sent[i], owner != who, -done_at[i] if done_at else 0.0, i))
     ranks.sort()
     return sorted(r[-1] for r in ranks[:share])
+
+
+def may_stream(who: int, streaming: Collection[int], waiting: Collection[int], max_streams: int) -> bool:
+    """Whether connection ``who`` may start a turn of new blocks now.
+
+    ``streaming`` holds the other connections in a turn (offered blocks not
+    sent yet, or a block under way); ``waiting`` the connections refused a
+    turn earlier. A waiting connection needs a free stream; any other
+    needs one that no waiting connection is owed, so the connection whose turn
+    just ended cannot take its stream straight back.
+    """
+    busy = len(streaming)
+    if who in waiting:
+        return busy < max_streams
+    return busy + sum(1 for c in waiting if c != who) < max_streams
 
 
 def equal_part(sent: Sequence[int], askers: int, policy: SuperSeedPolicy) -> int:
@@ -118,12 +143,17 @@ class SuperSeeder:
         # Connection -> the block it is being sent now (a connection sends one response at a
         # time; only the thread that owns it writes its entry).
         self._sending: dict[int, int] = {}
+        # Block -> when its last send completed (0: never), for the ranking (see choose_offer).
+        self.done_at = array("d", bytes(8 * block_count))
         # Block -> the connection it was last offered to.
         self._claims: dict[int, int] = {}
         # Connection -> when it last asked for a map or was sent a block.
         self._askers: dict[int, float] = {}
         # Connection -> (when its last offer was made, blocks sent to it since).
         self._since: dict[int, tuple[float, int]] = {}
+        # Connection -> since when it waits for a turn (see may_stream); the connections in one.
+        self._waiting: dict[int, float] = {}
+        self._turns: set[int] = set()
         self._lock = threading.Lock()
 
     def sending(self, index: int, who: int, now: float) -> None:
@@ -148,6 +178,7 @@ class SuperSeeder:
         if sent[index] < 0xFFFFFFFF:
             sent[index] += 1
         self._last_sent[index] = now
+        self.done_at[index] = now
         self._sending.pop(who, None)
         if who in self._askers:
             self._askers[who] = now
@@ -160,6 +191,8 @@ class SuperSeeder:
         self._askers.pop(who, None)
         self._since.pop(who, None)
         self._sending.pop(who, None)
+        self._waiting.pop(who, None)
+        self._turns.discard(who)
 
     def offer(self, who: int, now: float, complete: bool) -> bytes | None:
         """The offer for connection ``who`` (one byte per block, 1 = offered), or None for "offer all held".
@@ -176,6 +209,8 @@ class SuperSeeder:
                 if seen < horizon:
                     askers.pop(conn, None)
                     self._since.pop(conn, None)
+                    self._waiting.pop(conn, None)
+                    self._turns.discard(conn)
             if not complete or len(askers) < policy.min_askers:
                 return None
             claims = self._claims
@@ -200,7 +235,22 @@ class SuperSeeder:
             alone = len(askers) == 1 and rate is not None
             share = part if alone else offer_share(sent, len(askers), policy, rate)
             _trim_claims(claims, part)
-            chosen = choose_offer(sent, claims, who, askers, share, recent)
+            # In a turn: offered blocks not sent yet, or one under way (a send to a connection
+            # that was refused a turn, asking for blocks it was not offered, does not count).
+            # A turn ends at the connection's next map: with others waiting, it passes on (a
+            # turn kept until its offered blocks were sent would never end for a downloader
+            # that got them elsewhere).
+            turns = self._turns
+            streaming = {c for i, c in claims.items() if c != who and not sent[i]}
+            streaming.update(c for c in list(self._sending) if c != who and c in turns)
+            if may_stream(who, streaming, self._waiting, policy.max_streams):
+                self._waiting.pop(who, None)
+                turns.add(who)
+            else:
+                self._waiting.setdefault(who, now)
+                turns.discard(who)
+                share = 0
+            chosen = choose_offer(sent, claims, who, askers, share, recent, self.done_at)
             keep = set(chosen)
             for i, owner in list(claims.items()):
                 if owner == who and i not in keep:

@@ -6,7 +6,7 @@ from array import array
 
 import pytest
 
-from peer.superseed import SuperSeeder, SuperSeedPolicy, choose_offer, equal_part, offer_share
+from peer.superseed import SuperSeeder, SuperSeedPolicy, choose_offer, equal_part, may_stream, offer_share
 
 pytestmark = pytest.mark.unit
 
@@ -99,7 +99,9 @@ def test_fewer_askers_than_min_askers_get_no_offer() -> None:
 
 
 def test_eight_askers_are_offered_disjoint_blocks_that_follow_the_sends() -> None:
-    seeder = SuperSeeder(64, SuperSeedPolicy(claim_seconds=10.0, min_offer=2, offer_seconds=4.0, resend_after=5.0))
+    seeder = SuperSeeder(
+        64, SuperSeedPolicy(claim_seconds=10.0, min_offer=2, offer_seconds=4.0, resend_after=5.0, max_streams=8)
+    )
     askers = list(range(1, 9))
     assert len(offered(seeder.offer(1, NOW, complete=True))) == 2  # alone so far, rate not known: min_offer
     for who in askers[1:]:
@@ -172,3 +174,42 @@ def test_a_send_cut_short_by_a_closed_connection_is_not_counted() -> None:
     seeder.abandoned(A)  # A closed mid-block: nobody holds block 0
     assert list(seeder.sent) == [0, 0]
     assert 0 in offered(seeder.offer(B, NOW + 0.2, complete=True))
+
+
+def test_among_blocks_sent_as_often_the_one_sent_last_comes_first() -> None:
+    """It has had the least time to spread: the rarest, as far as the seeder can tell."""
+    done_at = [5.0, 9.0, 7.0, 0.0]
+    assert choose_offer([1, 1, 1, 1], {}, A, {A}, 2, (), done_at) == [1, 2]
+    assert choose_offer([1, 1, 1, 0], {}, A, {A}, 2, (), done_at) == [1, 3]  # never sent beats all
+
+
+@pytest.mark.parametrize(
+    ("who", "streaming", "waiting", "allowed"),
+    [
+        (A, set(), set(), True),
+        (A, {B, C}, set(), False),  # max_streams 2, both taken
+        (A, {B}, set(), True),
+        (A, {B}, {C}, False),  # the free stream is owed to C, which waited
+        (C, {B}, {C}, True),
+        (C, {B}, {A, C}, True),  # any waiting connection takes a free stream
+        (A, set(), {A, B}, True),
+    ],
+)
+def test_may_stream(who: int, streaming: set[int], waiting: set[int], allowed: bool) -> None:
+    assert may_stream(who, streaming, waiting, 2) is allowed
+
+
+def test_only_max_streams_downloaders_are_sent_new_blocks_at_once_and_turns_pass_on() -> None:
+    seeder = SuperSeeder(16, SuperSeedPolicy(min_offer=2, max_streams=2))
+    a, b = offered(seeder.offer(A, NOW, complete=True)), offered(seeder.offer(B, NOW, complete=True))
+    assert a and b and not a & b
+    assert offered(seeder.offer(C, NOW, complete=True)) == set()  # two streams taken: C waits
+    for i in a:
+        seeder.sending(i, A, NOW + 0.2)
+        seeder.sent_block(i, A, NOW + 0.3)
+    # A's turn ends with its next map; the stream it frees is owed to C, not taken back by A.
+    assert offered(seeder.offer(A, NOW + 0.4, complete=True)) == set()
+    c = offered(seeder.offer(C, NOW + 0.5, complete=True))
+    assert c and not c & (a | b)
+    assert offered(seeder.offer(B, NOW + 0.6, complete=True)) == set()  # B's turn passes on to A, waiting
+    assert offered(seeder.offer(A, NOW + 0.7, complete=True))
