@@ -63,7 +63,6 @@ def choose_offer(
     live: Container[int],
     share: int,
     recent: Container[int] = (),
-    done_at: Sequence[float] = (),
 ) -> list[int]:
     """The ``share`` blocks to offer connection ``who``, in block order; maybe fewer, or none.
 
@@ -73,10 +72,8 @@ def choose_offer(
     still spreading). Best first among the rest: the ones sent least
     (``sent[i]`` counts the sends of block ``i`` to anyone), then the ones
     ``who`` already claims (an offer stays stable between refreshes), then the
-    block whose last send completed latest (``done_at[i]``, if given: among
-    blocks sent as often, the one that has had the least time to spread),
-    then the lowest block number (the downloader's whole-file hash follows
-    the file order). An empty offer is fine: the other downloaders keep this peer's
+    lowest block number (the downloader's whole-file hash follows the file
+    order). An empty offer is fine: the other downloaders keep this peer's
     upload busy, and this one takes blocks from them.
     """
     if share <= 0:
@@ -86,7 +83,7 @@ def choose_offer(
         owner = claims.get(i)
         if (owner is not None and owner != who and owner in live) or i in recent:
             continue
-        ranks.append((sent[i], owner != who, -done_at[i] if done_at else 0.0, i))
+        ranks.append((sent[i], owner != who, i))
     ranks.sort()
     return sorted(r[-1] for r in ranks[:share])
 
@@ -143,8 +140,6 @@ class SuperSeeder:
         # Connection -> the block it is being sent now (a connection sends one response at a
         # time; only the thread that owns it writes its entry).
         self._sending: dict[int, int] = {}
-        # Block -> when its last send completed (0: never), for the ranking (see choose_offer).
-        self.done_at = array("d", bytes(8 * block_count))
         # Block -> the connection it was last offered to.
         self._claims: dict[int, int] = {}
         # Connection -> when it last asked for a map or was sent a block.
@@ -178,7 +173,6 @@ class SuperSeeder:
         if sent[index] < 0xFFFFFFFF:
             sent[index] += 1
         self._last_sent[index] = now
-        self.done_at[index] = now
         self._sending.pop(who, None)
         if who in self._askers:
             self._askers[who] = now
@@ -250,7 +244,7 @@ class SuperSeeder:
                 self._waiting.setdefault(who, now)
                 turns.discard(who)
                 share = 0
-            chosen = choose_offer(sent, claims, who, askers, share, recent, self.done_at)
+            chosen = choose_offer(sent, claims, who, askers, share, recent)
             keep = set(chosen)
             for i, owner in list(claims.items()):
                 if owner == who and i not in keep:

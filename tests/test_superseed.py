@@ -176,13 +176,6 @@ def test_a_send_cut_short_by_a_closed_connection_is_not_counted() -> None:
     assert 0 in offered(seeder.offer(B, NOW + 0.2, complete=True))
 
 
-def test_among_blocks_sent_as_often_the_one_sent_last_comes_first() -> None:
-    """It has had the least time to spread: the rarest, as far as the seeder can tell."""
-    done_at = [5.0, 9.0, 7.0, 0.0]
-    assert choose_offer([1, 1, 1, 1], {}, A, {A}, 2, (), done_at) == [1, 2]
-    assert choose_offer([1, 1, 1, 0], {}, A, {A}, 2, (), done_at) == [1, 3]  # never sent beats all
-
-
 @pytest.mark.parametrize(
     ("who", "streaming", "waiting", "allowed"),
     [
