@@ -538,27 +538,27 @@ def pick_evictee(
     those with a measured rate. One that has not delivered a block yet counts
     as rate 0 once even one ``block_size`` block in its lifetime would have been
     too slow: a 1 MiB block on a shared 40 Mbit/s upload takes seconds, and
-    evicting it first throws away the part already sent. Never judged: a
-    super-seeding peer (one that sends offers: the only source of the blocks no
+    evicting it first throws away the part already sent. Never evicted (its rate
+    still counts in the median): a super-seeding peer (one that sends offers: the only source of the blocks no
     fetcher holds yet, its upload spread over all of them), and a session whose
     peer has maps but whose map has not come yet (nothing could be asked of it;
     on a loaded machine its thread may not even have run).
     """
-    judged = [
-        s
-        for s in sessions
-        if not s.evicted
-        and now - s.started >= policy.evict_after
-        and s.peer.offer is None
-        and not (s.peer.maps and s.peer.holds is None)
-    ]
+    judged = [s for s in sessions if not s.evicted and now - s.started >= policy.evict_after]
     measured = sorted(s.rate for s in judged if s.rate > 0)
     if len(judged) < 2 or not measured:
         return None
     median = measured[len(measured) // 2]
     bar = policy.evict_ratio * median
     # A silent session's rate is below block_size / its age, and not known to be lower.
-    slow = [s for s in judged if s.rate < bar and (s.rate > 0 or block_size <= bar * (now - s.started))]
+    slow = [
+        s
+        for s in judged
+        if s.rate < bar
+        and (s.rate > 0 or block_size <= bar * (now - s.started))
+        and s.peer.offer is None
+        and not (s.peer.maps and s.peer.holds is None)
+    ]
     return min(slow, key=lambda s: s.rate) if slow else None
 
 

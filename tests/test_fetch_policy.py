@@ -105,6 +105,10 @@ def test_a_super_seeder_or_a_peer_whose_map_is_on_its_way_is_never_evicted() -> 
     unmapped = _session(4, 0.0)
     unmapped.peer.maps = True  # it answers maps, and the first of this session has not come
     assert pick_evictee([unmapped, *fast], 10.0, pol) is None
+    # A fast super-seeder still sets the median that a slow peer is judged against.
+    seeder.peer.offer, seeder.rate = bytearray(8), 1e6
+    slow = _session(5, 1_000.0)
+    assert pick_evictee([seeder, slow], 10.0, pol) is slow
 
 
 def test_the_stall_message_blames_banned_peers_only_when_they_were_all_there_was() -> None:
