@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ class Plan:
     transfer: tuple[tuple[int, int], ...]  # (file size, block size)
     swarm_size: int
     swarm_fetchers: tuple[int, ...]
+    swarm_blocks: tuple[int, ...]
     swarm_settle: float  # idle seconds before each timed swarm run (both tools): see Bench.cascade_runs
     aria2: bool
     tracker_seconds: float
@@ -61,6 +62,7 @@ FULL = Plan(
     transfer=((256 * MiB, MiB), (256 * MiB, 64 * 1024), (GiB, MiB), (GiB, 64 * 1024)),
     swarm_size=256 * MiB,
     swarm_fetchers=(4, 8),
+    swarm_blocks=(MiB,),
     swarm_settle=8.0,
     aria2=True,
     tracker_seconds=3.0,
@@ -75,6 +77,7 @@ QUICK = Plan(
     transfer=((256 * MiB, MiB),),
     swarm_size=256 * MiB,
     swarm_fetchers=(4,),
+    swarm_blocks=(MiB,),
     swarm_settle=0.0,
     aria2=False,
     tracker_seconds=1.0,
@@ -239,10 +242,9 @@ class Bench:
             c_gbps = size / c_s / 1e9
             raw_wall = median([r.wall_seconds for r in raws])
             raw_wall_gbps = size / raw_wall / 1e9
-            blocks = f"{block >> 20} MiB" if block >= MiB else f"{block >> 10} KiB"
             r = Result(
                 "transfer",
-                f"1+1 {size >> 20} MiB, {blocks} blocks",
+                f"1+1 {size >> 20} MiB, {block_label(block)} blocks",
                 {
                     "cascade_s": rnd(c_s),
                     "cascade_runs_s": [rnd(x) for x in casc],
@@ -280,10 +282,10 @@ class Bench:
     def swarm(self) -> None:
         size = self.plan.swarm_size
         data, expected = self.datafile(size)
-        for n in self.plan.swarm_fetchers:
-            g = self.group(f"swarm-{n}")
+        for n, block in ((n, b) for n in self.plan.swarm_fetchers for b in self.plan.swarm_blocks):
+            g = self.group(f"swarm-{n}-{block >> 10}K")
             try:
-                meta, _ = cs.create(g, data, MiB)
+                meta, _ = cs.create(g, data, block)
                 settle = self.plan.swarm_settle
                 casc = [r.seconds for r in self.cascade_runs(g.logdir.name, meta, n, expected, settle)]
                 g.stop_all()
@@ -295,7 +297,7 @@ class Bench:
             c_s, lt_s = median(casc), median(lt_times)
             r = Result(
                 "swarm",
-                f"1+{n} {size >> 20} MiB, 1 MiB blocks",
+                f"1+{n} {size >> 20} MiB, {block_label(block)} blocks",
                 {
                     "cascade_s": rnd(c_s),
                     "cascade_runs_s": [rnd(x) for x in casc],
@@ -624,6 +626,11 @@ def _interrupted(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def block_label(block: int) -> str:
+    """``1 MiB``, ``256 KiB``: a block size as the result variants name it."""
+    return f"{block >> 20} MiB" if block >= MiB and not block % MiB else f"{block >> 10} KiB"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -632,13 +639,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="+", choices=CASES, metavar="CASE", help=f"run only these: {', '.join(CASES)}")
     p.add_argument("--repeat", type=int, help="runs per measurement (median is reported)")
     p.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
+    p.add_argument(
+        "--block-size",
+        metavar="SIZES",
+        help="transfer and swarm with these Cascade block sizes instead (comma-separated, e.g. 256K,1M)",
+    )
     p.add_argument("--tmp", default=tempfile.gettempdir(), help="folder for the temporary data")
     args = p.parse_args(argv)
     plan = QUICK if args.quick else FULL
     if args.repeat:
-        from dataclasses import replace
-
         plan = replace(plan, repeat=args.repeat)
+    if args.block_size:
+        from cascade.errors import UsageError
+        from cascade.units import parse_size
+
+        try:
+            sizes = tuple(parse_size(b, "--block-size") for b in args.block_size.split(","))
+        except UsageError as exc:
+            print(f"bench: {exc}", file=sys.stderr)
+            return 2
+        files = dict.fromkeys(size for size, _ in plan.transfer)
+        plan = replace(plan, transfer=tuple((f, b) for f in files for b in sizes), swarm_blocks=sizes)
     cases = args.only or list(DEFAULT_CASES)
     signal.signal(signal.SIGTERM, _interrupted)  # so a stopped bench still stops its children and cleans up
     work = Path(tempfile.mkdtemp(prefix="cascade-bench-", dir=args.tmp))

@@ -459,6 +459,11 @@ def choose_rarest(blocks: Blocks, peer: PeerState, want: int, now: float, rng: r
         o, h = int.from_bytes(offer, "big"), int.from_bytes(have, "big")
         if o & (o ^ h):
             peer.offer_stale = None
+        elif not o:
+            # An empty offer: the seeder has nothing for us right now (others are being
+            # sent new blocks, or it waits for its blocks to spread); ask again, never around it.
+            peer.offer_stale = None
+            return []
         elif peer.offer_stale is None:
             peer.offer_stale = now
             return []
@@ -573,22 +578,37 @@ def connect_budget(free_slots: int, pending: int, failure_streak: int, limit: in
     return max(0, min(limit, free_slots + failure_streak) - pending)
 
 
-def pick_evictee(sessions: Iterable[Session], now: float, policy: FetchPolicy) -> Session | None:
+def pick_evictee(
+    sessions: Iterable[Session], now: float, policy: FetchPolicy, block_size: int = 0
+) -> Session | None:
     """The session to give up for an untried peer: far slower than the median of the others, or None.
 
     Only sessions older than ``evict_after`` are judged; the median is over
-    those with a measured rate, and one that has not delivered a block yet
-    counts as rate 0.
+    those with a measured rate. One that has not delivered a block yet counts
+    as rate 0 once even one ``block_size`` block in its lifetime would have been
+    too slow: a 1 MiB block on a shared 40 Mbit/s upload takes seconds, and
+    evicting it first throws away the part already sent. Never evicted (its rate
+    still counts in the median): a super-seeding peer (one that sends offers: the only source of the blocks no
+    fetcher holds yet, its upload spread over all of them), and a session whose
+    peer has maps but whose map has not come yet (nothing could be asked of it;
+    on a loaded machine its thread may not even have run).
     """
     judged = [s for s in sessions if not s.evicted and now - s.started >= policy.evict_after]
     measured = sorted(s.rate for s in judged if s.rate > 0)
     if len(judged) < 2 or not measured:
         return None
     median = measured[len(measured) // 2]
-    slowest = min(judged, key=lambda s: s.rate)
-    if slowest.rate < policy.evict_ratio * median:
-        return slowest
-    return None
+    bar = policy.evict_ratio * median
+    # A silent session's rate is below block_size / its age, and not known to be lower.
+    slow = [
+        s
+        for s in judged
+        if s.rate < bar
+        and (s.rate > 0 or block_size <= bar * (now - s.started))
+        and s.peer.offer is None
+        and not (s.peer.maps and s.peer.holds is None)
+    ]
+    return min(slow, key=lambda s: s.rate) if slow else None
 
 
 def banned_message(peers: list[PeerState], waited: str) -> str | None:
@@ -1085,7 +1105,7 @@ class Planner:
             return None
         if not any(not p.connected_once and not p.failures for p in self.candidates(now)):
             return None
-        victim = pick_evictee(self.sessions, now, pol)
+        victim = pick_evictee(self.sessions, now, pol, self.block_size)
         if victim is None:
             return None
         self.last_evict = now

@@ -161,6 +161,7 @@ class _Conn:
         "idle",
         "maps",
         "name",
+        "out_block",
         "out_credit",
         "out_fd",
         "out_head",
@@ -168,6 +169,7 @@ class _Conn:
         "out_left",
         "out_offset",
         "out_open",
+        "out_seeder",
         "out_src",
         "partial_since",
         "sock",
@@ -196,6 +198,9 @@ class _Conn:
         self.out_left = 0
         self.out_credit = 0  # bytes already taken from the rate limiter
         self.out_keep = False
+        # The block being sent and its file's super-seeding state, told when the send completes.
+        self.out_block = -1
+        self.out_seeder: SuperSeeder | None = None
 
 
 def _error_reply(status: BlockStatus, message: str) -> bytes:
@@ -568,6 +573,9 @@ class BlockServer:
             del self._conns[conn.fd]
         if self._poller is not None and conn.sock.fileno() >= 0:
             self._poller.forget(conn.fd)
+        if conn.out_seeder is not None:
+            conn.out_seeder.abandoned(id(conn))  # a block cut short left no copy: not a send
+            conn.out_seeder = None
         if conn.maps:
             # Its super-seeding claims go back to the other downloaders now.
             for served in list(self._served.values()):
@@ -764,7 +772,8 @@ class BlockServer:
             conn.out_head, conn.out_left = served.full_header, served.block_size
         conn.out_offset = index * served.block_size
         conn.out_keep = keep
-        served.seeder.sent_block(index, id(conn), self._clock())
+        conn.out_block, conn.out_seeder = index, served.seeder
+        served.seeder.sending(index, id(conn), self._clock())
         self.blocks_sent += 1
         self.bytes_sent += conn.out_left
         if self._debug:
@@ -889,6 +898,11 @@ class BlockServer:
             conn.out_left -= sent
             if limiter is not None:
                 conn.out_credit -= sent
+        seeder = conn.out_seeder
+        if seeder is not None:
+            # Counted now, not when queued: a block on a shared slow link is seconds under way.
+            conn.out_seeder = None
+            seeder.sent_block(conn.out_block, id(conn), self._clock())
         return True
 
     def _writable_soon(self, conn: _Conn) -> bool:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import threading
 from array import array
-from collections.abc import Container, Mapping, Sequence
+from collections.abc import Collection, Container, Mapping, Sequence
 from dataclasses import dataclass
 
 
@@ -40,9 +40,20 @@ class SuperSeedPolicy:
     # since its last map): offers stay small and so disjoint, yet last until its next
     # map, which waits behind the blocks it asked for. Arbitrary: twice that wait.
     offer_seconds: float = 4.0
-    # A block sent this recently is not offered again: its first copy is still on
-    # its way, or not yet in its new holder's map (arbitrary: a few map refreshes).
-    resend_after: float = 5.0
+    # A block is not offered again while a send of it is under way, nor for this long
+    # after the send completed (handed whole to the kernel): the last of it may still sit
+    # in the socket's queue (about half a second on the emulated 40 Mbit/s links), then
+    # its holder's next map must show it and the others ask for it. Arbitrary: a few map
+    # refreshes. Counted from the queueing instead, a 1 MiB block that took 3.3 s to cross
+    # a shared link was offered again before its first copy had landed.
+    resend_after: float = 3.0
+    # At most this many downloaders are being sent new blocks at once; the others are
+    # offered nothing until one of them is done (first come, first served). Sixteen
+    # streams sharing a 40 Mbit/s upload take 3.3 s each to land a 1 MiB block, and
+    # the whole swarm waits for its first blocks that long (and for its last ones at
+    # the end); four land one in 0.8 s, and the fetchers start passing blocks on.
+    # Arbitrary: enough streams to keep the upload busy across the gaps between turns.
+    max_streams: int = 4
 
 
 def choose_offer(
@@ -77,6 +88,21 @@ def choose_offer(
     return sorted(r[-1] for r in ranks[:share])
 
 
+def may_stream(who: int, streaming: Collection[int], waiting: Collection[int], max_streams: int) -> bool:
+    """Whether connection ``who`` may start a turn of new blocks now.
+
+    ``streaming`` holds the other connections in a turn (offered blocks not
+    sent yet, or a block under way); ``waiting`` the connections refused a
+    turn earlier. A waiting connection needs a free stream; any other
+    needs one that no waiting connection is owed, so the connection whose turn
+    just ended cannot take its stream straight back.
+    """
+    busy = len(streaming)
+    if who in waiting:
+        return busy < max_streams
+    return busy + sum(1 for c in waiting if c != who) < max_streams
+
+
 def equal_part(sent: Sequence[int], askers: int, policy: SuperSeedPolicy) -> int:
     """An equal part for each of ``askers`` downloaders of the least-sent blocks, at least ``min_offer``."""
     if not sent:
@@ -99,25 +125,47 @@ def offer_share(sent: Sequence[int], askers: int, policy: SuperSeedPolicy, rate:
 class SuperSeeder:
     """The super-seeding state of one served file: sends per block, claims, who asks for maps.
 
-    Thread-safe: the block server's workers call :meth:`sent_block` for every
-    block sent and :meth:`offer` for every have-map request.
+    Thread-safe: the block server's workers call :meth:`sending` when a block's
+    response is queued, :meth:`sent_block` when it was handed whole to the
+    kernel (or :meth:`abandoned` when its connection closed first), and
+    :meth:`offer` for every have-map request. A send counts when it completes:
+    one cut short by a closed connection left no copy anywhere.
     """
 
     def __init__(self, block_count: int, policy: SuperSeedPolicy | None = None) -> None:
         self.policy = policy or SuperSeedPolicy()
         self.sent = array("I", bytes(4 * block_count))
-        # Block -> when it was last sent (only blocks sent within resend_after matter).
+        # Block -> when a send of it last completed (only those within resend_after matter).
         self._last_sent: dict[int, float] = {}
+        # Connection -> the block it is being sent now (a connection sends one response at a
+        # time; only the thread that owns it writes its entry).
+        self._sending: dict[int, int] = {}
         # Block -> the connection it was last offered to.
         self._claims: dict[int, int] = {}
         # Connection -> when it last asked for a map or was sent a block.
         self._askers: dict[int, float] = {}
         # Connection -> (when its last offer was made, blocks sent to it since).
         self._since: dict[int, tuple[float, int]] = {}
+        # Connection -> since when it waits for a turn (see may_stream); the connections in one.
+        self._waiting: dict[int, float] = {}
+        self._turns: set[int] = set()
         self._lock = threading.Lock()
 
+    def sending(self, index: int, who: int, now: float) -> None:
+        """A send of block ``index`` to connection ``who`` starts: no other downloader is offered it meanwhile.
+
+        Unlocked, like :meth:`sent_block`: a dict store is atomic.
+        """
+        self._sending[who] = index
+        if who in self._askers:
+            self._askers[who] = now
+
+    def abandoned(self, who: int) -> None:
+        """The send under way to connection ``who`` will not complete (it closed): not counted."""
+        self._sending.pop(who, None)
+
     def sent_block(self, index: int, who: int, now: float) -> None:
-        """Count one send of block ``index``, to connection ``who`` (which stays an asker, if it is one).
+        """Count one completed send of block ``index``, to connection ``who`` (which stays an asker, if it is one).
 
         Unlocked: a lost increment only blurs the ranking, and a dict store is atomic.
         """
@@ -125,6 +173,7 @@ class SuperSeeder:
         if sent[index] < 0xFFFFFFFF:
             sent[index] += 1
         self._last_sent[index] = now
+        self._sending.pop(who, None)
         if who in self._askers:
             self._askers[who] = now
             since = self._since.get(who)
@@ -135,6 +184,9 @@ class SuperSeeder:
         """Connection ``who`` is closed: it is no asker any more, and its claims lapse at once."""
         self._askers.pop(who, None)
         self._since.pop(who, None)
+        self._sending.pop(who, None)
+        self._waiting.pop(who, None)
+        self._turns.discard(who)
 
     def offer(self, who: int, now: float, complete: bool) -> bytes | None:
         """The offer for connection ``who`` (one byte per block, 1 = offered), or None for "offer all held".
@@ -151,6 +203,8 @@ class SuperSeeder:
                 if seen < horizon:
                     askers.pop(conn, None)
                     self._since.pop(conn, None)
+                    self._waiting.pop(conn, None)
+                    self._turns.discard(conn)
             if not complete or len(askers) < policy.min_askers:
                 return None
             claims = self._claims
@@ -158,7 +212,7 @@ class SuperSeeder:
                 if owner not in askers:
                     del claims[i]
             recent_horizon = now - policy.resend_after
-            recent = set()
+            recent = set(self._sending.values())
             for i, t in list(self._last_sent.items()):
                 if t < recent_horizon:
                     del self._last_sent[i]
@@ -175,6 +229,21 @@ class SuperSeeder:
             alone = len(askers) == 1 and rate is not None
             share = part if alone else offer_share(sent, len(askers), policy, rate)
             _trim_claims(claims, part)
+            # In a turn: offered blocks not sent yet, or one under way (a send to a connection
+            # that was refused a turn, asking for blocks it was not offered, does not count).
+            # A turn ends at the connection's next map: with others waiting, it passes on (a
+            # turn kept until its offered blocks were sent would never end for a downloader
+            # that got them elsewhere).
+            turns = self._turns
+            streaming = {c for i, c in claims.items() if c != who and not sent[i]}
+            streaming.update(c for c in list(self._sending) if c != who and c in turns)
+            if may_stream(who, streaming, self._waiting, policy.max_streams):
+                self._waiting.pop(who, None)
+                turns.add(who)
+            else:
+                self._waiting.setdefault(who, now)
+                turns.discard(who)
+                share = 0
             chosen = choose_offer(sent, claims, who, askers, share, recent)
             keep = set(chosen)
             for i, owner in list(claims.items()):

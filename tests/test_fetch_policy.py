@@ -83,6 +83,34 @@ def test_no_eviction_among_equals_too_early_or_alone() -> None:
     assert pick_evictee([_session(1, 0.0), _session(2, 0.0)], 10.0, pol) is None  # nothing measured
 
 
+def test_a_silent_session_is_judged_only_once_one_block_would_have_been_too_slow() -> None:
+    pol = FetchPolicy()
+    fast = [_session(2, 1e6), _session(3, 1e6)]  # the bar: 0.125 x 1e6 = 125,000 B/s
+    waiting = _session(1, 0.0)
+    waiting.outstanding.append(7)
+    # A 1 MiB block takes 8.4 s at the bar: until then its silence proves nothing.
+    assert pick_evictee([waiting, *fast], 8.0, pol, block_size=1 << 20) is None
+    assert pick_evictee([waiting, *fast], 8.5, pol, block_size=1 << 20) is waiting
+    assert pick_evictee([waiting, *fast], 8.0, pol, block_size=4096) is waiting
+
+
+def test_a_super_seeder_or_a_peer_whose_map_is_on_its_way_is_never_evicted() -> None:
+    pol = FetchPolicy()
+    fast = [_session(2, 1e6), _session(3, 1e6)]
+    seeder = _session(1, 1_000.0)
+    seeder.peer.holds, seeder.peer.held, seeder.peer.offer = bytearray(b"\1" * 8), 8, bytearray(8)
+    assert pick_evictee([seeder, *fast], 10.0, pol) is None
+    seeder.peer.offer = None  # a complete peer that does not super-seed is judged like any
+    assert pick_evictee([seeder, *fast], 10.0, pol) is seeder
+    unmapped = _session(4, 0.0)
+    unmapped.peer.maps = True  # it answers maps, and the first of this session has not come
+    assert pick_evictee([unmapped, *fast], 10.0, pol) is None
+    # A fast super-seeder still sets the median that a slow peer is judged against.
+    seeder.peer.offer, seeder.rate = bytearray(8), 1e6
+    slow = _session(5, 1_000.0)
+    assert pick_evictee([seeder, slow], 10.0, pol) is slow
+
+
 def test_the_stall_message_blames_banned_peers_only_when_they_were_all_there_was() -> None:
     bad = PeerState(("127.0.0.1", 7), banned=True, ban_reason="sent a corrupt block 3")
     untried = PeerState(("127.0.0.1", 8))

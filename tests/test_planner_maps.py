@@ -81,6 +81,18 @@ def test_an_offer_of_nothing_we_need_is_waited_out_then_ignored() -> None:
     assert len(p.request(seeder, 4, T0 + 6.0)) == 4  # no guide after OFFER_PATIENCE: ask anyway
 
 
+def test_an_empty_offer_is_waited_out_however_long_it_lasts() -> None:
+    """The seeder has nothing for us now (others take their turns): asking around it would duplicate."""
+    p = planner(N)
+    seeder = with_map(p, 1, range(N), offer=set())
+    with_map(p, 2, set())
+    p.tick(T0)
+    for t in (0.0, 6.0, 60.0):
+        assert p.request(seeder, 4, T0 + t) == []
+    p.have_map(seeder, flags(range(N)), flags({7}), T0 + 61.0)  # its turn comes
+    assert p.request(seeder, 4, T0 + 61.0) == [7]
+
+
 def test_a_not_present_reply_corrects_the_map() -> None:
     p = planner(N)
     a = with_map(p, 1, {4, 5})

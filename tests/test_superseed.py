@@ -6,7 +6,7 @@ from array import array
 
 import pytest
 
-from peer.superseed import SuperSeeder, SuperSeedPolicy, choose_offer, equal_part, offer_share
+from peer.superseed import SuperSeeder, SuperSeedPolicy, choose_offer, equal_part, may_stream, offer_share
 
 pytestmark = pytest.mark.unit
 
@@ -99,7 +99,9 @@ def test_fewer_askers_than_min_askers_get_no_offer() -> None:
 
 
 def test_eight_askers_are_offered_disjoint_blocks_that_follow_the_sends() -> None:
-    seeder = SuperSeeder(64, SuperSeedPolicy(claim_seconds=10.0, min_offer=2, offer_seconds=4.0, resend_after=5.0))
+    seeder = SuperSeeder(
+        64, SuperSeedPolicy(claim_seconds=10.0, min_offer=2, offer_seconds=4.0, resend_after=5.0, max_streams=8)
+    )
     askers = list(range(1, 9))
     assert len(offered(seeder.offer(1, NOW, complete=True))) == 2  # alone so far, rate not known: min_offer
     for who in askers[1:]:
@@ -144,3 +146,63 @@ def test_send_counts_saturate_instead_of_overflowing() -> None:
     seeder.sent[0] = 0xFFFFFFFF
     seeder.sent_block(0, A, NOW)
     assert seeder.sent[0] == 0xFFFFFFFF
+
+
+def test_a_block_under_way_is_offered_to_nobody_else_and_counts_once_it_is_sent() -> None:
+    """The re-offer window starts when a send completes: a block on a slow link is seconds under way."""
+    seeder = SuperSeeder(4, SuperSeedPolicy(min_offer=1, offer_seconds=4.0, resend_after=3.0))
+    seeder.offer(A, NOW, complete=True)
+    seeder.offer(B, NOW, complete=True)
+    seeder.sending(0, A, NOW)
+    # Ten seconds under way (a claim long lapsed, far past resend_after): still A's.
+    for t in (1.0, 10.0):
+        assert 0 not in offered(seeder.offer(B, NOW + t, complete=True))
+    assert seeder.sent[0] == 0
+    seeder.sent_block(0, A, NOW + 10.0)
+    assert seeder.sent[0] == 1
+    assert 0 not in offered(seeder.offer(B, NOW + 12.9, complete=True))  # resend_after from the completion
+    seeder.forget(B)
+    seeder.sending(1, A, NOW + 13.0)
+    assert offered(seeder.offer(C, NOW + 13.0, complete=True)) == {2}
+
+
+def test_a_send_cut_short_by_a_closed_connection_is_not_counted() -> None:
+    seeder = SuperSeeder(2, SuperSeedPolicy(min_offer=1))
+    seeder.offer(B, NOW, complete=True)
+    seeder.sending(0, A, NOW)  # A: an old client, no maps
+    assert offered(seeder.offer(B, NOW + 0.1, complete=True)) == {1}
+    seeder.abandoned(A)  # A closed mid-block: nobody holds block 0
+    assert list(seeder.sent) == [0, 0]
+    assert 0 in offered(seeder.offer(B, NOW + 0.2, complete=True))
+
+
+@pytest.mark.parametrize(
+    ("who", "streaming", "waiting", "allowed"),
+    [
+        (A, set(), set(), True),
+        (A, {B, C}, set(), False),  # max_streams 2, both taken
+        (A, {B}, set(), True),
+        (A, {B}, {C}, False),  # the free stream is owed to C, which waited
+        (C, {B}, {C}, True),
+        (C, {B}, {A, C}, True),  # any waiting connection takes a free stream
+        (A, set(), {A, B}, True),
+    ],
+)
+def test_may_stream(who: int, streaming: set[int], waiting: set[int], allowed: bool) -> None:
+    assert may_stream(who, streaming, waiting, 2) is allowed
+
+
+def test_only_max_streams_downloaders_are_sent_new_blocks_at_once_and_turns_pass_on() -> None:
+    seeder = SuperSeeder(16, SuperSeedPolicy(min_offer=2, max_streams=2))
+    a, b = offered(seeder.offer(A, NOW, complete=True)), offered(seeder.offer(B, NOW, complete=True))
+    assert a and b and not a & b
+    assert offered(seeder.offer(C, NOW, complete=True)) == set()  # two streams taken: C waits
+    for i in a:
+        seeder.sending(i, A, NOW + 0.2)
+        seeder.sent_block(i, A, NOW + 0.3)
+    # A's turn ends with its next map; the stream it frees is owed to C, not taken back by A.
+    assert offered(seeder.offer(A, NOW + 0.4, complete=True)) == set()
+    c = offered(seeder.offer(C, NOW + 0.5, complete=True))
+    assert c and not c & (a | b)
+    assert offered(seeder.offer(B, NOW + 0.6, complete=True)) == set()  # B's turn passes on to A, waiting
+    assert offered(seeder.offer(A, NOW + 0.7, complete=True))
