@@ -72,7 +72,7 @@ from peer.fetcher import Fetcher, FetchPolicy, FetchResult, PeerInfo, Progress
 from peer.localdata import DataCheck, check_data
 from peer.planner import Session, Spans
 from peer.server import BlockServer
-from peer.storage import DiskSignature, MemberStore, signature_of
+from peer.storage import DiskSignature, MemberStore, PartFolder, PartStore, signature_of
 from peer.trackers import TrackerSet
 
 log = logging.getLogger("peer.fetch")
@@ -342,6 +342,8 @@ class MemberSet:
         self._finish_q: queue.SimpleQueue[int | None] = queue.SimpleQueue()
         self._finisher: threading.Thread | None = None
         self._list_next = 0
+        # Per member, the store that serves its .part's verified blocks (see serve_parts).
+        self.stores: list[PartStore | None] = [None] * n
 
     # --- the connection's view (peer.connection.Members) -----------------------------
 
@@ -390,6 +392,22 @@ class MemberSet:
             if not self._left[m]:
                 self._finish_q.put(m)
 
+    def serve_parts(self, add: Callable[[PartStore], None]) -> None:
+        """Give every member left a :class:`PartStore` over its ``.part`` (its verified blocks so far) to ``add``.
+
+        Called once, before the download starts: from then on a block is served as soon as
+        it is written and verified. A member not started yet is answered "not present"
+        (status 2, the connection stays open) rather than "unknown hash" (status 1, closed),
+        as a single file's ``.part`` is; and the server holds no more stores than it will
+        once every member has its name.
+        """
+        folder = PartFolder(self.out.partial_fd, self.out.path / PARTIAL_DIR)
+        for m, job in enumerate(self.jobs):
+            base = self.spans.starts[m]
+            valid = bytearray(self.valid[base : base + job.cf.block_count])
+            store = self.stores[m] = PartStore(job.cf, self._shown(job), valid, folder, _part_name(job))
+            add(store)
+
     # --- writing -------------------------------------------------------------------------
 
     def write(self, i: int, body: memoryview, source: str) -> bool:
@@ -423,6 +441,9 @@ class MemberSet:
             if self.valid[i]:
                 return False
             self.valid[i] = 1
+            store = self.stores[m]
+            if store is not None:
+                store.mark(j)  # its bytes are written and hash-checked: served from now on
             self.verified += 1
             n = len(body)
             self.verified_bytes += n
@@ -752,7 +773,8 @@ def fetch_collection(
     """Fetch every member of ``coll`` into ``out_path``: the jobs (each with its result or error), the seconds.
 
     And the error line of the whole download, if it failed as a whole (no peer, a stall).
-    Every member complete at its final name is served by ``server`` from then on, opened
+    A member being downloaded is served from its ``.part`` as its blocks verify
+    (:class:`peer.storage.PartStore`), and once complete from its final name, opened
     on demand (:class:`peer.storage.MemberStore`): what they need closed once the server
     stopped goes on ``cleanup``. Raises :class:`DataError` when ``out_path`` cannot be used
     at all (or a disk write failed); a member's failure is in its job.
@@ -772,12 +794,15 @@ def fetch_collection(
     cleanup.callback(held.close)  # after the server stopped: it opens the members relative to it
 
     def serve(job: _Job, seen: DiskSignature | None = None) -> None:
-        """Serve a member that has its final name (and announce it, with --seed)."""
+        """Serve a member that has its final name, in place of its ``.part``."""
         path = job.member.path
         seen = seen if seen is not None else held.look(path)
         if seen is not None:
             full = bytearray(b"\x01") * job.cf.block_count
             server.add_store(MemberStore(job.cf, out_path / path, full, held, path, verified=seen))
+            part = members.stores[job.slot] if members is not None and job.slot >= 0 else None
+            if part is not None:  # replaced: its descriptor (the same inode) is not kept for it
+                server.open_files.forget(part)
 
     started = time.monotonic()
     jobs = [_Job(i, m, m.cascade_file()) for i, m in enumerate(coll.members)]
@@ -805,6 +830,7 @@ def fetch_collection(
                 job.error = str(exc)
         members = MemberSet(out, todo, started, on_placed=serve)
         members.resume({m: check for m, check in enumerate(parts) if check is not None})
+        members.serve_parts(server.add_store)
         if todo and not stop_event.is_set():
             error = _download(members, trackers, my_ip, port, policy, stop_event, bar)
         members.drain()
@@ -820,9 +846,10 @@ def fetch_collection(
         seconds = time.monotonic() - started
         with contextlib.suppress(OSError):  # ENOTEMPTY: a partial member keeps it for the rerun
             os.rmdir(PARTIAL_DIR, dir_fd=out.fd)
-        out_fd, partial_fd = out.fd, out.partial_fd
-        os.close(partial_fd)
-        os.close(out_fd)
+        os.close(out.fd)
+        # The .part files of members left incomplete are still served (PartStore): their
+        # folder is let go once the server stopped.
+        cleanup.callback(os.close, out.partial_fd)
     return jobs, seconds, error
 
 

@@ -129,6 +129,15 @@ class OpenFiles:
                 self._idle[f.store] = f
         self._close(doomed)
 
+    def forget(self, store: MemberStore) -> None:
+        """``store`` is no longer served (replaced): close its file now, or once its holders released it."""
+        doomed: list[OpenFile] = []
+        with self._lock:
+            f = self._files.get(store)
+            if f is not None:
+                self._drop(f, doomed)
+        self._close(doomed)
+
     def close(self) -> None:
         """Close every file nobody holds; the others are closed as their holders release them."""
         doomed: list[OpenFile] = []

@@ -15,6 +15,7 @@ import errno
 import hashlib
 import io
 import os
+import stat
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -430,6 +431,92 @@ class MemberStore(VerifiedBlocks):
             return self._count
         finally:
             os.close(fd)
+
+
+class PartFolder:
+    """The folder of a collection fetch's ``.part`` files, held open by the fetch: a :class:`MemberFolder` for them."""
+
+    __slots__ = ("fd", "path")
+
+    def __init__(self, fd: int, path: Path) -> None:
+        self.fd = fd
+        self.path = path
+
+    def open_member(self, path: str) -> int:
+        """Open the ``.part`` named ``path`` in the folder for reading, never through a symlink.
+
+        Raises :class:`DataError` (a link, missing, not a regular file, unreadable).
+        """
+        shown = self.path / path
+        try:
+            fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_NONBLOCK | _O_CLOEXEC, dir_fd=self.fd)
+        except OSError as exc:
+            raise from_os_error(exc, shown, "open the partial file") from exc
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise DataError(f"{shown}: not a regular file")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def look(self, path: str) -> DiskSignature | None:
+        """The ``.part``'s signature (not followed); ``None`` when it is gone."""
+        try:
+            return signature_of(os.stat(path, dir_fd=self.fd, follow_symlinks=False))
+        except OSError:
+            return None
+
+
+class PartStore(MemberStore):
+    """A collection member still being downloaded, served from its ``.part`` as its blocks verify.
+
+    ``valid`` follows the downloader (:meth:`mark`, called once a block's bytes
+    are written and its SHA-256 matched), so only verified blocks are served,
+    as a single file's ``.part`` is. Opened on demand like any member (the
+    server's :class:`peer.openfiles.OpenFiles`), without the check against a
+    verified signature: the ``.part`` changes as blocks are written. When the
+    member is whole it is hard-linked to its final name and the ``.part`` is
+    unlinked: a descriptor a send holds stays valid (same inode), and the
+    fetcher replaces this store with the final name's :class:`MemberStore`.
+    """
+
+    __slots__ = ()
+
+    def __init__(self, cf: CascadeFile, path: Path, valid: bytearray, folder: PartFolder, name: str) -> None:
+        super().__init__(cf, path, valid, folder, name, verified=(0, 0, 0, 0, 0))
+        # Being written: never super-seeded from (peer.server offers only from read-only complete files).
+        self.writable = True
+
+    def open(self) -> int:
+        """Open the ``.part``; returns a descriptor the caller closes.
+
+        Raises :class:`NotAsVerified` when it is gone (the member got its name
+        meanwhile) or a link now, :class:`DataError` for any other failure.
+        """
+        try:
+            return self._folder.open_member(self._member)
+        except DataError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, OSError) and cause.errno not in _GONE_ERRNOS:
+                raise
+            raise NotAsVerified(str(exc)) from exc
+
+    def mark(self, index: int) -> None:
+        """Block ``index`` is written and verified: serve it from now on."""
+        with self._lock:
+            if not self.valid[index]:
+                self.valid[index] = 1
+                self._count += 1
+
+    def reverify(self, seen: DiskSignature | None, progress: Callable[[int], None] | None = None) -> int:
+        """Not watched: the downloader alone decides which blocks are verified; returns the verified count."""
+        return self._count
+
+
+_O_NOFOLLOW: int = getattr(os, "O_NOFOLLOW", 0)
+_O_NONBLOCK: int = getattr(os, "O_NONBLOCK", 0)  # a FIFO put in its place must not block the opener
+_O_CLOEXEC: int = getattr(os, "O_CLOEXEC", 0)
 
 
 # Errors of the opener that mean the member's path no longer leads to the verified
