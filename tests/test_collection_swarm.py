@@ -1,0 +1,77 @@
+"""A collection's fetchers share the members they are still downloading (real tracker and peer processes).
+
+The seeder's upload is limited, so the fetchers finish in reasonable time only
+if they give each other the blocks they verified: from the ``.part`` of a
+member they are still downloading, as single-file fetchers do from theirs.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cascade.collection import parse_collection
+from peer.collection_local import create_collection, walk_tree
+from tests.doubles import Swarm
+from tests.procs import Proc
+
+pytestmark = pytest.mark.process
+
+BLOCK = 8 << 10
+
+
+def json_line(proc: Proc, timeout: float = 30.0) -> dict[str, Any]:
+    """The ``--json`` document a fetcher printed (it goes on seeding after it, with --seed)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = proc.stdout.strip().splitlines()
+        if lines and lines[-1].endswith("}"):
+            try:
+                doc: dict[str, Any] = json.loads(lines[-1])
+            except ValueError:
+                doc = {}  # written in part so far
+            if doc:
+                return doc
+        if proc.popen.poll() is not None:
+            raise AssertionError(f"{proc.args} exited with {proc.popen.returncode}:\n{proc.stderr}")
+        time.sleep(0.02)
+    raise AssertionError(f"{proc.args}: no JSON in {timeout} s:\n{proc.stderr}")
+
+
+def test_limited_seeder_collection_fetchers_share_the_members_they_download(swarm: Swarm, tmp_path: Path) -> None:
+    src = tmp_path / "set"
+    rng = random.Random(13)
+    # Four members of 64 blocks in two folders: 2 MiB in all, as in test_swarm's single file.
+    files = {f"{'ab'[i % 2]}/m{i}.bin": rng.randbytes(64 * BLOCK - 100 * i) for i in range(4)}
+    for rel, data in files.items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(data)
+    raw = create_collection(src, walk_tree(src), BLOCK)
+    coll = parse_collection(raw)
+    cascade = tmp_path / "set.cascade"
+    cascade.write_bytes(raw)
+    seeder = swarm.start(
+        "peer", "seed", str(cascade), "--tracker", swarm.tracker, "--listen", "127.0.0.1:0", "--max-upload-rate", "1M"
+    )
+    seed_port = seeder.wait_listening()
+    for m in coll.members:
+        swarm.wait_subscribed(m.cascade_file(), seed_port)
+    outs = [tmp_path / f"out{i}" for i in range(3)]
+    fetchers = [swarm.fetcher(cascade, out, "--seed") for out in outs]
+    docs = [json_line(proc) for proc in fetchers]
+    seeder_name = f"127.0.0.1:{seed_port}"
+    total = from_seeder = 0
+    for doc, out in zip(docs, outs, strict=True):
+        assert doc["complete"] is True, doc
+        for f in doc["files"]:
+            assert (out / f["path"]).read_bytes() == files[f["path"]]
+            total += sum(f["sources"].values())
+            from_seeder += f["sources"].get(seeder_name, 0)
+    assert total == 3 * sum(m.cascade_file().block_count for m in coll.members)
+    # Without sharing the seeder would send every block 3 times; with it, a real share comes from the others.
+    assert total - from_seeder >= total // 4, docs
