@@ -341,7 +341,10 @@ class MemberSet:
         self._parts: OrderedDict[int, _Part] = OrderedDict()
         self._finish_q: queue.SimpleQueue[int | None] = queue.SimpleQueue()
         self._finisher: threading.Thread | None = None
+        # Where next_to_list goes on from: among all the members left, and among those under way.
         self._list_next = 0
+        self._list_busy = 0
+        self._list_busy_turn = False
         # Per member, the store that serves its .part's verified blocks (see serve_parts).
         self.stores: list[PartStore | None] = [None] * n
 
@@ -363,14 +366,35 @@ class MemberSet:
         return self.verified == self.spans.block_count
 
     def next_to_list(self) -> _Job | None:
-        """The next member with blocks missing, round robin: whose peers the tracker is asked for next."""
+        """The member whose peers the tracker is asked for next; ``None`` once every member is whole.
+
+        Every other time a member under way (some blocks verified, some missing), round
+        robin: listing a member enrols this peer in its swarm (PROTOCOL.md), which the
+        tracker forgets after its TTL, so the members it already serves a part of stay
+        listed and it stays findable for them however many members there are. The other
+        times, and when none is under way, the next member with blocks missing, round
+        robin, to find peers for those too.
+        """
+        self._list_busy_turn = not self._list_busy_turn
+        if self._list_busy_turn:
+            m = self._next(self._list_busy, lambda m: 0 < self._left[m] < self.jobs[m].cf.block_count)
+            if m >= 0:
+                self._list_busy = m + 1
+                return self.jobs[m]
+        m = self._next(self._list_next, lambda m: self._left[m] > 0)
+        if m < 0:
+            return None
+        self._list_next = m + 1
+        return self.jobs[m]
+
+    def _next(self, start: int, wanted: Callable[[int], bool]) -> int:
+        """The first member from ``start`` on (wrapping around) that is ``wanted``; -1 when none is."""
         n = len(self.jobs)
         for k in range(n):
-            m = (self._list_next + k) % n
-            if self._left[m]:
-                self._list_next = m + 1
-                return self.jobs[m]
-        return None
+            m = (start + k) % n
+            if wanted(m):
+                return m
+        return -1
 
     # --- resuming ------------------------------------------------------------------------
 
