@@ -429,7 +429,7 @@ class MemberSet:
         for m, job in enumerate(self.jobs):
             base = self.spans.starts[m]
             valid = bytearray(self.valid[base : base + job.cf.block_count])
-            store = self.stores[m] = PartStore(job.cf, self._shown(job), valid, folder, _part_name(job))
+            store = self.stores[m] = PartStore(job.cf, valid, folder, _part_name(job))
             add(store)
 
     # --- writing -------------------------------------------------------------------------

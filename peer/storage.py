@@ -447,14 +447,13 @@ class PartFolder:
 
         Raises :class:`DataError` (a link, missing, not a regular file, unreadable).
         """
-        shown = self.path / path
         try:
             fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_NONBLOCK | _O_CLOEXEC, dir_fd=self.fd)
         except OSError as exc:
-            raise from_os_error(exc, shown, "open the partial file") from exc
+            raise from_os_error(exc, self.path / path, "open the partial file") from exc
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise DataError(f"{shown}: not a regular file")
+                raise DataError(f"{self.path / path}: not a regular file")
         except BaseException:
             os.close(fd)
             raise
@@ -483,8 +482,9 @@ class PartStore(MemberStore):
 
     __slots__ = ()
 
-    def __init__(self, cf: CascadeFile, path: Path, valid: bytearray, folder: PartFolder, name: str) -> None:
-        super().__init__(cf, path, valid, folder, name, verified=(0, 0, 0, 0, 0))
+    def __init__(self, cf: CascadeFile, valid: bytearray, folder: PartFolder, name: str) -> None:
+        # Its path is the folder's (one Path for all: a fetch of 10,000 members builds no path per member).
+        super().__init__(cf, folder.path, valid, folder, name, verified=(0, 0, 0, 0, 0))
         # Being written: never super-seeded from (peer.server offers only from read-only complete files).
         self.writable = True
 
