@@ -95,3 +95,19 @@ def test_a_file_changed_since_it_was_verified_is_refused(stores: list[MemberStor
     with pytest.raises(NotAsVerified, match="no such file"):
         pool.acquire(a)
     assert pool.open_count == 0
+
+
+def test_a_forgotten_store_is_closed_now_when_idle_and_on_release_when_held(stores: list[MemberStore]) -> None:
+    a, b, _ = stores
+    pool = OpenFiles(4, detect())
+    fa = pool.acquire(a)
+    pool.release(fa)
+    fb = pool.acquire(b)
+    pool.forget(a)  # idle: closed at once
+    pool.forget(b)  # held by a send: closed when it is released
+    assert not is_open(fa.fd) and pool.open_count == 1
+    assert is_open(fb.fd) and not pool.is_open(b)
+    pool.release(fb)
+    assert pool.open_count == 0
+    pool.forget(a)  # not in the table: nothing to do
+    pool.close()
