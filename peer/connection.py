@@ -447,7 +447,8 @@ class Connection:
             peer.keepopen = False
             raise Downgrade("rejected a KEEPOPEN request; using plain requests")
         elif status == BlockStatus.INVALID_HASH and self.members is not None:
-            # It does not serve this member (a fetcher that has not started it): it closes now.
+            # It does not serve this member (an older fetcher that has not started it, or a peer of
+            # another collection that shares only some members): it closes now.
             if length <= MAX_MESSAGE:
                 reader.body(length)
             shell.lacks_member(session, i)
