@@ -7,6 +7,7 @@ polls that file with a deadline instead of sleeping.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -19,6 +20,7 @@ import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 LISTENING = re.compile(r"listening on (\S+):(\d+)")
 # Server log lines start with the time (2026-11-30T19:17:31.916); tests compare what follows.
@@ -91,6 +93,23 @@ class Proc:
                 raise RuntimeError(f"{self.args} exited with {self.popen.returncode}:\n{self.stderr}")
             time.sleep(0.02)
         raise TimeoutError(f"{self.args}: no line matching {rx.pattern!r} in {timeout}s:\n{self.stderr}")
+
+    def wait_for_json(self, timeout: float = 30.0) -> dict[str, Any]:
+        """Poll stdout until its last line is a whole JSON object (``--json`` of a process that goes on, say
+        ``peer fetch --seed``); fail if the process dies or time runs out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            lines = self.stdout.strip().splitlines()
+            if lines and lines[-1].endswith("}"):
+                try:
+                    doc: dict[str, Any] = json.loads(lines[-1])
+                    return doc
+                except ValueError:
+                    pass  # written in part so far
+            if self.popen.poll() is not None:
+                raise RuntimeError(f"{self.args} exited with {self.popen.returncode}:\n{self.stderr}")
+            time.sleep(0.02)
+        raise TimeoutError(f"{self.args}: no JSON in {timeout} s:\n{self.stderr}")
 
     def wait_listening(self, timeout: float = 15.0) -> int:
         """Wait for ``... listening on HOST:PORT`` and return the port."""

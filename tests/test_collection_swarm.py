@@ -7,40 +7,18 @@ member they are still downloading, as single-file fetchers do from theirs.
 
 from __future__ import annotations
 
-import json
 import random
-import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from cascade.collection import parse_collection
 from peer.collection_local import create_collection, walk_tree
 from tests.doubles import Swarm
-from tests.procs import Proc
 
 pytestmark = pytest.mark.process
 
 BLOCK = 8 << 10
-
-
-def json_line(proc: Proc, timeout: float = 30.0) -> dict[str, Any]:
-    """The ``--json`` document a fetcher printed (it goes on seeding after it, with --seed)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        lines = proc.stdout.strip().splitlines()
-        if lines and lines[-1].endswith("}"):
-            try:
-                doc: dict[str, Any] = json.loads(lines[-1])
-            except ValueError:
-                doc = {}  # written in part so far
-            if doc:
-                return doc
-        if proc.popen.poll() is not None:
-            raise AssertionError(f"{proc.args} exited with {proc.popen.returncode}:\n{proc.stderr}")
-        time.sleep(0.02)
-    raise AssertionError(f"{proc.args}: no JSON in {timeout} s:\n{proc.stderr}")
 
 
 def test_limited_seeder_collection_fetchers_share_the_members_they_download(swarm: Swarm, tmp_path: Path) -> None:
@@ -63,7 +41,7 @@ def test_limited_seeder_collection_fetchers_share_the_members_they_download(swar
         swarm.wait_subscribed(m.cascade_file(), seed_port)
     outs = [tmp_path / f"out{i}" for i in range(3)]
     fetchers = [swarm.fetcher(cascade, out, "--seed") for out in outs]
-    docs = [json_line(proc) for proc in fetchers]
+    docs = [proc.wait_for_json() for proc in fetchers]  # they go on seeding after it
     seeder_name = f"127.0.0.1:{seed_port}"
     total = from_seeder = 0
     for doc, out in zip(docs, outs, strict=True):
