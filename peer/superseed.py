@@ -135,8 +135,9 @@ class SuperSeeder:
     def __init__(self, block_count: int, policy: SuperSeedPolicy | None = None) -> None:
         self.policy = policy or SuperSeedPolicy()
         self.sent = array("I", bytes(4 * block_count))
-        # Block -> when a send of it last completed (only those within resend_after matter).
-        self._last_sent: dict[int, float] = {}
+        # Block -> when a send of it last completed, and to which connection (only those
+        # within resend_after matter, and only while that connection is still an asker).
+        self._last_sent: dict[int, tuple[float, int]] = {}
         # Connection -> the block it is being sent now (a connection sends one response at a
         # time; only the thread that owns it writes its entry).
         self._sending: dict[int, int] = {}
@@ -172,7 +173,7 @@ class SuperSeeder:
         sent = self.sent
         if sent[index] < 0xFFFFFFFF:
             sent[index] += 1
-        self._last_sent[index] = now
+        self._last_sent[index] = (now, who)
         self._sending.pop(who, None)
         if who in self._askers:
             self._askers[who] = now
@@ -211,12 +212,15 @@ class SuperSeeder:
             for i, owner in list(claims.items()):
                 if owner not in askers:
                     del claims[i]
+            # A block sent lately is still spreading only while its receiver is here to pass it
+            # on: one sent to a downloader that has since closed (a finished fetch, say) is
+            # offered again at once, or the next downloader would wait out resend_after for it.
             recent_horizon = now - policy.resend_after
             recent = set(self._sending.values())
-            for i, t in list(self._last_sent.items()):
+            for i, (t, to) in list(self._last_sent.items()):
                 if t < recent_horizon:
                     del self._last_sent[i]
-                else:
+                elif to in askers:
                     recent.add(i)
             since = self._since.get(who)
             rate = None if since is None or now <= since[0] else since[1] / (now - since[0])

@@ -166,6 +166,20 @@ def test_a_block_under_way_is_offered_to_nobody_else_and_counts_once_it_is_sent(
     assert offered(seeder.offer(C, NOW + 13.0, complete=True)) == {2}
 
 
+def test_blocks_sent_to_a_downloader_that_left_are_offered_again_at_once() -> None:
+    """A fetch that starts just after another ended must not wait resend_after for every block."""
+    seeder = SuperSeeder(4, SuperSeedPolicy(min_offer=1, resend_after=3.0))
+    seeder.offer(A, NOW, complete=True)
+    for i in range(4):
+        seeder.sent_block(i, A, NOW + 0.1 * i)
+    seeder.offer(B, NOW + 0.5, complete=True)  # A still here: every block is still spreading
+    assert offered(seeder.offer(B, NOW + 0.6, complete=True)) == set()
+    seeder.forget(A)  # A finished and closed: nobody will pass its blocks on
+    assert offered(seeder.offer(B, NOW + 0.7, complete=True))
+    seeder.forget(B)
+    assert offered(seeder.offer(C, NOW + 0.8, complete=True))
+
+
 def test_a_send_cut_short_by_a_closed_connection_is_not_counted() -> None:
     seeder = SuperSeeder(2, SuperSeedPolicy(min_offer=1))
     seeder.offer(B, NOW, complete=True)
