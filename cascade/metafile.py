@@ -11,6 +11,7 @@ import os
 import stat
 import struct
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -138,27 +139,39 @@ def encode_cascade(data_length: int, block_size: int, file_hash: bytes, block_ha
     return _HEADER.pack(MAGIC, bytes(8), data_length, block_size, file_hash) + block_hashes
 
 
-def read_cascade(path: str | os.PathLike[str]) -> CascadeFile:
-    """Read and parse a ``.cascade`` file; every failure is a :class:`MetafileError`."""
+def read_metafile_bytes(path: str | os.PathLike[str], limit: Callable[[bytes], int], kinds: str) -> bytes:
+    """The whole of a small metafile, refused before it is read when larger than ``limit(first 8 bytes)``.
+
+    ``kinds`` names what it may be in the refusal (".cascade", ".cascade or collection").
+    Every failure is a :class:`MetafileError`, one line.
+    """
     p = Path(path)
     try:
         with p.open("rb") as f:
             st = os.fstat(f.fileno())
             if not stat.S_ISREG(st.st_mode):
                 raise MetafileError(f"{p}: not a regular file")
-            # Checked before reading so a huge file is refused without allocating for it.
-            if st.st_size > MAX_METAFILE_SIZE:
-                raise MetafileError(f"{p}: larger than any valid .cascade file ({MAX_METAFILE_SIZE} bytes)")
-            data = f.read(MAX_METAFILE_SIZE + 1)
+            head = f.read(8)
+            most = limit(head)
+            # Checked before reading on, so a huge file is refused without allocating for it
+            # (and again after: it may have grown meanwhile).
+            if st.st_size > most:
+                raise MetafileError(f"{p}: larger than any valid {kinds} file ({most} bytes)")
+            data = head + f.read(most + 1 - len(head))
     except FileNotFoundError as exc:
         raise MetafileError(f"{p}: no such file") from exc
     except IsADirectoryError as exc:
         raise MetafileError(f"{p}: is a directory, not a .cascade file") from exc
     except OSError as exc:
         raise MetafileError(f"{p}: cannot read: {exc.strerror or exc}") from exc
-    if len(data) > MAX_METAFILE_SIZE:
-        raise MetafileError(f"{p}: larger than any valid .cascade file ({MAX_METAFILE_SIZE} bytes)")
-    return parse_cascade(data, str(p))
+    if len(data) > most:
+        raise MetafileError(f"{p}: larger than any valid {kinds} file ({most} bytes)")
+    return data
+
+
+def read_cascade(path: str | os.PathLike[str]) -> CascadeFile:
+    """Read and parse a ``.cascade`` file; every failure is a :class:`MetafileError`."""
+    return parse_cascade(read_metafile_bytes(path, lambda head: MAX_METAFILE_SIZE, ".cascade"), os.fspath(path))
 
 
 def default_data_path(cascade_path: str | os.PathLike[str]) -> Path:

@@ -36,8 +36,8 @@ from cascade.collection import (
     parse_collection,
     serialize_collection,
 )
-from cascade.errors import CollectionError, DataError, MetafileError, StartError, UsageError, from_os_error
-from cascade.metafile import MAX_METAFILE_SIZE, CascadeFile, parse_cascade
+from cascade.errors import CollectionError, DataError, StartError, UsageError, from_os_error
+from cascade.metafile import MAX_METAFILE_SIZE, CascadeFile, parse_cascade, read_metafile_bytes
 from peer.localdata import DataCheck, Progress, check_data, create_metafile, default_workers
 from peer.storage import DiskSignature
 
@@ -67,23 +67,11 @@ def read_metafile(path: str | os.PathLike[str]) -> CascadeFile | Collection:
     Raises :class:`MetafileError` (:class:`CollectionError` for a bad collection).
     """
     p = Path(path)
-    try:
-        with p.open("rb") as f:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise MetafileError(f"{p}: not a regular file")
-            head = f.read(8)
-            limit = MAX_COLLECTION_SIZE if looks_like_collection(head) else MAX_METAFILE_SIZE
-            # Checked before reading on, so a huge file is refused without allocating for it.
-            if st.st_size > limit:
-                raise MetafileError(f"{p}: larger than any valid .cascade or collection file ({limit} bytes)")
-            data = head + f.read(limit + 1 - len(head))
-    except FileNotFoundError as exc:
-        raise MetafileError(f"{p}: no such file") from exc
-    except IsADirectoryError as exc:
-        raise MetafileError(f"{p}: is a directory, not a .cascade file") from exc
-    except OSError as exc:
-        raise MetafileError(f"{p}: cannot read: {exc.strerror or exc}") from exc
+
+    def limit(head: bytes) -> int:
+        return MAX_COLLECTION_SIZE if looks_like_collection(head) else MAX_METAFILE_SIZE
+
+    data = read_metafile_bytes(p, limit, ".cascade or collection")
     if looks_like_collection(data):
         return parse_collection(data, str(p))
     return parse_cascade(data, str(p))

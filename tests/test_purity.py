@@ -2,8 +2,9 @@
 
 No module of the core imports a module that does network, process, thread or
 database I/O, nor the packages above it (``peer``, ``tracker``). The one file
-read it does is :func:`cascade.metafile.read_cascade` (a ``.cascade`` into
-bytes, which STYLE.md allows); no other module calls ``open``.
+read it does is :func:`cascade.metafile.read_metafile_bytes` (a ``.cascade`` or a
+collection file into bytes, which STYLE.md allows; ``read_cascade`` and the peer's
+``read_metafile`` both go through it); no other function calls ``open``.
 """
 
 from __future__ import annotations
@@ -39,9 +40,9 @@ FORBIDDEN = {
     "tracker",
     "oscompat",  # OS probing and I/O fallbacks live beside the core, for the processes
 }
-# Calls that read or write files. ``read_cascade`` is the one allowed reader.
+# Calls that read or write files. ``read_metafile_bytes`` is the one allowed reader.
 FILE_CALLS = {"open", "read_bytes", "read_text", "write_bytes", "write_text", "pread", "pwrite", "sendfile", "mkdir"}
-ALLOWED_FILE_CALLS = {("metafile.py", "read_cascade")}
+ALLOWED_FILE_CALLS = {("metafile.py", "read_metafile_bytes")}
 PACKAGE = Path(cascade.__file__).resolve().parent
 
 
