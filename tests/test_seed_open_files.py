@@ -37,6 +37,7 @@ from tests.test_peer_server import TIMEOUT, connect, read_response, recv_exact, 
 pytestmark = pytest.mark.loopback
 
 CAP = 4
+WORKERS = 2
 BLOCK = 1024
 
 
@@ -70,7 +71,7 @@ def seeding(root: Path, data: dict[str, bytes], block_size: int = BLOCK) -> Iter
     held = HeldFolder(root)
     changes: list[tuple[int, int]] = []
     watcher = DataWatcher(on_change=lambda _s, before, after: changes.append((before, after)))
-    server = BlockServer("127.0.0.1", 0, BlockServerConfig(max_workers=2, max_open_files=CAP))
+    server = BlockServer("127.0.0.1", 0, BlockServerConfig(max_workers=WORKERS, max_open_files=CAP))
     try:
         stores = {}
         for mc, _ in check_members(root, coll, whole_file=False, root_fd=held.fd):
@@ -162,11 +163,12 @@ def test_twenty_members_reach_fetchers_with_at_most_the_cap_open(tmp_path: Path)
         assert not any(t.is_alive() for t in threads)
         for path in paths:
             assert (out / path.replace("/", "_")).read_bytes() == data[path], path
-        # Replies are held only by the 2 workers, never parked here: the table never passes the cap.
+        # Replies are held only by the workers, never parked here: the table never passes the cap.
         assert s.server.open_files.peak <= CAP
-        # On the disk side a miss opens its file before the least recently used one is closed,
-        # so each worker may add one for an instant.
-        assert most[0] <= CAP + 2
+        # On the disk side, for an instant per worker: a miss opens its file before it takes the
+        # table's lock, and the file it pushes out is closed after letting go of the lock (so
+        # another worker's open may come first): at most two beyond the table per worker.
+        assert most[0] <= CAP + 2 * WORKERS
         assert member_fds(root) <= CAP
         assert s.server.open_files.opened >= len(paths) - 1  # every member with data was opened
     assert member_fds(root) == 0  # stopping closes them
