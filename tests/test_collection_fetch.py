@@ -8,6 +8,7 @@ its connection, and nothing wrong is ever written.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -211,56 +212,62 @@ def _ask(sock: socket.socket, job: _Job, j: int) -> tuple[int, bytes]:
     return read_response(sock)
 
 
-def test_a_member_being_downloaded_is_served_from_its_part_as_its_blocks_verify(tmp_path: Path) -> None:
-    src = tmp_path / "src"
-    _, coll = make_tree(src, small=0, big=2)
-    out = OutFolder(tmp_path / "out")
+@contextlib.contextmanager
+def member_set(out_path: Path, coll: Collection) -> Iterator[tuple[MemberSet, list[_Job]]]:
+    """A :class:`MemberSet` over every member of ``coll`` into ``out_path``; finished and closed afterwards."""
+    out = OutFolder(out_path)
     jobs = [_Job(i, m, m.cascade_file()) for i, m in enumerate(coll.members)]
     members = MemberSet(out, jobs, time.monotonic())
-    server = BlockServer("127.0.0.1", 0)
-    server.start(listen=False)
-    ours, theirs = socket.socketpair()
-    ours.settimeout(10.0)
-    held = None
     try:
-        members.serve_parts(server.add_store)
-        server.serve_connection(theirs, "127.0.0.1")
-        first, other = jobs
-        # Not started: "not present", and the connection stays open (not "unknown hash" and closed).
-        assert _ask(ours, first, 0)[0] == BlockStatus.NOT_PRESENT
-        assert _ask(ours, other, 1)[0] == BlockStatus.NOT_PRESENT
-        assert members.write(members.spans.starts[first.slot], _block_of(src, first, 0), "test")
-        assert _ask(ours, first, 0) == (BlockStatus.OK, bytes(_block_of(src, first, 0)))
-        assert _ask(ours, first, 1)[0] == BlockStatus.NOT_PRESENT
-        # A descriptor held by a send outlives the hard link to the final name and the unlink of the .part.
-        part = members.stores[first.slot]
-        assert part is not None
-        held = server.open_files.acquire(part)
-        for j in range(1, first.cf.block_count):
-            assert members.write(members.spans.starts[first.slot] + j, _block_of(src, first, j), "test")
-        members.drain()
-        assert members.result(first.slot).complete
-        final = tmp_path / "out" / first.member.path
-        assert os.fstat(held.fd).st_ino == final.stat().st_ino
-        assert os.pread(held.fd, first.cf.data_length, 0) == final.read_bytes()
+        yield members, jobs
     finally:
-        if held is not None:
-            server.open_files.release(held)
-        ours.close()
-        server.stop()
         members.drain()
         members.close()
         os.close(out.partial_fd)
         os.close(out.fd)
 
 
+def test_a_member_being_downloaded_is_served_from_its_part_as_its_blocks_verify(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    _, coll = make_tree(src, small=0, big=2)
+    server = BlockServer("127.0.0.1", 0)
+    server.start(listen=False)
+    ours, theirs = socket.socketpair()
+    ours.settimeout(10.0)
+    held = None
+    with member_set(tmp_path / "out", coll) as (members, jobs):
+        try:
+            members.serve_parts(server.add_store)
+            server.serve_connection(theirs, "127.0.0.1")
+            first, other = jobs
+            # Not started: "not present", and the connection stays open (not "unknown hash" and closed).
+            assert _ask(ours, first, 0)[0] == BlockStatus.NOT_PRESENT
+            assert _ask(ours, other, 1)[0] == BlockStatus.NOT_PRESENT
+            assert members.write(members.spans.starts[first.slot], _block_of(src, first, 0), "test")
+            assert _ask(ours, first, 0) == (BlockStatus.OK, bytes(_block_of(src, first, 0)))
+            assert _ask(ours, first, 1)[0] == BlockStatus.NOT_PRESENT
+            # A descriptor held by a send outlives the hard link to the final name and the unlink of the .part.
+            part = members.stores[first.slot]
+            assert part is not None
+            held = server.open_files.acquire(part)
+            for j in range(1, first.cf.block_count):
+                assert members.write(members.spans.starts[first.slot] + j, _block_of(src, first, j), "test")
+            members.drain()
+            assert members.result(first.slot).complete
+            final = tmp_path / "out" / first.member.path
+            assert os.fstat(held.fd).st_ino == final.stat().st_ino
+            assert os.pread(held.fd, first.cf.data_length, 0) == final.read_bytes()
+        finally:
+            if held is not None:
+                server.open_files.release(held)
+            ours.close()
+            server.stop()
+
+
 def test_the_members_under_way_are_listed_every_other_time(tmp_path: Path) -> None:
     src = tmp_path / "src"
     _, coll = make_tree(src, small=0, big=4)
-    out = OutFolder(tmp_path / "out")
-    jobs = [_Job(i, m, m.cascade_file()) for i, m in enumerate(coll.members)]
-    members = MemberSet(out, jobs, time.monotonic())
-    try:
+    with member_set(tmp_path / "out", coll) as (members, jobs):
         busy = jobs[2]
         assert members.write(members.spans.starts[busy.slot], _block_of(src, busy, 0), "test")
         listed = [members.next_to_list() for _ in range(8)]
@@ -268,7 +275,3 @@ def test_the_members_under_way_are_listed_every_other_time(tmp_path: Path) -> No
         # part of stays listed, and every member with blocks missing still has its turn.
         assert listed[::2] == [busy] * 4
         assert {id(j) for j in listed} == {id(j) for j in jobs}
-    finally:
-        members.close()
-        os.close(out.partial_fd)
-        os.close(out.fd)
