@@ -535,5 +535,11 @@ class TrackerServer:
                 log.info("%s timed out after %d bytes", conn.ip, len(conn.buf))
             if conn.buf:
                 with contextlib.suppress(OSError):
+                    # Bytes that arrived but were not read yet would make close() reset the
+                    # connection, and the client would lose the reply (as in _fail): drop them.
+                    dropped = 0
+                    while dropped < _DRAIN_LIMIT and (chunk := conn.sock.recv(_DRAIN_LIMIT, self._dontwait)):
+                        dropped += len(chunk)
+                with contextlib.suppress(OSError):
                     conn.sock.send(self._short(conn), self._dontwait)
         self._close(conn, loop)
