@@ -255,34 +255,32 @@ def wait_subscribed(tracker_port: int, cascade_hash: bytes, port: int) -> None:
 
 
 @pytest.mark.portable
-def test_seed_serves_every_member_from_one_port(tmp_path: Path, tree: tuple[Path, dict[str, bytes]]) -> None:
+def test_seed_serves_every_member_from_one_port(
+    tmp_path: Path, swarm: Swarm, tree: tuple[Path, dict[str, bytes]]
+) -> None:
     root, files = tree
     out = create(root)
     coll = parse_collection(out.read_bytes())
-    swarm = Swarm(tmp_path)
-    try:
-        swarm.start_tracker()
-        seeder = swarm.start("peer", "seed", str(out), "--tracker", swarm.tracker, "--listen", "127.0.0.1:0")
-        port = seeder.wait_listening()
-        seeder.wait_for_line(r"my-dataset.cascade: 6/6 files complete")
-        for m in coll.members:
-            if m.data_length:  # an empty file needs no peer
-                wait_subscribed(swarm.tracker_port, m.cascade_hash, port)
-        # Any member is a plain .cascade: an old client fetches it alone from the collection's seeder.
-        fetched = tmp_path / "fetched"
-        fetched.mkdir()
-        for i, m in enumerate(coll.members):
-            single = fetched / f"{i}.cascade"
-            single.write_bytes(m.cascade)
-            proc = swarm.fetcher(single, fetched / str(i))
-            assert proc.wait(TIMEOUT) == 0, proc.stderr
-            assert (fetched / str(i)).read_bytes() == files[m.path]
-    finally:
-        for p in swarm.procs:
-            p.stop()
+    seeder = swarm.start("peer", "seed", str(out), "--tracker", swarm.tracker, "--listen", "127.0.0.1:0")
+    port = seeder.wait_listening()
+    seeder.wait_for_line(r"my-dataset.cascade: 6/6 files complete")
+    for m in coll.members:
+        if m.data_length:  # an empty file needs no peer
+            wait_subscribed(swarm.tracker_port, m.cascade_hash, port)
+    # Any member is a plain .cascade: an old client fetches it alone from the collection's seeder.
+    fetched = tmp_path / "fetched"
+    fetched.mkdir()
+    for i, m in enumerate(coll.members):
+        single = fetched / f"{i}.cascade"
+        single.write_bytes(m.cascade)
+        proc = swarm.fetcher(single, fetched / str(i))
+        assert proc.wait(TIMEOUT) == 0, proc.stderr
+        assert (fetched / str(i)).read_bytes() == files[m.path]
 
 
-def test_seed_never_follows_a_symlink_out_of_the_folder(tmp_path: Path, tree: tuple[Path, dict[str, bytes]]) -> None:
+def test_seed_never_follows_a_symlink_out_of_the_folder(
+    tmp_path: Path, swarm: Swarm, tree: tuple[Path, dict[str, bytes]]
+) -> None:
     root, files = tree
     out = create(root)
     # The same bytes, but reached through a link out of the tree: not served.
@@ -291,38 +289,26 @@ def test_seed_never_follows_a_symlink_out_of_the_folder(tmp_path: Path, tree: tu
     (outside / "top.txt").write_bytes(files["top.txt"])
     (root / "top.txt").unlink()
     (root / "top.txt").symlink_to(outside / "top.txt")
-    swarm = Swarm(tmp_path)
-    try:
-        swarm.start_tracker()
-        seeder = swarm.start("peer", "seed", str(out), "--tracker", swarm.tracker, "--listen", "127.0.0.1:0")
-        seeder.wait_listening()
-        seeder.wait_for_line(r"5/6 files complete")
-        seeder.wait_for_line(r"'top.txt' is a symbolic link; Cascade does not follow it: not served")
-    finally:
-        for p in swarm.procs:
-            p.stop()
+    seeder = swarm.start("peer", "seed", str(out), "--tracker", swarm.tracker, "--listen", "127.0.0.1:0")
+    seeder.wait_listening()
+    seeder.wait_for_line(r"5/6 files complete")
+    seeder.wait_for_line(r"'top.txt' is a symbolic link; Cascade does not follow it: not served")
 
 
 def test_a_member_swapped_for_a_symlink_while_seeding_is_no_longer_served(
-    tmp_path: Path, tree: tuple[Path, dict[str, bytes]]
+    tmp_path: Path, swarm: Swarm, tree: tuple[Path, dict[str, bytes]]
 ) -> None:
     root, files = tree
     out = create(root)
-    swarm = Swarm(tmp_path)
-    try:
-        swarm.start_tracker()
-        seeder = swarm.start("peer", "seed", str(out), "--tracker", swarm.tracker, "--listen", "127.0.0.1:0")
-        seeder.wait_listening()
-        seeder.wait_for_line(r"6/6 files complete")
-        copy = tmp_path / "same-bytes.txt"
-        copy.write_bytes(files["top.txt"])
-        link = root / "top.txt.new"
-        link.symlink_to(copy)
-        os.replace(link, root / "top.txt")  # atomically: the path now names a link to identical bytes
-        seeder.wait_for_line(r"'top.txt' is a symbolic link; Cascade does not follow it; no longer serving")
-    finally:
-        for p in swarm.procs:
-            p.stop()
+    seeder = swarm.start("peer", "seed", str(out), "--tracker", swarm.tracker, "--listen", "127.0.0.1:0")
+    seeder.wait_listening()
+    seeder.wait_for_line(r"6/6 files complete")
+    copy = tmp_path / "same-bytes.txt"
+    copy.write_bytes(files["top.txt"])
+    link = root / "top.txt.new"
+    link.symlink_to(copy)
+    os.replace(link, root / "top.txt")  # atomically: the path now names a link to identical bytes
+    seeder.wait_for_line(r"'top.txt' is a symbolic link; Cascade does not follow it; no longer serving")
 
 
 def test_publish_a_collection_and_download_it_by_url(tmp_path: Path, tree: tuple[Path, dict[str, bytes]]) -> None:
@@ -417,48 +403,42 @@ def fetch_args(swarm: Swarm, cascade: Path | str, out: Path, *extra: str) -> lis
     ]
 
 
-def test_swarm_of_fetchers_one_killed_and_resumed(tmp_path: Path, tree: tuple[Path, dict[str, bytes]]) -> None:
+def test_swarm_of_fetchers_one_killed_and_resumed(
+    tmp_path: Path, swarm: Swarm, tree: tuple[Path, dict[str, bytes]]
+) -> None:
     root, files = tree
     big = bytes(range(251)) * 8000  # 2,008,000 bytes: 123 blocks of 16 KiB
     (root / "a" / "big.bin").write_bytes(big)
     files = {**files, "a/big.bin": big}
     out = create(root)
-    swarm = Swarm(tmp_path)
-    try:
-        swarm.start_tracker()
-        seed_tree(swarm, out)
-        # One fetcher slowed down, to be killed half-way; two others at full speed meanwhile.
-        slow = swarm.start(
-            *fetch_args(swarm, out, tmp_path / "killed", "--max-download-rate", "200K", "--progress-lines")
-        )
-        # Past 100,000 bytes: the members come in collection order from one seeder, and
-        # a/big.bin (the third, after 76,805 bytes) has verified blocks to resume.
-        slow.wait_for_line(r"progress [1-9]\d{5,} ")
-        fast = [swarm.start(*fetch_args(swarm, out, tmp_path / f"fast{i}")) for i in range(2)]
-        slow.kill()
-        partial = tmp_path / "killed" / ".cascade-partial"
-        assert partial.is_dir() and any(partial.iterdir()), "a killed fetch keeps its .part files"
-        for proc in fast:
-            assert proc.wait(TIMEOUT) == 0, proc.stderr
-            doc = json.loads(proc.stdout.strip().splitlines()[-1])
-            assert doc["complete"] is True and doc["count"] == len(files) and len(doc["files"]) == len(files)
-        for i in range(2):
-            assert tree_bytes(tmp_path / f"fast{i}") == files
-        resumed = swarm.start(*fetch_args(swarm, out, tmp_path / "killed"))
-        assert resumed.wait(TIMEOUT) == 0, resumed.stderr
-        doc = json.loads(resumed.stdout.strip().splitlines()[-1])
-        by_path = {f["path"]: f for f in doc["files"]}
-        assert by_path["a/big.bin"]["blocks_resumed"] > 0 or by_path["a/big.bin"]["bytes_downloaded"] == 0
-        assert tree_bytes(tmp_path / "killed") == files
-        assert not partial.exists(), "a finished fetch leaves only the members"
-        assert not (tmp_path / "killed" / "link-out").exists() and not (tmp_path / "killed" / "fifo").exists()
-    finally:
-        for p in swarm.procs:
-            p.stop()
+    seed_tree(swarm, out)
+    # One fetcher slowed down, to be killed half-way; two others at full speed meanwhile.
+    slow = swarm.start(*fetch_args(swarm, out, tmp_path / "killed", "--max-download-rate", "200K", "--progress-lines"))
+    # Past 100,000 bytes: the members come in collection order from one seeder, and
+    # a/big.bin (the third, after 76,805 bytes) has verified blocks to resume.
+    slow.wait_for_line(r"progress [1-9]\d{5,} ")
+    fast = [swarm.start(*fetch_args(swarm, out, tmp_path / f"fast{i}")) for i in range(2)]
+    slow.kill()
+    partial = tmp_path / "killed" / ".cascade-partial"
+    assert partial.is_dir() and any(partial.iterdir()), "a killed fetch keeps its .part files"
+    for proc in fast:
+        assert proc.wait(TIMEOUT) == 0, proc.stderr
+        doc = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert doc["complete"] is True and doc["count"] == len(files) and len(doc["files"]) == len(files)
+    for i in range(2):
+        assert tree_bytes(tmp_path / f"fast{i}") == files
+    resumed = swarm.start(*fetch_args(swarm, out, tmp_path / "killed"))
+    assert resumed.wait(TIMEOUT) == 0, resumed.stderr
+    doc = json.loads(resumed.stdout.strip().splitlines()[-1])
+    by_path = {f["path"]: f for f in doc["files"]}
+    assert by_path["a/big.bin"]["blocks_resumed"] > 0 or by_path["a/big.bin"]["bytes_downloaded"] == 0
+    assert tree_bytes(tmp_path / "killed") == files
+    assert not partial.exists(), "a finished fetch leaves only the members"
+    assert not (tmp_path / "killed" / "link-out").exists() and not (tmp_path / "killed" / "fifo").exists()
 
 
 def test_fetch_never_writes_through_a_symlink_nor_over_a_foreign_file(
-    tmp_path: Path, tree: tuple[Path, dict[str, bytes]]
+    tmp_path: Path, swarm: Swarm, tree: tuple[Path, dict[str, bytes]]
 ) -> None:
     root, files = tree
     out = create(root)
@@ -468,26 +448,18 @@ def test_fetch_never_writes_through_a_symlink_nor_over_a_foreign_file(
     dest.mkdir()
     (dest / "a").symlink_to(elsewhere, target_is_directory=True)  # a folder of the tree is a link here
     (dest / "top.txt").write_bytes(b"the user's own file\n")  # a member's name holds a foreign file
-    swarm = Swarm(tmp_path)
-    try:
-        swarm.start_tracker()
-        seed_tree(swarm, out)
-        proc = swarm.start(*fetch_args(swarm, out, dest))
-        assert proc.wait(TIMEOUT) == 1, proc.stderr
-        assert "'a' is a symbolic link" in proc.stderr
-        assert "top.txt: exists and is not this file; not touching it" in proc.stderr
-        assert list(elsewhere.iterdir()) == []
-        assert (dest / "top.txt").read_bytes() == b"the user's own file\n"
-        got = tree_bytes(dest)
-        assert got["empty"] == b"" and got["zeros.d/nul-bytes"] == files["zeros.d/nul-bytes"]
-        assert (
-            got["caf\u00e9/r\u00e9sum\u00e9 \u65e5\u672c.txt"] == files["caf\u00e9/r\u00e9sum\u00e9 \u65e5\u672c.txt"]
-        )
-        doc = json.loads(proc.stdout.strip().splitlines()[-1])
-        assert doc["complete"] is False and doc["complete_files"] == len(files) - 3
-    finally:
-        for p in swarm.procs:
-            p.stop()
+    seed_tree(swarm, out)
+    proc = swarm.start(*fetch_args(swarm, out, dest))
+    assert proc.wait(TIMEOUT) == 1, proc.stderr
+    assert "'a' is a symbolic link" in proc.stderr
+    assert "top.txt: exists and is not this file; not touching it" in proc.stderr
+    assert list(elsewhere.iterdir()) == []
+    assert (dest / "top.txt").read_bytes() == b"the user's own file\n"
+    got = tree_bytes(dest)
+    assert got["empty"] == b"" and got["zeros.d/nul-bytes"] == files["zeros.d/nul-bytes"]
+    assert got["caf\u00e9/r\u00e9sum\u00e9 \u65e5\u672c.txt"] == files["caf\u00e9/r\u00e9sum\u00e9 \u65e5\u672c.txt"]
+    doc = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert doc["complete"] is False and doc["complete_files"] == len(files) - 3
 
 
 def test_fetch_a_collection_by_url(tmp_path: Path, tree: tuple[Path, dict[str, bytes]]) -> None:
