@@ -137,7 +137,7 @@ def _seed_collection(
             continue
         served.add(cf.cascade_hash)
         path = mc.member.path
-        store = MemberStore(cf, f.folder / path, check.valid, held, path, verified=mc.seen)
+        store = MemberStore(cf, check.valid, held, path, verified=mc.seen)
         server.add_store(store, watcher.wake)
         watcher.add(store, mc.seen)
         if check.valid_count == cf.block_count:

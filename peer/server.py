@@ -134,8 +134,10 @@ class _Served:
     full_header: bytes
     last_length: int
     last_header: bytes
-    # Sends per block and the offers made to have-map askers (docs/protocol-extensions.md).
-    seeder: SuperSeeder
+    # Sends per block and the offers made to have-map askers (docs/protocol-extensions.md);
+    # made on the first send or map request (BlockServer._seeder_of): a collection's members
+    # are mostly never asked for, and the state costs about 1 KB and 10 us each.
+    seeder: SuperSeeder | None
     # For a watched file (see add_store): called when an fstat shows it changed, or
     # (a member) when it could not be reopened as verified.
     changed: Callable[[VerifiedBlocks], None] | None = None
@@ -187,7 +189,8 @@ class _Conn:
         # When the first byte of a still incomplete request arrived (0.0: none pending).
         self.partial_since = 0.0
         self.idle = True  # True while the selector thread owns it
-        self.maps = False  # it asked for a have map (see BlockServer._close)
+        # The files it asked have maps of (their claims go back to the others when it closes).
+        self.maps: set[SuperSeeder] = set()
         self.draining = False
         self.out_head = b""
         self.out_fd = -1
@@ -246,6 +249,10 @@ class BlockServer:
         self.header_timeout = min(cfg.header_timeout, cfg.idle_timeout)
         self._limiter = TokenBucket(cfg.upload_rate, clock=clock, sleep=sleep) if cfg.upload_rate else None
         self._served: dict[bytes, _Served] = {}
+        # Response headers by body length (most files share one or two), and the lock that
+        # makes a file's super-seeding state once (see _seeder_of).
+        self._headers: dict[int, bytes] = {}
+        self._seeders_lock = threading.Lock()
         # The collection members open now, at most cfg.max_open_files that no reply holds.
         self.open_files = OpenFiles(cfg.max_open_files, self.features)
         self._conns: dict[int, _Conn] = {}
@@ -293,18 +300,37 @@ class BlockServer:
         last = cf.last_block_length
         fd = store.fd if isinstance(store, BlockStore) else -1
         seen = _fstat_signature(fd) if changed is not None and fd >= 0 else (0, 0, 0)
+        old = self._served.get(store.cascade_hash)
         self._served[store.cascade_hash] = _Served(
             store=store,
             fd=fd,
             count=cf.block_count,
             block_size=cf.block_size,
-            full_header=pack_block_response_header(BlockStatus.OK, cf.block_size),
+            full_header=self._ok_header(cf.block_size),
             last_length=last,
-            last_header=pack_block_response_header(BlockStatus.OK, last),
-            seeder=SuperSeeder(cf.block_count, self.config.superseed),
+            last_header=self._ok_header(last),
+            # A replaced store (a member's .part that got its name) keeps what was sent of it.
+            seeder=old.seeder if old is not None and old.count == cf.block_count else None,
             changed=changed,
             seen=seen,
         )
+
+    def _ok_header(self, length: int) -> bytes:
+        """The status-0 header for a body of ``length`` bytes, shared by every file with that block length."""
+        header = self._headers.get(length)
+        if header is None:
+            header = self._headers.setdefault(length, pack_block_response_header(BlockStatus.OK, length))
+        return header
+
+    def _seeder_of(self, served: _Served) -> SuperSeeder:
+        """The super-seeding state of ``served``, made on first use (by whichever worker comes first)."""
+        seeder = served.seeder
+        if seeder is None:
+            with self._seeders_lock:
+                seeder = served.seeder
+                if seeder is None:
+                    seeder = served.seeder = SuperSeeder(served.count, self.config.superseed)
+        return seeder
 
     # --- lifecycle -----------------------------------------------------------
 
@@ -576,10 +602,10 @@ class BlockServer:
         if conn.out_seeder is not None:
             conn.out_seeder.abandoned(id(conn))  # a block cut short left no copy: not a send
             conn.out_seeder = None
-        if conn.maps:
-            # Its super-seeding claims go back to the other downloaders now.
-            for served in list(self._served.values()):
-                served.seeder.forget(id(conn))
+        # Its super-seeding claims go back to the other downloaders now.
+        for seeder in conn.maps:
+            seeder.forget(id(conn))
+        conn.maps.clear()
         conn.sock.close()
         self._release(conn)
 
@@ -772,8 +798,9 @@ class BlockServer:
             conn.out_head, conn.out_left = served.full_header, served.block_size
         conn.out_offset = index * served.block_size
         conn.out_keep = keep
-        conn.out_block, conn.out_seeder = index, served.seeder
-        served.seeder.sending(index, id(conn), self._clock())
+        seeder = self._seeder_of(served)
+        conn.out_block, conn.out_seeder = index, seeder
+        seeder.sending(index, id(conn), self._clock())
         self.blocks_sent += 1
         self.bytes_sent += conn.out_left
         if self._debug:
@@ -815,11 +842,12 @@ class BlockServer:
         """Queue the have map of ``served`` (docs/protocol-extensions.md): what it holds, and maybe an offer."""
         store = served.store
         held = bytes(store.valid)
-        conn.maps = True
+        seeder = self._seeder_of(served)
+        conn.maps.add(seeder)
         # Only a seeder proper (its file read-only, complete from the start) super-seeds: a
         # downloader that just finished has nothing the swarm lacks, and its offers would
         # only steer the last downloaders away from the blocks they still need.
-        offer = served.seeder.offer(id(conn), self._clock(), store.complete and not store.writable)
+        offer = seeder.offer(id(conn), self._clock(), store.complete and not store.writable)
         conn.out_head = HaveMap(held, offer).encode()
         conn.out_keep = keep
         self.have_maps_sent += 1

@@ -41,16 +41,22 @@ class VerifiedBlocks:
     """
 
     # Slots: a collection has a store per member, and ``peer seed`` holds them all.
-    __slots__ = ("_count", "_lock", "cascade_hash", "cf", "path", "valid", "writable")
+    __slots__ = ("_count", "_lock", "_path", "cascade_hash", "cf", "valid", "writable")
 
-    def __init__(self, cf: CascadeFile, path: Path, valid: bytearray, writable: bool) -> None:
+    def __init__(self, cf: CascadeFile, path: Path | None, valid: bytearray, writable: bool) -> None:
         self.cf = cf
         self.cascade_hash = cf.cascade_hash
-        self.path = path
+        self._path = path
         self.valid = valid
         self.writable = writable
         self._count = valid.count(1)
         self._lock = threading.Lock()
+
+    @property
+    def path(self) -> Path:
+        """The data file, for messages and for reopening it."""
+        assert self._path is not None  # given by every store that does not compute it
+        return self._path
 
     def has(self, index: int) -> bool:
         return 0 <= index < len(self.valid) and self.valid[index] == 1
@@ -230,14 +236,14 @@ class BlockStore(VerifiedBlocks):
                 os.replace(self.path, dest)
             except OSError as exc:
                 raise from_os_error(exc, dest, f"rename {self.path.name} to {dest.name}") from exc
-            self.path = dest
+            self._path = dest
             return
         with self._lock:
             self.pfile.detach()
             self.file.close()
             try:
                 os.replace(self.path, dest)
-                self.path = dest
+                self._path = dest
             except OSError as exc:
                 error: OSError | None = exc
             else:
@@ -313,6 +319,9 @@ class NotAsVerified(DataError):
 class MemberFolder(Protocol):
     """Where a :class:`MemberStore`'s file lives: a collection's folder, held open while it is seeded."""
 
+    # The folder, as shown in messages.
+    path: Path
+
     def open_member(self, path: str) -> int:
         """Open member ``path`` following no symlink; raises :class:`DataError` (a link, missing, unreadable)."""
         ...
@@ -341,19 +350,18 @@ class MemberStore(VerifiedBlocks):
     __slots__ = ("_folder", "_member", "generation", "verified")
 
     def __init__(
-        self,
-        cf: CascadeFile,
-        path: Path,
-        valid: bytearray,
-        folder: MemberFolder,
-        member: str,
-        verified: DiskSignature,
+        self, cf: CascadeFile, valid: bytearray, folder: MemberFolder, member: str, verified: DiskSignature
     ) -> None:
-        super().__init__(cf, path, valid, writable=False)
+        super().__init__(cf, None, valid, writable=False)
         self._folder = folder
         self._member = member
         self.verified = verified
         self.generation = 0
+
+    @property
+    def path(self) -> Path:
+        """The member's path under its folder (made when a message needs it: not one Path per member)."""
+        return self._folder.path / self._member
 
     def open(self) -> int:
         """Open the data file and check it is the one verified; returns a descriptor the caller closes.
@@ -483,8 +491,7 @@ class PartStore(MemberStore):
     __slots__ = ()
 
     def __init__(self, cf: CascadeFile, valid: bytearray, folder: PartFolder, name: str) -> None:
-        # Its path is the folder's (one Path for all: a fetch of 10,000 members builds no path per member).
-        super().__init__(cf, folder.path, valid, folder, name, verified=(0, 0, 0, 0, 0))
+        super().__init__(cf, valid, folder, name, verified=(0, 0, 0, 0, 0))
         # Being written: never super-seeded from (peer.server offers only from read-only complete files).
         self.writable = True
 

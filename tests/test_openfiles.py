@@ -30,7 +30,7 @@ def stores(tmp_path: Path) -> Iterator[list[MemberStore]]:
             path = tmp_path / name
             path.write_bytes(name.encode() * 100)
             cf = parse_cascade(create_metafile(path, 64))
-            made.append(MemberStore(cf, path, bytearray([1, 1]), held, name, signature_of(os.stat(path))))
+            made.append(MemberStore(cf, bytearray([1, 1]), held, name, signature_of(os.stat(path))))
         yield made
     finally:
         held.close()

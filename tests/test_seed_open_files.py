@@ -77,7 +77,7 @@ def seeding(root: Path, data: dict[str, bytes], block_size: int = BLOCK) -> Iter
         for mc, _ in check_members(root, coll, whole_file=False, root_fd=held.fd):
             assert mc.seen is not None and mc.check.complete
             path = mc.member.path
-            store = MemberStore(mc.cf, root / path, mc.check.valid, held, path, mc.seen)
+            store = MemberStore(mc.cf, mc.check.valid, held, path, mc.seen)
             server.add_store(store, watcher.wake)
             watcher.add(store, mc.seen)
             stores[path] = store
