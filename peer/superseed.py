@@ -63,13 +63,14 @@ def choose_offer(
     live: Container[int],
     share: int,
     recent: Container[int] = (),
+    held: Container[int] = (),
 ) -> list[int]:
     """The ``share`` blocks to offer connection ``who``, in block order; maybe fewer, or none.
 
     ``claims`` maps a block to the connection it was offered to; a claim
     counts while its connection is in ``live``. Left out: blocks another live
-    connection claims, and blocks sent ``recent``-ly (their first copy is
-    still spreading). Best first among the rest: the ones sent least
+    connection claims, blocks sent ``recent``-ly (their first copy is
+    still spreading), and blocks ``who`` is thought to hold (``held``). Best first among the rest: the ones sent least
     (``sent[i]`` counts the sends of block ``i`` to anyone), then the ones
     ``who`` already claims (an offer stays stable between refreshes), then the
     lowest block number (the downloader's whole-file hash follows the file
@@ -81,7 +82,7 @@ def choose_offer(
     ranks = []
     for i in range(len(sent)):
         owner = claims.get(i)
-        if (owner is not None and owner != who and owner in live) or i in recent:
+        if (owner is not None and owner != who and owner in live) or i in recent or i in held:
             continue
         ranks.append((sent[i], owner != who, i))
     ranks.sort()
@@ -150,6 +151,10 @@ class SuperSeeder:
         # Connection -> since when it waits for a turn (see may_stream); the connections in one.
         self._waiting: dict[int, float] = {}
         self._turns: set[int] = set()
+        # Connection -> its last offer; and the blocks it is thought to hold: those of an
+        # offer it asked for none of before its next map (see offer).
+        self._offered: dict[int, list[int]] = {}
+        self._held: dict[int, set[int]] = {}
         self._lock = threading.Lock()
 
     def sending(self, index: int, who: int, now: float) -> None:
@@ -188,6 +193,8 @@ class SuperSeeder:
         self._sending.pop(who, None)
         self._waiting.pop(who, None)
         self._turns.discard(who)
+        self._offered.pop(who, None)
+        self._held.pop(who, None)
 
     def offer(self, who: int, now: float, complete: bool) -> bytes | None:
         """The offer for connection ``who`` (one byte per block, 1 = offered), or None for "offer all held".
@@ -225,6 +232,15 @@ class SuperSeeder:
             since = self._since.get(who)
             rate = None if since is None or now <= since[0] else since[1] / (now - since[0])
             self._since[who] = (now, 0)
+            # Its block requests reach us before its next map request (one connection, in
+            # order): a downloader that asked for none of its offered blocks before asking
+            # for a map again, with nothing under way to it, got them from the others (this
+            # peer sees only its own sends). Offering them again would stall it: it waits
+            # for an offer it can use before asking around it.
+            last = self._offered.get(who)
+            if last and since is not None and not since[1] and who not in self._sending:
+                self._held.setdefault(who, set()).update(last)
+            held = self._held.get(who, ())
             sent = self.sent
             part = equal_part(sent, len(askers), policy)
             # A lone downloader has nobody to be kept apart from: no cap, except on its first
@@ -248,7 +264,12 @@ class SuperSeeder:
                 self._waiting.setdefault(who, now)
                 turns.discard(who)
                 share = 0
-            chosen = choose_offer(sent, claims, who, askers, share, recent)
+            chosen = choose_offer(sent, claims, who, askers, share, recent, held)
+            if not chosen and held and share:
+                # Everything left is thought held: a guess, which must never leave it with an
+                # empty offer (it would wait for ever for a block it got no copy of after all).
+                chosen = choose_offer(sent, claims, who, askers, share, recent)
+            self._offered[who] = chosen
             keep = set(chosen)
             for i, owner in list(claims.items()):
                 if owner == who and i not in keep:

@@ -88,7 +88,9 @@ def test_a_partial_file_gets_no_offer() -> None:
     seeder = SuperSeeder(8)
     assert seeder.offer(A, NOW, complete=False) is None  # a plain map
     assert offered(seeder.offer(A, NOW, complete=True)) == {0, 1}  # rate not known yet: min_offer
-    assert offered(seeder.offer(A, NOW + 0.5, complete=True)) == set(range(8))  # still alone: everything
+    seeder.sent_block(1, A, NOW + 0.2)
+    # Still alone: everything, but block 1 (sent just now, still spreading).
+    assert offered(seeder.offer(A, NOW + 0.5, complete=True)) == {0} | set(range(2, 8))
     assert seeder.offer(B, NOW, complete=False) is None
 
 
@@ -220,3 +222,37 @@ def test_only_max_streams_downloaders_are_sent_new_blocks_at_once_and_turns_pass
     assert c and not c & (a | b)
     assert offered(seeder.offer(B, NOW + 0.6, complete=True)) == set()  # B's turn passes on to A, waiting
     assert offered(seeder.offer(A, NOW + 0.7, complete=True))
+
+
+def test_an_offer_asked_for_none_of_is_thought_held_and_not_offered_again() -> None:
+    """The 1+8 loopback stall: a downloader that got its offered blocks from the others waited 5 s.
+
+    The seeder sees only its own sends. A downloader that asks for a map again without
+    having asked for any offered block (its requests come before its map request on the
+    one connection), with nothing under way to it, holds them: it is offered others.
+    """
+    seeder = SuperSeeder(8, SuperSeedPolicy(min_offer=2, resend_after=3.0))
+    first = offered(seeder.offer(A, NOW, complete=True))
+    assert first == {0, 1}
+    # It asked for nothing in between: 0 and 1 came from elsewhere.
+    # Alone, and its rate known: its whole share, but 0 and 1.
+    assert offered(seeder.offer(A, NOW + 0.2, complete=True)) == {2, 3, 4, 5, 6, 7}
+    # It asks for block 2: the rest of that offer is not taken for held, and 2 is still spreading.
+    seeder.sending(2, A, NOW + 0.3)
+    seeder.sent_block(2, A, NOW + 0.4)
+    assert offered(seeder.offer(A, NOW + 0.5, complete=True)) == {3, 4, 5, 6, 7}
+    # Another downloader is offered blocks by what was sent, whatever A is thought to hold.
+    assert offered(seeder.offer(B, NOW + 0.5, complete=True))
+
+
+def test_a_downloader_thought_to_hold_everything_left_still_gets_an_offer() -> None:
+    """The guess must never leave it an empty offer: it waits out an empty one for ever."""
+    seeder = SuperSeeder(4, SuperSeedPolicy(min_offer=2, resend_after=3.0))
+    seen: set[int] = set()
+    for k in range(4):  # never asks for anything: every offer is "held" in turn
+        got = offered(seeder.offer(A, NOW + 0.2 * k, complete=True))
+        assert got, f"map {k}: an empty offer"
+        seen |= got
+    assert seen == {0, 1, 2, 3}
+    seeder.forget(A)  # what was thought goes with the connection
+    assert offered(seeder.offer(A, NOW + 1.0, complete=True)) == {0, 1}
