@@ -145,6 +145,7 @@ def test_an_asker_that_goes_quiet_or_closes_no_longer_counts() -> None:
 
 def test_send_counts_saturate_instead_of_overflowing() -> None:
     seeder = SuperSeeder(1)
+    seeder.offer(A, NOW, complete=True)
     seeder.sent[0] = 0xFFFFFFFF
     seeder.sent_block(0, A, NOW)
     assert seeder.sent[0] == 0xFFFFFFFF
@@ -256,3 +257,17 @@ def test_a_downloader_thought_to_hold_everything_left_still_gets_an_offer() -> N
     assert seen == {0, 1, 2, 3}
     seeder.forget(A)  # what was thought goes with the connection
     assert offered(seeder.offer(A, NOW + 1.0, complete=True)) == {0, 1}
+
+
+def test_blocks_sent_to_a_connection_that_asks_for_no_maps_do_not_count() -> None:
+    """The bench's readiness probe fetched the last block; counted, no offer named it until 4.5 s later."""
+    seeder = SuperSeeder(4, SuperSeedPolicy(min_offer=1))
+    seeder.sending(3, C, NOW)  # C: a probe, or a version-1 client: it passes nothing on that we know of
+    seeder.sent_block(3, C, NOW + 0.1)
+    assert list(seeder.sent) == [0, 0, 0, 0]
+    for i in range(3):  # the askers are sent every other block
+        seeder.offer(A, NOW + 0.2, complete=True)
+        seeder.sending(i, A, NOW + 0.2)
+        seeder.sent_block(i, A, NOW + 0.3)
+    assert list(seeder.sent) == [1, 1, 1, 0]
+    assert offered(seeder.offer(B, NOW + 5.0, complete=True)) == {3}
