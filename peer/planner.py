@@ -426,6 +426,13 @@ SCAN_LIMIT = 4096
 # map) before we ask it for blocks it did not offer us. Arbitrary: a few refreshes,
 # behind a pipeline of blocks on a shared upload.
 OFFER_PATIENCE = 5.0
+# ... and how long while nothing at all is in flight for us: no other peer holds a block
+# we lack (or we would be fetching it), so the seeder alone has what we need and the
+# offer only delays it (a block whose only copies left with a fetcher that quit, say).
+# Not 0: the seeder's next map, a fraction of a second away, usually brings an offer we
+# can use, and asking around it duplicates a block being sent to another fetcher.
+# Arbitrary: a few map refreshes.
+STARVED_PATIENCE = 1.5
 
 
 def choose_rarest(blocks: Blocks, peer: PeerState, want: int, now: float, rng: random.Random) -> list[int]:
@@ -438,8 +445,9 @@ def choose_rarest(blocks: Blocks, peer: PeerState, want: int, now: float, rng: r
       us, rarest first: the seeder offers each fetcher different blocks, the
       ones it sent least, so each block leaves it about once and the rest
       comes from the other fetchers. An offer that names nothing we still
-      need is waited out for ``OFFER_PATIENCE``, then ignored: the seeder is
-      then asked only for blocks no other peer holds;
+      need is waited out for ``OFFER_PATIENCE`` (``STARVED_PATIENCE`` while
+      nothing is in flight), then ignored: the seeder is then asked only for
+      blocks no other peer holds;
     - any other peer (a finished fetcher too) for the rarest of the blocks it
       holds (fewest holders), at random among equals, so the swarm's blocks
       spread evenly;
@@ -470,7 +478,7 @@ def choose_rarest(blocks: Blocks, peer: PeerState, want: int, now: float, rng: r
         elif peer.offer_stale is None:
             peer.offer_stale = now
             return []
-        elif now - peer.offer_stale < OFFER_PATIENCE:
+        elif now - peer.offer_stale < (OFFER_PATIENCE if inflight else STARVED_PATIENCE):
             return []
         else:
             offer = None

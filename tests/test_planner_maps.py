@@ -76,9 +76,24 @@ def test_an_offer_of_nothing_we_need_is_waited_out_then_ignored() -> None:
     seeder = with_map(p, 1, range(N), offer={0, 1})
     with_map(p, 2, set())
     p.tick(T0)
+    busy = with_map(p, 3, {2})
+    p.tick(T0)
+    assert p.request(busy, 1, T0) == [2]  # something in flight: the full OFFER_PATIENCE
     assert p.request(seeder, 4, T0) == []
     assert p.request(seeder, 4, T0 + 1.0) == []  # still waiting for a fresh map
+    assert p.request(seeder, 4, T0 + 2.0) == []
     assert len(p.request(seeder, 4, T0 + 6.0)) == 4  # no guide after OFFER_PATIENCE: ask anyway
+
+
+def test_an_offer_of_nothing_we_need_is_waited_out_briefly_when_nothing_is_in_flight() -> None:
+    """No other peer has a block we lack: the seeder alone does, and its stale offer only delays it."""
+    p = planner(N, have=b"\1\1")
+    seeder = with_map(p, 1, range(N), offer={0, 1})
+    with_map(p, 2, set())
+    p.tick(T0)
+    assert p.request(seeder, 4, T0) == []
+    assert p.request(seeder, 4, T0 + 1.0) == []  # the next map may bring a usable offer
+    assert len(p.request(seeder, 4, T0 + 2.0)) == 4
 
 
 def test_an_empty_offer_is_waited_out_however_long_it_lasts() -> None:
