@@ -67,6 +67,9 @@ TOOLS = ("cascade", "libtorrent")
 # Bound on each wait for a libtorrent process (its start, a fetch): lt_peer's own bound on a run.
 LT_TIMEOUT = 300.0
 _LT_STARTED = re.compile(r"^started (\S+)$", re.M)
+# A seeder is settled once it uses under 5 % of a core for half a second (both arbitrary:
+# well above an idle seeder's announce thread, well below its start-up work).
+QUIET_CPU, QUIET_WINDOW = 0.05, 0.5
 
 
 def _cmd(module: str, *args: str) -> list[str]:
@@ -119,6 +122,30 @@ def _copy(tree: Path, dest: Path) -> float:
     start = time.perf_counter()
     subprocess.run(["cp", "-r", str(tree), str(dest)], check=True, timeout=1800)
     return time.perf_counter() - start
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far; raises OSError once it is gone."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _wait_quiet(pid: int, timeout: float = 120) -> None:
+    """Wait (``timeout`` s at most) until process ``pid`` uses under QUIET_CPU of a core over QUIET_WINDOW.
+
+    A bench settling step, not a test: one second's sleep where /proc is missing.
+    """
+    deadline = time.monotonic() + timeout
+    try:
+        before = _cpu_seconds(pid)
+        while time.monotonic() < deadline:
+            time.sleep(QUIET_WINDOW)
+            now = _cpu_seconds(pid)
+            if now - before < QUIET_CPU * QUIET_WINDOW:
+                return
+            before = now
+    except OSError:
+        time.sleep(1.0)
 
 
 def _write_random(f: BinaryIO, size: int) -> None:
@@ -178,7 +205,9 @@ def cascade_seeder(folder: Path) -> Iterator[tuple[str, int]]:
             ),
         )
         _wait_line(folder / "seed.log", r"single\.bin\.cascade: ")
-        time.sleep(1.0)  # let the first announces of every member reach the tracker (a bench, not a test)
+        # The seeder announces every member after that line (10,001 for the small
+        # case, about 1 CPU-s): the first fetch would share the 2 cores with it.
+        _wait_quiet(seeder.pid)
         yield addr, seeder.pid
     finally:
         for proc in (seeder, tracker):
