@@ -4,9 +4,10 @@
 aria2 can use it too); piece length libtorrent's default unless given.
 ``seed TORRENT DIR PORT [HOST]``: check DATA in DIR, then print ``lt listening on HOST:PORT`` and seed.
 ``fetch TORRENT DIR PORT PEERS [HOST]``: download, connecting to every peer in PEERS (comma-separated
-``PORT`` on 127.0.0.1 or ``IP:PORT``); prints ``verified WALLTIME`` once every piece is hash-checked
-and ``done WALLTIME`` once written out, then keeps seeding to the others until stopped (SIGTERM),
-as BitTorrent peers do.
+``PORT`` on 127.0.0.1 or ``IP:PORT``); prints ``started WALLTIME`` once its session is up (the
+Python and libtorrent start-up before it is no part of fetching), ``verified WALLTIME`` once every
+piece is hash-checked and ``done WALLTIME`` once written out, then keeps seeding to the others until
+stopped (SIGTERM), as BitTorrent peers do.
 
 HOST (default 127.0.0.1) is the address to listen on and connect from: ``bench/wan.py`` runs each
 peer in its own network namespace with a private address. DHT, LSD, UPnP, NAT-PMP and uTP are off:
@@ -101,6 +102,7 @@ def parse_peers(text: str) -> list[tuple[str, int]]:
 
 def fetch(torrent: str, save: str, port: int, peers: list[tuple[str, int]], host: str = LOCAL) -> None:
     ses = session(port, host)
+    print(f"started {time.time():.6f}", flush=True)
     handle = add(ses, torrent, save)
     deadline = time.monotonic() + TIMEOUT
     next_connect = 0.0
