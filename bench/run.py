@@ -153,7 +153,7 @@ class Bench:
         return Group(logdir)
 
     def cascade_runs(
-        self, name: str, meta: Path, fetchers: int, expected: str, settle: float = 0.0
+        self, name: str, meta: Path, fetchers: int, expected: str, settle: float = 0.0, extra: list[str] | None = None
     ) -> list[cs.FetchRun]:
         """``repeat`` runs of ``fetchers`` fetchers started together.
 
@@ -167,6 +167,7 @@ class Bench:
         of output: ~1.3 s of CPU). Without the wait a run reuses the memory the
         previous run's outputs just freed, so only the first run pays that; with
         it every run (and every libtorrent run) starts cold, as a single run does.
+        ``extra``: more ``peer fetch`` arguments (``-v`` for ``bench.swarm_runs``).
         """
         runs = []
         outs = [self.work / "out" / f"fetch{i}.bin" for i in range(fetchers)]
@@ -179,7 +180,7 @@ class Bench:
                 for out in outs:
                     out.unlink(missing_ok=True)
                 time.sleep(settle)
-                run = cs.run_fetchers(g, meta, outs, tracker, FETCH_TIMEOUT)
+                run = cs.run_fetchers(g, meta, outs, tracker, FETCH_TIMEOUT, extra)
                 cs.check_outputs(outs, expected)
                 runs.append(run)
             finally:
