@@ -51,6 +51,7 @@ from peer.hasher import PrefixHasher
 from peer.planner import FetchPolicy, PeerAddr, PeerInfo, Planner, Session, Spans
 from peer.ratelimit import TokenBucket
 from peer.storage import BlockStore
+from peer.writebehind import WriteBehind
 
 __all__ = ["FetchPolicy", "FetchResult", "Fetcher", "PeerInfo", "Progress"]
 
@@ -66,6 +67,11 @@ LAUNCH_BATCH = 512
 # On the way out, the connection threads get this long together to notice (arbitrary:
 # their sockets are shut down, so they return at once unless a disk write hangs).
 JOIN_BUDGET = 2.0
+# Blocks at least this long are written behind (peer.writebehind), with buffers for this
+# many bytes of them. Arbitrary: a 64 KiB block costs about as much to hand over as to write;
+# 8 MiB of buffers keep the writer busy across a burst without holding much memory.
+WRITE_BEHIND_MIN_BLOCK = 256 << 10
+WRITE_BEHIND_BYTES = 8 << 20
 
 
 @dataclass(slots=True)
@@ -131,6 +137,9 @@ class Fetcher:
             store.valid, self.cf.block_size, self.cf.block_size, list_peers, policy, my_port, clock, rng, spans=None
         )
         self._hasher = PrefixHasher(store, clock)
+        # Large blocks are written on a thread of their own (peer.writebehind); small ones
+        # cost more to hand over than to write.
+        self._behind_depth = WRITE_BEHIND_BYTES // max(1, self.cf.block_size)
         if store.complete:
             self._complete.set()
 
@@ -175,6 +184,8 @@ class Fetcher:
         # Wakes the coordinator early: completion, a session ended, a peer answered first.
         self._wake = threading.Event()
         self._fatal: CascadeError | None = None
+        # The writer of verified blocks, when they are written behind (see Fetcher._begin).
+        self._behind: WriteBehind | None = None
         self._threads: list[threading.Thread] = []
         # The open connection of each session, to shut it down on eviction or stop.
         self._socks: dict[Session, socket.socket] = {}
@@ -241,6 +252,7 @@ class Fetcher:
             self._stop.set()
             self._complete.set()
             self._shutdown()
+            self._flush()
             if not self._all_verified() or self._fatal is not None:
                 self._abandon()
         if self._fatal is not None:
@@ -261,16 +273,36 @@ class Fetcher:
 
     def _begin(self) -> None:
         self._hasher.start()
+        if self.cf.block_size >= WRITE_BEHIND_MIN_BLOCK and self._behind_depth >= 2 and not self.store.complete:
+            self._behind = WriteBehind(self.store, self._hasher.block_verified, self._behind_depth)
+
+    def _flush(self) -> None:
+        """The connections are stopped: write what they verified (a failed write becomes the fetch's error)."""
+        behind = self._behind
+        if behind is None:
+            return
+        try:
+            behind.drain()
+        except CascadeError as exc:
+            if self._fatal is None:
+                self._fatal = exc
+        finally:
+            behind.close()
+            self._behind = None
 
     def _abandon(self) -> None:
         self._hasher.abandon()
 
     def _write(self, session: Session, i: int, body: memoryview) -> bool:
-        """Verify and write block ``i``; False when another copy was verified first.
+        """Verify and write block ``i`` (maybe behind, see peer.writebehind); False when another copy was first.
 
         Raises :class:`BlockHashMismatch` and :class:`DataError`.
         """
-        if self.store.write_sized_block(i, body):
+        store, behind = self.store, self._behind
+        if behind is not None:
+            store.check_block(i, body)
+            return behind.put(i, body)
+        if store.write_sized_block(i, body):
             self._hasher.block_verified()
             return True
         return False

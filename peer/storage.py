@@ -195,12 +195,22 @@ class BlockStore(VerifiedBlocks):
         arrives. Returns False when another copy was marked verified meanwhile.
         Raises :class:`BlockHashMismatch` (nothing written) or :class:`DataError`.
         """
+        self.check_block(index, data)
+        return self.write_verified(index, data)
+
+    def check_block(self, index: int, data: bytes | bytearray | memoryview) -> None:
+        """Raise :class:`BlockHashMismatch` unless ``data`` is block ``index`` by its SHA-256."""
         start = index * HASH_SIZE
         if hashlib.sha256(data).digest() != self._hashes[start : start + HASH_SIZE]:
             raise BlockHashMismatch(f"block {index} does not match its SHA-256")
-        offset = index * self._block_size
+
+    def write_verified(self, index: int, data: bytes | bytearray | memoryview) -> bool:
+        """Write block ``index``, already checked (:meth:`check_block`), and mark it verified once written.
+
+        Returns False when another copy was marked verified meanwhile. Raises :class:`DataError`.
+        """
         try:
-            self.pfile.write_all(data, offset)
+            self.pfile.write_all(data, index * self._block_size)
         except OSError as exc:
             raise from_os_error(exc, self.path, f"write block {index}") from exc
         with self._lock:
