@@ -482,9 +482,10 @@ def choose_rarest(blocks: Blocks, peer: PeerState, want: int, now: float, rng: r
             return []
         else:
             offer = None
-    # File order while one peer serves us, unless it super-seeds: then other fetchers are
-    # taking its blocks too, and the offer already keeps us apart from them.
-    sequential = blocks.sequential and offer is None
+    # File order while one peer serves us, within its offer if it super-seeds (the offer keeps
+    # us apart from other fetchers; file order lets the whole-file hash follow the download:
+    # in random order a lone 1 GiB fetch left 0.7 s of it for after the last block).
+    sequential = blocks.sequential
     start = 0 if sequential or count <= SCAN_LIMIT else rng.randrange(count)
     picks: list[tuple[int, float, int]] = []
     scanned = 0

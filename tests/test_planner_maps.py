@@ -152,3 +152,11 @@ def test_endgame_never_asks_the_seeder_for_a_block_a_partial_peer_holds() -> Non
 
 def test_choose_rarest_is_the_default_choice() -> None:
     assert planner(N).choose is choose_rarest
+
+
+def test_a_lone_fetcher_takes_a_super_seeders_offer_in_file_order() -> None:
+    """The whole-file hash follows the verified prefix: in random order it was all left for the end."""
+    p = planner(N)
+    seeder = with_map(p, 1, range(N), offer={1, 2, 3, 5, 8, 13})
+    p.tick(T0)
+    assert p.request(seeder, 4, T0) == [1, 2, 3, 5]
