@@ -21,6 +21,7 @@ from cascade.addresses import parse_hostport
 from cascade.errors import UsageError
 from cascade.units import format_size, parse_size
 from peer import cascade_command as cli
+from peer.cascade_command import default_block_size
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -84,7 +85,7 @@ def test_create_empty_file_and_default_block_size(tmp_path: Path) -> None:
     out = tmp_path / "elsewhere.cascade"
     proc = cascade("create", f, "-o", out)
     assert proc.returncode == 0, proc.stderr
-    assert out.read_bytes() == reference_cascade(b"", 1 << 20)
+    assert out.read_bytes() == reference_cascade(b"", 256 << 10)
     assert len(out.read_bytes()) == 64
     assert cascade("verify", out, "--data", f).returncode == 0
 
@@ -416,3 +417,20 @@ def test_progress_bar_only_on_a_terminal_for_large_work(monkeypatch: pytest.Monk
         assert progress is not None
         progress(cli.PROGRESS_THRESHOLD)
     assert "hashing" in tty.getvalue()
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("length", "block_size"),
+    [
+        (0, 256 << 10),
+        (1 << 30, 256 << 10),
+        (16 << 30, 256 << 10),  # 65,536 blocks of 256 KiB: the last size that keeps the default
+        ((16 << 30) + 1, 512 << 10),
+        (64 << 30, 1 << 20),
+        (1 << 40, 16 << 20),
+        (1 << 62, 1 << 30),  # never beyond the largest block allowed
+    ],
+)
+def test_the_default_block_size_keeps_a_file_within_65536_blocks(length: int, block_size: int) -> None:
+    assert default_block_size(length) == block_size

@@ -140,6 +140,17 @@ def test_create_refuses_an_absurd_block_size_for_a_member(tmp_path: Path) -> Non
     assert not (tmp_path / "d.cascade").exists()
 
 
+def test_without_block_size_a_folder_gets_the_default_of_its_largest_file(tmp_path: Path) -> None:
+    root = tmp_path / "d"
+    (root / "sub").mkdir(parents=True)
+    (root / "small").write_bytes(b"x" * 1000)
+    (root / "sub" / "big").write_bytes(bytes(600 << 10))
+    r = run("cascade", "create", str(root))
+    assert r.returncode == 0, r.stderr
+    coll = parse_collection((tmp_path / "d.cascade").read_bytes())
+    assert {m.path: m.block_size for m in coll.members} == {"small": 256 << 10, "sub/big": 256 << 10}
+
+
 def test_info_shows_a_tree_and_json_every_member(tree: tuple[Path, dict[str, bytes]]) -> None:
     root, files = tree
     out = create(root)
