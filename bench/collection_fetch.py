@@ -385,7 +385,7 @@ def main() -> int:
         try:
             for result in measure(folder, count, size, max(1, args.runs), tools):
                 print(json.dumps(result), flush=True)
-        except RuntimeError as exc:
+        except (RuntimeError, subprocess.SubprocessError) as exc:  # a failed create or fetch: one line
             print(f"collection_fetch: {exc}", file=sys.stderr)
             return 1
         finally:

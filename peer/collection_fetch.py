@@ -210,7 +210,7 @@ class OutFolder:
         except BaseException:
             os.close(fd)
             raise
-        with self._lock:
+        with self._lock, contextlib.suppress(OSError):  # no descriptor to spare: walked again next time
             if key not in self._dirs:
                 self._dirs[key] = os.dup(fd)
                 if len(self._dirs) > _DIR_FDS:

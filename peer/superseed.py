@@ -70,8 +70,9 @@ def choose_offer(
     ``claims`` maps a block to the connection it was offered to; a claim
     counts while its connection is in ``live``. Left out: blocks another live
     connection claims, blocks sent ``recent``-ly (their first copy is
-    still spreading), and blocks ``who`` is thought to hold (``held``). Best first among the rest: the ones sent least
-    (``sent[i]`` counts the sends of block ``i`` to anyone), then the ones
+    still spreading), and blocks ``who`` is thought to hold (``held``). Best
+    first among the rest: the ones sent least (``sent[i]`` counts the sends of
+    block ``i`` to downloaders that ask for maps), then the ones
     ``who`` already claims (an offer stays stable between refreshes), then the
     lowest block number (the downloader's whole-file hash follows the file
     order). An empty offer is fine: the other downloaders keep this peer's
