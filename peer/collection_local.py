@@ -14,6 +14,8 @@ accepted. :func:`walk_tree` lists a folder without following symlinks either.
 from __future__ import annotations
 
 import errno
+import functools
+import operator
 import os
 import stat
 import unicodedata
@@ -106,13 +108,14 @@ class MemberMissing(DataError):
     """A member's file is not there (or a folder on its way is not)."""
 
 
-def open_member(root_fd: int, path: str, shown: Path) -> int:
+def open_member(root_fd: int, path: str, shown: Path | Callable[[], Path]) -> int:
     """Open member ``path`` ('/'-separated, checked) under ``root_fd`` for reading; returns a descriptor.
 
     No component is followed if it is a symlink, and only a regular file is
-    accepted. ``shown`` names the file in messages. Raises :class:`MemberMissing`
-    when it is not there, :class:`DataError` for a symlink, a special file or
-    another error.
+    accepted. ``shown`` names the file in messages, or makes the name when one is
+    needed (a seeder reopens members thousands of times a second, and a Path each
+    costs more than the open). Raises :class:`MemberMissing` when it is not
+    there, :class:`DataError` for a symlink, a special file or another error.
     """
     parts = path.split("/")
     fd = root_fd
@@ -122,22 +125,23 @@ def open_member(root_fd: int, path: str, shown: Path) -> int:
             try:
                 nfd = os.open(comp, _FILE_FLAGS if last else _DIR_FLAGS, dir_fd=fd)
             except FileNotFoundError as exc:
-                raise MemberMissing(f"{shown}: no such file") from exc
+                raise MemberMissing(f"{_named(shown)}: no such file") from exc
             except OSError as exc:
                 where = "/".join(parts[: i + 1])
                 if exc.errno == errno.ENOTDIR and _is_link(comp, fd):  # O_DIRECTORY met the link first
                     exc.errno = errno.ELOOP
                 if exc.errno in (errno.ELOOP, errno.EMLINK):  # EMLINK: FreeBSD's answer to O_NOFOLLOW
-                    raise DataError(f"{shown}: {where!r} is a symbolic link; Cascade does not follow it") from exc
+                    link = f"{where!r} is a symbolic link; Cascade does not follow it"
+                    raise DataError(f"{_named(shown)}: {link}") from exc
                 if exc.errno == errno.ENOTDIR:
-                    raise DataError(f"{shown}: {where!r} is not a folder") from exc
-                raise from_os_error(exc, shown, "open") from exc
+                    raise DataError(f"{_named(shown)}: {where!r} is not a folder") from exc
+                raise from_os_error(exc, _named(shown), "open") from exc
             if fd != root_fd:
                 os.close(fd)
             fd = nfd
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise DataError(f"{shown}: not a regular file")
+            raise DataError(f"{_named(shown)}: not a regular file")
         os.set_blocking(fd, True)
         result, fd = fd, root_fd
         return result
@@ -145,6 +149,10 @@ def open_member(root_fd: int, path: str, shown: Path) -> int:
         if fd != root_fd:
             os.close(fd)
 
+
+
+def _named(shown: Path | Callable[[], Path]) -> Path:
+    return shown if isinstance(shown, Path) else shown()
 
 def _is_link(name: str, dir_fd: int) -> bool:
     try:
@@ -386,7 +394,7 @@ class HeldFolder:
 
     def open_member(self, path: str) -> int:
         """Open member ``path`` as :func:`open_member` does (and raises as it does)."""
-        return open_member(self.fd, path, self.path / path)
+        return open_member(self.fd, path, functools.partial(operator.truediv, self.path, path))
 
     def look(self, path: str) -> DiskSignature | None:
         """Member ``path``'s signature (its last component not followed); ``None`` when it is gone."""

@@ -135,8 +135,8 @@ class _Served:
     last_length: int
     last_header: bytes
     # Sends per block and the offers made to have-map askers (docs/protocol-extensions.md);
-    # made on the first send or map request (BlockServer._seeder_of): a collection's members
-    # are mostly never asked for, and the state costs about 1 KB and 10 us each.
+    # made on the file's first map request (BlockServer._seeder_of): a collection's members
+    # are fetched without maps, and the state costs about 1 KB and 10 us each.
     seeder: SuperSeeder | None
     # For a watched file (see add_store): called when an fstat shows it changed, or
     # (a member) when it could not be reopened as verified.
@@ -798,9 +798,12 @@ class BlockServer:
             conn.out_head, conn.out_left = served.full_header, served.block_size
         conn.out_offset = index * served.block_size
         conn.out_keep = keep
-        seeder = self._seeder_of(served)
+        # Sends count only to downloaders that ask for maps (peer.superseed), and the state is
+        # made by the file's first map request: until then there is nothing to count.
+        seeder = served.seeder
         conn.out_block, conn.out_seeder = index, seeder
-        seeder.sending(index, id(conn), self._clock())
+        if seeder is not None:
+            seeder.sending(index, id(conn), self._clock())
         self.blocks_sent += 1
         self.bytes_sent += conn.out_left
         if self._debug:
