@@ -150,9 +150,9 @@ def open_member(root_fd: int, path: str, shown: Path | Callable[[], Path]) -> in
             os.close(fd)
 
 
-
 def _named(shown: Path | Callable[[], Path]) -> Path:
     return shown if isinstance(shown, Path) else shown()
+
 
 def _is_link(name: str, dir_fd: int) -> bool:
     try:
