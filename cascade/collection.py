@@ -162,11 +162,14 @@ def normalise_member_path(relative: str) -> str:
     return check_member_path(_nfc(relative))
 
 
-def _fold(component: str) -> str:
-    # Unicode's canonical caseless match, NFD(casefold(NFD(x))), after dropping what
-    # HFS+ ignores: wider than what any one file system folds (Windows does not
-    # normalise; none folds "ß" to "ss"), so a tree that passes is safe on all of
-    # them, and a few pairs that one of them could hold are refused.
+def fold_name(component: str) -> str:
+    """A path component as any case-insensitive or normalising file system may see it.
+
+    Unicode's canonical caseless match, NFD(casefold(NFD(x))), after dropping what
+    HFS+ ignores: wider than what any one file system folds (Windows does not
+    normalise; none folds "ß" to "ss"), so a tree that passes is safe on all of
+    them, and a few pairs that one of them could hold are refused.
+    """
     return unicodedata.normalize("NFD", unicodedata.normalize("NFD", component.translate(_HFS_IGNORED)).casefold())
 
 
@@ -203,7 +206,7 @@ def find_clash(paths: Iterable[str]) -> Clash | None:
     # path lies under it, such a path. One sort instead of a tree of every
     # directory keeps the memory at one string per path.
     given = list(paths)
-    keys = ["\0".join(_fold(c) for c in path.split("/")) for path in given]
+    keys = ["\0".join(fold_name(c) for c in path.split("/")) for path in given]
     order = sorted(range(len(keys)), key=keys.__getitem__)
     for i, j in pairwise(order):
         a, b = keys[i], keys[j]

@@ -40,7 +40,6 @@ import stat
 import sys
 import threading
 import time
-import unicodedata
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -49,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from cascade.addresses import TrackerAddress
-from cascade.collection import Collection, Member
+from cascade.collection import Collection, Member, fold_name
 from cascade.command import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
 from cascade.errors import BlockHashMismatch, CascadeError, DataError, from_os_error
 from cascade.metafile import HASH_SIZE, CascadeFile
@@ -100,9 +99,10 @@ class _Listings:
     shows (a file, a folder, a symlink, anything) is opened as before, with every
     check, and a name that appears after its folder was listed is caught where it
     matters, by the hard link that gives a member its name (it never replaces one).
-    Names are compared case-folded and NFC-normalised, so a folder that ignores
-    case or normalises names (macOS, Windows) never hides a file behind another
-    spelling: such a near match is opened and looked at too.
+    Names are compared as :func:`cascade.collection.fold_name` folds them (the
+    collection's own clash check), so a folder that ignores case or normalises
+    names (macOS, Windows) never hides a file behind another spelling: such a
+    near match is opened and looked at too.
     """
 
     def __init__(self, root_fd: int) -> None:
@@ -118,7 +118,7 @@ class _Listings:
         try:
             if os.listdir in os.supports_fd:
                 fd = os.open(folder, _DIR_FLAGS, dir_fd=self._root) if folder else os.dup(self._root)
-                names = frozenset(_fold(n) for n in os.listdir(fd))
+                names = frozenset(fold_name(n) for n in os.listdir(fd))
         except OSError:
             names = None  # not there, a symlink, unreadable: the caller's open finds out which
         finally:
@@ -134,13 +134,9 @@ class _Listings:
             names = self._list("/".join(parts[:i]))
             if names is None:
                 return False
-            if _fold(comp) not in names:
+            if fold_name(comp) not in names:
                 return True
         return False
-
-
-def _fold(name: str) -> str:
-    return unicodedata.normalize("NFC", name).casefold()
 
 
 class OutFolder:

@@ -48,7 +48,12 @@ def test_names_missing_from_a_listing_are_absent_and_everything_else_is_looked_a
 
 @pytest.mark.parametrize(
     ("on_disk", "member"),
-    [("README.txt", "readme.TXT"), ("caf\u00e9.txt", "cafe\u0301.txt"), ("STRASSE", "stra\u00dfe")],
+    [
+        ("README.txt", "readme.TXT"),
+        ("caf\u00e9.txt", "cafe\u0301.txt"),
+        ("STRASSE", "stra\u00dfe"),
+        ("ab.txt", "a\u200cb.txt"),  # HFS+ ignores the zero-width non-joiner
+    ],
 )
 def test_a_name_equal_after_case_folding_or_normalisation_is_never_called_absent(
     tmp_path: Path, on_disk: str, member: str
