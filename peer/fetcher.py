@@ -137,9 +137,6 @@ class Fetcher:
             store.valid, self.cf.block_size, self.cf.block_size, list_peers, policy, my_port, clock, rng, spans=None
         )
         self._hasher = PrefixHasher(store, clock)
-        # Large blocks are written on a thread of their own (peer.writebehind); small ones
-        # cost more to hand over than to write.
-        self._behind_depth = WRITE_BEHIND_BYTES // max(1, self.cf.block_size)
         if store.complete:
             self._complete.set()
 
@@ -273,8 +270,11 @@ class Fetcher:
 
     def _begin(self) -> None:
         self._hasher.start()
-        if self.cf.block_size >= WRITE_BEHIND_MIN_BLOCK and self._behind_depth >= 2 and not self.store.complete:
-            self._behind = WriteBehind(self.store, self._hasher.block_verified, self._behind_depth)
+        # Large blocks are written on a thread of their own (peer.writebehind); small ones
+        # cost more to hand over than to write.
+        depth = WRITE_BEHIND_BYTES // max(1, self.cf.block_size)
+        if self.cf.block_size >= WRITE_BEHIND_MIN_BLOCK and depth >= 2 and not self.store.complete:
+            self._behind = WriteBehind(self.store, self._hasher.block_verified, depth)
 
     def _flush(self) -> None:
         """The connections are stopped: write what they verified (a failed write becomes the fetch's error)."""
