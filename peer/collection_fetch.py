@@ -72,7 +72,7 @@ from peer.fetcher import Fetcher, FetchPolicy, FetchResult, PeerInfo, Progress
 from peer.localdata import DataCheck, check_data
 from peer.planner import Session, Spans
 from peer.server import BlockServer
-from peer.storage import DiskSignature, MemberStore, PartFolder, PartStore, signature_of
+from peer.storage import DiskSignature, MemberStore, PartFolder, PartStore, signature_at, signature_of
 from peer.trackers import TrackerSet
 
 log = logging.getLogger("peer.fetch")
@@ -318,10 +318,7 @@ def _place(out: OutFolder, job: _Job) -> DiskSignature | None:
         except OSError as exc:
             raise from_os_error(exc, out.path / job.member.path, "give the downloaded file its name") from exc
         os.unlink(_part_name(job), dir_fd=out.partial_fd)
-        try:  # after the unlink: a link count that changes moves the ctime
-            return signature_of(os.stat(name, dir_fd=parent, follow_symlinks=False))
-        except OSError:
-            return None
+        return signature_at(parent, name)  # after the unlink: a link count that changes moves the ctime
     finally:
         os.close(parent)
 

@@ -41,7 +41,7 @@ from cascade.collection import (
 from cascade.errors import CollectionError, DataError, StartError, UsageError, from_os_error
 from cascade.metafile import MAX_METAFILE_SIZE, CascadeFile, parse_cascade, read_metafile_bytes
 from peer.localdata import DataCheck, Progress, check_data, create_metafile, default_workers
-from peer.storage import DiskSignature
+from peer.storage import DiskSignature, signature_at
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
@@ -398,11 +398,7 @@ class HeldFolder:
 
     def look(self, path: str) -> DiskSignature | None:
         """Member ``path``'s signature (its last component not followed); ``None`` when it is gone."""
-        try:
-            st = os.stat(path, dir_fd=self.fd, follow_symlinks=False)
-        except OSError:
-            return None
-        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        return signature_at(self.fd, path)
 
     def close(self) -> None:
         os.close(self.fd)

@@ -479,10 +479,7 @@ class PartFolder:
 
     def look(self, path: str) -> DiskSignature | None:
         """The ``.part``'s signature (not followed); ``None`` when it is gone."""
-        try:
-            return signature_of(os.stat(path, dir_fd=self.fd, follow_symlinks=False))
-        except OSError:
-            return None
+        return signature_at(self.fd, path)
 
 
 class PartStore(MemberStore):
@@ -558,3 +555,11 @@ def disk_signature(path: Path, follow_symlinks: bool = True) -> DiskSignature | 
 def signature_of(st: os.stat_result) -> DiskSignature:
     """The :data:`DiskSignature` of a ``stat`` or ``fstat`` result."""
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def signature_at(dir_fd: int, name: str) -> DiskSignature | None:
+    """The signature of ``name`` relative to folder ``dir_fd``, its last component not followed; ``None`` when gone."""
+    try:
+        return signature_of(os.stat(name, dir_fd=dir_fd, follow_symlinks=False))
+    except OSError:
+        return None
