@@ -19,6 +19,7 @@ from collections.abc import Iterator
 import pytest
 
 from cascade.wire import (
+    TRACKER_REQUEST_SIZE,
     PeerList,
     PeerRecord,
     TrackerCommand,
@@ -29,7 +30,7 @@ from cascade.wire import (
     decode_tracker_reply,
 )
 from tests.test_tracker import BODY, CONFORMANCE, H1, H2, addrs, header
-from tracker.server import ServerConfig, TrackerServer
+from tracker.server import ServerConfig, TrackerServer, _Loop
 from tracker.swarms import SwarmRegistry
 
 pytestmark = pytest.mark.socketpair
@@ -204,6 +205,24 @@ def test_a_slow_client_is_answered_when_the_read_timeout_passes(tracker: Harness
     reply = error(after_read_timeout(tracker, s))
     assert reply.status == TrackerStatus.BAD_REQUEST and "10 bytes" in reply.message
     assert "4 bytes" in error(after_read_timeout(tracker, fresh)).message
+
+
+def test_bytes_not_yet_read_at_the_deadline_are_answered_not_reset() -> None:
+    """The race CI hit: the worker parked a silent client, the client's bytes arrived,
+    and the deadline was noticed before the worker read them. Closing with them unread
+    resets the connection (AF_UNIX and TCP alike) and the client loses the reply."""
+    server = TrackerServer(SwarmRegistry(seed=1), ServerConfig(host="127.0.0.1", port=0, read_timeout=READ_TIMEOUT))
+    loop = _Loop(server.features)
+    ours, theirs = socket.socketpair()
+    with ours, contextlib.closing(loop.ep):
+        ours.settimeout(TIMEOUT)
+        theirs.setblocking(False)
+        conn = server._park(theirs, "127.0.0.1", b"", loop)
+        assert conn is not None
+        ours.sendall(header()[:4] + bytes(2000))  # more than a request: the reply still counts only a short one
+        server._expire(conn, loop)
+        reply = error(read_all(ours))
+    assert reply.status == TrackerStatus.BAD_REQUEST and f"{TRACKER_REQUEST_SIZE - 1} bytes" in reply.message
 
 
 def test_max_connections_caps_parked_clients() -> None:

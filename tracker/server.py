@@ -531,15 +531,20 @@ class TrackerServer:
     def _expire(self, conn: _Conn, loop: _Loop) -> None:
         if conn.state == _Conn.READING:
             self.registry.count_error("read_timeout")
+            with contextlib.suppress(OSError):
+                # Bytes that arrived but were not read yet would make close() reset the
+                # connection, and the client would lose the reply (as in _fail). They came
+                # before the deadline was noticed, so the reply counts them (short of a
+                # whole request); the rest is dropped.
+                room = TRACKER_REQUEST_SIZE - 1 - len(conn.buf)
+                if room > 0:
+                    conn.buf += conn.sock.recv(room, self._dontwait)
+                dropped = 0
+                while dropped < _DRAIN_LIMIT and (chunk := conn.sock.recv(_DRAIN_LIMIT, self._dontwait)):
+                    dropped += len(chunk)
             if self._verbose:
                 log.info("%s timed out after %d bytes", conn.ip, len(conn.buf))
             if conn.buf:
-                with contextlib.suppress(OSError):
-                    # Bytes that arrived but were not read yet would make close() reset the
-                    # connection, and the client would lose the reply (as in _fail): drop them.
-                    dropped = 0
-                    while dropped < _DRAIN_LIMIT and (chunk := conn.sock.recv(_DRAIN_LIMIT, self._dontwait)):
-                        dropped += len(chunk)
                 with contextlib.suppress(OSError):
                     conn.sock.send(self._short(conn), self._dontwait)
         self._close(conn, loop)
