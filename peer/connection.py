@@ -328,22 +328,27 @@ class Connection:
         while shell.going(session):
             frames: list[bytes] = []
             now = time.monotonic()
-            if peer.maps is not False and self.ask_maps and not self.map_pending:
-                # The first map request goes alone (an old server answers status 3 and may
-                # close); later ones ride along with block requests, answered in order.
-                due = self.map_asked + (MAP_REFRESH if idle_since > now else MAP_IDLE_REFRESH)
-                if not self.responses or (peer.maps and now >= due):
-                    frames.append(pack_have_map_request(self._hash, keep_open=not peer.plain))
-                    out.append(MAP)
-                    self.map_asked = now
-                    self.map_pending = True
-            if peer.maps is not None or not self.ask_maps:
+            # A super-seeder's offer holds until our next map request reaches it: blocks asked
+            # for after that request may have been offered to another downloader meanwhile
+            # (docs/protocol-extensions.md). So none are asked for while a map is on its way.
+            if (peer.maps is not None or not self.ask_maps) and not (self.map_pending and peer.offer is not None):
                 # The first request goes alone: a server that closes after each
                 # response then never has unread requests (which would make it reset).
                 depth = shell.depth(session) if self.responses else 1
                 if len(out) <= depth // 2:
                     batch = shell.request(session, depth - len(out))
                     frames += [self._request(i) for i in batch]
+            if peer.maps is not False and self.ask_maps and not self.map_pending:
+                # The first map request goes alone (an old server answers status 3 and may
+                # close); later ones ride along behind block requests, answered in order:
+                # behind, so that the blocks chosen from the current offer are asked for
+                # before the offer is replaced.
+                due = self.map_asked + (MAP_REFRESH if idle_since > now else MAP_IDLE_REFRESH)
+                if not self.responses or (peer.maps and now >= due):
+                    frames.append(pack_have_map_request(self._hash, keep_open=not peer.plain))
+                    out.append(MAP)
+                    self.map_asked = now
+                    self.map_pending = True
             if frames:
                 try:
                     sock.sendall(b"".join(frames))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -66,7 +67,8 @@ class V1Server(LoopbackServer):
     """A version-1 server that keeps connections open; ``on_map`` says what it does with block 2^64-1.
 
     "status3": answers status 3 and closes (what PROTOCOL.md says); "close": closes without a
-    word; "lie": answers a map saying it holds every block, though it holds only ``held``.
+    word; "lie": answers a map saying it holds every block, though it holds only ``held``;
+    "offer": super-seeds, offering a few blocks per map, and sends each block slowly.
     """
 
     def __init__(self, cf: CascadeFile, data: Path, on_map: str, held: set[int] | None = None) -> None:
@@ -75,6 +77,14 @@ class V1Server(LoopbackServer):
         self.held = set(range(cf.block_count)) if held is None else held
         self.map_requests = 0
         self.not_present = 0
+        # on_map "offer": a super-seeder's offers of offer_size blocks; block requests outside
+        # the offer current when they are read.
+        self.offer: list[int] = []
+        self.offer_size = 12
+        self.delay = 0.05
+        self.asked: set[int] = set()
+        self.offered: set[int] = set()
+        self.outside: list[int] = []
 
     def __enter__(self) -> V1Server:
         return self.start()
@@ -101,6 +111,23 @@ class V1Server(LoopbackServer):
                     if self.on_map == "lie":
                         conn.sendall(HaveMap(b"\1" * self.cf.block_count).encode())
                         continue
+                    if self.on_map == "offer":
+                        # Blocks never offered first (as a turn passes on: what this downloader did
+                        # not ask for before this map goes to others), then any not asked for.
+                        fresh = [i for i in range(self.cf.block_count) if i not in self.offered]
+                        rest = [i for i in range(self.cf.block_count) if i not in self.asked]
+                        self.offer = (fresh or rest)[: self.offer_size]
+                        self.offered.update(self.offer)
+                        flags = bytearray(self.cf.block_count)
+                        for i in self.offer:
+                            flags[i] = 1
+                        conn.sendall(HaveMap(b"\1" * self.cf.block_count, bytes(flags)).encode())
+                        continue
+                if self.on_map == "offer":
+                    self.asked.add(index)
+                    if index not in self.offer:
+                        self.outside.append(index)
+                    time.sleep(self.delay)  # a slow link: the next map falls due while an offer is used
                 if index >= self.cf.block_count:
                     conn.sendall(pack_block_response_header(BlockStatus.OUT_OF_RANGE, 0))
                     return
@@ -153,3 +180,18 @@ def test_a_lying_map_costs_requests_not_bytes(tmp_path: Path) -> None:
             fetch(cf, tmp_path / "out", [liar.address, seeder])
     finally:
         seed_store.close()
+
+
+def test_blocks_are_asked_for_before_the_map_request_that_replaces_their_offer(tmp_path: Path) -> None:
+    """A super-seeder's offer holds until the next map request reaches it (docs/protocol-extensions.md).
+
+    Before, a refresh went out ahead of the blocks chosen from the current offer in the same
+    batch, and more were chosen from it while the refresh was on its way: the seeder had
+    offered some of them to other downloaders meanwhile, and sent them twice (12 of 256
+    blocks in a 1 + 8 swarm on emulated 40 Mbit/s links).
+    """
+    _, cf = make_file(tmp_path, "d.bin", 36 * 4096, 4096)
+    with V1Server(cf, tmp_path / "d.bin", "offer") as seeder:
+        fetch(cf, tmp_path / "out", [seeder.address])
+    assert seeder.map_requests >= 3  # several offers were used: the refreshes fell due mid-offer
+    assert seeder.outside == []
