@@ -37,6 +37,7 @@ class FetchRun:
     per_fetcher: list[float]
     maxrss_kib: list[int]
     reports: list[dict[str, object]] = field(default_factory=list)
+    cpu_s: float = 0.0  # user + system seconds of the fetchers together
 
 
 def create(group: Group, data: Path, block_size: int, name: str = "create") -> tuple[Path, float]:
@@ -174,7 +175,8 @@ def run_fetchers(
             reports.append(json.loads(lines[-1]) if lines else {})
         except json.JSONDecodeError:
             reports.append({})
-    return FetchRun(seconds, [c.seconds for c in children], [c.maxrss_kib for c in children], reports)
+    cpu = sum(c.cpu_seconds for c in children)
+    return FetchRun(seconds, [c.seconds for c in children], [c.maxrss_kib for c in children], reports, cpu)
 
 
 def check_outputs(outs: list[Path], expected_hex: str) -> None:

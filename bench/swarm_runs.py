@@ -21,8 +21,6 @@ from pathlib import Path
 from bench import cascade_swarm as cs
 from bench.run import FULL, Bench
 
-MIB = 1 << 20
-
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -39,13 +37,13 @@ def main() -> int:
         data, expected = bench.datafile(plan.swarm_size)
         group = bench.group("create")
         try:
-            meta, _ = cs.create(group, data, MIB)
+            meta, _ = cs.create(group, data, plan.swarm_blocks[0])
         finally:
             group.stop_all()
         runs = bench.cascade_runs("swarm", meta, args.fetchers, expected, plan.swarm_settle, extra)
         for k, run in enumerate(runs):
             each = ", ".join(f"{s:.2f}" for s in sorted(run.per_fetcher))
-            print(f"run {k}: {run.seconds:.2f} s (fetchers: {each})", flush=True)
+            print(f"run {k}: {run.seconds:.2f} s (fetchers: {each}; fetchers' CPU {run.cpu_s:.1f} s)", flush=True)
     finally:
         if (work / "logs").is_dir():
             shutil.copytree(work / "logs", args.logs, dirs_exist_ok=True)
