@@ -82,6 +82,14 @@ PARTIAL_DIR = ".cascade-partial"
 LIST_TIMEOUT = 5.0
 
 O_NONBLOCK: int = getattr(os, "O_NONBLOCK", 0)  # opening a FIFO must not wait for a writer
+# Linux: a file with no name in a folder, given one by linkat (see MemberSet._write_direct); 0 elsewhere.
+O_TMPFILE: int = getattr(os, "O_TMPFILE", 0)
+# The folder linkat finds a nameless file in, by its descriptor (procfs): the only way
+# without CAP_DAC_READ_SEARCH.
+_FD_FOLDER = "/proc/self/fd"
+# What open(O_TMPFILE) answers where the kernel or the file system cannot make one: the
+# .part way is used from then on.
+_NO_TMPFILE = frozenset({errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOTSUP})
 _DIR_FLAGS = os.O_RDONLY | O_DIRECTORY | O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
 
@@ -344,9 +352,17 @@ _DIR_FDS = 16
 PART_FDS = 64
 
 
+def _fd_folder() -> int:
+    """A descriptor of ``/proc/self/fd`` (held to name nameless files, see MemberSet._write_direct); -1 without."""
+    try:
+        return os.open(_FD_FOLDER, _DIR_FLAGS)
+    except OSError:
+        return -1
+
+
 def _one_block(cf: CascadeFile) -> bool:
     """A file of one block, whose block hash is its whole-file hash (so checked once, on arrival)."""
-    return cf.block_count == 1 and cf.file_hash == cf.block_hash(0)
+    return cf.block_hashes == cf.file_hash  # 32 bytes of block hashes: one block
 
 
 # The whole-file hash of a member is fed in reads of up to this many bytes
@@ -362,6 +378,14 @@ class _Prefix:
     def __init__(self) -> None:
         self.sha = hashlib.sha256()
         self.next = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Placed:
+    """A member written and named at once (MemberSet._write_direct): its signature as placed, or why it failed."""
+
+    seen: DiskSignature | None
+    error: str | None = None
 
 
 class _Part:
@@ -399,7 +423,8 @@ class MemberSet:
         self.on_placed = on_placed
         self.jobs = jobs
         self.started = started
-        self.spans = Spans(j.cf.block_count for j in jobs)
+        counts = [j.cf.block_count for j in jobs]
+        self.spans = Spans(counts)
         for slot, job in enumerate(jobs):
             job.slot = slot
         self.valid = bytearray(self.spans.block_count)
@@ -411,9 +436,15 @@ class MemberSet:
         self.verified = 0
         self.verified_bytes = 0
         n = len(jobs)
-        self._left = array("Q", (j.cf.block_count for j in jobs))
+        self._left = array("Q", counts)
         self._single = bytes(_one_block(j.cf) for j in jobs)
-        # Members handed to _finish (later notes about them are dropped), and the whole-file
+        # The members of one block written straight into their folder, nameless, and given their
+        # name once written (_write_direct): those with no .part from an earlier run, where the
+        # system makes nameless files. The others, and all after a refusal, go the .part way.
+        self._fds = _fd_folder() if O_TMPFILE and any(self._single) else -1
+        self._direct = bytearray(self._single if self._fds >= 0 else n)
+        # Members handed to _finish or being placed directly (later notes and copies of them are
+        # dropped), and the whole-file
         # hashes of the members being written, as far as their verified prefix goes.
         self._finished = bytearray(n)
         self._prefix: dict[int, _Prefix] = {}
@@ -504,6 +535,7 @@ class MemberSet:
                     self.verified_bytes += cf.block_length(j)
             self.resumed[m] = check.valid_count
             self._left[m] = cf.block_count - check.valid_count
+            self._direct[m] = 0  # its .part is finished (or removed) as any
             if not self._left[m]:
                 self._finish_q.put(m)
 
@@ -540,6 +572,16 @@ class MemberSet:
         start = j * HASH_SIZE
         if hashlib.sha256(body).digest() != cf.block_hashes[start : start + HASH_SIZE]:
             raise BlockHashMismatch(f"block {j} of {job.member.path} does not match its SHA-256")
+        if self._direct[m]:
+            with self._lock:
+                if self._finished[m]:
+                    return False  # another copy is being placed, or was
+                self._finished[m] = 1
+            placed = self._write_direct(job, body)
+            if placed is not None:
+                return self._written(m, i, j, len(body), source, placed)
+            with self._lock:
+                self._finished[m] = 0  # the .part way after all
         part = self._pin(m)
         if part is None:
             return False  # the member is whole already (a late copy)
@@ -552,20 +594,30 @@ class MemberSet:
             raise from_os_error(exc, self._shown(job), f"write block {j}") from exc
         finally:
             self._unpin(part)
+        return self._written(m, i, j, len(body), source, None)
+
+    def _written(self, m: int, i: int, j: int, n: int, source: str, placed: _Placed | None) -> bool:
+        """Block ``i`` (block ``j`` of member ``m``, ``n`` bytes from ``source``) is verified and written: count it.
+
+        ``placed``: the member got its name already (see _write_direct). False when a copy was counted first.
+        """
         with self._lock:
             if self.valid[i]:
                 return False
             self.valid[i] = 1
-            store = self.stores[m]
-            if store is not None:
-                store.mark(j)  # its bytes are written and hash-checked: served from now on
+            if placed is None:
+                store = self.stores[m]
+                if store is not None:
+                    store.mark(j)  # its bytes are written and hash-checked: served from now on
             self.verified += 1
-            n = len(body)
             self.verified_bytes += n
             self.got_blocks[m] += 1
             self.got_bytes[m] += n
-            by = self.sources.setdefault(m, {})
-            by[source] = by.get(source, 0) + 1
+            by = self.sources.get(m)
+            if by is None:
+                self.sources[m] = {source: 1}
+            else:
+                by[source] = by.get(source, 0) + 1
             self._left[m] -= 1
             whole = not self._left[m]
             note = False
@@ -574,7 +626,9 @@ class MemberSet:
                 if self._since[m] >= self._batch[m]:
                     self._since[m] = 0
                     note = True
-        if note:
+        if placed is not None:
+            self._placed(m, placed)
+        elif note:
             self._finish_q.put(m)
         elif whole:
             if self._single[m]:
@@ -583,6 +637,69 @@ class MemberSet:
             else:
                 self._finish_q.put(m)
         return True
+
+    def _write_direct(self, job: _Job, body: memoryview) -> _Placed | None:
+        """Write a verified one-block member as a nameless file in its folder and give it its name.
+
+        The file is made with ``O_TMPFILE`` in the member's folder (opened as by
+        :func:`_place`, no symlink followed) and named with ``linkat`` from
+        ``/proc/self/fd``, which fails if anything has the name (it is never
+        replaced). A SIGKILL before the link leaves nothing behind, no name holds
+        an unverified or partial byte, and the ``.part`` way's create, link and
+        unlink become one create and one link. ``None``: the system cannot make
+        or name such a file here (then no member goes this way again) or this
+        one could not be made: the caller takes the ``.part`` way. Raises
+        :class:`DataError` when the write fails (a full disk), as that way does.
+        """
+        out, path = self.out, job.member.path
+        try:
+            parent, name = out.parent_of(path)
+        except CascadeError as exc:
+            return _Placed(None, str(exc))
+        try:
+            try:
+                fd = os.open(".", O_TMPFILE | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0), 0o644, dir_fd=parent)
+            except OSError as exc:
+                if exc.errno in _NO_TMPFILE:
+                    log.debug("%s: no nameless files here (%s): members go through .part files", out.path, exc)
+                    self._direct[:] = bytes(len(self._direct))
+                return None
+            try:
+                try:
+                    offset, view = 0, body
+                    while view:
+                        n = os.pwrite(fd, view, offset)
+                        view, offset = view[n:], offset + n
+                except OSError as exc:
+                    raise from_os_error(exc, out.path / path, "write the downloaded file") from exc
+                try:
+                    os.link(str(fd), name, src_dir_fd=self._fds, dst_dir_fd=parent, follow_symlinks=True)
+                except FileExistsError:
+                    return _Placed(None, f"{out.path / path}: appeared while it downloaded; not touching it")
+                except OSError as exc:
+                    # No way to name it here (a sandbox without procfs links, say): the .part
+                    # way's own link says what is wrong, if anything is.
+                    log.debug("%s: cannot name a nameless file (%s): members go through .part files", out.path, exc)
+                    self._direct[:] = bytes(len(self._direct))
+                    return None
+                try:
+                    return _Placed(signature_of(os.fstat(fd)))  # linked: its ctime moved already
+                except OSError:
+                    return _Placed(None)
+            finally:
+                os.close(fd)
+        finally:
+            os.close(parent)
+
+    def _placed(self, m: int, placed: _Placed) -> None:
+        """Member ``m`` went the direct way: it has its name (or its job an error)."""
+        job = self.jobs[m]
+        if placed.error is not None:
+            job.error = placed.error
+            return
+        self.done_at[m] = time.monotonic()
+        if self.on_placed is not None and placed.seen is not None:
+            self.on_placed(job, placed.seen)
 
     def _shown(self, job: _Job) -> Path:
         """The ``.part`` of ``job`` as shown in messages."""
@@ -630,6 +747,10 @@ class MemberSet:
     def close(self) -> None:
         """Close every ``.part`` still open (the fetch ended); one being written is closed by its writer."""
         with self._lock:
+            if self._fds >= 0:
+                os.close(self._fds)
+                self._fds = -1
+                self._direct[:] = bytes(len(self._direct))
             for part in self._parts.values():
                 if part.pins:
                     part.closing = True
