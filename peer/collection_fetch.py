@@ -20,6 +20,10 @@ relative to a descriptor of ``--out``:
   (opened with ``O_NOFOLLOW | O_CREAT``) and, once its whole-file hash
   matched, hard-linked to its final name, which fails if anything is there
   (so no file is ever overwritten), then the ``.part`` is unlinked;
+- a member of one block (verified in memory as it arrives) is written instead as
+  a nameless file in its folder (Linux ``O_TMPFILE``) and given its name by
+  ``linkat``, which fails the same way; where that is not possible, it goes the
+  ``.part`` way;
 - a final name that already holds a file is only accepted when it is already
   complete and verified; anything else there is left alone and that member fails.
 
@@ -408,7 +412,10 @@ class MemberSet:
     LRU (``PART_FDS``): members not being written hold no descriptor. A member whose
     blocks are all verified goes to the finisher thread, which checks its whole-file
     hash (not again for a member of one block: that block's hash is the file's) and
-    gives it its final name (:func:`_place`). Thread-safe.
+    gives it its final name (:func:`_place`). A member of one block with no ``.part``
+    from an earlier run is instead written nameless into its folder and linked to its
+    name at once (:meth:`_write_direct`), where the system allows it and ``nameless``
+    (the ``.part`` way is for other systems, and for tests). Thread-safe.
     """
 
     def __init__(
@@ -417,6 +424,8 @@ class MemberSet:
         jobs: list[_Job],
         started: float,
         on_placed: Callable[[_Job, DiskSignature], None] | None = None,
+        *,
+        nameless: bool = True,
     ) -> None:
         self.out = out
         # Called (from a connection's thread or the finisher) once a member has its final name.
@@ -441,7 +450,7 @@ class MemberSet:
         # The members of one block written straight into their folder, nameless, and given their
         # name once written (_write_direct): those with no .part from an earlier run, where the
         # system makes nameless files. The others, and all after a refusal, go the .part way.
-        self._fds = _fd_folder() if O_TMPFILE and any(self._single) else -1
+        self._fds = _fd_folder() if nameless and O_TMPFILE and any(self._single) else -1
         self._direct = bytearray(self._single if self._fds >= 0 else n)
         # Members handed to _finish or being placed directly (later notes and copies of them are
         # dropped), and the whole-file
