@@ -273,6 +273,8 @@ class Member:
     data_length: int = field(init=False)
     block_size: int = field(init=False)
     cascade_hash: bytes = field(init=False, repr=False)
+    # The parsed .cascade, kept when the collection was parsed with keep_files (see cascade_file).
+    _file: metafile.CascadeFile | None = field(init=False, default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         check_member_path(self.path)
@@ -284,16 +286,19 @@ class Member:
         object.__setattr__(self, "cascade_hash", cf.cascade_hash)
 
     @classmethod
-    def _checked(cls, path: str, cascade: bytes, cf: metafile.CascadeFile) -> Member:
-        """The member of ``path`` (checked by the caller) and ``cascade`` (parsed by the caller into ``cf``)."""
+    def _checked(cls, path: str, cascade: bytes, cf: metafile.CascadeFile, keep: bool) -> Member:
+        """The member of ``path`` (checked by the caller) and ``cascade`` (parsed into ``cf``, kept if ``keep``)."""
         member = object.__new__(cls)
         object.__setattr__(member, "path", path)
         object.__setattr__(member, "cascade", cascade)
+        object.__setattr__(member, "_file", cf if keep else None)
         member._take(cf)
         return member
 
     def cascade_file(self) -> metafile.CascadeFile:
-        """The member's ``.cascade``, parsed (on demand: it holds a second copy of the hashes)."""
+        """The member's ``.cascade``, parsed (on demand unless kept: it holds a second copy of the hashes)."""
+        if self._file is not None:
+            return self._file
         return parse_cascade(self.cascade, functools.partial(_cascade_source, self.path))
 
 
@@ -375,13 +380,15 @@ def serialize_collection(members: Iterable[Member]) -> bytes:
     return b"".join(parts)
 
 
-def parse_collection(data: bytes, source: str = "<bytes>") -> Collection:
+def parse_collection(data: bytes, source: str = "<bytes>", *, keep_files: bool = False) -> Collection:
     """Parse and validate the bytes of a collection file.
 
     Every length field is checked against the limits and against the bytes left
     before anything is sliced; every member path is checked as by
-    :func:`check_member_path` and :func:`find_clash`. Raises :class:`CollectionError`
-    naming ``source``, the member and the fault.
+    :func:`check_member_path` and :func:`find_clash`. With ``keep_files`` each
+    member keeps its parsed ``.cascade`` (:meth:`Member.cascade_file` is then free;
+    the block hashes are held twice): for a caller that needs every member's.
+    Raises :class:`CollectionError` naming ``source``, the member and the fault.
     """
 
     def fail(message: str) -> CollectionError:
@@ -442,7 +449,7 @@ def parse_collection(data: bytes, source: str = "<bytes>") -> Collection:
             raise fail(f"{where}: path {_show(path)} {fault}")
         cascade = bytes(data[offset : offset + cascade_length])
         try:
-            member = Member._checked(path, cascade, _member_cascade(path, cascade))
+            member = Member._checked(path, cascade, _member_cascade(path, cascade), keep_files)
         except CollectionError as exc:
             raise fail(f"{where}: {exc}") from exc
         if members and path <= members[-1].path:

@@ -556,3 +556,12 @@ def test_a_faulty_file_name_under_a_folder_already_checked_is_refused() -> None:
     raw = reference_collection([(b"d/a", HELLO), (b"d/b", HELLO[:-1])])
     with pytest.raises(CollectionError, match=r"member 2 of 2: the \.cascade of 'd/b': expected 2 block hashes"):
         parse_collection(raw)
+
+
+def test_kept_files_are_the_parsed_cascades_and_change_no_member() -> None:
+    kept, plain = parse_collection(SMALL, keep_files=True), parse_collection(SMALL)
+    assert kept == plain and kept.members == plain.members
+    for k, p in zip(kept.members, plain.members, strict=True):
+        assert k.cascade_file() is k.cascade_file()  # kept: not parsed again
+        assert k.cascade_file() == p.cascade_file() and k.cascade_file().raw == p.cascade
+        assert repr(k) == repr(p)
