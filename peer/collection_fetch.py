@@ -122,7 +122,8 @@ class _Listings:
         # Folder path ('' for --out itself) -> the names it held; None: it could not be listed.
         self._names: dict[str, frozenset[str] | None] = {}
 
-    def _list(self, folder: str) -> frozenset[str] | None:
+    def names(self, folder: str) -> frozenset[str] | None:
+        """The names (folded) folder ``folder`` ('' for the root) held when first listed; None: it could not be."""
         if folder in self._names:
             return self._names[folder]
         names: frozenset[str] | None = None
@@ -143,7 +144,7 @@ class _Listings:
         """True when ``path`` ('/'-separated) is surely not there: a listing on its way lacks a component."""
         parts = path.split("/")
         for i, comp in enumerate(parts):
-            names = self._list("/".join(parts[:i]))
+            names = self.names("/".join(parts[:i]))
             if names is None:
                 return False
             if fold_name(comp) not in names:
@@ -199,6 +200,14 @@ class OutFolder:
 
     def _shown(self, dirs: list[str]) -> Path:
         return self.path / "/".join(dirs)
+
+    def fresh(self) -> bool:
+        """``--out`` held nothing but (maybe) an empty ``.cascade-partial``: no member or ``.part`` to look for.
+
+        As the listings say (taken now if not yet): True only when that is sure.
+        """
+        names = self.listings.names("")
+        return names is not None and names <= {fold_name(PARTIAL_DIR)} and self.partial_names.names("") == frozenset()
 
     def parent_of(self, path: str) -> tuple[int, str]:
         """A descriptor of member ``path``'s folder (created as needed; the caller closes it) and its last component."""
@@ -1058,9 +1067,10 @@ def fetch_collection(
     try:
         todo: list[_Job] = []
         parts: list[DataCheck | None] = []
+        fresh = out.fresh()
         for job in jobs:
             try:
-                seen = _final_state(out, job)
+                seen = None if fresh else _final_state(out, job)
                 if seen is not None:
                     job.already = True
                     bar.add(job.cf.data_length)
@@ -1069,7 +1079,7 @@ def fetch_collection(
                     _empty(out, job)
                     serve(job)
                 else:
-                    parts.append(_check_part(out, job))
+                    parts.append(None if fresh else _check_part(out, job))
                     todo.append(job)
             except CascadeError as exc:
                 job.error = str(exc)
