@@ -441,35 +441,44 @@ class MemberSet:
         self.on_placed = on_placed
         self.jobs = jobs
         self.started = started
-        counts = [j.cf.block_count for j in jobs]
-        self.spans = Spans(counts)
+        # One pass over the members (a collection has up to a million).
+        n = len(jobs)
+        counts, single, batch = [0] * n, bytearray(n), array("I", bytes(4 * n))
+        total, longest = 0, 1
         for slot, job in enumerate(jobs):
             job.slot = slot
+            cf = job.cf
+            counts[slot] = cf.block_count
+            single[slot] = _one_block(cf)
+            # _batch: see _since below.
+            batch[slot] = max(1, HASH_CHUNK // max(1, cf.block_size))
+            total += cf.data_length
+            longest = max(longest, min(cf.block_size, cf.data_length))
+        self.spans = Spans(counts)
         self.valid = bytearray(self.spans.block_count)
-        self.total_bytes = sum(j.cf.data_length for j in jobs)
+        self.total_bytes = total
         # The longest block (not the block size: a small file's one block is as long as the file).
-        self.max_block_size = max((min(j.cf.block_size, j.cf.data_length) for j in jobs), default=1)
+        self.max_block_size = longest
         # The planner's depth and timeouts follow the mean block length.
         self.block_size = max(1, self.total_bytes // max(1, self.spans.block_count))
         self.verified = 0
         self.verified_bytes = 0
-        n = len(jobs)
         self._left = array("Q", counts)
-        self._single = bytes(_one_block(j.cf) for j in jobs)
+        self._single = bytes(single)
         # The members of one block written straight into their folder, nameless, and given their
         # name once written (_write_direct): those with no .part from an earlier run, where the
         # system makes nameless files. The others, and all after a refusal, go the .part way.
         self._fds = _fd_folder() if nameless and O_TMPFILE and any(self._single) else -1
         self._direct = bytearray(self._single if self._fds >= 0 else n)
         # Members handed to _finish or being placed directly (later notes and copies of them are
-        # dropped), and the whole-file
-        # hashes of the members being written, as far as their verified prefix goes.
+        # dropped), and the whole-file hashes of the members being written, as far as their
+        # verified prefix goes.
         self._finished = bytearray(n)
         self._prefix: dict[int, _Prefix] = {}
         # Blocks verified per member since the finisher was last told; it is told every
         # _batch blocks (about HASH_CHUNK), not per block: a hand-off per block costs more than it hashes.
         self._since = array("I", bytes(4 * n))
-        self._batch = array("I", (max(1, HASH_CHUNK // max(1, j.cf.block_size)) for j in jobs))
+        self._batch = batch
         self._features = detect()
         # Per member, what this run downloaded: blocks, bytes and from whom (for --json).
         self.got_blocks = array("Q", bytes(8 * n))
