@@ -490,7 +490,10 @@ class MemberSet:
         self._parts: OrderedDict[int, _Part] = OrderedDict()
         self._finish_q: queue.SimpleQueue[int | None] = queue.SimpleQueue()
         self._finisher: threading.Thread | None = None
-        # Where next_to_list goes on from: among all the members left, and among those under way.
+        # Where next_to_list goes on from: among all the members left, and among those under way,
+        # which are these (some blocks verified, some missing: a few at a time, so not found by
+        # looking at every member).
+        self._busy: set[int] = set()
         self._list_next = 0
         self._list_busy = 0
         self._list_busy_turn = False
@@ -526,7 +529,10 @@ class MemberSet:
         """
         self._list_busy_turn = not self._list_busy_turn
         if self._list_busy_turn:
-            m = self._next(self._list_busy, lambda m: 0 < self._left[m] < self.jobs[m].cf.block_count)
+            with self._lock:
+                busy = self._busy
+                later = [m for m in busy if m >= self._list_busy] or busy
+                m = min(later) if later else -1
             if m >= 0:
                 self._list_busy = m + 1
                 return self.jobs[m]
@@ -562,6 +568,8 @@ class MemberSet:
                     self.verified_bytes += cf.block_length(j)
             self.resumed[m] = check.valid_count
             self._left[m] = cf.block_count - check.valid_count
+            if 0 < self._left[m] < cf.block_count:
+                self._busy.add(m)
             self._direct[m] = 0  # its .part is finished (or removed) as any
             if not self._left[m]:
                 self._finish_q.put(m)
@@ -647,6 +655,10 @@ class MemberSet:
                 by[source] = by.get(source, 0) + 1
             self._left[m] -= 1
             whole = not self._left[m]
+            if whole:
+                self._busy.discard(m)
+            else:
+                self._busy.add(m)
             note = False
             if not whole:
                 self._since[m] += 1
