@@ -76,7 +76,15 @@ from peer.fetcher import Fetcher, FetchPolicy, FetchResult, PeerInfo, Progress
 from peer.localdata import DataCheck, check_data
 from peer.planner import Session, Spans
 from peer.server import BlockServer
-from peer.storage import DiskSignature, MemberStore, PartFolder, PartStore, signature_at, signature_of
+from peer.storage import (
+    DiskSignature,
+    MemberFolder,
+    MemberStore,
+    PartFolder,
+    PartStore,
+    signature_at,
+    signature_of,
+)
 from peer.trackers import TrackerSet
 
 log = logging.getLogger("peer.fetch")
@@ -365,6 +373,10 @@ _DIR_FDS = 16
 PART_FDS = 64
 
 
+# The signature of a member not written yet (no file has it): its store serves no block.
+_UNSEEN: DiskSignature = (0, 0, 0, 0, 0)
+
+
 def _fd_folder() -> int:
     """A descriptor of ``/proc/self/fd`` (held to name nameless files, see MemberSet._write_direct); -1 without."""
     try:
@@ -497,8 +509,9 @@ class MemberSet:
         self._list_next = 0
         self._list_busy = 0
         self._list_busy_turn = False
-        # Per member, the store that serves its .part's verified blocks (see serve_parts).
-        self.stores: list[PartStore | None] = [None] * n
+        # Per member, the store that serves its .part's verified blocks, or its final name once
+        # it has it (see serve_parts).
+        self.stores: list[MemberStore | None] = [None] * n
 
     # --- the connection's view (peer.connection.Members) -----------------------------
 
@@ -574,20 +587,28 @@ class MemberSet:
             if not self._left[m]:
                 self._finish_q.put(m)
 
-    def serve_parts(self, add: Callable[[PartStore], None]) -> None:
+    def serve_parts(self, add: Callable[[MemberStore], None], final: MemberFolder | None = None) -> None:
         """Give every member left a :class:`PartStore` over its ``.part`` (its verified blocks so far) to ``add``.
 
         Called once, before the download starts: from then on a block is served as soon as
         it is written and verified. A member not started yet is answered "not present"
         (status 2, the connection stays open) rather than "unknown hash" (status 1, closed),
         as a single file's ``.part`` is; and the server holds no more stores than it will
-        once every member has its name.
+        once every member has its name. A member to be written nameless (it never has a
+        ``.part``) gets, with ``final`` (``--out``), the :class:`MemberStore` of its final
+        name instead, with no block until :meth:`MemberStore.placed` (not a new store then).
         """
         folder = PartFolder(self.out.partial_fd, self.out.path / PARTIAL_DIR)
+        starts, valid, direct, stores = self.spans.starts, self.valid, self._direct, self.stores
         for m, job in enumerate(self.jobs):
-            base = self.spans.starts[m]
-            valid = bytearray(self.valid[base : base + job.cf.block_count])
-            store = self.stores[m] = PartStore(job.cf, valid, folder, _part_name(job))
+            cf = job.cf
+            store: MemberStore
+            if direct[m] and final is not None:
+                store = MemberStore(cf, bytearray(cf.block_count), final, job.member.path, verified=_UNSEEN)
+            else:
+                base = starts[m]
+                store = PartStore(cf, bytearray(valid[base : base + cf.block_count]), folder, _part_name(job))
+            stores[m] = store
             add(store)
 
     # --- writing -------------------------------------------------------------------------
@@ -642,7 +663,7 @@ class MemberSet:
             self.valid[i] = 1
             if placed is None:
                 store = self.stores[m]
-                if store is not None:
+                if isinstance(store, PartStore):
                     store.mark(j)  # its bytes are written and hash-checked: served from now on
             self.verified += 1
             self.verified_bytes += n
@@ -1072,12 +1093,16 @@ def fetch_collection(
         """Serve a member that has its final name, in place of its ``.part``."""
         path = job.member.path
         seen = seen if seen is not None else held.look(path)
-        if seen is not None:
-            full = bytearray(b"\x01") * job.cf.block_count
-            server.add_store(MemberStore(job.cf, full, held, path, verified=seen))
-            part = members.stores[job.slot] if members is not None and job.slot >= 0 else None
-            if part is not None:  # replaced: its descriptor (the same inode) is not kept for it
-                server.open_files.forget(part)
+        if seen is None:
+            return
+        part = members.stores[job.slot] if members is not None and job.slot >= 0 else None
+        if part is not None and not isinstance(part, PartStore):
+            part.placed(seen)  # served under its final name already, with no block until now
+            return
+        full = bytearray(b"\x01") * job.cf.block_count
+        server.add_store(MemberStore(job.cf, full, held, path, verified=seen))
+        if part is not None:  # replaced: its descriptor (the same inode) is not kept for it
+            server.open_files.forget(part)
 
     started = time.monotonic()
     jobs = [_Job(i, m, m.cascade_file()) for i, m in enumerate(coll.members)]
@@ -1106,7 +1131,7 @@ def fetch_collection(
                 job.error = str(exc)
         members = MemberSet(out, todo, started, on_placed=serve)
         members.resume({m: check for m, check in enumerate(parts) if check is not None})
-        members.serve_parts(server.add_store)
+        members.serve_parts(server.add_store, held)
         if todo and not stop_event.is_set():
             error = _download(members, trackers, my_ip, port, policy, stop_event, bar)
         members.drain()

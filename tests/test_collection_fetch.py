@@ -22,10 +22,10 @@ from cascade.errors import CascadeError
 from cascade.wire import BlockStatus
 from peer import collection_fetch
 from peer.collection_fetch import PARTIAL_DIR, CollectionFetcher, MemberSet, OutFolder, _Job
-from peer.collection_local import create_collection, walk_tree
+from peer.collection_local import HeldFolder, create_collection, walk_tree
 from peer.fetcher import FetchPolicy, PeerInfo
 from peer.server import BlockServer
-from peer.storage import BlockStore
+from peer.storage import BlockStore, MemberStore
 from tests.doubles import LoopbackServer
 from tests.hostile import PROTOCOL_BREAKERS, HostileServer
 from tests.test_peer_server import read_response, req
@@ -330,3 +330,43 @@ def test_a_one_block_member_with_a_part_from_an_earlier_run_is_finished_from_it(
         assert all(members.result(j.slot).complete for j in jobs)
     assert got(out) == files
     assert not any((out / PARTIAL_DIR).iterdir())
+
+
+def test_a_nameless_member_is_served_from_its_final_name_once_it_has_it(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    files, coll = make_tree(src, small=3, big=0)
+    out = tmp_path / "out"
+    server = BlockServer("127.0.0.1", 0)
+    server.start(listen=False)
+    ours, theirs = socket.socketpair()
+    ours.settimeout(10.0)
+    final = None
+    try:
+        with member_set(out, coll) as (members, jobs):
+            final = HeldFolder(out)
+            placed: list[str] = []
+
+            def on_placed(job: _Job, seen: tuple[int, int, int, int, int]) -> None:
+                store = members.stores[job.slot]
+                assert store is not None
+                store.placed(seen)
+                placed.append(job.member.path)
+
+            members.on_placed = on_placed
+            members.serve_parts(server.add_store, final)
+            server.serve_connection(theirs, "127.0.0.1")
+            first = jobs[0]
+            assert _ask(ours, first, 0)[0] == BlockStatus.NOT_PRESENT  # not downloaded: the connection stays
+            assert members.write(members.spans.starts[first.slot], _block_of(src, first, 0), "test")
+            assert placed == [first.member.path]
+            assert _ask(ours, first, 0) == (BlockStatus.OK, files[first.member.path])
+            # Opened as any member is: checked against the signature it was placed with.
+            store = members.stores[first.slot]
+            assert isinstance(store, MemberStore) and store.as_verified()
+            os.utime(out / first.member.path, ns=(0, 0))
+            assert not store.as_verified()
+    finally:
+        ours.close()
+        server.stop()
+        if final is not None:
+            final.close()
