@@ -405,7 +405,7 @@ class _Prefix:
         self.next = 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made once per member, and a frozen init costs twice as much
 class _Placed:
     """A member written and named at once (MemberSet._write_direct): its signature as placed, or why it failed."""
 
@@ -726,10 +726,9 @@ class MemberSet:
                 return None
             try:
                 try:
-                    offset, view = 0, body
-                    while view:
-                        n = os.pwrite(fd, view, offset)
-                        view, offset = view[n:], offset + n
+                    offset = os.pwrite(fd, body, 0)  # one block: all of it, but for a short write
+                    while offset < len(body):
+                        offset += os.pwrite(fd, body[offset:], offset)
                 except OSError as exc:
                     raise from_os_error(exc, out.path / path, "write the downloaded file") from exc
                 try:
