@@ -628,16 +628,17 @@ class MemberSet:
         start = j * HASH_SIZE
         if hashlib.sha256(body).digest() != cf.block_hashes[start : start + HASH_SIZE]:
             raise BlockHashMismatch(f"block {j} of {job.member.path} does not match its SHA-256")
-        if self._direct[m]:
+        if self._single[m]:
+            # Its one block is written once: a copy that comes meanwhile is a duplicate, whichever
+            # way each would go (the nameless way can be given up for all while a copy is on it).
             with self._lock:
                 if self._finished[m]:
                     return False  # another copy is being placed, or was
                 self._finished[m] = 1
-            placed = self._write_direct(job, body)
-            if placed is not None:
-                return self._written(m, i, j, len(body), source, placed)
-            with self._lock:
-                self._finished[m] = 0  # the .part way after all
+            if self._direct[m]:
+                placed = self._write_direct(job, body)
+                if placed is not None:
+                    return self._written(m, i, j, len(body), source, placed)
         part = self._pin(m)
         if part is None:
             return False  # the member is whole already (a late copy)
