@@ -378,3 +378,25 @@ def test_a_nameless_member_is_served_from_its_final_name_once_it_has_it(tmp_path
         server.stop()
         if final is not None:
             final.close()
+
+
+def test_where_nameless_files_cannot_be_named_every_member_goes_the_part_way(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    files, coll = make_tree(src, small=4, big=0)
+    out = tmp_path / "out"
+    if not nameless_here(tmp_path):
+        pytest.skip("no nameless files here: the .part way is all there is")
+    empty = tmp_path / "no-procfs"
+    empty.mkdir()
+    with member_set(out, coll) as (members, jobs):
+        # As in a sandbox whose procfs does not name descriptors: linkat finds nothing there.
+        os.close(members._fds)
+        members._fds = os.open(empty, os.O_RDONLY)
+        for job in jobs:
+            assert members.write(members.spans.starts[job.slot], _block_of(src, job, 0), "test")
+        members.drain()
+        assert not any(members._direct)  # given up for every member after the first refusal
+        assert all(members.result(j.slot).complete for j in jobs)
+    assert got(out) == files
+    assert not any((out / PARTIAL_DIR).iterdir())
+    assert not any(empty.iterdir())
