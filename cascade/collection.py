@@ -14,6 +14,7 @@ Linux, Windows and macOS, so joined under any folder it stays inside it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import struct
@@ -126,7 +127,8 @@ def check_member_path(path: str) -> str:
     return path
 
 
-def _path_fault(path: str) -> str | None:
+def _path_fault(path: str, folders: set[str] | None = None) -> str | None:
+    """What makes ``path`` unsafe, or None; ``folders`` holds folder names already found sound (skipped, added to)."""
     if path == "":
         return "is empty"
     try:
@@ -146,10 +148,17 @@ def _path_fault(path: str) -> str | None:
     components = path.split("/")
     if len(components) > MAX_DEPTH:
         return f"has {len(components)} components, more than the limit of {MAX_DEPTH}"
-    for comp in components:
+    # The folder names of a tree repeat from member to member; its file names seldom do
+    # (and are not kept, so the set stays as small as the tree's folder count).
+    last = len(components) - 1
+    for i, comp in enumerate(components):
+        if folders is not None and i < last and comp in folders:
+            continue
         fault = _component_fault(comp)
         if fault is not None:
             return fault
+        if folders is not None and i < last:
+            folders.add(comp)
     return None
 
 
@@ -170,6 +179,10 @@ def fold_name(component: str) -> str:
     normalise; none folds "ß" to "ss"), so a tree that passes is safe on all of
     them, and a few pairs that one of them could hold are refused.
     """
+    if component.isascii():
+        # The same, for less: no ignored code point is ASCII, NFD leaves ASCII as it is,
+        # and ASCII folds as it lowers.
+        return component.lower()
     return unicodedata.normalize("NFD", unicodedata.normalize("NFD", component.translate(_HFS_IGNORED)).casefold())
 
 
@@ -206,7 +219,11 @@ def find_clash(paths: Iterable[str]) -> Clash | None:
     # path lies under it, such a path. One sort instead of a tree of every
     # directory keeps the memory at one string per path.
     given = list(paths)
-    keys = ["\0".join(fold_name(c) for c in path.split("/")) for path in given]
+    keys = [
+        # An ASCII path folds per component as it lowers whole (see fold_name).
+        path.lower().replace("/", "\0") if path.isascii() else "\0".join(fold_name(c) for c in path.split("/"))
+        for path in given
+    ]
     order = sorted(range(len(keys)), key=keys.__getitem__)
     for i, j in pairwise(order):
         a, b = keys[i], keys[j]
@@ -256,20 +273,45 @@ class Member:
     data_length: int = field(init=False)
     block_size: int = field(init=False)
     cascade_hash: bytes = field(init=False, repr=False)
+    # The parsed .cascade, kept when the collection was parsed with keep_files (see cascade_file).
+    _file: metafile.CascadeFile | None = field(init=False, default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         check_member_path(self.path)
-        try:
-            cf = parse_cascade(self.cascade, f"the .cascade of {_show(self.path)}")
-        except MetafileError as exc:
-            raise CollectionError(str(exc)) from exc
+        self._take(_member_cascade(self.path, self.cascade))
+
+    def _take(self, cf: metafile.CascadeFile) -> None:
         object.__setattr__(self, "data_length", cf.data_length)
         object.__setattr__(self, "block_size", cf.block_size)
         object.__setattr__(self, "cascade_hash", cf.cascade_hash)
 
+    @classmethod
+    def _checked(cls, path: str, cascade: bytes, cf: metafile.CascadeFile, keep: bool) -> Member:
+        """The member of ``path`` (checked by the caller) and ``cascade`` (parsed into ``cf``, kept if ``keep``)."""
+        member = object.__new__(cls)
+        object.__setattr__(member, "path", path)
+        object.__setattr__(member, "cascade", cascade)
+        object.__setattr__(member, "_file", cf if keep else None)
+        member._take(cf)
+        return member
+
     def cascade_file(self) -> metafile.CascadeFile:
-        """The member's ``.cascade``, parsed (on demand: it holds a second copy of the hashes)."""
-        return parse_cascade(self.cascade, f"the .cascade of {_show(self.path)}")
+        """The member's ``.cascade``, parsed (on demand unless kept: it holds a second copy of the hashes)."""
+        if self._file is not None:
+            return self._file
+        return parse_cascade(self.cascade, functools.partial(_cascade_source, self.path))
+
+
+def _cascade_source(path: str) -> str:
+    return f"the .cascade of {_show(path)}"
+
+
+def _member_cascade(path: str, cascade: bytes) -> metafile.CascadeFile:
+    """The parsed ``.cascade`` of the member at ``path``; raises :class:`CollectionError` naming it."""
+    try:
+        return parse_cascade(cascade, functools.partial(_cascade_source, path))
+    except MetafileError as exc:
+        raise CollectionError(str(exc)) from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,13 +380,15 @@ def serialize_collection(members: Iterable[Member]) -> bytes:
     return b"".join(parts)
 
 
-def parse_collection(data: bytes, source: str = "<bytes>") -> Collection:
+def parse_collection(data: bytes, source: str = "<bytes>", *, keep_files: bool = False) -> Collection:
     """Parse and validate the bytes of a collection file.
 
     Every length field is checked against the limits and against the bytes left
     before anything is sliced; every member path is checked as by
-    :func:`check_member_path` and :func:`find_clash`. Raises :class:`CollectionError`
-    naming ``source``, the member and the fault.
+    :func:`check_member_path` and :func:`find_clash`. With ``keep_files`` each
+    member keeps its parsed ``.cascade`` (:meth:`Member.cascade_file` is then free;
+    the block hashes are held twice): for a caller that needs every member's.
+    Raises :class:`CollectionError` naming ``source``, the member and the fault.
     """
 
     def fail(message: str) -> CollectionError:
@@ -370,6 +414,7 @@ def parse_collection(data: bytes, source: str = "<bytes>") -> Collection:
     members: list[Member] = []
     offset = COLLECTION_HEADER_SIZE
     total = 0
+    folders: set[str] = set()  # folder names found sound (see _path_fault)
     for index in range(count):
         where = f"member {index + 1} of {count}"
         if size - offset < _PATH_LENGTH.size:
@@ -398,8 +443,13 @@ def parse_collection(data: bytes, source: str = "<bytes>") -> Collection:
             )
         if size - offset < cascade_length:
             raise fail(f"{where} {_show(path)}: truncated in its .cascade ({size - offset} of {cascade_length} bytes)")
+        # The checks of Member(path, cascade), the path's first, with the folder names remembered.
+        fault = _path_fault(path, folders)
+        if fault is not None:
+            raise fail(f"{where}: path {_show(path)} {fault}")
+        cascade = bytes(data[offset : offset + cascade_length])
         try:
-            member = Member(path, bytes(data[offset : offset + cascade_length]))  # checks the path first
+            member = Member._checked(path, cascade, _member_cascade(path, cascade), keep_files)
         except CollectionError as exc:
             raise fail(f"{where}: {exc}") from exc
         if members and path <= members[-1].path:

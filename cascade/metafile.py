@@ -89,33 +89,17 @@ class CascadeFile:
         return min(self.block_size, self.data_length - index * self.block_size)
 
 
-def parse_cascade(data: bytes, source: str = "<bytes>") -> CascadeFile:
+def parse_cascade(data: bytes, source: str | Callable[[], str] = "<bytes>") -> CascadeFile:
     """Parse and validate the bytes of a ``.cascade`` file.
 
+    ``source`` names the file in messages, or makes the name when one is needed
+    (a collection parses thousands of members, and a name each costs).
     Raises :class:`MetafileError` naming ``source`` and what is wrong.
     """
-    if len(data) < HEADER_SIZE:
-        raise MetafileError(
-            f"{source}: too short to be a .cascade file ({len(data)} bytes, the header alone is {HEADER_SIZE})"
-        )
-    magic, _reserved, length, block_size, file_hash = _HEADER.unpack_from(data)
-    if magic != MAGIC:
-        raise MetafileError(f"{source}: not a .cascade file (magic is {magic!r}, expected {MAGIC!r})")
-    if block_size == 0:
-        raise MetafileError(f"{source}: block size is 0")
-    if block_size > MAX_BLOCK_SIZE:
-        raise MetafileError(f"{source}: block size {block_size} exceeds the limit of {MAX_BLOCK_SIZE} bytes")
-    if length > MAX_DATA_LENGTH:
-        raise MetafileError(f"{source}: data length {length} exceeds the limit of {MAX_DATA_LENGTH} bytes")
-    count = block_count_for(length, block_size)
-    if count > MAX_BLOCK_COUNT:
-        raise MetafileError(f"{source}: {count} blocks exceed the limit of {MAX_BLOCK_COUNT}")
-    hash_bytes = len(data) - HEADER_SIZE
-    if hash_bytes != count * HASH_SIZE:
-        have = f"{hash_bytes // HASH_SIZE} hashes" if hash_bytes % HASH_SIZE == 0 else f"{hash_bytes} bytes of hashes"
-        raise MetafileError(
-            f"{source}: expected {count} block hashes for {length} bytes in blocks of {block_size}, found {have}"
-        )
+    fields = _header_fields(data)
+    if isinstance(fields, str):
+        raise MetafileError(f"{source if isinstance(source, str) else source()}: {fields}")
+    length, block_size, file_hash = fields
     return CascadeFile(
         data_length=length,
         block_size=block_size,
@@ -123,6 +107,29 @@ def parse_cascade(data: bytes, source: str = "<bytes>") -> CascadeFile:
         block_hashes=bytes(data[HEADER_SIZE:]),
         raw=bytes(data),
     )
+
+
+def _header_fields(data: bytes) -> tuple[int, int, bytes] | str:
+    """(data length, block size, whole-file hash) of a valid ``.cascade``, else what is wrong with it."""
+    if len(data) < HEADER_SIZE:
+        return f"too short to be a .cascade file ({len(data)} bytes, the header alone is {HEADER_SIZE})"
+    magic, _reserved, length, block_size, file_hash = _HEADER.unpack_from(data)
+    if magic != MAGIC:
+        return f"not a .cascade file (magic is {magic!r}, expected {MAGIC!r})"
+    if block_size == 0:
+        return "block size is 0"
+    if block_size > MAX_BLOCK_SIZE:
+        return f"block size {block_size} exceeds the limit of {MAX_BLOCK_SIZE} bytes"
+    if length > MAX_DATA_LENGTH:
+        return f"data length {length} exceeds the limit of {MAX_DATA_LENGTH} bytes"
+    count = block_count_for(length, block_size)
+    if count > MAX_BLOCK_COUNT:
+        return f"{count} blocks exceed the limit of {MAX_BLOCK_COUNT}"
+    hash_bytes = len(data) - HEADER_SIZE
+    if hash_bytes != count * HASH_SIZE:
+        have = f"{hash_bytes // HASH_SIZE} hashes" if hash_bytes % HASH_SIZE == 0 else f"{hash_bytes} bytes of hashes"
+        return f"expected {count} block hashes for {length} bytes in blocks of {block_size}, found {have}"
+    return length, block_size, file_hash
 
 
 def encode_cascade(data_length: int, block_size: int, file_hash: bytes, block_hashes: bytes) -> bytes:

@@ -20,6 +20,10 @@ relative to a descriptor of ``--out``:
   (opened with ``O_NOFOLLOW | O_CREAT``) and, once its whole-file hash
   matched, hard-linked to its final name, which fails if anything is there
   (so no file is ever overwritten), then the ``.part`` is unlinked;
+- a member of one block (verified in memory as it arrives) is written instead as
+  a nameless file in its folder (Linux ``O_TMPFILE``) and given its name by
+  ``linkat``, which fails the same way; where that is not possible, it goes the
+  ``.part`` way;
 - a final name that already holds a file is only accepted when it is already
   complete and verified; anything else there is left alone and that member fails.
 
@@ -72,7 +76,15 @@ from peer.fetcher import Fetcher, FetchPolicy, FetchResult, PeerInfo, Progress
 from peer.localdata import DataCheck, check_data
 from peer.planner import Session, Spans
 from peer.server import BlockServer
-from peer.storage import DiskSignature, MemberStore, PartFolder, PartStore, signature_at, signature_of
+from peer.storage import (
+    DiskSignature,
+    MemberFolder,
+    MemberStore,
+    PartFolder,
+    PartStore,
+    signature_at,
+    signature_of,
+)
 from peer.trackers import TrackerSet
 
 log = logging.getLogger("peer.fetch")
@@ -82,6 +94,14 @@ PARTIAL_DIR = ".cascade-partial"
 LIST_TIMEOUT = 5.0
 
 O_NONBLOCK: int = getattr(os, "O_NONBLOCK", 0)  # opening a FIFO must not wait for a writer
+# Linux: a file with no name in a folder, given one by linkat (see MemberSet._write_direct); 0 elsewhere.
+O_TMPFILE: int = getattr(os, "O_TMPFILE", 0)
+# The folder linkat finds a nameless file in, by its descriptor (procfs): the only way
+# without CAP_DAC_READ_SEARCH.
+_FD_FOLDER = "/proc/self/fd"
+# What open(O_TMPFILE) answers where the kernel or the file system cannot make one: the
+# .part way is used from then on.
+_NO_TMPFILE = frozenset({errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOTSUP})
 _DIR_FLAGS = os.O_RDONLY | O_DIRECTORY | O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
 
@@ -110,7 +130,8 @@ class _Listings:
         # Folder path ('' for --out itself) -> the names it held; None: it could not be listed.
         self._names: dict[str, frozenset[str] | None] = {}
 
-    def _list(self, folder: str) -> frozenset[str] | None:
+    def names(self, folder: str) -> frozenset[str] | None:
+        """The names (folded) folder ``folder`` ('' for the root) held when first listed; None: it could not be."""
         if folder in self._names:
             return self._names[folder]
         names: frozenset[str] | None = None
@@ -131,7 +152,7 @@ class _Listings:
         """True when ``path`` ('/'-separated) is surely not there: a listing on its way lacks a component."""
         parts = path.split("/")
         for i, comp in enumerate(parts):
-            names = self._list("/".join(parts[:i]))
+            names = self.names("/".join(parts[:i]))
             if names is None:
                 return False
             if fold_name(comp) not in names:
@@ -187,6 +208,14 @@ class OutFolder:
 
     def _shown(self, dirs: list[str]) -> Path:
         return self.path / "/".join(dirs)
+
+    def fresh(self) -> bool:
+        """``--out`` held nothing but (maybe) an empty ``.cascade-partial``: no member or ``.part`` to look for.
+
+        As the listings say (taken now if not yet): True only when that is sure.
+        """
+        names = self.listings.names("")
+        return names is not None and names <= {fold_name(PARTIAL_DIR)} and self.partial_names.names("") == frozenset()
 
     def parent_of(self, path: str) -> tuple[int, str]:
         """A descriptor of member ``path``'s folder (created as needed; the caller closes it) and its last component."""
@@ -344,9 +373,21 @@ _DIR_FDS = 16
 PART_FDS = 64
 
 
+# The signature of a member not written yet (no file has it): its store serves no block.
+_UNSEEN: DiskSignature = (0, 0, 0, 0, 0)
+
+
+def _fd_folder() -> int:
+    """A descriptor of ``/proc/self/fd`` (held to name nameless files, see MemberSet._write_direct); -1 without."""
+    try:
+        return os.open(_FD_FOLDER, _DIR_FLAGS)
+    except OSError:
+        return -1
+
+
 def _one_block(cf: CascadeFile) -> bool:
     """A file of one block, whose block hash is its whole-file hash (so checked once, on arrival)."""
-    return cf.block_count == 1 and cf.file_hash == cf.block_hash(0)
+    return cf.block_hashes == cf.file_hash  # 32 bytes of block hashes: one block
 
 
 # The whole-file hash of a member is fed in reads of up to this many bytes
@@ -362,6 +403,14 @@ class _Prefix:
     def __init__(self) -> None:
         self.sha = hashlib.sha256()
         self.next = 0
+
+
+@dataclass(slots=True)  # not frozen: made once per member, and a frozen init costs twice as much
+class _Placed:
+    """A member written and named at once (MemberSet._write_direct): its signature as placed, or why it failed."""
+
+    seen: DiskSignature | None
+    error: str | None = None
 
 
 class _Part:
@@ -384,7 +433,10 @@ class MemberSet:
     LRU (``PART_FDS``): members not being written hold no descriptor. A member whose
     blocks are all verified goes to the finisher thread, which checks its whole-file
     hash (not again for a member of one block: that block's hash is the file's) and
-    gives it its final name (:func:`_place`). Thread-safe.
+    gives it its final name (:func:`_place`). A member of one block with no ``.part``
+    from an earlier run is instead written nameless into its folder and linked to its
+    name at once (:meth:`_write_direct`), where the system allows it and ``nameless``
+    (the ``.part`` way is for other systems, and for tests). Thread-safe.
     """
 
     def __init__(
@@ -393,34 +445,52 @@ class MemberSet:
         jobs: list[_Job],
         started: float,
         on_placed: Callable[[_Job, DiskSignature], None] | None = None,
+        *,
+        nameless: bool = True,
     ) -> None:
         self.out = out
         # Called (from a connection's thread or the finisher) once a member has its final name.
         self.on_placed = on_placed
         self.jobs = jobs
         self.started = started
-        self.spans = Spans(j.cf.block_count for j in jobs)
+        # One pass over the members (a collection has up to a million).
+        n = len(jobs)
+        counts, single, batch = [0] * n, bytearray(n), array("I", bytes(4 * n))
+        total, longest = 0, 1
         for slot, job in enumerate(jobs):
             job.slot = slot
+            cf = job.cf
+            counts[slot] = cf.block_count
+            single[slot] = _one_block(cf)
+            # _batch: see _since below.
+            batch[slot] = max(1, HASH_CHUNK // max(1, cf.block_size))
+            total += cf.data_length
+            longest = max(longest, min(cf.block_size, cf.data_length))
+        self.spans = Spans(counts)
         self.valid = bytearray(self.spans.block_count)
-        self.total_bytes = sum(j.cf.data_length for j in jobs)
+        self.total_bytes = total
         # The longest block (not the block size: a small file's one block is as long as the file).
-        self.max_block_size = max((min(j.cf.block_size, j.cf.data_length) for j in jobs), default=1)
+        self.max_block_size = longest
         # The planner's depth and timeouts follow the mean block length.
         self.block_size = max(1, self.total_bytes // max(1, self.spans.block_count))
         self.verified = 0
         self.verified_bytes = 0
-        n = len(jobs)
-        self._left = array("Q", (j.cf.block_count for j in jobs))
-        self._single = bytes(_one_block(j.cf) for j in jobs)
-        # Members handed to _finish (later notes about them are dropped), and the whole-file
-        # hashes of the members being written, as far as their verified prefix goes.
+        self._left = array("Q", counts)
+        self._single = bytes(single)
+        # The members of one block written straight into their folder, nameless, and given their
+        # name once written (_write_direct): those with no .part from an earlier run, where the
+        # system makes nameless files. The others, and all after a refusal, go the .part way.
+        self._fds = _fd_folder() if nameless and O_TMPFILE and any(self._single) else -1
+        self._direct = bytearray(self._single if self._fds >= 0 else n)
+        # Members handed to _finish or being placed directly (later notes and copies of them are
+        # dropped), and the whole-file hashes of the members being written, as far as their
+        # verified prefix goes.
         self._finished = bytearray(n)
         self._prefix: dict[int, _Prefix] = {}
         # Blocks verified per member since the finisher was last told; it is told every
         # _batch blocks (about HASH_CHUNK), not per block: a hand-off per block costs more than it hashes.
         self._since = array("I", bytes(4 * n))
-        self._batch = array("I", (max(1, HASH_CHUNK // max(1, j.cf.block_size)) for j in jobs))
+        self._batch = batch
         self._features = detect()
         # Per member, what this run downloaded: blocks, bytes and from whom (for --json).
         self.got_blocks = array("Q", bytes(8 * n))
@@ -432,12 +502,16 @@ class MemberSet:
         self._parts: OrderedDict[int, _Part] = OrderedDict()
         self._finish_q: queue.SimpleQueue[int | None] = queue.SimpleQueue()
         self._finisher: threading.Thread | None = None
-        # Where next_to_list goes on from: among all the members left, and among those under way.
+        # Where next_to_list goes on from: among all the members left, and among those under way,
+        # which are these (some blocks verified, some missing: a few at a time, so not found by
+        # looking at every member).
+        self._busy: set[int] = set()
         self._list_next = 0
         self._list_busy = 0
         self._list_busy_turn = False
-        # Per member, the store that serves its .part's verified blocks (see serve_parts).
-        self.stores: list[PartStore | None] = [None] * n
+        # Per member, the store that serves its .part's verified blocks, or its final name once
+        # it has it (see serve_parts).
+        self.stores: list[MemberStore | None] = [None] * n
 
     # --- the connection's view (peer.connection.Members) -----------------------------
 
@@ -468,7 +542,10 @@ class MemberSet:
         """
         self._list_busy_turn = not self._list_busy_turn
         if self._list_busy_turn:
-            m = self._next(self._list_busy, lambda m: 0 < self._left[m] < self.jobs[m].cf.block_count)
+            with self._lock:
+                busy = self._busy
+                later = [m for m in busy if m >= self._list_busy] or busy
+                m = min(later) if later else -1
             if m >= 0:
                 self._list_busy = m + 1
                 return self.jobs[m]
@@ -504,23 +581,34 @@ class MemberSet:
                     self.verified_bytes += cf.block_length(j)
             self.resumed[m] = check.valid_count
             self._left[m] = cf.block_count - check.valid_count
+            if 0 < self._left[m] < cf.block_count:
+                self._busy.add(m)
+            self._direct[m] = 0  # its .part is finished (or removed) as any
             if not self._left[m]:
                 self._finish_q.put(m)
 
-    def serve_parts(self, add: Callable[[PartStore], None]) -> None:
+    def serve_parts(self, add: Callable[[MemberStore], None], final: MemberFolder | None = None) -> None:
         """Give every member left a :class:`PartStore` over its ``.part`` (its verified blocks so far) to ``add``.
 
         Called once, before the download starts: from then on a block is served as soon as
         it is written and verified. A member not started yet is answered "not present"
         (status 2, the connection stays open) rather than "unknown hash" (status 1, closed),
         as a single file's ``.part`` is; and the server holds no more stores than it will
-        once every member has its name.
+        once every member has its name. A member to be written nameless (it never has a
+        ``.part``) gets, with ``final`` (``--out``), the :class:`MemberStore` of its final
+        name instead, with no block until :meth:`MemberStore.placed` (not a new store then).
         """
         folder = PartFolder(self.out.partial_fd, self.out.path / PARTIAL_DIR)
+        starts, valid, direct, stores = self.spans.starts, self.valid, self._direct, self.stores
         for m, job in enumerate(self.jobs):
-            base = self.spans.starts[m]
-            valid = bytearray(self.valid[base : base + job.cf.block_count])
-            store = self.stores[m] = PartStore(job.cf, valid, folder, _part_name(job))
+            cf = job.cf
+            store: MemberStore
+            if direct[m] and final is not None:
+                store = MemberStore(cf, bytearray(cf.block_count), final, job.member.path, verified=_UNSEEN)
+            else:
+                base = starts[m]
+                store = PartStore(cf, bytearray(valid[base : base + cf.block_count]), folder, _part_name(job))
+            stores[m] = store
             add(store)
 
     # --- writing -------------------------------------------------------------------------
@@ -540,6 +628,17 @@ class MemberSet:
         start = j * HASH_SIZE
         if hashlib.sha256(body).digest() != cf.block_hashes[start : start + HASH_SIZE]:
             raise BlockHashMismatch(f"block {j} of {job.member.path} does not match its SHA-256")
+        if self._single[m]:
+            # Its one block is written once: a copy that comes meanwhile is a duplicate, whichever
+            # way each would go (the nameless way can be given up for all while a copy is on it).
+            with self._lock:
+                if self._finished[m]:
+                    return False  # another copy is being placed, or was
+                self._finished[m] = 1
+            if self._direct[m]:
+                placed = self._write_direct(job, body)
+                if placed is not None:
+                    return self._written(m, i, j, len(body), source, placed)
         part = self._pin(m)
         if part is None:
             return False  # the member is whole already (a late copy)
@@ -552,29 +651,45 @@ class MemberSet:
             raise from_os_error(exc, self._shown(job), f"write block {j}") from exc
         finally:
             self._unpin(part)
+        return self._written(m, i, j, len(body), source, None)
+
+    def _written(self, m: int, i: int, j: int, n: int, source: str, placed: _Placed | None) -> bool:
+        """Block ``i`` (block ``j`` of member ``m``, ``n`` bytes from ``source``) is verified and written: count it.
+
+        ``placed``: the member got its name already (see _write_direct). False when a copy was counted first.
+        """
         with self._lock:
             if self.valid[i]:
                 return False
             self.valid[i] = 1
-            store = self.stores[m]
-            if store is not None:
-                store.mark(j)  # its bytes are written and hash-checked: served from now on
+            if placed is None:
+                store = self.stores[m]
+                if isinstance(store, PartStore):
+                    store.mark(j)  # its bytes are written and hash-checked: served from now on
             self.verified += 1
-            n = len(body)
             self.verified_bytes += n
             self.got_blocks[m] += 1
             self.got_bytes[m] += n
-            by = self.sources.setdefault(m, {})
-            by[source] = by.get(source, 0) + 1
+            by = self.sources.get(m)
+            if by is None:
+                self.sources[m] = {source: 1}
+            else:
+                by[source] = by.get(source, 0) + 1
             self._left[m] -= 1
             whole = not self._left[m]
+            if whole:
+                self._busy.discard(m)
+            else:
+                self._busy.add(m)
             note = False
             if not whole:
                 self._since[m] += 1
                 if self._since[m] >= self._batch[m]:
                     self._since[m] = 0
                     note = True
-        if note:
+        if placed is not None:
+            self._placed(m, placed)
+        elif note:
             self._finish_q.put(m)
         elif whole:
             if self._single[m]:
@@ -583,6 +698,68 @@ class MemberSet:
             else:
                 self._finish_q.put(m)
         return True
+
+    def _write_direct(self, job: _Job, body: memoryview) -> _Placed | None:
+        """Write a verified one-block member as a nameless file in its folder and give it its name.
+
+        The file is made with ``O_TMPFILE`` in the member's folder (opened as by
+        :func:`_place`, no symlink followed) and named with ``linkat`` from
+        ``/proc/self/fd``, which fails if anything has the name (it is never
+        replaced). A SIGKILL before the link leaves nothing behind, no name holds
+        an unverified or partial byte, and the ``.part`` way's create, link and
+        unlink become one create and one link. ``None``: the system cannot make
+        or name such a file here (then no member goes this way again) or this
+        one could not be made: the caller takes the ``.part`` way. Raises
+        :class:`DataError` when the write fails (a full disk), as that way does.
+        """
+        out, path = self.out, job.member.path
+        try:
+            parent, name = out.parent_of(path)
+        except CascadeError as exc:
+            return _Placed(None, str(exc))
+        try:
+            try:
+                fd = os.open(".", O_TMPFILE | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0), 0o644, dir_fd=parent)
+            except OSError as exc:
+                if exc.errno in _NO_TMPFILE:
+                    log.debug("%s: no nameless files here (%s): members go through .part files", out.path, exc)
+                    self._direct[:] = bytes(len(self._direct))
+                return None
+            try:
+                try:
+                    offset = os.pwrite(fd, body, 0)  # one block: all of it, but for a short write
+                    while offset < len(body):
+                        offset += os.pwrite(fd, body[offset:], offset)
+                except OSError as exc:
+                    raise from_os_error(exc, out.path / path, "write the downloaded file") from exc
+                try:
+                    os.link(str(fd), name, src_dir_fd=self._fds, dst_dir_fd=parent, follow_symlinks=True)
+                except FileExistsError:
+                    return _Placed(None, f"{out.path / path}: appeared while it downloaded; not touching it")
+                except OSError as exc:
+                    # No way to name it here (a sandbox without procfs links, say): the .part
+                    # way's own link says what is wrong, if anything is.
+                    log.debug("%s: cannot name a nameless file (%s): members go through .part files", out.path, exc)
+                    self._direct[:] = bytes(len(self._direct))
+                    return None
+                try:
+                    return _Placed(signature_of(os.fstat(fd)))  # linked: its ctime moved already
+                except OSError:
+                    return _Placed(None)
+            finally:
+                os.close(fd)
+        finally:
+            os.close(parent)
+
+    def _placed(self, m: int, placed: _Placed) -> None:
+        """Member ``m`` went the direct way: it has its name (or its job an error)."""
+        job = self.jobs[m]
+        if placed.error is not None:
+            job.error = placed.error
+            return
+        self.done_at[m] = time.monotonic()
+        if self.on_placed is not None and placed.seen is not None:
+            self.on_placed(job, placed.seen)
 
     def _shown(self, job: _Job) -> Path:
         """The ``.part`` of ``job`` as shown in messages."""
@@ -630,6 +807,10 @@ class MemberSet:
     def close(self) -> None:
         """Close every ``.part`` still open (the fetch ended); one being written is closed by its writer."""
         with self._lock:
+            if self._fds >= 0:
+                os.close(self._fds)
+                self._fds = -1
+                self._direct[:] = bytes(len(self._direct))
             for part in self._parts.values():
                 if part.pins:
                     part.closing = True
@@ -912,12 +1093,16 @@ def fetch_collection(
         """Serve a member that has its final name, in place of its ``.part``."""
         path = job.member.path
         seen = seen if seen is not None else held.look(path)
-        if seen is not None:
-            full = bytearray(b"\x01") * job.cf.block_count
-            server.add_store(MemberStore(job.cf, full, held, path, verified=seen))
-            part = members.stores[job.slot] if members is not None and job.slot >= 0 else None
-            if part is not None:  # replaced: its descriptor (the same inode) is not kept for it
-                server.open_files.forget(part)
+        if seen is None:
+            return
+        part = members.stores[job.slot] if members is not None and job.slot >= 0 else None
+        if part is not None and not isinstance(part, PartStore):
+            part.placed(seen)  # served under its final name already, with no block until now
+            return
+        full = bytearray(b"\x01") * job.cf.block_count
+        server.add_store(MemberStore(job.cf, full, held, path, verified=seen))
+        if part is not None:  # replaced: its descriptor (the same inode) is not kept for it
+            server.open_files.forget(part)
 
     started = time.monotonic()
     jobs = [_Job(i, m, m.cascade_file()) for i, m in enumerate(coll.members)]
@@ -928,9 +1113,10 @@ def fetch_collection(
     try:
         todo: list[_Job] = []
         parts: list[DataCheck | None] = []
+        fresh = out.fresh()
         for job in jobs:
             try:
-                seen = _final_state(out, job)
+                seen = None if fresh else _final_state(out, job)
                 if seen is not None:
                     job.already = True
                     bar.add(job.cf.data_length)
@@ -939,13 +1125,13 @@ def fetch_collection(
                     _empty(out, job)
                     serve(job)
                 else:
-                    parts.append(_check_part(out, job))
+                    parts.append(None if fresh else _check_part(out, job))
                     todo.append(job)
             except CascadeError as exc:
                 job.error = str(exc)
         members = MemberSet(out, todo, started, on_placed=serve)
         members.resume({m: check for m, check in enumerate(parts) if check is not None})
-        members.serve_parts(server.add_store)
+        members.serve_parts(server.add_store, held)
         if todo and not stop_event.is_set():
             error = _download(members, trackers, my_ip, port, policy, stop_event, bar)
         members.drain()

@@ -63,10 +63,12 @@ _DIR_FLAGS = os.O_RDONLY | O_DIRECTORY | O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0
 _FILE_FLAGS = os.O_RDONLY | O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
-def read_metafile(path: str | os.PathLike[str]) -> CascadeFile | Collection:
+def read_metafile(path: str | os.PathLike[str], *, keep_files: bool = False) -> CascadeFile | Collection:
     """Read a ``.cascade`` or a collection file, told apart by its magic (never by its name).
 
-    Raises :class:`MetafileError` (:class:`CollectionError` for a bad collection).
+    ``keep_files``: a collection's members keep their parsed ``.cascade`` (see
+    :func:`cascade.collection.parse_collection`). Raises :class:`MetafileError`
+    (:class:`CollectionError` for a bad collection).
     """
     p = Path(path)
 
@@ -75,7 +77,7 @@ def read_metafile(path: str | os.PathLike[str]) -> CascadeFile | Collection:
 
     data = read_metafile_bytes(p, limit, ".cascade or collection")
     if looks_like_collection(data):
-        return parse_collection(data, str(p))
+        return parse_collection(data, str(p), keep_files=keep_files)
     return parse_cascade(data, str(p))
 
 

@@ -107,7 +107,8 @@ def _fetch(args: argparse.Namespace, stop: StopSignal) -> int:
             raise UsageError(f"--timeout must be positive, not {args.timeout:g}")
         download_rate = parse_rate(args.max_download_rate, "--max-download-rate")
         upload_rate = parse_rate(args.max_upload_rate, "--max-upload-rate")
-        read = read_metafile(cascade_file)
+        # A collection's members are all fetched: each one's .cascade is parsed once, not again.
+        read = read_metafile(cascade_file, keep_files=True)
         out = Path(args.out) if args.out else default_data_path(cascade_file)
         if isinstance(read, Collection):
             return _fetch_collection(args, stop, read, out, trackers, host, port, my_ip, download_rate, upload_rate)

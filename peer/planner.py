@@ -82,6 +82,11 @@ QUEUE_TTL = 0.25
 # A rate is measured over windows of at least this many seconds (arbitrary: long
 # enough to span several responses, short enough to follow a change).
 RATE_WINDOW = 0.1
+# Until its rate is measured, a connection keeps this many bytes of requests in flight
+# (at least 4 requests): four blocks of the default 256 KiB, as before, but 128 requests
+# (max_depth) rather than 4 for a collection of 4 KiB files, whose first RATE_WINDOW
+# otherwise waits on round trips. Arbitrary, like max_depth.
+START_INFLIGHT = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -731,7 +736,7 @@ class Planner:
     def depth(self, session: Session) -> int:
         """Requests to keep in flight on ``session``: target_latency of data at its rate."""
         if session.rate <= 0:
-            return min(4, self.max_depth)
+            return min(max(4, START_INFLIGHT // self.block_size), self.max_depth)
         d = int(session.rate * self.policy.target_latency / self.block_size) + 1
         return max(2, min(self.max_depth, d))
 

@@ -398,6 +398,16 @@ class MemberStore(VerifiedBlocks):
             raise NotAsVerified(f"{self.path}: changed since it was verified")
         return fd
 
+    def placed(self, seen: DiskSignature) -> None:
+        """The member was just written whole and verified, and ``seen`` is its file's signature: serve it all.
+
+        For a member a fetch registered before downloading it (no block, no signature yet).
+        """
+        with self._lock:
+            self.verified = seen  # before any block shows: open() checks against it
+            self.valid[:] = b"\x01" * len(self.valid)
+            self._count = len(self.valid)
+
     def as_verified(self) -> bool:
         """False when :meth:`open` refuses the file as not the one verified."""
         try:

@@ -27,6 +27,7 @@ from cascade.collection import (
     check_tree,
     collection_hash,
     find_clash,
+    fold_name,
     looks_like_collection,
     member_size,
     normalise_member_path,
@@ -531,3 +532,36 @@ def test_fuzz_structured_members(data: st.DataObject) -> None:
     c = parse_or_refuse(reference_collection(entries, count=count))
     if c is not None:
         assert [m.path.encode() for m in c.members] == paths
+
+
+def test_fold_name_of_ascii_is_the_unicode_fold() -> None:
+    # fold_name takes a short cut for ASCII: it must agree with the full fold on every character.
+    def full(name: str) -> str:
+        return unicodedata.normalize("NFD", unicodedata.normalize("NFD", name).casefold())
+
+    for name in ["".join(chr(c) for c in range(128)), "README.TXT", "Part-000", "a~1.B"]:
+        assert fold_name(name) == full(name)
+    assert find_clash(["Docs/A.txt", "docs/a.TXT"]) == Clash("Docs/A.txt", "docs/a.TXT", directory=False)
+    assert find_clash(["docs", "DOCS/\u00e9"]) == Clash("docs", "DOCS/\u00e9", directory=True)
+
+
+def test_a_faulty_file_name_under_a_folder_already_checked_is_refused() -> None:
+    # parse_collection checks each folder name once; the file names under it are checked every time.
+    raw = reference_collection([(b"d/x", HELLO), (b"d/x/CON", HELLO)])
+    with pytest.raises(CollectionError, match=r"member 2 of 2: path 'd/x/CON' has the component 'CON'"):
+        parse_collection(raw)
+    raw = reference_collection([(b"d/a", HELLO), (b"d/b.", HELLO)])
+    with pytest.raises(CollectionError, match=r"member 2 of 2: path 'd/b\.' has the component 'b\.'"):
+        parse_collection(raw)
+    raw = reference_collection([(b"d/a", HELLO), (b"d/b", HELLO[:-1])])
+    with pytest.raises(CollectionError, match=r"member 2 of 2: the \.cascade of 'd/b': expected 2 block hashes"):
+        parse_collection(raw)
+
+
+def test_kept_files_are_the_parsed_cascades_and_change_no_member() -> None:
+    kept, plain = parse_collection(SMALL, keep_files=True), parse_collection(SMALL)
+    assert kept == plain and kept.members == plain.members
+    for k, p in zip(kept.members, plain.members, strict=True):
+        assert k.cascade_file() is k.cascade_file()  # kept: not parsed again
+        assert k.cascade_file() == p.cascade_file() and k.cascade_file().raw == p.cascade
+        assert repr(k) == repr(p)

@@ -22,10 +22,10 @@ from cascade.errors import CascadeError
 from cascade.wire import BlockStatus
 from peer import collection_fetch
 from peer.collection_fetch import PARTIAL_DIR, CollectionFetcher, MemberSet, OutFolder, _Job
-from peer.collection_local import create_collection, walk_tree
+from peer.collection_local import HeldFolder, create_collection, walk_tree
 from peer.fetcher import FetchPolicy, PeerInfo
 from peer.server import BlockServer
-from peer.storage import BlockStore
+from peer.storage import BlockStore, MemberStore
 from tests.doubles import LoopbackServer
 from tests.hostile import PROTOCOL_BREAKERS, HostileServer
 from tests.test_peer_server import read_response, req
@@ -213,11 +213,11 @@ def _ask(sock: socket.socket, job: _Job, j: int) -> tuple[int, bytes]:
 
 
 @contextlib.contextmanager
-def member_set(out_path: Path, coll: Collection) -> Iterator[tuple[MemberSet, list[_Job]]]:
+def member_set(out_path: Path, coll: Collection, nameless: bool = True) -> Iterator[tuple[MemberSet, list[_Job]]]:
     """A :class:`MemberSet` over every member of ``coll`` into ``out_path``; finished and closed afterwards."""
     out = OutFolder(out_path)
     jobs = [_Job(i, m, m.cascade_file()) for i, m in enumerate(coll.members)]
-    members = MemberSet(out, jobs, time.monotonic())
+    members = MemberSet(out, jobs, time.monotonic(), nameless=nameless)
     try:
         yield members, jobs
     finally:
@@ -275,3 +275,128 @@ def test_the_members_under_way_are_listed_every_other_time(tmp_path: Path) -> No
         # part of stays listed, and every member with blocks missing still has its turn.
         assert listed[::2] == [busy] * 4
         assert {id(j) for j in listed} == {id(j) for j in jobs}
+
+
+def nameless_here(folder: Path) -> bool:
+    """Whether ``folder`` takes nameless files (Linux O_TMPFILE, a file system with them) and procfs names them."""
+    if not collection_fetch.O_TMPFILE or not os.path.isdir("/proc/self/fd"):
+        return False
+    try:
+        os.close(os.open(folder, collection_fetch.O_TMPFILE | os.O_WRONLY, 0o600))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("nameless", [True, False], ids=["nameless", "part-files"])
+def test_one_block_members_get_their_names_and_never_take_one_that_appeared(tmp_path: Path, nameless: bool) -> None:
+    src = tmp_path / "src"
+    files, coll = make_tree(src, small=6, big=0)
+    out = tmp_path / "out"
+    outside = tmp_path / "outside.txt"
+    outside.write_bytes(b"not yours")
+    with member_set(out, coll, nameless=nameless) as (members, jobs):
+        taken, linked = jobs[1], jobs[2]
+        # Names that appear after the fetch looked (a file, and a symlink out of --out).
+        (out / taken.member.path).parent.mkdir(parents=True, exist_ok=True)
+        (out / taken.member.path).write_bytes(b"someone else's")
+        (out / linked.member.path).parent.mkdir(parents=True, exist_ok=True)
+        (out / linked.member.path).symlink_to(outside)
+        for job in jobs:
+            i = members.spans.starts[job.slot]
+            assert members.write(i, _block_of(src, job, 0), "test")
+            assert not members.write(i, _block_of(src, job, 0), "test")  # a late copy is a duplicate
+        members.drain()
+        # Written nameless where the system allows it (it does on Linux), else by .part files.
+        assert bool(members._direct[jobs[0].slot]) == (nameless and nameless_here(out))
+    for job in (taken, linked):
+        assert job.error is not None and "appeared while it downloaded; not touching it" in job.error
+    assert (out / taken.member.path).read_bytes() == b"someone else's"
+    assert (out / linked.member.path).is_symlink() and outside.read_bytes() == b"not yours"
+    placed = {p: data for p, data in files.items() if p not in (taken.member.path, linked.member.path)}
+    assert {p: data for p, data in got(out).items() if p in placed} == placed
+    for rel in placed:
+        assert (out / rel).stat().st_nlink == 1
+    left = sorted(p.name for p in (out / PARTIAL_DIR).iterdir())
+    # The .part way keeps what it could not name, for a rerun; a nameless file leaves nothing.
+    assert len(left) == (0 if nameless and nameless_here(out) else 2)
+
+
+def test_a_one_block_member_with_a_part_from_an_earlier_run_is_finished_from_it(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    files, coll = make_tree(src, small=3, big=0)
+    out = tmp_path / "out"
+    with member_set(out, coll) as (members, jobs):
+        stale = jobs[0]
+        (out / PARTIAL_DIR / collection_fetch._part_name(stale)).write_bytes(bytes(SIZE))  # killed before its write
+        check = collection_fetch._check_part(members.out, stale)
+        assert check is not None and check.valid_count == 0
+        members.resume({stale.slot: check})
+        for job in jobs:
+            assert members.write(members.spans.starts[job.slot], _block_of(src, job, 0), "test")
+        members.drain()
+        assert all(members.result(j.slot).complete for j in jobs)
+    assert got(out) == files
+    assert not any((out / PARTIAL_DIR).iterdir())
+
+
+def test_a_nameless_member_is_served_from_its_final_name_once_it_has_it(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    files, coll = make_tree(src, small=3, big=0)
+    out = tmp_path / "out"
+    server = BlockServer("127.0.0.1", 0)
+    server.start(listen=False)
+    ours, theirs = socket.socketpair()
+    ours.settimeout(10.0)
+    final = None
+    try:
+        with member_set(out, coll) as (members, jobs):
+            final = HeldFolder(out)
+            placed: list[str] = []
+
+            def on_placed(job: _Job, seen: tuple[int, int, int, int, int]) -> None:
+                store = members.stores[job.slot]
+                assert store is not None
+                store.placed(seen)
+                placed.append(job.member.path)
+
+            members.on_placed = on_placed
+            members.serve_parts(server.add_store, final)
+            server.serve_connection(theirs, "127.0.0.1")
+            first = jobs[0]
+            assert _ask(ours, first, 0)[0] == BlockStatus.NOT_PRESENT  # not downloaded: the connection stays
+            assert members.write(members.spans.starts[first.slot], _block_of(src, first, 0), "test")
+            assert placed == [first.member.path]
+            assert _ask(ours, first, 0) == (BlockStatus.OK, files[first.member.path])
+            # Opened as any member is: checked against the signature it was placed with.
+            store = members.stores[first.slot]
+            assert isinstance(store, MemberStore) and store.as_verified()
+            os.utime(out / first.member.path, ns=(0, 0))
+            assert not store.as_verified()
+    finally:
+        ours.close()
+        server.stop()
+        if final is not None:
+            final.close()
+
+
+def test_where_nameless_files_cannot_be_named_every_member_goes_the_part_way(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    files, coll = make_tree(src, small=4, big=0)
+    out = tmp_path / "out"
+    if not nameless_here(tmp_path):
+        pytest.skip("no nameless files here: the .part way is all there is")
+    empty = tmp_path / "no-procfs"
+    empty.mkdir()
+    with member_set(out, coll) as (members, jobs):
+        # As in a sandbox whose procfs does not name descriptors: linkat finds nothing there.
+        os.close(members._fds)
+        members._fds = os.open(empty, os.O_RDONLY)
+        for job in jobs:
+            assert members.write(members.spans.starts[job.slot], _block_of(src, job, 0), "test")
+        members.drain()
+        assert not any(members._direct)  # given up for every member after the first refusal
+        assert all(members.result(j.slot).complete for j in jobs)
+    assert got(out) == files
+    assert not any((out / PARTIAL_DIR).iterdir())
+    assert not any(empty.iterdir())

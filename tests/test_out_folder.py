@@ -89,3 +89,25 @@ def test_member_folders_are_kept_open_and_closed_at_the_end(tmp_path: Path) -> N
         os.close(out.partial_fd)
         os.close(out.fd)
     assert (tmp_path / "out" / PARTIAL_DIR).is_dir()
+
+
+@pytest.mark.parametrize(
+    "before",
+    ["", "a-file", "a-folder/", f"{PARTIAL_DIR}/0-0123456789abcdef.part", "Upper.BIN", ".hidden"],
+)
+def test_only_an_out_with_nothing_in_it_is_fresh(tmp_path: Path, before: str) -> None:
+    # A fresh --out skips looking for every member's name and .part; anything there makes it look.
+    root = tmp_path / "out"
+    if before:
+        where = root / before
+        where.parent.mkdir(parents=True, exist_ok=True)
+        if before.endswith("/"):
+            where.mkdir()
+        else:
+            where.write_bytes(b"x")
+    out = OutFolder(root)
+    try:
+        assert out.fresh() == (before == "")
+    finally:
+        os.close(out.partial_fd)
+        os.close(out.fd)

@@ -239,3 +239,22 @@ def test_peer_backoff_is_jittered_by_the_planners_seeded_random() -> None:
     for got, plain in zip(delays, (0.2, 0.4, 0.8, 10.0), strict=True):
         assert 0.8 * plain <= got <= 1.2 * plain
     assert backoff.delay(3) == pytest.approx(0.8)  # no random given: no jitter
+
+
+@pytest.mark.parametrize(
+    ("block_size", "max_depth", "depth"),
+    [(256 << 10, 32, 4), (1 << 20, 32, 4), (64 << 10, 32, 16), (BS, 32, 32), (BS, 128, 128), (BS, 2, 2)],
+)
+def test_before_its_rate_is_known_a_connection_keeps_a_megabyte_of_requests_in_flight(
+    block_size: int, max_depth: int, depth: int
+) -> None:
+    # Four requests of the default 256 KiB block; of 4 KiB files' blocks, as many as max_depth allows
+    # (4 would leave a collection of small files waiting on round trips for its first RATE_WINDOW).
+    p = Planner(
+        bytearray(64), block_size, FetchPolicy(), random.Random(1), max_sessions=2, max_depth=max_depth, start=T0
+    )
+    p.begin(T0)
+    s = session(p, 1)
+    assert s.rate == 0 and p.depth(s) == depth
+    s.rate = 1e6  # measured: target_latency of data at that rate, as before
+    assert p.depth(s) == max(2, min(max_depth, int(1e6 * FetchPolicy().target_latency / block_size) + 1))
