@@ -113,15 +113,16 @@ def _nfc(text: str) -> str:
     return unicodedata.normalize("NFC", text)
 
 
-def check_member_path(path: str) -> str:
+def check_member_path(path: str, folders: set[str] | None = None) -> str:
     """Return ``path`` unchanged if it is a safe member path, else raise :class:`CollectionError`.
 
     Safe means: '/'-separated, relative, in Unicode NFC, at most ``MAX_PATH_BYTES``
     bytes of UTF-8 and ``MAX_DEPTH`` components, each component at most
     ``MAX_COMPONENT_BYTES`` bytes, not empty, ``.`` or ``..``, and a valid name on
-    Linux, Windows and macOS. The message names the path, escaped.
+    Linux, Windows and macOS. The message names the path, escaped. ``folders``: folder
+    names already found sound, not checked again (see :func:`_path_fault`).
     """
-    fault = _path_fault(path)
+    fault = _path_fault(path, folders)
     if fault is not None:
         raise CollectionError(f"path {_show(path)} {fault}")
     return path
@@ -443,12 +444,10 @@ def parse_collection(data: bytes, source: str = "<bytes>", *, keep_files: bool =
             )
         if size - offset < cascade_length:
             raise fail(f"{where} {_show(path)}: truncated in its .cascade ({size - offset} of {cascade_length} bytes)")
-        # The checks of Member(path, cascade), the path's first, with the folder names remembered.
-        fault = _path_fault(path, folders)
-        if fault is not None:
-            raise fail(f"{where}: path {_show(path)} {fault}")
         cascade = bytes(data[offset : offset + cascade_length])
         try:
+            # The checks of Member(path, cascade), the path's first, with the folder names remembered.
+            check_member_path(path, folders)
             member = Member._checked(path, cascade, _member_cascade(path, cascade), keep_files)
         except CollectionError as exc:
             raise fail(f"{where}: {exc}") from exc
