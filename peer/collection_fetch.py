@@ -77,6 +77,7 @@ from peer.localdata import DataCheck, check_data
 from peer.planner import Session, Spans
 from peer.server import BlockServer
 from peer.storage import (
+    UNSEEN,
     DiskSignature,
     MemberFolder,
     MemberStore,
@@ -373,10 +374,6 @@ _DIR_FDS = 16
 PART_FDS = 64
 
 
-# The signature of a member not written yet (no file has it): its store serves no block.
-_UNSEEN: DiskSignature = (0, 0, 0, 0, 0)
-
-
 def _fd_folder() -> int:
     """A descriptor of ``/proc/self/fd`` (held to name nameless files, see MemberSet._write_direct); -1 without."""
     try:
@@ -604,7 +601,7 @@ class MemberSet:
             cf = job.cf
             store: MemberStore
             if direct[m] and final is not None:
-                store = MemberStore(cf, bytearray(cf.block_count), final, job.member.path, verified=_UNSEEN)
+                store = MemberStore(cf, bytearray(cf.block_count), final, job.member.path, verified=UNSEEN)
             else:
                 base = starts[m]
                 store = PartStore(cf, bytearray(valid[base : base + cf.block_count]), folder, _part_name(job))
@@ -723,7 +720,7 @@ class MemberSet:
             except OSError as exc:
                 if exc.errno in _NO_TMPFILE:
                     log.debug("%s: no nameless files here (%s): members go through .part files", out.path, exc)
-                    self._direct[:] = bytes(len(self._direct))
+                    self._no_nameless()
                 return None
             try:
                 try:
@@ -740,7 +737,7 @@ class MemberSet:
                     # No way to name it here (a sandbox without procfs links, say): the .part
                     # way's own link says what is wrong, if anything is.
                     log.debug("%s: cannot name a nameless file (%s): members go through .part files", out.path, exc)
-                    self._direct[:] = bytes(len(self._direct))
+                    self._no_nameless()
                     return None
                 try:
                     return _Placed(signature_of(os.fstat(fd)))  # linked: its ctime moved already
@@ -750,6 +747,10 @@ class MemberSet:
                 os.close(fd)
         finally:
             os.close(parent)
+
+    def _no_nameless(self) -> None:
+        """From now on every member goes the ``.part`` way (no nameless file can be made or named)."""
+        self._direct[:] = bytes(len(self._direct))
 
     def _placed(self, m: int, placed: _Placed) -> None:
         """Member ``m`` went the direct way: it has its name (or its job an error)."""
@@ -810,7 +811,7 @@ class MemberSet:
             if self._fds >= 0:
                 os.close(self._fds)
                 self._fds = -1
-                self._direct[:] = bytes(len(self._direct))
+                self._no_nameless()
             for part in self._parts.values():
                 if part.pins:
                     part.closing = True

@@ -508,7 +508,7 @@ class PartStore(MemberStore):
     __slots__ = ()
 
     def __init__(self, cf: CascadeFile, valid: bytearray, folder: PartFolder, name: str) -> None:
-        super().__init__(cf, valid, folder, name, verified=(0, 0, 0, 0, 0))
+        super().__init__(cf, valid, folder, name, verified=UNSEEN)
         # Being written: never super-seeded from (peer.server offers only from read-only complete files).
         self.writable = True
 
@@ -551,6 +551,9 @@ _GONE_ERRNOS = frozenset({errno.ENOENT, errno.ELOOP, errno.EMLINK, errno.ENOTDIR
 # (device, inode, size, mtime, ctime) of a data file's path: a changed inode is
 # a replaced file, a changed size or time an edit; ctime also moves on chmod.
 DiskSignature = tuple[int, int, int, int, int]
+# The signature of a file not written yet (no file has it): a store verified against it
+# serves nothing until it is given the real one.
+UNSEEN: DiskSignature = (0, 0, 0, 0, 0)
 
 
 def disk_signature(path: Path, follow_symlinks: bool = True) -> DiskSignature | None:
