@@ -76,10 +76,19 @@ class Scenario:
     title: str
     seeder_mbit: float
     fetcher_mbit: tuple[float, ...]
+    fetcher_delay: tuple[float, ...] = ()  # seconds after the others each fetcher starts (late joiners); () = all at 0
 
     @property
     def n(self) -> int:
         return len(self.fetcher_mbit)
+
+    @property
+    def slug(self) -> str:
+        """The name as a file name part."""
+        return self.name.replace("/", "_")
+
+    def delay(self, i: int) -> float:
+        return self.fetcher_delay[i] if self.fetcher_delay else 0.0
 
     def t_min(self, size: int) -> float:
         """The physical bound: the seeder must send F once; all N copies need N*F of upload in total."""
@@ -101,6 +110,43 @@ SCENARIOS = {
     )
 }
 TOOLS = ("cascade", "libtorrent", "http")
+SPEC = re.compile(r"(\d+(?:\.\d+)?)/(.+)")
+GROUP = re.compile(r"(\d+)x(\d+(?:\.\d+)?)(?:@(\d+(?:\.\d+)?))?")
+MAX_FETCHERS = 64  # namespaces and processes on one machine; far beyond what 2 cores run meaningfully
+
+
+def parse_scenario(text: str) -> Scenario:
+    """A named scenario, or ``SEEDER/NxMBIT[@DELAY]+...`` (e.g. ``100/8x10``, ``40/7x40+1x40@8``).
+
+    Raises UsageError for anything else. ``@DELAY`` starts that group's fetchers DELAY seconds
+    after the others (late joiners); T_min does not count the delay.
+    """
+    from cascade.errors import UsageError
+
+    if text in SCENARIOS:
+        return SCENARIOS[text]
+    m = SPEC.fullmatch(text)
+    groups = [GROUP.fullmatch(g) for g in m.group(2).split("+")] if m else []
+    if not m or not groups or not all(groups):
+        raise UsageError(
+            f"--scenario {text!r}: expected one of {', '.join(SCENARIOS)} or SEEDER/NxMBIT[@DELAY]+... (e.g. 100/8x10)"
+        )
+    rates: list[float] = []
+    delays: list[float] = []
+    for g in groups:
+        assert g is not None
+        count, mbit, delay = int(g.group(1)), float(g.group(2)), float(g.group(3) or 0)
+        if count < 1 or mbit <= 0:
+            raise UsageError(f"--scenario {text!r}: every group needs at least one fetcher and a rate above 0")
+        rates += [mbit] * count
+        delays += [delay] * count
+    seeder = float(m.group(1))
+    if seeder <= 0 or len(rates) > MAX_FETCHERS:
+        raise UsageError(f"--scenario {text!r}: the seeder's rate must be above 0 and at most {MAX_FETCHERS} fetchers")
+    late = f", late joiners at {sorted(set(d for d in delays if d))} s" if any(delays) else ""
+    parts = " + ".join(f"{g.group(1)} at {g.group(2)}" for g in groups if g)
+    title = f"seeder {seeder:g} Mbit/s, fetchers {parts}{late}"
+    return Scenario(text, title, seeder, tuple(rates), tuple(delays) if any(delays) else ())
 
 
 @dataclass
@@ -237,7 +283,7 @@ class Wan:
         """One run of ``tool``; a failure or timeout is recorded in the result, not raised."""
         assert self.lab is not None
         lab = self.lab
-        g = self.group = Group(self._logdir(f"{sc.name}-{tool}-run{rep}"))
+        g = self.group = Group(self._logdir(f"{sc.slug}-{tool}-run{rep}"))
         seed = lab.host("seed")
         fetchers = [lab.host(f"f{i}") for i in range(sc.n)]
         shaped = [h for h in lab.hosts if h.mbit is not None]
@@ -258,11 +304,15 @@ class Wan:
             sampler.start()
             run.t0 = time.time()
             t0_perf = time.perf_counter()
-            children = start()
-            deadline = time.monotonic() + bound + 10.0  # + start-up of N processes on a busy machine
+            children: list[Child | None] = [start(i) if sc.delay(i) <= 0 else None for i in range(sc.n)]
+            last = max((sc.delay(i) for i in range(sc.n)), default=0.0)
+            deadline = time.monotonic() + bound + last + 10.0  # + start-up of N processes on a busy machine
             while None in run.finish and time.monotonic() < deadline:
                 for i, c in enumerate(children):
-                    if run.finish[i] is None:
+                    if c is None:
+                        if time.perf_counter() - t0_perf >= sc.delay(i):
+                            children[i] = start(i)  # a late joiner
+                    elif run.finish[i] is None:
                         run.finish[i] = done_at(c, run.t0, t0_perf)
                 time.sleep(POLL)
             after = {h.name: lab.sent_bytes(h) for h in shaped}
@@ -271,7 +321,7 @@ class Wan:
             run.samples = sampler.samples
             missing = sum(f is None for f in run.finish)
             if missing:
-                raise BenchError(f"timeout: {missing} of {sc.n} fetchers not done after {bound + 10:.0f} s")
+                raise BenchError(f"timeout: {missing} of {sc.n} fetchers not done after {bound + last + 10:.0f} s")
             run.seconds = max(f for f in run.finish if f is not None)
         except BenchError as exc:
             run.error = str(exc).splitlines()[0]
@@ -302,7 +352,7 @@ class Wan:
 
     def _cascade(
         self, g: Group, meta: Path, seed: Host, fetchers: list[Host], outs: list[Path]
-    ) -> tuple[Callable[[], list[Child]], DoneAt]:
+    ) -> tuple[Callable[[int], Child], DoneAt]:
         assert self.lab is not None
         tracker = self.lab.host("tracker")
         t = g.python(
@@ -335,6 +385,7 @@ class Wan:
                 f"{seed.ip}:{PEER_PORT}",
                 "--data",
                 str(self.data),
+                *(["-vv"] if os.environ.get("WAN_SEED_VV") else []),
             ],
             seed.netns,
         )
@@ -342,29 +393,27 @@ class Wan:
         self._wait_subscribed(tracker, meta, seed)
         outs += [self.out_dir / f"cascade-{i}.bin" for i in range(len(fetchers))]
 
-        def start() -> list[Child]:
-            return [
-                g.python(
-                    f"fetch{i}",
-                    [
-                        "-m",
-                        "peer",
-                        "fetch",
-                        str(meta),
-                        "--out",
-                        str(outs[i]),
-                        "--tracker",
-                        taddr,
-                        "--listen",
-                        f"{h.ip}:{PEER_PORT}",
-                        "--seed",
-                        "--json",
-                        "-v",
-                    ],
-                    h.netns,
-                )
-                for i, h in enumerate(fetchers)
-            ]
+        def start(i: int) -> Child:
+            h = fetchers[i]
+            return g.python(
+                f"fetch{i}",
+                [
+                    "-m",
+                    "peer",
+                    "fetch",
+                    str(meta),
+                    "--out",
+                    str(outs[i]),
+                    "--tracker",
+                    taddr,
+                    "--listen",
+                    f"{h.ip}:{PEER_PORT}",
+                    "--seed",
+                    "--json",
+                    "-v",
+                ],
+                h.netns,
+            )
 
         def done_at(c: Child, t0: float, t0_perf: float) -> float | None:
             text = c.stdout
@@ -391,7 +440,7 @@ class Wan:
 
     def _libtorrent(
         self, g: Group, seed: Host, fetchers: list[Host], outs: list[Path]
-    ) -> tuple[Callable[[], list[Child]], DoneAt]:
+    ) -> tuple[Callable[[int], Child], DoneAt]:
         s = g.python(
             "lt-seed",
             ["-m", "bench.lt_peer", "seed", str(self.torrent), str(self.seed_dir), str(LT_PORT), seed.ip],
@@ -404,15 +453,13 @@ class Wan:
             d.mkdir(parents=True, exist_ok=True)
         outs += [d / self.data.name for d in dirs]
 
-        def start() -> list[Child]:
-            return [
-                g.python(
-                    f"lt-fetch{i}",
-                    ["-m", "bench.lt_peer", "fetch", str(self.torrent), str(dirs[i]), str(LT_PORT), peers, h.ip],
-                    h.netns,
-                )
-                for i, h in enumerate(fetchers)
-            ]
+        def start(i: int) -> Child:
+            h = fetchers[i]
+            return g.python(
+                f"lt-fetch{i}",
+                ["-m", "bench.lt_peer", "fetch", str(self.torrent), str(dirs[i]), str(LT_PORT), peers, h.ip],
+                h.netns,
+            )
 
         def done_at(c: Child, t0: float, t0_perf: float) -> float | None:
             m = DONE.search(c.stdout)
@@ -425,7 +472,7 @@ class Wan:
 
     def _http(
         self, g: Group, seed: Host, fetchers: list[Host], outs: list[Path]
-    ) -> tuple[Callable[[], list[Child]], DoneAt]:
+    ) -> tuple[Callable[[int], Child], DoneAt]:
         server = g.python(
             "http-server",
             ["-m", "http.server", "--bind", seed.ip, "--directory", str(self.seed_dir), str(HTTP_PORT)],
@@ -435,11 +482,9 @@ class Wan:
         url = f"http://{seed.ip}:{HTTP_PORT}/{self.data.name}"
         outs += [self.out_dir / f"http-{i}.bin" for i in range(len(fetchers))]
 
-        def start() -> list[Child]:
-            return [
-                g.spawn(f"curl{i}", ["ip", "netns", "exec", h.netns, "curl", "-sS", "-f", "-o", str(outs[i]), url])
-                for i, h in enumerate(fetchers)
-            ]
+        def start(i: int) -> Child:
+            h = fetchers[i]
+            return g.spawn(f"curl{i}", ["ip", "netns", "exec", h.netns, "curl", "-sS", "-f", "-o", str(outs[i]), url])
 
         def done_at(c: Child, t0: float, t0_perf: float) -> float | None:
             rc = c.poll()
@@ -457,13 +502,13 @@ class Wan:
         """Every scenario; yields one summary row per scenario and tool."""
         self.prepare()
         for name in self.opts.scenarios:
-            sc = SCENARIOS[name]
+            sc = parse_scenario(name)
             rounds = self.scenario(sc)
             rows = summarize(sc, self.opts.size, self.tool_names(), rounds)
             if self.opts.plot and rounds:
                 from bench.wan_plot import plot_scenario
 
-                path = (DOCS if self.opts.plot_to_docs else self.work) / f"wan-{sc.name}.svg"
+                path = (DOCS if self.opts.plot_to_docs else self.work) / f"wan-{sc.slug}.svg"
                 plot_scenario(path, sc, self.opts.size, rounds[0])
                 if self.opts.plot_to_docs:
                     for row in rows:
@@ -610,7 +655,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--quick", action="store_true", help="smoke test: scenario 8x40, 1 run, 8 MiB (unless given)")
     p.add_argument("--runs", type=int, help="runs per scenario and tool (3; the median is reported)")
-    p.add_argument("--scenario", action="append", choices=list(SCENARIOS), help="only this scenario (repeatable)")
+    p.add_argument(
+        "--scenario",
+        action="append",
+        help=f"only this scenario (repeatable): {', '.join(SCENARIOS)}, or SEEDER/NxMBIT[@DELAY]+... such as"
+        " 100/8x10 (seeder at 100 Mbit/s, 8 fetchers at 10) or 40/7x40+1x40@8 (one fetcher joins 8 s late)",
+    )
     p.add_argument("--block-size", default=None, help="Cascade block sizes, comma-separated (256K,1M)")
     p.add_argument("--size", default=None, help="file size (64M)")
     p.add_argument("--tools", default=",".join(TOOLS), help=f"comma-separated, of {','.join(TOOLS)}")
@@ -625,7 +675,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise UsageError("--runs must be at least 1")
             opts.runs = args.runs
         if args.scenario:
-            opts.scenarios = tuple(args.scenario)
+            opts.scenarios = tuple(parse_scenario(s).name for s in args.scenario)
         if args.block_size:
             opts.block_sizes = tuple(parse_size(b, "--block-size") for b in args.block_size.split(","))
         if args.size:

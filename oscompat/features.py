@@ -33,6 +33,7 @@ class Features:
     poll: bool  # select.poll for one socket's writability; else select.select
     defer_accept: bool  # TCP_DEFER_ACCEPT on the tracker's listener
     rename_open: bool  # an open file can be renamed (POSIX); else it is closed, renamed and reopened
+    send_backlog: bool  # ioctl SIOCOUTQ tells a socket's unacknowledged bytes (Linux); else unknown
     msg_more: int  # socket.MSG_MORE, or 0
     dontwait: int  # socket.MSG_DONTWAIT, or 0 (then sockets are made non-blocking instead)
 
@@ -76,6 +77,7 @@ def decide(has: Mapping[str, bool], portable: bool, msg_more: int = 0, dontwait:
         poll=use("poll"),
         defer_accept=use("defer_accept"),
         rename_open=use("rename_open"),
+        send_backlog=use("send_backlog"),
         msg_more=0 if portable else msg_more,
         dontwait=0 if portable else dontwait,
     )
@@ -98,8 +100,19 @@ def detect(environ: Mapping[str, str] | None = None) -> Features:
         "defer_accept": hasattr(socket, "TCP_DEFER_ACCEPT"),
         # Windows refuses to rename a file that Python has open (no FILE_SHARE_DELETE).
         "rename_open": sys.platform != "win32",
+        # SIOCOUTQ (termios.TIOCOUTQ) counts a TCP socket's bytes not yet acknowledged on Linux;
+        # elsewhere the same number means something else, or does not exist.
+        "send_backlog": sys.platform.startswith("linux") and _has_tiocoutq(),
     }
     return decide(has, portable, getattr(socket, "MSG_MORE", 0), getattr(socket, "MSG_DONTWAIT", 0))
+
+
+def _has_tiocoutq() -> bool:
+    try:
+        import termios
+    except ImportError:
+        return False
+    return hasattr(termios, "TIOCOUTQ")
 
 
 def stop_signals() -> tuple[signal.Signals, ...]:

@@ -14,6 +14,7 @@ import io
 import os
 import shutil
 import socket
+import sys
 import threading
 
 from oscompat.features import Features
@@ -71,7 +72,6 @@ class PositionalFile:
             view = view[n:]
             offset += n
 
-
     def detach(self) -> None:
         """Stop using the descriptor (its owner is closing it): later reads and writes raise ``OSError``."""
         with self._lock:
@@ -98,6 +98,18 @@ def reserve(fd: int, path: str | os.PathLike[str], length: int, features: Featur
     if grow > 0 and shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < grow:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     os.ftruncate(fd, length)
+
+
+def send_backlog(fd: int) -> int:
+    """Bytes queued on TCP socket ``fd`` and not yet acknowledged by its peer (Linux ``SIOCOUTQ``).
+
+    Only where :attr:`Features.send_backlog` is true. Raises ``OSError`` (a closed
+    descriptor, or one that is not a socket).
+    """
+    import fcntl
+    import termios
+
+    return int.from_bytes(fcntl.ioctl(fd, termios.TIOCOUTQ, bytes(4)), sys.byteorder, signed=True)
 
 
 def send_from_file(sock: socket.socket, src: PositionalFile, offset: int, count: int, buf: bytearray) -> int:

@@ -40,6 +40,7 @@ def pass_interval(files: int, interval: float = DEFAULT_INTERVAL) -> float:
     """Seconds between two looks at every one of ``files`` files: ``interval``, longer for many files."""
     return max(interval, files / MAX_LOOKS_PER_SECOND)
 
+
 # Called after each re-verification with the store and its verified count before and after.
 ChangeFn = Callable[[VerifiedBlocks, int, int], None]
 

@@ -218,6 +218,8 @@ class PeerState:
     map_strikes: int = 0
     # Since when its offer names no block we still need (None: it does, or no offer).
     offer_stale: float | None = None
+    # Its last map offered every block: a seeder with upload to spare (see have_map).
+    spare: bool = False
 
     @property
     def name(self) -> str:
@@ -519,11 +521,13 @@ def choose_rarest(blocks: Blocks, peer: PeerState, want: int, now: float, rng: r
         # least-asked ones it holds (never one already in flight at it).
         blocks.endgame = True
         own = peer.own
-        # A seeder's upload is the swarm's bottleneck: it duplicates only blocks no partial peer holds.
+        # A seeder's upload is the swarm's bottleneck: it duplicates only blocks no partial peer
+        # holds. One with upload to spare too: the endgame's copies would come from its tail.
+        busy = seeder or peer.spare
         candidates = [
             (c, rng.random(), i)
             for i, c in inflight.items()
-            if holds[i] and i not in own and i not in lacks and not (seeder and avail[i])
+            if holds[i] and i not in own and i not in lacks and not (busy and avail[i])
         ]
         candidates.sort()
         for _c, _r, i in candidates[:want]:
@@ -595,9 +599,7 @@ def connect_budget(free_slots: int, pending: int, failure_streak: int, limit: in
     return max(0, min(limit, free_slots + failure_streak) - pending)
 
 
-def pick_evictee(
-    sessions: Iterable[Session], now: float, policy: FetchPolicy, block_size: int = 0
-) -> Session | None:
+def pick_evictee(sessions: Iterable[Session], now: float, policy: FetchPolicy, block_size: int = 0) -> Session | None:
     """The session to give up for an untried peer: far slower than the median of the others, or None.
 
     Only sessions older than ``evict_after`` are judged; the median is over
@@ -1024,7 +1026,10 @@ class Planner:
         peer.maps = True
         peer.holds = holds = bytearray(held)
         peer.held = n = holds.count(1)
-        peer.offer = bytearray(offer) if offer is not None else None
+        # An offer of every block steers nothing: the seeder has upload to spare (see
+        # peer.superseed), and it is asked like any complete peer, a map request on its way or not.
+        peer.spare = offer is not None and 0 not in offer
+        peer.offer = None if offer is None or peer.spare else bytearray(offer)
         if n < count:
             avail = self.blocks.avail
             i = holds.find(1)
@@ -1045,6 +1050,7 @@ class Planner:
                 i = holds.find(1, i + 1)
         peer.holds = None
         peer.offer = None
+        peer.spare = False
         peer.held = 0
 
     def idle(self, session: Session, now: float) -> None:

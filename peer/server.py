@@ -49,6 +49,7 @@ never looked at: clients fill them with garbage.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import heapq
 import logging
@@ -74,7 +75,7 @@ from cascade.wire import (
     unpack_block_request_from,
 )
 from oscompat import detect
-from oscompat.fileio import SEND_CHUNK, PositionalFile, send_from_file
+from oscompat.fileio import SEND_CHUNK, PositionalFile, send_backlog, send_from_file
 from oscompat.poller import IN, OUT, Poller, make_poller, wait_writable
 from peer.common import REQUEST_LOGGER
 from peer.common import BlockServerConfig as BlockServerConfig  # the policy is passed with the server
@@ -110,6 +111,21 @@ EVICT_BATCH = 32
 # A watched file is fstat-ed every this many requests (a power of two): about
 # 1 us each, so 1 KiB blocks lose well under 1 % of their rate. Arbitrary.
 FSTAT_EVERY = 8
+
+# A complete file's have maps offer every block (peer.superseed) while the upload
+# sends below SPARE_FRACTION of the best rate it reached in the last BEST_RATE_FOR
+# seconds, each rate taken over RATE_WINDOW seconds, looked at every SPARE_RECHECK
+# seconds at most. A super-seeder keeps each block to one copy because its upload is
+# the swarm's bottleneck; a seeder faster than its downloaders' uploads is not, and
+# idled at 30-40 % with slow downloaders (BENCHMARKS.md). Arbitrary: a second is
+# long enough to smooth out single blocks, short beside a download; 0.8 leaves room
+# for the gaps between one block and the next request on a busy link.
+SPARE_FRACTION = 0.8
+RATE_WINDOW = 1.0
+SPARE_AFTER = 3.0
+SPARE_HOLD = 10.0
+BEST_RATE_FOR = 30.0
+SPARE_RECHECK = 0.05
 
 # How long a worker waits for a full socket to drain before parking the
 # connection on the selector: far longer than a fast reader needs, short
@@ -281,6 +297,14 @@ class BlockServer:
         self.have_maps_sent = 0
         self.bytes_sent = 0
         self.evicted = 0
+        # Whether the upload has room to spare (see _upload_spare): the last look (when,
+        # verdict), (when, bytes gone for good) over the last RATE_WINDOW, and the best
+        # rate lately (bytes per second, when).
+        self._spare_seen = (-SPARE_RECHECK, False)
+        self._gone: collections.deque[tuple[float, int]] = collections.deque()
+        self._best_rate = (0.0, 0.0)
+        self._low_since: float | None = None  # since when the rate is below SPARE_FRACTION of the best
+        self._spare_until = 0.0
 
     # --- files ---------------------------------------------------------------
 
@@ -850,7 +874,10 @@ class BlockServer:
         # Only a seeder proper (its file read-only, complete from the start) super-seeds: a
         # downloader that just finished has nothing the swarm lacks, and its offers would
         # only steer the last downloaders away from the blocks they still need.
-        offer = seeder.offer(id(conn), self._clock(), store.complete and not store.writable)
+        now = self._clock()
+        complete = store.complete and not store.writable
+        spare = complete and seeder.policy.spare_upload and self._upload_spare(now)
+        offer = seeder.offer(id(conn), now, complete, spare)
         conn.out_head = HaveMap(held, offer).encode()
         conn.out_keep = keep
         self.have_maps_sent += 1
@@ -862,6 +889,60 @@ class BlockServer:
                 served.count,
                 "" if offer is None else f", {offer.count(1)} offered",
             )
+
+    def _upload_spare(self, now: float) -> bool:
+        """Whether this peer's upload has room to spare: it sends well below the best rate it showed lately.
+
+        The rate is what left for good (``bytes_sent`` less what waits in replies
+        under way and, unacknowledged, in the kernel's send queues) over the last
+        ``RATE_WINDOW`` seconds; the best is the highest such rate in the last
+        ``BEST_RATE_FOR`` seconds. An upload that is the swarm's bottleneck runs near
+        its best; one that only waits for requests runs far below it. Looked at
+        most every ``SPARE_RECHECK`` seconds (the map requests of many
+        downloaders share a look); never without a way to ask the kernel (off Linux).
+        """
+        if not self.features.send_backlog:
+            return False
+        seen, spare = self._spare_seen
+        if 0 <= now - seen < SPARE_RECHECK:
+            return spare
+        try:
+            conns = list(self._conns.values())  # owned by the selector thread: a snapshot
+        except RuntimeError:  # it changed under us: the last verdict stands a little longer
+            return spare
+        pending = 0
+        for conn in conns:
+            pending += conn.out_left
+            with contextlib.suppress(OSError):  # closed meanwhile
+                pending += send_backlog(conn.fd)
+        gone = self.bytes_sent - pending
+        samples = self._gone
+        samples.append((now, gone))
+        while len(samples) > 2 and samples[1][0] <= now - RATE_WINDOW:
+            samples.popleft()
+        t0, gone0 = samples[0]
+        if now - t0 >= RATE_WINDOW / 2:
+            rate = (gone - gone0) / (now - t0)
+            best, when = self._best_rate
+            if rate >= best or now - when > BEST_RATE_FOR:
+                self._best_rate = best, when = rate, now
+            # Spare once the rate has stayed low for SPARE_AFTER seconds (a swarm's tail, or
+            # the gap between two turns, passes sooner), then for SPARE_HOLD seconds: the rate
+            # climbs to new bests meanwhile, which says nothing about the room left.
+            if now < self._spare_until:
+                spare = True
+            elif rate >= SPARE_FRACTION * best:
+                self._low_since = None
+                spare = False
+            else:
+                if self._low_since is None:
+                    self._low_since = now
+                spare = now - self._low_since >= SPARE_AFTER
+                if spare:
+                    self._spare_until = now + SPARE_HOLD
+                    self._low_since = None
+        self._spare_seen = (now, spare)
+        return spare
 
     def _check_file(self, served: _Served, fd: int) -> None:
         store = served.store

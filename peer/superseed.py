@@ -54,6 +54,9 @@ class SuperSeedPolicy:
     # the end); four land one in 0.8 s, and the fetchers start passing blocks on.
     # Arbitrary: enough streams to keep the upload busy across the gaps between turns.
     max_streams: int = 4
+    # While the upload has room to spare (its server looks), offer every block: the limits
+    # above save a busy upload's bytes, and one that idles has bytes to spare.
+    spare_upload: bool = True
 
 
 def choose_offer(
@@ -202,11 +205,13 @@ class SuperSeeder:
         self._offered.pop(who, None)
         self._held.pop(who, None)
 
-    def offer(self, who: int, now: float, complete: bool) -> bytes | None:
+    def offer(self, who: int, now: float, complete: bool, spare: bool = False) -> bytes | None:
         """The offer for connection ``who`` (one byte per block, 1 = offered), or None for "offer all held".
 
         None unless the file is ``complete`` and at least ``min_askers``
-        connections are live askers (see ``claim_seconds``).
+        connections are live askers (see ``claim_seconds``). With ``spare``
+        (the upload has room to spare, the server says), every block to a
+        downloader that takes what it is offered: it may ask for any, rarest first.
         """
         policy = self.policy
         with self._lock:
@@ -222,6 +227,23 @@ class SuperSeeder:
             if not complete or len(askers) < policy.min_askers:
                 return None
             claims = self._claims
+            since = self._since.get(who)
+            took = since is not None and since[1] > 0
+            if spare and (took or self._offered.get(who) == []):
+                # The offers keep each block to about one copy because the upload is the swarm's
+                # bottleneck. A seeder faster than its downloaders' uploads is not: they cannot
+                # spread its blocks in time, and it idled at 30-40 % (BENCHMARKS.md). With upload
+                # to spare, a downloader may ask for any block: to one that asked for blocks since
+                # its last map, or was offered none (waiting for a turn); one that ignored its
+                # offer holds what we would offer it. Out of turn, leaving no claims, and no offer
+                # to infer held blocks from (it asks for only some of everything).
+                self._since[who] = (now, 0)
+                self._offered.pop(who, None)
+                self._turns.discard(who)
+                for i, owner in list(claims.items()):
+                    if owner == who:
+                        del claims[i]
+                return b"\x01" * len(self.sent)
             for i, owner in list(claims.items()):
                 if owner not in askers:
                     del claims[i]

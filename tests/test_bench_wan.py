@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench.wan import NOT_PRESENT, SCENARIOS, Scenario, ToolRun, summarize, targets
+from bench.wan import NOT_PRESENT, SCENARIOS, Scenario, ToolRun, parse_scenario, summarize, targets
+from cascade.errors import UsageError
 
 pytestmark = pytest.mark.unit
 
@@ -59,3 +60,19 @@ def test_summary_medians_ratios_and_targets() -> None:
         "<= 1 status-2 reply per block": True,
     }
     assert targets(t) == []
+
+
+def test_a_written_scenario_gives_rates_late_joiners_and_a_file_name() -> None:
+    sc = parse_scenario("40/7x40+1x10@8")
+    assert sc.seeder_mbit == 40
+    assert sc.fetcher_mbit == (40.0,) * 7 + (10.0,)
+    assert [sc.delay(i) for i in range(sc.n)] == [0.0] * 7 + [8.0]
+    assert "/" not in sc.slug
+    assert parse_scenario("8x40") is SCENARIOS["8x40"]
+    assert parse_scenario("100/8x10").t_min(64 * MiB) == pytest.approx(8 * 64 * MiB * 8 / 180e6)
+
+
+@pytest.mark.parametrize("text", ["x", "40/", "40/8x", "40/0x10", "0/1x10", "40/65x10", "40/8x10@", "-1/8x10"])
+def test_a_malformed_scenario_is_one_usage_error(text: str) -> None:
+    with pytest.raises(UsageError, match="--scenario"):
+        parse_scenario(text)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from peer.localdata import check_data
+from peer.server import SPARE_AFTER
 from peer.storage import BlockStore
 from peer.superseed import SuperSeedPolicy
 from tests.test_peer_server import Sample, block, make_sample, read_response, req
@@ -54,6 +55,8 @@ def complete(sample: Sample) -> Iterator[BlockStore]:
 
 # Never enough askers to super-seed: these tests look at the held map alone.
 PLAIN = SuperSeedPolicy(min_askers=1 << 30)
+# The offers of a busy upload: an in-process server's upload idles, and an idle one offers everything.
+BUSY = SuperSeedPolicy(spare_upload=False)
 
 
 @pytest.fixture
@@ -198,7 +201,7 @@ def test_a_seeder_offers_each_downloader_different_blocks_and_old_clients_still_
     complete: BlockStore, sample: Sample
 ) -> None:
     h = sample.cf.cascade_hash
-    with harness(complete) as served:
+    with harness(complete, superseed=BUSY) as served:
         a, b, c = served.connect(), served.connect(), served.connect()
         assert offered(ask(a, h), 13) == {0, 1}  # alone so far, its rate not known: min_offer
         for s in (b, c):
@@ -215,7 +218,7 @@ def test_a_seeder_offers_each_downloader_different_blocks_and_old_clients_still_
 
 def test_blocks_just_sent_leave_the_offers(complete: BlockStore, sample: Sample) -> None:
     cf = sample.cf
-    with harness(complete) as h:
+    with harness(complete, superseed=BUSY) as h:
         a, b = h.connect(), h.connect()
         ask(a, cf.cascade_hash)
         ask(b, cf.cascade_hash)
@@ -240,5 +243,41 @@ def test_a_downloader_that_finished_offers_nothing(tmp_path: Path, sample: Sampl
             a, b = h.connect(), h.connect()
             assert ask(a, sample.cf.cascade_hash) == bits([1] * 13)
             assert ask(b, sample.cf.cascade_hash) == bits([1] * 13)
+    finally:
+        store.close()
+
+
+def test_a_seeder_sending_below_its_best_rate_for_long_offers_every_block(tmp_path: Path) -> None:
+    """A fast seeder with slow downloaders idles if it sends each block once: spare upload offers all.
+
+    The server compares what left it in the last second with the best it sent lately
+    (virtual seconds here). An upload at its best keeps the small, disjoint offers; one
+    far below it for SPARE_AFTER seconds offers everything to downloaders that take
+    their offers (b never does: it holds what it needs).
+    """
+    big = make_sample(tmp_path, "big.bin", 8 << 20, 1 << 20, seed=9)
+    h = big.cf.cascade_hash
+    store = BlockStore.open_for_seeding(big.cf, big.data_path)
+    try:
+        with harness(store) as served:
+            a, b, x = served.connect(), served.connect(), served.connect()
+            ask(a, h)
+            ask(b, h)
+            for i in range(8):  # a busy second: x takes the whole file
+                x.sendall(req(i, h, True))
+                assert read_response(x) == (0, block(big.data, big.cf, i))
+            served.clock.advance(1.0)
+            busy = [offered(ask(s, h), 8) for s in (a, b)]
+            assert all(0 < len(o) < 8 for o in busy) and not busy[0] & busy[1], busy
+            offer, seconds = busy[0], 0
+            while offer != set(range(8)) and seconds < 10:  # a takes a block of each offer, far below the best
+                i = min(offer)
+                a.sendall(req(i, h, True))
+                assert read_response(a) == (0, block(big.data, big.cf, i))
+                served.clock.advance(1.0)
+                seconds += 1
+                offer = offered(ask(a, h), 8)
+                assert len(offered(ask(b, h), 8)) < 8
+            assert offer == set(range(8)) and seconds >= SPARE_AFTER
     finally:
         store.close()

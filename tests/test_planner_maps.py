@@ -143,11 +143,36 @@ def test_a_closed_peer_leaves_the_block_counts() -> None:
 
 def test_endgame_never_asks_the_seeder_for_a_block_a_partial_peer_holds() -> None:
     p = planner(N, have=b"\1" * (N - 1))  # only the last block is missing
-    seeder = with_map(p, 1, range(N), offer=set(range(N)))
+    seeder = with_map(p, 1, range(N), offer={0, N - 1})
     b = with_map(p, 2, range(N - 1, N))
     p.tick(T0)
     assert p.request(b, 2, T0) == [N - 1]
     assert p.request(seeder, 2, T0) == []  # in flight at b, which holds it: no second copy from the seeder
+
+
+def test_an_offer_of_every_block_is_no_offer_the_seeder_has_upload_to_spare() -> None:
+    """peer.superseed offers everything while its upload has room: it is asked like any complete peer."""
+    p = planner(N)
+    seeder = with_map(p, 1, range(N), offer=set(range(N)))
+    with_map(p, 2, range(0, N, 2))  # a partial peer holding the even blocks
+    assert seeder.peer.offer is None and seeder.peer.spare
+    p.tick(T0)
+    got = p.request(seeder, 4, T0)
+    assert len(got) == 4 and all(i % 2 for i in got)  # the rarest first: the blocks b lacks
+    # Its next map, a usual offer, steers again.
+    p.have_map(seeder, b"\1" * N, bytes(1 if i == 3 else 0 for i in range(N)), T0)
+    again = seeder.peer  # (a new name: mypy keeps the narrowing of the asserts above)
+    assert not again.spare and again.offer is not None
+
+
+def test_the_endgame_asks_a_seeder_with_upload_to_spare_for_no_second_copy() -> None:
+    """Its spare upload would go on copies of blocks the partial peers are sending already."""
+    p = planner(N, have=b"\1" * (N - 1))
+    seeder = with_map(p, 1, range(N), offer=set(range(N)))
+    b = with_map(p, 2, range(N - 1, N))
+    p.tick(T0)
+    assert p.request(b, 2, T0) == [N - 1]
+    assert p.request(seeder, 2, T0) == []
 
 
 def test_choose_rarest_is_the_default_choice() -> None:

@@ -271,3 +271,27 @@ def test_blocks_sent_to_a_connection_that_asks_for_no_maps_do_not_count() -> Non
         seeder.sent_block(i, A, NOW + 0.3)
     assert list(seeder.sent) == [1, 1, 1, 0]
     assert offered(seeder.offer(B, NOW + 5.0, complete=True)) == {3}
+
+
+def test_with_upload_to_spare_a_downloader_taking_its_offers_may_ask_for_any_block() -> None:
+    """A fast seeder with slow downloaders: their uploads cannot spread one copy in time, it must send more."""
+    seeder = SuperSeeder(8, SuperSeedPolicy(min_offer=2, max_streams=1))
+    a = offered(seeder.offer(A, NOW, complete=True))
+    assert a == {0, 1}
+    assert offered(seeder.offer(B, NOW, complete=True)) == set()  # one stream, taken by A
+    # B was offered nothing (waiting for a turn): with upload to spare, everything.
+    assert offered(seeder.offer(B, NOW + 0.1, complete=True, spare=True)) == set(range(8))
+    # A takes its offer: everything too; its claims on 0 and 1 lapse and its turn ends.
+    for i in a:
+        seeder.sending(i, A, NOW + 0.2)
+        seeder.sent_block(i, A, NOW + 0.3)
+    assert offered(seeder.offer(A, NOW + 0.4, complete=True, spare=True)) == set(range(8))
+    # B asked for nothing from everything: it holds what it needs from us; small offers again.
+    # Taking the stream A freed, it may be offered 0 and 1 (sent lately, but to A, which is here:
+    # they are still spreading, so not those).
+    b = offered(seeder.offer(B, NOW + 0.5, complete=True, spare=True))
+    assert b and len(b) < 8 and not b & a
+    # C, new, gets the usual first offer whatever the upload does.
+    assert len(offered(seeder.offer(C, NOW + 0.6, complete=True, spare=True))) < 8
+    # A partial file still offers nothing.
+    assert SuperSeeder(8).offer(A, NOW, complete=False, spare=True) is None
