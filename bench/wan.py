@@ -385,7 +385,6 @@ class Wan:
                 f"{seed.ip}:{PEER_PORT}",
                 "--data",
                 str(self.data),
-                *(["-vv"] if os.environ.get("WAN_SEED_VV") else []),
             ],
             seed.netns,
         )
