@@ -110,15 +110,76 @@ class MemberMissing(DataError):
     """A member's file is not there (or a folder on its way is not)."""
 
 
-def open_member(root_fd: int, path: str, shown: Path | Callable[[], Path]) -> int:
+def open_member(root_fd: int, path: str, shown: Path | Callable[[], Path], *, respell: bool = True) -> int:
     """Open member ``path`` ('/'-separated, checked) under ``root_fd`` for reading; returns a descriptor.
 
     No component is followed if it is a symlink, and only a regular file is
     accepted. ``shown`` names the file in messages, or makes the name when one is
     needed (a seeder reopens members thousands of times a second, and a Path each
-    costs more than the open). Raises :class:`MemberMissing` when it is not
+    costs more than the open). A member path is NFC, but a file on a disk that
+    does not normalise names (Linux) may be spelt otherwise, NFD from a Mac, say:
+    with ``respell``, a non-ASCII path not found as spelt is looked up by its NFC
+    form (:func:`disk_spelling`). Raises :class:`MemberMissing` when it is not
     there, :class:`DataError` for a symlink, a special file or another error.
     """
+    try:
+        return _open_member_as_spelt(root_fd, path, shown)
+    except MemberMissing:
+        if not respell or path.isascii():
+            raise
+        spelt = disk_spelling(root_fd, path)
+        if spelt is None or spelt == path:
+            raise
+        return _open_member_as_spelt(root_fd, spelt, shown)
+
+
+def disk_spelling(root_fd: int, path: str) -> str | None:
+    """How member ``path`` is spelt on disk under ``root_fd`` when not exactly so, else ``path``; None when absent.
+
+    Each component not found as spelt is matched by its NFC form against the
+    names in its folder (only then is the folder listed). Two names with one NFC
+    form (possible on Linux) match neither: which one the collection meant cannot
+    be told. Folders are entered without following symlinks. Raises nothing.
+    """
+    spelt: list[str] = []
+    fd = root_fd
+    parts = path.split("/")
+    try:
+        for i, comp in enumerate(parts):
+            name = comp if _exists(comp, fd) else _respelt(comp, fd)
+            if name is None:
+                return None
+            spelt.append(name)
+            if i < len(parts) - 1:
+                nfd = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                if fd != root_fd:
+                    os.close(fd)
+                fd = nfd
+    except OSError:
+        return None
+    finally:
+        if fd != root_fd:
+            os.close(fd)
+    return "/".join(spelt)
+
+
+def _exists(name: str, dir_fd: int) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _respelt(comp: str, dir_fd: int) -> str | None:
+    """The one name in folder ``dir_fd`` whose NFC form is ``comp``, or None (none, or two)."""
+    if comp.isascii():
+        return None  # an ASCII name has no other spelling
+    found = [name for name in os.listdir(dir_fd) if not name.isascii() and _nfc(name) == comp]
+    return found[0] if len(found) == 1 else None
+
+
+def _open_member_as_spelt(root_fd: int, path: str, shown: Path | Callable[[], Path]) -> int:
     parts = path.split("/")
     fd = root_fd
     try:
@@ -393,14 +454,36 @@ class HeldFolder:
     def __init__(self, folder: Path) -> None:
         self.path = folder
         self.fd = open_root(folder)
+        # Member paths found spelt otherwise on disk (see open_member), so that the
+        # folder is listed once for such a member, not at every opening.
+        self._spelt: dict[str, str] = {}
 
     def open_member(self, path: str) -> int:
         """Open member ``path`` as :func:`open_member` does (and raises as it does)."""
-        return open_member(self.fd, path, functools.partial(operator.truediv, self.path, path))
+        shown = functools.partial(operator.truediv, self.path, path)
+        try:
+            return open_member(self.fd, self._spelt.get(path, path), shown, respell=False)
+        except MemberMissing:
+            if self._respell(path) is None:
+                raise
+            return open_member(self.fd, self._spelt[path], shown, respell=False)
 
     def look(self, path: str) -> DiskSignature | None:
         """Member ``path``'s signature (its last component not followed); ``None`` when it is gone."""
-        return signature_at(self.fd, path)
+        seen = signature_at(self.fd, self._spelt.get(path, path))
+        if seen is None and self._respell(path) is not None:
+            seen = signature_at(self.fd, self._spelt[path])
+        return seen
+
+    def _respell(self, path: str) -> str | None:
+        """Find ``path`` spelt otherwise on disk, remember and return the spelling; None when there is no new one."""
+        if path.isascii():
+            return None
+        spelt = disk_spelling(self.fd, path)
+        if spelt is None or spelt == self._spelt.get(path, path):
+            return None
+        self._spelt[path] = spelt
+        return spelt
 
     def close(self) -> None:
         os.close(self.fd)
