@@ -502,4 +502,30 @@ def test_fetch_refuses_a_member_in_the_partial_folder_before_writing(tmp_path: P
         "peer", "fetch", str(bad), "--tracker", "127.0.0.1:9", "--out", str(tmp_path / "o"), "--listen", "127.0.0.1:0"
     )
     assert r.returncode == 1 and "partial downloads" in r.stderr, r.stderr
+    assert len(r.stderr.splitlines()) == 1, r.stderr  # no "listening" line before it
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("out_exists", [False, True], ids=["new-out", "empty-out"])
+def test_fetch_with_no_tracker_answering_fails_at_once_with_one_line_and_writes_nothing(
+    tmp_path: Path, out_exists: bool
+) -> None:
+    # As for one file: a tracker must answer before anything is created (the empty member
+    # included), and an unreachable one is one line at once, not a minute of retries
+    # followed by a line per member.
+    coll = tmp_path / "x.cascade"
+    empty = encode_cascade(0, 4, hashlib.sha256(b"").digest(), b"")
+    coll.write_bytes(serialize_collection([Member(f"d/{i}.txt", HELLO) for i in range(30)] + [Member("empty", empty)]))
+    out = tmp_path / "o"
+    if out_exists:
+        out.mkdir()
+    args = ["peer", "fetch", str(coll), "--tracker", "127.0.0.1:9", "--out", str(out), "--listen", "127.0.0.1:0"]
+    r = run(*args, "--json", "--timeout", "30")
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.splitlines() == ["peer fetch: error: tracker 127.0.0.1:9 unreachable: Connection refused"]
+    assert json.loads(r.stdout.splitlines()[-1]) == {
+        "complete": False,
+        "error": "tracker 127.0.0.1:9 unreachable: Connection refused",
+    }
+    assert sorted(tmp_path.iterdir()) == ([out] if out_exists else []) + [coll]
+    assert not out_exists or list(out.iterdir()) == []
