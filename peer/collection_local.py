@@ -63,22 +63,27 @@ _DIR_FLAGS = os.O_RDONLY | O_DIRECTORY | O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0
 _FILE_FLAGS = os.O_RDONLY | O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
-def read_metafile(path: str | os.PathLike[str], *, keep_files: bool = False) -> CascadeFile | Collection:
+def read_metafile(
+    path: str | os.PathLike[str], *, keep_files: bool = False, source: str | None = None
+) -> CascadeFile | Collection:
     """Read a ``.cascade`` or a collection file, told apart by its magic (never by its name).
 
     ``keep_files``: a collection's members keep their parsed ``.cascade`` (see
-    :func:`cascade.collection.parse_collection`). Raises :class:`MetafileError`
-    (:class:`CollectionError` for a bad collection).
+    :func:`cascade.collection.parse_collection`). ``source`` names the file in the
+    messages about its content (default: ``path``; a download names its URL, not
+    its temporary file). Raises :class:`MetafileError` (:class:`CollectionError`
+    for a bad collection).
     """
     p = Path(path)
+    shown = str(p) if source is None else source
 
     def limit(head: bytes) -> int:
         return MAX_COLLECTION_SIZE if looks_like_collection(head) else MAX_METAFILE_SIZE
 
     data = read_metafile_bytes(p, limit, ".cascade or collection")
     if looks_like_collection(data):
-        return parse_collection(data, str(p), keep_files=keep_files)
-    return parse_cascade(data, str(p))
+        return parse_collection(data, shown, keep_files=keep_files)
+    return parse_cascade(data, shown)
 
 
 # --- opening members without following symlinks ---------------------------------

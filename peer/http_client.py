@@ -292,7 +292,8 @@ def _check_and_place(tmp: Path, target: Path, want: bytes, url: str) -> None:
         raise MetafileError(
             f"{url}: the downloaded file's SHA-256 is {got.hex()}, not the hash in the URL; refusing to use it"
         )
-    read_metafile(tmp)  # the right bytes, and also a valid .cascade or collection
+    # The right bytes, and also a valid .cascade or collection (named by its URL: the temporary file goes).
+    read_metafile(tmp, source=url)
     try:
         os.chmod(tmp, 0o644)  # mkstemp made it private; a .cascade file is public by nature
         if target.exists():
