@@ -1158,7 +1158,7 @@ def fetch_collection(
         members.drain()
         for job in todo:
             job.result = members.result(job.slot)
-            if error is not None and not job.result.complete and job.error is None:
+            if error is not None and not stop_event.is_set() and not job.result.complete and job.error is None:
                 job.error = f"{out_path / job.member.path}: incomplete"
     finally:
         if members is not None:  # nothing may use the folder's descriptors once they are closed
@@ -1291,10 +1291,13 @@ def run_collection(
     downloaded = sum(j.result.bytes_downloaded for j in jobs if j.result is not None)
     if error is not None and not stop_event.is_set():
         print(f"peer fetch: error: {error}", file=sys.stderr, flush=True)
-    for j in failed[:20]:
+    # Interrupted, every member not done yet is incomplete by the user's choice: only the
+    # members that failed for a reason of their own get a line (and the summary says the rest).
+    told = [j for j in failed if j.error is not None] if stop_event.is_set() else failed
+    for j in told[:20]:
         print(f"peer fetch: {j.error or f'{out_path / j.member.path}: incomplete'}", file=sys.stderr, flush=True)
-    if len(failed) > 20:
-        print(f"peer fetch: ... and {len(failed) - 20} more files failed", file=sys.stderr, flush=True)
+    if len(told) > 20:
+        print(f"peer fetch: ... and {len(told) - 20} more files failed", file=sys.stderr, flush=True)
     count = len(jobs)
     rate = downloaded / seconds if seconds > 0 else 0.0
     if stop_event.is_set():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -446,6 +447,34 @@ def test_swarm_of_fetchers_one_killed_and_resumed(
     assert tree_bytes(tmp_path / "killed") == files
     assert not partial.exists(), "a finished fetch leaves only the members"
     assert not (tmp_path / "killed" / "link-out").exists() and not (tmp_path / "killed" / "fifo").exists()
+
+
+def test_an_interrupted_fetch_says_so_in_one_line_and_resumes(
+    tmp_path: Path, swarm: Swarm, tree: tuple[Path, dict[str, bytes]]
+) -> None:
+    # Ctrl-C is the user's choice: one line, as for one file, not a line per member left.
+    root, files = tree
+    big = bytes(range(251)) * 8000
+    (root / "a" / "big.bin").write_bytes(big)
+    files = {**files, "a/big.bin": big}
+    for i in range(30):
+        (root / "more" / f"{i}.txt").parent.mkdir(exist_ok=True)
+        (root / "more" / f"{i}.txt").write_bytes(b"%d\n" % i)
+        files[f"more/{i}.txt"] = b"%d\n" % i
+    out = create(root)
+    seed_tree(swarm, out)
+    slow = swarm.start(*fetch_args(swarm, out, tmp_path / "o", "--max-download-rate", "200K", "--progress-lines"))
+    slow.wait_for_line(r"progress [1-9]\d{5,} ")
+    slow.signal(signal.SIGINT)
+    assert slow.wait(TIMEOUT) == 130, slow.stderr
+    said = [line for line in slow.stderr.splitlines() if not line.startswith(("progress ", "peer listening "))]
+    assert said == [
+        f"peer fetch: interrupted; verified blocks are kept in {tmp_path / 'o' / '.cascade-partial'}, rerun to resume"
+    ]
+    assert json.loads(slow.stdout.strip().splitlines()[-1])["complete"] is False
+    resumed = swarm.start(*fetch_args(swarm, out, tmp_path / "o"))
+    assert resumed.wait(TIMEOUT) == 0, resumed.stderr
+    assert tree_bytes(tmp_path / "o") == files
 
 
 def test_fetch_never_writes_through_a_symlink_nor_over_a_foreign_file(
