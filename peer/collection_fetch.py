@@ -827,7 +827,7 @@ class MemberSet:
         try:
             try:
                 fd = os.open(name, flags | os.O_EXCL, 0o644, dir_fd=self.out.partial_fd)
-                size = 0  # new, so a regular file
+                size = 0  # new, so a regular file (removed again if its space cannot be had)
             except FileExistsError:
                 fd = os.open(name, flags | O_NONBLOCK, 0o644, dir_fd=self.out.partial_fd)
                 size = -1
@@ -850,7 +850,13 @@ class MemberSet:
                 reserve(fd, self._shown(job), cf.data_length, self._features)
         except OSError as exc:
             os.close(fd)
-            raise from_os_error(exc, self._shown(job), "reserve space for the partial file") from exc
+            if size == 0:  # made just now and holding nothing: not left behind for a rerun to find
+                with contextlib.suppress(OSError):
+                    os.unlink(name, dir_fd=self.out.partial_fd)
+            # Named by the member (the .part's name means nothing to the user): "OUT/a/big.bin:
+            # disk full: cannot reserve its 400.0 MiB (in OUT/.cascade-partial)".
+            doing = f"reserve its {format_size(cf.data_length)} (in {self.out.path / PARTIAL_DIR})"
+            raise from_os_error(exc, self.out.path / job.member.path, doing) from exc
         except BaseException:
             os.close(fd)
             raise

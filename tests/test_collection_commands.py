@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -475,6 +476,46 @@ def test_an_interrupted_fetch_says_so_in_one_line_and_resumes(
     resumed = swarm.start(*fetch_args(swarm, out, tmp_path / "o"))
     assert resumed.wait(TIMEOUT) == 0, resumed.stderr
     assert tree_bytes(tmp_path / "o") == files
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A real 64 KiB tmpfs (root only), unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], timeout=10).returncode:
+        pytest.skip("this machine does not let us mount a tmpfs")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], timeout=10, check=True)
+
+
+def test_a_full_disk_is_one_line_naming_the_member_and_the_rest_is_kept(
+    tmp_path: Path, swarm: Swarm, small_tmpfs: Path
+) -> None:
+    root = tmp_path / "ds"
+    files = {f"a/{i}.txt": b"%d\n" % i for i in range(5)} | {"b/big.bin": bytes(range(256)) * 800}
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    coll = create(root)
+    seed_tree(swarm, coll)
+    out = small_tmpfs / "out"
+    first = swarm.start(*fetch_args(swarm, coll, out))
+    assert first.wait(TIMEOUT) == 1, first.stderr
+    said = [line for line in first.stderr.splitlines() if not line.startswith("peer listening ")]
+    big = f"{out / 'b' / 'big.bin'}: disk full: cannot reserve its 200.0 KiB (in {out / '.cascade-partial'})"
+    assert said == [f"peer fetch: error: {big}"]
+    assert tree_bytes(out) == {k: v for k, v in files.items() if k.startswith("a/")}  # the small ones fit: kept
+    subprocess.run(["mount", "-o", "remount,size=1m", str(small_tmpfs)], timeout=10, check=True)
+    again = swarm.start(*fetch_args(swarm, coll, out))
+    assert again.wait(TIMEOUT) == 0, again.stderr
+    doc = json.loads(again.stdout.strip().splitlines()[-1])
+    assert doc["bytes_downloaded"] == len(files["b/big.bin"])  # the members kept are not fetched again
+    assert tree_bytes(out) == files
 
 
 def test_fetch_never_writes_through_a_symlink_nor_over_a_foreign_file(
