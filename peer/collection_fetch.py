@@ -71,6 +71,9 @@ from peer.collection_local import (
     raise_file_limit,
     require_safe_tree_io,
 )
+from peer.collection_local import (
+    PARTIAL_DIR as PARTIAL_DIR,  # re-exported: where a fetch keeps its parts
+)
 from peer.connection import Connection
 from peer.fetcher import Fetcher, FetchPolicy, FetchResult, PeerInfo, Progress
 from peer.localdata import DataCheck, check_data
@@ -90,8 +93,7 @@ from peer.trackers import TrackerSet
 
 log = logging.getLogger("peer.fetch")
 
-# The folder under --out that holds the incomplete members (a member path may not use it).
-PARTIAL_DIR = ".cascade-partial"
+# PARTIAL_DIR (peer.collection_local) is the folder under --out that holds the incomplete members.
 LIST_TIMEOUT = 5.0
 
 O_NONBLOCK: int = getattr(os, "O_NONBLOCK", 0)  # opening a FIFO must not wait for a writer

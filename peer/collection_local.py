@@ -62,6 +62,10 @@ _DIR_FLAGS = os.O_RDONLY | O_DIRECTORY | O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0
 # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused just after.
 _FILE_FLAGS = os.O_RDONLY | O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
 
+# Where ``peer fetch`` keeps the members it has not finished, under ``--out``: a fetch
+# refuses a collection holding this name at its top, in any case, so none is made with it.
+PARTIAL_DIR = ".cascade-partial"
+
 
 def read_metafile(
     path: str | os.PathLike[str], *, keep_files: bool = False, source: str | None = None
@@ -256,7 +260,8 @@ class Tree:
 def walk_tree(folder: Path) -> Tree:
     """List the regular files under ``folder``, following no symlink; check their paths as members.
 
-    Symlinks and special files (FIFOs, sockets, devices) are skipped, each with
+    Symlinks, special files (FIFOs, sockets, devices) and a top-level
+    ``.cascade-partial`` (an unfinished fetch's) are skipped, each with
     a line in ``skipped``; empty folders hold no file and so are not in the
     result. Raises :class:`CollectionError` for a path no collection may hold
     (as :func:`cascade.collection.check_tree`), too many files or too deep a
@@ -276,7 +281,11 @@ def walk_tree(folder: Path) -> Tree:
         for entry in entries:
             child = f"{rel}/{entry.name}" if rel else entry.name
             try:
-                if entry.is_symlink():
+                if not rel and entry.name.casefold() == PARTIAL_DIR:
+                    skipped.append(
+                        f"{child!r} holds the parts of an unfinished fetch: skipped (no fetch takes the name)"
+                    )
+                elif entry.is_symlink():
                     skipped.append(f"{child!r} is a symbolic link: skipped (collections hold no links)")
                 elif entry.is_dir(follow_symlinks=False):
                     if depth + 1 >= MAX_DEPTH:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from peer.collection_local import HeldFolder, MemberMissing, disk_spelling, open_member
+from peer.collection_local import HeldFolder, MemberMissing, disk_spelling, open_member, walk_tree
 
 pytestmark = pytest.mark.unit
 
@@ -99,3 +99,18 @@ def test_a_symlinked_folder_is_not_entered_to_find_a_spelling(tmp_path: Path) ->
             open_member(root, MEMBER, root_dir / MEMBER)
     finally:
         os.close(root)
+
+
+def test_create_skips_the_parts_of_an_unfinished_fetch_that_no_fetch_would_take(tmp_path: Path) -> None:
+    # A folder fetched half-way and then shared: its .cascade-partial is Cascade's own
+    # scratch, and a collection holding it would be refused by every fetcher.
+    (tmp_path / ".cascade-partial").mkdir()
+    (tmp_path / ".cascade-partial" / "0-0123456789abcdef.part").write_bytes(b"part")
+    (tmp_path / "sub" / ".cascade-partial").mkdir(parents=True)  # not at the top: an ordinary name
+    (tmp_path / "sub" / ".cascade-partial" / "kept").write_bytes(b"kept")
+    (tmp_path / "top.txt").write_bytes(b"top")
+    tree = walk_tree(tmp_path)
+    assert [f.path for f in tree.files] == ["sub/.cascade-partial/kept", "top.txt"]
+    assert tree.skipped == [
+        "'.cascade-partial' holds the parts of an unfinished fetch: skipped (no fetch takes the name)"
+    ]
