@@ -30,6 +30,7 @@ from cascade.collection import (
     MAX_COLLECTION_SIZE,
     MAX_DEPTH,
     MAX_MEMBERS,
+    MAX_PATH_BYTES,
     Collection,
     Member,
     check_tree,
@@ -289,7 +290,15 @@ def walk_tree(folder: Path) -> Tree:
                     skipped.append(f"{child!r} is a symbolic link: skipped (collections hold no links)")
                 elif entry.is_dir(follow_symlinks=False):
                     if depth + 1 >= MAX_DEPTH:
-                        raise CollectionError(f"{folder / child}: deeper than {MAX_DEPTH} folders")
+                        raise CollectionError(f"{folder}: {_cut(child)} is deeper than {MAX_DEPTH} folders")
+                    size = len(child.encode("utf-8", "surrogateescape"))
+                    if size >= MAX_PATH_BYTES:
+                        # Every file under it would be refused; and listing it could pass the
+                        # system's PATH_MAX, a line of 4 KB saying "File name too long".
+                        raise CollectionError(
+                            f"{folder}: the folder {_cut(child)} is {size} bytes long: a path under it would be"
+                            f" longer than the limit of {MAX_PATH_BYTES}"
+                        )
                     stack.append((child, depth + 1))
                 elif entry.is_file(follow_symlinks=False):
                     found.append((child, entry.stat(follow_symlinks=False).st_size))
@@ -311,6 +320,12 @@ def walk_tree(folder: Path) -> Tree:
 
 def _nfc(text: str) -> str:
     return unicodedata.normalize("NFC", text)
+
+
+def _cut(path: str) -> str:
+    """A path found on disk, for a message: ``repr`` (no control character reaches the terminal), cut short."""
+    shown = repr(path)
+    return shown if len(shown) <= 120 else shown[:80] + "..." + shown[-37:]
 
 
 def collection_size(tree: Tree, block_size: int) -> int:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from cascade.errors import CollectionError
 from peer.collection_local import HeldFolder, MemberMissing, disk_spelling, open_member, walk_tree
 
 pytestmark = pytest.mark.unit
@@ -114,3 +115,24 @@ def test_create_skips_the_parts_of_an_unfinished_fetch_that_no_fetch_would_take(
     assert tree.skipped == [
         "'.cascade-partial' holds the parts of an unfinished fetch: skipped (no fetch takes the name)"
     ]
+
+
+def test_create_refuses_a_folder_too_deep_for_any_member_in_one_short_line(tmp_path: Path) -> None:
+    # 20 folders of 250 bytes: deeper than a member path may be (4096 bytes), and than
+    # PATH_MAX once joined to the folder's own path, which made the refusal a 4 KB line.
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for i in range(20):
+            name = f"{i:03d}" + "y" * 247
+            os.mkdir(name, dir_fd=fd)
+            inner = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        os.close(os.open("leaf.txt", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+    finally:
+        os.close(fd)
+    with pytest.raises(
+        CollectionError, match=r"bytes long: a path under it would be longer than the limit of 4096"
+    ) as e:
+        walk_tree(tmp_path)
+    assert len(str(e.value)) < 300 + len(str(tmp_path))
