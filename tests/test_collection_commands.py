@@ -334,7 +334,7 @@ def test_publish_a_collection_and_download_it_by_url(tmp_path: Path, tree: tuple
         assert r.returncode == 0, r.stderr
         url = r.stdout.strip()
         assert url == f"{tracker.http}/cascades/{coll.collection_hash.hex()}.cascade"
-        assert "uploaded" in r.stderr
+        assert f"uploaded, collection hash {coll.collection_hash.hex()}" in r.stderr
         from peer.http_client import download_cascade
 
         (tmp_path / "downloaded").mkdir()
