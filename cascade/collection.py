@@ -241,13 +241,26 @@ def check_tree(paths: Iterable[str]) -> list[str]:
     clash. Raises :class:`CollectionError` naming the first offending path.
     """
     members: list[str] = []
+    # NFC path -> the spellings found that were not NFC (rare: names from a Mac), so that
+    # two names that become one say so, instead of "appears twice" of a name seen once.
+    respelt: dict[str, list[str]] = {}
     for path in paths:
-        members.append(normalise_member_path(path))
+        member = normalise_member_path(path)
+        if member != path:
+            respelt.setdefault(member, []).append(path)
+        members.append(member)
         if len(members) > MAX_MEMBERS:
             raise CollectionError(f"more than {MAX_MEMBERS} files, the limit of one collection")
     if not members:
         raise CollectionError("no files: a collection needs at least one")
     members.sort()
+    for a, b in pairwise(members):
+        if a == b and a in respelt:
+            first, second = ([a] + respelt[a])[-2:] if len(respelt[a]) == 1 else respelt[a][:2]
+            raise CollectionError(
+                f"{_show(first, code_points=True)} and {_show(second, code_points=True)} are one name in Unicode NFC,"
+                " the form a collection keeps (and macOS sees): rename one"
+            )
     _refuse_duplicates_and_clashes(members)
     return members
 

@@ -6,6 +6,7 @@ is :func:`read_cascade`, which reads a ``.cascade`` into bytes.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import stat
@@ -146,6 +147,11 @@ def encode_cascade(data_length: int, block_size: int, file_hash: bytes, block_ha
     return _HEADER.pack(MAGIC, bytes(8), data_length, block_size, file_hash) + block_hashes
 
 
+_O_NONBLOCK: int = getattr(os, "O_NONBLOCK", 0)
+_O_CLOEXEC: int = getattr(os, "O_CLOEXEC", 0)
+_O_BINARY: int = getattr(os, "O_BINARY", 0)  # Windows: no newline translation
+
+
 def read_metafile_bytes(path: str | os.PathLike[str], limit: Callable[[bytes], int], kinds: str) -> bytes:
     """The whole of a small metafile, refused before it is read when larger than ``limit(first 8 bytes)``.
 
@@ -154,8 +160,13 @@ def read_metafile_bytes(path: str | os.PathLike[str], limit: Callable[[bytes], i
     """
     p = Path(path)
     try:
-        with p.open("rb") as f:
+        # O_NONBLOCK: a FIFO given as the file must not wait forever for a writer (and
+        # keep SIGTERM from ending the wait); it is refused just after, as not regular.
+        fd = os.open(p, os.O_RDONLY | _O_NONBLOCK | _O_CLOEXEC | _O_BINARY)
+        with os.fdopen(fd, "rb") as f:
             st = os.fstat(f.fileno())
+            if stat.S_ISDIR(st.st_mode):
+                raise IsADirectoryError(errno.EISDIR, "is a directory")
             if not stat.S_ISREG(st.st_mode):
                 raise MetafileError(f"{p}: not a regular file")
             head = f.read(8)

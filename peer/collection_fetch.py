@@ -71,6 +71,9 @@ from peer.collection_local import (
     raise_file_limit,
     require_safe_tree_io,
 )
+from peer.collection_local import (
+    PARTIAL_DIR as PARTIAL_DIR,  # re-exported: where a fetch keeps its parts
+)
 from peer.connection import Connection
 from peer.fetcher import Fetcher, FetchPolicy, FetchResult, PeerInfo, Progress
 from peer.localdata import DataCheck, check_data
@@ -90,8 +93,7 @@ from peer.trackers import TrackerSet
 
 log = logging.getLogger("peer.fetch")
 
-# The folder under --out that holds the incomplete members (a member path may not use it).
-PARTIAL_DIR = ".cascade-partial"
+# PARTIAL_DIR (peer.collection_local) is the folder under --out that holds the incomplete members.
 LIST_TIMEOUT = 5.0
 
 O_NONBLOCK: int = getattr(os, "O_NONBLOCK", 0)  # opening a FIFO must not wait for a writer
@@ -827,7 +829,7 @@ class MemberSet:
         try:
             try:
                 fd = os.open(name, flags | os.O_EXCL, 0o644, dir_fd=self.out.partial_fd)
-                size = 0  # new, so a regular file
+                size = 0  # new, so a regular file (removed again if its space cannot be had)
             except FileExistsError:
                 fd = os.open(name, flags | O_NONBLOCK, 0o644, dir_fd=self.out.partial_fd)
                 size = -1
@@ -850,7 +852,13 @@ class MemberSet:
                 reserve(fd, self._shown(job), cf.data_length, self._features)
         except OSError as exc:
             os.close(fd)
-            raise from_os_error(exc, self._shown(job), "reserve space for the partial file") from exc
+            if size == 0:  # made just now and holding nothing: not left behind for a rerun to find
+                with contextlib.suppress(OSError):
+                    os.unlink(name, dir_fd=self.out.partial_fd)
+            # Named by the member (the .part's name means nothing to the user): "OUT/a/big.bin:
+            # disk full: cannot reserve its 400.0 MiB (in OUT/.cascade-partial)".
+            doing = f"reserve its {format_size(cf.data_length)} (in {self.out.path / PARTIAL_DIR})"
+            raise from_os_error(exc, self.out.path / job.member.path, doing) from exc
         except BaseException:
             os.close(fd)
             raise
@@ -1066,6 +1074,7 @@ def fetch_collection(
     policy: FetchPolicy,
     stop_event: threading.Event,
     cleanup: contextlib.ExitStack,
+    ready: Callable[[], None] = lambda: None,
 ) -> tuple[list[_Job], float, str | None]:
     """Fetch every member of ``coll`` into ``out_path``: the jobs (each with its result or error), the seconds.
 
@@ -1073,14 +1082,25 @@ def fetch_collection(
     A member being downloaded is served from its ``.part`` as its blocks verify
     (:class:`peer.storage.PartStore`), and once complete from its final name, opened
     on demand (:class:`peer.storage.MemberStore`): what they need closed once the server
-    stopped goes on ``cleanup``. Raises :class:`DataError` when ``out_path`` cannot be used
-    at all (or a disk write failed); a member's failure is in its job.
+    stopped goes on ``cleanup``. As for one file, nothing is created before a tracker
+    answered a first listing (when blocks are missing); ``ready`` is called once the
+    output is open and that listing answered. Raises :class:`DataError` when ``out_path``
+    cannot be used at all (or a disk write failed), :class:`CascadeError` when no tracker
+    answers that first listing; a member's failure is in its job.
     """
     for m in coll.members:
         if m.path.split("/", 1)[0].casefold() == PARTIAL_DIR:
             raise DataError(f"the collection holds {m.path!r}, a name Cascade keeps for partial downloads")
     # Members are served opened on demand, at most max_open_files at once, as by peer seed.
     raise_file_limit(server.config.max_open_files)
+    port = server.address[1]
+    first: list[PeerInfo] | None = None
+    if not os.path.lexists(out_path):
+        # Nothing there yet, so every member with a block is missing: a tracker must answer
+        # before --out is created, so that a rerun after an unreachable tracker finds nothing.
+        with_blocks = next((m for m in coll.members if m.data_length), None)
+        if with_blocks is not None:
+            first = _first_listing(trackers, with_blocks.cascade_hash, my_ip, port)
     out = OutFolder(out_path)
     try:
         held = HeldFolder(out_path)
@@ -1108,11 +1128,11 @@ def fetch_collection(
     started = time.monotonic()
     jobs = [_Job(i, m, m.cascade_file()) for i, m in enumerate(coll.members)]
     bar = _Bar(coll.total_length, out_path.name, args.progress_lines)
-    port = server.address[1]
     error: str | None = None
     members: MemberSet | None = None
     try:
         todo: list[_Job] = []
+        empties: list[_Job] = []
         parts: list[DataCheck | None] = []
         fresh = out.fresh()
         for job in jobs:
@@ -1123,22 +1143,30 @@ def fetch_collection(
                     bar.add(job.cf.data_length)
                     serve(job, seen)
                 elif job.cf.block_count == 0:
-                    _empty(out, job)
-                    serve(job)
+                    empties.append(job)
                 else:
                     parts.append(None if fresh else _check_part(out, job))
                     todo.append(job)
             except CascadeError as exc:
                 job.error = str(exc)
+        if first is None and todo and not all(c is not None and c.complete for c in parts):
+            first = _first_listing(trackers, todo[0].cf.cascade_hash, my_ip, port)
+        for job in empties:  # created only now: no peer is needed for them, but a tracker answered
+            try:
+                _empty(out, job)
+                serve(job)
+            except CascadeError as exc:
+                job.error = str(exc)
+        ready()
         members = MemberSet(out, todo, started, on_placed=serve)
         members.resume({m: check for m, check in enumerate(parts) if check is not None})
         members.serve_parts(server.add_store, held)
         if todo and not stop_event.is_set():
-            error = _download(members, trackers, my_ip, port, policy, stop_event, bar)
+            error = _download(members, trackers, my_ip, port, policy, stop_event, bar, first or [])
         members.drain()
         for job in todo:
             job.result = members.result(job.slot)
-            if error is not None and not job.result.complete and job.error is None:
+            if error is not None and not stop_event.is_set() and not job.result.complete and job.error is None:
                 job.error = f"{out_path / job.member.path}: incomplete"
     finally:
         if members is not None:  # nothing may use the folder's descriptors once they are closed
@@ -1156,6 +1184,14 @@ def fetch_collection(
     return jobs, seconds, error
 
 
+def _first_listing(trackers: TrackerSet, cascade_hash: bytes, my_ip: str, port: int) -> list[PeerInfo]:
+    """The peers of one member, asked before anything is written.
+
+    Raises :class:`CascadeError` when no tracker answers.
+    """
+    return [(r.ip, r.port, r.good, r.last_seen) for r in trackers.list_peers(cascade_hash, my_ip, port, LIST_TIMEOUT)]
+
+
 def _download(
     members: MemberSet,
     trackers: TrackerSet,
@@ -1164,10 +1200,12 @@ def _download(
     policy: FetchPolicy,
     stop_event: threading.Event,
     bar: _Bar,
+    first: list[PeerInfo],
 ) -> str | None:
     """Run one :class:`CollectionFetcher` over the members; the error line when it failed as a whole.
 
-    Raises :class:`DataError` (a full disk, a ``.part`` that became a symlink).
+    ``first``: the peers a first listing gave. Raises :class:`DataError` (a full disk,
+    a ``.part`` that became a symlink).
     """
 
     def list_peers() -> list[PeerInfo]:
@@ -1180,6 +1218,7 @@ def _download(
         return [(r.ip, r.port, r.good, r.last_seen) for r in records]
 
     fetcher = CollectionFetcher(members, list_peers, policy=policy, my_port=port)
+    fetcher.add_peers(first)
     shown = members.verified_bytes
     bar.add(shown)
 
@@ -1246,20 +1285,27 @@ def run_collection(
     stop_event: threading.Event,
     stop_wait: Any,
     cleanup: contextlib.ExitStack,
+    ready: Callable[[], None] = lambda: None,
 ) -> int:
     """Fetch, report (one line per failed member, one for the whole; ``--json`` per file and overall), seed.
 
-    ``cleanup`` is closed by the caller once ``server`` stopped (see :func:`fetch_collection`).
+    ``cleanup`` is closed by the caller once ``server`` stopped; ``ready`` is called
+    once the output is open (see :func:`fetch_collection`).
     """
-    jobs, seconds, error = fetch_collection(args, coll, out_path, trackers, server, my_ip, policy, stop_event, cleanup)
+    jobs, seconds, error = fetch_collection(
+        args, coll, out_path, trackers, server, my_ip, policy, stop_event, cleanup, ready
+    )
     failed = [j for j in jobs if j.error is not None or (j.result is not None and not j.result.complete)]
     downloaded = sum(j.result.bytes_downloaded for j in jobs if j.result is not None)
     if error is not None and not stop_event.is_set():
         print(f"peer fetch: error: {error}", file=sys.stderr, flush=True)
-    for j in failed[:20]:
+    # Interrupted, every member not done yet is incomplete by the user's choice: only the
+    # members that failed for a reason of their own get a line (and the summary says the rest).
+    told = [j for j in failed if j.error is not None] if stop_event.is_set() else failed
+    for j in told[:20]:
         print(f"peer fetch: {j.error or f'{out_path / j.member.path}: incomplete'}", file=sys.stderr, flush=True)
-    if len(failed) > 20:
-        print(f"peer fetch: ... and {len(failed) - 20} more files failed", file=sys.stderr, flush=True)
+    if len(told) > 20:
+        print(f"peer fetch: ... and {len(told) - 20} more files failed", file=sys.stderr, flush=True)
     count = len(jobs)
     rate = downloaded / seconds if seconds > 0 else 0.0
     if stop_event.is_set():

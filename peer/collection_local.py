@@ -30,6 +30,7 @@ from cascade.collection import (
     MAX_COLLECTION_SIZE,
     MAX_DEPTH,
     MAX_MEMBERS,
+    MAX_PATH_BYTES,
     Collection,
     Member,
     check_tree,
@@ -62,23 +63,32 @@ _DIR_FLAGS = os.O_RDONLY | O_DIRECTORY | O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0
 # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused just after.
 _FILE_FLAGS = os.O_RDONLY | O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
 
+# Where ``peer fetch`` keeps the members it has not finished, under ``--out``: a fetch
+# refuses a collection holding this name at its top, in any case, so none is made with it.
+PARTIAL_DIR = ".cascade-partial"
 
-def read_metafile(path: str | os.PathLike[str], *, keep_files: bool = False) -> CascadeFile | Collection:
+
+def read_metafile(
+    path: str | os.PathLike[str], *, keep_files: bool = False, source: str | None = None
+) -> CascadeFile | Collection:
     """Read a ``.cascade`` or a collection file, told apart by its magic (never by its name).
 
     ``keep_files``: a collection's members keep their parsed ``.cascade`` (see
-    :func:`cascade.collection.parse_collection`). Raises :class:`MetafileError`
-    (:class:`CollectionError` for a bad collection).
+    :func:`cascade.collection.parse_collection`). ``source`` names the file in the
+    messages about its content (default: ``path``; a download names its URL, not
+    its temporary file). Raises :class:`MetafileError` (:class:`CollectionError`
+    for a bad collection).
     """
     p = Path(path)
+    shown = str(p) if source is None else source
 
     def limit(head: bytes) -> int:
         return MAX_COLLECTION_SIZE if looks_like_collection(head) else MAX_METAFILE_SIZE
 
     data = read_metafile_bytes(p, limit, ".cascade or collection")
     if looks_like_collection(data):
-        return parse_collection(data, str(p), keep_files=keep_files)
-    return parse_cascade(data, str(p))
+        return parse_collection(data, shown, keep_files=keep_files)
+    return parse_cascade(data, shown)
 
 
 # --- opening members without following symlinks ---------------------------------
@@ -110,15 +120,76 @@ class MemberMissing(DataError):
     """A member's file is not there (or a folder on its way is not)."""
 
 
-def open_member(root_fd: int, path: str, shown: Path | Callable[[], Path]) -> int:
+def open_member(root_fd: int, path: str, shown: Path | Callable[[], Path], *, respell: bool = True) -> int:
     """Open member ``path`` ('/'-separated, checked) under ``root_fd`` for reading; returns a descriptor.
 
     No component is followed if it is a symlink, and only a regular file is
     accepted. ``shown`` names the file in messages, or makes the name when one is
     needed (a seeder reopens members thousands of times a second, and a Path each
-    costs more than the open). Raises :class:`MemberMissing` when it is not
+    costs more than the open). A member path is NFC, but a file on a disk that
+    does not normalise names (Linux) may be spelt otherwise, NFD from a Mac, say:
+    with ``respell``, a non-ASCII path not found as spelt is looked up by its NFC
+    form (:func:`disk_spelling`). Raises :class:`MemberMissing` when it is not
     there, :class:`DataError` for a symlink, a special file or another error.
     """
+    try:
+        return _open_member_as_spelt(root_fd, path, shown)
+    except MemberMissing:
+        if not respell or path.isascii():
+            raise
+        spelt = disk_spelling(root_fd, path)
+        if spelt is None or spelt == path:
+            raise
+        return _open_member_as_spelt(root_fd, spelt, shown)
+
+
+def disk_spelling(root_fd: int, path: str) -> str | None:
+    """How member ``path`` is spelt on disk under ``root_fd`` when not exactly so, else ``path``; None when absent.
+
+    Each component not found as spelt is matched by its NFC form against the
+    names in its folder (only then is the folder listed). Two names with one NFC
+    form (possible on Linux) match neither: which one the collection meant cannot
+    be told. Folders are entered without following symlinks. Raises nothing.
+    """
+    spelt: list[str] = []
+    fd = root_fd
+    parts = path.split("/")
+    try:
+        for i, comp in enumerate(parts):
+            name = comp if _exists(comp, fd) else _respelt(comp, fd)
+            if name is None:
+                return None
+            spelt.append(name)
+            if i < len(parts) - 1:
+                nfd = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                if fd != root_fd:
+                    os.close(fd)
+                fd = nfd
+    except OSError:
+        return None
+    finally:
+        if fd != root_fd:
+            os.close(fd)
+    return "/".join(spelt)
+
+
+def _exists(name: str, dir_fd: int) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _respelt(comp: str, dir_fd: int) -> str | None:
+    """The one name in folder ``dir_fd`` whose NFC form is ``comp``, or None (none, or two)."""
+    if comp.isascii():
+        return None  # an ASCII name has no other spelling
+    found = [name for name in os.listdir(dir_fd) if not name.isascii() and _nfc(name) == comp]
+    return found[0] if len(found) == 1 else None
+
+
+def _open_member_as_spelt(root_fd: int, path: str, shown: Path | Callable[[], Path]) -> int:
     parts = path.split("/")
     fd = root_fd
     try:
@@ -190,7 +261,8 @@ class Tree:
 def walk_tree(folder: Path) -> Tree:
     """List the regular files under ``folder``, following no symlink; check their paths as members.
 
-    Symlinks and special files (FIFOs, sockets, devices) are skipped, each with
+    Symlinks, special files (FIFOs, sockets, devices) and a top-level
+    ``.cascade-partial`` (an unfinished fetch's) are skipped, each with
     a line in ``skipped``; empty folders hold no file and so are not in the
     result. Raises :class:`CollectionError` for a path no collection may hold
     (as :func:`cascade.collection.check_tree`), too many files or too deep a
@@ -210,11 +282,23 @@ def walk_tree(folder: Path) -> Tree:
         for entry in entries:
             child = f"{rel}/{entry.name}" if rel else entry.name
             try:
-                if entry.is_symlink():
+                if not rel and entry.name.casefold() == PARTIAL_DIR:
+                    skipped.append(
+                        f"{child!r} holds the parts of an unfinished fetch: skipped (no fetch takes the name)"
+                    )
+                elif entry.is_symlink():
                     skipped.append(f"{child!r} is a symbolic link: skipped (collections hold no links)")
                 elif entry.is_dir(follow_symlinks=False):
                     if depth + 1 >= MAX_DEPTH:
-                        raise CollectionError(f"{folder / child}: deeper than {MAX_DEPTH} folders")
+                        raise CollectionError(f"{folder}: {_cut(child)} is deeper than {MAX_DEPTH} folders")
+                    size = len(child.encode("utf-8", "surrogateescape"))
+                    if size >= MAX_PATH_BYTES:
+                        # Every file under it would be refused; and listing it could pass the
+                        # system's PATH_MAX, a line of 4 KB saying "File name too long".
+                        raise CollectionError(
+                            f"{folder}: the folder {_cut(child)} is {size} bytes long: a path under it would be"
+                            f" longer than the limit of {MAX_PATH_BYTES}"
+                        )
                     stack.append((child, depth + 1))
                 elif entry.is_file(follow_symlinks=False):
                     found.append((child, entry.stat(follow_symlinks=False).st_size))
@@ -236,6 +320,12 @@ def walk_tree(folder: Path) -> Tree:
 
 def _nfc(text: str) -> str:
     return unicodedata.normalize("NFC", text)
+
+
+def _cut(path: str) -> str:
+    """A path found on disk, for a message: ``repr`` (no control character reaches the terminal), cut short."""
+    shown = repr(path)
+    return shown if len(shown) <= 120 else shown[:80] + "..." + shown[-37:]
 
 
 def collection_size(tree: Tree, block_size: int) -> int:
@@ -393,14 +483,36 @@ class HeldFolder:
     def __init__(self, folder: Path) -> None:
         self.path = folder
         self.fd = open_root(folder)
+        # Member paths found spelt otherwise on disk (see open_member), so that the
+        # folder is listed once for such a member, not at every opening.
+        self._spelt: dict[str, str] = {}
 
     def open_member(self, path: str) -> int:
         """Open member ``path`` as :func:`open_member` does (and raises as it does)."""
-        return open_member(self.fd, path, functools.partial(operator.truediv, self.path, path))
+        shown = functools.partial(operator.truediv, self.path, path)
+        try:
+            return open_member(self.fd, self._spelt.get(path, path), shown, respell=False)
+        except MemberMissing:
+            if self._respell(path) is None:
+                raise
+            return open_member(self.fd, self._spelt[path], shown, respell=False)
 
     def look(self, path: str) -> DiskSignature | None:
         """Member ``path``'s signature (its last component not followed); ``None`` when it is gone."""
-        return signature_at(self.fd, path)
+        seen = signature_at(self.fd, self._spelt.get(path, path))
+        if seen is None and self._respell(path) is not None:
+            seen = signature_at(self.fd, self._spelt[path])
+        return seen
+
+    def _respell(self, path: str) -> str | None:
+        """Find ``path`` spelt otherwise on disk, remember and return the spelling; None when there is no new one."""
+        if path.isascii():
+            return None
+        spelt = disk_spelling(self.fd, path)
+        if spelt is None or spelt == self._spelt.get(path, path):
+            return None
+        self._spelt[path] = spelt
+        return spelt
 
     def close(self) -> None:
         os.close(self.fd)

@@ -215,9 +215,11 @@ def _fetch_collection(
             raise _Failed(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
         server = BlockServer(host, 0, BlockServerConfig(upload_rate=upload_rate))
         server.start()
-    log.info("peer listening on %s:%d", *server.address)
+    listening = "peer listening on {}:{}".format(*server.address)
     policy = FetchPolicy(max_peers=args.max_peers, stall_timeout=args.timeout, max_download_rate=download_rate)
     # What the served members need (their folder, held open) is let go once the server stopped.
+    # The listening line comes once the output is open, as for one file: a run that fails
+    # before (tracker down, --out a file) prints its one error line and nothing else.
     with contextlib.ExitStack() as cleanup:
         try:
             return run_collection(
@@ -232,6 +234,7 @@ def _fetch_collection(
                 stop.event,
                 stop.wait,
                 cleanup,
+                lambda: log.info("%s", listening),
             )
         except CascadeError as exc:
             raise _Failed(str(exc), code=exit_code(exc)) from exc

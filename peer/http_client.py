@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import SplitResult, unquote, urlsplit
 
 from cascade.backoff import Backoff
-from cascade.collection import serialize_collection
+from cascade.collection import Collection, serialize_collection
 from cascade.errors import (
     DataError,
     MetafileError,
@@ -64,9 +64,10 @@ _CASCADE_PATH = re.compile(r"^(.*)/cascades/([0-9a-fA-F]{64})\.cascade$")
 class Published:
     """The answer to an upload."""
 
-    cascade_hash: bytes
+    cascade_hash: bytes  # a collection's: its collection hash
     url: str  # where others download it
     new: bool  # False when the tracker already had this file
+    collection: bool = False  # a collection rather than a single-file .cascade
 
 
 def http_session(retries: int = RETRIES) -> requests.Session:
@@ -292,7 +293,8 @@ def _check_and_place(tmp: Path, target: Path, want: bytes, url: str) -> None:
         raise MetafileError(
             f"{url}: the downloaded file's SHA-256 is {got.hex()}, not the hash in the URL; refusing to use it"
         )
-    read_metafile(tmp)  # the right bytes, and also a valid .cascade or collection
+    # The right bytes, and also a valid .cascade or collection (named by its URL: the temporary file goes).
+    read_metafile(tmp, source=url)
     try:
         os.chmod(tmp, 0o644)  # mkstemp made it private; a .cascade file is public by nature
         if target.exists():
@@ -348,4 +350,5 @@ def upload_cascade(path: str | os.PathLike[str], tracker: str, token: str | None
         raise PublishRefused(f"tracker {base} answered the upload with something that is not its API") from exc
     if returned != cascade_hash:
         raise PublishRefused(f"tracker {base} stored the file under another hash ({returned.hex()})")
-    return Published(cascade_hash, f"{base}/cascades/{cascade_hash.hex()}.cascade", r.status_code == 201)
+    url = f"{base}/cascades/{cascade_hash.hex()}.cascade"
+    return Published(cascade_hash, url, r.status_code == 201, isinstance(read, Collection))

@@ -55,7 +55,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 def _print(published: Published) -> None:
     how = "uploaded" if published.new else "already on the tracker"
-    print(f"cascade publish: {how}, cascade hash {published.cascade_hash.hex()}", file=sys.stderr, flush=True)
+    kind = "collection hash" if published.collection else "cascade hash"
+    print(f"cascade publish: {how}, {kind} {published.cascade_hash.hex()}", file=sys.stderr, flush=True)
     print(published.url, flush=True)
 
 

@@ -434,3 +434,20 @@ def test_progress_bar_only_on_a_terminal_for_large_work(monkeypatch: pytest.Monk
 )
 def test_the_default_block_size_keeps_a_file_within_65536_blocks(length: int, block_size: int) -> None:
     assert default_block_size(length) == block_size
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("head", "items"),
+    [
+        ({"count": 0}, []),
+        ({"a": 1, "b": "x"}, [{"path": "caf\xe9\n\u202e", "length": 2}]),
+        ({}, [{"p": 1}, {"q": [1, {"r": None}]}, {}]),
+    ],
+)
+def test_a_long_json_list_is_printed_one_item_at_a_time_as_json_dumps_prints_it(
+    head: dict[str, object], items: list[dict[str, object]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # cascade info --json of a million members: the same text, without the million dicts and one huge string.
+    cli.print_json_with_list(head, "members", iter(items))
+    assert capsys.readouterr().out == json.dumps({**head, "members": items}, indent=2) + "\n"

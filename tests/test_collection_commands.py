@@ -10,9 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -332,7 +334,7 @@ def test_publish_a_collection_and_download_it_by_url(tmp_path: Path, tree: tuple
         assert r.returncode == 0, r.stderr
         url = r.stdout.strip()
         assert url == f"{tracker.http}/cascades/{coll.collection_hash.hex()}.cascade"
-        assert "uploaded" in r.stderr
+        assert f"uploaded, collection hash {coll.collection_hash.hex()}" in r.stderr
         from peer.http_client import download_cascade
 
         (tmp_path / "downloaded").mkdir()
@@ -448,6 +450,74 @@ def test_swarm_of_fetchers_one_killed_and_resumed(
     assert not (tmp_path / "killed" / "link-out").exists() and not (tmp_path / "killed" / "fifo").exists()
 
 
+def test_an_interrupted_fetch_says_so_in_one_line_and_resumes(
+    tmp_path: Path, swarm: Swarm, tree: tuple[Path, dict[str, bytes]]
+) -> None:
+    # Ctrl-C is the user's choice: one line, as for one file, not a line per member left.
+    root, files = tree
+    big = bytes(range(251)) * 8000
+    (root / "a" / "big.bin").write_bytes(big)
+    files = {**files, "a/big.bin": big}
+    for i in range(30):
+        (root / "more" / f"{i}.txt").parent.mkdir(exist_ok=True)
+        (root / "more" / f"{i}.txt").write_bytes(b"%d\n" % i)
+        files[f"more/{i}.txt"] = b"%d\n" % i
+    out = create(root)
+    seed_tree(swarm, out)
+    slow = swarm.start(*fetch_args(swarm, out, tmp_path / "o", "--max-download-rate", "200K", "--progress-lines"))
+    slow.wait_for_line(r"progress [1-9]\d{5,} ")
+    slow.signal(signal.SIGINT)
+    assert slow.wait(TIMEOUT) == 130, slow.stderr
+    said = [line for line in slow.stderr.splitlines() if not line.startswith(("progress ", "peer listening "))]
+    assert said == [
+        f"peer fetch: interrupted; verified blocks are kept in {tmp_path / 'o' / '.cascade-partial'}, rerun to resume"
+    ]
+    assert json.loads(slow.stdout.strip().splitlines()[-1])["complete"] is False
+    resumed = swarm.start(*fetch_args(swarm, out, tmp_path / "o"))
+    assert resumed.wait(TIMEOUT) == 0, resumed.stderr
+    assert tree_bytes(tmp_path / "o") == files
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A real 64 KiB tmpfs (root only), unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], timeout=10).returncode:
+        pytest.skip("this machine does not let us mount a tmpfs")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], timeout=10, check=True)
+
+
+def test_a_full_disk_is_one_line_naming_the_member_and_the_rest_is_kept(
+    tmp_path: Path, swarm: Swarm, small_tmpfs: Path
+) -> None:
+    root = tmp_path / "ds"
+    files = {f"a/{i}.txt": b"%d\n" % i for i in range(5)} | {"b/big.bin": bytes(range(256)) * 800}
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    coll = create(root)
+    seed_tree(swarm, coll)
+    out = small_tmpfs / "out"
+    first = swarm.start(*fetch_args(swarm, coll, out))
+    assert first.wait(TIMEOUT) == 1, first.stderr
+    said = [line for line in first.stderr.splitlines() if not line.startswith("peer listening ")]
+    big = f"{out / 'b' / 'big.bin'}: disk full: cannot reserve its 200.0 KiB (in {out / '.cascade-partial'})"
+    assert said == [f"peer fetch: error: {big}"]
+    assert tree_bytes(out) == {k: v for k, v in files.items() if k.startswith("a/")}  # the small ones fit: kept
+    subprocess.run(["mount", "-o", "remount,size=1m", str(small_tmpfs)], timeout=10, check=True)
+    again = swarm.start(*fetch_args(swarm, coll, out))
+    assert again.wait(TIMEOUT) == 0, again.stderr
+    doc = json.loads(again.stdout.strip().splitlines()[-1])
+    assert doc["bytes_downloaded"] == len(files["b/big.bin"])  # the members kept are not fetched again
+    assert tree_bytes(out) == files
+
+
 def test_fetch_never_writes_through_a_symlink_nor_over_a_foreign_file(
     tmp_path: Path, swarm: Swarm, tree: tuple[Path, dict[str, bytes]]
 ) -> None:
@@ -502,4 +572,30 @@ def test_fetch_refuses_a_member_in_the_partial_folder_before_writing(tmp_path: P
         "peer", "fetch", str(bad), "--tracker", "127.0.0.1:9", "--out", str(tmp_path / "o"), "--listen", "127.0.0.1:0"
     )
     assert r.returncode == 1 and "partial downloads" in r.stderr, r.stderr
+    assert len(r.stderr.splitlines()) == 1, r.stderr  # no "listening" line before it
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("out_exists", [False, True], ids=["new-out", "empty-out"])
+def test_fetch_with_no_tracker_answering_fails_at_once_with_one_line_and_writes_nothing(
+    tmp_path: Path, out_exists: bool
+) -> None:
+    # As for one file: a tracker must answer before anything is created (the empty member
+    # included), and an unreachable one is one line at once, not a minute of retries
+    # followed by a line per member.
+    coll = tmp_path / "x.cascade"
+    empty = encode_cascade(0, 4, hashlib.sha256(b"").digest(), b"")
+    coll.write_bytes(serialize_collection([Member(f"d/{i}.txt", HELLO) for i in range(30)] + [Member("empty", empty)]))
+    out = tmp_path / "o"
+    if out_exists:
+        out.mkdir()
+    args = ["peer", "fetch", str(coll), "--tracker", "127.0.0.1:9", "--out", str(out), "--listen", "127.0.0.1:0"]
+    r = run(*args, "--json", "--timeout", "30")
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.splitlines() == ["peer fetch: error: tracker 127.0.0.1:9 unreachable: Connection refused"]
+    assert json.loads(r.stdout.splitlines()[-1]) == {
+        "complete": False,
+        "error": "tracker 127.0.0.1:9 unreachable: Connection refused",
+    }
+    assert sorted(tmp_path.iterdir()) == ([out] if out_exists else []) + [coll]
+    assert not out_exists or list(out.iterdir()) == []

@@ -122,6 +122,16 @@ def test_fetch_url_whose_data_does_not_fit(published: str, small_tmpfs: Path) ->
     assert_one_line(proc, 1, f"{out}.part: disk full: cannot reserve space for the output file")
 
 
+def test_a_fifo_given_as_the_cascade_file_is_refused_at_once(tmp_path: Path) -> None:
+    # Opened plainly, a FIFO waits for a writer forever, and peer fetch (which turns
+    # SIGTERM into a stop request) could not even be terminated. The timeout bounds a regression.
+    fifo = tmp_path / "x.cascade"
+    os.mkfifo(fifo)
+    for args in (("cascade", "info", str(fifo)), ("peer", "fetch", str(fifo), "--tracker", "127.0.0.1:9")):
+        assert_one_line(run(*args, timeout=20), 1, f"{fifo}: not a regular file")
+    assert_one_line(run("cascade", "info", str(tmp_path)), 1, f"{tmp_path}: is a directory")
+
+
 def test_ipv6_listen_is_refused_in_one_line() -> None:
     # A bad command-line value is exit 2 for every command (cascade/command.py).
     for command, code in ((["fetch", str(SAMPLE)], 2), (["seed", str(SAMPLE)], 2)):

@@ -16,6 +16,7 @@ import pytest
 import requests
 
 from cascade.errors import TrackerUnreachable
+from cascade.metafile import encode_cascade
 from cascade.wire import TrackerCommand
 from peer.http_client import HTTP_BACKOFF, RETRIES
 from peer.tracker_client import TrackerRefused, announce, parse_tracker
@@ -212,6 +213,29 @@ def test_fetch_by_url_refuses_a_file_that_does_not_match_its_hash(samples: Path,
         line = one_error_line(r.stderr, "peer fetch: error:")
         assert "SHA-256" in line and want in line
         assert sorted(p.name for p in tmp_path.iterdir()) == ["samples"]  # nothing saved, not even a partial file
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def test_fetch_by_url_names_the_url_of_a_hostile_collection_and_saves_nothing(tmp_path: Path) -> None:
+    # The right hash, so the bytes are what the URL names; its content is refused, naming
+    # the URL (not the temporary file it was received in, which is gone by then).
+    hello = encode_cascade(6, 6, hashlib.sha256(b"hello\n").digest(), hashlib.sha256(b"hello\n").digest())
+    path = b"../evil.txt"
+    _Liar.body = b"CASCCOLL" + (1).to_bytes(4, "big") * 2 + len(path).to_bytes(2, "big") + path
+    _Liar.body += len(hello).to_bytes(4, "big") + hello
+    server = HTTPServer(("127.0.0.1", 0), _Liar)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/cascades/{hashlib.sha256(_Liar.body).hexdigest()}.cascade"
+        r = run("peer", "fetch", url, "--listen", "127.0.0.1:0", "--out", str(tmp_path / "out"), cwd=tmp_path)
+        assert r.returncode == 1
+        line = one_error_line(r.stderr, "peer fetch: error:")
+        assert line == f"peer fetch: error: {url}: member 1 of 1: path '../evil.txt' has a '..' component"
+        assert list(tmp_path.iterdir()) == []
     finally:
         server.shutdown()
         server.server_close()
