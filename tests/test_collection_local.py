@@ -44,6 +44,17 @@ def read_all(fd: int) -> bytes:
         os.close(fd)
 
 
+def assert_not_found(folder: Path, member: str) -> None:
+    """Neither a spelling nor the member itself is found under ``folder``."""
+    root = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert disk_spelling(root, member) is None
+        with pytest.raises(MemberMissing):
+            open_member(root, member, folder / member)
+    finally:
+        os.close(root)
+
+
 def test_a_member_spelt_nfd_on_disk_is_opened_by_its_nfc_path(nfd_tree: Path) -> None:
     root = os.open(nfd_tree, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -77,13 +88,7 @@ def test_two_spellings_of_one_name_match_neither(tmp_path: Path) -> None:
     (tmp_path / "e\u0302\u0323.txt").write_bytes(b"2")
     if (tmp_path / name).exists():
         pytest.skip("this file system normalises names")
-    root = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        assert disk_spelling(root, name) is None
-        with pytest.raises(MemberMissing):
-            open_member(root, name, tmp_path / name)
-    finally:
-        os.close(root)
+    assert_not_found(tmp_path, name)
 
 
 def test_a_symlinked_folder_is_not_entered_to_find_a_spelling(tmp_path: Path) -> None:
@@ -93,13 +98,7 @@ def test_a_symlinked_folder_is_not_entered_to_find_a_spelling(tmp_path: Path) ->
     root_dir = tmp_path / "root"
     root_dir.mkdir()
     (root_dir / nfd(FOLDER)).symlink_to(elsewhere)
-    root = os.open(root_dir, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        assert disk_spelling(root, MEMBER) is None
-        with pytest.raises(MemberMissing):
-            open_member(root, MEMBER, root_dir / MEMBER)
-    finally:
-        os.close(root)
+    assert_not_found(root_dir, MEMBER)
 
 
 def test_create_skips_the_parts_of_an_unfinished_fetch_that_no_fetch_would_take(tmp_path: Path) -> None:
