@@ -301,6 +301,7 @@ class BlockServer:
         # verdict), (when, bytes gone for good) over the last RATE_WINDOW, and the best
         # rate lately (bytes per second, when).
         self._spare_seen = (-SPARE_RECHECK, False)
+        self._spare_lock = threading.Lock()  # one worker looks at a time; the others take the last verdict
         self._gone: collections.deque[tuple[float, int]] = collections.deque()
         self._best_rate = (0.0, 0.0)
         self._low_since: float | None = None  # since when the rate is below SPARE_FRACTION of the best
@@ -904,8 +905,15 @@ class BlockServer:
         if not self.features.send_backlog:
             return False
         seen, spare = self._spare_seen
-        if 0 <= now - seen < SPARE_RECHECK:
-            return spare
+        if 0 <= now - seen < SPARE_RECHECK or not self._spare_lock.acquire(blocking=False):
+            return spare  # looked at lately, or being looked at by another worker
+        try:
+            return self._look_for_spare(now, spare)
+        finally:
+            self._spare_lock.release()
+
+    def _look_for_spare(self, now: float, spare: bool) -> bool:
+        """One look of :meth:`_upload_spare` (under ``_spare_lock``): ``spare`` is the last verdict."""
         try:
             conns = list(self._conns.values())  # owned by the selector thread: a snapshot
         except RuntimeError:  # it changed under us: the last verdict stands a little longer
