@@ -278,6 +278,9 @@ def test_a_seeder_sending_below_its_best_rate_for_long_offers_every_block(tmp_pa
                 seconds += 1
                 offer = offered(ask(a, h), 8)
                 assert len(offered(ask(b, h), 8)) < 8
-            assert offer == set(range(8)) and seconds >= SPARE_AFTER
+            if served.server.features.send_backlog:
+                assert offer == set(range(8)) and seconds >= SPARE_AFTER
+            else:  # no way to ask the kernel what it holds (off Linux, CASCADE_PORTABLE): never
+                assert offer != set(range(8))
     finally:
         store.close()
