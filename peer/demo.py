@@ -46,6 +46,9 @@ DEFAULT_FETCHERS = 4
 DEFAULT_SEED_RATE = "4M"
 START_TIMEOUT = 15.0
 RUN_TIMEOUT = 120.0
+# How long the children get to stop on SIGTERM (all together) before SIGKILL. Arbitrary:
+# a stopping peer says goodbye to its tracker, which answers in milliseconds.
+STOP_GRACE = 3.0
 # How long a wait for output may block before Ctrl-C is looked at again (a blocked
 # queue wait is not interrupted by Ctrl-C on every platform). Arbitrary, well below a second.
 POLL = 0.2
@@ -114,20 +117,27 @@ class _Demo:
         raise CascadeError(f"the {child.name} did not start within {START_TIMEOUT:g} s")
 
     def stop_all(self) -> None:
+        """SIGTERM every child at once, SIGKILL what is left after STOP_GRACE; the whole bounded."""
         for child in reversed(self.children):
             p = child.popen
             if p.poll() is None:
                 p.terminate()
+        # One deadline for all: the children stop in parallel, so the waits must not add up
+        # (one wait per child, then per reader, could add up past 30 s before Ctrl-C returned).
+        deadline = time.monotonic() + STOP_GRACE
         for child in reversed(self.children):
             p = child.popen
             try:
-                p.wait(3)
+                p.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(3)
+        readers_by = time.monotonic() + STOP_GRACE
+        for child in reversed(self.children):
+            p = child.popen
             # The process is gone, so its pipes are at end of file and their readers end.
             for reader in child.readers:
-                reader.join(3)
+                reader.join(max(0.0, readers_by - time.monotonic()))
             for stream in (p.stdout, p.stderr):
                 if stream is not None:
                     stream.close()
