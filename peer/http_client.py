@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import SplitResult, unquote, urlsplit
 
 from cascade.backoff import Backoff
-from cascade.collection import Collection, serialize_collection
+from cascade.collection import MAX_COLLECTION_SIZE, Collection, serialize_collection
 from cascade.errors import (
     DataError,
     MetafileError,
@@ -246,10 +246,15 @@ def download_cascade(url: str, out: str | os.PathLike[str] | None = None, folder
     return target, base
 
 
+# A download by URL may be a .cascade (at most 512 MiB) or a collection (at most 1 GiB): the
+# larger bound here, and the right one by its magic once it is whole (read_metafile).
+MAX_DOWNLOAD_SIZE = max(MAX_METAFILE_SIZE, MAX_COLLECTION_SIZE)
+
+
 def _receive(r: requests.Response, url: str, target: Path) -> Path:
     length = r.headers.get("Content-Length")
-    if length is not None and length.isdigit() and int(length) > MAX_METAFILE_SIZE:
-        raise MetafileError(f"{url}: {length} bytes is larger than any valid .cascade file")
+    if length is not None and length.isdigit() and int(length) > MAX_DOWNLOAD_SIZE:
+        raise MetafileError(f"{url}: {length} bytes is larger than any valid .cascade or collection file")
     if target.parent and not target.parent.is_dir():
         raise UsageError(f"{target.parent}: no such folder for the downloaded .cascade file")
     try:
@@ -262,8 +267,8 @@ def _receive(r: requests.Response, url: str, target: Path) -> Path:
             size = 0
             for chunk in r.iter_content(1 << 16):
                 size += len(chunk)
-                if size > MAX_METAFILE_SIZE:
-                    raise MetafileError(f"{url}: larger than any valid .cascade file")
+                if size > MAX_DOWNLOAD_SIZE:
+                    raise MetafileError(f"{url}: larger than any valid .cascade or collection file")
                 f.write(chunk)
     except OSError as exc:
         tmp.unlink(missing_ok=True)

@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 import requests
 
-from cascade.errors import TrackerUnreachable
-from cascade.metafile import encode_cascade
+from cascade.collection import MAX_COLLECTION_SIZE
+from cascade.errors import CascadeError, TrackerUnreachable
+from cascade.metafile import MAX_METAFILE_SIZE, encode_cascade
 from cascade.wire import TrackerCommand
-from peer.http_client import HTTP_BACKOFF, RETRIES
+from peer.http_client import HTTP_BACKOFF, RETRIES, download_cascade
 from peer.tracker_client import TrackerRefused, announce, parse_tracker
 from tests.procs import Proc, command_line
 
@@ -236,6 +237,46 @@ def test_fetch_by_url_names_the_url_of_a_hostile_collection_and_saves_nothing(tm
         line = one_error_line(r.stderr, "peer fetch: error:")
         assert line == f"peer fetch: error: {url}: member 1 of 1: path '../evil.txt' has a '..' component"
         assert list(tmp_path.iterdir()) == []
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+class _Claims(BaseHTTPRequestHandler):
+    """Announces a body of ``length`` bytes, sends 8 of them, and hangs up."""
+
+    length = 0
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", str(self.length))
+        self.end_headers()
+        self.wfile.write(b"CASCCOLL")
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("length", "refused_by_size"),
+    [(MAX_COLLECTION_SIZE + 1, True), (MAX_METAFILE_SIZE + 1, False)],
+    ids=["over-any-metafile", "a-collection-over-the-cascade-limit"],
+)
+def test_fetch_by_url_takes_a_collection_up_to_its_own_limit(
+    tmp_path: Path, length: int, refused_by_size: bool
+) -> None:
+    """A collection may be 1 GiB, a .cascade 512 MiB: the download stops only past the larger."""
+    _Claims.length = length
+    server = HTTPServer(("127.0.0.1", 0), _Claims)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/cascades/{'ab' * 32}.cascade"
+        with pytest.raises(CascadeError) as caught:
+            download_cascade(url, folder=str(tmp_path))
+        assert ("larger than any valid" in str(caught.value)) == refused_by_size, caught.value
+        assert list(tmp_path.iterdir()) == []  # nothing saved, not even a partial file
     finally:
         server.shutdown()
         server.server_close()
