@@ -32,7 +32,7 @@ from cascade.metafile import (
     parse_cascade,
 )
 from cascade.units import format_size, parse_size
-from peer.collection_local import check_members, create_collection, read_metafile, walk_tree
+from peer.collection_local import MemberCheck, check_members, create_collection, read_metafile, walk_tree
 from peer.localdata import Progress, check_data, create_metafile
 from peer.publish_command import register_publish
 
@@ -290,11 +290,17 @@ def _member_fields(m: Member) -> dict[str, Any]:
     return {"path": m.path, "length": m.data_length, "block_size": m.block_size, "cascade_hash": m.cascade_hash.hex()}
 
 
-def print_json_with_list(head: dict[str, Any], key: str, items: Iterable[dict[str, Any]]) -> None:
-    """Print ``json.dumps({**head, key: list(items)}, indent=2)``, the same text, one item made at a time.
+def print_json_with_list(
+    head: dict[str, Any],
+    key: str,
+    items: Iterable[dict[str, Any]],
+    tail: Callable[[], dict[str, Any]] | None = None,
+) -> None:
+    """Print ``json.dumps({**head, key: list(items), **tail()}, indent=2)``, the same text, one item made at a time.
 
     For a collection's members: a million of them as dicts, then as one string,
     took gigabytes where the parsed collection takes a few hundred megabytes.
+    ``tail`` is called once the items are out (a summary counted while they were made).
     """
     text = json.dumps({**head, key: []}, indent=2)  # ends with '"KEY": []\n}': the list goes there
     out = sys.stdout
@@ -304,7 +310,10 @@ def print_json_with_list(head: dict[str, Any], key: str, items: Iterable[dict[st
     for item in items:
         out.write(sep + "    " + encode(item).replace("\n", "\n    "))
         sep = ",\n"
-    out.write("]\n}\n" if sep == "\n" else "\n  ]\n}\n")
+    out.write("]" if sep == "\n" else "\n  ]")
+    for name, value in (tail() if tail is not None else {}).items():
+        out.write(",\n  " + json.dumps(name) + ": " + encode(value).replace("\n", "\n  "))
+    out.write("\n}\n")
     out.flush()
 
 
@@ -389,27 +398,34 @@ def _verify_collection(args: argparse.Namespace, path: Path, coll: Collection) -
     folder = Path(args.data) if args.data else default_data_path(path)
     if not folder.is_dir():
         raise DataError(f"{folder}: no such folder (give the collection's folder with --data)")
-    files: list[dict[str, Any]] = []
     complete = 0
-    with progress_bar(coll.total_length, f"verifying {folder.name}") as progress:
+    count = len(coll.members)
+
+    def checked(progress: Progress | None) -> Iterator[tuple[MemberCheck, bool]]:
+        nonlocal complete
         for mc, _fd in check_members(folder, coll, whole_file=True, progress=progress):
             ok = mc.check.complete and mc.present
             complete += ok
-            if args.json:
-                files.append(
-                    {
-                        "path": mc.member.path,
-                        "complete": ok,
-                        "present": mc.present,
-                        "valid_blocks": mc.check.valid_count,
-                        "block_count": mc.cf.block_count,
-                        "data_length": mc.check.size,
-                        "expected_length": mc.cf.data_length,
-                        "file_hash_ok": bool(mc.check.file_hash_ok),
-                        "problem": mc.problem,
-                    }
-                )
-            elif mc.problem is not None:
+            yield mc, ok
+
+    with progress_bar(coll.total_length, f"verifying {folder.name}") as progress:
+        if args.json:
+            # One file's fields at a time: a million members as dicts first took gigabytes.
+            head = {
+                "data_folder": str(folder),
+                "collection_hash": coll.collection_hash.hex(),
+                "count": count,
+                "total_length": coll.total_length,
+            }
+            print_json_with_list(
+                head,
+                "files",
+                (_verified_fields(mc, ok) for mc, ok in checked(progress)),
+                lambda: {"complete": complete == count, "complete_files": complete},
+            )
+            return EXIT_OK if complete == count else EXIT_INCOMPLETE
+        for mc, _ok in checked(progress):
+            if mc.problem is not None:
                 print(f"{mc.problem}: counted as missing")
             elif not mc.present:
                 print(f"{folder / mc.member.path}: missing")
@@ -425,24 +441,26 @@ def _verify_collection(args: argparse.Namespace, path: Path, coll: Collection) -
                         check.missing(),
                     )
                 )
-    count = len(coll.members)
-    all_ok = complete == count
-    if args.json:
-        doc = {
-            "data_folder": str(folder),
-            "collection_hash": coll.collection_hash.hex(),
-            "complete": all_ok,
-            "complete_files": complete,
-            "count": count,
-            "total_length": coll.total_length,
-            "files": files,
-        }
-        print(json.dumps(doc, indent=2))
-    elif all_ok:
+    if complete == count:
         print(f"{folder}: complete, all {count} files valid ({format_size(coll.total_length)})")
-    else:
-        print(f"{folder}: incomplete, {complete} of {count} files complete")
-    return EXIT_OK if all_ok else EXIT_INCOMPLETE
+        return EXIT_OK
+    print(f"{folder}: incomplete, {complete} of {count} files complete")
+    return EXIT_INCOMPLETE
+
+
+def _verified_fields(mc: MemberCheck, ok: bool) -> dict[str, Any]:
+    """One file of ``cascade verify --json`` of a collection."""
+    return {
+        "path": mc.member.path,
+        "complete": ok,
+        "present": mc.present,
+        "valid_blocks": mc.check.valid_count,
+        "block_count": mc.cf.block_count,
+        "data_length": mc.check.size,
+        "expected_length": mc.cf.data_length,
+        "file_hash_ok": bool(mc.check.file_hash_ok),
+        "problem": mc.problem,
+    }
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

@@ -451,3 +451,13 @@ def test_a_long_json_list_is_printed_one_item_at_a_time_as_json_dumps_prints_it(
     # cascade info --json of a million members: the same text, without the million dicts and one huge string.
     cli.print_json_with_list(head, "members", iter(items))
     assert capsys.readouterr().out == json.dumps({**head, "members": items}, indent=2) + "\n"
+
+
+def test_a_summary_after_the_long_list_is_printed_as_json_dumps_prints_it(capsys: pytest.CaptureFixture[str]) -> None:
+    # cascade verify --json of a collection: the counts are known only once every file was checked.
+    items = [{"path": "a", "ok": True}, {"path": "b", "ok": False}]
+    tail = {"complete": False, "complete_files": 1, "nested": {"x": [1, 2]}}
+    cli.print_json_with_list({"count": 2}, "files", iter(items), lambda: tail)
+    assert capsys.readouterr().out == json.dumps({"count": 2, "files": items, **tail}, indent=2) + "\n"
+    cli.print_json_with_list({}, "files", iter([]), lambda: {"complete": True})
+    assert capsys.readouterr().out == json.dumps({"files": [], "complete": True}, indent=2) + "\n"
