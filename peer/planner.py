@@ -97,8 +97,11 @@ class FetchPolicy:
     # uploads half idle (each reached only 8 of 16 peers); 16 took it from 1.83 x to 1.31 x the
     # bound at 256 KiB blocks (BENCHMARKS.md, WAN). Smaller swarms are unchanged.
     max_peers: int = 16
-    # Give up when no block was verified for this long.
-    stall_timeout: float = 60.0
+    # Give up when no block was verified for this long. Longer than a seeder's announce
+    # interval (60 s, peer.common) plus the longest gap between our tracker listings
+    # (relist_max): a tracker restarted without --state lists each seeder again only at
+    # its next announce, and a fetch started then must still be asking when it comes.
+    stall_timeout: float = 90.0
     # Connects are non-blocking and run side by side (up to max_connecting), each
     # with this deadline: a peer that does not answer a SYN in 1.5 s is not worth a slot.
     connect_timeout: float = 1.5
