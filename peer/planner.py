@@ -98,9 +98,10 @@ class FetchPolicy:
     # bound at 256 KiB blocks (BENCHMARKS.md, WAN). Smaller swarms are unchanged.
     max_peers: int = 16
     # Give up when no block was verified for this long. Longer than a seeder's announce
-    # interval (60 s, peer.common) plus the longest gap between our tracker listings
-    # (relist_max): a tracker restarted without --state lists each seeder again only at
-    # its next announce, and a fetch started then must still be asking when it comes.
+    # interval (60 s, peer.common) by at least the longest wait between two of our tracker
+    # listings (relist_max, while known peers fail us): a tracker restarted without --state
+    # lists each seeder again only at its next announce, and a fetch started just then must
+    # still be asking when it comes (60 s, the old default, left no room for that).
     stall_timeout: float = 90.0
     # Connects are non-blocking and run side by side (up to max_connecting), each
     # with this deadline: a peer that does not answer a SYN in 1.5 s is not worth a slot.

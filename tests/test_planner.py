@@ -93,7 +93,7 @@ def test_endgame_asks_a_second_peer_and_the_first_copy_wins() -> None:
     [(2, 1, False), (2, 2, True), (1, 1, True), (3, 2, False)],
 )
 def test_a_peer_is_banned_after_ban_after_offences(ban_after: int, offences: int, banned: bool) -> None:
-    p = planner(ban_after=ban_after)
+    p = planner(ban_after=ban_after, stall_timeout=60.0)
     s = session(p, 1)
     results = [p.offence(s, "sent a corrupt block 3", T0) for _ in range(offences)]
     assert results[-1] is banned and s.peer.banned is banned
@@ -131,7 +131,7 @@ def test_not_present_steers_the_block_elsewhere_until_the_lack_expires() -> None
 
 
 def test_dead_addresses_are_set_aside_and_come_back_after_their_backoff() -> None:
-    p = planner()
+    p = planner(stall_timeout=60.0)
     listed = [("127.0.0.1", port, False) for port in (1, 2, 3)]
     assert p.listed(listed, T0) == 3
     for _ in range(3):
@@ -196,7 +196,7 @@ def test_two_answering_peers_switch_to_random_order_and_back() -> None:
 
 
 def test_a_resumed_download_asks_only_for_missing_blocks_and_stalls_on_virtual_time() -> None:
-    p = planner(6, have=b"\1\1\0\1\0\0")
+    p = planner(6, have=b"\1\1\0\1\0\0", stall_timeout=60.0)
     a = session(p, 1)
     assert p.request(a, 8, T0) == [2, 4, 5]
     assert p.stall(T0 + 60.0) is None
@@ -210,7 +210,7 @@ def test_a_resumed_download_asks_only_for_missing_blocks_and_stalls_on_virtual_t
 
 
 def test_nothing_listed_stalls_with_its_own_message() -> None:
-    p = planner()
+    p = planner(stall_timeout=60.0)
     assert p.stall(T0 + 60.0) is None
     assert p.stall(T0 + 60.5) == "no peers for this file within 60 s"
     p.list_failed("tracker 127.0.0.1:1 unreachable")
