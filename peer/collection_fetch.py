@@ -1100,7 +1100,7 @@ def fetch_collection(
         # before --out is created, so that a rerun after an unreachable tracker finds nothing.
         with_blocks = next((m for m in coll.members if m.data_length), None)
         if with_blocks is not None:
-            first = _first_listing(trackers, with_blocks.cascade_hash, my_ip, port)
+            first = _listing(trackers, with_blocks.cascade_hash, my_ip, port)
     out = OutFolder(out_path)
     try:
         held = HeldFolder(out_path)
@@ -1150,7 +1150,7 @@ def fetch_collection(
             except CascadeError as exc:
                 job.error = str(exc)
         if first is None and todo and not all(c is not None and c.complete for c in parts):
-            first = _first_listing(trackers, todo[0].cf.cascade_hash, my_ip, port)
+            first = _listing(trackers, todo[0].cf.cascade_hash, my_ip, port)
         for job in empties:  # created only now: no peer is needed for them, but a tracker answered
             try:
                 _empty(out, job)
@@ -1184,8 +1184,8 @@ def fetch_collection(
     return jobs, seconds, error
 
 
-def _first_listing(trackers: TrackerSet, cascade_hash: bytes, my_ip: str, port: int) -> list[PeerInfo]:
-    """The peers of one member, asked before anything is written.
+def _listing(trackers: TrackerSet, cascade_hash: bytes, my_ip: str, port: int) -> list[PeerInfo]:
+    """The peers of one member (the first listing is asked before anything is written).
 
     Raises :class:`CascadeError` when no tracker answers.
     """
@@ -1212,10 +1212,7 @@ def _download(
         # The tracker is asked for one member at a time, in turn: the peers of one member
         # likely hold the others too, and are asked for any of them over the same connection.
         job = members.next_to_list()
-        if job is None:
-            return []
-        records = trackers.list_peers(job.cf.cascade_hash, my_ip, port, LIST_TIMEOUT)
-        return [(r.ip, r.port, r.good, r.last_seen) for r in records]
+        return [] if job is None else _listing(trackers, job.cf.cascade_hash, my_ip, port)
 
     fetcher = CollectionFetcher(members, list_peers, policy=policy, my_port=port)
     fetcher.add_peers(first)
