@@ -257,7 +257,6 @@ class SuperSeeder:
                     del self._last_sent[i]
                 elif to in askers:
                     recent.add(i)
-            since = self._since.get(who)
             rate = None if since is None or now <= since[0] else since[1] / (now - since[0])
             self._since[who] = (now, 0)
             # Its block requests reach us before its next map request (one connection, in
