@@ -79,6 +79,11 @@ MAP = -1
 # rarest-first follows the swarm, for n/8 bytes per map. Arbitrary.
 MAP_REFRESH = 0.5
 MAP_IDLE_REFRESH = 0.15
+# A super-seeder's offer that names no block we still need is asked again after this
+# long (an offer we used up, at once). Arbitrary: far below MAP_IDLE_REFRESH, far above
+# a loopback round trip, so a seeder that keeps offering what we hold is asked at most
+# 50 times a second.
+MAP_RETRY = 0.02
 
 
 class Offence(Exception):
@@ -136,8 +141,8 @@ class Shell(Protocol):
         """Blocks to ask for (appended to ``session.outstanding``)."""
         ...
 
-    def idle(self, session: Session) -> None:
-        """Nothing to ask for now: wait a little."""
+    def idle(self, session: Session, wait: float = IDLE_WAIT) -> None:
+        """Nothing to ask for now: wait a little (at most ``wait`` seconds)."""
         ...
 
     def depth(self, session: Session) -> int: ...
@@ -286,6 +291,8 @@ class Connection:
         # When the last have-map request went out (time.monotonic), and whether one is in flight.
         self.map_asked = float("-inf")
         self.map_pending = False
+        # Block requests sent since the last have-map request.
+        self.asked_since_map = 0
         # Maps are read through the read buffer: a file whose maps do not fit is fetched without them.
         self.maps_fit = members is None and 2 * have_map_size(cf.block_count) <= READ_BUFFER // 2
         # Not on the connection right after a status 1 to a map request (see _read_map).
@@ -331,6 +338,8 @@ class Connection:
             # A super-seeder's offer holds until our next map request reaches it: blocks asked
             # for after that request may have been offered to another downloader meanwhile
             # (docs/protocol-extensions.md). So none are asked for while a map is on its way.
+            used_up = False
+            wait = IDLE_WAIT
             if (peer.maps is not None or not self.ask_maps) and not (self.map_pending and peer.offer is not None):
                 # The first request goes alone: a server that closes after each
                 # response then never has unread requests (which would make it reset).
@@ -338,17 +347,30 @@ class Connection:
                 if len(out) <= depth // 2:
                     batch = shell.request(session, depth - len(out))
                     frames += [self._request(i) for i in batch]
+                    self.asked_since_map += len(batch)
+                    # A super-seeder's offer gave fewer blocks than the pipeline takes: it is
+                    # used up (a first offer names two blocks), and waiting for the next
+                    # refresh would idle this connection (150 ms at the start of every fetch).
+                    used_up = peer.offer is not None and len(batch) < depth - len(out)
             if peer.maps is not False and self.ask_maps and not self.map_pending:
                 # The first map request goes alone (an old server answers status 3 and may
                 # close); later ones ride along behind block requests, answered in order:
                 # behind, so that the blocks chosen from the current offer are asked for
-                # before the offer is replaced.
-                due = self.map_asked + (MAP_REFRESH if idle_since > now else MAP_IDLE_REFRESH)
+                # before the offer is replaced. A used-up offer is asked again at once if
+                # blocks were asked for from it, else after MAP_RETRY (it named only blocks we
+                # hold: the seeder learns that from our map request).
+                if used_up:
+                    due = self.map_asked + (0.0 if self.asked_since_map else MAP_RETRY)
+                else:
+                    due = self.map_asked + (MAP_REFRESH if idle_since > now else MAP_IDLE_REFRESH)
                 if not self.responses or (peer.maps and now >= due):
                     frames.append(pack_have_map_request(self._hash, keep_open=not peer.plain))
                     out.append(MAP)
                     self.map_asked = now
                     self.map_pending = True
+                    self.asked_since_map = 0
+                elif used_up:
+                    wait = min(IDLE_WAIT, due - now)  # idle only until that map is due
             if frames:
                 try:
                     sock.sendall(b"".join(frames))
@@ -361,7 +383,7 @@ class Connection:
                     return
                 if idle_since > now:
                     idle_since = now
-                shell.idle(session)  # nothing this peer can give us right now
+                shell.idle(session, wait)  # nothing this peer can give us right now
                 continue
             idle_since = float("inf")
             timeout = shell.response_timeout(session)

@@ -503,8 +503,8 @@ class Fetcher:
         with self._lock:
             return self.planner.request(session, want, self._clock.now())
 
-    def idle(self, session: Session) -> None:
-        self._clock.wait(self._stop, IDLE_WAIT)
+    def idle(self, session: Session, wait: float = IDLE_WAIT) -> None:
+        self._clock.wait(self._stop, wait)
         with self._lock:
             self.planner.idle(session, self._clock.now())
 

@@ -85,6 +85,10 @@ class V1Server(LoopbackServer):
         self.asked: set[int] = set()
         self.offered: set[int] = set()
         self.outside: list[int] = []
+        # Offers whose last block was asked for with the next map request already sent behind
+        # it (waiting in our socket), and those whose next map request came only later.
+        self.map_behind = 0
+        self.map_later = 0
 
     def __enter__(self) -> V1Server:
         return self.start()
@@ -127,6 +131,8 @@ class V1Server(LoopbackServer):
                     self.asked.add(index)
                     if index not in self.offer:
                         self.outside.append(index)
+                    elif self.asked.issuperset(self.offer):
+                        self._note_next_map(conn)
                     time.sleep(self.delay)  # a slow link: the next map falls due while an offer is used
                 if index >= self.cf.block_count:
                     conn.sendall(pack_block_response_header(BlockStatus.OUT_OF_RANGE, 0))
@@ -140,6 +146,18 @@ class V1Server(LoopbackServer):
                 conn.sendall(pack_block_response_header(BlockStatus.OK, length) + body)
         finally:
             os.close(fd)
+
+    def _note_next_map(self, conn: socket.socket) -> None:
+        """The last block of the offer was asked for: is the next map request already here (unread)?"""
+        try:
+            waiting = conn.recv(BLOCK_REQUEST_SIZE, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            waiting = b""
+        behind = len(waiting) == BLOCK_REQUEST_SIZE and unpack_block_request_from(waiting)[3] == HAVEMAP_INDEX
+        if behind:
+            self.map_behind += 1
+        else:
+            self.map_later += 1
 
 
 def test_no_status_2_from_peers_with_maps(tmp_path: Path) -> None:
@@ -195,3 +213,19 @@ def test_blocks_are_asked_for_before_the_map_request_that_replaces_their_offer(t
         fetch(cf, tmp_path / "out", [seeder.address])
     assert seeder.map_requests >= 3  # several offers were used: the refreshes fell due mid-offer
     assert seeder.outside == []
+
+
+def test_a_used_up_offer_is_asked_again_at_once(tmp_path: Path) -> None:
+    """An offer smaller than the pipeline (a first offer names two blocks) is refreshed behind its blocks.
+
+    Before, the fetcher waited for the next idle refresh (0.15 s) once it had the
+    offer's blocks: every fetch from a super-seeder idled that long at its start, and
+    a 1 MiB fetch on loopback took 0.26 s instead of 0.1 s.
+    """
+    _, cf = make_file(tmp_path, "d.bin", 40 * 4096, 4096)
+    with V1Server(cf, tmp_path / "d.bin", "offer") as seeder:
+        seeder.offer_size, seeder.delay = 2, 0.0
+        fetch(cf, tmp_path / "out", [seeder.address])
+    assert seeder.outside == []
+    assert seeder.map_behind >= 19  # 20 offers of 2 blocks; the last one's map may be the fetch's end
+    assert seeder.map_later <= 1
