@@ -75,7 +75,15 @@ from peer.collection_local import (
     PARTIAL_DIR as PARTIAL_DIR,  # re-exported: where a fetch keeps its parts
 )
 from peer.connection import Connection
-from peer.fetcher import Fetcher, FetchPolicy, FetchResult, PeerInfo, Progress
+from peer.fetcher import (
+    WRITE_BEHIND_BYTES,
+    WRITE_BEHIND_MIN_BLOCK,
+    Fetcher,
+    FetchPolicy,
+    FetchResult,
+    PeerInfo,
+    Progress,
+)
 from peer.localdata import DataCheck, check_data
 from peer.planner import Session, Spans
 from peer.server import BlockServer
@@ -90,6 +98,7 @@ from peer.storage import (
     signature_of,
 )
 from peer.trackers import TrackerSet
+from peer.writebehind import WriteBehind
 
 log = logging.getLogger("peer.fetch")
 
@@ -501,6 +510,8 @@ class MemberSet:
         self._parts: OrderedDict[int, _Part] = OrderedDict()
         self._finish_q: queue.SimpleQueue[int | None] = queue.SimpleQueue()
         self._finisher: threading.Thread | None = None
+        # Blocks handed to the write-behind thread: from whom (see behind).
+        self._sources_behind: dict[int, str] = {}
         # Where next_to_list goes on from: among all the members left, and among those under way,
         # which are these (some blocks verified, some missing: a few at a time, so not found by
         # looking at every member).
@@ -621,12 +632,8 @@ class MemberSet:
         """
         if self.valid[i]:
             return False  # another copy won (the endgame)
-        m, j = self.spans.locate(i)
+        m, j = self.check(i, body)
         job = self.jobs[m]
-        cf = job.cf
-        start = j * HASH_SIZE
-        if hashlib.sha256(body).digest() != cf.block_hashes[start : start + HASH_SIZE]:
-            raise BlockHashMismatch(f"block {j} of {job.member.path} does not match its SHA-256")
         if self._single[m]:
             # Its one block is written once: a copy that comes meanwhile is a duplicate, whichever
             # way each would go (the nameless way can be given up for all while a copy is on it).
@@ -638,11 +645,42 @@ class MemberSet:
                 placed = self._write_direct(job, body)
                 if placed is not None:
                     return self._written(m, i, j, len(body), source, placed)
+        return self._write_part(m, i, j, body, source)
+
+    def check(self, i: int, body: memoryview) -> tuple[int, int]:
+        """(member, its block) of block ``i``, once ``body`` matched that block's SHA-256; raises BlockHashMismatch."""
+        m, j = self.spans.locate(i)
+        cf = self.jobs[m].cf
+        start = j * HASH_SIZE
+        if hashlib.sha256(body).digest() != cf.block_hashes[start : start + HASH_SIZE]:
+            raise BlockHashMismatch(f"block {j} of {self.jobs[m].member.path} does not match its SHA-256")
+        return m, j
+
+    def may_write_behind(self, i: int) -> bool:
+        """Whether block ``i`` may be written behind the connection (peer.writebehind, see write_verified).
+
+        Yes for a block of a member of several (its name comes from the finisher); a member
+        of one block gets its name as it is written.
+        """
+        return not self._single[self.spans.member(i)]
+
+    def coming_from(self, i: int, source: str) -> None:
+        """Block ``i``, checked, goes to the write-behind thread: from ``source`` (the first copy's, if two come)."""
+        self._sources_behind.setdefault(i, source)
+
+    def write_verified(self, i: int, data: memoryview) -> bool:
+        """Write block ``i``, checked and handed over (see may_write_behind), on the write-behind thread."""
+        m, j = self.spans.locate(i)
+        return self._write_part(m, i, j, data, self._sources_behind.pop(i, ""))
+
+    def _write_part(self, m: int, i: int, j: int, body: memoryview, source: str) -> bool:
+        """Write verified block ``i`` (block ``j`` of member ``m``, from ``source``) to the member's ``.part``."""
         part = self._pin(m)
         if part is None:
             return False  # the member is whole already (a late copy)
+        job = self.jobs[m]
         try:
-            offset, view = j * cf.block_size, body
+            offset, view = j * job.cf.block_size, body
             while view:
                 n = os.pwrite(part.fd, view, offset)
                 view, offset = view[n:], offset + n
@@ -1031,13 +1069,26 @@ class CollectionFetcher(Fetcher):
         return self.members.complete
 
     def _begin(self) -> None:
-        self.members.start()
+        members = self.members
+        members.start()
+        # Large blocks are written behind the connection, as for one file (Fetcher._begin).
+        longest = members.max_block_size
+        depth = WRITE_BEHIND_BYTES // max(1, longest)
+        if longest >= WRITE_BEHIND_MIN_BLOCK and depth >= 2 and not members.complete:
+            self._behind = WriteBehind(members, lambda: None, depth, longest)
 
     def _abandon(self) -> None:
         pass  # the members already whole are still given their names (drain, by the caller)
 
     def _write(self, session: Session, i: int, body: memoryview) -> bool:
-        return self.members.write(i, body, session.peer.name)
+        members, behind = self.members, self._behind
+        if behind is None or len(body) < WRITE_BEHIND_MIN_BLOCK or not members.may_write_behind(i):
+            return members.write(i, body, session.peer.name)
+        if members.valid[i]:
+            return False  # another copy won (the endgame)
+        members.check(i, body)
+        members.coming_from(i, session.peer.name)
+        return behind.put(i, body)
 
     def _connection(self, session: Session) -> Connection:
         return Connection(self, session, self.cf, self.policy.connect_timeout, members=self.members)

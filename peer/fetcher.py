@@ -274,7 +274,7 @@ class Fetcher:
         # cost more to hand over than to write.
         depth = WRITE_BEHIND_BYTES // max(1, self.cf.block_size)
         if self.cf.block_size >= WRITE_BEHIND_MIN_BLOCK and depth >= 2 and not self.store.complete:
-            self._behind = WriteBehind(self.store, self._hasher.block_verified, depth)
+            self._behind = WriteBehind(self.store, self._hasher.block_verified, depth, self.cf.block_size)
 
     def _flush(self) -> None:
         """The connections are stopped: write what they verified (a failed write becomes the fetch's error)."""

@@ -20,19 +20,35 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from cascade.errors import CascadeError
-from peer.storage import BlockStore
+
+
+class Target(Protocol):
+    """Where verified blocks go: a file's store (peer.storage), or a collection's members (peer.collection_fetch)."""
+
+    @property
+    def valid(self) -> Sequence[int]:
+        """Per block, 1 once it is verified and written."""
+        ...
+
+    def write_verified(self, index: int, data: memoryview) -> bool:
+        """Write block ``index``, already checked, and mark it verified; False when a copy was first."""
+        ...
 
 
 class WriteBehind:
-    """Writes verified blocks to ``store`` on one thread; ``written`` is called after each (on that thread)."""
+    """Writes verified blocks to ``store`` on one thread; ``written`` is called after each (on that thread).
 
-    def __init__(self, store: BlockStore, written: Callable[[], None], depth: int) -> None:
+    ``block_size``: the longest block, the size of each of the ``depth`` buffers.
+    """
+
+    def __init__(self, store: Target, written: Callable[[], None], depth: int, block_size: int) -> None:
         self.store = store
         self._written = written
-        size = max(1, store.cf.block_size)
+        size = max(1, block_size)
         self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
         for _ in range(max(1, depth)):
             self._free.put(bytearray(size))

@@ -23,9 +23,10 @@ from cascade.wire import BlockStatus
 from peer import collection_fetch
 from peer.collection_fetch import PARTIAL_DIR, CollectionFetcher, MemberSet, OutFolder, _Job
 from peer.collection_local import HeldFolder, create_collection, walk_tree
-from peer.fetcher import FetchPolicy, PeerInfo
+from peer.fetcher import WRITE_BEHIND_MIN_BLOCK, FetchPolicy, PeerInfo
 from peer.server import BlockServer
 from peer.storage import BlockStore, MemberStore
+from peer.writebehind import WriteBehind
 from tests.doubles import LoopbackServer
 from tests.hostile import PROTOCOL_BREAKERS, HostileServer
 from tests.test_peer_server import read_response, req
@@ -130,6 +131,43 @@ def test_members_share_one_connection_per_peer(tmp_path: Path, stores: list[Bloc
     # 45 members, every request over the one connection the fetcher opened (not one per member).
     assert seeder.connections == 1
     assert not (tmp_path / "out" / PARTIAL_DIR).exists() or not any((tmp_path / "out" / PARTIAL_DIR).iterdir())
+
+
+def test_members_of_large_blocks_are_written_behind_the_connection(
+    tmp_path: Path, stores: list[BlockStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Blocks of 256 KiB or more go to the write-behind thread, as for one file; members of one block do not.
+
+    Without it a collection of large files received, hashed and wrote each block in
+    turn, and took 1.3-2 x one file of the same size (BENCHMARKS.md).
+    """
+    src = tmp_path / "src"
+    block = WRITE_BEHIND_MIN_BLOCK
+    files = {f"big/b{i}.bin": os.urandom(3 * block + 1000 * i + 1) for i in range(3)} | {"one.bin": os.urandom(block)}
+    for rel, data in files.items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(data)
+    coll = parse_collection(create_collection(src, walk_tree(src), block))
+    behind: list[int] = []
+    put = WriteBehind.put
+
+    def spy(self: WriteBehind, index: int, data: memoryview) -> bool:
+        behind.append(index)
+        return put(self, index, data)
+
+    monkeypatch.setattr(WriteBehind, "put", spy)
+    seeder = CountingSeeder(seeding(src, coll, stores)).start()
+    try:
+        jobs, error = fetch(tmp_path / "out", coll, [(*seeder.address, True)])
+    finally:
+        seeder.stop()
+    assert error is None and all(j.result is not None and j.result.complete for j in jobs)
+    assert got(tmp_path / "out") == files
+    # The large members' full blocks; their short last blocks (3, 7, 11) and one.bin's go inline.
+    assert sorted(behind) == [0, 1, 2, 4, 5, 6, 8, 9, 10]
+    for job in jobs:  # each block counted for its member and its peer
+        assert job.result is not None
+        assert sum(job.result.sources.values()) == job.cf.block_count
 
 
 def test_a_peer_lacking_a_member_is_asked_for_the_others(tmp_path: Path, stores: list[BlockStore]) -> None:

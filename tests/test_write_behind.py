@@ -37,7 +37,7 @@ def fresh_store(tmp_path: Path, size: int) -> tuple[BlockStore, bytes]:
 def test_blocks_are_marked_verified_only_once_written_and_a_second_copy_is_not_written(tmp_path: Path) -> None:
     store, data = fresh_store(tmp_path, 3 * BLOCK + 1000)
     written: list[int] = []
-    behind = WriteBehind(store, lambda: written.append(store.verified_count), depth=2)
+    behind = WriteBehind(store, lambda: written.append(store.verified_count), 2, BLOCK)
     try:
         for i in range(store.cf.block_count):
             body = memoryview(data[i * BLOCK : (i + 1) * BLOCK])
@@ -58,7 +58,7 @@ def test_a_failed_write_is_raised_when_drained_and_at_the_next_block(tmp_path: P
     # Writes through a read-only descriptor fail (EBADF), as writes to a vanished disk would.
     read_only = os.open(tmp_path / "out.bin", os.O_RDONLY)
     store.pfile = PositionalFile(read_only, store.features, writable=True)
-    behind = WriteBehind(store, lambda: None, depth=2)
+    behind = WriteBehind(store, lambda: None, 2, BLOCK)
     try:
         behind.put(0, memoryview(data[:BLOCK]))
         with pytest.raises(DataError, match="write block 0"):
