@@ -61,10 +61,15 @@ def make_tree(src: Path, small: int, big: int) -> tuple[dict[str, bytes], Collec
     """``small`` members of one block and ``big`` of several, in nested folders."""
     files = {f"d{i % 3}/s{i:03d}.bin": os.urandom(SIZE) for i in range(small)}
     files |= {f"big/b{i}.bin": os.urandom(3 * BLOCK + 7 * i + 1) for i in range(big)}
+    return files, write_tree(src, files, BLOCK)
+
+
+def write_tree(src: Path, files: dict[str, bytes], block: int) -> Collection:
+    """Write ``files`` (path: bytes) under ``src``; their collection, in blocks of ``block``."""
     for rel, data in files.items():
         (src / rel).parent.mkdir(parents=True, exist_ok=True)
         (src / rel).write_bytes(data)
-    return files, parse_collection(create_collection(src, walk_tree(src), BLOCK))
+    return parse_collection(create_collection(src, walk_tree(src), block))
 
 
 @pytest.fixture
@@ -118,16 +123,24 @@ def got(root: Path) -> dict[str, bytes]:
     }
 
 
-def test_members_share_one_connection_per_peer(tmp_path: Path, stores: list[BlockStore]) -> None:
-    src = tmp_path / "src"
-    files, coll = make_tree(src, small=40, big=5)
-    seeder = CountingSeeder(seeding(src, coll, stores)).start()
+def fetch_whole(tmp_path: Path, files: dict[str, bytes], coll: Collection, stores: list[BlockStore]) -> CountingSeeder:
+    """Fetch ``coll`` from one seeder of it (from ``tmp_path/src``) into ``tmp_path/out``: complete, every byte."""
+    seeder = CountingSeeder(seeding(tmp_path / "src", coll, stores)).start()
     try:
         jobs, error = fetch(tmp_path / "out", coll, [(*seeder.address, True)])
     finally:
         seeder.stop()
     assert error is None and all(j.result is not None and j.result.complete for j in jobs)
     assert got(tmp_path / "out") == files
+    for job in jobs:  # each block counted for its member and its peer
+        assert job.result is not None
+        assert sum(job.result.sources.values()) == job.cf.block_count
+    return seeder
+
+
+def test_members_share_one_connection_per_peer(tmp_path: Path, stores: list[BlockStore]) -> None:
+    files, coll = make_tree(tmp_path / "src", small=40, big=5)
+    seeder = fetch_whole(tmp_path, files, coll, stores)
     # 45 members, every request over the one connection the fetcher opened (not one per member).
     assert seeder.connections == 1
     assert not (tmp_path / "out" / PARTIAL_DIR).exists() or not any((tmp_path / "out" / PARTIAL_DIR).iterdir())
@@ -141,13 +154,9 @@ def test_members_of_large_blocks_are_written_behind_the_connection(
     Without it a collection of large files received, hashed and wrote each block in
     turn, and took 1.3-2 x one file of the same size (BENCHMARKS.md).
     """
-    src = tmp_path / "src"
     block = WRITE_BEHIND_MIN_BLOCK
     files = {f"big/b{i}.bin": os.urandom(3 * block + 1000 * i + 1) for i in range(3)} | {"one.bin": os.urandom(block)}
-    for rel, data in files.items():
-        (src / rel).parent.mkdir(parents=True, exist_ok=True)
-        (src / rel).write_bytes(data)
-    coll = parse_collection(create_collection(src, walk_tree(src), block))
+    coll = write_tree(tmp_path / "src", files, block)
     behind: list[int] = []
     put = WriteBehind.put
 
@@ -156,18 +165,9 @@ def test_members_of_large_blocks_are_written_behind_the_connection(
         return put(self, index, data)
 
     monkeypatch.setattr(WriteBehind, "put", spy)
-    seeder = CountingSeeder(seeding(src, coll, stores)).start()
-    try:
-        jobs, error = fetch(tmp_path / "out", coll, [(*seeder.address, True)])
-    finally:
-        seeder.stop()
-    assert error is None and all(j.result is not None and j.result.complete for j in jobs)
-    assert got(tmp_path / "out") == files
+    fetch_whole(tmp_path, files, coll, stores)
     # The large members' full blocks; their short last blocks (3, 7, 11) and one.bin's go inline.
     assert sorted(behind) == [0, 1, 2, 4, 5, 6, 8, 9, 10]
-    for job in jobs:  # each block counted for its member and its peer
-        assert job.result is not None
-        assert sum(job.result.sources.values()) == job.cf.block_count
 
 
 def test_a_peer_lacking_a_member_is_asked_for_the_others(tmp_path: Path, stores: list[BlockStore]) -> None:
