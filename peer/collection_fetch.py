@@ -510,7 +510,7 @@ class MemberSet:
         self._parts: OrderedDict[int, _Part] = OrderedDict()
         self._finish_q: queue.SimpleQueue[int | None] = queue.SimpleQueue()
         self._finisher: threading.Thread | None = None
-        # Blocks handed to the write-behind thread: from whom (see behind).
+        # Blocks handed to the write-behind thread: from whom (see coming_from).
         self._sources_behind: dict[int, str] = {}
         # Where next_to_list goes on from: among all the members left, and among those under way,
         # which are these (some blocks verified, some missing: a few at a time, so not found by

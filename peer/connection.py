@@ -79,11 +79,14 @@ MAP = -1
 # rarest-first follows the swarm, for n/8 bytes per map. Arbitrary.
 MAP_REFRESH = 0.5
 MAP_IDLE_REFRESH = 0.15
-# A super-seeder's offer that names no block we still need is asked again after this
-# long (an offer we used up, at once). Arbitrary: far below MAP_IDLE_REFRESH, far above
-# a loopback round trip, so a seeder that keeps offering what we hold is asked at most
-# 50 times a second.
+# A super-seeder's offer we used up is asked again at once when the blocks asked for
+# from it outweigh a map (its reply: two bitmaps); one that named no block we still need,
+# after MAP_RETRY seconds, or longer for large maps: at most MAP_RETRY_RATE bytes of maps
+# a second. Arbitrary: far below MAP_IDLE_REFRESH, far above a loopback round trip (a
+# seeder that keeps offering what we hold is asked at most 50 times a second); the rate
+# keeps the maps of a 65,536-block file (16 KiB) to about one per MAP_IDLE_REFRESH.
 MAP_RETRY = 0.02
+MAP_RETRY_RATE = 128 << 10
 
 
 class Offence(Exception):
@@ -291,8 +294,9 @@ class Connection:
         # When the last have-map request went out (time.monotonic), and whether one is in flight.
         self.map_asked = float("-inf")
         self.map_pending = False
-        # Block requests sent since the last have-map request.
+        # Bytes of blocks asked for since the last have-map request, and what a map reply weighs.
         self.asked_since_map = 0
+        self.map_bytes = 2 * have_map_size(cf.block_count)
         # Maps are read through the read buffer: a file whose maps do not fit is fetched without them.
         self.maps_fit = members is None and 2 * have_map_size(cf.block_count) <= READ_BUFFER // 2
         # Not on the connection right after a status 1 to a map request (see _read_map).
@@ -347,7 +351,7 @@ class Connection:
                 if len(out) <= depth // 2:
                     batch = shell.request(session, depth - len(out))
                     frames += [self._request(i) for i in batch]
-                    self.asked_since_map += len(batch)
+                    self.asked_since_map += sum(map(self._length, batch))
                     # A super-seeder's offer gave fewer blocks than the pipeline takes: it is
                     # used up (a first offer names two blocks), and waiting for the next
                     # refresh would idle this connection (150 ms at the start of every fetch).
@@ -357,10 +361,11 @@ class Connection:
                 # close); later ones ride along behind block requests, answered in order:
                 # behind, so that the blocks chosen from the current offer are asked for
                 # before the offer is replaced. A used-up offer is asked again at once if
-                # blocks were asked for from it, else after MAP_RETRY (it named only blocks we
+                # its blocks outweigh the map, else after MAP_RETRY (it named only blocks we
                 # hold: the seeder learns that from our map request).
                 if used_up:
-                    due = self.map_asked + (0.0 if self.asked_since_map else MAP_RETRY)
+                    retry = max(MAP_RETRY, self.map_bytes / MAP_RETRY_RATE)
+                    due = self.map_asked + (0.0 if self.asked_since_map >= self.map_bytes else retry)
                 else:
                     due = self.map_asked + (MAP_REFRESH if idle_since > now else MAP_IDLE_REFRESH)
                 if not self.responses or (peer.maps and now >= due):
