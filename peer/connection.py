@@ -355,7 +355,9 @@ class Connection:
                     # A super-seeder's offer gave fewer blocks than the pipeline takes: it is
                     # used up (a first offer names two blocks), and waiting for the next
                     # refresh would idle this connection (150 ms at the start of every fetch).
-                    used_up = peer.offer is not None and len(batch) < depth - len(out)
+                    # Not an empty offer: that one says "wait your turn", at the usual refresh.
+                    offer = peer.offer
+                    used_up = offer is not None and len(batch) < depth - len(out) and 1 in offer
             if peer.maps is not False and self.ask_maps and not self.map_pending:
                 # The first map request goes alone (an old server answers status 3 and may
                 # close); later ones ride along behind block requests, answered in order:

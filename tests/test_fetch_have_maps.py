@@ -89,6 +89,9 @@ class V1Server(LoopbackServer):
         # it (waiting in our socket), and those whose next map request came only later.
         self.map_behind = 0
         self.map_later = 0
+        # Until this time.monotonic(), offers name no block ("wait your turn"); how many such were sent.
+        self.empty_until = 0.0
+        self.empty_offers = 0
 
     def __enter__(self) -> V1Server:
         return self.start()
@@ -114,6 +117,11 @@ class V1Server(LoopbackServer):
                         return
                     if self.on_map == "lie":
                         conn.sendall(HaveMap(b"\1" * self.cf.block_count).encode())
+                        continue
+                    if self.on_map == "offer" and time.monotonic() < self.empty_until:
+                        self.empty_offers += 1
+                        self.offer = []
+                        conn.sendall(HaveMap(b"\1" * self.cf.block_count, bytes(self.cf.block_count)).encode())
                         continue
                     if self.on_map == "offer":
                         # Blocks never offered first (as a turn passes on: what this downloader did
@@ -229,3 +237,18 @@ def test_a_used_up_offer_is_asked_again_at_once(tmp_path: Path) -> None:
     assert seeder.outside == []
     assert seeder.map_behind >= 19  # 20 offers of 2 blocks; the last one's map may be the fetch's end
     assert seeder.map_later <= 1
+
+
+def test_an_empty_offer_is_waited_out_at_the_usual_refresh(tmp_path: Path) -> None:
+    """An offer naming no block says "wait your turn": it is not asked again every 20 ms like a used-up one.
+
+    Twelve fetchers waiting for a turn at a seeder would otherwise send it 600 map requests
+    a second, each an offer to compute and a reply on its upload.
+    """
+    _, cf = make_file(tmp_path, "d.bin", 8 * 4096, 4096)
+    with V1Server(cf, tmp_path / "d.bin", "offer") as seeder:
+        seeder.offer_size, seeder.delay = 2, 0.0
+        seeder.empty_until = time.monotonic() + 0.6
+        fetch(cf, tmp_path / "out", [seeder.address])
+    # About one map per 0.15 s idle refresh over 0.6 s (fewer on a slow machine); 30 at 20 ms.
+    assert 1 <= seeder.empty_offers <= 7
