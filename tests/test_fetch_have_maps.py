@@ -239,8 +239,8 @@ def test_a_used_up_offer_is_asked_again_at_once(tmp_path: Path) -> None:
     assert seeder.map_later <= 1
 
 
-def test_an_empty_offer_is_waited_out_at_the_usual_refresh(tmp_path: Path) -> None:
-    """An offer naming no block says "wait your turn": it is not asked again every 20 ms like a used-up one.
+def test_an_empty_offer_is_asked_again_less_often_than_a_used_up_one(tmp_path: Path) -> None:
+    """An offer naming no block says "wait your turn": asked again after 50 ms, not 20 ms like a used-up one.
 
     Twelve fetchers waiting for a turn at a seeder would otherwise send it 600 map requests
     a second, each an offer to compute and a reply on its upload.
@@ -250,5 +250,5 @@ def test_an_empty_offer_is_waited_out_at_the_usual_refresh(tmp_path: Path) -> No
         seeder.offer_size, seeder.delay = 2, 0.0
         seeder.empty_until = time.monotonic() + 0.6
         fetch(cf, tmp_path / "out", [seeder.address])
-    # About one map per 0.15 s idle refresh over 0.6 s (fewer on a slow machine); 30 at 20 ms.
-    assert 1 <= seeder.empty_offers <= 7
+    # About one map per 50 ms over 0.6 s (fewer on a slow machine); 30 at 20 ms.
+    assert 1 <= seeder.empty_offers <= 16
