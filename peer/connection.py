@@ -302,7 +302,7 @@ class Connection:
         self.asked_since_map = 0
         self.map_bytes = 2 * have_map_size(cf.block_count)
         # Maps are read through the read buffer: a file whose maps do not fit is fetched without them.
-        self.maps_fit = members is None and 2 * have_map_size(cf.block_count) <= READ_BUFFER // 2
+        self.maps_fit = members is None and self.map_bytes <= READ_BUFFER // 2
         # Not on the connection right after a status 1 to a map request (see _read_map).
         self.blind_probe = session.peer.map_refused
         self.ask_maps = self.maps_fit and not self.blind_probe
