@@ -25,9 +25,7 @@ SAMPLE = REPO / "sample_data" / "poem.txt.cascade"  # 128 KiB of data
 
 
 def run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        command_line(args), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
-    )
+    return subprocess.run(command_line(args), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
 def assert_one_line(proc: subprocess.CompletedProcess[str], code: int, *phrases: str) -> str:
