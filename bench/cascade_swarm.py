@@ -136,6 +136,12 @@ def start_seeder(
     raise BenchError(f"seeder never appeared at the tracker\n{seeder.tail()}")
 
 
+def fetch_args(meta: Path, out: Path, tracker: str, listen: str, *more: str) -> list[str]:
+    """The Python arguments of one ``peer fetch --json`` of ``meta`` into ``out`` (then ``more``)."""
+    fetch = ["-m", "peer", "fetch", str(meta), "--out", str(out)]
+    return [*fetch, "--tracker", tracker, "--listen", listen, "--json", *more]
+
+
 def run_fetchers(
     group: Group, meta: Path, outs: list[Path], tracker: Tracker, timeout: float, extra: list[str] | None = None
 ) -> FetchRun:
@@ -145,23 +151,7 @@ def run_fetchers(
         # A run killed mid-download leaves OUT.part, which the next run would resume.
         out.with_name(out.name + ".part").unlink(missing_ok=True)
     children = [
-        group.python(
-            f"fetch{i}",
-            [
-                "-m",
-                "peer",
-                "fetch",
-                str(meta),
-                "--out",
-                str(out),
-                "--tracker",
-                f"127.0.0.1:{tracker.port}",
-                "--listen",
-                "127.0.0.1:0",
-                "--json",
-                *(extra or []),
-            ],
-        )
+        group.python(f"fetch{i}", fetch_args(meta, out, f"127.0.0.1:{tracker.port}", "127.0.0.1:0", *(extra or [])))
         for i, out in enumerate(outs)
     ]
     seconds = wait_all(children, timeout)

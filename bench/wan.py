@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.cascade_swarm import check_outputs
+from bench.cascade_swarm import check_outputs, fetch_args
 from bench.data import MiB, loadavg, machine, make_file, sha256_file
 from bench.netlab import Host, Lab, Sampler, have_root, sh
 from bench.procs import BenchError, Child, Group
@@ -394,25 +394,8 @@ class Wan:
 
         def start(i: int) -> Child:
             h = fetchers[i]
-            return g.python(
-                f"fetch{i}",
-                [
-                    "-m",
-                    "peer",
-                    "fetch",
-                    str(meta),
-                    "--out",
-                    str(outs[i]),
-                    "--tracker",
-                    taddr,
-                    "--listen",
-                    f"{h.ip}:{PEER_PORT}",
-                    "--seed",
-                    "--json",
-                    "-v",
-                ],
-                h.netns,
-            )
+            args = fetch_args(meta, outs[i], taddr, f"{h.ip}:{PEER_PORT}", "--seed", "-v")
+            return g.python(f"fetch{i}", args, h.netns)
 
         def done_at(c: Child, t0: float, t0_perf: float) -> float | None:
             text = c.stdout
