@@ -98,7 +98,7 @@ from peer.storage import (
     signature_of,
 )
 from peer.trackers import TrackerSet
-from peer.writebehind import WriteBehind
+from peer.writebehind import Lender, WriteBehind
 
 log = logging.getLogger("peer.fetch")
 
@@ -1080,7 +1080,7 @@ class CollectionFetcher(Fetcher):
     def _abandon(self) -> None:
         pass  # the members already whole are still given their names (drain, by the caller)
 
-    def _write(self, session: Session, i: int, body: memoryview) -> bool:
+    def _write(self, session: Session, i: int, body: memoryview, lender: Lender | None) -> bool:
         members, behind = self.members, self._behind
         if behind is None or len(body) < WRITE_BEHIND_MIN_BLOCK or not members.may_write_behind(i):
             return members.write(i, body, session.peer.name)
@@ -1088,7 +1088,7 @@ class CollectionFetcher(Fetcher):
             return False  # another copy won (the endgame)
         members.check(i, body)
         members.coming_from(i, session.peer.name)
-        return behind.put(i, body)
+        return behind.put(i, body, lender)
 
     def _connection(self, session: Session) -> Connection:
         return Connection(self, session, self.cf, self.policy.connect_timeout, members=self.members)

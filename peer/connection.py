@@ -60,6 +60,7 @@ from cascade.wire import (
 from oscompat import detect
 from oscompat.poller import make_selector
 from peer.planner import PeerAddr, Session
+from peer.writebehind import Lender
 
 # An error message longer than this is not a message: the peer is sending garbage.
 MAX_MESSAGE = 64 << 10
@@ -158,8 +159,12 @@ class Shell(Protocol):
 
     def answered(self, session: Session) -> None: ...
 
-    def arrived(self, session: Session, i: int, body: memoryview) -> None:
-        """The body of block ``i`` (its length checked): verify, write, count; raises :class:`Offence`."""
+    def arrived(self, session: Session, i: int, body: memoryview, lender: Lender | None = None) -> None:
+        """The body of block ``i`` (its length checked): verify, write, count; raises :class:`Offence`.
+
+        ``lender``: the reader whose buffer ``body`` is in, which may trade it for another
+        (peer.writebehind), so the block need not be copied.
+        """
         ...
 
     def lacked(self, session: Session, i: int) -> None: ...
@@ -188,7 +193,7 @@ class Shell(Protocol):
 class Reader:
     """Buffered reads of block responses from one socket, without trusting one ``recv``."""
 
-    __slots__ = ("buf", "deadline", "hi", "lo", "mv", "scratch", "sock")
+    __slots__ = ("buf", "deadline", "hi", "lo", "mv", "scratch", "scratch_buf", "sock")
 
     def __init__(self, sock: socket.socket | None, block_size: int) -> None:
         self.sock: socket.socket = sock  # type: ignore[assignment]  # set by reset() before use
@@ -197,8 +202,9 @@ class Reader:
         self.mv = memoryview(self.buf)
         self.lo = 0
         self.hi = 0
-        # Bodies larger than half the read buffer are read straight into this.
-        self.scratch = None if small else memoryview(bytearray(block_size))
+        # Bodies larger than half the read buffer are read straight into this (see trade).
+        self.scratch_buf = None if small else bytearray(block_size)
+        self.scratch = None if self.scratch_buf is None else memoryview(self.scratch_buf)
         # time.monotonic() by which the current response must be complete: a
         # socket timeout alone bounds one recv, and a byte a second never trips it.
         # Real time, not the injected clock: it sets socket timeouts.
@@ -265,6 +271,23 @@ class Reader:
                 raise Closed(have + 1)
             have += got
         return scratch[:n]
+
+    def lends(self, body: memoryview) -> bool:
+        """Whether ``body`` was read into the scratch buffer, which may be traded (peer.writebehind.Lender)."""
+        return self.scratch_buf is not None and body.obj is self.scratch_buf
+
+    def trade(self, buf: bytearray) -> bytearray | None:
+        """Read large bodies into ``buf`` from now on; the scratch buffer given up (None if ``buf`` is too small).
+
+        The last body read is at its start and is no longer this reader's: whoever
+        traded keeps it (the write-behind thread writes from it).
+        """
+        old = self.scratch_buf
+        if old is None or len(buf) < len(old):
+            return None
+        self.scratch_buf = buf
+        self.scratch = memoryview(buf)
+        return old
 
 
 class Connection:
@@ -475,7 +498,8 @@ class Connection:
             expected = self._length(i)
             if length != expected:
                 raise Offence(f"announced {length} bytes for block {i}, which has {expected}")
-            shell.arrived(session, i, reader.body(length))
+            body = reader.body(length)
+            shell.arrived(session, i, body, reader if reader.lends(body) else None)
             shell.throttle(length)
         elif status == BlockStatus.NOT_PRESENT:
             if length > MAX_MESSAGE:

@@ -51,7 +51,7 @@ from peer.hasher import PrefixHasher
 from peer.planner import FetchPolicy, PeerAddr, PeerInfo, Planner, Session, Spans
 from peer.ratelimit import TokenBucket
 from peer.storage import BlockStore
-from peer.writebehind import WriteBehind
+from peer.writebehind import Lender, WriteBehind
 
 __all__ = ["FetchPolicy", "FetchResult", "Fetcher", "PeerInfo", "Progress"]
 
@@ -293,15 +293,16 @@ class Fetcher:
     def _abandon(self) -> None:
         self._hasher.abandon()
 
-    def _write(self, session: Session, i: int, body: memoryview) -> bool:
+    def _write(self, session: Session, i: int, body: memoryview, lender: Lender | None) -> bool:
         """Verify and write block ``i`` (maybe behind, see peer.writebehind); False when another copy was first.
 
-        Raises :class:`BlockHashMismatch` and :class:`DataError`.
+        ``lender``: see :meth:`peer.connection.Shell.arrived`. Raises :class:`BlockHashMismatch`
+        and :class:`DataError`.
         """
         store, behind = self.store, self._behind
         if behind is not None:
             store.check_block(i, body)
-            return behind.put(i, body)
+            return behind.put(i, body, lender)
         if store.write_sized_block(i, body):
             self._hasher.block_verified()
             return True
@@ -520,13 +521,13 @@ class Fetcher:
         if first:
             self._wake.set()  # the coordinator reconsiders the block order now
 
-    def arrived(self, session: Session, i: int, body: memoryview) -> None:
+    def arrived(self, session: Session, i: int, body: memoryview, lender: Lender | None = None) -> None:
         # The one "already have it" check on a block's path: another peer's copy won the endgame.
         if self.planner.have(i):
             wrote = False
         else:
             try:
-                wrote = self._write(session, i, body)
+                wrote = self._write(session, i, body, lender)
             except BlockHashMismatch as exc:
                 raise Offence(f"sent a corrupt block {i}") from exc
         now = self._clock.now()

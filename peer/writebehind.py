@@ -4,8 +4,13 @@ A connection thread receives a block, checks its SHA-256 and writes it, in
 turn. Writing is the slowest of the three where the page cache is cold: on the
 benchmark VM a ``pwrite`` of 1 GiB into a new file takes 2.4 s (memory the
 host must hand back page by page), against 0.6 s to hash it. :class:`WriteBehind`
-takes the verified block (a copy into one of a few buffers) and writes it on
-its own thread, while the connection goes on receiving and hashing.
+takes the verified block and writes it on its own thread, while the
+connection goes on receiving and hashing. A block in a buffer of its own (a
+connection's :class:`peer.connection.Reader` receives large bodies so) is not
+copied: :meth:`WriteBehind.put` trades that buffer for one of a few free ones
+(:class:`Lender`) and writes the block from it; any other block is copied into
+a free one. The trade takes 1 GiB of copying off the connection thread for a
+1 GiB file (BENCHMARKS.md).
 
 What stays true: a block is marked verified in the store (so served, hashed
 into the whole-file hash, counted as done) only once its bytes are written; a
@@ -39,6 +44,14 @@ class Target(Protocol):
         ...
 
 
+class Lender(Protocol):
+    """Whoever read a block into a buffer of its own and may give that buffer up (peer.connection.Reader)."""
+
+    def trade(self, buf: bytearray) -> bytearray | None:
+        """Read into ``buf`` from now on; the buffer the last block is in (None: ``buf`` is too small, no trade)."""
+        ...
+
+
 class WriteBehind:
     """Writes verified blocks to ``store`` on one thread; ``written`` is called after each (on that thread).
 
@@ -62,10 +75,13 @@ class WriteBehind:
         self._thread = threading.Thread(target=self._run, name="write-behind", daemon=True)
         self._thread.start()
 
-    def put(self, index: int, data: memoryview) -> bool:
-        """Queue verified block ``index`` (copied: ``data`` may be reused at once); False when a copy was first.
+    def put(self, index: int, data: memoryview, lender: Lender | None = None) -> bool:
+        """Queue verified block ``index``; False when a copy was first.
 
-        Waits for a free buffer. Raises the :class:`CascadeError` of an earlier failed write.
+        ``data`` may be reused at once: it is copied, or with ``lender`` (``data`` is the
+        start of the lender's buffer) that buffer is kept and the lender given a free one
+        instead. Waits for a free buffer. Raises the :class:`CascadeError` of an earlier
+        failed write.
         """
         if self.error is not None:
             raise self.error
@@ -76,7 +92,11 @@ class WriteBehind:
             self._pending += 1
         buf = self._free.get()
         n = len(data)
-        buf[:n] = data
+        kept = lender.trade(buf) if lender is not None else None
+        if kept is not None:
+            buf = kept  # data is its start
+        else:
+            buf[:n] = data
         self._todo.put((index, buf, n))
         return True
 

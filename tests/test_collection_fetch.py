@@ -26,7 +26,7 @@ from peer.collection_local import HeldFolder, create_collection, walk_tree
 from peer.fetcher import WRITE_BEHIND_MIN_BLOCK, FetchPolicy, PeerInfo
 from peer.server import BlockServer
 from peer.storage import BlockStore, MemberStore
-from peer.writebehind import WriteBehind
+from peer.writebehind import Lender, WriteBehind
 from tests.doubles import LoopbackServer
 from tests.hostile import PROTOCOL_BREAKERS, HostileServer
 from tests.test_peer_server import read_response, req
@@ -158,16 +158,19 @@ def test_members_of_large_blocks_are_written_behind_the_connection(
     files = {f"big/b{i}.bin": os.urandom(3 * block + 1000 * i + 1) for i in range(3)} | {"one.bin": os.urandom(block)}
     coll = write_tree(tmp_path / "src", files, block)
     behind: list[int] = []
+    lent: list[bool] = []
     put = WriteBehind.put
 
-    def spy(self: WriteBehind, index: int, data: memoryview) -> bool:
+    def spy(self: WriteBehind, index: int, data: memoryview, lender: Lender | None = None) -> bool:
         behind.append(index)
-        return put(self, index, data)
+        lent.append(lender is not None)
+        return put(self, index, data, lender)
 
     monkeypatch.setattr(WriteBehind, "put", spy)
     fetch_whole(tmp_path, files, coll, stores)
     # The large members' full blocks; their short last blocks (3, 7, 11) and one.bin's go inline.
     assert sorted(behind) == [0, 1, 2, 4, 5, 6, 8, 9, 10]
+    assert all(lent)  # each read into the connection's own buffer, traded rather than copied
 
 
 def test_a_peer_lacking_a_member_is_asked_for_the_others(tmp_path: Path, stores: list[BlockStore]) -> None:

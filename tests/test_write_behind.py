@@ -53,6 +53,66 @@ def test_blocks_are_marked_verified_only_once_written_and_a_second_copy_is_not_w
     assert (tmp_path / "out.bin").read_bytes()[: len(data)] == data
 
 
+class Scratch:
+    """A reader's own buffer (peer.connection.Reader's scratch), tradeable as the write-behind asks."""
+
+    def __init__(self, size: int) -> None:
+        self.buf = bytearray(size)
+        self.traded: list[bytearray] = []
+
+    def trade(self, buf: bytearray) -> bytearray | None:
+        if len(buf) < len(self.buf):
+            return None
+        old, self.buf = self.buf, buf
+        self.traded.append(old)
+        return old
+
+
+def test_a_block_in_the_readers_own_buffer_is_written_from_it_not_copied(tmp_path: Path) -> None:
+    store, data = fresh_store(tmp_path, 4 * BLOCK)
+    reader = Scratch(BLOCK)
+    behind = WriteBehind(store, lambda: None, 2, BLOCK)
+    try:
+        for i in range(store.cf.block_count):
+            reader.buf[:] = data[i * BLOCK : (i + 1) * BLOCK]  # received into the reader's buffer
+            body = memoryview(reader.buf)
+            store.check_block(i, body)
+            mine = reader.buf
+            assert behind.put(i, body, reader)
+            assert reader.buf is not mine and reader.traded[-1] is mine  # kept, and a free one given back
+            reader.buf[:] = os.urandom(BLOCK)  # the reader reads the next block at once
+        # The second copy of a block is not written: the reader keeps its buffer.
+        before = reader.buf
+        assert not behind.put(0, memoryview(reader.buf), reader)
+        assert reader.buf is before
+        behind.drain()
+    finally:
+        behind.close()
+        store.close()
+    assert store.complete
+    assert len(reader.traded) == 4
+    assert (tmp_path / "out.bin").read_bytes() == data  # not what the reader overwrote its buffers with
+
+
+def test_a_buffer_too_small_to_trade_is_copied_instead(tmp_path: Path) -> None:
+    store, data = fresh_store(tmp_path, 2 * BLOCK)
+    reader = Scratch(2 * BLOCK)  # longer than the write-behind's buffers: no trade
+    behind = WriteBehind(store, lambda: None, 2, BLOCK)
+    try:
+        for i in range(2):
+            reader.buf[:BLOCK] = data[i * BLOCK : (i + 1) * BLOCK]
+            body = memoryview(reader.buf)[:BLOCK]
+            store.check_block(i, body)
+            assert behind.put(i, body, reader)
+            reader.buf[:] = bytes(2 * BLOCK)
+        behind.drain()
+    finally:
+        behind.close()
+        store.close()
+    assert not reader.traded
+    assert (tmp_path / "out.bin").read_bytes() == data
+
+
 def test_a_failed_write_is_raised_when_drained_and_at_the_next_block(tmp_path: Path) -> None:
     store, data = fresh_store(tmp_path, 2 * BLOCK)
     # Writes through a read-only descriptor fail (EBADF), as writes to a vanished disk would.
