@@ -71,13 +71,17 @@ _HFS_IGNORED = dict.fromkeys(
 _SHOW_LIMIT = 120
 
 
-def _show(text: str | bytes, code_points: bool = False) -> str:
-    """``repr`` of a name from a stranger, so no control character reaches the terminal, cut to one short line.
+def shown(text: str | bytes, code_points: bool = False) -> str:
+    """``repr`` of a name from a stranger or from disk, so no control character reaches the terminal, cut short.
 
-    ``code_points`` escapes every non-ASCII character, for two spellings that print alike.
+    A long one keeps its start and its end (a path's file name). ``code_points``
+    escapes every non-ASCII character, for two spellings that print alike.
     """
-    shown = ascii(text) if code_points else repr(text)
-    return shown if len(shown) <= _SHOW_LIMIT else shown[: _SHOW_LIMIT - 3] + "..."
+    text = ascii(text) if code_points else repr(text)
+    if len(text) <= _SHOW_LIMIT:
+        return text
+    tail = _SHOW_LIMIT // 3
+    return text[: _SHOW_LIMIT - tail - 3] + "..." + text[-tail:]
 
 
 def _char_fault(ch: str) -> str:
@@ -100,12 +104,12 @@ def _component_fault(comp: str) -> str | None:
     if len(comp.encode("utf-8")) > MAX_COMPONENT_BYTES:
         return f"has a component longer than {MAX_COMPONENT_BYTES} bytes"
     if comp[-1] in ". ":
-        return f"has the component {_show(comp)}, ending in {comp[-1]!r}: Windows strips it, so two names become one"
+        return f"has the component {shown(comp)}, ending in {comp[-1]!r}: Windows strips it, so two names become one"
     base = comp.split(".", 1)[0]
     if base.rstrip(" ").upper() in _WINDOWS_DEVICES:
-        return f"has the component {_show(comp)}, a device name reserved on Windows"
+        return f"has the component {shown(comp)}, a device name reserved on Windows"
     if len(base) <= 8 and comp.isascii() and _SHORT_NAME.fullmatch(comp):
-        return f"has the component {_show(comp)}, shaped like a Windows short name, which can open another file"
+        return f"has the component {shown(comp)}, shaped like a Windows short name, which can open another file"
     return None
 
 
@@ -124,7 +128,7 @@ def check_member_path(path: str, folders: set[str] | None = None) -> str:
     """
     fault = _path_fault(path, folders)
     if fault is not None:
-        raise CollectionError(f"path {_show(path)} {fault}")
+        raise CollectionError(f"path {shown(path)} {fault}")
     return path
 
 
@@ -144,7 +148,7 @@ def _path_fault(path: str, folders: set[str] | None = None) -> str | None:
     if bad is not None:
         return _char_fault(bad.group())
     if not unicodedata.is_normalized("NFC", path):
-        spelled, nfc = _show(path, code_points=True), _show(_nfc(path), code_points=True)
+        spelled, nfc = shown(path, code_points=True), shown(_nfc(path), code_points=True)
         return f"is not in Unicode NFC form (it is {spelled}, NFC is {nfc})"
     components = path.split("/")
     if len(components) > MAX_DEPTH:
@@ -196,9 +200,9 @@ class Clash:
     directory: bool  # True: one needs as a directory a name the other has as a file
 
     def describe(self) -> str:
-        first, second = _show(self.first), _show(self.second)
+        first, second = shown(self.first), shown(self.second)
         if _nfc(self.first) == _nfc(self.second):  # two spellings that print alike: show their code points
-            first, second = _show(self.first, code_points=True), _show(self.second, code_points=True)
+            first, second = shown(self.first, code_points=True), shown(self.second, code_points=True)
         if self.directory:
             return (
                 f"{first} and {second} need the same name as both a file and a directory"
@@ -258,7 +262,7 @@ def check_tree(paths: Iterable[str]) -> list[str]:
         if a == b and a in respelt:
             first, second = ([a] + respelt[a])[-2:] if len(respelt[a]) == 1 else respelt[a][:2]
             raise CollectionError(
-                f"{_show(first, code_points=True)} and {_show(second, code_points=True)} are one name in Unicode NFC,"
+                f"{shown(first, code_points=True)} and {shown(second, code_points=True)} are one name in Unicode NFC,"
                 " the form a collection keeps (and macOS sees): rename one"
             )
     _refuse_duplicates_and_clashes(members)
@@ -268,7 +272,7 @@ def check_tree(paths: Iterable[str]) -> list[str]:
 def _refuse_duplicates_and_clashes(ordered: list[str]) -> None:
     for a, b in pairwise(ordered):
         if a == b:
-            raise CollectionError(f"path {_show(a)} appears twice")
+            raise CollectionError(f"path {shown(a)} appears twice")
     clash = find_clash(ordered)
     if clash is not None:
         raise CollectionError(clash.describe())
@@ -317,7 +321,7 @@ class Member:
 
 
 def _cascade_source(path: str) -> str:
-    return f"the .cascade of {_show(path)}"
+    return f"the .cascade of {shown(path)}"
 
 
 def _member_cascade(path: str, cascade: bytes) -> metafile.CascadeFile:
@@ -446,17 +450,17 @@ def parse_collection(data: bytes, source: str = "<bytes>", *, keep_files: bool =
         try:
             path = raw_path.decode("utf-8")
         except UnicodeDecodeError:
-            raise fail(f"{where}: path {_show(raw_path)} is not valid UTF-8") from None
+            raise fail(f"{where}: path {shown(raw_path)} is not valid UTF-8") from None
         if size - offset < _CASCADE_LENGTH.size:
-            raise fail(f"{where} {_show(path)}: truncated in its .cascade length")
+            raise fail(f"{where} {shown(path)}: truncated in its .cascade length")
         (cascade_length,) = _CASCADE_LENGTH.unpack_from(data, offset)
         offset += _CASCADE_LENGTH.size
         if not HEADER_SIZE <= cascade_length <= MAX_METAFILE_SIZE:
             raise fail(
-                f"{where} {_show(path)}: .cascade length {cascade_length} is outside {HEADER_SIZE}..{MAX_METAFILE_SIZE}"
+                f"{where} {shown(path)}: .cascade length {cascade_length} is outside {HEADER_SIZE}..{MAX_METAFILE_SIZE}"
             )
         if size - offset < cascade_length:
-            raise fail(f"{where} {_show(path)}: truncated in its .cascade ({size - offset} of {cascade_length} bytes)")
+            raise fail(f"{where} {shown(path)}: truncated in its .cascade ({size - offset} of {cascade_length} bytes)")
         cascade = bytes(data[offset : offset + cascade_length])
         try:
             # The checks of Member(path, cascade), the path's first, with the folder names remembered.
@@ -465,11 +469,11 @@ def parse_collection(data: bytes, source: str = "<bytes>", *, keep_files: bool =
         except CollectionError as exc:
             raise fail(f"{where}: {exc}") from exc
         if members and path <= members[-1].path:
-            previous = _show(members[-1].path)
+            previous = shown(members[-1].path)
             raise fail(
-                f"{where}: path {_show(path)} appears twice"
+                f"{where}: path {shown(path)} appears twice"
                 if path == members[-1].path
-                else f"{where}: path {_show(path)} comes after {previous}: members must be in increasing order of"
+                else f"{where}: path {shown(path)} comes after {previous}: members must be in increasing order of"
                 " their UTF-8 paths"
             )
         offset += cascade_length

@@ -97,7 +97,7 @@ from peer.storage import (
     signature_at,
     signature_of,
 )
-from peer.trackers import TrackerSet
+from peer.trackers import TrackerSet, peer_infos
 from peer.writebehind import Lender, WriteBehind
 
 log = logging.getLogger("peer.fetch")
@@ -1240,7 +1240,7 @@ def _listing(trackers: TrackerSet, cascade_hash: bytes, my_ip: str, port: int) -
 
     Raises :class:`CascadeError` when no tracker answers.
     """
-    return [(r.ip, r.port, r.good, r.last_seen) for r in trackers.list_peers(cascade_hash, my_ip, port, LIST_TIMEOUT)]
+    return peer_infos(trackers.list_peers(cascade_hash, my_ip, port, LIST_TIMEOUT))
 
 
 def _download(

@@ -38,6 +38,7 @@ from cascade.collection import (
     member_size,
     parse_collection,
     serialize_collection,
+    shown,
 )
 from cascade.errors import CollectionError, DataError, StartError, UsageError, from_os_error
 from cascade.metafile import MAX_METAFILE_SIZE, CascadeFile, parse_cascade, read_metafile_bytes
@@ -290,13 +291,13 @@ def walk_tree(folder: Path) -> Tree:
                     skipped.append(f"{child!r} is a symbolic link: skipped (collections hold no links)")
                 elif entry.is_dir(follow_symlinks=False):
                     if depth + 1 >= MAX_DEPTH:
-                        raise CollectionError(f"{folder}: {_cut(child)} is deeper than {MAX_DEPTH} folders")
+                        raise CollectionError(f"{folder}: {shown(child)} is deeper than {MAX_DEPTH} folders")
                     size = len(child.encode("utf-8", "surrogateescape"))
                     if size >= MAX_PATH_BYTES:
                         # Every file under it would be refused; and listing it could pass the
                         # system's PATH_MAX, a line of 4 KB saying "File name too long".
                         raise CollectionError(
-                            f"{folder}: the folder {_cut(child)} is {size} bytes long: a path under it would be"
+                            f"{folder}: the folder {shown(child)} is {size} bytes long: a path under it would be"
                             f" longer than the limit of {MAX_PATH_BYTES}"
                         )
                     stack.append((child, depth + 1))
@@ -320,12 +321,6 @@ def walk_tree(folder: Path) -> Tree:
 
 def _nfc(text: str) -> str:
     return unicodedata.normalize("NFC", text)
-
-
-def _cut(path: str) -> str:
-    """A path found on disk, for a message: ``repr`` (no control character reaches the terminal), cut short."""
-    shown = repr(path)
-    return shown if len(shown) <= 120 else shown[:80] + "..." + shown[-37:]
 
 
 def collection_size(tree: Tree, block_size: int) -> int:

@@ -39,7 +39,7 @@ from peer.localdata import DataCheck, check_data
 from peer.ratelimit import parse_rate
 from peer.server import BlockServer, BlockServerConfig
 from peer.storage import BlockStore
-from peer.trackers import TrackerSet, parse_trackers
+from peer.trackers import TrackerSet, parse_trackers, peer_infos
 
 log = logging.getLogger("peer.fetch")
 
@@ -369,14 +369,9 @@ class _Session:
 
 def _first_listing(session: _Session) -> list[PeerInfo]:
     try:
-        return _tuples(session.list_peers())
+        return peer_infos(session.list_peers())
     except CascadeError as exc:  # the tracker client's messages name the tracker already
         raise _Failed(str(exc)) from exc
-
-
-def _tuples(records: tuple[PeerRecord, ...]) -> list[PeerInfo]:
-    # last_seen (UNIX seconds, the tracker's clock): the fetcher tries recently seen peers first.
-    return [(r.ip, r.port, r.good, r.last_seen) for r in records]
 
 
 def _download(
@@ -388,7 +383,7 @@ def _download(
     download_rate: int | None = None,
 ) -> FetchResult:
     def list_peers() -> list[PeerInfo]:
-        return _tuples(session.list_peers())
+        return peer_infos(session.list_peers())
 
     cf = session.cf
     policy = FetchPolicy(max_peers=args.max_peers, stall_timeout=args.timeout, max_download_rate=download_rate)

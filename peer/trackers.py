@@ -25,6 +25,7 @@ from cascade.addresses import TrackerAddress
 from cascade.errors import CascadeError, ProtocolError, TrackerRefused, TrackerUnreachable
 from cascade.wire import PeerRecord, TrackerCommand
 from peer.announcer import Backoff
+from peer.planner import PeerInfo
 from peer.tracker_client import announce, parse_tracker
 
 log = logging.getLogger("peer.trackers")
@@ -214,3 +215,12 @@ def _call_all(
         r if r is not None else TrackerUnreachable(f"tracker {t} did not answer within {waited:.1f} s")
         for t, r in zip(trackers, snapshot, strict=True)
     ]
+
+
+def peer_infos(records: Iterable[PeerRecord]) -> list[PeerInfo]:
+    """The fetcher's view of a tracker's peer records. Raises nothing.
+
+    ``last_seen`` (UNIX seconds, the tracker's clock) is kept: the fetcher tries
+    recently seen peers first.
+    """
+    return [(r.ip, r.port, r.good, r.last_seen) for r in records]

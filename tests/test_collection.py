@@ -33,6 +33,7 @@ from cascade.collection import (
     normalise_member_path,
     parse_collection,
     serialize_collection,
+    shown,
 )
 from cascade.errors import CascadeError, CollectionError, MetafileError
 from cascade.metafile import MAX_METAFILE_SIZE
@@ -243,6 +244,14 @@ def test_bad_paths_are_refused_in_one_clear_line(path: str, phrase: str) -> None
     assert len(message) < 400
     with pytest.raises(CollectionError):
         Member(path, HELLO)
+
+
+def test_a_long_name_is_shown_by_its_start_and_its_end() -> None:
+    name = "top/" + "a" * 300 + "/\x1bfile.bin"
+    text = shown(name)
+    assert len(text) <= 120 and text.isprintable()
+    assert text.startswith("'top/aaa") and text.endswith("\\x1bfile.bin'")  # the file name stays readable
+    assert shown("short") == "'short'"
 
 
 @pytest.mark.parametrize(("path", "phrase"), BAD_PATHS, ids=[repr(p[:40]) for p, _ in BAD_PATHS])
