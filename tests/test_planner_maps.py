@@ -5,9 +5,13 @@ Pure: maps arrive as events (:meth:`Planner.have_map`), the choice comes back as
 
 from __future__ import annotations
 
-import pytest
+import random
 
-from peer.planner import Planner, Session, choose_rarest
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from peer.planner import SCAN_LIMIT, Planner, Session, choose_rarest
 from tests.test_planner import T0, planner, session
 
 pytestmark = pytest.mark.unit
@@ -185,3 +189,101 @@ def test_a_lone_fetcher_takes_a_super_seeders_offer_in_file_order() -> None:
     seeder = with_map(p, 1, range(N), offer={1, 2, 3, 5, 8, 13})
     p.tick(T0)
     assert p.request(seeder, 4, T0) == [1, 2, 3, 5]
+
+
+# --- the choice and the block counts against a block-by-block reading ---------------
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_fuzz_the_choice_is_what_a_block_by_block_reading_allows(data: st.DataObject) -> None:
+    """Whatever the maps, the blocks chosen are ones the peer may be asked for, the rarest, as many as asked.
+
+    The choice reads the maps a machine word at a time; this reads them one block at a time.
+    """
+    n = data.draw(st.integers(1, 300), label="blocks")
+    bits = st.lists(st.booleans(), min_size=n, max_size=n).map(lambda b: bytes(map(int, b)))
+    have, holds = data.draw(bits, label="have"), data.draw(bits, label="holds")
+    p = planner(n, have=have)
+    seeder = data.draw(st.booleans(), label="seeder")
+    offer = data.draw(st.one_of(st.none(), bits), label="offer") if seeder else None
+    if seeder:
+        holds = b"\1" * n
+    a = session(p, 1)
+    p.answered(a)
+    p.have_map(a, holds, offer, T0)
+    for port in (2, 3):  # partial peers: the rarity
+        p.have_map(session(p, port), data.draw(bits, label=f"peer {port}"), None, T0)
+    blocks = p.blocks
+    blocks.sequential = data.draw(st.booleans(), label="sequential")
+    missing = [i for i in range(n) if not have[i]]
+    for i in data.draw(st.lists(st.sampled_from(missing), unique=True), label="in flight") if missing else []:
+        blocks.inflight[i] = 1
+    a.peer.lacks.update(data.draw(st.sets(st.integers(0, n - 1)), label="lacks"))
+    offer_now = a.peer.offer
+    starved = False  # a complete peer without an offer is a finished fetcher, asked for anything
+    if offer_now is not None and not any(offer_now[i] and not have[i] for i in range(n)):
+        # An offer naming nothing we need, waited out long enough: no guide any more, and the
+        # seeder is asked only for what no partial peer holds.
+        a.peer.offer_stale = T0 - 60
+        offer_now, starved = None, True
+    before = dict(blocks.inflight)
+    allowed = [
+        i
+        for i in range(n)
+        if not have[i]
+        and a.peer.holds is not None
+        and a.peer.holds[i]
+        and i not in before
+        and i not in a.peer.lacks
+        and (offer_now is None or offer_now[i])
+        and not (starved and blocks.avail[i])
+    ]
+    if not allowed:
+        return  # nothing to choose: the endgame's rules apply (tested above)
+    want = data.draw(st.integers(1, n), label="want")
+    got = choose_rarest(blocks, a.peer, want, T0, random.Random(data.draw(st.integers(0, 9), label="seed")))
+    assert len(got) == len(set(got)) == min(want, len(allowed))
+    assert set(got) <= set(allowed)
+    assert all(blocks.inflight[i] == 1 for i in got)
+    if blocks.sequential:
+        assert got == allowed[:want]  # file order
+    else:
+        rest = set(allowed) - set(got)
+        assert not rest or max(blocks.avail[i] for i in got) <= min(blocks.avail[i] for i in rest)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_fuzz_the_block_counts_are_the_partial_peers_maps_added_up(data: st.DataObject) -> None:
+    """However the maps of several peers change (gains, losses, completion, leaving), each count is exact."""
+    n = data.draw(st.integers(1, 70), label="blocks")
+    p = planner(n)
+    sessions = {port: session(p, port) for port in (1, 2, 3)}
+    maps: dict[int, bytes | None] = dict.fromkeys(sessions)
+    flags_of = st.lists(st.booleans(), min_size=n, max_size=n).map(lambda b: bytes(map(int, b)))
+    events = st.tuples(st.sampled_from(sorted(sessions)), st.one_of(flags_of, st.just(b"\1" * n), st.none()))
+    for port, held in data.draw(st.lists(events, max_size=12), label="events"):
+        s = sessions[port]
+        if held is None:
+            p.session_ended(s)
+            sessions[port] = s = session(p, port)
+        else:
+            p.have_map(s, held, None, T0)
+        maps[port] = held
+        partial = [m for m in maps.values() if m is not None and 0 in m]
+        assert list(p.blocks.avail) == [sum(m[i] for m in partial) for i in range(n)]
+
+
+def test_a_scan_from_a_random_start_wraps_around_to_the_first_blocks() -> None:
+    """Past SCAN_LIMIT blocks the scan starts anywhere: what lies before its start is found too."""
+    n = SCAN_LIMIT + 1000
+    for seed in range(8):
+        p = planner(n, have=b"\1" * n)
+        p.blocks.have[10] = p.blocks.have[n - 10] = 0
+        p.blocks.verified -= 2
+        p.blocks.sequential = False
+        a = session(p, 1)
+        p.answered(a)
+        p.have_map(a, b"\1" * (n - 1) + b"\0", None, T0)  # a partial peer holding both
+        assert sorted(choose_rarest(p.blocks, a.peer, 4, T0, random.Random(seed))) == [10, n - 10]
