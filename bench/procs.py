@@ -38,7 +38,7 @@ class Child:
         self.out_path = logdir / f"{name}.out"
         self.err_path = logdir / f"{name}.err"
         self.rc: int | None = None
-        self.maxrss_kib = 0  # VmHWM at the last poll before exit
+        self.maxrss_kib = 0  # peak RSS in KiB (as VmHWM), from the kernel's accounting once reaped
         self.cpu_seconds = 0.0  # user + system time of this process (not its children), once reaped
         self.ended = 0.0
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
@@ -68,13 +68,16 @@ class Child:
         """Reap the child if it has exited; record exit time, status and peak RSS."""
         if self.rc is not None:
             return self.rc
-        self.maxrss_kib = max(self.maxrss_kib, self.vm_hwm_kib())
+        # Nothing else here: a run's fetchers are polled every POLL seconds on the cores they
+        # share. Reading each one's /proc status at every poll (for its peak RSS) cost the
+        # driver 0.28 s of CPU in a 5 s swarm of 1 + 8 (BENCHMARKS.md); wait4 reports the peak.
         pid, status, usage = os.wait4(self.pid, os.WNOHANG)
         if pid == 0:
             return None
         self.ended = time.perf_counter()
         self.rc = os.waitstatus_to_exitcode(status)
         self.cpu_seconds = usage.ru_utime + usage.ru_stime
+        self.maxrss_kib = usage.ru_maxrss  # KiB on Linux, where the bench runs
         self.popen.returncode = self.rc  # so Popen does not try to reap it again
         return self.rc
 
