@@ -70,7 +70,7 @@ class Child:
             return self.rc
         # Nothing else here: a run's fetchers are polled every POLL seconds on the cores they
         # share. Reading each one's /proc status at every poll (for its peak RSS) cost the
-        # driver 0.28 s of CPU in a 5 s swarm of 1 + 8 (BENCHMARKS.md); wait4 reports the peak.
+        # driver 0.23 s of CPU in a 4.8 s swarm of 1 + 8 (BENCHMARKS.md); wait4 reports the peak.
         pid, status, usage = os.wait4(self.pid, os.WNOHANG)
         if pid == 0:
             return None
