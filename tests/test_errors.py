@@ -101,11 +101,14 @@ class FakeHttpTracker:
                 self._answer()
 
             def _answer(self) -> None:
+                # One read of the body a test may swap meanwhile: its length and its bytes must
+                # agree (read twice, a swap between them sent 13 bytes under a length of 60,000).
+                body = fake.body
                 self.send_response(fake.status)
                 self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(fake.body)))
+                self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(fake.body)
+                self.wfile.write(body)
 
             def log_message(self, format: str, *args: object) -> None:
                 pass  # the test reads what it needs from self.announces
