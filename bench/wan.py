@@ -542,11 +542,11 @@ def summarize(sc: Scenario, size: int, tools: list[str], rounds: list[list[ToolR
                 "title": sc.title,
                 "tool": tool,
                 "size_MiB": size >> 20,
-                "T_min_s": round(t_min, 2),
+                "T_min_s": round(t_min, 3),
                 "bound_s": round(sc.http_bound(size) if tool == "http" else t_min, 2),
                 "seconds": med,
                 "runs_s": [round(r.seconds, 2) if r.seconds is not None else None for r in runs],
-                "x_T_min": round(med / t_min, 2) if med is not None else None,
+                "x_T_min": round(med / t_min, 3) if med is not None else None,
                 "seeder_copies": _median(copies),
                 "status2_per_block": _median(s2) if tool.startswith("cascade") else "n/a",
                 "status2_total": _median([float(r.status2) for r in ok if r.status2 is not None]),
@@ -560,7 +560,7 @@ def summarize(sc: Scenario, size: int, tools: list[str], rounds: list[list[ToolR
     lt = next((r["seconds"] for r in rows if r["tool"] == "libtorrent"), None)
     for r in rows:
         mine = r["seconds"]
-        r["vs_libtorrent"] = round(mine / lt, 2) if isinstance(mine, float) and isinstance(lt, float) else None
+        r["vs_libtorrent"] = round(mine / lt, 3) if isinstance(mine, float) and isinstance(lt, float) else None
     return rows
 
 
@@ -568,8 +568,10 @@ def targets(row: dict[str, Any]) -> list[tuple[str, bool, str]]:
     """The issue's targets for Cascade rows: (name, pass, detail)."""
     if not row["tool"].startswith("cascade") or row["seconds"] is None:
         return []
+    # Against the time itself, not the ratio rounded for the report: rounded to two places,
+    # 15.455 s over 13.422 s (1.1515 x) passed "<= 1.15 x".
     out = [
-        ("<= 1.15 x T_min", row["x_T_min"] <= 1.15, f"{row['x_T_min']} x"),
+        ("<= 1.15 x T_min", row["seconds"] <= 1.15 * row["T_min_s"], f"{row['x_T_min']} x"),
         ("seeder <= 1.10 copies", row["seeder_copies"] <= 1.10, f"{row['seeder_copies']} copies"),
     ]
     if row["vs_libtorrent"] is not None:

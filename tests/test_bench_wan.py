@@ -51,7 +51,7 @@ def test_summary_medians_ratios_and_targets() -> None:
     rows = summarize(sc, size, ["cascade-256K", "libtorrent"], [[casc, lt], [failed, lt]])
     c, t = rows
     assert c["seconds"] == 2.1 and c["runs_s"] == [2.1, None] and c["errors"] == ["timeout"]
-    assert c["x_T_min"] == 2.0 and c["seeder_copies"] == 2.0 and c["status2_per_block"] == 1.0
+    assert c["x_T_min"] == 2.003 and c["seeder_copies"] == 2.0 and c["status2_per_block"] == 1.0
     assert c["vs_libtorrent"] == 0.5 and t["status2_per_block"] == "n/a"
     assert {name: ok for name, ok, _ in targets(c)} == {
         "<= 1.15 x T_min": False,
@@ -60,6 +60,15 @@ def test_summary_medians_ratios_and_targets() -> None:
         "<= 1 status-2 reply per block": True,
     }
     assert targets(t) == []
+
+
+def test_a_time_just_over_the_bound_misses_it_whatever_the_rounding() -> None:
+    """15.455 s against T_min 13.422 s is 1.1515 x: two decimals said 1.15, and the target passed."""
+    row = {"tool": "cascade-256K", "seconds": 15.455, "T_min_s": 13.422, "x_T_min": 1.151}
+    row |= {"seeder_copies": 1.05, "vs_libtorrent": None, "status2_per_block": 0.0}
+    assert dict((name, ok) for name, ok, _ in targets(row))["<= 1.15 x T_min"] is False
+    row["seconds"] = 15.435  # 1.14998 x
+    assert dict((name, ok) for name, ok, _ in targets(row))["<= 1.15 x T_min"] is True
 
 
 def test_a_written_scenario_gives_rates_late_joiners_and_a_file_name() -> None:
