@@ -76,13 +76,13 @@ from peer.collection_local import (
 )
 from peer.connection import Connection
 from peer.fetcher import (
-    WRITE_BEHIND_BYTES,
     WRITE_BEHIND_MIN_BLOCK,
     Fetcher,
     FetchPolicy,
     FetchResult,
     PeerInfo,
     Progress,
+    write_behind,
 )
 from peer.localdata import DataCheck, check_data
 from peer.planner import Session, Spans
@@ -98,7 +98,7 @@ from peer.storage import (
     signature_of,
 )
 from peer.trackers import TrackerSet, peer_infos
-from peer.writebehind import Lender, WriteBehind
+from peer.writebehind import Lender
 
 log = logging.getLogger("peer.fetch")
 
@@ -1071,11 +1071,8 @@ class CollectionFetcher(Fetcher):
     def _begin(self) -> None:
         members = self.members
         members.start()
-        # Large blocks are written behind the connection, as for one file (Fetcher._begin).
-        longest = members.max_block_size
-        depth = WRITE_BEHIND_BYTES // max(1, longest)
-        if longest >= WRITE_BEHIND_MIN_BLOCK and depth >= 2 and not members.complete:
-            self._behind = WriteBehind(members, lambda: None, depth, longest)
+        # Large blocks are written behind the connection, as for one file.
+        self._behind = write_behind(members, lambda: None, members.max_block_size, members.complete)
 
     def _abandon(self) -> None:
         pass  # the members already whole are still given their names (drain, by the caller)

@@ -51,7 +51,7 @@ from peer.hasher import PrefixHasher
 from peer.planner import FetchPolicy, PeerAddr, PeerInfo, Planner, Session, Spans
 from peer.ratelimit import TokenBucket
 from peer.storage import BlockStore
-from peer.writebehind import Lender, WriteBehind
+from peer.writebehind import Lender, Target, WriteBehind
 
 __all__ = ["FetchPolicy", "FetchResult", "Fetcher", "PeerInfo", "Progress"]
 
@@ -107,6 +107,18 @@ class Progress:
     verified_bytes: int
     total_bytes: int
     peers: int
+
+
+def write_behind(target: Target, written: Callable[[], None], block_size: int, complete: bool) -> WriteBehind | None:
+    """The write-behind thread for blocks of at most ``block_size`` bytes, or None when it does not pay.
+
+    Large blocks are written on a thread of their own (peer.writebehind); small ones cost
+    more to hand over than to write, and a download already complete writes nothing.
+    """
+    depth = WRITE_BEHIND_BYTES // max(1, block_size)
+    if block_size < WRITE_BEHIND_MIN_BLOCK or depth < 2 or complete:
+        return None
+    return WriteBehind(target, written, depth, block_size)
 
 
 class Fetcher:
@@ -270,11 +282,7 @@ class Fetcher:
 
     def _begin(self) -> None:
         self._hasher.start()
-        # Large blocks are written on a thread of their own (peer.writebehind); small ones
-        # cost more to hand over than to write.
-        depth = WRITE_BEHIND_BYTES // max(1, self.cf.block_size)
-        if self.cf.block_size >= WRITE_BEHIND_MIN_BLOCK and depth >= 2 and not self.store.complete:
-            self._behind = WriteBehind(self.store, self._hasher.block_verified, depth, self.cf.block_size)
+        self._behind = write_behind(self.store, self._hasher.block_verified, self.cf.block_size, self.store.complete)
 
     def _flush(self) -> None:
         """The connections are stopped: write what they verified (a failed write becomes the fetch's error)."""
