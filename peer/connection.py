@@ -193,7 +193,7 @@ class Shell(Protocol):
 class Reader:
     """Buffered reads of block responses from one socket, without trusting one ``recv``."""
 
-    __slots__ = ("buf", "deadline", "hi", "lo", "mv", "scratch", "scratch_buf", "sock")
+    __slots__ = ("buf", "deadline", "hi", "lo", "mv", "scratch", "sock")
 
     def __init__(self, sock: socket.socket | None, block_size: int) -> None:
         self.sock: socket.socket = sock  # type: ignore[assignment]  # set by reset() before use
@@ -203,8 +203,7 @@ class Reader:
         self.lo = 0
         self.hi = 0
         # Bodies larger than half the read buffer are read straight into this (see trade).
-        self.scratch_buf = None if small else bytearray(block_size)
-        self.scratch = None if self.scratch_buf is None else memoryview(self.scratch_buf)
+        self.scratch = None if small else bytearray(block_size)
         # time.monotonic() by which the current response must be complete: a
         # socket timeout alone bounds one recv, and a byte a second never trips it.
         # Real time, not the injected clock: it sets socket timeouts.
@@ -257,7 +256,7 @@ class Reader:
             view = self.mv[self.lo : self.lo + n]
             self.lo += n
             return view
-        scratch = self.scratch
+        scratch = memoryview(self.scratch)
         have = min(self.hi - self.lo, n)
         scratch[:have] = self.mv[self.lo : self.lo + have]
         self.lo += have
@@ -274,7 +273,7 @@ class Reader:
 
     def lends(self, body: memoryview) -> bool:
         """Whether ``body`` was read into the scratch buffer, which may be traded (peer.writebehind.Lender)."""
-        return self.scratch_buf is not None and body.obj is self.scratch_buf
+        return self.scratch is not None and body.obj is self.scratch
 
     def trade(self, buf: bytearray) -> bytearray | None:
         """Read large bodies into ``buf`` from now on; the scratch buffer given up (None if ``buf`` is too small).
@@ -282,11 +281,10 @@ class Reader:
         The last body read is at its start and is no longer this reader's: whoever
         traded keeps it (the write-behind thread writes from it).
         """
-        old = self.scratch_buf
+        old = self.scratch
         if old is None or len(buf) < len(old):
             return None
-        self.scratch_buf = buf
-        self.scratch = memoryview(buf)
+        self.scratch = buf
         return old
 
 
@@ -378,7 +376,8 @@ class Connection:
                 if len(out) <= depth // 2:
                     batch = shell.request(session, depth - len(out))
                     frames += [self._request(i) for i in batch]
-                    self.asked_since_map += sum(map(self._length, batch))
+                    if self.ask_maps:  # only a map request reads it (a collection asks none)
+                        self.asked_since_map += sum(map(self._length, batch))
                     # A super-seeder's offer gave fewer blocks than the pipeline takes: it is
                     # used up (a first offer names two blocks), and waiting for the next
                     # refresh would idle this connection (150 ms at the start of every fetch).
