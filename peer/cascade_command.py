@@ -183,7 +183,9 @@ def cmd_create(args: argparse.Namespace) -> int:
 def _create_collection(args: argparse.Namespace, folder: Path, given: int | None) -> int:
     """``cascade create DIR``: write ``DIR.cascade``, a collection of every regular file under DIR.
 
-    One block size for every member: ``given``, else the default for the largest member.
+    Every member in blocks of ``given``; else each in the default for its own length, the
+    block size ``cascade create FILE`` gives that file, so that it keeps the cascade hash
+    (and swarm) of its single-file share (docs/collection-format.md section 7).
     """
     name = folder.resolve().name
     if not name:
@@ -208,19 +210,20 @@ def _create_collection(args: argparse.Namespace, folder: Path, given: int | None
             " skipped",
             file=sys.stderr,
         )
-    block_size = given if given is not None else default_block_size(max((f.size for f in tree.files), default=0))
-    if not args.force:
+    if given is not None and not args.force:
         for f in tree.files:
             try:
-                check_block_size(f.size, block_size)
+                check_block_size(f.size, given)
             except UsageError as exc:
                 raise UsageError(f"{folder / f.on_disk}: {exc}") from exc
     with progress_bar(tree.total, f"hashing {name}") as progress:
-        raw = create_collection(folder, tree, block_size, progress=progress)
+        raw = create_collection(folder, tree, given if given is not None else default_block_size, progress=progress)
     _write_new(out, raw, args.force)
     coll = parse_collection(raw, str(out))
     files = f"{len(coll.members)} file{'s' if len(coll.members) != 1 else ''}"
-    print(f"wrote {out}: {files}, {coll.total_length} bytes in blocks of {format_size(block_size)}")
+    sizes = [given] if given is not None else sorted({default_block_size(f.size) for f in tree.files})
+    blocks = format_size(sizes[0]) + (f" to {format_size(sizes[-1])}" if len(sizes) > 1 else "")
+    print(f"wrote {out}: {files}, {coll.total_length} bytes in blocks of {blocks}")
     print(f"collection hash {coll.collection_hash.hex()}")
     return EXIT_OK
 
@@ -240,7 +243,7 @@ def register_create(sub: Any) -> None:
         "--block-size",
         metavar="SIZE",
         help="bytes per block, with an optional K, M, G, KiB, MiB or GiB suffix (default: 256KiB, doubled for"
-        " files over 16 GiB to keep them within 65,536 blocks; for a folder, by its largest file)",
+        " files over 16 GiB to keep them within 65,536 blocks; in a folder, each file's own)",
     )
     p.add_argument(
         "-o", "--output", metavar="OUT", help="where to write the .cascade (default: FILE.cascade or DIR.cascade)"

@@ -614,7 +614,7 @@ class MemberSet:
             cf = job.cf
             store: MemberStore
             if direct[m] and final is not None:
-                store = MemberStore(cf, bytearray(cf.block_count), final, job.member.path, verified=UNSEEN)
+                store = MemberStore(cf, bytearray(cf.block_count), final, job.member.path, UNSEEN, fetched=True)
             else:
                 base = starts[m]
                 store = PartStore(cf, bytearray(valid[base : base + cf.block_count]), folder, _part_name(job))
@@ -1169,7 +1169,7 @@ def fetch_collection(
             part.placed(seen)  # served under its final name already, with no block until now
             return
         full = bytearray(b"\x01") * job.cf.block_count
-        server.add_store(MemberStore(job.cf, full, held, path, verified=seen))
+        server.add_store(MemberStore(job.cf, full, held, path, verified=seen, fetched=True))
         if part is not None:  # replaced: its descriptor (the same inode) is not kept for it
             server.open_files.forget(part)
 

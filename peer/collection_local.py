@@ -323,21 +323,31 @@ def _nfc(text: str) -> str:
     return unicodedata.normalize("NFC", text)
 
 
-def collection_size(tree: Tree, block_size: int) -> int:
+# One block size for every member, or a function of a member's length giving its own.
+BlockSizeRule = int | Callable[[int], int]
+
+
+def member_block_size(rule: BlockSizeRule, length: int) -> int:
+    """The block size ``rule`` gives a member of ``length`` bytes."""
+    return rule if isinstance(rule, int) else rule(length)
+
+
+def collection_size(tree: Tree, block_size: BlockSizeRule) -> int:
     """The bytes the collection of ``tree`` will take (to refuse a too-big one before hashing)."""
-    return 16 + sum(member_size(f.path, f.size, block_size) for f in tree.files)
+    return 16 + sum(member_size(f.path, f.size, member_block_size(block_size, f.size)) for f in tree.files)
 
 
 def create_collection(
     folder: Path,
     tree: Tree,
-    block_size: int,
+    block_size: BlockSizeRule,
     *,
     progress: Progress | None = None,
     workers: int | None = None,
 ) -> bytes:
     """Hash every file of ``tree`` (found under ``folder``) and return the collection's bytes.
 
+    ``block_size`` is one size for every member or a function of a member's length.
     Each file is opened with :func:`open_member` (a file swapped for a symlink
     since the walk is refused). Memory is bounded by the hashing chunks in
     flight, not by the files' sizes. Raises :class:`DataError` (a file changed,
@@ -359,7 +369,8 @@ def create_collection(
             except MemberMissing as exc:
                 raise DataError(f"{shown}: vanished while the folder was being hashed") from exc
             try:
-                raw = create_metafile(shown, block_size, workers=pool_workers, progress=progress, fd=fd)
+                size = member_block_size(block_size, f.size)
+                raw = create_metafile(shown, size, workers=pool_workers, progress=progress, fd=fd)
             finally:
                 os.close(fd)
             return Member(f.path, raw)

@@ -354,15 +354,24 @@ class MemberStore(VerifiedBlocks):
     was when hashed, so a file changed or replaced while it was closed is never
     served under the old hash: :meth:`open` refuses it and the watcher
     re-verifies it (:meth:`reverify`), which moves ``generation`` on so that
-    descriptors opened before are not used again.
+    descriptors opened before are not used again. A fetch of a collection serves the
+    members it wrote the same way (``fetched``).
     """
 
     __slots__ = ("_folder", "_member", "generation", "verified")
 
     def __init__(
-        self, cf: CascadeFile, valid: bytearray, folder: MemberFolder, member: str, verified: DiskSignature
+        self,
+        cf: CascadeFile,
+        valid: bytearray,
+        folder: MemberFolder,
+        member: str,
+        verified: DiskSignature,
+        fetched: bool = False,
     ) -> None:
-        super().__init__(cf, None, valid, writable=False)
+        # A member a fetch wrote (``fetched``) is never super-seeded from, complete or not:
+        # peer.server offers only from read-only files that ``peer seed`` serves.
+        super().__init__(cf, None, valid, writable=fetched)
         self._folder = folder
         self._member = member
         self.verified = verified
@@ -508,9 +517,7 @@ class PartStore(MemberStore):
     __slots__ = ()
 
     def __init__(self, cf: CascadeFile, valid: bytearray, folder: PartFolder, name: str) -> None:
-        super().__init__(cf, valid, folder, name, verified=UNSEEN)
-        # Being written: never super-seeded from (peer.server offers only from read-only complete files).
-        self.writable = True
+        super().__init__(cf, valid, folder, name, verified=UNSEEN, fetched=True)  # being written
 
     def open(self) -> int:
         """Open the ``.part``; returns a descriptor the caller closes.

@@ -142,15 +142,22 @@ def test_create_refuses_an_absurd_block_size_for_a_member(tmp_path: Path) -> Non
     assert not (tmp_path / "d.cascade").exists()
 
 
-def test_without_block_size_a_folder_gets_the_default_of_its_largest_file(tmp_path: Path) -> None:
+def test_without_block_size_each_file_keeps_the_cascade_hash_it_has_alone(tmp_path: Path) -> None:
+    # Each member in the default for its own size (docs/collection-format.md section 7): one
+    # swarm for the file, alone or in any collection. A file over 16 GiB, whose default is
+    # larger, no longer changes the others' (test_collection_local checks the rule by length).
     root = tmp_path / "d"
     (root / "sub").mkdir(parents=True)
     (root / "small").write_bytes(b"x" * 1000)
     (root / "sub" / "big").write_bytes(bytes(600 << 10))
     r = run("cascade", "create", str(root))
     assert r.returncode == 0, r.stderr
+    assert "in blocks of 256.0 KiB\n" in r.stdout
     coll = parse_collection((tmp_path / "d.cascade").read_bytes())
-    assert {m.path: m.block_size for m in coll.members} == {"small": 256 << 10, "sub/big": 256 << 10}
+    for m in coll.members:
+        alone = tmp_path / "alone.cascade"
+        assert run("cascade", "create", str(root / m.path), "-o", str(alone), "--force").returncode == 0
+        assert m.cascade == alone.read_bytes(), m.path
 
 
 def test_info_shows_a_tree_and_json_every_member(tree: tuple[Path, dict[str, bytes]]) -> None:

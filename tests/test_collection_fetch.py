@@ -19,7 +19,7 @@ import pytest
 
 from cascade.collection import Collection, parse_collection
 from cascade.errors import CascadeError
-from cascade.wire import BlockStatus
+from cascade.wire import BlockStatus, have_map_size, pack_have_map_request
 from peer import collection_fetch
 from peer.collection_fetch import PARTIAL_DIR, CollectionFetcher, MemberSet, OutFolder, _Job
 from peer.collection_local import HeldFolder, create_collection, walk_tree
@@ -412,6 +412,10 @@ def test_a_nameless_member_is_served_from_its_final_name_once_it_has_it(tmp_path
             # Opened as any member is: checked against the signature it was placed with.
             store = members.stores[first.slot]
             assert isinstance(store, MemberStore) and store.as_verified()
+            # Complete, but fetched: the plain map, no super-seeding offer (docs/protocol-extensions.md).
+            ours.sendall(pack_have_map_request(first.cf.cascade_hash))
+            status, body = read_response(ours)
+            assert (status, len(body)) == (BlockStatus.OK, have_map_size(first.cf.block_count))
             os.utime(out / first.member.path, ns=(0, 0))
             assert not store.as_verified()
     finally:

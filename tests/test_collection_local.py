@@ -13,8 +13,17 @@ from pathlib import Path
 
 import pytest
 
+from cascade.collection import parse_collection
 from cascade.errors import CollectionError
-from peer.collection_local import HeldFolder, MemberMissing, disk_spelling, open_member, walk_tree
+from peer.collection_local import (
+    HeldFolder,
+    MemberMissing,
+    create_collection,
+    disk_spelling,
+    open_member,
+    walk_tree,
+)
+from peer.localdata import create_metafile
 
 pytestmark = pytest.mark.unit
 
@@ -135,3 +144,21 @@ def test_create_refuses_a_folder_too_deep_for_any_member_in_one_short_line(tmp_p
     ) as e:
         walk_tree(tmp_path)
     assert len(str(e.value)) < 300 + len(str(tmp_path))
+
+
+def test_each_member_gets_the_block_size_its_rule_gives_its_length(tmp_path: Path) -> None:
+    # A member is the .cascade of its file alone in the same block size, so a rule by length
+    # (cascade create's default) keeps each member's single-file cascade hash and swarm.
+    root = tmp_path / "d"
+    (root / "sub").mkdir(parents=True)
+    files = {"small": b"s" * 3000, "sub/big": os.urandom(9000), "empty": b""}
+    for rel, data in files.items():
+        (root / rel).write_bytes(data)
+
+    def rule(length: int) -> int:
+        return 1024 if length < 4096 else 4096
+
+    coll = parse_collection(create_collection(root, walk_tree(root), rule, workers=1))
+    for m in coll.members:
+        assert m.cascade_file().block_size == rule(len(files[m.path]))
+        assert m.cascade == create_metafile(root / m.path, rule(len(files[m.path])), workers=1)

@@ -8,13 +8,16 @@ member they are still downloading, as single-file fetchers do from theirs.
 from __future__ import annotations
 
 import random
+import socket
 from pathlib import Path
 
 import pytest
 
 from cascade.collection import parse_collection
+from cascade.wire import BlockStatus, have_map_size, pack_have_map_request
 from peer.collection_local import create_collection, walk_tree
 from tests.doubles import Swarm
+from tests.test_peer_server import read_response
 
 pytestmark = pytest.mark.process
 
@@ -53,3 +56,12 @@ def test_limited_seeder_collection_fetchers_share_the_members_they_download(swar
     assert total == 3 * sum(m.cascade_file().block_count for m in coll.members)
     # Without sharing the seeder would send every block 3 times; with it, a real share comes from the others.
     assert total - from_seeder >= total // 4, docs
+    # Done and still serving (--seed), a fetcher sends the plain map: it is no seeder proper, and offers
+    # from it would steer the last downloaders away from what they need (docs/protocol-extensions.md).
+    for proc in fetchers:
+        with socket.create_connection(("127.0.0.1", proc.wait_listening()), timeout=10.0) as sock:
+            for m in coll.members:
+                cf = m.cascade_file()
+                sock.sendall(pack_have_map_request(cf.cascade_hash))
+                status, body = read_response(sock)
+                assert (status, len(body)) == (BlockStatus.OK, have_map_size(cf.block_count)), m.path
