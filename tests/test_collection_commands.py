@@ -599,3 +599,31 @@ def test_fetch_with_no_tracker_answering_fails_at_once_with_one_line_and_writes_
     }
     assert sorted(tmp_path.iterdir()) == ([out] if out_exists else []) + [coll]
     assert not out_exists or list(out.iterdir()) == []
+
+
+def test_fetch_without_out_refuses_a_default_folder_holding_what_the_collection_does_not(tmp_path: Path) -> None:
+    # Without --out the folder is named by the collection file or, for a URL, by the
+    # tracker: a stranger could name one of the user's folders ("bin") and add files to
+    # it. Such a folder is taken only if it holds nothing but the collection's own names
+    # (an earlier run of this fetch); --out names a folder on purpose, and adds to it.
+    coll = tmp_path / "bin.cascade"
+    coll.write_bytes(serialize_collection([Member("d/0.txt", HELLO), Member("tool", HELLO)]))
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    (folder / "mytool").write_bytes(b"mine\n")
+    args = ["peer", "fetch", str(coll), "--tracker", "127.0.0.1:9", "--listen", "127.0.0.1:0"]
+    r = run(*args)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.splitlines() == [
+        f"peer fetch: error: {folder}: exists and holds 'mytool', which this collection does not;"
+        f" fetch into a new folder, or give --out {folder} to add the collection's files to it"
+    ]
+    assert sorted(p.name for p in folder.iterdir()) == ["mytool"]
+    # The collection's own names (in any case) and a .cascade-partial: a rerun, let through
+    # (here to the unreachable tracker); so is the same folder named with --out.
+    (folder / "mytool").unlink()
+    (folder / "D").mkdir()
+    (folder / ".cascade-partial").mkdir()
+    for extra in ([], ["--out", str(folder)]):
+        r = run(*args, *extra)
+        assert r.returncode == 1 and "tracker 127.0.0.1:9 unreachable" in r.stderr, r.stderr
