@@ -1136,8 +1136,10 @@ def fetch_collection(
     cannot be used at all (or a disk write failed), :class:`CascadeError` when no tracker
     answers that first listing; a member's failure is in its job.
     """
+    partial = fold_name(PARTIAL_DIR)
     for m in coll.members:
-        if m.path.split("/", 1)[0].casefold() == PARTIAL_DIR:
+        # Folded as the clash check folds (".cascade\u200c-partial" is this folder on HFS+).
+        if fold_name(m.path.split("/", 1)[0]) == partial:
             raise DataError(f"the collection holds {m.path!r}, a name Cascade keeps for partial downloads")
     # Members are served opened on demand, at most max_open_files at once, as by peer seed.
     raise_file_limit(server.config.max_open_files)

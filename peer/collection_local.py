@@ -309,7 +309,7 @@ def walk_tree(folder: Path) -> Tree:
         for entry in entries:
             child = f"{rel}/{entry.name}" if rel else entry.name
             try:
-                if not rel and entry.name.casefold() == PARTIAL_DIR:
+                if not rel and fold_name(entry.name) == fold_name(PARTIAL_DIR):
                     skipped.append(
                         f"{child!r} holds the parts of an unfinished fetch: skipped (no fetch takes the name)"
                     )

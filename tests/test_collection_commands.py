@@ -565,9 +565,10 @@ def test_fetch_a_collection_by_url(tmp_path: Path, tree: tuple[Path, dict[str, b
         tracker.proc.stop()
 
 
-def test_fetch_refuses_a_member_in_the_partial_folder_before_writing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", [".cascade-partial", ".Cascade-Partial", ".cascade\u200c-partial"])
+def test_fetch_refuses_a_member_in_the_partial_folder_before_writing(tmp_path: Path, name: str) -> None:
     bad = tmp_path / "x.cascade"
-    bad.write_bytes(serialize_collection([Member(".cascade-partial/0-x.part", HELLO)]))
+    bad.write_bytes(serialize_collection([Member(f"{name}/0-x.part", HELLO)]))
     r = run(
         "peer", "fetch", str(bad), "--tracker", "127.0.0.1:9", "--out", str(tmp_path / "o"), "--listen", "127.0.0.1:0"
     )
