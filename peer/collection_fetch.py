@@ -364,6 +364,21 @@ def _place(out: OutFolder, job: _Job) -> DiskSignature | None:
         os.close(parent)
 
 
+def _drop_part(out: OutFolder, job: _Job) -> None:
+    """Remove the ``.part`` of a member found complete at its final name: a run killed between
+    :func:`_place`'s link and unlink, or a second fetch into the same folder, left it.
+
+    Otherwise it would stay (and ``.cascade-partial`` with it) however often the fetch completes.
+    Only a file of its own name in ``.cascade-partial`` is removed (a symlink itself, never
+    its target); anything else there is left as it is. Raises nothing.
+    """
+    name = _part_name(job)
+    if out.partial_names.absent(name):
+        return
+    with contextlib.suppress(OSError):  # gone meanwhile, or a folder of that name: left alone
+        os.unlink(name, dir_fd=out.partial_fd)
+
+
 def _empty(out: OutFolder, job: _Job) -> None:
     """An empty member: created exclusively (no peer needed), never through a symlink."""
     parent, name = out.parent_of(job.member.path)
@@ -1191,6 +1206,7 @@ def fetch_collection(
                 if seen is not None:
                     job.already = True
                     bar.add(job.cf.data_length)
+                    _drop_part(out, job)
                     serve(job, seen)
                 elif job.cf.block_count == 0:
                     empties.append(job)

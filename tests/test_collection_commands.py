@@ -22,6 +22,7 @@ import pytest
 from cascade.collection import MAGIC, Member, parse_collection, serialize_collection
 from cascade.metafile import encode_cascade, parse_cascade
 from cascade.wire import TrackerCommand
+from peer.collection_local import PARTIAL_DIR
 from peer.tracker_client import TrackerAddress, announce
 from tests.doubles import Swarm, sha256_file
 from tests.procs import Proc, start_tracker
@@ -628,3 +629,25 @@ def test_fetch_without_out_refuses_a_default_folder_holding_what_the_collection_
     for extra in ([], ["--out", str(folder)]):
         r = run(*args, *extra)
         assert r.returncode == 1 and "tracker 127.0.0.1:9 unreachable" in r.stderr, r.stderr
+
+
+def test_a_member_complete_at_its_name_loses_the_part_an_earlier_run_left(tmp_path: Path) -> None:
+    # A run killed between the hard link that names a member and the unlink of its .part
+    # (or a second fetch into the same folder) leaves both; the next run finds the member
+    # complete and must remove the .part, or .cascade-partial stays for good.
+    coll = tmp_path / "x.cascade"
+    parsed = parse_collection(serialize_collection([Member("a/hello.txt", HELLO), Member("b.txt", HELLO)]))
+    coll.write_bytes(serialize_collection(parsed.members))
+    out = tmp_path / "o"
+    (out / "a").mkdir(parents=True)
+    (out / "a" / "hello.txt").write_bytes(b"hello\n")
+    (out / "b.txt").write_bytes(b"hello\n")
+    (out / PARTIAL_DIR).mkdir()
+    stale = out / PARTIAL_DIR / f"0-{parsed.members[0].cascade_hash.hex()[:16]}.part"
+    stale.write_bytes(b"hello\n")
+    # Every member is complete: no tracker is asked.
+    r = run("peer", "fetch", str(coll), "--tracker", "127.0.0.1:9", "--out", str(out), "--listen", "127.0.0.1:0")
+    assert r.returncode == 0, r.stderr
+    assert not (out / PARTIAL_DIR).exists()
+    assert tree_bytes(out) == {"a/hello.txt": b"hello\n", "b.txt": b"hello\n"}
+
