@@ -188,12 +188,50 @@ class OutFolder:
         self._lock = threading.Lock()  # folder creation by several members at once
         # Listed before anything is written (see _Listings); the .cascade-partial folder, as made or found.
         self.listings = _Listings(self.fd)
-        self.partial_fd = self._folder(self.fd, PARTIAL_DIR, lambda: out / PARTIAL_DIR)
+        self.partial_fd = self._locked_partial()
         self.partial_names = _Listings(self.partial_fd)
         # The folders members were last placed in (relative path -> descriptor), at most
         # _DIR_FDS: the members of one folder come one after another, and walking the path
         # again for each costs an open and a close per component.
         self._dirs: OrderedDict[str, int] = OrderedDict()
+
+    def _locked_partial(self) -> int:
+        """``.cascade-partial``, opened (made if needed) and locked for this fetch alone.
+
+        Two fetches into one folder would each take the other's members for foreign
+        files and fail on half of them; the second is refused at once instead. The lock
+        (``flock``, released when the descriptor is closed, so also by a SIGKILL) is taken
+        on the folder itself; a folder removed by a fetch that just completed, between
+        our open and our lock, is opened again (bounded: a few tries). Raises
+        :class:`DataError` (closing ``self.fd``).
+        """
+        import fcntl  # not on Windows, refused before this by require_safe_tree_io
+
+        shown = self.path / PARTIAL_DIR
+        try:
+            for _ in range(3):
+                fd = self._folder(self.fd, PARTIAL_DIR, lambda: shown)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    now = os.stat(PARTIAL_DIR, dir_fd=self.fd, follow_symlinks=False)
+                    held = os.fstat(fd)
+                    if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+                        return fd
+                except BlockingIOError as exc:
+                    os.close(fd)
+                    raise DataError(
+                        f"{self.path}: another peer fetch is writing into it; let it finish, or give another --out"
+                    ) from exc
+                except FileNotFoundError:
+                    pass  # removed by a fetch that completed: made again
+                except OSError as exc:
+                    os.close(fd)
+                    raise from_os_error(exc, shown, "lock the folder") from exc
+                os.close(fd)
+            raise DataError(f"{shown}: removed again and again while it was opened; try again")
+        except BaseException:
+            os.close(self.fd)
+            raise
 
     def _folder(self, parent: int, name: str, shown: Callable[[], Path]) -> int:
         """Open (creating if needed) folder ``name`` under ``parent``; never through a symlink.
