@@ -1428,7 +1428,8 @@ def run_collection(
             if j.result is not None:
                 doc.update(j.result.as_json())
             else:
-                doc["complete"] = j.error is None and not stop_event.is_set()
+                # Complete before this run, or empty and made: complete, interrupted or not.
+                doc["complete"] = j.error is None
                 doc["bytes_downloaded"] = 0
             if j.error is not None:
                 doc["complete"] = False

@@ -473,7 +473,19 @@ def test_an_interrupted_fetch_says_so_in_one_line_and_resumes(
     assert said == [
         f"peer fetch: interrupted; verified blocks are kept in {tmp_path / 'o' / '.cascade-partial'}, rerun to resume"
     ]
-    assert json.loads(slow.stdout.strip().splitlines()[-1])["complete"] is False
+    doc = json.loads(slow.stdout.strip().splitlines()[-1])
+    assert doc["complete"] is False
+    # The empty member is made before the download: complete, though the whole is not; and
+    # the count of complete files agrees with the files said complete.
+    by_path = {f["path"]: f for f in doc["files"]}
+    assert by_path["empty"] == {
+        "path": "empty",
+        "cascade_hash": by_path["empty"]["cascade_hash"],
+        "complete": True,
+        "bytes_downloaded": 0,
+    }
+    assert (tmp_path / "o" / "empty").read_bytes() == b""
+    assert doc["complete_files"] == sum(f["complete"] for f in doc["files"])
     resumed = swarm.start(*fetch_args(swarm, out, tmp_path / "o"))
     assert resumed.wait(TIMEOUT) == 0, resumed.stderr
     assert tree_bytes(tmp_path / "o") == files
@@ -650,4 +662,3 @@ def test_a_member_complete_at_its_name_loses_the_part_an_earlier_run_left(tmp_pa
     assert r.returncode == 0, r.stderr
     assert not (out / PARTIAL_DIR).exists()
     assert tree_bytes(out) == {"a/hello.txt": b"hello\n", "b.txt": b"hello\n"}
-
