@@ -213,20 +213,23 @@ class OutFolder:
                 fd = self._folder(self.fd, PARTIAL_DIR, lambda: shown)
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    now = os.stat(PARTIAL_DIR, dir_fd=self.fd, follow_symlinks=False)
-                    held = os.fstat(fd)
-                    if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
-                        return fd
                 except BlockingIOError as exc:
                     os.close(fd)
                     raise DataError(
                         f"{self.path}: another peer fetch is writing into it; let it finish, or give another --out"
                     ) from exc
+                except OSError:
+                    return fd  # a file system without locks (some FUSE, old NFS): a guard, not a need
+                try:
+                    now = os.stat(PARTIAL_DIR, dir_fd=self.fd, follow_symlinks=False)
+                    held = os.fstat(fd)
+                    if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+                        return fd
                 except FileNotFoundError:
                     pass  # removed by a fetch that completed: made again
                 except OSError as exc:
                     os.close(fd)
-                    raise from_os_error(exc, shown, "lock the folder") from exc
+                    raise from_os_error(exc, shown, "look at the folder") from exc
                 os.close(fd)
             raise DataError(f"{shown}: removed again and again while it was opened; try again")
         except BaseException:
