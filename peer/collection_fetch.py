@@ -114,6 +114,9 @@ _FD_FOLDER = "/proc/self/fd"
 # What open(O_TMPFILE) answers where the kernel or the file system cannot make one: the
 # .part way is used from then on.
 _NO_TMPFILE = frozenset({errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOTSUP})
+# What link() says on a file system without hard links: EPERM (Linux vfat, exFAT), ENOSYS
+# (a FUSE file system without a link operation), EOPNOTSUPP/ENOTSUP, EMLINK (a link limit of 1).
+_NO_HARD_LINKS = frozenset({errno.EPERM, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK})
 _DIR_FLAGS = os.O_RDONLY | O_DIRECTORY | O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
 
@@ -389,16 +392,36 @@ def _check_part(out: OutFolder, job: _Job) -> DataCheck | None:
 def _place(out: OutFolder, job: _Job) -> DiskSignature | None:
     """Give a complete ``.part`` its final name: a hard link that fails if the name is taken, then unlink.
 
+    Where the file system has no hard links, a rename once the name is seen free.
+
     Returns the placed file's signature as it is now (``None`` if it could not be read), to serve it under.
     """
     parent, name = out.parent_of(job.member.path)
+    appeared = f"{out.path / job.member.path}: appeared while it downloaded; not touching it"
     try:
         try:
             os.link(_part_name(job), name, src_dir_fd=out.partial_fd, dst_dir_fd=parent, follow_symlinks=False)
         except FileExistsError as exc:
-            raise MemberRefused(f"{out.path / job.member.path}: appeared while it downloaded; not touching it") from exc
+            raise MemberRefused(appeared) from exc
         except OSError as exc:
-            raise from_os_error(exc, out.path / job.member.path, "give the downloaded file its name") from exc
+            if exc.errno not in _NO_HARD_LINKS:
+                raise from_os_error(exc, out.path / job.member.path, "give the downloaded file its name") from exc
+            # No hard links here (exFAT, FAT, some FUSE and SMB mounts): rename, once the name
+            # is seen free. A name made in between would be replaced, never followed (rename
+            # replaces a symlink itself); the fetch's lock keeps other fetches out meanwhile.
+            try:
+                os.stat(name, dir_fd=parent, follow_symlinks=False)
+            except FileNotFoundError:
+                pass
+            except OSError as exc2:
+                raise from_os_error(exc2, out.path / job.member.path, "look at") from exc2
+            else:
+                raise MemberRefused(appeared) from exc
+            try:
+                os.rename(_part_name(job), name, src_dir_fd=out.partial_fd, dst_dir_fd=parent)
+            except OSError as exc2:
+                raise from_os_error(exc2, out.path / job.member.path, "give the downloaded file its name") from exc2
+            return signature_at(parent, name)
         os.unlink(_part_name(job), dir_fd=out.partial_fd)
         return signature_at(parent, name)  # after the unlink: a link count that changes moves the ctime
     finally:
