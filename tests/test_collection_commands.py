@@ -662,3 +662,24 @@ def test_a_member_complete_at_its_name_loses_the_part_an_earlier_run_left(tmp_pa
     assert r.returncode == 0, r.stderr
     assert not (out / PARTIAL_DIR).exists()
     assert tree_bytes(out) == {"a/hello.txt": b"hello\n", "b.txt": b"hello\n"}
+
+
+def test_seed_serves_the_whole_copy_of_a_file_the_folder_holds_twice(tmp_path: Path, swarm: Swarm) -> None:
+    # Two members with the same bytes have one cascade hash, served once: it was from the
+    # first one met, so a damaged first copy hid a whole second one and no fetch completed.
+    root = tmp_path / "ds"
+    root.mkdir()
+    data = bytes(range(256)) * 200  # 51,200 bytes: 4 blocks of 16 KiB
+    (root / "a-copy.bin").write_bytes(data)
+    (root / "b-copy.bin").write_bytes(data)
+    out = create(root)
+    coll = parse_collection(out.read_bytes())
+    assert coll.members[0].cascade_hash == coll.members[1].cascade_hash
+    (root / "a-copy.bin").write_bytes(b"\xff" * len(data))  # damaged after create
+    seeder = swarm.start("peer", "seed", str(out), "--tracker", swarm.tracker, "--listen", "127.0.0.1:0")
+    port = seeder.wait_listening()
+    seeder.wait_for_line(r"ds.cascade: 1/2 files complete, 4/8 blocks verified")
+    wait_subscribed(swarm.tracker_port, coll.members[0].cascade_hash, port)
+    fetcher = swarm.start(*fetch_args(swarm, out, tmp_path / "got", "--timeout", "30"))
+    assert fetcher.wait(TIMEOUT) == 0, fetcher.stderr
+    assert tree_bytes(tmp_path / "got") == {"a-copy.bin": data, "b-copy.bin": data}
