@@ -193,10 +193,15 @@ def read_cascade(path: str | os.PathLike[str]) -> CascadeFile:
 
 
 def default_data_path(cascade_path: str | os.PathLike[str]) -> Path:
-    """The conventional data path: ``NAME`` beside ``NAME.cascade``."""
+    """The conventional data path: ``NAME`` beside ``NAME.cascade``; ``FILE.data`` for any other name.
+
+    A file named ``..cascade`` or ``...cascade`` (a stranger's choice) would make
+    ``NAME`` the folder itself or its parent, where a fetch would write: such a
+    ``NAME`` is not taken. Raises nothing.
+    """
     p = Path(cascade_path)
-    name = p.name[: -len(SUFFIX)] if has_cascade_suffix(p.name) and len(p.name) > len(SUFFIX) else p.name + ".data"
-    return p.with_name(name)
+    name = p.name[: -len(SUFFIX)] if has_cascade_suffix(p.name) else ""
+    return p.with_name(name if name not in ("", ".", "..") else p.name + ".data")
 
 
 # Windows and macOS (by default) compare file names without regard to case, so

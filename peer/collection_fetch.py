@@ -114,6 +114,9 @@ _FD_FOLDER = "/proc/self/fd"
 # What open(O_TMPFILE) answers where the kernel or the file system cannot make one: the
 # .part way is used from then on.
 _NO_TMPFILE = frozenset({errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOTSUP})
+# What link() says on a file system without hard links: EPERM (Linux vfat, exFAT), ENOSYS
+# (a FUSE file system without a link operation), EOPNOTSUPP/ENOTSUP, EMLINK (a link limit of 1).
+_NO_HARD_LINKS = frozenset({errno.EPERM, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK})
 _DIR_FLAGS = os.O_RDONLY | O_DIRECTORY | O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
 
@@ -188,12 +191,53 @@ class OutFolder:
         self._lock = threading.Lock()  # folder creation by several members at once
         # Listed before anything is written (see _Listings); the .cascade-partial folder, as made or found.
         self.listings = _Listings(self.fd)
-        self.partial_fd = self._folder(self.fd, PARTIAL_DIR, lambda: out / PARTIAL_DIR)
+        self.partial_fd = self._locked_partial()
         self.partial_names = _Listings(self.partial_fd)
         # The folders members were last placed in (relative path -> descriptor), at most
         # _DIR_FDS: the members of one folder come one after another, and walking the path
         # again for each costs an open and a close per component.
         self._dirs: OrderedDict[str, int] = OrderedDict()
+
+    def _locked_partial(self) -> int:
+        """``.cascade-partial``, opened (made if needed) and locked for this fetch alone.
+
+        Two fetches into one folder would each take the other's members for foreign
+        files and fail on half of them; the second is refused at once instead. The lock
+        (``flock``, released when the descriptor is closed, so also by a SIGKILL) is taken
+        on the folder itself; a folder removed by a fetch that just completed, between
+        our open and our lock, is opened again (bounded: a few tries). Raises
+        :class:`DataError` (closing ``self.fd``).
+        """
+        import fcntl  # not on Windows, refused before this by require_safe_tree_io
+
+        shown = self.path / PARTIAL_DIR
+        try:
+            for _ in range(3):
+                fd = self._folder(self.fd, PARTIAL_DIR, lambda: shown)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError as exc:
+                    os.close(fd)
+                    raise DataError(
+                        f"{self.path}: another peer fetch is writing into it; let it finish, or give another --out"
+                    ) from exc
+                except OSError:
+                    return fd  # a file system without locks (some FUSE, old NFS): a guard, not a need
+                try:
+                    now = os.stat(PARTIAL_DIR, dir_fd=self.fd, follow_symlinks=False)
+                    held = os.fstat(fd)
+                    if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+                        return fd
+                except FileNotFoundError:
+                    pass  # removed by a fetch that completed: made again
+                except OSError as exc:
+                    os.close(fd)
+                    raise from_os_error(exc, shown, "look at the folder") from exc
+                os.close(fd)
+            raise DataError(f"{shown}: removed again and again while it was opened; try again")
+        except BaseException:
+            os.close(self.fd)
+            raise
 
     def _folder(self, parent: int, name: str, shown: Callable[[], Path]) -> int:
         """Open (creating if needed) folder ``name`` under ``parent``; never through a symlink.
@@ -348,20 +392,55 @@ def _check_part(out: OutFolder, job: _Job) -> DataCheck | None:
 def _place(out: OutFolder, job: _Job) -> DiskSignature | None:
     """Give a complete ``.part`` its final name: a hard link that fails if the name is taken, then unlink.
 
+    Where the file system has no hard links, a rename once the name is seen free.
+
     Returns the placed file's signature as it is now (``None`` if it could not be read), to serve it under.
     """
     parent, name = out.parent_of(job.member.path)
+    appeared = f"{out.path / job.member.path}: appeared while it downloaded; not touching it"
     try:
         try:
             os.link(_part_name(job), name, src_dir_fd=out.partial_fd, dst_dir_fd=parent, follow_symlinks=False)
         except FileExistsError as exc:
-            raise MemberRefused(f"{out.path / job.member.path}: appeared while it downloaded; not touching it") from exc
+            raise MemberRefused(appeared) from exc
         except OSError as exc:
-            raise from_os_error(exc, out.path / job.member.path, "give the downloaded file its name") from exc
+            if exc.errno not in _NO_HARD_LINKS:
+                raise from_os_error(exc, out.path / job.member.path, "give the downloaded file its name") from exc
+            # No hard links here (exFAT, FAT, some FUSE and SMB mounts): rename, once the name
+            # is seen free. A name made in between would be replaced, never followed (rename
+            # replaces a symlink itself); the fetch's lock keeps other fetches out meanwhile.
+            try:
+                os.stat(name, dir_fd=parent, follow_symlinks=False)
+            except FileNotFoundError:
+                pass
+            except OSError as exc2:
+                raise from_os_error(exc2, out.path / job.member.path, "look at") from exc2
+            else:
+                raise MemberRefused(appeared) from exc
+            try:
+                os.rename(_part_name(job), name, src_dir_fd=out.partial_fd, dst_dir_fd=parent)
+            except OSError as exc2:
+                raise from_os_error(exc2, out.path / job.member.path, "give the downloaded file its name") from exc2
+            return signature_at(parent, name)
         os.unlink(_part_name(job), dir_fd=out.partial_fd)
         return signature_at(parent, name)  # after the unlink: a link count that changes moves the ctime
     finally:
         os.close(parent)
+
+
+def _drop_part(out: OutFolder, job: _Job) -> None:
+    """Remove the ``.part`` of a member found complete at its final name: a run killed between
+    :func:`_place`'s link and unlink, or a second fetch into the same folder, left it.
+
+    Otherwise it would stay (and ``.cascade-partial`` with it) however often the fetch completes.
+    Only a file of its own name in ``.cascade-partial`` is removed (a symlink itself, never
+    its target); anything else there is left as it is. Raises nothing.
+    """
+    name = _part_name(job)
+    if out.partial_names.absent(name):
+        return
+    with contextlib.suppress(OSError):  # gone meanwhile, or a folder of that name: left alone
+        os.unlink(name, dir_fd=out.partial_fd)
 
 
 def _empty(out: OutFolder, job: _Job) -> None:
@@ -1136,8 +1215,10 @@ def fetch_collection(
     cannot be used at all (or a disk write failed), :class:`CascadeError` when no tracker
     answers that first listing; a member's failure is in its job.
     """
+    partial = fold_name(PARTIAL_DIR)
     for m in coll.members:
-        if m.path.split("/", 1)[0].casefold() == PARTIAL_DIR:
+        # Folded as the clash check folds (".cascade\u200c-partial" is this folder on HFS+).
+        if fold_name(m.path.split("/", 1)[0]) == partial:
             raise DataError(f"the collection holds {m.path!r}, a name Cascade keeps for partial downloads")
     # Members are served opened on demand, at most max_open_files at once, as by peer seed.
     raise_file_limit(server.config.max_open_files)
@@ -1189,6 +1270,7 @@ def fetch_collection(
                 if seen is not None:
                     job.already = True
                     bar.add(job.cf.data_length)
+                    _drop_part(out, job)
                     serve(job, seen)
                 elif job.cf.block_count == 0:
                     empties.append(job)
@@ -1372,7 +1454,8 @@ def run_collection(
             if j.result is not None:
                 doc.update(j.result.as_json())
             else:
-                doc["complete"] = j.error is None and not stop_event.is_set()
+                # Complete before this run, or empty and made: complete, interrupted or not.
+                doc["complete"] = j.error is None
                 doc["bytes_downloaded"] = 0
             if j.error is not None:
                 doc["complete"] = False

@@ -34,6 +34,7 @@ from cascade.collection import (
     Collection,
     Member,
     check_tree,
+    fold_name,
     looks_like_collection,
     member_size,
     parse_collection,
@@ -90,6 +91,31 @@ def read_metafile(
     if looks_like_collection(data):
         return parse_collection(data, shown, keep_files=keep_files)
     return parse_cascade(data, shown)
+
+
+def refuse_foreign_folder(folder: Path, collection: Collection) -> None:
+    """Refuse ``folder`` as a fetch's default output if it holds what the collection does not.
+
+    ``peer fetch`` without ``--out`` writes into a folder named by the collection
+    file, or, for a URL, by the tracker: a stranger's choice, which could be one
+    of the user's own folders (``bin``). Such a folder is taken only when it is
+    absent, empty, or holds nothing at its top but the collection's own names and
+    ``.cascade-partial`` (an earlier run of this fetch, to resume or to complete).
+    Names are compared folded, as the clash check does. Raises :class:`DataError`
+    naming the first foreign entry; a folder that cannot be listed is left to the
+    fetch, which says why it cannot use it.
+    """
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    ours = {fold_name(m.path.split("/", 1)[0]) for m in collection.members} | {fold_name(PARTIAL_DIR)}
+    for name in sorted(names):
+        if fold_name(name) not in ours:
+            raise DataError(
+                f"{folder}: exists and holds {shown(name)}, which this collection does not;"
+                f" fetch into a new folder, or give --out {folder} to add the collection's files to it"
+            )
 
 
 # --- opening members without following symlinks ---------------------------------
@@ -283,7 +309,7 @@ def walk_tree(folder: Path) -> Tree:
         for entry in entries:
             child = f"{rel}/{entry.name}" if rel else entry.name
             try:
-                if not rel and entry.name.casefold() == PARTIAL_DIR:
+                if not rel and fold_name(entry.name) == fold_name(PARTIAL_DIR):
                     skipped.append(
                         f"{child!r} holds the parts of an unfinished fetch: skipped (no fetch takes the name)"
                     )

@@ -32,7 +32,7 @@ from cascade.errors import CascadeError, DataError, UsageError, from_os_error
 from cascade.metafile import CascadeFile, default_data_path
 from cascade.units import format_size
 from cascade.wire import PeerRecord
-from peer.collection_local import read_metafile
+from peer.collection_local import read_metafile, refuse_foreign_folder
 from peer.common import DEFAULT_LISTEN, Interrupted, StopSignal, announce_ip, setup_logging
 from peer.fetcher import Fetcher, FetchPolicy, FetchResult, PeerInfo, Progress
 from peer.localdata import DataCheck, check_data
@@ -111,6 +111,8 @@ def _fetch(args: argparse.Namespace, stop: StopSignal) -> int:
         read = read_metafile(cascade_file, keep_files=True)
         out = Path(args.out) if args.out else default_data_path(cascade_file)
         if isinstance(read, Collection):
+            if not args.out:  # a folder named by a stranger (the file's or the tracker's name)
+                refuse_foreign_folder(out, read)
             return _fetch_collection(args, stop, read, out, trackers, host, port, my_ip, download_rate, upload_rate)
         cf = read
         target = _plan_output(cf, out, args.force)

@@ -17,12 +17,12 @@ from cascade.errors import DataError, StartError, UsageError
 from cascade.metafile import CascadeFile, default_data_path
 from cascade.units import format_size, parse_size
 from peer.announcer import Announcer
-from peer.collection_local import HeldFolder, check_members, raise_file_limit, read_metafile
+from peer.collection_local import HeldFolder, MemberCheck, check_members, raise_file_limit, read_metafile
 from peer.common import Interrupted, StopSignal, announce_ip, setup_logging
 from peer.datawatch import DataWatcher
 from peer.localdata import check_data
 from peer.server import BlockServer, BlockServerConfig
-from peer.storage import BlockStore, MemberStore, VerifiedBlocks, disk_signature
+from peer.storage import BlockStore, DiskSignature, MemberStore, VerifiedBlocks, disk_signature
 from peer.trackers import parse_trackers
 
 log = logging.getLogger("peer")
@@ -122,30 +122,38 @@ def _seed_collection(
     problems = 0
     held = HeldFolder(f.folder)
     folders.append(held)
+    # The same file twice (one cascade hash) is served once, from the copy with the most
+    # valid blocks: the first one met could be damaged where a later one is whole.
+    best: dict[bytes, tuple[MemberCheck, DiskSignature]] = {}
     for mc, _ in check_members(
         f.folder, f.collection, whole_file=False, progress=lambda _n: stop.check(), root_fd=held.fd
     ):
         cf, check = mc.cf, mc.check
         blocks += cf.block_count
         have_blocks += check.valid_count
-        if mc.seen is None or cf.cascade_hash in served:  # missing; or the same file twice, served once
-            if mc.seen is None and cf.block_count:
+        if mc.seen is None:  # missing
+            if cf.block_count:
                 problems += 1
                 if problems <= _MEMBER_LINES:
                     lines.append(f"{mc.problem or f'{f.folder / mc.member.path}: missing'}: not served")
-            complete += mc.seen is not None and check.valid_count == cf.block_count
             continue
-        served.add(cf.cascade_hash)
-        path = mc.member.path
-        store = MemberStore(cf, check.valid, held, path, verified=mc.seen)
-        server.add_store(store, watcher.wake)
-        watcher.add(store, mc.seen)
         if check.valid_count == cf.block_count:
             complete += 1
         else:
             problems += 1
             if problems <= _MEMBER_LINES:
                 lines.append(f"{f.folder / mc.member.path}: {check.valid_count}/{cf.block_count} blocks verified")
+        if cf.cascade_hash in served:  # served for an earlier file given
+            continue
+        kept = best.get(cf.cascade_hash)
+        if kept is None or check.valid_count > kept[0].check.valid_count:
+            best[cf.cascade_hash] = (mc, mc.seen)
+    for mc, seen in best.values():
+        cf, check = mc.cf, mc.check
+        served.add(cf.cascade_hash)
+        store = MemberStore(cf, check.valid, held, mc.member.path, verified=seen)
+        server.add_store(store, watcher.wake)
+        watcher.add(store, seen)
         if check.valid_count or not cf.block_count:
             announcer.add(cf.cascade_hash)
     if problems > _MEMBER_LINES:

@@ -26,6 +26,16 @@ if ! command -v redis-server >/dev/null 2>&1 && [ "$(id -u)" = "0" ] && command 
     fi
 fi
 
+# The test of a collection fetch onto a file system without hard links mounts a real exFAT
+# (FUSE): install its tools the same way when we can, else that test skips and says why.
+if ! command -v mount.exfat-fuse >/dev/null 2>&1 && [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    echo "test.sh: installing exfat-fuse and exfatprogs for the exFAT test" >&2
+    if ! { DEBIAN_FRONTEND=noninteractive timeout 300 apt-get update -qq \
+           && DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -qq --no-install-recommends exfat-fuse exfatprogs; } </dev/null >&2; then
+        echo "test.sh: warning: could not install exfat-fuse; the exFAT test will be skipped" >&2
+    fi
+fi
+
 # A distribution's own Python (PEP 668 "externally managed") refuses pip installs
 # outside a virtualenv; a throwaway CI machine or container is exactly where we want one.
 PIP_FLAGS=(--quiet --disable-pip-version-check)

@@ -22,6 +22,7 @@ import pytest
 from cascade.collection import MAGIC, Member, parse_collection, serialize_collection
 from cascade.metafile import encode_cascade, parse_cascade
 from cascade.wire import TrackerCommand
+from peer.collection_local import PARTIAL_DIR
 from peer.tracker_client import TrackerAddress, announce
 from tests.doubles import Swarm, sha256_file
 from tests.procs import Proc, start_tracker
@@ -479,7 +480,19 @@ def test_an_interrupted_fetch_says_so_in_one_line_and_resumes(
     assert said == [
         f"peer fetch: interrupted; verified blocks are kept in {tmp_path / 'o' / '.cascade-partial'}, rerun to resume"
     ]
-    assert json.loads(slow.stdout.strip().splitlines()[-1])["complete"] is False
+    doc = json.loads(slow.stdout.strip().splitlines()[-1])
+    assert doc["complete"] is False
+    # The empty member is made before the download: complete, though the whole is not; and
+    # the count of complete files agrees with the files said complete.
+    by_path = {f["path"]: f for f in doc["files"]}
+    assert by_path["empty"] == {
+        "path": "empty",
+        "cascade_hash": by_path["empty"]["cascade_hash"],
+        "complete": True,
+        "bytes_downloaded": 0,
+    }
+    assert (tmp_path / "o" / "empty").read_bytes() == b""
+    assert doc["complete_files"] == sum(f["complete"] for f in doc["files"])
     resumed = swarm.start(*fetch_args(swarm, out, tmp_path / "o"))
     assert resumed.wait(TIMEOUT) == 0, resumed.stderr
     assert tree_bytes(tmp_path / "o") == files
@@ -572,9 +585,10 @@ def test_fetch_a_collection_by_url(tmp_path: Path, tree: tuple[Path, dict[str, b
         tracker.proc.stop()
 
 
-def test_fetch_refuses_a_member_in_the_partial_folder_before_writing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", [".cascade-partial", ".Cascade-Partial", ".cascade\u200c-partial"])
+def test_fetch_refuses_a_member_in_the_partial_folder_before_writing(tmp_path: Path, name: str) -> None:
     bad = tmp_path / "x.cascade"
-    bad.write_bytes(serialize_collection([Member(".cascade-partial/0-x.part", HELLO)]))
+    bad.write_bytes(serialize_collection([Member(f"{name}/0-x.part", HELLO)]))
     r = run(
         "peer", "fetch", str(bad), "--tracker", "127.0.0.1:9", "--out", str(tmp_path / "o"), "--listen", "127.0.0.1:0"
     )
@@ -606,3 +620,73 @@ def test_fetch_with_no_tracker_answering_fails_at_once_with_one_line_and_writes_
     }
     assert sorted(tmp_path.iterdir()) == ([out] if out_exists else []) + [coll]
     assert not out_exists or list(out.iterdir()) == []
+
+
+def test_fetch_without_out_refuses_a_default_folder_holding_what_the_collection_does_not(tmp_path: Path) -> None:
+    # Without --out the folder is named by the collection file or, for a URL, by the
+    # tracker: a stranger could name one of the user's folders ("bin") and add files to
+    # it. Such a folder is taken only if it holds nothing but the collection's own names
+    # (an earlier run of this fetch); --out names a folder on purpose, and adds to it.
+    coll = tmp_path / "bin.cascade"
+    coll.write_bytes(serialize_collection([Member("d/0.txt", HELLO), Member("tool", HELLO)]))
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    (folder / "mytool").write_bytes(b"mine\n")
+    args = ["peer", "fetch", str(coll), "--tracker", "127.0.0.1:9", "--listen", "127.0.0.1:0"]
+    r = run(*args)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.splitlines() == [
+        f"peer fetch: error: {folder}: exists and holds 'mytool', which this collection does not;"
+        f" fetch into a new folder, or give --out {folder} to add the collection's files to it"
+    ]
+    assert sorted(p.name for p in folder.iterdir()) == ["mytool"]
+    # The collection's own names (in any case) and a .cascade-partial: a rerun, let through
+    # (here to the unreachable tracker); so is the same folder named with --out.
+    (folder / "mytool").unlink()
+    (folder / "D").mkdir()
+    (folder / ".cascade-partial").mkdir()
+    for extra in ([], ["--out", str(folder)]):
+        r = run(*args, *extra)
+        assert r.returncode == 1 and "tracker 127.0.0.1:9 unreachable" in r.stderr, r.stderr
+
+
+def test_a_member_complete_at_its_name_loses_the_part_an_earlier_run_left(tmp_path: Path) -> None:
+    # A run killed between the hard link that names a member and the unlink of its .part
+    # (or a second fetch into the same folder) leaves both; the next run finds the member
+    # complete and must remove the .part, or .cascade-partial stays for good.
+    coll = tmp_path / "x.cascade"
+    parsed = parse_collection(serialize_collection([Member("a/hello.txt", HELLO), Member("b.txt", HELLO)]))
+    coll.write_bytes(serialize_collection(parsed.members))
+    out = tmp_path / "o"
+    (out / "a").mkdir(parents=True)
+    (out / "a" / "hello.txt").write_bytes(b"hello\n")
+    (out / "b.txt").write_bytes(b"hello\n")
+    (out / PARTIAL_DIR).mkdir()
+    stale = out / PARTIAL_DIR / f"0-{parsed.members[0].cascade_hash.hex()[:16]}.part"
+    stale.write_bytes(b"hello\n")
+    # Every member is complete: no tracker is asked.
+    r = run("peer", "fetch", str(coll), "--tracker", "127.0.0.1:9", "--out", str(out), "--listen", "127.0.0.1:0")
+    assert r.returncode == 0, r.stderr
+    assert not (out / PARTIAL_DIR).exists()
+    assert tree_bytes(out) == {"a/hello.txt": b"hello\n", "b.txt": b"hello\n"}
+
+
+def test_seed_serves_the_whole_copy_of_a_file_the_folder_holds_twice(tmp_path: Path, swarm: Swarm) -> None:
+    # Two members with the same bytes have one cascade hash, served once: it was from the
+    # first one met, so a damaged first copy hid a whole second one and no fetch completed.
+    root = tmp_path / "ds"
+    root.mkdir()
+    data = bytes(range(256)) * 200  # 51,200 bytes: 4 blocks of 16 KiB
+    (root / "a-copy.bin").write_bytes(data)
+    (root / "b-copy.bin").write_bytes(data)
+    out = create(root)
+    coll = parse_collection(out.read_bytes())
+    assert coll.members[0].cascade_hash == coll.members[1].cascade_hash
+    (root / "a-copy.bin").write_bytes(b"\xff" * len(data))  # damaged after create
+    seeder = swarm.start("peer", "seed", str(out), "--tracker", swarm.tracker, "--listen", "127.0.0.1:0")
+    port = seeder.wait_listening()
+    seeder.wait_for_line(r"ds.cascade: 1/2 files complete, 4/8 blocks verified")
+    wait_subscribed(swarm.tracker_port, coll.members[0].cascade_hash, port)
+    fetcher = swarm.start(*fetch_args(swarm, out, tmp_path / "got", "--timeout", "30"))
+    assert fetcher.wait(TIMEOUT) == 0, fetcher.stderr
+    assert tree_bytes(tmp_path / "got") == {"a-copy.bin": data, "b-copy.bin": data}

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -110,6 +112,8 @@ def fetch(out_path: Path, coll: Collection, peers: list[PeerInfo], **policy: flo
         for job in jobs:
             job.result = members.result(job.slot)
     finally:
+        members.close()  # as fetch_collection does: no descriptor left in --out (a mount can go)
+        out.close_folders()
         os.close(out.partial_fd)
         os.close(out.fd)
     return jobs, error
@@ -445,3 +449,52 @@ def test_where_nameless_files_cannot_be_named_every_member_goes_the_part_way(tmp
     assert got(out) == files
     assert not any((out / PARTIAL_DIR).iterdir())
     assert not any(empty.iterdir())
+
+
+@pytest.fixture
+def exfat(tmp_path: Path) -> Iterator[Path]:
+    """A real exFAT file system (FUSE, on a loop device; root only), which has no hard links; unmounted after."""
+    tools = ("mkfs.exfat", "mount.exfat-fuse", "losetup", "umount")
+    if os.geteuid() != 0 or not os.path.exists("/dev/fuse") or not all(shutil.which(t) for t in tools):
+        pytest.skip("an exFAT mount needs root, /dev/fuse, exfatprogs and exfat-fuse (scripts/test.sh installs them)")
+    image, mount = tmp_path / "exfat.img", tmp_path / "exfat"
+    mount.mkdir()
+    with image.open("wb") as f:
+        f.truncate(16 << 20)
+    if subprocess.run(["mkfs.exfat", str(image)], capture_output=True, timeout=30).returncode:
+        pytest.skip("mkfs.exfat failed")
+    loop = subprocess.run(["losetup", "-f", "--show", str(image)], capture_output=True, text=True, timeout=30)
+    if loop.returncode:
+        pytest.skip(f"no loop device here: {loop.stderr.strip()}")
+    device = loop.stdout.strip()
+    try:
+        if subprocess.run(["mount.exfat-fuse", device, str(mount)], capture_output=True, timeout=30).returncode:
+            pytest.skip("this machine does not let us mount a FUSE file system")
+        try:
+            yield mount
+        finally:
+            subprocess.run(["umount", str(mount)], timeout=30, check=True)
+    finally:
+        subprocess.run(["losetup", "-d", device], timeout=30, check=True)
+
+
+def test_members_are_named_where_the_file_system_has_no_hard_links(
+    tmp_path: Path, stores: list[BlockStore], exfat: Path
+) -> None:
+    # exFAT (a USB drive), FAT and some FUSE or SMB mounts refuse link(): every member of
+    # more than one block failed with "cannot give the downloaded file its name", at every
+    # rerun. There a member is renamed into place once its name is seen free.
+    (exfat / "probe").write_bytes(b"")
+    with pytest.raises(OSError):
+        os.link(exfat / "probe", exfat / "probe2")
+    files, coll = make_tree(tmp_path / "src", small=3, big=3)
+    seeder = CountingSeeder(seeding(tmp_path / "src", coll, stores)).start()
+    try:
+        jobs, error = fetch(exfat / "out", coll, [(*seeder.address, True)])
+    finally:
+        seeder.stop()
+    assert error is None, error
+    assert [j.error for j in jobs] == [None] * len(jobs)
+    assert all(j.result is not None and j.result.complete for j in jobs)
+    assert got(exfat / "out") == files
+    assert os.listdir(exfat / "out" / PARTIAL_DIR) == []

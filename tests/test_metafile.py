@@ -152,6 +152,11 @@ def test_read_cascade(tmp_path: Path) -> None:
         ("dir/notes.txt.cascade", "dir/notes.txt"),
         ("a.b.cascade", "a.b"),
         ("plain", "plain.data"),
+        # Names that would make the data the folder itself or its parent (a fetch writes there).
+        ("dir/.cascade", "dir/.cascade.data"),
+        ("dir/..cascade", "dir/..cascade.data"),
+        ("dir/...cascade", "dir/...cascade.data"),
+        ("dir/....cascade", "dir/..."),  # "..." is a name like any other
     ],
 )
 def test_default_data_path(cascade: str, data: str) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from cascade.errors import DataError
 from peer.collection_fetch import PARTIAL_DIR, OutFolder, _Listings
 
 pytestmark = pytest.mark.unit
@@ -111,3 +112,20 @@ def test_only_an_out_with_nothing_in_it_is_fresh(tmp_path: Path, before: str) ->
     finally:
         os.close(out.partial_fd)
         os.close(out.fd)
+
+
+def test_a_second_fetch_into_the_same_out_is_refused_until_the_first_closes(tmp_path: Path) -> None:
+    # Two fetches into one folder took each other's members for foreign files, failed on
+    # half of them each and left .part files behind; the second is now refused in one line.
+    # (flock is per open file, so two OutFolders of one process stand for two processes.)
+    root = tmp_path / "out"
+    first = OutFolder(root)
+    try:
+        with pytest.raises(DataError, match="another peer fetch is writing into it"):
+            OutFolder(root)
+    finally:
+        os.close(first.partial_fd)
+        os.close(first.fd)
+    second = OutFolder(root)  # the lock went with the descriptor (as with a SIGKILL)
+    os.close(second.partial_fd)
+    os.close(second.fd)
