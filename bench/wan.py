@@ -63,6 +63,9 @@ POLL = 0.02  # seconds between completion checks: small against the >= 3 s runs 
 TIMEOUT_FACTOR = 6.0  # a swarm run longer than this x T_min is killed and reported as a timeout
 READY_TIMEOUT = 60.0
 LT_PIECE = 256 * 1024  # as in the libtorrent column
+# TCP/IP headers per payload byte on these links (1448 bytes of payload per 1514 on the wire):
+# the ~1.046 x T_min floor of the docstring.
+HEADER_FACTOR = 1.046
 # A --seed fetcher's log lines start with a timestamp (peer/common.py TIMESTAMP_FORMAT).
 NOT_PRESENT = re.compile(r"^(?:\S+ )?\s+\S+: (\d+) blocks, (\d+) not present$", re.M)
 DONE = re.compile(r"^done (\S+)$", re.M)
@@ -158,6 +161,10 @@ class Options:
     tools: tuple[str, ...] = TOOLS
     plot: bool = True
     plot_to_docs: bool = True  # False: the plots go to the temporary folder (a smoke test keeps docs/ as is)
+    # Cascade's fetchers run with --max-upload-rate at this fraction of their host's upload
+    # (payload: the rate less TCP/IP headers), as a user would leave room on an uplink with
+    # a deep queue; None: no limit (the default, what the tables use).
+    fetcher_upload: float | None = None
 
     @classmethod
     def quick(cls) -> Options:
@@ -395,6 +402,9 @@ class Wan:
         def start(i: int) -> Child:
             h = fetchers[i]
             args = fetch_args(meta, outs[i], taddr, f"{h.ip}:{PEER_PORT}", "--seed", "-v")
+            if self.opts.fetcher_upload is not None and h.mbit:
+                payload = h.mbit * 1e6 / 8 / HEADER_FACTOR
+                args += ["--max-upload-rate", str(int(self.opts.fetcher_upload * payload))]
             return g.python(f"fetch{i}", args, h.netns)
 
         def done_at(c: Child, t0: float, t0_perf: float) -> float | None:
@@ -651,6 +661,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-plot", action="store_true", help="do not write docs/wan-*.svg")
     p.add_argument("--json", metavar="PATH", help="also write the rows to PATH")
     p.add_argument("--tmp", default=tempfile.gettempdir(), help="folder for the temporary data")
+    p.add_argument(
+        "--fetcher-upload",
+        type=float,
+        metavar="FRACTION",
+        help="Cascade fetchers upload at most FRACTION (0-1] of their host rate (--max-upload-rate; default: none)",
+    )
     args = p.parse_args(argv)
     opts = Options.quick() if args.quick else Options()
     try:
@@ -669,6 +685,10 @@ def main(argv: list[str] | None = None) -> int:
         if bad or not tools:
             raise UsageError(f"--tools: unknown {', '.join(bad) or '(none)'}; choose from {', '.join(TOOLS)}")
         opts.tools = tools
+        if args.fetcher_upload is not None:
+            if not 0 < args.fetcher_upload <= 1:
+                raise UsageError(f"--fetcher-upload must be in (0, 1], not {args.fetcher_upload:g}")
+            opts.fetcher_upload = args.fetcher_upload
     except UsageError as exc:
         print(f"bench.wan: {exc}", file=sys.stderr)
         return 2
@@ -704,6 +724,7 @@ def _opts_json(opts: Options) -> dict[str, Any]:
         "scenarios": list(opts.scenarios),
         "block_sizes": list(opts.block_sizes),
         "tools": list(opts.tools),
+        "fetcher_upload": opts.fetcher_upload,
     }
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.wan import NOT_PRESENT, SCENARIOS, Scenario, ToolRun, parse_scenario, summarize, targets
+from bench.wan import NOT_PRESENT, SCENARIOS, Scenario, ToolRun, main, parse_scenario, summarize, targets
 from cascade.errors import UsageError
 
 pytestmark = pytest.mark.unit
@@ -85,3 +85,12 @@ def test_a_written_scenario_gives_rates_late_joiners_and_a_file_name() -> None:
 def test_a_malformed_scenario_is_one_usage_error(text: str) -> None:
     with pytest.raises(UsageError, match="--scenario"):
         parse_scenario(text)
+
+
+@pytest.mark.parametrize("fraction", ["0", "1.5", "-0.5"])
+def test_a_fetcher_upload_fraction_outside_0_1_is_one_usage_line(
+    fraction: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--fetcher-upload", fraction, "--no-plot"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"bench.wan: --fetcher-upload must be in (0, 1], not {float(fraction):g}"]
