@@ -137,8 +137,17 @@ def _seed_collection(
                 if problems <= _MEMBER_LINES:
                     lines.append(f"{mc.problem or f'{f.folder / mc.member.path}: missing'}: not served")
             continue
-        if check.valid_count == cf.block_count:
+        if check.valid_count == cf.block_count and check.size == cf.data_length:
             complete += 1
+        elif check.valid_count == cf.block_count:
+            # Every block verifies, so all of it is served; but it is not the file the
+            # collection names, as cascade verify says (a file that grew since create).
+            problems += 1
+            if problems <= _MEMBER_LINES:
+                lines.append(
+                    f"{f.folder / mc.member.path}: {check.valid_count}/{cf.block_count} blocks verified, but the file"
+                    f" is {check.size} bytes, expected {cf.data_length}: its blocks are served"
+                )
         else:
             problems += 1
             if problems <= _MEMBER_LINES:

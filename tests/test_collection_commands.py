@@ -690,3 +690,29 @@ def test_seed_serves_the_whole_copy_of_a_file_the_folder_holds_twice(tmp_path: P
     fetcher = swarm.start(*fetch_args(swarm, out, tmp_path / "got", "--timeout", "30"))
     assert fetcher.wait(TIMEOUT) == 0, fetcher.stderr
     assert tree_bytes(tmp_path / "got") == {"a-copy.bin": data, "b-copy.bin": data}
+
+
+def test_seed_says_a_file_that_grew_since_create_is_not_the_collection_s_but_serves_its_blocks(
+    tmp_path: Path, swarm: Swarm
+) -> None:
+    # cascade verify calls such a file incomplete; the seed log called it complete.
+    root = tmp_path / "ds"
+    root.mkdir()
+    data = bytes(range(256)) * 200  # 51,200 bytes: 4 blocks of 16 KiB
+    (root / "grows.bin").write_bytes(data)
+    (root / "same.txt").write_bytes(b"hello\n")
+    out = create(root)
+    with (root / "grows.bin").open("ab") as f:
+        f.write(b"appended later\n")
+    seeder = swarm.start("peer", "seed", str(out), "--tracker", swarm.tracker, "--listen", "127.0.0.1:0")
+    port = seeder.wait_listening()
+    seeder.wait_for_line(r"ds.cascade: 1/2 files complete, 5/5 blocks verified")
+    seeder.wait_for_line(
+        rf"grows.bin: 4/4 blocks verified, but the file is {len(data) + 15} bytes, expected {len(data)}:"
+        r" its blocks are served"
+    )
+    coll = parse_collection(out.read_bytes())
+    wait_subscribed(swarm.tracker_port, coll.members[0].cascade_hash, port)
+    fetcher = swarm.start(*fetch_args(swarm, out, tmp_path / "got", "--timeout", "30"))
+    assert fetcher.wait(TIMEOUT) == 0, fetcher.stderr
+    assert tree_bytes(tmp_path / "got") == {"grows.bin": data, "same.txt": b"hello\n"}
