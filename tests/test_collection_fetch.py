@@ -31,6 +31,7 @@ from peer.storage import BlockStore, MemberStore
 from peer.writebehind import Lender, WriteBehind
 from tests.doubles import LoopbackServer
 from tests.hostile import PROTOCOL_BREAKERS, HostileServer
+from tests.mounts import mounted
 from tests.test_peer_server import read_response, req
 
 pytestmark = pytest.mark.loopback
@@ -468,12 +469,8 @@ def exfat(tmp_path: Path) -> Iterator[Path]:
         pytest.skip(f"no loop device here: {loop.stderr.strip()}")
     device = loop.stdout.strip()
     try:
-        if subprocess.run(["mount.exfat-fuse", device, str(mount)], capture_output=True, timeout=30).returncode:
-            pytest.skip("this machine does not let us mount a FUSE file system")
-        try:
+        with mounted(["mount.exfat-fuse", device, str(mount)], mount, "this machine does not let us mount FUSE"):
             yield mount
-        finally:
-            subprocess.run(["umount", str(mount)], timeout=30, check=True)
     finally:
         subprocess.run(["losetup", "-d", device], timeout=30, check=True)
 

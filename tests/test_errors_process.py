@@ -16,6 +16,7 @@ import requests
 
 from cascade import __version__
 from peer.http_client import upload_cascade
+from tests.mounts import mounted
 from tests.procs import Proc, command_line
 
 pytestmark = pytest.mark.process
@@ -67,13 +68,9 @@ def tmpfs(options: str) -> Iterator[Path]:
         pytest.skip("mounting a tmpfs needs root")
     mount = Path(tempfile.mkdtemp(prefix="cascade-tmpfs-"))
     try:
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size=64k,{options}", "tmpfs", str(mount)], timeout=10)
-        if done.returncode:
-            pytest.skip("this machine does not let us mount a tmpfs")
-        try:
+        command = ["mount", "-t", "tmpfs", "-o", f"size=64k,{options}", "tmpfs", str(mount)]
+        with mounted(command, mount, "this machine does not let us mount a tmpfs"):
             yield mount
-        finally:
-            subprocess.run(["umount", str(mount)], timeout=10, check=True)
     finally:
         mount.rmdir()
 
