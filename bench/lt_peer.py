@@ -3,11 +3,12 @@
 ``mktorrent DATA OUT [TRACKER_URL|-] [PIECE_BYTES]``: a v1 .torrent made by libtorrent itself (v1 so
 aria2 can use it too); piece length libtorrent's default unless given.
 ``seed TORRENT DIR PORT [HOST]``: check DATA in DIR, then print ``lt listening on HOST:PORT`` and seed.
-``fetch TORRENT DIR PORT PEERS [HOST]``: download, connecting to every peer in PEERS (comma-separated
+``fetch TORRENT DIR PORT PEERS [HOST [UPLOAD]]``: download, connecting to every peer in PEERS (comma-separated
 ``PORT`` on 127.0.0.1 or ``IP:PORT``); prints ``started WALLTIME`` once its session is up (the
 Python and libtorrent start-up before it is no part of fetching), ``verified WALLTIME`` once every
 piece is hash-checked and ``done WALLTIME`` once written out, then keeps seeding to the others until
-stopped (SIGTERM), as BitTorrent peers do.
+stopped (SIGTERM), as BitTorrent peers do; UPLOAD (bytes/s, 0 = none) is libtorrent's
+``upload_rate_limit``, as ``--max-upload-rate`` is Cascade's.
 
 HOST (default 127.0.0.1) is the address to listen on and connect from: ``bench/wan.py`` runs each
 peer in its own network namespace with a private address. DHT, LSD, UPnP, NAT-PMP and uTP are off:
@@ -34,9 +35,10 @@ POLL = 0.005
 LOCAL = "127.0.0.1"
 
 
-def session(port: int, host: str = LOCAL) -> Any:
+def session(port: int, host: str = LOCAL, upload: int = 0) -> Any:
     return lt.session(
         {
+            "upload_rate_limit": upload,
             "listen_interfaces": f"{host}:{port}",
             "outgoing_interfaces": host,
             "enable_dht": False,
@@ -100,8 +102,8 @@ def parse_peers(text: str) -> list[tuple[str, int]]:
     return peers
 
 
-def fetch(torrent: str, save: str, port: int, peers: list[tuple[str, int]], host: str = LOCAL) -> None:
-    ses = session(port, host)
+def fetch(torrent: str, save: str, port: int, peers: list[tuple[str, int]], host: str = LOCAL, upload: int = 0) -> None:
+    ses = session(port, host, upload)
     print(f"started {time.time():.6f}", flush=True)
     handle = add(ses, torrent, save)
     deadline = time.monotonic() + TIMEOUT
@@ -133,12 +135,13 @@ def main(argv: list[str]) -> int:
         make_torrent(argv[1], argv[2], tracker, int(argv[4]) if len(argv) == 5 else 0)
     elif argv[:1] == ["seed"] and len(argv) in (4, 5):
         seed(argv[1], argv[2], int(argv[3]), *argv[4:])
-    elif argv[:1] == ["fetch"] and len(argv) in (5, 6):
-        fetch(argv[1], argv[2], int(argv[3]), parse_peers(argv[4]), *argv[5:])
+    elif argv[:1] == ["fetch"] and len(argv) in (5, 6, 7):
+        host = argv[5] if len(argv) >= 6 else LOCAL
+        fetch(argv[1], argv[2], int(argv[3]), parse_peers(argv[4]), host, int(argv[6]) if len(argv) == 7 else 0)
     else:
         print(
             "usage: lt_peer mktorrent DATA OUT [TRACKER|-] [PIECE] | seed TORRENT DIR PORT [HOST]"
-            " | fetch TORRENT DIR PORT PEERS [HOST]",
+            " | fetch TORRENT DIR PORT PEERS [HOST [UPLOAD]]",
             file=sys.stderr,
         )
         return 2

@@ -161,9 +161,10 @@ class Options:
     tools: tuple[str, ...] = TOOLS
     plot: bool = True
     plot_to_docs: bool = True  # False: the plots go to the temporary folder (a smoke test keeps docs/ as is)
-    # Cascade's fetchers run with --max-upload-rate at this fraction of their host's upload
-    # (payload: the rate less TCP/IP headers), as a user would leave room on an uplink with
-    # a deep queue; None: no limit (the default, what the tables use).
+    # Every fetcher's upload is limited to this fraction of its host's rate (payload: the rate
+    # less TCP/IP headers): Cascade's with --max-upload-rate, libtorrent's with its
+    # upload_rate_limit, as a user would leave room on an uplink with a deep queue; None: no
+    # limit (the default, what the tables use).
     fetcher_upload: float | None = None
 
     @classmethod
@@ -402,9 +403,9 @@ class Wan:
         def start(i: int) -> Child:
             h = fetchers[i]
             args = fetch_args(meta, outs[i], taddr, f"{h.ip}:{PEER_PORT}", "--seed", "-v")
-            if self.opts.fetcher_upload is not None and h.mbit:
-                payload = h.mbit * 1e6 / 8 / HEADER_FACTOR
-                args += ["--max-upload-rate", str(int(self.opts.fetcher_upload * payload))]
+            cap = self._upload_cap(h)
+            if cap:
+                args += ["--max-upload-rate", str(cap)]
             return g.python(f"fetch{i}", args, h.netns)
 
         def done_at(c: Child, t0: float, t0_perf: float) -> float | None:
@@ -415,6 +416,12 @@ class Wan:
             return None
 
         return start, done_at
+
+    def _upload_cap(self, h: Host) -> int:
+        """Fetcher ``h``'s upload limit in bytes/s under ``--fetcher-upload`` (0: none)."""
+        if self.opts.fetcher_upload is None or not h.mbit:
+            return 0
+        return int(self.opts.fetcher_upload * h.mbit * 1e6 / 8 / HEADER_FACTOR)
 
     def _wait_subscribed(self, tracker: Host, meta: Path, seed: Host) -> None:
         """Until the tracker lists the seeder (asked through its HTTP API from the tracker's host)."""
@@ -447,11 +454,8 @@ class Wan:
 
         def start(i: int) -> Child:
             h = fetchers[i]
-            return g.python(
-                f"lt-fetch{i}",
-                ["-m", "bench.lt_peer", "fetch", str(self.torrent), str(dirs[i]), str(LT_PORT), peers, h.ip],
-                h.netns,
-            )
+            args = ["-m", "bench.lt_peer", "fetch", str(self.torrent), str(dirs[i]), str(LT_PORT), peers, h.ip]
+            return g.python(f"lt-fetch{i}", [*args, str(self._upload_cap(h))], h.netns)
 
         def done_at(c: Child, t0: float, t0_perf: float) -> float | None:
             m = DONE.search(c.stdout)
@@ -665,7 +669,7 @@ def main(argv: list[str] | None = None) -> int:
         "--fetcher-upload",
         type=float,
         metavar="FRACTION",
-        help="Cascade fetchers upload at most FRACTION (0-1] of their host rate (--max-upload-rate; default: none)",
+        help="every fetcher uploads at most FRACTION (0-1] of its host's rate (Cascade and libtorrent; default: none)",
     )
     args = p.parse_args(argv)
     opts = Options.quick() if args.quick else Options()
