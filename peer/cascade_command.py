@@ -221,7 +221,7 @@ def _create_collection(args: argparse.Namespace, folder: Path, given: int | None
     _write_new(out, raw, args.force)
     coll = parse_collection(raw, str(out))
     files = f"{len(coll.members)} file{'s' if len(coll.members) != 1 else ''}"
-    sizes = [given] if given is not None else sorted({default_block_size(f.size) for f in tree.files})
+    sizes = sorted({m.block_size for m in coll.members})
     blocks = format_size(sizes[0]) + (f" to {format_size(sizes[-1])}" if len(sizes) > 1 else "")
     print(f"wrote {out}: {files}, {coll.total_length} bytes in blocks of {blocks}")
     print(f"collection hash {coll.collection_hash.hex()}")

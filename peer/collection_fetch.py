@@ -65,6 +65,7 @@ from peer.clock import REAL_CLOCK, Clock
 from peer.collection_local import (
     O_DIRECTORY,
     O_NOFOLLOW,
+    PARTIAL_DIR_FOLDED,
     HeldFolder,
     MemberMissing,
     open_member,
@@ -271,7 +272,7 @@ class OutFolder:
         As the listings say (taken now if not yet): True only when that is sure.
         """
         names = self.listings.names("")
-        return names is not None and names <= {fold_name(PARTIAL_DIR)} and self.partial_names.names("") == frozenset()
+        return names is not None and names <= {PARTIAL_DIR_FOLDED} and self.partial_names.names("") == frozenset()
 
     def parent_of(self, path: str) -> tuple[int, str]:
         """A descriptor of member ``path``'s folder (created as needed; the caller closes it) and its last component."""
@@ -1215,10 +1216,8 @@ def fetch_collection(
     cannot be used at all (or a disk write failed), :class:`CascadeError` when no tracker
     answers that first listing; a member's failure is in its job.
     """
-    partial = fold_name(PARTIAL_DIR)
     for m in coll.members:
-        # Folded as the clash check folds (".cascade\u200c-partial" is this folder on HFS+).
-        if fold_name(m.path.split("/", 1)[0]) == partial:
+        if fold_name(m.path.split("/", 1)[0]) == PARTIAL_DIR_FOLDED:
             raise DataError(f"the collection holds {m.path!r}, a name Cascade keeps for partial downloads")
     # Members are served opened on demand, at most max_open_files at once, as by peer seed.
     raise_file_limit(server.config.max_open_files)

@@ -68,6 +68,9 @@ _FILE_FLAGS = os.O_RDONLY | O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0) | getattr(
 # Where ``peer fetch`` keeps the members it has not finished, under ``--out``: a fetch
 # refuses a collection holding this name at its top, in any case, so none is made with it.
 PARTIAL_DIR = ".cascade-partial"
+# The name as names are compared (folded as the clash check folds: ".cascade\u200c-partial"
+# is this folder on HFS+).
+PARTIAL_DIR_FOLDED = fold_name(PARTIAL_DIR)
 
 
 def read_metafile(
@@ -109,7 +112,7 @@ def refuse_foreign_folder(folder: Path, collection: Collection) -> None:
         names = os.listdir(folder)
     except OSError:
         return
-    ours = {fold_name(m.path.split("/", 1)[0]) for m in collection.members} | {fold_name(PARTIAL_DIR)}
+    ours = {fold_name(m.path.split("/", 1)[0]) for m in collection.members} | {PARTIAL_DIR_FOLDED}
     for name in sorted(names):
         if fold_name(name) not in ours:
             raise DataError(
@@ -309,7 +312,7 @@ def walk_tree(folder: Path) -> Tree:
         for entry in entries:
             child = f"{rel}/{entry.name}" if rel else entry.name
             try:
-                if not rel and fold_name(entry.name) == fold_name(PARTIAL_DIR):
+                if not rel and fold_name(entry.name) == PARTIAL_DIR_FOLDED:
                     skipped.append(
                         f"{child!r} holds the parts of an unfinished fetch: skipped (no fetch takes the name)"
                     )
