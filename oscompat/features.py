@@ -34,6 +34,7 @@ class Features:
     defer_accept: bool  # TCP_DEFER_ACCEPT on the tracker's listener
     rename_open: bool  # an open file can be renamed (POSIX); else it is closed, renamed and reopened
     send_backlog: bool  # ioctl SIOCOUTQ tells a socket's unacknowledged bytes (Linux); else unknown
+    download_priority: bool  # SO_PRIORITY puts a download's requests and ACKs first in this host's queue (Linux)
     msg_more: int  # socket.MSG_MORE, or 0
     dontwait: int  # socket.MSG_DONTWAIT, or 0 (then sockets are made non-blocking instead)
 
@@ -78,6 +79,7 @@ def decide(has: Mapping[str, bool], portable: bool, msg_more: int = 0, dontwait:
         defer_accept=use("defer_accept"),
         rename_open=use("rename_open"),
         send_backlog=use("send_backlog"),
+        download_priority=use("download_priority"),
         msg_more=0 if portable else msg_more,
         dontwait=0 if portable else dontwait,
     )
@@ -103,6 +105,9 @@ def detect(environ: Mapping[str, str] | None = None) -> Features:
         # SIOCOUTQ (termios.TIOCOUTQ) counts a TCP socket's bytes not yet acknowledged on Linux;
         # elsewhere the same number means something else, or does not exist.
         "send_backlog": sys.platform.startswith("linux") and _has_tiocoutq(),
+        # SO_PRIORITY sets the priority that Linux's queueing disciplines read; other systems
+        # lack the option or give it another meaning.
+        "download_priority": sys.platform.startswith("linux") and hasattr(socket, "SO_PRIORITY"),
     }
     return decide(has, portable, getattr(socket, "MSG_MORE", 0), getattr(socket, "MSG_DONTWAIT", 0))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +27,8 @@ from cascade.wire import (
     pack_block_response_header,
     unpack_block_request_from,
 )
-from peer.fetcher import Fetcher
+from oscompat.features import decide, detect
+from peer.fetcher import DOWNLOAD_PRIORITY, Fetcher, prioritize_download
 from peer.localdata import check_data
 from peer.planner import FetchPolicy
 from peer.server import BlockServer, BlockServerConfig
@@ -252,3 +254,44 @@ def test_an_empty_offer_is_asked_again_less_often_than_a_used_up_one(tmp_path: P
         fetch(cf, tmp_path / "out", [seeder.address])
     # About one map per 50 ms over 0.6 s (fewer on a slow machine); 30 at 20 ms.
     assert 1 <= seeder.empty_offers <= 16
+
+
+@pytest.mark.skipif(not detect().download_priority, reason="SO_PRIORITY is Linux's")
+def test_the_connections_a_fetch_downloads_on_go_first_in_this_hosts_queue(tmp_path: Path) -> None:
+    """Their requests and acknowledgements leave before the host's uploads where its queue is pfifo_fast.
+
+    Behind the uploads, a fetcher on a 10 Mbit/s link among 100 Mbit/s peers
+    downloaded at half the rate it could (BENCHMARKS.md, WAN).
+    """
+    _, cf = make_file(tmp_path, "d.bin", 36 * 4096, 4096)
+    out = tmp_path / "out"
+    store = BlockStore.open_for_fetching(cf, out, check_data(out, cf))
+    seen: list[int] = []
+    try:
+        with V1Server(cf, tmp_path / "d.bin", "offer") as seeder:  # slow: 0.05 s a block
+            infos = [(*seeder.address, True)]
+            fetcher = Fetcher(store, lambda: infos, policy=FAST)
+            fetcher.add_peers(infos)
+            done = threading.Thread(target=fetcher.run)
+            done.start()
+            deadline = time.monotonic() + 10
+            while not seen and time.monotonic() < deadline and done.is_alive():
+                for sock in list(fetcher._socks.values()):
+                    with contextlib.suppress(OSError):  # closed meanwhile
+                        seen.append(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PRIORITY))
+                time.sleep(0.002)
+            done.join(20)
+    finally:
+        store.close()
+    assert seen and set(seen) == {DOWNLOAD_PRIORITY}
+    assert sha256_file(out) == cf.file_hash
+
+
+@pytest.mark.skipif(not hasattr(socket, "SO_PRIORITY"), reason="SO_PRIORITY is Linux's")
+def test_portable_mode_leaves_a_download_connection_at_the_default_priority() -> None:
+    """The paths macOS and Windows run set nothing; Linux's set the priority pfifo_fast sends first."""
+    with socket.socket() as sock:
+        prioritize_download(sock, decide({"download_priority": True}, portable=True))
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_PRIORITY) == 0
+        prioritize_download(sock, decide({"download_priority": True}, portable=False))
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_PRIORITY) == DOWNLOAD_PRIORITY

@@ -21,6 +21,7 @@ LINUX = {
     "fallocate": True,
     "defer_accept": True,
     "send_backlog": True,
+    "download_priority": True,
 }
 MACOS = {"kqueue": True, "positional_io": True}
 WINDOWS: dict[str, bool] = {}
@@ -29,7 +30,7 @@ WINDOWS: dict[str, bool] = {}
 def test_linux_keeps_every_fast_path() -> None:
     f = decide(LINUX, portable=False, msg_more=0x8000, dontwait=0x40)
     assert f.epoll and f.sendfile and f.positional_io and f.fallocate and f.poll and f.defer_accept
-    assert f.send_backlog
+    assert f.send_backlog and f.download_priority
     assert not f.select_only and not f.portable
     assert (f.msg_more, f.dontwait) == (0x8000, 0x40)
     assert f.selector_name == "epoll"
@@ -49,6 +50,7 @@ def test_forced_portable_turns_every_fast_path_off() -> None:
         defer_accept=False,
         rename_open=False,
         send_backlog=False,
+        download_priority=False,
         msg_more=0,
         dontwait=0,
     )
