@@ -7,6 +7,9 @@ One run builds, under a prefix unique to it (``cwan<pid>-``):
   other end is a port of the bridge; the host gets 10.77.0.x/24 on ``eth0``;
 - on each shaped host's ``eth0``, an ``htb`` root qdisc with one class at the host's rate:
   everything the host sends goes through it, so that class is the host's upload link.
+  The class queues packets in a plain FIFO (the kernel's default leaf, ``pfifo``), or in
+  ``pfifo_fast`` when asked: the default root queue of a Linux host without ``fq_codel``,
+  which sends packets of a higher socket priority first (``peer fetch`` marks its downloads so).
   Downloads are not shaped (the bridge side has no qdisc): a fetcher's download is limited
   only by the uploads of the hosts it fetches from, as on a switched LAN.
 
@@ -36,6 +39,8 @@ SUBNET = "10.77.0"  # private, and only ever configured inside this lab's namesp
 CLONE_NEWNET = 0x40000000
 CMD_TIMEOUT = 20.0  # seconds for one ip/tc command: they take milliseconds
 SENT = re.compile(r"Sent (\d+) bytes")
+# The queues a host's upload class may use (see the module docstring).
+QUEUES = ("pfifo", "pfifo_fast")
 
 
 def have_root() -> bool:
@@ -73,13 +78,17 @@ class Lab:
     def netns(self, short: str) -> str:
         return f"{self.prefix}{short}"
 
-    def build(self, uploads: list[tuple[str, float | None]]) -> None:
+    def build(self, uploads: list[tuple[str, float | None]], queue: str | None = None) -> None:
         """Create the bridge and one host per ``(name, mbit)``; addresses .1, .2, ... in that order.
+
+        ``queue`` (one of :data:`QUEUES`) replaces the kernel's default leaf under each shaped host's class.
 
         Raises BenchError (after deleting what it created) when a command fails.
         """
         if len(uploads) > 250:
             raise BenchError("at most 250 hosts fit in the lab's /24")
+        if queue is not None and queue not in QUEUES:
+            raise BenchError(f"unknown queue {queue!r}; one of {', '.join(QUEUES)}")
         try:
             bridge = self._add_netns("br")
             sh("ip", "-n", bridge, "link", "add", "br0", "type", "bridge")
@@ -117,6 +126,8 @@ class Lab:
                         "quantum",
                         "60000",
                     )
+                    if queue is not None:
+                        sh("tc", "-n", ns, "qdisc", "add", "dev", "eth0", "parent", "1:10", "handle", "10:", queue)
                 self.hosts.append(Host(name, ns, ip, mbit))
         except BaseException:
             self.close()

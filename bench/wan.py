@@ -53,7 +53,7 @@ from typing import Any
 
 from bench.cascade_swarm import check_outputs, fetch_args
 from bench.data import MiB, loadavg, machine, make_file, sha256_file
-from bench.netlab import Host, Lab, Sampler, have_root, sh
+from bench.netlab import QUEUES, Host, Lab, Sampler, have_root, sh
 from bench.procs import BenchError, Child, Group
 
 # Fixed ports: every host has its own namespace, so nothing else can hold them.
@@ -166,6 +166,11 @@ class Options:
     # upload_rate_limit, as a user would leave room on an uplink with a deep queue; None: no
     # limit (the default, what the tables use).
     fetcher_upload: float | None = None
+    # The queue in front of each host's upload (the leaf under its htb class): None keeps the
+    # kernel's default there, a plain FIFO (pfifo), as the tables do; "pfifo_fast" is the
+    # default root queue of a Linux host without fq_codel (this VM's), which sends packets of
+    # a higher priority first.
+    queue: str | None = None
 
     @classmethod
     def quick(cls) -> Options:
@@ -277,7 +282,7 @@ class Wan:
         uploads: list[tuple[str, float | None]] = [("seed", sc.seeder_mbit)]
         uploads += [(f"f{i}", mbit) for i, mbit in enumerate(sc.fetcher_mbit)]
         uploads.append(("tracker", None))
-        lab.build(uploads)
+        lab.build(uploads, self.opts.queue)
         rounds = []
         try:
             for rep in range(self.opts.runs):
@@ -671,6 +676,11 @@ def main(argv: list[str] | None = None) -> int:
         metavar="FRACTION",
         help="every fetcher uploads at most FRACTION (0-1] of its host's rate (Cascade and libtorrent; default: none)",
     )
+    p.add_argument(
+        "--queue",
+        choices=QUEUES,
+        help="the queue in front of each host's upload: pfifo (the default) or pfifo_fast (priority bands)",
+    )
     args = p.parse_args(argv)
     opts = Options.quick() if args.quick else Options()
     try:
@@ -693,6 +703,8 @@ def main(argv: list[str] | None = None) -> int:
             if not 0 < args.fetcher_upload <= 1:
                 raise UsageError(f"--fetcher-upload must be in (0, 1], not {args.fetcher_upload:g}")
             opts.fetcher_upload = args.fetcher_upload
+        if args.queue not in (None, "pfifo"):
+            opts.queue = args.queue
     except UsageError as exc:
         print(f"bench.wan: {exc}", file=sys.stderr)
         return 2
@@ -729,6 +741,7 @@ def _opts_json(opts: Options) -> dict[str, Any]:
         "block_sizes": list(opts.block_sizes),
         "tools": list(opts.tools),
         "fetcher_upload": opts.fetcher_upload,
+        "queue": opts.queue or "pfifo",
     }
 
 

@@ -94,3 +94,10 @@ def test_a_fetcher_upload_fraction_outside_0_1_is_one_usage_line(
     assert main(["--fetcher-upload", fraction, "--no-plot"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"bench.wan: --fetcher-upload must be in (0, 1], not {float(fraction):g}"]
+
+
+def test_an_unknown_queue_is_one_usage_line(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--queue", "fq_codel", "--no-plot"])
+    assert exit_.value.code == 2
+    assert "--queue: invalid choice: 'fq_codel'" in capsys.readouterr().err
