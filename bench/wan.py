@@ -7,7 +7,8 @@
 
 Each scenario gets its own hosts (``bench/netlab.py``: network namespaces on a bridge, each
 host's upload shaped by ``htb``): one seeder with the file, N fetchers, plus an unshaped
-host for Cascade's tracker. All fetchers start together; finished fetchers keep serving
+host for Cascade's tracker. Each upload queues in a plain FIFO, or with ``--queue pfifo_fast``
+in Linux's default priority queue. All fetchers start together; finished fetchers keep serving
 (``peer fetch --seed``; libtorrent peers keep seeding); every copy is checked by SHA-256
 afterwards. Needs root; without it the case says so and is skipped.
 
