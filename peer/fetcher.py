@@ -84,10 +84,10 @@ def prioritize_download(sock: socket.socket, features: Features) -> None:
     Both share the host's uplink with the blocks its own server sends. Where
     the queue in front of that uplink is Linux's pfifo_fast (the default root
     queueing discipline wherever fq_codel is not), a full upload held them back:
-    on a 10 Mbit/s link the senders of our blocks saw round trips of 0.2-0.4 s
+    on a 10 Mbit/s link the senders of our blocks saw round trips of 0.25-0.4 s
     against 0.1 s to their other downloaders, their TCP windows stayed too
-    small for it, and a fetcher with 10 Mbit/s of upload among 100 Mbit/s
-    peers downloaded at half the rate it could (BENCHMARKS.md, WAN). The packets
+    small for it, and fetchers with 10 Mbit/s of upload among peers with 40
+    received blocks at about half the rate the others did (BENCHMARKS.md, WAN). The packets
     on the wire are unchanged, and queues that share out per flow (fq_codel) or
     ignore priorities (pfifo) behave as before. Best effort: a refusal is ignored.
     """

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from bench.netlab import Lab
+from bench.netlab import Lab, sh
 from bench.procs import BenchError
 
 pytestmark = [
@@ -18,6 +18,17 @@ pytestmark = [
         reason="network namespaces need root and iproute2",
     ),
 ]
+
+
+@pytest.fixture(autouse=True)
+def _namespaces_allowed() -> None:
+    """Root alone is not enough in a container without CAP_SYS_ADMIN: try one namespace first."""
+    name = f"cprobe{os.getpid()}"
+    try:
+        sh("ip", "netns", "add", name)
+    except BenchError as exc:
+        pytest.skip(f"cannot create a network namespace here: {str(exc).splitlines()[0]}")
+    sh("ip", "netns", "del", name)
 
 
 def _qdiscs(netns: str) -> str:
