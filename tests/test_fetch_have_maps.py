@@ -256,7 +256,7 @@ def test_an_empty_offer_is_asked_again_less_often_than_a_used_up_one(tmp_path: P
     assert 1 <= seeder.empty_offers <= 16
 
 
-@pytest.mark.skipif(not detect().download_priority, reason="SO_PRIORITY is Linux's")
+@pytest.mark.skipif(not detect().download_priority, reason="SO_PRIORITY is Linux's, and portable mode does without it")
 def test_the_connections_a_fetch_downloads_on_go_first_in_this_hosts_queue(tmp_path: Path) -> None:
     """Their requests and acknowledgements leave before the host's uploads where its queue is pfifo_fast.
 
