@@ -39,8 +39,10 @@ SUBNET = "10.77.0"  # private, and only ever configured inside this lab's namesp
 CLONE_NEWNET = 0x40000000
 CMD_TIMEOUT = 20.0  # seconds for one ip/tc command: they take milliseconds
 SENT = re.compile(r"Sent (\d+) bytes")
-# The queues a host's upload class may use (see the module docstring).
+# The queues a host's upload class may use (see the module docstring); the first is the
+# kernel's default leaf, which is left in place.
 QUEUES = ("pfifo", "pfifo_fast")
+DEFAULT_QUEUE = QUEUES[0]
 
 
 def have_root() -> bool:
@@ -78,7 +80,7 @@ class Lab:
     def netns(self, short: str) -> str:
         return f"{self.prefix}{short}"
 
-    def build(self, uploads: list[tuple[str, float | None]], queue: str | None = None) -> None:
+    def build(self, uploads: list[tuple[str, float | None]], queue: str = DEFAULT_QUEUE) -> None:
         """Create the bridge and one host per ``(name, mbit)``; addresses .1, .2, ... in that order.
 
         ``queue`` (one of :data:`QUEUES`) replaces the kernel's default leaf under each shaped host's class.
@@ -87,7 +89,7 @@ class Lab:
         """
         if len(uploads) > 250:
             raise BenchError("at most 250 hosts fit in the lab's /24")
-        if queue is not None and queue not in QUEUES:
+        if queue not in QUEUES:
             raise BenchError(f"unknown queue {queue!r}; one of {', '.join(QUEUES)}")
         try:
             bridge = self._add_netns("br")
@@ -126,7 +128,7 @@ class Lab:
                         "quantum",
                         "60000",
                     )
-                    if queue is not None:
+                    if queue != DEFAULT_QUEUE:
                         sh("tc", "-n", ns, "qdisc", "add", "dev", "eth0", "parent", "1:10", "handle", "10:", queue)
                 self.hosts.append(Host(name, ns, ip, mbit))
         except BaseException:

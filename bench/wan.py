@@ -54,7 +54,7 @@ from typing import Any
 
 from bench.cascade_swarm import check_outputs, fetch_args
 from bench.data import MiB, loadavg, machine, make_file, sha256_file
-from bench.netlab import QUEUES, Host, Lab, Sampler, have_root, sh
+from bench.netlab import DEFAULT_QUEUE, QUEUES, Host, Lab, Sampler, have_root, sh
 from bench.procs import BenchError, Child, Group
 
 # Fixed ports: every host has its own namespace, so nothing else can hold them.
@@ -167,11 +167,11 @@ class Options:
     # upload_rate_limit, as a user would leave room on an uplink with a deep queue; None: no
     # limit (the default, what the tables use).
     fetcher_upload: float | None = None
-    # The queue in front of each host's upload (the leaf under its htb class): None keeps the
-    # kernel's default there, a plain FIFO (pfifo), as the tables do; "pfifo_fast" is the
-    # default root queue of a Linux host without fq_codel (this VM's), which sends packets of
-    # a higher priority first.
-    queue: str | None = None
+    # The queue in front of each host's upload (the leaf under its htb class): the kernel's
+    # default there, a plain FIFO (pfifo), as the tables use; "pfifo_fast" is the default root
+    # queue of a Linux host without fq_codel (this VM's), which sends packets of a higher
+    # priority first.
+    queue: str = DEFAULT_QUEUE
 
     @classmethod
     def quick(cls) -> Options:
@@ -704,7 +704,7 @@ def main(argv: list[str] | None = None) -> int:
             if not 0 < args.fetcher_upload <= 1:
                 raise UsageError(f"--fetcher-upload must be in (0, 1], not {args.fetcher_upload:g}")
             opts.fetcher_upload = args.fetcher_upload
-        if args.queue not in (None, "pfifo"):
+        if args.queue is not None:
             opts.queue = args.queue
     except UsageError as exc:
         print(f"bench.wan: {exc}", file=sys.stderr)
@@ -742,7 +742,7 @@ def _opts_json(opts: Options) -> dict[str, Any]:
         "block_sizes": list(opts.block_sizes),
         "tools": list(opts.tools),
         "fetcher_upload": opts.fetcher_upload,
-        "queue": opts.queue or "pfifo",
+        "queue": opts.queue,
     }
 
 
