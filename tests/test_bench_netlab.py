@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 
 import pytest
 
@@ -32,13 +31,7 @@ def _namespaces_allowed() -> None:
 
 
 def _qdiscs(netns: str) -> str:
-    return subprocess.run(
-        ["tc", "-n", netns, "qdisc", "show", "dev", "eth0"], capture_output=True, text=True, check=True, timeout=20
-    ).stdout
-
-
-def _namespaces() -> str:
-    return subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True, timeout=20).stdout
+    return sh("tc", "-n", netns, "qdisc", "show", "dev", "eth0")
 
 
 @pytest.mark.parametrize(("queue", "leaf"), [("pfifo", "pfifo"), ("pfifo_fast", "pfifo_fast")])
@@ -53,7 +46,7 @@ def test_each_shaped_host_queues_its_upload_in_the_queue_asked_for(queue: str, l
         assert "htb" not in _qdiscs(lab.host("tracker").netns)
     finally:
         lab.close()
-    assert f"ctest{os.getpid()}-" not in _namespaces()
+    assert f"ctest{os.getpid()}-" not in sh("ip", "netns", "list")
 
 
 def test_an_unknown_queue_is_refused_before_anything_is_made() -> None:
