@@ -57,7 +57,7 @@ from cascade.wire import (
     pack_have_map_request,
     unpack_block_response_header_from,
 )
-from oscompat import detect
+from oscompat import Features
 from oscompat.poller import make_selector
 from peer.planner import PeerAddr, Session
 from peer.writebehind import Lender
@@ -577,10 +577,11 @@ class Connector:
     A dead address costs a socket and a selector slot until it is refused
     or its deadline passes, never a thread or a session slot. Deadlines are
     real time (``now``, default ``time.monotonic``), like the sockets'.
+    ``features``: what this OS offers, as its caller detected it.
     """
 
-    def __init__(self, now: Callable[[], float] = time.monotonic) -> None:
-        self._sel = make_selector(detect())
+    def __init__(self, features: Features, now: Callable[[], float] = time.monotonic) -> None:
+        self._sel = make_selector(features)
         self._pending: dict[socket.socket, tuple[PeerAddr, float]] = {}
         self._now = now
 

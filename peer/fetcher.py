@@ -221,7 +221,7 @@ class Fetcher:
         self._threads: list[threading.Thread] = []
         # The open connection of each session, to shut it down on eviction or stop.
         self._socks: dict[Session, socket.socket] = {}
-        self._connector = Connector()
+        self._connector = Connector(self._features)
         self._last_peers = 0
         rate = pol.max_download_rate
         self._bucket = TokenBucket(rate) if rate else None
