@@ -1,6 +1,6 @@
 """The swarm on emulated LAN hosts, where each host's upload is the limit (issue 11).
 
-    python -m bench.wan                        # 4 scenarios x 3 runs, Cascade (128 KiB and 1 MiB), libtorrent, HTTP
+    python -m bench.wan                        # 4 scenarios x 3 runs, Cascade (256 KiB and 1 MiB), libtorrent, HTTP
     python -m bench.wan --quick                # smoke test: scenario 8x40, 1 run, 8 MiB, no plot kept
     python -m bench.wan --scenario 8x40 --runs 1 --tools cascade,libtorrent --json out.json
     python -m bench --only wan                 # the same with the defaults, as a case of the whole bench
@@ -55,8 +55,8 @@ from typing import Any
 from bench.cascade_swarm import check_outputs, fetch_args
 from bench.data import MiB, loadavg, machine, make_file, sha256_file
 from bench.netlab import DEFAULT_QUEUE, QUEUES, Host, Lab, Sampler, have_root, sh
-from peer.cascade_command import DEFAULT_BLOCK_SIZE
 from bench.procs import BenchError, Child, Group
+from peer.cascade_command import DEFAULT_BLOCK_SIZE
 
 # Fixed ports: every host has its own namespace, so nothing else can hold them.
 PEER_PORT, TRACKER_PORT, TRACKER_HTTP_PORT, LT_PORT, HTTP_PORT = 6666, 7000, 7001, 6881, 8000
@@ -666,7 +666,7 @@ def main(argv: list[str] | None = None) -> int:
         help=f"only this scenario (repeatable): {', '.join(SCENARIOS)}, or SEEDER/NxMBIT[@DELAY]+... such as"
         " 100/8x10 (seeder at 100 Mbit/s, 8 fetchers at 10) or 40/7x40+1x40@8 (one fetcher joins 8 s late)",
     )
-    p.add_argument("--block-size", default=None, help="Cascade block sizes, comma-separated (default: 128K,1M)")
+    p.add_argument("--block-size", default=None, help="Cascade block sizes, comma-separated (default: 256K,1M)")
     p.add_argument("--size", default=None, help="file size (64M)")
     p.add_argument("--tools", default=",".join(TOOLS), help=f"comma-separated, of {','.join(TOOLS)}")
     p.add_argument("--no-plot", action="store_true", help="do not write docs/wan-*.svg")

@@ -36,15 +36,15 @@ from peer.collection_local import MemberCheck, check_members, create_collection,
 from peer.localdata import Progress, check_data, create_metafile
 from peer.publish_command import register_publish
 
-# 128 KiB unless the file is large. On the emulated LAN (BENCHMARKS.md "Block size 128 KiB")
-# every scenario was as fast or faster than with 256 KiB (16x40 1.21 x T_min against 1.28 x):
-# on an upload shared by k downloads a block takes k times its own transfer time to land,
-# and only then is it passed on, so smaller blocks spread sooner. On loopback, where the peers
-# are CPU-bound, the two sizes were within the noise but for the 1 + 8 swarm (about 10 %
-# slower); 64 KiB made that swarm slower than libtorrent's. Larger files get the smallest
-# power of two that keeps them within DEFAULT_MAX_BLOCKS blocks, as BitTorrent tools size
-# pieces: the hash list and the have maps stay small.
-DEFAULT_BLOCK_SIZE = 128 << 10
+# 256 KiB unless the file is large: measured faster than 1 MiB on the emulated LAN in every
+# scenario (a block crosses a 40 Mbit/s hop in 0.05 s, so the swarm's tail is short) and,
+# since blocks are written behind the connection, on loopback too (1 GiB transfer 1.96 s
+# against 2.68 s, swarms 1+4 and 1+8 faster; BENCHMARKS.md "Default block size"). Larger
+# files get the smallest power of two that keeps them within DEFAULT_MAX_BLOCKS blocks, as
+# BitTorrent tools size pieces: the hash list and the have maps stay small. 128 KiB was
+# 1-6 % faster on the emulated LAN but up to 30 % slower on loopback, where every block costs
+# CPU (BENCHMARKS.md "128 KiB blocks"), so it stays a choice for swarms on slow links.
+DEFAULT_BLOCK_SIZE = 256 << 10
 DEFAULT_MAX_BLOCKS = 65536
 
 # Below this size hashing takes well under a second, so a progress bar would only flicker.
@@ -83,7 +83,7 @@ def _size_of(path: Path) -> int:
 
 
 def default_block_size(data_length: int) -> int:
-    """What ``cascade create`` picks without ``--block-size``: 128 KiB, doubled until at most 65,536 blocks."""
+    """What ``cascade create`` picks without ``--block-size``: 256 KiB, doubled until at most 65,536 blocks."""
     size = DEFAULT_BLOCK_SIZE
     while -(-data_length // size) > DEFAULT_MAX_BLOCKS and size < MAX_BLOCK_SIZE:
         size *= 2
@@ -244,8 +244,8 @@ def register_create(sub: Any) -> None:
     p.add_argument(
         "--block-size",
         metavar="SIZE",
-        help="bytes per block, with an optional K, M, G, KiB, MiB or GiB suffix (default: 128KiB, doubled for"
-        " files over 8 GiB to keep them within 65,536 blocks; in a folder, each file's own)",
+        help="bytes per block, with an optional K, M, G, KiB, MiB or GiB suffix (default: 256KiB, doubled for"
+        " files over 16 GiB to keep them within 65,536 blocks; in a folder, each file's own)",
     )
     p.add_argument(
         "-o", "--output", metavar="OUT", help="where to write the .cascade (default: FILE.cascade or DIR.cascade)"

@@ -85,7 +85,7 @@ def test_create_empty_file_and_default_block_size(tmp_path: Path) -> None:
     out = tmp_path / "elsewhere.cascade"
     proc = cascade("create", f, "-o", out)
     assert proc.returncode == 0, proc.stderr
-    assert out.read_bytes() == reference_cascade(b"", 128 << 10)
+    assert out.read_bytes() == reference_cascade(b"", 256 << 10)
     assert len(out.read_bytes()) == 64
     assert cascade("verify", out, "--data", f).returncode == 0
 
@@ -423,11 +423,9 @@ def test_progress_bar_only_on_a_terminal_for_large_work(monkeypatch: pytest.Monk
 @pytest.mark.parametrize(
     ("length", "block_size"),
     [
-        (0, 128 << 10),
-        (1 << 30, 128 << 10),
-        (8 << 30, 128 << 10),  # 65,536 blocks of 128 KiB: the last size that keeps the default
-        ((8 << 30) + 1, 256 << 10),
-        (16 << 30, 256 << 10),
+        (0, 256 << 10),
+        (1 << 30, 256 << 10),
+        (16 << 30, 256 << 10),  # 65,536 blocks of 256 KiB: the last size that keeps the default
         ((16 << 30) + 1, 512 << 10),
         (64 << 30, 1 << 20),
         (1 << 40, 16 << 20),

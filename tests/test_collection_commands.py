@@ -145,7 +145,7 @@ def test_create_refuses_an_absurd_block_size_for_a_member(tmp_path: Path) -> Non
 
 def test_without_block_size_each_file_keeps_the_cascade_hash_it_has_alone(tmp_path: Path) -> None:
     # Each member in the default for its own size (docs/collection-format.md section 7): one
-    # swarm for the file, alone or in any collection. A file over 8 GiB, whose default is
+    # swarm for the file, alone or in any collection. A file over 16 GiB, whose default is
     # larger, no longer changes the others' (test_collection_local checks the rule by length).
     root = tmp_path / "d"
     (root / "sub").mkdir(parents=True)
@@ -153,7 +153,7 @@ def test_without_block_size_each_file_keeps_the_cascade_hash_it_has_alone(tmp_pa
     (root / "sub" / "big").write_bytes(bytes(600 << 10))
     r = run("cascade", "create", str(root))
     assert r.returncode == 0, r.stderr
-    assert "in blocks of 128.0 KiB\n" in r.stdout
+    assert "in blocks of 256.0 KiB\n" in r.stdout
     coll = parse_collection((tmp_path / "d.cascade").read_bytes())
     for m in coll.members:
         alone = tmp_path / "alone.cascade"

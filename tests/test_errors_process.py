@@ -144,7 +144,7 @@ def test_create_refuses_an_absurd_block_size_without_force(tmp_path: Path) -> No
     data = tmp_path / "d.bin"
     data.write_bytes(os.urandom(64 << 10))
     proc = run("cascade", "create", str(data), "--block-size", "3")
-    assert_one_line(proc, 2, "21,846 blocks", "--block-size 128KiB", "--force")
+    assert_one_line(proc, 2, "21,846 blocks", "--block-size 256KiB", "--force")
     assert not (tmp_path / "d.bin.cascade").exists()
     proc = run("cascade", "create", str(data), "--block-size", "3", "--force")
     assert proc.returncode == 0, proc.stderr
