@@ -222,6 +222,9 @@ class PeerState:
     map_strikes: int = 0
     # Since when its offer names no block we still need (None: it does, or no offer).
     offer_stale: float | None = None
+    # Since when its offers have been empty with nothing in flight for us (None: not so;
+    # IGNORED: for EMPTY_OFFER_PATIENCE, and they are no guide until one names a block).
+    offer_empty: float | None = None
     # Its last map offered every block: a seeder with upload to spare (see have_map).
     spare: bool = False
 
@@ -444,6 +447,13 @@ OFFER_PATIENCE = 5.0
 # can use, and asking around it duplicates a block being sent to another fetcher.
 # Arbitrary: a few map refreshes.
 STARVED_PATIENCE = 1.5
+# How long an empty offer ("wait your turn") is obeyed while nothing at all is in flight for
+# us. Our seeder's turns rotate within seconds, but a server that sends empty offers forever
+# (another implementation's idea of "no preference", say) would otherwise stall a fetch whose
+# only source it is until its --timeout. Arbitrary: several turns of a large swarm.
+EMPTY_OFFER_PATIENCE = 10.0
+# PeerState.offer_empty once that wait is over.
+IGNORED = float("-inf")
 
 
 def choose_rarest(blocks: Blocks, peer: PeerState, want: int, now: float, rng: random.Random) -> list[int]:
@@ -457,8 +467,9 @@ def choose_rarest(blocks: Blocks, peer: PeerState, want: int, now: float, rng: r
       ones it sent least, so each block leaves it about once and the rest
       comes from the other fetchers. An offer that names nothing we still
       need is waited out for ``OFFER_PATIENCE`` (``STARVED_PATIENCE`` while
-      nothing is in flight), then ignored: the seeder is then asked only for
-      blocks no other peer holds;
+      nothing is in flight), an empty one while anything is in flight and for
+      ``EMPTY_OFFER_PATIENCE`` after, then ignored: the seeder is then asked
+      only for blocks no other peer holds;
     - any other peer (a finished fetcher too) for the rarest of the blocks it
       holds (fewest holders), at random among equals, so the swarm's blocks
       spread evenly;
@@ -483,9 +494,19 @@ def choose_rarest(blocks: Blocks, peer: PeerState, want: int, now: float, rng: r
             peer.offer_stale = None
         elif not o:
             # An empty offer: the seeder has nothing for us right now (others are being
-            # sent new blocks, or it waits for its blocks to spread); ask again, never around it.
+            # sent new blocks, or it waits for its blocks to spread); ask again, not around
+            # it, unless nothing at all has been in flight for us for EMPTY_OFFER_PATIENCE:
+            # then its empty offers are no guide until one names a block (see have_map).
             peer.offer_stale = None
-            return []
+            waited = peer.offer_empty
+            if waited != IGNORED:
+                if waited is None or inflight:
+                    peer.offer_empty = now
+                    return []
+                if now - waited < EMPTY_OFFER_PATIENCE:
+                    return []
+                peer.offer_empty = IGNORED
+            offer = None
         elif peer.offer_stale is None:
             peer.offer_stale = now
             return []
@@ -1065,6 +1086,8 @@ class Planner:
         # peer.superseed), and it is asked like any complete peer, a map request on its way or not.
         peer.spare = offer is not None and 0 not in offer
         peer.offer = None if offer is None or peer.spare else bytearray(offer)
+        if peer.offer is None or 1 in peer.offer:
+            peer.offer_empty = None  # an empty offer's wait starts again at the next one
 
     def _forget_map(self, peer: PeerState) -> None:
         """Take a peer's map out of the block counts (it is replaced, or the peer is gone)."""
@@ -1117,6 +1140,7 @@ class Planner:
         peer.sessions -= 1
         if not peer.sessions:
             self._forget_map(peer)  # a peer we cannot ask holds nothing for us
+            peer.offer_empty = None  # a new connection waits its turn afresh
         self.sessions.discard(session)
         self._queue_dirty = True  # this peer may be a candidate again
 

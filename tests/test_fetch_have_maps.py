@@ -28,6 +28,7 @@ from cascade.wire import (
     unpack_block_request_from,
 )
 from oscompat.features import decide, detect
+from peer import planner as planner_module
 from peer.fetcher import DOWNLOAD_PRIORITY, Fetcher, prioritize_download
 from peer.localdata import check_data
 from peer.planner import FetchPolicy
@@ -254,6 +255,23 @@ def test_an_empty_offer_is_asked_again_less_often_than_a_used_up_one(tmp_path: P
         fetch(cf, tmp_path / "out", [seeder.address])
     # About one map per 50 ms over 0.6 s (fewer on a slow machine); 30 at 20 ms.
     assert 1 <= seeder.empty_offers <= 16
+
+
+def test_a_seeder_whose_offers_stay_empty_still_serves_the_whole_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another implementation's "no preference" sent as an all-zero offer must not stall the fetch.
+
+    With nothing in flight for EMPTY_OFFER_PATIENCE (shortened here), the offer is ignored and
+    the seeder, our only source, is asked for the blocks as if it sent none.
+    """
+    monkeypatch.setattr(planner_module, "EMPTY_OFFER_PATIENCE", 0.3)
+    _, cf = make_file(tmp_path, "d.bin", 8 * 4096, 4096)
+    with V1Server(cf, tmp_path / "d.bin", "offer") as seeder:
+        seeder.delay = 0.0
+        seeder.empty_until = time.monotonic() + 3600.0  # every offer empty, for good
+        fetch(cf, tmp_path / "out", [seeder.address])
+    assert seeder.empty_offers >= 1
 
 
 @pytest.mark.skipif(not detect().download_priority, reason="SO_PRIORITY is Linux's, and portable mode does without it")

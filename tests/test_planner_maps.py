@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from peer.planner import SCAN_LIMIT, Planner, Session, choose_rarest
-from tests.test_planner import T0, planner, session
+from peer.planner import EMPTY_OFFER_PATIENCE, SCAN_LIMIT, Planner, Session, choose_rarest
+from tests.test_planner import BS, T0, planner, session
 
 pytestmark = pytest.mark.unit
 
@@ -100,16 +100,41 @@ def test_an_offer_of_nothing_we_need_is_waited_out_briefly_when_nothing_is_in_fl
     assert len(p.request(seeder, 4, T0 + 2.0)) == 4
 
 
-def test_an_empty_offer_is_waited_out_however_long_it_lasts() -> None:
+def test_an_empty_offer_is_waited_out_while_anything_is_in_flight() -> None:
     """The seeder has nothing for us now (others take their turns): asking around it would duplicate."""
     p = planner(N)
     seeder = with_map(p, 1, range(N), offer=set())
-    with_map(p, 2, set())
+    busy = with_map(p, 2, {3})
     p.tick(T0)
+    assert p.request(busy, 1, T0) == [3]  # in flight for the whole minute below
     for t in (0.0, 6.0, 60.0):
         assert p.request(seeder, 4, T0 + t) == []
     p.have_map(seeder, flags(range(N)), flags({7}), T0 + 61.0)  # its turn comes
     assert p.request(seeder, 4, T0 + 61.0) == [7]
+
+
+def test_an_empty_offer_is_ignored_after_a_long_wait_with_nothing_in_flight() -> None:
+    """A server whose offers stay empty (another implementation's "no preference") cannot stall us."""
+    p = planner(N)
+    seeder = with_map(p, 1, range(N), offer=set())
+    with_map(p, 2, {3})  # a partial peer holds block 3: the seeder is asked for the others only
+    p.tick(T0)
+    assert p.request(seeder, 4, T0) == []
+    assert p.request(seeder, 4, T0 + EMPTY_OFFER_PATIENCE - 0.1) == []  # our own seeder's turn comes sooner
+    got = p.request(seeder, 4, T0 + EMPTY_OFFER_PATIENCE + 0.1)
+    assert len(got) == 4 and 3 not in got
+    # From then on its empty offers are no guide: blocks in flight do not start the wait again.
+    p.have_map(seeder, flags(range(N)), flags(set()), T0 + 11.0)
+    more = p.request(seeder, 4, T0 + 11.0)
+    assert len(more) == 4 and not set(more) & set(got) and 3 not in more
+    for i in list(seeder.outstanding):
+        p.verified(seeder, i, BS, T0 + 12.0)
+    # An offer that names something starts the wait again, from its next empty offer on.
+    p.have_map(seeder, flags(range(N)), flags({3}), T0 + 20.0)
+    p.have_map(seeder, flags(range(N)), flags(set()), T0 + 21.0)
+    assert p.request(seeder, 4, T0 + 21.0) == []
+    assert p.request(seeder, 4, T0 + 21.0 + EMPTY_OFFER_PATIENCE - 0.1) == []
+    assert len(p.request(seeder, 4, T0 + 21.0 + EMPTY_OFFER_PATIENCE + 0.1)) == 4
 
 
 def test_a_not_present_reply_corrects_the_map() -> None:
