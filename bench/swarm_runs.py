@@ -1,9 +1,10 @@
 """Many runs of the bench's Cascade swarm alone, each fetcher's time, and the logs kept.
 
-``python -m bench.swarm_runs [--fetchers 8] [--runs 5] [--verbose] [--logs DIR]``
+``python -m bench.swarm_runs [--fetchers 8] [--runs 5] [--block-size SIZE] [--verbose] [--logs DIR]``
 
-The same code path as the ``swarm`` case of ``python -m bench`` (a 256 MiB file, 1 MiB
-blocks, a fresh tracker and seeder per run, the idle ``swarm_settle`` before each run), without
+The same code path as the ``swarm`` case of ``python -m bench`` (a 256 MiB file, blocks of
+``cascade create``'s default size unless ``--block-size`` says, a fresh tracker and seeder per
+run, the idle ``swarm_settle`` before each run), without
 libtorrent, so that a run that stalls can be read afterwards: each run's tracker, seeder and
 fetcher logs are copied to ``--logs`` (with ``--verbose`` the fetchers run with ``-v`` and
 print their per-peer counts). Written to find the 1+8 stall (BENCHMARKS.md); prints one line
@@ -20,15 +21,22 @@ from pathlib import Path
 
 from bench import cascade_swarm as cs
 from bench.run import FULL, Bench
+from cascade.errors import UsageError
+from cascade.units import parse_size
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fetchers", type=int, default=8, help="fetchers per run (default 8)")
     parser.add_argument("--runs", type=int, default=5, help="runs (default 5)")
+    parser.add_argument("--block-size", help="block size, like 128K (default: cascade create's, 256 KiB)")
     parser.add_argument("--verbose", action="store_true", help="fetchers log with -v")
     parser.add_argument("--logs", type=Path, default=Path("swarm-runs-logs"), help="where the logs go")
     args = parser.parse_args()
+    try:
+        block = parse_size(args.block_size, "--block-size") if args.block_size else None
+    except UsageError as exc:
+        parser.error(str(exc))
     work = Path(tempfile.mkdtemp(prefix="cascade-swarm-runs-"))
     plan = replace(FULL, repeat=max(1, args.runs))
     bench = Bench(plan, work)
@@ -37,7 +45,7 @@ def main() -> int:
         data, expected = bench.datafile(plan.swarm_size)
         group = bench.group("create")
         try:
-            meta, _ = cs.create(group, data, plan.swarm_blocks[0])
+            meta, _ = cs.create(group, data, block or plan.swarm_blocks[0])
         finally:
             group.stop_all()
         runs = bench.cascade_runs("swarm", meta, args.fetchers, expected, plan.swarm_settle, extra)
