@@ -69,9 +69,14 @@ LAUNCH_BATCH = 512
 # their sockets are shut down, so they return at once unless a disk write hangs).
 JOIN_BUDGET = 2.0
 # Blocks at least this long are written behind (peer.writebehind), with buffers for this
-# many bytes of them. Arbitrary: a 64 KiB block costs about as much to hand over as to write;
-# 8 MiB of buffers keep the writer busy across a burst without holding much memory.
-WRITE_BEHIND_MIN_BLOCK = 256 << 10
+# many bytes of them. A 64 KiB block costs about as much to hand over as to write; from
+# 128 KiB (a block a connection reads into a buffer of its own) one writer thread also keeps
+# a swarm's connections from writing into the file at once: with 128 KiB blocks written
+# inline, a loopback 1 + 8 swarm spent 6 % of its samples waiting on the file's write lock
+# (rwsem_down_write_slowpath) and took 7.3-7.8 s, against 6.1-7.0 s written behind
+# (BENCHMARKS.md "128 KiB blocks"). 8 MiB of buffers keep the writer busy across a burst
+# without holding much memory.
+WRITE_BEHIND_MIN_BLOCK = 128 << 10
 WRITE_BEHIND_BYTES = 8 << 20
 # The queueing priority of the connections we download on: TC_PRIO_INTERACTIVE, the highest
 # a process may set without CAP_NET_ADMIN, and the one pfifo_fast sends from its first band.

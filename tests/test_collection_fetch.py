@@ -154,7 +154,7 @@ def test_members_share_one_connection_per_peer(tmp_path: Path, stores: list[Bloc
 def test_members_of_large_blocks_are_written_behind_the_connection(
     tmp_path: Path, stores: list[BlockStore], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Blocks of 256 KiB or more go to the write-behind thread, as for one file; members of one block do not.
+    """Blocks of WRITE_BEHIND_MIN_BLOCK or more are written behind, as for one file; members of one block are not.
 
     Without it a collection of large files received, hashed and wrote each block in
     turn, and took 1.3-2 x one file of the same size (BENCHMARKS.md).
