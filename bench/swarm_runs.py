@@ -22,7 +22,7 @@ from pathlib import Path
 from bench import cascade_swarm as cs
 from bench.run import FULL, Bench
 from cascade.errors import UsageError
-from cascade.units import parse_size
+from peer.cascade_command import parse_block_size
 
 
 def main() -> int:
@@ -34,7 +34,7 @@ def main() -> int:
     parser.add_argument("--logs", type=Path, default=Path("swarm-runs-logs"), help="where the logs go")
     args = parser.parse_args()
     try:
-        block = parse_size(args.block_size, "--block-size") if args.block_size else None
+        block = parse_block_size(args.block_size) if args.block_size is not None else None
     except UsageError as exc:
         parser.error(str(exc))
     work = Path(tempfile.mkdtemp(prefix="cascade-swarm-runs-"))
@@ -45,7 +45,7 @@ def main() -> int:
         data, expected = bench.datafile(plan.swarm_size)
         group = bench.group("create")
         try:
-            meta, _ = cs.create(group, data, block or plan.swarm_blocks[0])
+            meta, _ = cs.create(group, data, plan.swarm_blocks[0] if block is None else block)
         finally:
             group.stop_all()
         runs = bench.cascade_runs("swarm", meta, args.fetchers, expected, plan.swarm_settle, extra)
