@@ -149,10 +149,13 @@ class FetchPolicy:
     # Twice target_latency: a healthy pipeline delivers it sooner.
     head_late: float = 0.4
     # Requests in flight per connection: enough for target_latency of data at the
-    # measured rate, within [2, max_depth] and at most inflight_bytes.
+    # measured rate, within [2, max_depth] and at most inflight_bytes; within [1, max_depth]
+    # on a connection to a peer that does not super-seed while we download from at least
+    # single_request_peers peers (see Planner.depth).
     target_latency: float = 0.2
     inflight_bytes: int = 8 << 20
     max_depth: int = 128
+    single_request_peers: int = 4
 
     @property
     def peer_backoff(self) -> Backoff:
@@ -782,8 +785,16 @@ class Planner:
         """Requests to keep in flight on ``session``: target_latency of data at its rate."""
         if session.rate <= 0:
             return min(max(4, START_INFLIGHT // self.block_size), self.max_depth)
-        d = int(session.rate * self.policy.target_latency / self.block_size) + 1
-        return max(2, min(self.max_depth, d))
+        pol = self.policy
+        d = int(session.rate * pol.target_latency / self.block_size) + 1
+        # A second request keeps a connection busy over the round trip between two responses.
+        # Once several peers keep us busy, a slow connection (a block takes longer than
+        # target_latency) is a share of a holder's upload that many downloaders split, and a
+        # second request there only queues a block in front of each fresh block that holder
+        # would pass on to us: 0.8 s of 256 KiB at a fifteenth of 40 Mbit/s. A super-seeder's
+        # connections keep two: its upload is the swarm's bottleneck, and must not idle.
+        low = 1 if session.peer.offer is None and len(self.sessions) >= pol.single_request_peers else 2
+        return max(low, min(self.max_depth, d))
 
     def response_timeout(self, session: Session) -> float:
         """How long the next whole response on ``session`` may take."""

@@ -258,3 +258,24 @@ def test_before_its_rate_is_known_a_connection_keeps_a_megabyte_of_requests_in_f
     assert s.rate == 0 and p.depth(s) == depth
     s.rate = 1e6  # measured: target_latency of data at that rate, as before
     assert p.depth(s) == max(2, min(max_depth, int(1e6 * FetchPolicy().target_latency / block_size) + 1))
+
+
+def test_a_slow_connection_keeps_one_request_in_flight_once_four_peers_serve_us() -> None:
+    # A block of 256 KiB at 300 kB/s takes 0.9 s, far above target_latency: one request,
+    # not two, once enough peers keep us busy; a super-seeder's connection keeps two.
+    block = 256 << 10
+    p = Planner(bytearray(64), block, FetchPolicy(), random.Random(1), max_sessions=8, max_depth=32, start=T0)
+    p.begin(T0)
+    sessions = [session(p, port) for port in range(1, 4)]
+    for s in sessions:
+        s.rate = 300e3
+    assert [p.depth(s) for s in sessions] == [2, 2, 2]  # three peers: a lone connection's gaps count
+    fourth = session(p, 4)
+    fourth.rate = 300e3
+    assert [p.depth(s) for s in (*sessions, fourth)] == [1, 1, 1, 1]
+    fourth.peer.offer = bytearray(64)  # a super-seeder: its upload must not idle between responses
+    assert p.depth(fourth) == 2
+    fast = sessions[0]
+    fast.rate = 10e6  # a block in 26 ms: target_latency holds several
+    assert p.depth(fast) == int(10e6 * 0.2 / block) + 1
+    assert p.depth(session(p, 5)) == 4  # rate not known yet: a megabyte in flight, as before
