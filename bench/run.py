@@ -653,10 +653,10 @@ def main(argv: list[str] | None = None) -> int:
         plan = replace(plan, repeat=args.repeat)
     if args.block_size:
         from cascade.errors import UsageError
-        from cascade.units import parse_size
+        from peer.cascade_command import parse_block_size  # cascade create's own limits
 
         try:
-            sizes = tuple(parse_size(b, "--block-size") for b in args.block_size.split(","))
+            sizes = tuple(parse_block_size(b) for b in args.block_size.split(","))
         except UsageError as exc:
             print(f"bench: {exc}", file=sys.stderr)
             return 2

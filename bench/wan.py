@@ -56,7 +56,7 @@ from bench.cascade_swarm import check_outputs, fetch_args
 from bench.data import MiB, loadavg, machine, make_file, sha256_file
 from bench.netlab import DEFAULT_QUEUE, QUEUES, Host, Lab, Sampler, have_root, sh
 from bench.procs import BenchError, Child, Group
-from peer.cascade_command import DEFAULT_BLOCK_SIZE
+from peer.cascade_command import DEFAULT_BLOCK_SIZE, parse_block_size
 
 # Fixed ports: every host has its own namespace, so nothing else can hold them.
 PEER_PORT, TRACKER_PORT, TRACKER_HTTP_PORT, LT_PORT, HTTP_PORT = 6666, 7000, 7001, 6881, 8000
@@ -693,7 +693,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.scenario:
             opts.scenarios = tuple(parse_scenario(s).name for s in args.scenario)
         if args.block_size:
-            opts.block_sizes = tuple(parse_size(b, "--block-size") for b in args.block_size.split(","))
+            opts.block_sizes = tuple(parse_block_size(b) for b in args.block_size.split(","))
         if args.size:
             opts.size = parse_size(args.size, "--size")
         tools = tuple(t.strip() for t in args.tools.split(",") if t.strip())

@@ -96,6 +96,19 @@ def test_a_fetcher_upload_fraction_outside_0_1_is_one_usage_line(
     assert err == [f"bench.wan: --fetcher-upload must be in (0, 1], not {float(fraction):g}"]
 
 
+@pytest.mark.parametrize(
+    ("sizes", "message"),
+    [("256K,0", "invalid block size '0': it must be at least 1 byte"), ("2G", "invalid block size '2G': the largest")],
+)
+def test_a_block_size_cascade_create_refuses_is_one_usage_line(
+    sizes: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Checked before anything is built (cascade create's own limits), not after the hosts are up.
+    assert main(["--block-size", sizes, "--no-plot"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"bench.wan: {message}")
+
+
 def test_an_unknown_queue_is_one_usage_line(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_:
         main(["--queue", "fq_codel", "--no-plot"])
