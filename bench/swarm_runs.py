@@ -1,8 +1,8 @@
 """Many runs of the bench's Cascade swarm alone, each fetcher's time, and the logs kept.
 
-``python -m bench.swarm_runs [--fetchers 8] [--runs 5] [--block-size SIZE] [--verbose] [--logs DIR]``
+``python -m bench.swarm_runs [--fetchers 8] [--runs 5] [--size SIZE] [--block-size SIZE] [--verbose] [--logs DIR]``
 
-The same code path as the ``swarm`` case of ``python -m bench`` (a 256 MiB file, blocks of
+The same code path as the ``swarm`` case of ``python -m bench`` (a 256 MiB file unless ``--size`` says, blocks of
 ``cascade create``'s default size unless ``--block-size`` says, a fresh tracker and seeder per
 run, the idle ``swarm_settle`` before each run), without
 libtorrent, so that a run that stalls can be read afterwards: each run's tracker, seeder and
@@ -22,30 +22,35 @@ from pathlib import Path
 from bench import cascade_swarm as cs
 from bench.run import FULL, Bench
 from cascade.errors import UsageError
-from peer.cascade_command import parse_block_size
+from cascade.units import parse_size
+from peer.cascade_command import default_block_size, parse_block_size
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fetchers", type=int, default=8, help="fetchers per run (default 8)")
     parser.add_argument("--runs", type=int, default=5, help="runs (default 5)")
-    parser.add_argument("--block-size", help="block size, like 128K (default: cascade create's, 256 KiB)")
+    parser.add_argument("--size", help="file size, like 64M (default: the bench's, 256 MiB)")
+    parser.add_argument("--block-size", help="block size, like 128K (default: cascade create's for the size)")
     parser.add_argument("--verbose", action="store_true", help="fetchers log with -v")
     parser.add_argument("--logs", type=Path, default=Path("swarm-runs-logs"), help="where the logs go")
     args = parser.parse_args()
     try:
         block = parse_block_size(args.block_size) if args.block_size is not None else None
+        size = parse_size(args.size, "file size") if args.size is not None else FULL.swarm_size
     except UsageError as exc:
         parser.error(str(exc))
+    if size <= 0:
+        parser.error(f"invalid file size {args.size!r}: it must be at least 1 byte")
     work = Path(tempfile.mkdtemp(prefix="cascade-swarm-runs-"))
-    plan = replace(FULL, repeat=max(1, args.runs))
+    plan = replace(FULL, repeat=max(1, args.runs), swarm_size=size)
     bench = Bench(plan, work)
     extra = ["-v"] if args.verbose else []
     try:
         data, expected = bench.datafile(plan.swarm_size)
         group = bench.group("create")
         try:
-            meta, _ = cs.create(group, data, plan.swarm_blocks[0] if block is None else block)
+            meta, _ = cs.create(group, data, default_block_size(size) if block is None else block)
         finally:
             group.stop_all()
         runs = bench.cascade_runs("swarm", meta, args.fetchers, expected, plan.swarm_settle, extra)
