@@ -36,15 +36,21 @@ from peer.collection_local import MemberCheck, check_members, create_collection,
 from peer.localdata import Progress, check_data, create_metafile
 from peer.publish_command import register_publish
 
-# 256 KiB unless the file is large: measured faster than 1 MiB on the emulated LAN in every
-# scenario (a block crosses a 40 Mbit/s hop in 0.05 s, so the swarm's tail is short) and,
-# since blocks are written behind the connection, on loopback too (1 GiB transfer 1.96 s
-# against 2.68 s, swarms 1+4 and 1+8 faster; BENCHMARKS.md "Default block size"). Larger
-# files get the smallest power of two that keeps them within DEFAULT_MAX_BLOCKS blocks, as
-# BitTorrent tools size pieces: the hash list and the have maps stay small. 128 KiB was
-# 1-6 % faster on the emulated LAN but up to 30 % slower on loopback, where every block costs
-# CPU (BENCHMARKS.md "128 KiB blocks"), so it stays a choice for swarms on slow links.
+# The default follows the file's size, as BitTorrent tools size pieces (Transmission gives a
+# 64 MiB file 64 KiB pieces, libtorrent 32 KiB): a swarm's start and tail each cost a few block
+# times on every hop, so what must stay large is the block count, not the block. From 256 KiB,
+# a file of more than one block is cut in halves down to 64 KiB until it has DEFAULT_MIN_BLOCKS
+# blocks. On the emulated LAN a 64 MiB file (256 blocks of 256 KiB) fetched by 16 hosts at
+# 40 Mbit/s took 15.8 s in 64 KiB blocks, 16.1 s in 128 KiB and 17.2 s in 256 KiB, every other
+# scenario as fast or faster (BENCHMARKS.md "The default block size follows the file size").
+# Under 64 KiB the fixed cost of a block (a request, a header, a hash call, Python) would make a
+# fast link CPU-bound. From 256 MiB up the default is 256 KiB: measured faster than 1 MiB on the
+# emulated LAN and, blocks being written behind the connection, on loopback (BENCHMARKS.md
+# "Default block size"), where every block costs CPU. Larger files get the smallest power of
+# two that keeps them within DEFAULT_MAX_BLOCKS blocks: the hash list and have maps stay small.
 DEFAULT_BLOCK_SIZE = 256 << 10
+DEFAULT_MIN_BLOCK_SIZE = 64 << 10
+DEFAULT_MIN_BLOCKS = 1024
 DEFAULT_MAX_BLOCKS = 65536
 
 # Below this size hashing takes well under a second, so a progress bar would only flicker.
@@ -83,10 +89,16 @@ def _size_of(path: Path) -> int:
 
 
 def default_block_size(data_length: int) -> int:
-    """What ``cascade create`` picks without ``--block-size``: 256 KiB, doubled until at most 65,536 blocks."""
+    """What ``cascade create`` picks without ``--block-size`` for a file of ``data_length`` bytes.
+
+    256 KiB, doubled until the file has at most 65,536 blocks, or halved (down to
+    64 KiB) while it has fewer than 1,024 and more than one block.
+    """
     size = DEFAULT_BLOCK_SIZE
     while -(-data_length // size) > DEFAULT_MAX_BLOCKS and size < MAX_BLOCK_SIZE:
         size *= 2
+    while size > DEFAULT_MIN_BLOCK_SIZE and data_length > size and -(-data_length // size) < DEFAULT_MIN_BLOCKS:
+        size //= 2
     return size
 
 
@@ -244,8 +256,9 @@ def register_create(sub: Any) -> None:
     p.add_argument(
         "--block-size",
         metavar="SIZE",
-        help="bytes per block, with an optional K, M, G, KiB, MiB or GiB suffix (default: 256KiB, doubled for"
-        " files over 16 GiB to keep them within 65,536 blocks; in a folder, each file's own)",
+        help="bytes per block, with an optional K, M, G, KiB, MiB or GiB suffix (default: 256KiB, halved"
+        " down to 64KiB while a file under 256 MiB has fewer than 1,024 blocks, doubled for files over"
+        " 16 GiB to keep them within 65,536 blocks; in a folder, each file's own)",
     )
     p.add_argument(
         "-o", "--output", metavar="OUT", help="where to write the .cascade (default: FILE.cascade or DIR.cascade)"

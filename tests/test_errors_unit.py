@@ -53,9 +53,9 @@ def test_sensible_block_sizes_pass(length: int, block_size: int) -> None:
 @pytest.mark.parametrize(
     ("length", "block_size", "blocks", "suggested"),
     [
-        (6 << 20, 3, "2,097,152 blocks", "256KiB"),  # the 64 MiB .cascade
+        (6 << 20, 3, "2,097,152 blocks", "64KiB"),  # the 64 MiB .cascade
         (128 << 10, 3, "43,691 blocks", "256KiB"),
-        (2 << 20, 1000, "2,098 blocks", "256KiB"),
+        (2 << 20, 1000, "2,098 blocks", "64KiB"),
         (2 << 40, 1 << 20, "2,097,152 blocks", "32MiB"),
     ],
 )
