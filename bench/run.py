@@ -31,7 +31,7 @@ from bench import baselines, report
 from bench import cascade_swarm as cs
 from bench.data import GiB, MiB, loadavg, machine, make_file, sha256_file, tmp_free_bytes
 from bench.procs import BenchError, Group, free_port
-from peer.cascade_command import DEFAULT_BLOCK_SIZE
+from peer.cascade_command import default_block_size
 
 CASES = ("transfer", "swarm", "small", "tracker", "verify", "memory", "faults", "wan")
 DEFAULT_CASES = CASES[:-1]  # wan runs only when named: it needs root and takes ~46 min
@@ -60,10 +60,10 @@ class Plan:
 FULL = Plan(
     quick=False,
     repeat=3,
-    transfer=((256 * MiB, DEFAULT_BLOCK_SIZE), (256 * MiB, MiB), (GiB, DEFAULT_BLOCK_SIZE), (GiB, MiB)),
+    transfer=((256 * MiB, default_block_size(256 * MiB)), (256 * MiB, MiB), (GiB, default_block_size(GiB)), (GiB, MiB)),
     swarm_size=256 * MiB,
     swarm_fetchers=(4, 8),
-    swarm_blocks=(DEFAULT_BLOCK_SIZE,),
+    swarm_blocks=(default_block_size(256 * MiB),),
     swarm_settle=8.0,
     aria2=True,
     tracker_seconds=3.0,
@@ -75,10 +75,10 @@ FULL = Plan(
 QUICK = Plan(
     quick=True,
     repeat=2,
-    transfer=((256 * MiB, DEFAULT_BLOCK_SIZE),),
+    transfer=((256 * MiB, default_block_size(256 * MiB)),),
     swarm_size=256 * MiB,
     swarm_fetchers=(4,),
-    swarm_blocks=(DEFAULT_BLOCK_SIZE,),
+    swarm_blocks=(default_block_size(256 * MiB),),
     swarm_settle=0.0,
     aria2=False,
     tracker_seconds=1.0,
@@ -264,7 +264,7 @@ class Bench:
                 note="cascade, raw_wall, libtorrent and aria2: whole processes, start-up included"
                 + (f"; {aria2_note}" if aria2_note else ""),
             )
-            if size == 256 * MiB and block == DEFAULT_BLOCK_SIZE:
+            if size == 256 * MiB and block == default_block_size(size):
                 r.target(
                     "transfer <= 0.5x libtorrent",
                     c_s <= 0.5 * lt_s,

@@ -1,6 +1,6 @@
 """The swarm on emulated LAN hosts, where each host's upload is the limit (issue 11).
 
-    python -m bench.wan                        # 4 scenarios x 3 runs, Cascade (256 KiB and 1 MiB), libtorrent, HTTP
+    python -m bench.wan                        # 4 scenarios x 3 runs: Cascade (default, 256 KiB), libtorrent, HTTP
     python -m bench.wan --quick                # smoke test: scenario 8x40, 1 run, 8 MiB, no plot kept
     python -m bench.wan --scenario 8x40 --runs 1 --tools cascade,libtorrent --json out.json
     python -m bench --only wan                 # the same with the defaults, as a case of the whole bench
@@ -56,7 +56,7 @@ from bench.cascade_swarm import check_outputs, fetch_args
 from bench.data import MiB, loadavg, machine, make_file, sha256_file
 from bench.netlab import DEFAULT_QUEUE, QUEUES, Host, Lab, Sampler, have_root, sh
 from bench.procs import BenchError, Child, Group
-from peer.cascade_command import DEFAULT_BLOCK_SIZE, parse_block_size
+from peer.cascade_command import DEFAULT_BLOCK_SIZE, default_block_size, parse_block_size
 
 # Fixed ports: every host has its own namespace, so nothing else can hold them.
 PEER_PORT, TRACKER_PORT, TRACKER_HTTP_PORT, LT_PORT, HTTP_PORT = 6666, 7000, 7001, 6881, 8000
@@ -159,7 +159,9 @@ class Options:
     runs: int = 3
     size: int = 64 * MiB
     scenarios: tuple[str, ...] = tuple(SCENARIOS)
-    block_sizes: tuple[int, ...] = (DEFAULT_BLOCK_SIZE, MiB)
+    # Cascade's block sizes; empty: cascade create's default for the file's size and 256 KiB
+    # (the default for every size under 16 GiB until 2026-12-02), see cascade_blocks.
+    block_sizes: tuple[int, ...] = ()
     tools: tuple[str, ...] = TOOLS
     plot: bool = True
     plot_to_docs: bool = True  # False: the plots go to the temporary folder (a smoke test keeps docs/ as is)
@@ -177,6 +179,10 @@ class Options:
     @classmethod
     def quick(cls) -> Options:
         return cls(runs=1, size=8 * MiB, scenarios=("8x40",), plot_to_docs=False)
+
+    def cascade_blocks(self) -> tuple[int, ...]:
+        """The block sizes Cascade runs with: those given, else the size's default, then 256 KiB if that differs."""
+        return self.block_sizes or tuple(dict.fromkeys((default_block_size(self.size), DEFAULT_BLOCK_SIZE)))
 
 
 @dataclass
@@ -232,7 +238,7 @@ class Wan:
         g = Group(self._logdir("prepare"))
         try:
             if "cascade" in self.opts.tools:
-                for block in self.opts.block_sizes:
+                for block in self.opts.cascade_blocks():
                     meta = self.seed_dir / f"data-{block_label(block)}.cascade"
                     c = g.python(
                         f"create-{block_label(block)}",
@@ -270,7 +276,7 @@ class Wan:
         names: list[str] = []
         for tool in self.opts.tools:
             if tool == "cascade":
-                names += [f"cascade-{block_label(b)}" for b in self.opts.block_sizes]
+                names += [f"cascade-{block_label(b)}" for b in self.opts.cascade_blocks()]
             else:
                 names.append(tool)
         return names
@@ -307,7 +313,7 @@ class Wan:
         sampler: Sampler | None = None
         try:
             if tool.startswith("cascade-"):
-                block = next(b for b in self.opts.block_sizes if block_label(b) == tool.removeprefix("cascade-"))
+                block = next(b for b in self.opts.cascade_blocks() if block_label(b) == tool.removeprefix("cascade-"))
                 start, done_at = self._cascade(g, self.metas[block], seed, fetchers, outs)
             elif tool == "libtorrent":
                 start, done_at = self._libtorrent(g, seed, fetchers, outs)
@@ -666,7 +672,11 @@ def main(argv: list[str] | None = None) -> int:
         help=f"only this scenario (repeatable): {', '.join(SCENARIOS)}, or SEEDER/NxMBIT[@DELAY]+... such as"
         " 100/8x10 (seeder at 100 Mbit/s, 8 fetchers at 10) or 40/7x40+1x40@8 (one fetcher joins 8 s late)",
     )
-    p.add_argument("--block-size", default=None, help="Cascade block sizes, comma-separated (default: 256K,1M)")
+    p.add_argument(
+        "--block-size",
+        default=None,
+        help="Cascade block sizes, comma-separated (default: cascade create's for the file size, and 256K)",
+    )
     p.add_argument("--size", default=None, help="file size (64M)")
     p.add_argument("--tools", default=",".join(TOOLS), help=f"comma-separated, of {','.join(TOOLS)}")
     p.add_argument("--no-plot", action="store_true", help="do not write docs/wan-*.svg")
@@ -740,7 +750,7 @@ def _opts_json(opts: Options) -> dict[str, Any]:
         "runs": opts.runs,
         "size": opts.size,
         "scenarios": list(opts.scenarios),
-        "block_sizes": list(opts.block_sizes),
+        "block_sizes": list(opts.cascade_blocks()),
         "tools": list(opts.tools),
         "fetcher_upload": opts.fetcher_upload,
         "queue": opts.queue,
