@@ -41,16 +41,18 @@ from peer.publish_command import register_publish
 # times on every hop, so what must stay large is the block count, not the block. From 256 KiB,
 # a file of more than one block is cut in halves down to 64 KiB until it has DEFAULT_MIN_BLOCKS
 # blocks. On the emulated LAN a 64 MiB file (256 blocks of 256 KiB) fetched by 16 hosts at
-# 40 Mbit/s took 15.8 s in 64 KiB blocks, 16.1 s in 128 KiB and 17.2 s in 256 KiB, every other
-# scenario as fast or faster (BENCHMARKS.md "The default block size follows the file size").
-# Under 64 KiB the fixed cost of a block (a request, a header, a hash call, Python) would make a
-# fast link CPU-bound. From 256 MiB up the default is 256 KiB: measured faster than 1 MiB on the
-# emulated LAN and, blocks being written behind the connection, on loopback (BENCHMARKS.md
-# "Default block size"), where every block costs CPU. Larger files get the smallest power of
-# two that keeps them within DEFAULT_MAX_BLOCKS blocks: the hash list and have maps stay small.
+# 40 Mbit/s took 16.1 s in 128 KiB blocks against 17.2 s in 256 KiB, every other scenario as
+# fast or faster (BENCHMARKS.md "The default block size follows the file size"). 64 KiB blocks
+# (1,024) took 15.8 s, but their CPU rose past the 256 KiB figure of issue 11's baseline with
+# slow fetchers (10.6 s against 9.3); under 64 KiB the fixed cost of a block (a request, a
+# header, a hash call, Python) would make a fast link CPU-bound. From 128 MiB up the default is
+# 256 KiB: measured faster than 1 MiB on the emulated LAN and, blocks being written behind the
+# connection, on loopback (BENCHMARKS.md "Default block size"), where every block costs CPU.
+# Larger files get the smallest power of two that keeps them within DEFAULT_MAX_BLOCKS blocks:
+# the hash list and have maps stay small.
 DEFAULT_BLOCK_SIZE = 256 << 10
 DEFAULT_MIN_BLOCK_SIZE = 64 << 10
-DEFAULT_MIN_BLOCKS = 1024
+DEFAULT_MIN_BLOCKS = 512
 DEFAULT_MAX_BLOCKS = 65536
 
 # Below this size hashing takes well under a second, so a progress bar would only flicker.
@@ -92,7 +94,7 @@ def default_block_size(data_length: int) -> int:
     """What ``cascade create`` picks without ``--block-size`` for a file of ``data_length`` bytes.
 
     256 KiB, doubled until the file has at most 65,536 blocks, or halved (down to
-    64 KiB) while it has fewer than 1,024 and more than one block.
+    64 KiB) while it has fewer than 512 and more than one block.
     """
     size = DEFAULT_BLOCK_SIZE
     while -(-data_length // size) > DEFAULT_MAX_BLOCKS and size < MAX_BLOCK_SIZE:
@@ -257,7 +259,7 @@ def register_create(sub: Any) -> None:
         "--block-size",
         metavar="SIZE",
         help="bytes per block, with an optional K, M, G, KiB, MiB or GiB suffix (default: 256KiB, halved"
-        " down to 64KiB while a file under 256 MiB has fewer than 1,024 blocks, doubled for files over"
+        " down to 64KiB while a file under 128 MiB has fewer than 512 blocks, doubled for files over"
         " 16 GiB to keep them within 65,536 blocks; in a folder, each file's own)",
     )
     p.add_argument(

@@ -426,10 +426,11 @@ def test_progress_bar_only_on_a_terminal_for_large_work(monkeypatch: pytest.Monk
         (0, 256 << 10),
         (256 << 10, 256 << 10),  # one block stays one block
         ((256 << 10) + 1, 64 << 10),
-        (64 << 20, 64 << 10),  # the issue's 64 MiB swarm file: 1,024 blocks, not 256
-        (100 << 20, 64 << 10),
-        (128 << 20, 128 << 10),
-        (256 << 20, 256 << 10),  # 1,024 blocks of 256 KiB: the first size that keeps the default
+        (16 << 20, 64 << 10),  # never under 64 KiB, even with fewer than 512 blocks
+        (32 << 20, 64 << 10),
+        (64 << 20, 128 << 10),  # issue 11's 64 MiB swarm file: 512 blocks, not 256
+        (127 << 20, 128 << 10),
+        ((511 << 18) + 1, 256 << 10),  # 512 blocks of 256 KiB: the smallest file that keeps the default
         (1 << 30, 256 << 10),
         (16 << 30, 256 << 10),  # 65,536 blocks of 256 KiB: the last size that keeps the default
         ((16 << 30) + 1, 512 << 10),
@@ -438,7 +439,7 @@ def test_progress_bar_only_on_a_terminal_for_large_work(monkeypatch: pytest.Monk
         (1 << 62, 1 << 30),  # never beyond the largest block allowed
     ],
 )
-def test_the_default_block_size_keeps_a_file_within_1024_to_65536_blocks(length: int, block_size: int) -> None:
+def test_the_default_block_size_keeps_a_file_within_512_to_65536_blocks(length: int, block_size: int) -> None:
     assert default_block_size(length) == block_size
 
 
