@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.wan import NOT_PRESENT, SCENARIOS, Scenario, ToolRun, main, parse_scenario, summarize, targets
+from bench.wan import NOT_PRESENT, SCENARIOS, Options, Scenario, ToolRun, main, parse_scenario, summarize, targets
 from cascade.errors import UsageError
 
 pytestmark = pytest.mark.unit
@@ -25,6 +25,20 @@ def test_bounds_match_the_issue(name: str, t_min: float, http: float) -> None:
     sc = SCENARIOS[name]
     assert round(sc.t_min(64 * MiB), 2) == t_min
     assert round(sc.http_bound(64 * MiB), 2) == http
+
+
+@pytest.mark.parametrize(
+    ("size", "given", "blocks"),
+    [
+        (64 * MiB, (), (128 << 10, 256 << 10)),  # cascade create's default for the file, and 256 KiB
+        (256 * MiB, (), (256 << 10,)),  # the same size once
+        (64 * MiB, (MiB,), (MiB,)),  # --block-size says
+    ],
+)
+def test_cascade_runs_in_the_default_block_size_for_the_file_and_256k(
+    size: int, given: tuple[int, ...], blocks: tuple[int, ...]
+) -> None:
+    assert Options(size=size, block_sizes=given).cascade_blocks() == blocks
 
 
 def test_a_slow_seeder_alone_is_the_bound() -> None:
