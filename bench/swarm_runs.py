@@ -43,14 +43,15 @@ def main() -> int:
     if size <= 0:
         parser.error(f"invalid file size {args.size!r}: it must be at least 1 byte")
     work = Path(tempfile.mkdtemp(prefix="cascade-swarm-runs-"))
-    plan = replace(FULL, repeat=max(1, args.runs), swarm_size=size)
+    block = default_block_size(size) if block is None else block
+    plan = replace(FULL, repeat=max(1, args.runs), swarm_size=size, swarm_blocks=(block,))
     bench = Bench(plan, work)
     extra = ["-v"] if args.verbose else []
     try:
         data, expected = bench.datafile(plan.swarm_size)
         group = bench.group("create")
         try:
-            meta, _ = cs.create(group, data, default_block_size(size) if block is None else block)
+            meta, _ = cs.create(group, data, plan.swarm_blocks[0])
         finally:
             group.stop_all()
         runs = bench.cascade_runs("swarm", meta, args.fetchers, expected, plan.swarm_settle, extra)
