@@ -38,8 +38,8 @@ from peer.publish_command import register_publish
 
 # The default follows the file's size, as BitTorrent tools size pieces (for a 64 MiB file
 # Transmission's makemeta picks 64 KiB, libtorrent 2.1's create_torrent 128 KiB, and 256 KiB
-# for 256 MiB): a swarm's start and tail each cost a few block
-# times on every hop, so what must stay large is the block count, not the block. From 256 KiB,
+# for 256 MiB): a swarm's start and tail each cost a few block times on every hop, so what
+# must stay large is the block count, not the block. From 256 KiB,
 # a file of more than one block is cut in halves down to 64 KiB until it has DEFAULT_MIN_BLOCKS
 # blocks. On the emulated LAN a 64 MiB file (256 blocks of 256 KiB) fetched by 16 hosts at
 # 40 Mbit/s took 16.1 s in 128 KiB blocks against 17.2 s in 256 KiB, every other scenario as
