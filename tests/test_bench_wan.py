@@ -123,6 +123,14 @@ def test_a_block_size_cascade_create_refuses_is_one_usage_line(
     assert len(err) == 1 and err[0].startswith(f"bench.wan: {message}")
 
 
+@pytest.mark.parametrize("size", ["0", "0K"])
+def test_an_empty_file_size_is_one_usage_line(size: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # A 0-byte file has no T_min to divide by; refused before anything is built.
+    assert main(["--size", size, "--no-plot"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"bench.wan: invalid --size {size!r}: it must be at least 1 byte"]
+
+
 def test_an_unknown_queue_is_one_usage_line(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_:
         main(["--queue", "fq_codel", "--no-plot"])
