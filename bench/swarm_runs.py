@@ -26,7 +26,7 @@ from cascade.units import parse_size
 from peer.cascade_command import default_block_size, parse_block_size
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fetchers", type=int, default=8, help="fetchers per run (default 8)")
     parser.add_argument("--runs", type=int, default=5, help="runs (default 5)")
@@ -34,7 +34,10 @@ def main() -> int:
     parser.add_argument("--block-size", help="block size, like 128K (default: cascade create's for the size)")
     parser.add_argument("--verbose", action="store_true", help="fetchers log with -v")
     parser.add_argument("--logs", type=Path, default=Path("swarm-runs-logs"), help="where the logs go")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    for name, value in (("--fetchers", args.fetchers), ("--runs", args.runs)):
+        if value < 1:
+            parser.error(f"{name} must be at least 1, not {value}")
     try:
         block = parse_block_size(args.block_size) if args.block_size is not None else None
         size = parse_size(args.size, "file size") if args.size is not None else FULL.swarm_size
@@ -44,7 +47,7 @@ def main() -> int:
         parser.error(f"invalid file size {args.size!r}: it must be at least 1 byte")
     work = Path(tempfile.mkdtemp(prefix="cascade-swarm-runs-"))
     block = default_block_size(size) if block is None else block
-    plan = replace(FULL, repeat=max(1, args.runs), swarm_size=size, swarm_blocks=(block,))
+    plan = replace(FULL, repeat=args.runs, swarm_size=size, swarm_blocks=(block,))
     bench = Bench(plan, work)
     extra = ["-v"] if args.verbose else []
     try:
