@@ -39,9 +39,23 @@ def open_conn(sel: selectors.BaseSelector, port: int, request: bytes) -> Conn:
     return conn
 
 
+USAGE = "usage: python -m bench.load_client PORT CASCADE_HASH_HEX BLOCKS CONNECTIONS SECONDS"
+
+
 def main(argv: list[str]) -> int:
-    port, hash_hex, blocks, count, seconds = int(argv[0]), argv[1], int(argv[2]), int(argv[3]), float(argv[4])
-    cascade_hash = bytes.fromhex(hash_hex)
+    if argv[:1] in (["-h"], ["--help"]):
+        print(f"{USAGE}\n\n{__doc__.strip()}")
+        return 0
+    try:
+        if len(argv) != 5:
+            raise ValueError("expected 5 arguments")
+        port, hash_hex, blocks, count, seconds = int(argv[0]), argv[1], int(argv[2]), int(argv[3]), float(argv[4])
+        cascade_hash = bytes.fromhex(hash_hex)
+        if len(cascade_hash) != 32 or blocks < 1 or count < 1 or seconds <= 0:
+            raise ValueError("a 64-digit hash, and BLOCKS, CONNECTIONS and SECONDS above 0")
+    except ValueError as exc:
+        print(f"{USAGE}\nbench.load_client: {exc}", file=sys.stderr)
+        return 2
     rng = random.Random(1)
     requests = [BlockRequest(i, cascade_hash, keep_open=True).encode() for i in range(blocks)]
     sel = selectors.DefaultSelector()

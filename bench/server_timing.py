@@ -24,6 +24,7 @@ Every process is stopped by its PID; everything listens on 127.0.0.1.
 
 from __future__ import annotations
 
+import argparse
 import json
 import signal
 import socket
@@ -268,8 +269,11 @@ def tracker_read_timeout(work: Path) -> bool:
         child.stop()
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     """Run every case; exit status 1 when a target was missed."""
+    argparse.ArgumentParser(
+        prog="python -m bench.server_timing", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    ).parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="cascade-timing-") as tmp:
         work = Path(tmp)
         files = _Files(work)
