@@ -40,11 +40,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{name} must be at least 1, not {value}")
     try:
         block = parse_block_size(args.block_size) if args.block_size is not None else None
-        size = parse_size(args.size, "file size") if args.size is not None else FULL.swarm_size
+        size = parse_size(args.size, "file size", nonzero=True) if args.size is not None else FULL.swarm_size
     except UsageError as exc:
         parser.error(str(exc))
-    if size <= 0:
-        parser.error(f"invalid file size {args.size!r}: it must be at least 1 byte")
     work = Path(tempfile.mkdtemp(prefix="cascade-swarm-runs-"))
     block = default_block_size(size) if block is None else block
     plan = replace(FULL, repeat=args.runs, swarm_size=size, swarm_blocks=(block,))

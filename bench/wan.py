@@ -705,9 +705,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.block_size:
             opts.block_sizes = tuple(parse_block_size(b) for b in args.block_size.split(","))
         if args.size is not None:
-            opts.size = parse_size(args.size, "--size")
-            if opts.size <= 0:
-                raise UsageError(f"invalid --size {args.size!r}: it must be at least 1 byte")
+            opts.size = parse_size(args.size, "--size", nonzero=True)
         tools = tuple(t.strip() for t in args.tools.split(",") if t.strip())
         bad = [t for t in tools if t not in TOOLS]
         if bad or not tools:

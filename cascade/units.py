@@ -22,8 +22,8 @@ _SUFFIXES = {
 _SIZE = re.compile(r"\s*([0-9]+)\s*([A-Za-z]*)\s*")
 
 
-def parse_size(text: str, what: str = "size") -> int:
-    """``"64K"`` -> 65536. Raises :class:`UsageError` with the accepted forms."""
+def parse_size(text: str, what: str = "size", nonzero: bool = False) -> int:
+    """``"64K"`` -> 65536. Raises :class:`UsageError` with the accepted forms (and for 0 when ``nonzero``)."""
     m = _SIZE.fullmatch(text)
     unit = m.group(2).lower() if m else ""
     # More than 20 digits is more than 2**64 bytes; the check also keeps int() from
@@ -32,7 +32,10 @@ def parse_size(text: str, what: str = "size") -> int:
         raise UsageError(
             f"invalid {what} {text!r}: use a byte count or a number with K, M, G, KiB, MiB or GiB (e.g. 1M)"
         )
-    return int(m.group(1)) * _SUFFIXES[unit]
+    size = int(m.group(1)) * _SUFFIXES[unit]
+    if nonzero and size == 0:
+        raise UsageError(f"invalid {what} {text!r}: it must be at least 1 byte")
+    return size
 
 
 def format_size(n: float) -> str:

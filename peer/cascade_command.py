@@ -112,9 +112,7 @@ def _size_arg(size: int) -> str:
 
 def parse_block_size(text: str) -> int:
     """A ``--block-size`` value: 1 byte to ``MAX_BLOCK_SIZE``; raises :class:`UsageError`."""
-    size = parse_size(text, "block size")
-    if size == 0:
-        raise UsageError(f"invalid block size {text!r}: it must be at least 1 byte")
+    size = parse_size(text, "block size", nonzero=True)
     if size > MAX_BLOCK_SIZE:
         raise UsageError(f"invalid block size {text!r}: the largest allowed is {format_size(MAX_BLOCK_SIZE)}")
     return size

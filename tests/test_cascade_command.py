@@ -368,6 +368,15 @@ def test_parse_size_rejects(text: str) -> None:
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize("text", ["0", "0K", " 0 MiB"])
+def test_parse_size_nonzero_rejects_zero_in_one_message(text: str) -> None:
+    assert parse_size(text) == 0
+    with pytest.raises(UsageError) as exc:
+        parse_size(text, "file size", nonzero=True)
+    assert str(exc.value) == f"invalid file size {text!r}: it must be at least 1 byte"
+
+
+@pytest.mark.unit
 def test_format_size() -> None:
     assert [format_size(n) for n in (0, 1023, 1024, 1536, 1 << 20, 5 << 30)] == [
         "0 B",
