@@ -26,9 +26,18 @@ from itertools import pairwise
 
 from cascade import metafile
 from cascade.errors import CollectionError, MetafileError
-from cascade.metafile import HASH_SIZE, HEADER_SIZE, MAX_DATA_LENGTH, MAX_METAFILE_SIZE, block_count_for, parse_cascade
+from cascade.metafile import COLLECTION_MAGIC as MAGIC  # defined beside the .cascade magic, to tell them apart
+from cascade.metafile import (
+    HASH_SIZE,
+    HEADER_SIZE,
+    MAX_DATA_LENGTH,
+    MAX_METAFILE_SIZE,
+    block_count_for,
+    parse_cascade,
+)
+from cascade.metafile import MAX_COLLECTION_SIZE as MAX_COLLECTION_SIZE
+from cascade.metafile import looks_like_collection as looks_like_collection
 
-MAGIC = b"CASCCOLL"
 VERSION = 1
 _HEADER = struct.Struct(">8sII")  # magic, format version, member count
 _PATH_LENGTH = struct.Struct(">H")
@@ -41,7 +50,7 @@ MIN_MEMBER_SIZE = _PATH_LENGTH.size + 1 + _CASCADE_LENGTH.size + HEADER_SIZE
 # Arbitrary but argued in docs/collection-format.md: far above real trees, low
 # enough that a parsed collection fits in memory (~400 bytes per member).
 MAX_MEMBERS = 1 << 20
-MAX_COLLECTION_SIZE = 1 << 30
+# MAX_COLLECTION_SIZE (1 GiB) is in cascade.metafile, with the magic.
 MAX_TOTAL_LENGTH = MAX_DATA_LENGTH  # the sum of the members' lengths, 1 PiB like one file
 MAX_PATH_BYTES = 4096  # Linux PATH_MAX
 MAX_COMPONENT_BYTES = 255  # NAME_MAX on Linux, macOS and (in UTF-16 units, so more) Windows
@@ -358,11 +367,6 @@ class Collection:
 def collection_hash(data: bytes) -> bytes:
     """The name of a collection: the SHA-256 of its file's bytes. Raises nothing."""
     return hashlib.sha256(data).digest()
-
-
-def looks_like_collection(head: bytes) -> bool:
-    """Whether bytes starting a file are a collection's (else perhaps a ``.cascade``). Raises nothing."""
-    return head[: len(MAGIC)] == MAGIC
 
 
 def member_size(path: str, data_length: int, block_size: int) -> int:

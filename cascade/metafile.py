@@ -32,6 +32,18 @@ MAX_BLOCK_COUNT = 1 << 24
 MAX_DATA_LENGTH = 1 << 50
 MAX_METAFILE_SIZE = HEADER_SIZE + HASH_SIZE * MAX_BLOCK_COUNT
 
+# A collection file (cascade.collection, docs/collection-format.md) starts with this magic
+# and is at most this large. Both live here so that a reader tells the two kinds of metafile
+# apart without importing the collection code: every fetcher of a swarm pays for its imports
+# at start-up, all at once on a small machine (BENCHMARKS.md).
+COLLECTION_MAGIC = b"CASCCOLL"
+MAX_COLLECTION_SIZE = 1 << 30
+
+
+def looks_like_collection(head: bytes) -> bool:
+    """Whether bytes starting a file are a collection's (else perhaps a ``.cascade``). Raises nothing."""
+    return head[: len(COLLECTION_MAGIC)] == COLLECTION_MAGIC
+
 
 def block_count_for(data_length: int, block_size: int) -> int:
     """Number of blocks ``ceil(data_length / block_size)``; 0 for an empty file."""

@@ -32,8 +32,9 @@ from cascade.metafile import (
     parse_cascade,
 )
 from cascade.units import format_size, parse_size
-from peer.collection_local import MemberCheck, check_members, create_collection, read_metafile, walk_tree
+from peer.collection_local import MemberCheck, check_members, create_collection, walk_tree
 from peer.localdata import Progress, check_data, create_metafile
+from peer.metafiles import read_metafile
 from peer.publish_command import register_publish
 
 # The default follows the file's size, as BitTorrent tools size pieces (for a 64 MiB file

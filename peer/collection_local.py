@@ -35,14 +35,12 @@ from cascade.collection import (
     Member,
     check_tree,
     fold_name,
-    looks_like_collection,
     member_size,
-    parse_collection,
     serialize_collection,
     shown,
 )
 from cascade.errors import CollectionError, DataError, StartError, UsageError, from_os_error
-from cascade.metafile import MAX_METAFILE_SIZE, CascadeFile, parse_cascade, read_metafile_bytes
+from cascade.metafile import CascadeFile
 from peer.localdata import DataCheck, Progress, check_data, create_metafile, default_workers
 from peer.storage import DiskSignature, signature_at
 
@@ -71,29 +69,6 @@ PARTIAL_DIR = ".cascade-partial"
 # The name as names are compared (folded as the clash check folds: ".cascade\u200c-partial"
 # is this folder on HFS+).
 PARTIAL_DIR_FOLDED = fold_name(PARTIAL_DIR)
-
-
-def read_metafile(
-    path: str | os.PathLike[str], *, keep_files: bool = False, source: str | None = None
-) -> CascadeFile | Collection:
-    """Read a ``.cascade`` or a collection file, told apart by its magic (never by its name).
-
-    ``keep_files``: a collection's members keep their parsed ``.cascade`` (see
-    :func:`cascade.collection.parse_collection`). ``source`` names the file in the
-    messages about its content (default: ``path``; a download names its URL, not
-    its temporary file). Raises :class:`MetafileError` (:class:`CollectionError`
-    for a bad collection).
-    """
-    p = Path(path)
-    shown = str(p) if source is None else source
-
-    def limit(head: bytes) -> int:
-        return MAX_COLLECTION_SIZE if looks_like_collection(head) else MAX_METAFILE_SIZE
-
-    data = read_metafile_bytes(p, limit, ".cascade or collection")
-    if looks_like_collection(data):
-        return parse_collection(data, shown, keep_files=keep_files)
-    return parse_cascade(data, shown)
 
 
 def refuse_foreign_folder(folder: Path, collection: Collection) -> None:

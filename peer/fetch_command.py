@@ -9,8 +9,9 @@ failure is one line on stderr and the exit code of :mod:`cascade.command`:
 1 when the fetch failed, 2 for a bad command-line value, 130 when interrupted.
 
 Its parser lives in :mod:`peer.cli`. What only some runs need (``json``, the
-HTTP code for a URL, the announcer for ``--seed``, ``tqdm`` on a terminal) is
-imported where it is used: every fetch pays for its start-up.
+HTTP code for a URL, the collection code, the announcer for ``--seed``, ``tqdm``
+on a terminal) is imported where it is used: every fetch pays for its start-up
+(``tests/test_startup_imports.py``).
 """
 
 from __future__ import annotations
@@ -23,23 +24,25 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cascade.addresses import TrackerAddress, parse_hostport
-from cascade.collection import Collection
 from cascade.command import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, exit_code
 from cascade.errors import CascadeError, DataError, UsageError, from_os_error
 from cascade.metafile import CascadeFile, default_data_path
 from cascade.units import format_size
 from cascade.wire import PeerRecord
-from peer.collection_local import read_metafile, refuse_foreign_folder
 from peer.common import DEFAULT_LISTEN, Interrupted, StopSignal, announce_ip, setup_logging
 from peer.fetcher import Fetcher, FetchPolicy, FetchResult, PeerInfo, Progress
 from peer.localdata import DataCheck, check_data
+from peer.metafiles import read_metafile
 from peer.ratelimit import parse_rate
 from peer.server import BlockServer, BlockServerConfig
 from peer.storage import BlockStore
 from peer.trackers import TrackerSet, parse_trackers, peer_infos
+
+if TYPE_CHECKING:
+    from cascade.collection import Collection
 
 log = logging.getLogger("peer.fetch")
 
@@ -110,8 +113,10 @@ def _fetch(args: argparse.Namespace, stop: StopSignal) -> int:
         # A collection's members are all fetched: each one's .cascade is parsed once, not again.
         read = read_metafile(cascade_file, keep_files=True)
         out = Path(args.out) if args.out else default_data_path(cascade_file)
-        if isinstance(read, Collection):
+        if not isinstance(read, CascadeFile):  # a collection (whose code only then is imported)
             if not args.out:  # a folder named by a stranger (the file's or the tracker's name)
+                from peer.collection_local import refuse_foreign_folder
+
                 refuse_foreign_folder(out, read)
             return _fetch_collection(args, stop, read, out, trackers, host, port, my_ip, download_rate, upload_rate)
         cf = read

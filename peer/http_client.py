@@ -43,7 +43,7 @@ from cascade.errors import (
 )
 from cascade.metafile import MAX_METAFILE_SIZE, CascadeFile
 from cascade.wire import parse_hex_hash
-from peer.collection_local import read_metafile
+from peer.metafiles import read_metafile
 
 if TYPE_CHECKING:
     import requests

@@ -15,9 +15,9 @@ import os
 import stat
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cascade.errors import DataError, UsageError, from_os_error
 from cascade.metafile import (
@@ -31,6 +31,9 @@ from cascade.metafile import (
 )
 from oscompat import detect
 from oscompat.fileio import PositionalFile
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
 
 # About 4 MiB per read: large enough that syscall and pool overhead vanish,
 # small enough that memory stays bounded (chunks in flight = 2 x workers).
@@ -92,6 +95,9 @@ def _chunks(fd: int, length: int, block_size: int, workers: int) -> Iterator[tup
     limit = max(1, min(2 * workers, MAX_IN_FLIGHT // chunk))
     free: list[bytearray] = []
     pending: deque[tuple[int, bytearray, Future[tuple[int, bytes]]]] = deque()
+    # Imported here: a fetch checks its file this way only when it resumes one larger than a chunk.
+    from concurrent.futures import ThreadPoolExecutor
+
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hash") as pool:
         try:
             offsets = iter(range(0, length, chunk))

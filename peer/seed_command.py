@@ -17,10 +17,11 @@ from cascade.errors import DataError, StartError, UsageError
 from cascade.metafile import CascadeFile, default_data_path
 from cascade.units import format_size, parse_size
 from peer.announcer import Announcer
-from peer.collection_local import HeldFolder, MemberCheck, check_members, raise_file_limit, read_metafile
+from peer.collection_local import HeldFolder, MemberCheck, check_members, raise_file_limit
 from peer.common import Interrupted, StopSignal, announce_ip, setup_logging
 from peer.datawatch import DataWatcher
 from peer.localdata import check_data
+from peer.metafiles import read_metafile
 from peer.server import BlockServer, BlockServerConfig
 from peer.storage import BlockStore, DiskSignature, MemberStore, VerifiedBlocks, disk_signature
 from peer.trackers import parse_trackers
