@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from peer.planner import EMPTY_OFFER_PATIENCE, SCAN_LIMIT, Planner, Session, choose_rarest
+from peer.planner import EMPTY_OFFER_PATIENCE, FULL_SCAN, SCAN_LIMIT, Planner, Session, choose_rarest
 from tests.test_planner import BS, T0, planner, session
 
 pytestmark = pytest.mark.unit
@@ -303,8 +303,8 @@ def test_fuzz_the_block_counts_are_the_partial_peers_maps_added_up(data: st.Data
 
 
 def test_a_scan_from_a_random_start_wraps_around_to_the_first_blocks() -> None:
-    """Past SCAN_LIMIT blocks the scan starts anywhere: what lies before its start is found too."""
-    n = SCAN_LIMIT + 1000
+    """Past FULL_SCAN blocks the scan starts anywhere: what lies before its start is found too."""
+    n = FULL_SCAN + 1000
     for seed in range(8):
         p = planner(n, have=b"\1" * n)
         p.blocks.have[10] = p.blocks.have[n - 10] = 0
@@ -314,3 +314,45 @@ def test_a_scan_from_a_random_start_wraps_around_to_the_first_blocks() -> None:
         p.answered(a)
         p.have_map(a, b"\1" * (n - 1) + b"\0", None, T0)  # a partial peer holding both
         assert sorted(choose_rarest(p.blocks, a.peer, 4, T0, random.Random(seed))) == [10, n - 10]
+
+
+class CountingRandom(random.Random):
+    """Counts the ``random()`` draws: one per candidate block a choice looks at."""
+
+    draws = 0
+
+    def random(self) -> float:
+        self.draws += 1
+        return super().random()
+
+
+def test_a_file_of_up_to_full_scan_blocks_gets_its_rarest_block_wherever_it_lies() -> None:
+    """Every candidate is looked at: the one block a single peer holds is found among thousands."""
+    n, rare = FULL_SCAN, FULL_SCAN - 7
+    p = planner(n)
+    p.blocks.sequential = False
+    a = session(p, 1)
+    p.answered(a)
+    p.have_map(a, b"\1" * n, None, T0)
+    others = b"\1" * rare + b"\0" + b"\1" * (n - rare - 1)
+    for port in (2, 3):
+        s = session(p, port)
+        p.answered(s)
+        p.have_map(s, others, None, T0)
+    assert choose_rarest(p.blocks, a.peer, 1, T0, random.Random(1)) == [rare]
+
+
+def test_a_larger_file_looks_at_no_more_than_scan_limit_candidates_per_choice() -> None:
+    """The cost of a choice is bounded, however many blocks the file has and the peer holds."""
+    n = 4 * FULL_SCAN
+    p = planner(n)
+    p.blocks.sequential = False
+    a = session(p, 1)
+    p.answered(a)
+    p.have_map(a, b"\1" * (n - 1) + b"\0", None, T0)
+    for seed in range(4):
+        rng = CountingRandom(seed)
+        got = choose_rarest(p.blocks, a.peer, 8, T0, rng)
+        # One draw per candidate, and one for the random start (a Random that overrides
+        # random() draws its randrange from it).
+        assert len(got) == 8 and rng.draws == SCAN_LIMIT + 1
