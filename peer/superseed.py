@@ -80,17 +80,43 @@ def choose_offer(
     lowest block number (the downloader's whole-file hash follows the file
     order). An empty offer is fine: the other downloaders keep this peer's
     upload busy, and this one takes blocks from them.
+
+    It visits only the blocks it may take, level by level of ``sent`` (C finds
+    the next block of a level): ranking every block in Python took most of a
+    seeder's CPU once a file had tens of thousands of blocks (BENCHMARKS.md).
     """
-    if share <= 0:
+    if share <= 0 or not sent:
         return []
-    ranks = []
-    for i in range(len(sent)):
-        owner = claims.get(i)
-        if (owner is not None and owner != who and owner in live) or i in recent or i in held:
-            continue
-        ranks.append((sent[i], owner != who, i))
-    ranks.sort()
-    return sorted(r[-1] for r in ranks[:share])
+    index = sent.index if isinstance(sent, array | list) else list(sent).index
+    count = len(sent)
+    mine = sorted(i for i, owner in claims.items() if owner == who and 0 <= i < count)
+    chosen: list[int] = []
+    level = min(sent)
+    while len(chosen) < share:
+        # This level's blocks: first those ``who`` claims (a stable offer), then the others
+        # in block order, leaving out what another live asker claims, or is recent or held.
+        for i in mine:
+            if sent[i] == level and i not in recent and i not in held:
+                chosen.append(i)
+                if len(chosen) == share:
+                    return sorted(chosen)
+        i = -1
+        while True:
+            try:
+                i = index(level, i + 1)
+            except ValueError:
+                break
+            owner = claims.get(i)
+            if owner == who or (owner is not None and owner in live) or i in recent or i in held:
+                continue
+            chosen.append(i)
+            if len(chosen) == share:
+                return sorted(chosen)
+        higher = [s for s in set(sent) if s > level]
+        if not higher:
+            break
+        level = min(higher)
+    return sorted(chosen)
 
 
 def may_stream(who: int, streaming: Collection[int], waiting: Collection[int], max_streams: int) -> bool:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from array import array
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from peer.superseed import SuperSeeder, SuperSeedPolicy, choose_offer, equal_part, may_stream, offer_share
 
@@ -44,6 +46,39 @@ def test_choose_offer(
     expected: list[int],
 ) -> None:
     assert choose_offer(sent, claims, who, live, share, recent) == expected
+
+
+def ranked_offer(
+    sent: list[int], claims: dict[int, int], who: int, live: set[int], share: int, recent: set[int], held: set[int]
+) -> list[int]:
+    """The policy as a sort over every block: what choose_offer must return, however it finds it."""
+    ranks = []
+    for i in range(len(sent)):
+        owner = claims.get(i)
+        if (owner is not None and owner != who and owner in live) or i in recent or i in held:
+            continue
+        ranks.append((sent[i], owner != who, i))
+    ranks.sort()
+    return sorted(r[-1] for r in ranks[: max(share, 0)])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    sent=st.lists(st.integers(0, 3), max_size=40),
+    claims=st.dictionaries(st.integers(0, 45), st.sampled_from([A, B, C]), max_size=20),
+    live=st.sets(st.sampled_from([A, B, C])),
+    recent=st.sets(st.integers(0, 45), max_size=10),
+    held=st.sets(st.integers(0, 45), max_size=10),
+    who=st.sampled_from([A, B, C]),
+    share=st.integers(-1, 45),
+)
+def test_choose_offer_is_the_ranking_of_every_block(
+    sent: list[int], claims: dict[int, int], live: set[int], recent: set[int], held: set[int], who: int, share: int
+) -> None:
+    """Level by level, it offers what ranking every block by (sends, not its own claim, number) would."""
+    expected = ranked_offer(sent, claims, who, live, share, recent, held)
+    assert choose_offer(sent, claims, who, live, share, recent, held) == expected
+    assert choose_offer(array("I", sent), claims, who, live, share, recent, held) == expected
 
 
 POLICY = SuperSeedPolicy(min_offer=2, offer_seconds=4.0)
