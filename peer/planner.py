@@ -439,8 +439,8 @@ def _draw(
 # each choice (from its first block). A larger one has at most SCAN_LIMIT looked at, from a
 # random start, so that a file of millions of blocks costs the same per request as one of
 # thousands: the rarest of a random window. 4,096 candidates took 41 % of a fetcher's
-# Python in a 1 + 4 swarm of 26,214 blocks (10 KiB blocks, as another implementation
-# makes them); 256 cut the fetchers' CPU by a quarter (BENCHMARKS.md). Both arbitrary.
+# Python in a 1 + 4 swarm of 26,215 blocks (10 KiB blocks, as another implementation
+# makes them); 256 cut the fetchers' CPU by a fifth (BENCHMARKS.md). Both arbitrary.
 FULL_SCAN = 4096
 SCAN_LIMIT = 256
 # How long a seeder's offer that names no block we need is waited out (for a fresh
