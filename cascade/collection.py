@@ -26,8 +26,8 @@ from itertools import pairwise
 
 from cascade import metafile
 from cascade.errors import CollectionError, MetafileError
-from cascade.metafile import COLLECTION_MAGIC as MAGIC  # defined beside the .cascade magic, to tell them apart
 from cascade.metafile import (
+    COLLECTION_MAGIC,
     HASH_SIZE,
     HEADER_SIZE,
     MAX_DATA_LENGTH,
@@ -38,6 +38,7 @@ from cascade.metafile import (
 from cascade.metafile import MAX_COLLECTION_SIZE as MAX_COLLECTION_SIZE
 from cascade.metafile import looks_like_collection as looks_like_collection
 
+MAGIC = COLLECTION_MAGIC  # defined beside the .cascade magic, to tell the two apart
 VERSION = 1
 _HEADER = struct.Struct(">8sII")  # magic, format version, member count
 _PATH_LENGTH = struct.Struct(">H")

@@ -39,7 +39,8 @@ def imported_after_reading(metafile: Path) -> list[str]:
     out = subprocess.run(
         [sys.executable, "-c", code, str(metafile)], cwd=REPO, capture_output=True, text=True, timeout=60, check=True
     )
-    return json.loads(out.stdout)
+    found: list[str] = json.loads(out.stdout)
+    return found
 
 
 def test_a_single_file_fetch_imports_no_collection_code() -> None:
