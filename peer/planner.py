@@ -440,7 +440,8 @@ def _draw(
 # random start, so that a file of millions of blocks costs the same per request as one of
 # thousands: the rarest of a random window. 4,096 candidates took 41 % of a fetcher's
 # Python in a 1 + 4 swarm of 26,215 blocks (10 KiB blocks, as another implementation
-# makes them); 256 cut the fetchers' CPU by a fifth (BENCHMARKS.md). Both arbitrary.
+# makes them); 256 cut the fetchers' CPU by a fifth (BENCHMARKS.md). Both arbitrary, but the
+# window holds a whole pipeline (FetchPolicy.max_depth, 128), so one choice can fill it.
 FULL_SCAN = 4096
 SCAN_LIMIT = 256
 # How long a seeder's offer that names no block we need is waited out (for a fresh

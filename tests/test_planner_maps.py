@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from peer.planner import EMPTY_OFFER_PATIENCE, FULL_SCAN, SCAN_LIMIT, Planner, Session, choose_rarest
+from peer.planner import EMPTY_OFFER_PATIENCE, FULL_SCAN, SCAN_LIMIT, FetchPolicy, Planner, Session, choose_rarest
 from tests.test_planner import BS, T0, planner, session
 
 pytestmark = pytest.mark.unit
@@ -356,3 +356,5 @@ def test_a_larger_file_looks_at_no_more_than_scan_limit_candidates_per_choice() 
         # One draw per candidate, and one for the random start (a Random that overrides
         # random() draws its randrange from it).
         assert len(got) == 8 and rng.draws == SCAN_LIMIT + 1
+    # The window holds a whole pipeline: one choice can fill a connection's requests.
+    assert FetchPolicy().max_depth <= SCAN_LIMIT
