@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
+import time
 
 import pytest
 
-from bench.netlab import Lab, sh
+from bench.netlab import Lab, Sampler, sh
 from bench.procs import BenchError
 
 pytestmark = [
@@ -54,3 +57,33 @@ def test_an_unknown_queue_is_refused_before_anything_is_made() -> None:
     with pytest.raises(BenchError, match="unknown queue 'fq_codel'"):
         lab.build([("seed", 40.0)], "fq_codel")
     assert lab.created == []
+
+
+def test_the_sampler_reads_the_upload_class_counter_that_tc_prints() -> None:
+    # The counter of the class, in bytes on the wire, is the one the seeder's copies come from;
+    # the device's counter would miss the headers of segmentation-offload batches.
+    lab = Lab(f"ctest{os.getpid()}-")
+    try:
+        lab.build([("seed", 100.0), ("peer", None)])
+        seed, peer = lab.host("seed"), lab.host("peer")
+        send = (
+            "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            f"for _ in range(200): s.sendto(bytes(1000), ({peer.ip!r}, 9))"
+        )
+        subprocess.run(["ip", "netns", "exec", seed.netns, sys.executable, "-c", send], check=True, timeout=30)
+        least = 200 * (1000 + 8 + 20 + 14)  # each datagram with its UDP, IP and Ethernet headers
+        deadline = time.monotonic() + 10.0
+        while (before := lab.sent_bytes(seed)) < least and time.monotonic() < deadline:
+            time.sleep(0.01)
+        sampler = Sampler([seed], 0.01)
+        sampler.start()
+        try:
+            while not sampler.samples and sampler.is_alive() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        finally:
+            sampler.stop()
+        after = lab.sent_bytes(seed)
+    finally:
+        lab.close()
+    assert sampler.error is None
+    assert least <= before <= sampler.samples[0][1][0] <= after
