@@ -28,6 +28,11 @@ Per tool and scenario it prints:
   HTTP server and curl), from ``wait4`` when each is reaped after the run.
 - ``seeder_busy`` / ``fetchers_busy``: bytes sent / (rate x seconds) for the seeder and for
   all fetchers together: where the time goes when the ratio is high.
+- ``seeder_start_s`` / ``tail_s``: when the seeder's link had sent the first 1 % of its bytes,
+  and how long the last fetcher took after the seeder had sent 99 % of them (both from the
+  samples of its class counter). A seeder whose link is full in between spends ``seconds`` on
+  the fetchers' start, its own bytes at its rate, and the tail: the last blocks passing from
+  fetcher to fetcher.
 
 For the first run of each scenario it draws ``docs/wan-<scenario>.svg`` (``bench/wan_plot.py``):
 each host's upload over time and each fetcher's finish, one panel per tool.
@@ -60,7 +65,8 @@ from peer.cascade_command import DEFAULT_BLOCK_SIZE, default_block_size, parse_b
 
 # Fixed ports: every host has its own namespace, so nothing else can hold them.
 PEER_PORT, TRACKER_PORT, TRACKER_HTTP_PORT, LT_PORT, HTTP_PORT = 6666, 7000, 7001, 6881, 8000
-SAMPLE_PERIOD = 0.25  # seconds between upload-counter samples (for the plots)
+SAMPLE_PERIOD = 0.1  # seconds between upload-counter samples (plots, the seeder's start and tail)
+SPAN_SHARE = 0.01  # the seeder's start and tail are read where it sent this share of its bytes, and 1 - it
 POLL = 0.02  # seconds between completion checks: small against the >= 3 s runs here
 TIMEOUT_FACTOR = 6.0  # a swarm run longer than this x T_min is killed and reported as a timeout
 READY_TIMEOUT = 60.0
@@ -542,6 +548,31 @@ def stop_group(g: Group) -> None:
     g.stop_all()
 
 
+def seeder_span(run: ToolRun, share: float = SPAN_SHARE) -> tuple[float, float] | None:
+    """Seconds from the start until the seeder's link had sent ``share`` and ``1 - share`` of its bytes.
+
+    Its bytes are those of ``run.sent`` (start to last finish), counted from the first sample,
+    taken as the fetchers start (none has asked the seeder for anything yet); each time is read
+    linearly between the two samples of its class counter around it. None without samples of
+    the seeder, or when they never reach the second share (a sampler that stopped early).
+    """
+    total = run.sent.get("seed")
+    if not total or "seed" not in run.hosts or not run.samples:
+        return None
+    k = run.hosts.index("seed")
+    base = run.samples[0][1][k]
+    marks = (share * total, (1 - share) * total)
+    found: list[float] = []
+    prev_t, prev_v = run.samples[0][0] - run.t0, 0
+    for t_abs, row in run.samples[1:]:
+        t, v = t_abs - run.t0, row[k] - base
+        while len(found) < len(marks) and v >= marks[len(found)]:
+            m = marks[len(found)]  # prev_v < m <= v, so v > prev_v
+            found.append(prev_t + (t - prev_t) * (m - prev_v) / (v - prev_v))
+        prev_t, prev_v = t, v
+    return (found[0], found[1]) if len(found) == len(marks) else None
+
+
 def _median(xs: list[float]) -> float | None:
     return round(statistics.median(xs), 3) if xs else None
 
@@ -561,6 +592,7 @@ def summarize(sc: Scenario, size: int, tools: list[str], rounds: list[list[ToolR
             sum(v for h, v in r.sent.items() if h != "seed") * 8 / (fetch_cap * r.seconds) for r in ok if r.seconds
         ]
         firsts = [min(f for f in r.finish if f is not None) for r in ok]
+        spans = [(r.seconds, span) for r in ok if r.seconds is not None and (span := seeder_span(r)) is not None]
         s2 = [r.status2 / r.blocks for r in ok if r.status2 is not None and r.blocks]
         med = _median(secs)
         rows.append(
@@ -581,6 +613,8 @@ def summarize(sc: Scenario, size: int, tools: list[str], rounds: list[list[ToolR
                 "seeder_busy": _median(seed_busy),
                 "fetchers_busy": _median(fetch_busy),
                 "first_finish_s": _median(firsts),
+                "seeder_start_s": _median([span[0] for _, span in spans]),
+                "tail_s": _median([secs - span[1] for secs, span in spans]),
                 "errors": [r.error for r in runs if r.error],
             }
         )
@@ -612,7 +646,7 @@ def targets(row: dict[str, Any]) -> list[tuple[str, bool, str]]:
 def print_table(rows: list[dict[str, Any]]) -> None:
     head = (
         f"{'scenario':<10} {'tool':<13} {'T s':>7} {'x T_min':>7} {'copies':>6} {'st2/blk':>7}"
-        f" {'cpu s':>6} {'seed%':>5} {'fetch%':>6}"
+        f" {'cpu s':>6} {'seed%':>5} {'fetch%':>6} {'start':>5} {'tail':>5}"
     )
     print(head, file=sys.stderr)
     for r in rows:
@@ -626,6 +660,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             f" {f(r['seeder_copies'], '6.2f'):>6} {f(s2, '7.1f'):>7} {f(r['cpu_s'], '6.1f'):>6}"
             f" {f(r['seeder_busy'] and 100 * r['seeder_busy'], '5.0f'):>5}"
             f" {f(r['fetchers_busy'] and 100 * r['fetchers_busy'], '6.0f'):>6}"
+            f" {f(r['seeder_start_s'], '5.2f'):>5} {f(r['tail_s'], '5.2f'):>5}"
             + (f"  ({'; '.join(r['errors'])})" if r["errors"] else ""),
             file=sys.stderr,
         )

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from bench.wan import Scenario, ToolRun
 
-RATE_WINDOW = 2  # samples per plotted point (2 x 0.25 s): smooths htb's bursts, keeps the shape
+RATE_WINDOW = 0.5  # seconds per plotted point, whatever the sampling period: smooths htb's bursts, keeps the shape
 
 
 def plot_scenario(path: Path, sc: Scenario, size: int, runs: list[ToolRun]) -> None:
@@ -72,12 +72,16 @@ def plot_scenario(path: Path, sc: Scenario, size: int, runs: list[ToolRun]) -> N
 
 
 def _rates(run: ToolRun, k: int) -> tuple[list[float], list[float]]:
-    """Host ``k``'s upload in Mbit/s over windows of RATE_WINDOW samples, at each window's middle."""
-    ts, rates = [], []
+    """Host ``k``'s upload in Mbit/s over back-to-back windows of at least RATE_WINDOW s, at each window's middle."""
+    ts: list[float] = []
+    rates: list[float] = []
     s = run.samples
-    for j in range(RATE_WINDOW, len(s), RATE_WINDOW):
-        (t_a, a), (t_b, b) = s[j - RATE_WINDOW], s[j]
-        if t_b > t_a:
+    if not s:
+        return ts, rates
+    t_a, a = s[0]
+    for t_b, b in s[1:]:
+        if t_b - t_a >= RATE_WINDOW:
             ts.append((t_a + t_b) / 2 - run.t0)
             rates.append((b[k] - a[k]) * 8 / (t_b - t_a) / 1e6)
+            t_a, a = t_b, b
     return ts, rates

@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
-from bench.wan import NOT_PRESENT, SCENARIOS, Options, Scenario, ToolRun, main, parse_scenario, summarize, targets
+from bench.wan import (
+    NOT_PRESENT,
+    SCENARIOS,
+    Options,
+    Scenario,
+    ToolRun,
+    main,
+    parse_scenario,
+    seeder_span,
+    summarize,
+    targets,
+)
+from bench.wan_plot import _rates
 from cascade.errors import UsageError
 
 pytestmark = pytest.mark.unit
@@ -74,6 +88,43 @@ def test_summary_medians_ratios_and_targets() -> None:
         "<= 1 status-2 reply per block": True,
     }
     assert targets(t) == []
+
+
+def _seeding_run(seconds: float, rate: float, sends: tuple[float, float], step: float = 0.1) -> ToolRun:
+    """A run whose seeder sent at ``rate`` bytes/s from ``sends[0]`` to ``sends[1]`` s, sampled every ``step`` s."""
+    t0, base = 1000.0, 7_000_000  # the class counter holds what earlier runs sent
+    run = ToolRun("cascade-128K", seconds, [seconds], {"seed": int(rate * (sends[1] - sends[0]))}, t0=t0)
+    run.hosts = ["seed", "f0"]
+    for j in range(-1, int((seconds + 0.5) / step)):
+        t = j * step
+        sent = rate * min(max(t - sends[0], 0.0), sends[1] - sends[0])
+        run.samples.append((t0 + t, [base + round(sent), 0]))
+    return run
+
+
+def test_the_seeder_start_and_tail_are_read_from_its_counter_between_samples() -> None:
+    # 10 MB at 5 MB/s from 0.5 s to 2.5 s; the last fetcher done at 3.0 s.
+    run = _seeding_run(3.0, 5e6, (0.5, 2.5))
+    start, end = seeder_span(run) or (0.0, 0.0)
+    assert start == pytest.approx(0.52) and end == pytest.approx(2.48)
+    sc = Scenario("s", "t", 40, (40,))
+    (row,) = summarize(sc, 10 * MiB, ["cascade-128K"], [[run]])
+    assert row["seeder_start_s"] == 0.52 and row["tail_s"] == 0.52
+
+
+def test_no_start_or_tail_without_samples_that_reach_the_end() -> None:
+    run = _seeding_run(3.0, 5e6, (0.5, 2.5))
+    cut = ToolRun(run.tool, run.seconds, run.finish, run.sent, t0=run.t0, hosts=run.hosts, samples=run.samples[:20])
+    assert seeder_span(cut) is None  # the samples stop at 1.8 s, before 99 % had left
+    assert seeder_span(ToolRun("libtorrent", 3.0, [3.0], {"seed": 10}, t0=run.t0)) is None
+    (row,) = summarize(Scenario("s", "t", 40, (40,)), 10 * MiB, ["cascade-128K"], [[cut]])
+    assert row["seeder_start_s"] is None and row["tail_s"] is None
+
+
+def test_the_picture_averages_each_upload_over_windows_of_half_a_second() -> None:
+    ts, rates = _rates(_seeding_run(3.0, 5e6, (-1.0, 5.0)), 0)  # 40 Mbit/s from before the first sample on
+    assert len(rates) >= 6 and rates == pytest.approx([40.0] * len(rates))  # 3.5 s of samples
+    assert all(later - earlier >= 0.5 - 1e-9 for earlier, later in itertools.pairwise(ts))
 
 
 def test_a_time_just_over_the_bound_misses_it_whatever_the_rounding() -> None:
