@@ -194,9 +194,9 @@ class ClassCounter:
     """
 
     def __init__(self) -> None:
+        self._ifindex = socket.if_nametoindex("eth0")
         self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
         self._sock.settimeout(CMD_TIMEOUT)
-        self._ifindex = socket.if_nametoindex("eth0")
         self._seq = 0
 
     def read(self) -> int:
@@ -216,15 +216,18 @@ class ClassCounter:
                 length, kind, _flags, seq, _port = NLMSGHDR.unpack_from(data, pos)
                 if length < NLMSGHDR.size or pos + length > len(data):
                     raise ValueError("truncated netlink message")
+                body = pos + NLMSGHDR.size
                 if seq == self._seq:
                     if kind == NLMSG_DONE:
                         if found is None:
                             raise ValueError("no htb class 1:10 on eth0")
                         return found
+                    if kind in (NLMSG_ERROR, RTM_NEWTCLASS) and length < NLMSGHDR.size + TCMSG.size:
+                        raise ValueError("truncated netlink message")  # both bodies are longer than an int
                     if kind == NLMSG_ERROR:
-                        (code,) = struct.unpack_from("=i", data, pos + NLMSGHDR.size)
-                        raise OSError(-code, f"class dump refused: {os.strerror(-code)}")
-                    body = pos + NLMSGHDR.size
+                        (code,) = struct.unpack_from("=i", data, body)
+                        if code:  # 0 is an acknowledgement, which the dump did not ask for
+                            raise OSError(-code, f"class dump refused: {os.strerror(-code)}")
                     if kind == RTM_NEWTCLASS and TCMSG.unpack_from(data, body)[2] == UPLOAD_CLASS:
                         found = _basic_bytes(data, body + TCMSG.size, pos + length)
                 pos += (length + 3) & ~3
