@@ -153,6 +153,12 @@ class FetchPolicy:
     # on a connection to a peer that does not super-seed while we download from at least
     # single_request_peers peers (see Planner.depth).
     target_latency: float = 0.2
+    # ... and spare_latency of data (at least 2 requests) on a connection to a seeder with
+    # upload to spare (its map offers every block): nobody else waits on that upload, and our
+    # requests reach it through our own uplink, which on a slow host queues behind our uploads
+    # (57-110 ms, round trips of 250-490 ms in 100/8x10, where one request at a time left the
+    # seeder's link half idle: BENCHMARKS.md). Arbitrary: three times target_latency.
+    spare_latency: float = 0.6
     inflight_bytes: int = 8 << 20
     max_depth: int = 128
     single_request_peers: int = 4
@@ -788,18 +794,22 @@ class Planner:
         return self.max_sessions - len(self.sessions)
 
     def depth(self, session: Session) -> int:
-        """Requests to keep in flight on ``session``: target_latency of data at its rate."""
+        """Requests to keep in flight on ``session``: target_latency of data at its rate, or spare_latency."""
         if session.rate <= 0:
             return min(max(4, START_INFLIGHT // self.block_size), self.max_depth)
         pol = self.policy
-        d = int(session.rate * pol.target_latency / self.block_size) + 1
+        peer = session.peer
+        latency = pol.spare_latency if peer.spare else pol.target_latency
+        d = int(session.rate * latency / self.block_size) + 1
         # A second request keeps a connection busy over the round trip between two responses.
         # Once several peers keep us busy, a slow connection (a block takes longer than
         # target_latency) is a share of a holder's upload that many downloaders split, and a
         # second request there only queues a block in front of each fresh block that holder
         # would pass on to us: 0.8 s of 256 KiB at a fifteenth of 40 Mbit/s. A super-seeder's
-        # connections keep two: its upload is the swarm's bottleneck, and must not idle.
-        low = 1 if session.peer.offer is None and len(self.sessions) >= pol.single_request_peers else 2
+        # connections keep two: its upload is the swarm's bottleneck, and must not idle; so do
+        # a seeder's with upload to spare (offer None, but no share of anything).
+        shared = peer.offer is None and not peer.spare
+        low = 1 if shared and len(self.sessions) >= pol.single_request_peers else 2
         return max(low, min(self.max_depth, d))
 
     def response_timeout(self, session: Session) -> float:

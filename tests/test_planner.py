@@ -262,7 +262,8 @@ def test_before_its_rate_is_known_a_connection_keeps_a_megabyte_of_requests_in_f
 
 def test_a_slow_connection_keeps_one_request_in_flight_once_four_peers_serve_us() -> None:
     # A block of 256 KiB at 300 kB/s takes 0.9 s, far above target_latency: one request,
-    # not two, once enough peers keep us busy; a super-seeder's connection keeps two.
+    # not two, once enough peers keep us busy; a super-seeder's connection keeps two, and so
+    # does a seeder's with upload to spare, with spare_latency of data.
     block = 256 << 10
     p = Planner(bytearray(64), block, FetchPolicy(), random.Random(1), max_sessions=8, max_depth=32, start=T0)
     p.begin(T0)
@@ -275,6 +276,11 @@ def test_a_slow_connection_keeps_one_request_in_flight_once_four_peers_serve_us(
     assert [p.depth(s) for s in (*sessions, fourth)] == [1, 1, 1, 1]
     fourth.peer.offer = bytearray(64)  # a super-seeder: its upload must not idle between responses
     assert p.depth(fourth) == 2
+    spare = sessions[1]
+    spare.peer.spare = True  # a seeder with upload to spare (offer None): no share of anything
+    assert p.depth(spare) == 2
+    spare.rate = 1.25e6  # a tenth of its 100 Mbit/s: its requests cross our own full uplink
+    assert p.depth(spare) == int(1.25e6 * FetchPolicy().spare_latency / block) + 1 == 3
     fast = sessions[0]
     fast.rate = 10e6  # a block in 26 ms: target_latency holds several
     assert p.depth(fast) == int(10e6 * 0.2 / block) + 1
