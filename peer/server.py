@@ -124,6 +124,11 @@ SPARE_FRACTION = 0.8
 RATE_WINDOW = 1.0
 SPARE_AFTER = 3.0
 SPARE_HOLD = 10.0
+# A hold that starts within SPARE_HOLD of the last one's end is twice as long as that
+# one, up to SPARE_HOLD_MAX: the small offers in between ran the upload low again, and
+# each such return costs SPARE_AFTER seconds of a half-idle upload (a 100 Mbit/s seeder
+# with 8 downloaders at 10: BENCHMARKS.md). Arbitrary: a fetch of a few minutes.
+SPARE_HOLD_MAX = 160.0
 BEST_RATE_FOR = 30.0
 SPARE_RECHECK = 0.05
 
@@ -222,6 +227,13 @@ class _Conn:
         self.out_seeder: SuperSeeder | None = None
 
 
+def spare_hold(now: float, last_until: float, last_hold: float) -> float:
+    """How long a spell of spare upload starting at ``now`` lasts, the last one ``last_hold`` long to ``last_until``."""
+    if now - last_until < SPARE_HOLD:
+        return min(2 * last_hold, SPARE_HOLD_MAX)
+    return SPARE_HOLD
+
+
 def _error_reply(status: BlockStatus, message: str) -> bytes:
     body = message.encode("utf-8")
     return pack_block_response_header(status, len(body)) + body
@@ -305,7 +317,8 @@ class BlockServer:
         self._gone: collections.deque[tuple[float, int]] = collections.deque()
         self._best_rate = (0.0, 0.0)
         self._low_since: float | None = None  # since when the rate is below SPARE_FRACTION of the best
-        self._spare_until = 0.0
+        self._spare_until = float("-inf")  # when the last spell of spare upload ends (see spare_hold)
+        self._spare_hold = SPARE_HOLD  # the length of the last hold
 
     # --- files ---------------------------------------------------------------
 
@@ -947,7 +960,8 @@ class BlockServer:
                     self._low_since = now
                 spare = now - self._low_since >= SPARE_AFTER
                 if spare:
-                    self._spare_until = now + SPARE_HOLD
+                    self._spare_hold = spare_hold(now, self._spare_until, self._spare_hold)
+                    self._spare_until = now + self._spare_hold
                     self._low_since = None
         self._spare_seen = (now, spare)
         return spare

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from peer.localdata import check_data
-from peer.server import SPARE_AFTER
+from peer.server import SPARE_AFTER, SPARE_HOLD
 from peer.storage import BlockStore
 from peer.superseed import SuperSeedPolicy
 from tests.test_peer_server import Sample, block, make_sample, read_response, req
@@ -247,6 +248,34 @@ def test_a_downloader_that_finished_offers_nothing(tmp_path: Path, sample: Sampl
         store.close()
 
 
+def take(sock: socket.socket, big: Sample, i: int) -> None:
+    """Ask for block ``i`` of ``big`` on ``sock`` and check the block that comes back."""
+    sock.sendall(req(i, big.cf.cascade_hash, True))
+    assert read_response(sock) == (0, block(big.data, big.cf, i))
+
+
+@contextmanager
+def after_a_busy_second(tmp_path: Path, askers: int) -> Iterator[tuple[Harness, Sample, list[socket.socket]]]:
+    """A seeder of 8 blocks of 1 MiB whose best rate is one (virtual) second in which a client took them all.
+
+    Yields ``askers`` more connections, each of which asked for a map before that second.
+    """
+    big = make_sample(tmp_path, "big.bin", 8 << 20, 1 << 20, seed=9)
+    store = BlockStore.open_for_seeding(big.cf, big.data_path)
+    try:
+        with harness(store) as served:
+            socks = [served.connect() for _ in range(askers)]
+            for s in socks:
+                ask(s, big.cf.cascade_hash)
+            x = served.connect()
+            for i in range(8):
+                take(x, big, i)
+            served.clock.advance(1.0)
+            yield served, big, socks
+    finally:
+        store.close()
+
+
 def test_a_seeder_sending_below_its_best_rate_for_long_offers_every_block(tmp_path: Path) -> None:
     """A fast seeder with slow downloaders idles if it sends each block once: spare upload offers all.
 
@@ -255,32 +284,40 @@ def test_a_seeder_sending_below_its_best_rate_for_long_offers_every_block(tmp_pa
     far below it for SPARE_AFTER seconds offers everything to downloaders that take
     their offers (b never does: it holds what it needs).
     """
-    big = make_sample(tmp_path, "big.bin", 8 << 20, 1 << 20, seed=9)
-    h = big.cf.cascade_hash
-    store = BlockStore.open_for_seeding(big.cf, big.data_path)
-    try:
-        with harness(store) as served:
-            a, b, x = served.connect(), served.connect(), served.connect()
-            ask(a, h)
-            ask(b, h)
-            for i in range(8):  # a busy second: x takes the whole file
-                x.sendall(req(i, h, True))
-                assert read_response(x) == (0, block(big.data, big.cf, i))
+    with after_a_busy_second(tmp_path, 2) as (served, big, (a, b)):
+        h = big.cf.cascade_hash
+        busy = [offered(ask(s, h), 8) for s in (a, b)]
+        assert all(0 < len(o) < 8 for o in busy) and not busy[0] & busy[1], busy
+        offer, seconds = busy[0], 0
+        while offer != set(range(8)) and seconds < 10:  # a takes a block of each offer, far below the best
+            take(a, big, min(offer))
             served.clock.advance(1.0)
-            busy = [offered(ask(s, h), 8) for s in (a, b)]
-            assert all(0 < len(o) < 8 for o in busy) and not busy[0] & busy[1], busy
-            offer, seconds = busy[0], 0
-            while offer != set(range(8)) and seconds < 10:  # a takes a block of each offer, far below the best
-                i = min(offer)
-                a.sendall(req(i, h, True))
-                assert read_response(a) == (0, block(big.data, big.cf, i))
-                served.clock.advance(1.0)
-                seconds += 1
-                offer = offered(ask(a, h), 8)
-                assert len(offered(ask(b, h), 8)) < 8
-            if served.server.features.send_backlog:
-                assert offer == set(range(8)) and seconds >= SPARE_AFTER
-            else:  # no way to ask the kernel what it holds (off Linux, CASCADE_PORTABLE): never
-                assert offer != set(range(8))
-    finally:
-        store.close()
+            seconds += 1
+            offer = offered(ask(a, h), 8)
+            assert len(offered(ask(b, h), 8)) < 8
+        if served.server.features.send_backlog:
+            assert offer == set(range(8)) and seconds >= SPARE_AFTER
+        else:  # no way to ask the kernel what it holds (off Linux, CASCADE_PORTABLE): never
+            assert offer != set(range(8))
+
+
+def test_spare_upload_that_returns_soon_after_its_hold_is_held_twice_as_long(tmp_path: Path) -> None:
+    """Each return to small offers costs SPARE_AFTER seconds of a half-idle upload: the next hold doubles.
+
+    The same seeder as above, one block a second to ``a`` for 40 virtual seconds. Its
+    first spell of spare upload lasts SPARE_HOLD; the small offers then run its upload
+    low again, and the spell that follows SPARE_AFTER seconds later lasts twice as long.
+    """
+    with after_a_busy_second(tmp_path, 1) as (served, big, (a,)):
+        if not served.server.features.send_backlog:
+            pytest.skip("no way to ask the kernel what a socket holds (off Linux, CASCADE_PORTABLE)")
+        h = big.cf.cascade_hash
+        everything: list[bool] = []  # per second: a was offered every block
+        offer = offered(ask(a, h), 8)
+        for _ in range(40):
+            take(a, big, min(offer))
+            served.clock.advance(1.0)
+            offer = offered(ask(a, h), 8)
+            everything.append(offer == set(range(8)))
+    spells = [len(run) for run in "".join("1" if e else "0" for e in everything).split("0") if run]
+    assert spells[:2] == [SPARE_HOLD, 2 * SPARE_HOLD], spells

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from peer.server import SPARE_HOLD, SPARE_HOLD_MAX, spare_hold
 from peer.superseed import SuperSeeder, SuperSeedPolicy, choose_offer, equal_part, may_stream, offer_share
 
 pytestmark = pytest.mark.unit
@@ -330,3 +331,12 @@ def test_with_upload_to_spare_a_downloader_taking_its_offers_may_ask_for_any_blo
     assert len(offered(seeder.offer(C, NOW + 0.6, complete=True, spare=True))) < 8
     # A partial file still offers nothing.
     assert SuperSeeder(8).offer(A, NOW, complete=False, spare=True) is None
+
+
+def test_a_spell_of_spare_upload_doubles_only_when_it_follows_the_last_one_soon() -> None:
+    """The server's hold of spare upload (peer/server.py): doubled when the last ended under SPARE_HOLD ago."""
+    assert spare_hold(100.0, float("-inf"), SPARE_HOLD) == SPARE_HOLD
+    assert spare_hold(100.0, 95.0, SPARE_HOLD) == 2 * SPARE_HOLD
+    assert spare_hold(100.0, 95.0, 2 * SPARE_HOLD) == 4 * SPARE_HOLD
+    assert spare_hold(100.0, 95.0, SPARE_HOLD_MAX) == SPARE_HOLD_MAX
+    assert spare_hold(100.0, 100.0 - SPARE_HOLD, 4 * SPARE_HOLD) == SPARE_HOLD  # a quiet while: back to the first
