@@ -127,8 +127,10 @@ SPARE_HOLD = 10.0
 # A hold that starts within SPARE_HOLD of the last one's end is twice as long as that
 # one, up to SPARE_HOLD_MAX: the small offers in between ran the upload low again, and
 # each such return costs SPARE_AFTER seconds of a half-idle upload (a 100 Mbit/s seeder
-# with 8 downloaders at 10: BENCHMARKS.md). Arbitrary: a fetch of a few minutes.
-SPARE_HOLD_MAX = 160.0
+# with 8 downloaders at 10: BENCHMARKS.md). The cap bounds how long downloaders that
+# arrive meanwhile, and make the upload the bottleneck again, go without the offers that
+# keep each block to one copy. Arbitrary: returns every 40 s are 3 s of small offers in 43.
+SPARE_HOLD_MAX = 40.0
 BEST_RATE_FOR = 30.0
 SPARE_RECHECK = 0.05
 
